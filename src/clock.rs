@@ -1,0 +1,116 @@
+//! Time, injected. Every policy takes `now` from a [`Clock`], and the per-key limiters use the
+//! same clock, so tests drive expiry and rate refill by advancing a fake clock instead of
+//! sleeping.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use governor::nanos::Nanos;
+
+/// The gateway's time source: the real clocks, or a fake one that only moves when told to.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    source: Arc<Source>,
+}
+
+#[derive(Debug)]
+enum Source {
+    Real { started: Instant },
+    Fake { wall_start: SystemTime, offset_nanos: AtomicU64 },
+}
+
+impl Clock {
+    /// The system's wall clock for expiry, its monotonic clock for rate limits.
+    pub fn real() -> Self {
+        Clock { source: Arc::new(Source::Real { started: Instant::now() }) }
+    }
+
+    /// A clock frozen at `wall_start` until [`Clock::advance`] moves it.
+    pub fn fake(wall_start: SystemTime) -> Self {
+        Clock {
+            source: Arc::new(Source::Fake { wall_start, offset_nanos: AtomicU64::new(0) }),
+        }
+    }
+
+    /// Moves a fake clock forward. A real clock cannot be moved, so this does nothing to it.
+    pub fn advance(&self, by: Duration) {
+        if let Source::Fake { offset_nanos, .. } = &*self.source {
+            offset_nanos.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+        }
+    }
+
+    /// Wall-clock time, for expiry and timestamps.
+    pub fn wall(&self) -> SystemTime {
+        match &*self.source {
+            Source::Real { .. } => SystemTime::now(),
+            Source::Fake { wall_start, offset_nanos } => {
+                *wall_start + Duration::from_nanos(offset_nanos.load(Ordering::SeqCst))
+            }
+        }
+    }
+
+    /// Wall-clock time as whole seconds since the Unix epoch.
+    pub fn unix_secs(&self) -> i64 {
+        unix_secs(self.wall())
+    }
+}
+
+/// Seconds since the Unix epoch (negative before it).
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// RFC 3339 text (UTC, whole seconds) for a Unix time.
+pub fn rfc3339(unix: i64) -> String {
+    let t = if unix >= 0 {
+        UNIX_EPOCH + Duration::from_secs(unix as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(unix.unsigned_abs())
+    };
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Parses RFC 3339 text into a Unix time.
+pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
+    humantime::parse_rfc3339_weak(text)
+        .map(unix_secs)
+        .map_err(|e| format!("`{text}` is not an RFC 3339 time ({e})"))
+}
+
+impl governor::clock::Clock for Clock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        match &*self.source {
+            Source::Real { started } => Nanos::from(started.elapsed()),
+            Source::Fake { offset_nanos, .. } => Nanos::new(offset_nanos.load(Ordering::SeqCst)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_clock_moves_only_when_advanced() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let clock = Clock::fake(start);
+        assert_eq!(clock.unix_secs(), 1_700_000_000);
+        clock.advance(Duration::from_secs(90));
+        assert_eq!(clock.unix_secs(), 1_700_000_090);
+        let nanos = governor::clock::Clock::now(&clock);
+        assert_eq!(nanos.as_u64(), 90_000_000_000);
+    }
+
+    #[test]
+    fn rfc3339_round_trips() {
+        let t = parse_rfc3339("2026-11-23T08:00:00Z").unwrap();
+        assert_eq!(rfc3339(t), "2026-11-23T08:00:00Z");
+        assert!(parse_rfc3339("yesterday").is_err());
+    }
+}

@@ -1,0 +1,423 @@
+//! The gateway's YAML config: documented types (the doc comments are the config reference),
+//! loading with file:line:column errors, and the collector that lets validation report every
+//! problem at once.
+//!
+//! Semantic checks (addresses, URLs, CIDRs, scopes, durations) run when a snapshot is built
+//! from the config and the key store, so `keygate check`, `serve` and a reload share them.
+
+pub mod locate;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the gateway listens. Read at start; a reload does not move listeners.
+    #[serde(default)]
+    pub listen: Listen,
+    /// The key store, relative to this file. Default `keys.yaml`.
+    #[serde(default = "default_keys_file")]
+    pub keys_file: String,
+    /// Admin API tokens, each `sha256:<hex>` or `{name: NAME, hash: "sha256:<hex>"}`. The
+    /// plaintext token in the environment variable `KEYGATE_ADMIN_TOKEN` is accepted too.
+    #[serde(default)]
+    pub admin_tokens: Vec<AdminTokenConfig>,
+    /// Peers (CIDRs or addresses) whose `X-Forwarded-For` is believed. Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Also accept the key in `X-API-Key`. Default `false`: only `Authorization: Bearer`.
+    #[serde(default)]
+    pub x_api_key: bool,
+    /// Routes, matched by host and longest path prefix.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Tiers: how many active keys a namespace of each tier may hold.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, TierConfig>,
+    /// Declared namespaces, with their tier and optional key prefix.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// When true, keys may only belong to declared namespaces. Default `false`.
+    #[serde(default)]
+    pub strict: bool,
+    /// Request limits and timeouts on the proxy listener.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Connection settings towards upstreams.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// Worker threads for the proxy. `0` (the default) means one per core.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Listen::default(),
+            keys_file: default_keys_file(),
+            admin_tokens: Vec::new(),
+            trusted_proxies: Vec::new(),
+            x_api_key: false,
+            routes: Vec::new(),
+            tiers: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            strict: false,
+            limits: Limits::default(),
+            upstream: UpstreamConfig::default(),
+            workers: 0,
+        }
+    }
+}
+
+fn default_keys_file() -> String {
+    "keys.yaml".into()
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// The proxy listener. Default `127.0.0.1:8080`.
+    #[serde(default = "default_proxy_addr")]
+    pub proxy: String,
+    /// The admin API listener. Default `127.0.0.1:9090`.
+    #[serde(default = "default_admin_addr")]
+    pub admin: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen { proxy: default_proxy_addr(), admin: default_admin_addr() }
+    }
+}
+
+fn default_proxy_addr() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin_addr() -> String {
+    "127.0.0.1:9090".into()
+}
+
+/// One admin token: a bare hash, or a named one (the name is recorded as the actor).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum AdminTokenConfig {
+    Hash(String),
+    Named { name: String, hash: String },
+}
+
+/// A route: which requests it takes, where they go, and which keys may use it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A name for logs. Default: the host and prefix.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Match this `Host` only (port ignored, case-insensitive); `*.example.com` matches any
+    /// subdomain. Default: any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Match paths under this prefix, on segment boundaries (`/v1` takes `/v1` and `/v1/x`,
+    /// not `/v10`). Default `/`.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// Where matching requests go: `http://host:port[/base/path]`.
+    pub upstream: String,
+    /// Keys of other environments are refused here with `wrong_environment`.
+    pub environment: String,
+    /// If set, only keys of these namespaces may use the route (`namespace_denied`).
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Remove `path_prefix` from the path before forwarding. Default `false`.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Send the client's `Host` upstream instead of the upstream's own. Default `false`.
+    #[serde(default)]
+    pub preserve_host: bool,
+    /// Forward the client's `Authorization` header. Default `false`: it is removed.
+    #[serde(default)]
+    pub keep_authorization: bool,
+    /// Time allowed for the upstream's response headers. Default: `upstream.response_timeout`.
+    #[serde(default)]
+    pub response_timeout: Option<String>,
+    /// Largest request body. Default: `limits.max_request_body`.
+    #[serde(default)]
+    pub max_request_body: Option<String>,
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+
+/// A tier of service.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Active keys a namespace of this tier may hold. Absent: unlimited.
+    #[serde(default)]
+    pub max_keys: Option<u32>,
+}
+
+/// A declared namespace.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// The namespace's tier, one of `tiers`.
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Key prefix base for this namespace (`acme` gives `acme_live_…`). Default `kg`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+/// Limits on the proxy listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body a route accepts unless it says otherwise. Default `10MiB`.
+    #[serde(default = "default_max_body")]
+    pub max_request_body: String,
+    /// Time a client has to send its request headers (slowloris defence). Default `10s`.
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout: String,
+    /// Largest total size of request headers. Default `64KiB`.
+    #[serde(default = "default_max_headers_size")]
+    pub max_header_size: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_body: default_max_body(),
+            header_read_timeout: default_header_timeout(),
+            max_header_size: default_max_headers_size(),
+        }
+    }
+}
+
+fn default_max_body() -> String {
+    "10MiB".into()
+}
+fn default_header_timeout() -> String {
+    "10s".into()
+}
+fn default_max_headers_size() -> String {
+    "64KiB".into()
+}
+
+/// Connections to upstreams.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Time to open a TCP connection; past it the answer is 502. Default `2s`.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    /// Time to the upstream's response headers; past it the answer is 504. Default `30s`.
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout: String,
+    /// How long an idle pooled connection is kept. Default `90s`.
+    #[serde(default = "default_pool_idle")]
+    pub pool_idle_timeout: String,
+    /// Idle connections kept per upstream. Default `256`.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+            pool_idle_timeout: default_pool_idle(),
+            pool_max_idle_per_host: default_pool_max_idle(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> String {
+    "2s".into()
+}
+fn default_response_timeout() -> String {
+    "30s".into()
+}
+fn default_pool_idle() -> String {
+    "90s".into()
+}
+fn default_pool_max_idle() -> usize {
+    256
+}
+
+impl Config {
+    /// Reads and parses a config file. Structural errors (syntax, unknown fields, wrong
+    /// types) stop the parse; semantic ones are found when the snapshot is built.
+    pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let src = read_source(path)?;
+        parse_yaml(path, &src)
+    }
+
+    /// The key store's path: `keys_file`, relative to the config file's folder.
+    pub fn keys_path(&self, config_path: &Path) -> PathBuf {
+        let dir = config_path.parent().unwrap_or(Path::new("."));
+        dir.join(&self.keys_file)
+    }
+}
+
+/// Reads a file as UTF-8, or names why it could not.
+pub fn read_source(path: &Path) -> Result<String, Vec<ConfigError>> {
+    std::fs::read_to_string(path).map_err(|e| vec![ConfigError::whole_file(path, e.to_string())])
+}
+
+/// Deserializes YAML text, turning serde_yaml's error into a located [`ConfigError`].
+/// An empty document deserializes as `T::default()`.
+pub fn parse_yaml<T: DeserializeOwned + Default>(
+    path: &Path,
+    src: &str,
+) -> Result<T, Vec<ConfigError>> {
+    match serde_yaml::from_str::<Option<T>>(src) {
+        Ok(value) => Ok(value.unwrap_or_default()),
+        Err(e) => {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let mut message = e.to_string();
+            if let Some(at) = message.rfind(" at line ") {
+                message.truncate(at);
+            }
+            Err(vec![ConfigError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                path: String::new(),
+                message,
+            }])
+        }
+    }
+}
+
+/// One problem in a config file or key store, located as precisely as it can be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem is not tied to a place in the file.
+    pub line: usize,
+    /// 1-based; 0 when the problem is not tied to a place in the file.
+    pub column: usize,
+    /// The value's path in the document, such as `routes[0].upstream`.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn whole_file(path: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Collects problems with their document paths, to be located all at once.
+#[derive(Debug, Default)]
+pub struct Problems {
+    items: Vec<(String, String)>,
+}
+
+impl Problems {
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.items.push((path.into(), message.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Turns the collected problems into located errors against `src`, the text of `file`.
+    pub fn locate(self, file: &Path, src: &str) -> Vec<ConfigError> {
+        let mut wanted: Vec<&str> = self.items.iter().flat_map(|(p, _)| ancestors(p)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let found = locate::locate(src, &wanted);
+        self.items
+            .iter()
+            .map(|(path, message)| {
+                // A defaulted field has no place of its own: point at its nearest parent.
+                let (line, column) = ancestors(path)
+                    .find_map(|p| found.get(p).copied())
+                    .unwrap_or((0, 0));
+                ConfigError {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                    path: path.clone(),
+                    message: message.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// `a.b[1].c`, then `a.b[1]`, `a.b`, `a`.
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    let mut next = Some(path);
+    std::iter::from_fn(move || {
+        let cur = next?;
+        next = cur.rfind(['.', '[']).map(|i| &cur[..i]);
+        Some(cur)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_located() {
+        let src = "listen:\n  proxy: 127.0.0.1:1\nroutes:\n  - upstream: http://x\n    environment: production\n    colour: blue\n";
+        let errs = parse_yaml::<Config>(Path::new("gw.yaml"), src).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let e = &errs[0];
+        assert_eq!((e.line, e.column), (6, 5), "{e}");
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+        assert!(e.to_string().starts_with("gw.yaml:6:5: "), "{e}");
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c = parse_yaml::<Config>(Path::new("gw.yaml"), "# nothing\n").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.keys_file, "keys.yaml");
+    }
+
+    #[test]
+    fn problems_fall_back_to_the_nearest_located_parent() {
+        let src = "routes:\n  - upstream: http://x\n    environment: production\n";
+        let mut p = Problems::default();
+        p.push("routes[0].upstream", "bad");
+        p.push("routes[0].response_timeout", "missing value");
+        let errs = p.locate(Path::new("gw.yaml"), src);
+        assert_eq!((errs[0].line, errs[0].column), (2, 15));
+        assert_eq!((errs[1].line, errs[1].column), (2, 5));
+    }
+}

@@ -1,0 +1,196 @@
+//! The key format: `<prefix>_<random><checksum>`.
+//!
+//! - `prefix` is readable and names the environment (`kg_live`, `kg_test`, `kg_dev`, or a
+//!   namespace's own), so a leaked key says where it works and secret scanners can match it;
+//! - `random` is 27 base62 characters from the OS CSPRNG (160.8 bits);
+//! - `checksum` is the CRC-32 of everything before it, as 6 base62 characters, so that a
+//!   mistyped or invented key is refused before any hashing or lookup.
+//!
+//! Only the SHA-256 of the whole key is ever stored.
+
+use sha2::{Digest, Sha256};
+
+/// Base62 characters of randomness in a key.
+pub const RANDOM_LEN: usize = 27;
+/// Base62 characters of checksum at the end of a key.
+pub const CHECKSUM_LEN: usize = 6;
+/// Longest prefix accepted, so a parse never scans an unbounded header.
+pub const MAX_PREFIX_LEN: usize = 32;
+/// Longest token the gateway will look at; anything longer is malformed.
+pub const MAX_TOKEN_LEN: usize = MAX_PREFIX_LEN + 1 + RANDOM_LEN + CHECKSUM_LEN;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A key that passed the format check: its prefix, and the whole token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedKey<'a> {
+    pub prefix: &'a str,
+    pub token: &'a str,
+}
+
+/// Why a token is not a well-formed keygate key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("the key is longer than any keygate key")]
+    TooLong,
+    #[error("the key has no `<prefix>_` part")]
+    NoPrefix,
+    #[error("the key's prefix may hold only a-z, 0-9 and `_`")]
+    BadPrefix,
+    #[error("the key's secret part has the wrong length or characters")]
+    BadBody,
+    #[error("the key's checksum does not match: it was mistyped or made up")]
+    BadChecksum,
+}
+
+/// Checks a token's shape and checksum without any lookup.
+pub fn parse(token: &str) -> Result<ParsedKey<'_>, FormatError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(FormatError::TooLong);
+    }
+    let (prefix, body) = token.rsplit_once('_').ok_or(FormatError::NoPrefix)?;
+    if !valid_prefix(prefix) {
+        return Err(FormatError::BadPrefix);
+    }
+    if body.len() != RANDOM_LEN + CHECKSUM_LEN || !body.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(FormatError::BadBody);
+    }
+    let (signed, sum) = token.split_at(token.len() - CHECKSUM_LEN);
+    if checksum(signed.as_bytes()) != sum.as_bytes() {
+        return Err(FormatError::BadChecksum);
+    }
+    Ok(ParsedKey { prefix, token })
+}
+
+/// Whether `prefix` may start a key: 1 to 32 of `a-z 0-9 _`, not starting or ending in `_`.
+pub fn valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && !prefix.starts_with('_')
+        && !prefix.ends_with('_')
+        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Makes a new key with `prefix` from the OS CSPRNG.
+pub fn generate(prefix: &str) -> Result<String, getrandom::Error> {
+    debug_assert!(valid_prefix(prefix));
+    let mut key = String::with_capacity(prefix.len() + 1 + RANDOM_LEN + CHECKSUM_LEN);
+    key.push_str(prefix);
+    key.push('_');
+    let mut filled = 0;
+    let mut pool = [0u8; 64];
+    while filled < RANDOM_LEN {
+        getrandom::fill(&mut pool)?;
+        // Rejection sampling keeps every character uniform: 248 = 4 * 62.
+        for &b in pool.iter().filter(|&&b| b < 248) {
+            if filled == RANDOM_LEN {
+                break;
+            }
+            key.push(BASE62[(b % 62) as usize] as char);
+            filled += 1;
+        }
+    }
+    let sum = checksum(key.as_bytes());
+    key.push_str(std::str::from_utf8(&sum).expect("base62 is ASCII"));
+    Ok(key)
+}
+
+/// SHA-256 of the whole key: the only form in which a key is stored or looked up.
+pub fn hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The CRC-32 (IEEE) of `data` as 6 base62 characters.
+fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc32(data);
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+fn crc32(data: &[u8]) -> u32 {
+    !data.iter().fold(!0u32, |c, &b| CRC_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn generated_keys_parse_and_differ() {
+        let a = generate("kg_live").unwrap();
+        let b = generate("kg_live").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "kg_live_".len() + RANDOM_LEN + CHECKSUM_LEN);
+        let parsed = parse(&a).unwrap();
+        assert_eq!(parsed.prefix, "kg_live");
+        assert_eq!(parsed.token, a);
+    }
+
+    #[test]
+    fn any_single_character_change_is_caught() {
+        let key = generate("kg_test").unwrap();
+        let start = "kg_test_".len();
+        for i in start..key.len() {
+            let mut bytes = key.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let typo = String::from_utf8(bytes).unwrap();
+            assert_eq!(parse(&typo), Err(FormatError::BadChecksum), "typo at {i} slipped through");
+        }
+    }
+
+    #[test]
+    fn malformed_tokens_are_named() {
+        assert_eq!(parse("nounderscore"), Err(FormatError::NoPrefix));
+        assert_eq!(parse("KG_live_abc"), Err(FormatError::BadPrefix));
+        assert_eq!(parse("kg_live_short"), Err(FormatError::BadBody));
+        assert_eq!(parse(&"x".repeat(1_000_000)), Err(FormatError::TooLong));
+        let key = generate("kg_dev").unwrap();
+        let with_symbol = key.replacen('A', "-", 1);
+        if with_symbol != key {
+            assert_eq!(parse(&with_symbol), Err(FormatError::BadBody));
+        }
+        assert_eq!(parse(&format!("{key}x")), Err(FormatError::BadBody));
+    }
+
+    #[test]
+    fn prefixes_follow_the_rules() {
+        assert!(valid_prefix("kg_live"));
+        assert!(valid_prefix("acme2_test"));
+        assert!(!valid_prefix(""));
+        assert!(!valid_prefix("_kg"));
+        assert!(!valid_prefix("kg-live"));
+        assert!(!valid_prefix(&"a".repeat(33)));
+    }
+
+    #[test]
+    fn hash_is_sha256_of_the_whole_key() {
+        let h = hash("abc");
+        assert_eq!(h[..4], [0xba, 0x78, 0x16, 0xbf]);
+    }
+}

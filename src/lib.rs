@@ -1,0 +1,44 @@
+//! keygate: an API-key gateway in front of existing HTTP APIs.
+//!
+//! Every request is decided before anything reaches the upstream:
+//!
+//! ```text
+//!  client ──▶ client_ip ──▶ route ──▶ credential ──▶ lookup ──▶ authorize ──▶ rate_limit ──▶ forward ──▶ upstream
+//!             (peer or      (host +    (Bearer,       (SHA-256    (status, expiry,  (GCRA per   (strip, add
+//!              trusted XFF)  prefix)    checksum)      in the      environment,      key id)     headers,
+//!                                                      snapshot)   namespace, CIDR,              stream)
+//!                                                                  scope)
+//!        any stage may stop the request with a Rejection ──▶ problem+json 4xx/5xx
+//! ```
+//!
+//! The snapshot the stages read is immutable and swapped whole by [`reload`] (file watch,
+//! SIGHUP, `POST /v1/reload`); per-key rate-limit state lives outside it, keyed by key id.
+//!
+//! # Layout
+//! - [`cli`]: `serve`, `demo`, `check`, `keys …` ([`main`](../keygate/index.html) is thin).
+//! - [`server`]: the shared [`server::Gateway`] state, listeners, accept loops, draining.
+//! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
+//!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
+//!   [`pipeline::authorize`] (with [`pipeline::scope`]), [`pipeline::rate_limit`],
+//!   [`pipeline::forward`].
+//! - [`rejection`]: every refusal and its one mapping to a response.
+//! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.
+//! - [`config`]: documented config types, YAML loading, located errors.
+//! - [`reload`]: file watch and reload.
+//! - [`keys`]: key format, key records, the atomic key store, lifecycle operations.
+//! - [`admin`]: the admin listener.
+//! - [`body`], [`clock`], [`demo`]: streaming bodies, injected time, the demo.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod keys;
+pub mod pipeline;
+pub mod rejection;
+pub mod reload;
+pub mod server;
+pub mod snapshot;

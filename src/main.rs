@@ -1,0 +1,30 @@
+//! The `keygate` binary: parse the command line, set up logging, hand over to [`keygate::cli`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match keygate::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One short line for a usage mistake, and exit 1 as the contract says.
+            let first = e.to_string();
+            let line = first.lines().next().unwrap_or("invalid arguments");
+            eprintln!("keygate: {}", line.trim_start_matches("error: "));
+            eprintln!("Run `keygate --help` for usage.");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    keygate::cli::run(cli)
+}

@@ -1,0 +1,309 @@
+//! Stage 7: send the request upstream and stream the answer back.
+//!
+//! On the way up: hop-by-hop headers go (RFC 9110 §7.6.1, with any named in `Connection`),
+//! `Authorization` goes unless the route keeps it, client-sent `X-Keygate-*` headers go, and
+//! the gateway's own identity and forwarding headers come in. Bodies stream both ways.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{caused_by_body_limit, RequestBody, ResponseBody};
+use crate::pipeline::credential::X_API_KEY;
+use crate::pipeline::rate_limit::RateHeaders;
+use crate::pipeline::route::Route;
+use crate::rejection::Rejection;
+use crate::snapshot::KeyEntry;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+pub const X_KEYGATE_NAMESPACE: HeaderName = HeaderName::from_static("x-keygate-namespace");
+pub const X_KEYGATE_ENVIRONMENT: HeaderName = HeaderName::from_static("x-keygate-environment");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Settings of the upstream connection pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+/// The pooled keep-alive client towards every upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, RequestBody>,
+    settings: PoolSettings,
+}
+
+impl UpstreamClient {
+    pub fn new(settings: PoolSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.idle_timeout)
+            .pool_max_idle_per_host(settings.max_idle_per_host)
+            .build(connector);
+        UpstreamClient { client, settings }
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        self.settings
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter, 32 hex digits in all.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        let mut seed = [0u8; 8];
+        // Without OS randomness the ids are still unique within this process.
+        let _ = getrandom::fill(&mut seed);
+        RequestIds { prefix: u64::from_le_bytes(seed), counter: AtomicU64::new(0) }
+    }
+
+    pub fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 32];
+        write_hex(&mut buf[..16], self.prefix);
+        write_hex(&mut buf[16..], n);
+        HeaderValue::from_bytes(&buf).expect("hex digits are a valid header")
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn write_hex(out: &mut [u8], mut n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(n & 15) as usize];
+        n >>= 4;
+    }
+}
+
+/// A client-sent request id is kept only from a trusted proxy, and only if it is sane.
+pub fn trusted_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get(X_REQUEST_ID)?;
+    let ok = (1..=128).contains(&v.len())
+        && v.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+    ok.then(|| v.clone())
+}
+
+/// Everything forwarding needs to know about the decision made.
+pub struct Forward<'a> {
+    pub route: &'a Route,
+    pub key: &'a KeyEntry,
+    /// The peer's own address (the hop that connected to us).
+    pub peer: IpAddr,
+    /// Whether the peer is a trusted proxy, whose forwarding headers are extended.
+    pub peer_trusted: bool,
+    /// The normalised path, when it differs from the request's.
+    pub normalized_path: Option<&'a str>,
+    pub request_id: HeaderValue,
+    pub rate: Option<RateHeaders>,
+    pub x_api_key: bool,
+}
+
+/// Sends the request to the route's upstream and returns its streamed response.
+pub async fn forward(
+    client: &UpstreamClient,
+    f: Forward<'_>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Rejection> {
+    let route = f.route;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > route.max_request_body) {
+        return Err(Rejection::BodyTooLarge);
+    }
+    let (mut parts, body) = req.into_parts();
+
+    let path = f.normalized_path.unwrap_or(parts.uri.path());
+    let path_and_query = route.upstream_path(path, parts.uri.query());
+    let client_host = parts
+        .headers
+        .get(HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    parts.uri = Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| Rejection::InvalidPath)?;
+    parts.version = Version::HTTP_11;
+
+    let h = &mut parts.headers;
+    remove_hop_by_hop(h);
+    if !route.keep_authorization {
+        h.remove(AUTHORIZATION);
+        if f.x_api_key {
+            h.remove(X_API_KEY);
+        }
+    }
+    remove_keygate_headers(h);
+    h.insert(X_KEYGATE_KEY_ID, f.key.id_header.clone());
+    h.insert(X_KEYGATE_NAMESPACE, f.key.namespace_header.clone());
+    h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment_header.clone());
+    set_forwarded_for(h, f.peer, f.peer_trusted);
+    if !(f.peer_trusted && h.contains_key(X_FORWARDED_PROTO)) {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    h.insert(X_REQUEST_ID, f.request_id.clone());
+    match (route.preserve_host, client_host) {
+        (true, Some(host)) => {
+            h.insert(HOST, host);
+        }
+        _ => {
+            h.insert(HOST, route.upstream.host_header.clone());
+        }
+    }
+
+    let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body));
+    let response = match tokio::time::timeout(route.response_timeout, client.client.request(upstream_req)).await {
+        Err(_) => return Err(Rejection::UpstreamTimeout),
+        Ok(Err(e)) => {
+            if caused_by_body_limit(&e) {
+                return Err(Rejection::BodyTooLarge);
+            }
+            tracing::debug!(route = %route.name, error = %e, "upstream request failed");
+            return Err(Rejection::UpstreamUnavailable);
+        }
+        Ok(Ok(response)) => response,
+    };
+
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    if let Some(rate) = &f.rate {
+        rate.write(&mut parts.headers, false);
+    }
+    parts.headers.insert(X_REQUEST_ID, f.request_id);
+    Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+}
+
+/// Removes the hop-by-hop headers, including every header `Connection` names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn remove_keygate_headers(headers: &mut HeaderMap) {
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-keygate-"))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
+/// A trusted proxy's chain is extended with the peer; an untrusted client's is replaced,
+/// so the upstream never sees a forged hop.
+fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, peer_trusted: bool) {
+    let peer = peer.to_string();
+    let chain: Vec<&str> = if peer_trusted {
+        headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
+    } else {
+        Vec::new()
+    };
+    let value = if chain.is_empty() { peer } else { format!("{}, {peer}", chain.join(", ")) };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-stays", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-stays"));
+    }
+
+    #[test]
+    fn forwarded_for_is_extended_only_for_trusted_peers() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        set_forwarded_for(&mut h, peer, true);
+        assert_eq!(h[X_FORWARDED_FOR], "6.6.6.6, 10.0.0.1");
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        set_forwarded_for(&mut h, peer, false);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1");
+    }
+
+    #[test]
+    fn request_ids_are_unique_hex() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(trusted_request_id(&{
+            let mut h = HeaderMap::new();
+            h.insert(X_REQUEST_ID, a.clone());
+            h
+        })
+        .is_some());
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has spaces"));
+        assert!(trusted_request_id(&h).is_none());
+    }
+}

@@ -1,0 +1,214 @@
+//! Stage 6: the key's rate limit, a GCRA from governor. It runs last, so refused requests
+//! never spend a key's budget.
+//!
+//! Limiters live in [`Limiters`], keyed by key id and outside any snapshot: a reload hands
+//! each new snapshot the same limiter for an unchanged policy, so buckets survive reloads
+//! (and regeneration, which keeps the id).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::Clock as _;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use http::HeaderMap;
+
+use crate::clock::Clock;
+use crate::config::units::Rate;
+use crate::rejection::Rejection;
+
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// A key's limit: `rate`, with up to `burst` requests at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RatePolicy {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+impl RatePolicy {
+    /// Time for one unit of budget to come back.
+    fn interval(&self) -> Duration {
+        self.rate.per / self.rate.count
+    }
+
+    /// The window over which a full burst refills, in whole seconds (at least 1).
+    fn window_secs(&self) -> u64 {
+        (self.interval() * self.burst).as_secs_f64().ceil().max(1.0) as u64
+    }
+}
+
+type Gcra = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+
+/// One key's limiter and its precomputed `RateLimit-Policy` header.
+#[derive(Debug)]
+pub struct KeyLimiter {
+    policy: RatePolicy,
+    gcra: Gcra,
+    policy_header: HeaderValue,
+}
+
+impl KeyLimiter {
+    fn new(policy: RatePolicy, clock: &Clock) -> Self {
+        let burst = NonZeroU32::new(policy.burst.max(1)).expect("burst is at least 1");
+        let quota = Quota::with_period(policy.interval())
+            .expect("a rate's interval is never zero")
+            .allow_burst(burst);
+        let policy_header =
+            HeaderValue::from_str(&format!("\"key\";q={};w={}", policy.burst, policy.window_secs()))
+                .expect("digits are a valid header");
+        KeyLimiter {
+            policy,
+            gcra: RateLimiter::direct_with_clock(quota, clock.clone())
+                .with_middleware::<StateInformationMiddleware>(),
+            policy_header,
+        }
+    }
+
+    pub fn policy(&self) -> RatePolicy {
+        self.policy
+    }
+}
+
+/// The rate-limit headers of one decision, sent on accepted and refused requests alike.
+#[derive(Debug, Clone)]
+pub struct RateHeaders {
+    policy: HeaderValue,
+    remaining: u32,
+    /// Seconds until the full burst is available again.
+    reset: u64,
+    /// Seconds until the next request would be admitted; set on refusal.
+    retry_after: Option<u64>,
+}
+
+impl RateHeaders {
+    /// Adds `RateLimit-Policy`, `RateLimit` and, on refusal, `Retry-After`.
+    pub fn write(&self, headers: &mut HeaderMap, refused: bool) {
+        headers.insert(RATELIMIT_POLICY, self.policy.clone());
+        let value = format!("\"key\";r={};t={}", self.remaining, self.reset);
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(RATELIMIT, v);
+        }
+        if refused {
+            if let Some(secs) = self.retry_after {
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+        }
+    }
+
+    pub fn remaining(&self) -> u32 {
+        self.remaining
+    }
+}
+
+/// Spends one unit of the key's budget, or refuses with the time to wait.
+pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<RateHeaders, Rejection> {
+    let interval = limiter.policy.interval();
+    match limiter.gcra.check() {
+        Ok(state) => {
+            let remaining = state.remaining_burst_capacity();
+            let missing = limiter.policy.burst.saturating_sub(remaining);
+            Ok(RateHeaders {
+                policy: limiter.policy_header.clone(),
+                remaining,
+                reset: ceil_secs(interval * missing),
+                retry_after: None,
+            })
+        }
+        Err(not_until) => {
+            let wait = not_until.wait_time_from(clock.now());
+            Err(Rejection::RateLimited(RateHeaders {
+                policy: limiter.policy_header.clone(),
+                remaining: 0,
+                reset: ceil_secs(interval * limiter.policy.burst).max(ceil_secs(wait)),
+                retry_after: Some(ceil_secs(wait).max(1)),
+            }))
+        }
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Every key's limiter, by key id.
+#[derive(Debug)]
+pub struct Limiters {
+    clock: Clock,
+    by_id: Mutex<HashMap<String, Arc<KeyLimiter>>>,
+}
+
+impl Limiters {
+    pub fn new(clock: Clock) -> Self {
+        Limiters { clock, by_id: Mutex::new(HashMap::new()) }
+    }
+
+    /// The limiter for a key: its current one when the policy is unchanged, else a fresh
+    /// one. Nothing is recorded until [`Limiters::commit`], so a failed reload changes nothing.
+    pub fn limiter_for(&self, id: &str, policy: RatePolicy) -> Arc<KeyLimiter> {
+        let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(id) {
+            Some(l) if l.policy == policy => l.clone(),
+            _ => Arc::new(KeyLimiter::new(policy, &self.clock)),
+        }
+    }
+
+    /// Records the limiters of the snapshot now in force, forgetting the keys it dropped.
+    pub fn commit(&self, in_force: impl Iterator<Item = (String, Arc<KeyLimiter>)>) {
+        let mut map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        *map = in_force.collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    fn policy(count: u32, per: u64, burst: u32) -> RatePolicy {
+        RatePolicy { rate: Rate { count, per: Duration::from_secs(per) }, burst }
+    }
+
+    #[test]
+    fn burst_then_refusal_then_refill_on_the_fake_clock() {
+        let clock = Clock::fake(UNIX_EPOCH + Duration::from_secs(1_000));
+        let limiter = KeyLimiter::new(policy(2, 1, 2), &clock);
+        let first = admit(&limiter, &clock).unwrap();
+        assert_eq!(first.remaining, 1);
+        admit(&limiter, &clock).unwrap();
+        let Err(Rejection::RateLimited(refused)) = admit(&limiter, &clock) else {
+            panic!("third request in the same instant must be refused")
+        };
+        assert_eq!(refused.retry_after, Some(1));
+        clock.advance(Duration::from_millis(500));
+        assert!(admit(&limiter, &clock).is_ok());
+        assert!(admit(&limiter, &clock).is_err());
+    }
+
+    #[test]
+    fn headers_follow_the_draft_syntax() {
+        let clock = Clock::fake(SystemTime::UNIX_EPOCH);
+        let limiter = KeyLimiter::new(policy(100, 1, 200), &clock);
+        let state = admit(&limiter, &clock).unwrap();
+        let mut h = HeaderMap::new();
+        state.write(&mut h, false);
+        assert_eq!(h[RATELIMIT_POLICY], "\"key\";q=200;w=2");
+        assert_eq!(h[RATELIMIT], "\"key\";r=199;t=1");
+        assert!(h.get(RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn limiters_survive_only_unchanged_policies() {
+        let clock = Clock::fake(SystemTime::UNIX_EPOCH);
+        let limiters = Limiters::new(clock);
+        let a = limiters.limiter_for("k1", policy(1, 60, 1));
+        limiters.commit([("k1".to_string(), a.clone())].into_iter());
+        assert!(Arc::ptr_eq(&a, &limiters.limiter_for("k1", policy(1, 60, 1))));
+        assert!(!Arc::ptr_eq(&a, &limiters.limiter_for("k1", policy(2, 60, 2))));
+    }
+}

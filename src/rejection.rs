@@ -1,0 +1,180 @@
+//! Every refusal the gateway and its admin API can give, and the one place that turns a
+//! refusal into an HTTP response (RFC 9457 problem details with a machine-readable `code`).
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+
+use crate::body::ResponseBody;
+use crate::config::ConfigError;
+use crate::pipeline::rate_limit::RateHeaders;
+
+/// Why a request was not forwarded, or an admin call not carried out.
+#[derive(Debug)]
+pub enum Rejection {
+    // 401: who are you?
+    MissingKey,
+    MalformedKey,
+    UnknownKey,
+    ExpiredKey,
+    RevokedKey,
+    InactiveKey,
+    WrongEnvironment,
+    // 403: you may not.
+    IpNotAllowed,
+    ScopeDenied,
+    NamespaceDenied,
+    // 429: not now.
+    RateLimited(RateHeaders),
+    // The request itself, and the way upstream.
+    InvalidPath,
+    NoRoute,
+    BodyTooLarge,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    // The admin API.
+    AdminUnauthorized,
+    NotFound,
+    MethodNotAllowed,
+    ReloadFailed(Vec<ConfigError>),
+    /// Something that should not happen. It is logged where it happens; the client learns
+    /// nothing of it.
+    Internal,
+}
+
+/// Builds a problem+json body at compile time.
+macro_rules! problem {
+    ($status:literal, $title:literal, $code:literal, $detail:literal) => {
+        concat!(
+            "{\"type\":\"about:blank\",\"title\":\"",
+            $title,
+            "\",\"status\":",
+            $status,
+            ",\"detail\":\"",
+            $detail,
+            "\",\"code\":\"",
+            $code,
+            "\"}"
+        )
+    };
+}
+
+const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
+const BEARER_CHALLENGE: HeaderValue =
+    HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\"");
+const ADMIN_CHALLENGE: HeaderValue = HeaderValue::from_static("Bearer realm=\"keygate-admin\"");
+
+impl Rejection {
+    /// The contract's machine-readable code.
+    pub fn code(&self) -> &'static str {
+        self.parts().1
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// Status, code and the static problem body for every refusal.
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use Rejection::*;
+        use StatusCode as S;
+        match self {
+            MissingKey => (S::UNAUTHORIZED, "missing_key", problem!(401, "Unauthorized", "missing_key", "Send an API key as `Authorization: Bearer <key>`.")),
+            MalformedKey => (S::UNAUTHORIZED, "malformed_key", problem!(401, "Unauthorized", "malformed_key", "The credential is not a well-formed API key; check for a typo or truncation.")),
+            UnknownKey => (S::UNAUTHORIZED, "unknown_key", problem!(401, "Unauthorized", "unknown_key", "The API key is not known.")),
+            ExpiredKey => (S::UNAUTHORIZED, "expired_key", problem!(401, "Unauthorized", "expired_key", "The API key has expired.")),
+            RevokedKey => (S::UNAUTHORIZED, "revoked_key", problem!(401, "Unauthorized", "revoked_key", "The API key has been revoked.")),
+            InactiveKey => (S::UNAUTHORIZED, "inactive_key", problem!(401, "Unauthorized", "inactive_key", "The API key is disabled.")),
+            WrongEnvironment => (S::UNAUTHORIZED, "wrong_environment", problem!(401, "Unauthorized", "wrong_environment", "The API key belongs to another environment.")),
+            IpNotAllowed => (S::FORBIDDEN, "ip_not_allowed", problem!(403, "Forbidden", "ip_not_allowed", "The API key may not be used from this address.")),
+            ScopeDenied => (S::FORBIDDEN, "scope_denied", problem!(403, "Forbidden", "scope_denied", "The API key's scopes do not allow this method on this path.")),
+            NamespaceDenied => (S::FORBIDDEN, "namespace_denied", problem!(403, "Forbidden", "namespace_denied", "The API key's namespace may not use this route.")),
+            RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited", problem!(429, "Too Many Requests", "rate_limited", "The API key's rate limit is exhausted; retry after the time in Retry-After.")),
+            InvalidPath => (S::BAD_REQUEST, "invalid_path", problem!(400, "Bad Request", "invalid_path", "The request path is not a valid origin-form path, or it holds an encoded slash or backslash.")),
+            NoRoute => (S::NOT_FOUND, "no_route", problem!(404, "Not Found", "no_route", "No route matches this host and path.")),
+            BodyTooLarge => (S::PAYLOAD_TOO_LARGE, "body_too_large", problem!(413, "Content Too Large", "body_too_large", "The request body is larger than this route allows.")),
+            UpstreamUnavailable => (S::BAD_GATEWAY, "upstream_unavailable", problem!(502, "Bad Gateway", "upstream_unavailable", "The upstream could not be reached.")),
+            UpstreamTimeout => (S::GATEWAY_TIMEOUT, "upstream_timeout", problem!(504, "Gateway Timeout", "upstream_timeout", "The upstream did not answer in time.")),
+            AdminUnauthorized => (S::UNAUTHORIZED, "invalid_admin_token", problem!(401, "Unauthorized", "invalid_admin_token", "Send a valid admin token as `Authorization: Bearer <token>`.")),
+            NotFound => (S::NOT_FOUND, "not_found", problem!(404, "Not Found", "not_found", "There is nothing at this path.")),
+            MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", problem!(405, "Method Not Allowed", "method_not_allowed", "This path does not take this method.")),
+            ReloadFailed(_) => (S::UNPROCESSABLE_ENTITY, "invalid_config", ""),
+            Internal => (S::INTERNAL_SERVER_ERROR, "internal", problem!(500, "Internal Server Error", "internal", "The gateway failed to handle the request.")),
+        }
+    }
+
+    /// The one mapping from a refusal to a response.
+    pub fn into_response(self, request_id: Option<HeaderValue>) -> Response<ResponseBody> {
+        let (status, _, body) = self.parts();
+        let body = match &self {
+            Rejection::ReloadFailed(errors) => Bytes::from(reload_failed_body(errors)),
+            _ => Bytes::from_static(body.as_bytes()),
+        };
+        let mut response = Response::new(ResponseBody::full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, PROBLEM_JSON);
+        if let Some(id) = request_id {
+            headers.insert(crate::pipeline::forward::X_REQUEST_ID, id);
+        }
+        match self {
+            Rejection::RateLimited(rate) => rate.write(headers, true),
+            Rejection::AdminUnauthorized => {
+                headers.insert(WWW_AUTHENTICATE, ADMIN_CHALLENGE);
+            }
+            _ if status == StatusCode::UNAUTHORIZED => {
+                headers.insert(WWW_AUTHENTICATE, BEARER_CHALLENGE);
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn reload_failed_body(errors: &[ConfigError]) -> Vec<u8> {
+    let detail = match errors.len() {
+        1 => "The new configuration has 1 error; the running one stays in force.".to_string(),
+        n => format!("The new configuration has {n} errors; the running one stays in force."),
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "type": "about:blank",
+        "title": "Unprocessable Content",
+        "status": 422,
+        "detail": detail,
+        "code": "invalid_config",
+        "errors": errors,
+    }))
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_static_body_is_valid_problem_json() {
+        use Rejection::*;
+        for r in [
+            MissingKey, MalformedKey, UnknownKey, ExpiredKey, RevokedKey, InactiveKey,
+            WrongEnvironment, IpNotAllowed, ScopeDenied, NamespaceDenied, InvalidPath, NoRoute,
+            BodyTooLarge, UpstreamUnavailable, UpstreamTimeout, AdminUnauthorized, NotFound,
+            MethodNotAllowed, Internal,
+        ] {
+            let (status, code, body) = r.parts();
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["status"], status.as_u16());
+            assert_eq!(v["code"], code);
+            assert!(v["detail"].as_str().unwrap().len() > 10);
+        }
+    }
+
+    #[test]
+    fn unauthorized_carries_the_bearer_challenge() {
+        let resp = Rejection::UnknownKey.into_response(None);
+        assert_eq!(resp.status(), 401);
+        assert_eq!(resp.headers()[WWW_AUTHENTICATE], BEARER_CHALLENGE);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/problem+json");
+        let resp = Rejection::ScopeDenied.into_response(None);
+        assert!(resp.headers().get(WWW_AUTHENTICATE).is_none());
+    }
+}

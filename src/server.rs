@@ -1,0 +1,231 @@
+//! The gateway's shared state, its listeners and accept loops, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::config::ConfigError;
+use crate::pipeline::forward::RequestIds;
+use crate::pipeline::rate_limit::Limiters;
+use crate::snapshot::{BuildContext, ListenerSettings, Snapshot};
+
+/// Everything the listeners share: the snapshot in force, the clock, the limiters.
+#[derive(Debug)]
+pub struct Gateway {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub clock: Clock,
+    pub limiters: Limiters,
+    pub request_ids: RequestIds,
+    pub config_path: PathBuf,
+    env_admin_token: Option<[u8; 32]>,
+    /// Serialises reloads, so two triggers at once cannot race.
+    pub(crate) reload_lock: tokio::sync::Mutex<()>,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    /// Set when shutdown begins: `/readyz` turns unready.
+    pub draining: AtomicBool,
+}
+
+impl Gateway {
+    /// Builds generation 1 from the config at `config_path`.
+    pub fn new(config_path: &Path, clock: Clock) -> Result<Arc<Gateway>, Vec<ConfigError>> {
+        let env_admin_token = std::env::var("KEYGATE_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|t| crate::keys::format::hash(&t));
+        let limiters = Limiters::new(clock.clone());
+        let snapshot = Snapshot::load(&BuildContext {
+            config_path,
+            generation: 1,
+            limiters: &limiters,
+            previous: None,
+            env_admin_token,
+        })?;
+        limiters.commit(snapshot.limiters());
+        Ok(Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            clock,
+            limiters,
+            request_ids: RequestIds::new(),
+            config_path: config_path.to_path_buf(),
+            env_admin_token,
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    /// Builds the next generation beside the one in force. Blocking: file I/O and parsing.
+    pub(crate) fn build_next(&self) -> Result<Snapshot, Vec<ConfigError>> {
+        let current = self.snapshot.load_full();
+        Snapshot::load(&BuildContext {
+            config_path: &self.config_path,
+            generation: current.generation + 1,
+            limiters: &self.limiters,
+            previous: Some(&current),
+            env_admin_token: self.env_admin_token,
+        })
+    }
+
+    /// Puts a built snapshot in force.
+    pub(crate) fn install(&self, snapshot: Snapshot) {
+        self.limiters.commit(snapshot.limiters());
+        self.snapshot.store(Arc::new(snapshot));
+    }
+}
+
+/// A started gateway: its bound addresses, and the handle that stops it.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    shutdown: watch::Sender<Option<Duration>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds both listeners (the config's addresses; port 0 picks a free one) and starts serving.
+/// With `watch`, changes to the config or key store are picked up by themselves.
+pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
+    let settings = gateway.snapshot.load().listeners;
+    let proxy = bind(settings.proxy, "proxy").await?;
+    let admin = bind(settings.admin, "admin").await?;
+    let proxy_addr = proxy.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let (shutdown, stop) = watch::channel(None);
+    let mut tasks = vec![
+        tokio::spawn(accept_loop(proxy, gateway.clone(), settings, Listener::Proxy, stop.clone())),
+        tokio::spawn(accept_loop(admin, gateway.clone(), settings, Listener::Admin, stop.clone())),
+    ];
+    if watch {
+        match crate::reload::watch_files(gateway.clone(), stop.clone()) {
+            Ok(task) => tasks.push(task),
+            Err(e) => tracing::warn!(error = %e, "file watch unavailable; reload with SIGHUP or POST /v1/reload"),
+        }
+    }
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, generation = gateway.snapshot.load().generation, keys = gateway.snapshot.load().key_count(), "keygate listening");
+    Ok(Running { proxy_addr, admin_addr, gateway, shutdown, tasks })
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish for up to `drain`, then returns.
+    pub async fn shutdown(self, drain: Duration) {
+        self.gateway.draining.store(true, Ordering::SeqCst);
+        let _ = self.shutdown.send(Some(drain));
+        let all = futures_join(self.tasks);
+        if tokio::time::timeout(drain + Duration::from_secs(1), all).await.is_err() {
+            tracing::warn!("drain timeout passed; closing the remaining connections");
+        }
+    }
+
+    /// Serves until SIGTERM or SIGINT (then drains) and reloads on SIGHUP.
+    pub async fn run_until_signal(self, drain: Duration) -> io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let _ = crate::reload::reload(&self.gateway, "sighup").await;
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        self.shutdown(drain).await;
+        Ok(())
+    }
+}
+
+async fn futures_join(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    Proxy,
+    Admin,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    settings: ListenerSettings,
+    kind: Listener,
+    mut stop: watch::Receiver<Option<Duration>>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_size.max(8192))
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gateway.clone();
+        let io = TokioIo::new(stream);
+        let conn = match kind {
+            Listener::Proxy => {
+                let service = service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(crate::pipeline::handle(&gw, req, peer).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) })
+            }
+            Listener::Admin => {
+                let service = service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(crate::admin::handle(&gw, req, peer).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) })
+            }
+        };
+        drop(conn);
+    }
+    drop(listener);
+    let drain = stop.borrow().unwrap_or_default();
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(listener = ?kind, "connections still open after the drain timeout; closing them");
+    }
+}

@@ -1,0 +1,407 @@
+//! The immutable view every request is decided against: keys by hash, compiled routes,
+//! scopes and CIDRs pre-parsed. A reload builds and validates a whole new snapshot beside
+//! the one in force, then swaps it in with arc-swap; a failed build changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use crate::config::units::{parse_duration, parse_rate, parse_size};
+use crate::config::{parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, Problems};
+use crate::keys::{format, parse_sha256, validate_environment, validate_namespace, KeyRecord, Status, Store};
+use crate::pipeline::client_ip::CidrSet;
+use crate::pipeline::forward::{PoolSettings, UpstreamClient};
+use crate::pipeline::rate_limit::{KeyLimiter, Limiters, RatePolicy};
+use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
+use crate::pipeline::scope::{Scope, ScopeSet};
+
+/// One key, compiled for the request path.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub id: String,
+    pub namespace: String,
+    pub environment: String,
+    pub status: Status,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    pub scopes: ScopeSet,
+    pub allowed_cidrs: CidrSet,
+    pub limiter: Option<Arc<KeyLimiter>>,
+    pub id_header: HeaderValue,
+    pub namespace_header: HeaderValue,
+    pub environment_header: HeaderValue,
+}
+
+/// A SHA-256 digest as a map key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl Hash for KeyHash {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The digest is already uniform: its first 8 bytes are as good a hash as any.
+        state.write_u64(u64::from_le_bytes(self.0[..8].try_into().expect("8 bytes")));
+    }
+}
+
+/// Passes a [`KeyHash`]'s own bits through instead of hashing them again.
+#[derive(Debug, Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyMap = HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>>;
+
+/// An admin token: who it is, and the SHA-256 of the token.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    pub name: String,
+    pub hash: [u8; 32],
+}
+
+/// Listener settings, read at start (a reload does not rebind listeners).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerSettings {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub max_header_size: usize,
+}
+
+/// The gateway's whole decided state at one generation.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    keys: KeyMap,
+    pub routes: RouteTable,
+    pub trusted_proxies: CidrSet,
+    pub x_api_key: bool,
+    pub admin_tokens: Vec<AdminToken>,
+    pub upstream: UpstreamClient,
+    pub listeners: ListenerSettings,
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub keys_path: PathBuf,
+}
+
+/// What a build needs besides the files.
+pub struct BuildContext<'a> {
+    pub config_path: &'a Path,
+    pub generation: u64,
+    pub limiters: &'a Limiters,
+    /// The snapshot in force, whose upstream pool is reused when its settings are unchanged.
+    pub previous: Option<&'a Snapshot>,
+    /// SHA-256 of the `KEYGATE_ADMIN_TOKEN` environment variable, if set.
+    pub env_admin_token: Option<[u8; 32]>,
+}
+
+impl Snapshot {
+    pub fn key_by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
+        self.keys.get(&KeyHash(*hash))
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Every key's limiter, for [`Limiters::commit`].
+    pub fn limiters(&self) -> impl Iterator<Item = (String, Arc<KeyLimiter>)> + '_ {
+        self.keys.values().filter_map(|k| k.limiter.clone().map(|l| (k.id.clone(), l)))
+    }
+
+    /// Reads, parses and validates the config and its key store, reporting every problem.
+    pub fn load(ctx: &BuildContext<'_>) -> Result<Snapshot, Vec<ConfigError>> {
+        let config_src = read_source(ctx.config_path)?;
+        let config: Config = parse_yaml(ctx.config_path, &config_src)?;
+        let keys_path = config.keys_path(ctx.config_path);
+        let mut config_problems = Problems::default();
+        let compiled = compile_config(&config, ctx, &mut config_problems);
+        let mut errors = Vec::new();
+        let keys = match Store::new(&keys_path).load() {
+            Ok((store, src)) => {
+                let mut key_problems = Problems::default();
+                let keys = compile_keys(&store.keys, &config, ctx.limiters, &mut key_problems);
+                errors.extend(key_problems.locate(&keys_path, &src));
+                keys
+            }
+            Err(e) => {
+                errors.extend(e);
+                KeyMap::default()
+            }
+        };
+        let mut all = config_problems.locate(ctx.config_path, &config_src);
+        all.extend(errors);
+        if !all.is_empty() {
+            return Err(all);
+        }
+        let compiled = compiled.expect("no problems means the config compiled");
+        Ok(Snapshot {
+            generation: ctx.generation,
+            keys,
+            routes: compiled.routes,
+            trusted_proxies: compiled.trusted_proxies,
+            x_api_key: config.x_api_key,
+            admin_tokens: compiled.admin_tokens,
+            upstream: compiled.upstream,
+            listeners: compiled.listeners,
+            config,
+            config_path: ctx.config_path.to_path_buf(),
+            keys_path,
+        })
+    }
+}
+
+struct CompiledConfig {
+    routes: RouteTable,
+    trusted_proxies: CidrSet,
+    admin_tokens: Vec<AdminToken>,
+    upstream: UpstreamClient,
+    listeners: ListenerSettings,
+}
+
+fn compile_config(config: &Config, ctx: &BuildContext<'_>, p: &mut Problems) -> Option<CompiledConfig> {
+    let addr = |text: &str, path: &str, p: &mut Problems| match text.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            p.push(path, format!("`{text}` is not an address such as 127.0.0.1:8080"));
+            None
+        }
+    };
+    let proxy = addr(&config.listen.proxy, "listen.proxy", p);
+    let admin = addr(&config.listen.admin, "listen.admin", p);
+    let duration = |text: &str, path: &str, p: &mut Problems| match parse_duration(text) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            p.push(path, "must be greater than zero");
+            None
+        }
+        Err(e) => {
+            p.push(path, e);
+            None
+        }
+    };
+    let size = |text: &str, path: &str, p: &mut Problems| match parse_size(text) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            p.push(path, e);
+            None
+        }
+    };
+    let header_read_timeout = duration(&config.limits.header_read_timeout, "limits.header_read_timeout", p);
+    let max_header_size = size(&config.limits.max_header_size, "limits.max_header_size", p);
+    let max_request_body = size(&config.limits.max_request_body, "limits.max_request_body", p);
+    let connect_timeout = duration(&config.upstream.connect_timeout, "upstream.connect_timeout", p);
+    let response_timeout = duration(&config.upstream.response_timeout, "upstream.response_timeout", p);
+    let idle_timeout = duration(&config.upstream.pool_idle_timeout, "upstream.pool_idle_timeout", p);
+    if max_header_size.is_some_and(|n| !(8192..=16 << 20).contains(&n)) {
+        p.push("limits.max_header_size", "must be between 8KiB and 16MiB");
+    }
+
+    let trusted_proxies = CidrSet::parse(&config.trusted_proxies).unwrap_or_else(|errs| {
+        for (i, e) in errs {
+            p.push(format!("trusted_proxies[{i}]"), e);
+        }
+        CidrSet::default()
+    });
+
+    let mut admin_tokens = Vec::new();
+    for (i, token) in config.admin_tokens.iter().enumerate() {
+        let (name, hash, path) = match token {
+            AdminTokenConfig::Hash(h) => (format!("token{i}"), h, format!("admin_tokens[{i}]")),
+            AdminTokenConfig::Named { name, hash } => (name.clone(), hash, format!("admin_tokens[{i}].hash")),
+        };
+        match parse_sha256(hash) {
+            Ok(hash) => admin_tokens.push(AdminToken { name, hash }),
+            Err(e) => p.push(path, format!("{e}; store the SHA-256 of the token, never the token")),
+        }
+    }
+    if let Some(hash) = ctx.env_admin_token {
+        admin_tokens.push(AdminToken { name: "env".into(), hash });
+    }
+
+    for (name, ns) in &config.namespaces {
+        let path = format!("namespaces.{name}");
+        if let Err(e) = validate_namespace(name) {
+            p.push(&path, e);
+        }
+        if let Some(tier) = &ns.tier {
+            if !config.tiers.contains_key(tier) {
+                p.push(format!("{path}.tier"), format!("`{tier}` is not one of the declared tiers"));
+            }
+        }
+        if let Some(prefix) = &ns.prefix {
+            if !format::valid_prefix(&format!("{prefix}_live")) || prefix.contains('_') {
+                p.push(format!("{path}.prefix"), format!("`{prefix}` must be 1 to 27 of a-z and 0-9"));
+            }
+        }
+    }
+
+    let defaults = RouteDefaults {
+        response_timeout: response_timeout.unwrap_or(Duration::from_secs(30)),
+        max_request_body: max_request_body.unwrap_or(10 << 20),
+    };
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for (i, raw) in config.routes.iter().enumerate() {
+        if let Some(route) = Route::compile(raw, &format!("routes[{i}]"), &defaults, p) {
+            routes.push(route);
+        }
+        for ns in &raw.namespaces {
+            if config.strict && !config.namespaces.contains_key(ns) {
+                p.push(format!("routes[{i}].namespaces"), format!("`{ns}` is not a declared namespace"));
+            }
+        }
+    }
+
+    if !p.is_empty() {
+        return None;
+    }
+    let settings = PoolSettings {
+        connect_timeout: connect_timeout?,
+        idle_timeout: idle_timeout?,
+        max_idle_per_host: config.upstream.pool_max_idle_per_host,
+    };
+    let upstream = match ctx.previous {
+        Some(prev) if prev.upstream.settings() == settings => prev.upstream.clone(),
+        _ => UpstreamClient::new(settings),
+    };
+    Some(CompiledConfig {
+        routes: RouteTable::new(routes),
+        trusted_proxies,
+        admin_tokens,
+        upstream,
+        listeners: ListenerSettings {
+            proxy: proxy?,
+            admin: admin?,
+            header_read_timeout: header_read_timeout?,
+            max_header_size: max_header_size? as usize,
+        },
+    })
+}
+
+fn compile_keys(records: &[KeyRecord], config: &Config, limiters: &Limiters, p: &mut Problems) -> KeyMap {
+    let mut keys = KeyMap::with_capacity_and_hasher(records.len(), Default::default());
+    let mut ids: HashSet<&str> = HashSet::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let path = |field: &str| format!("keys[{i}].{field}");
+        let mut ok = true;
+        let mut bad = |field: &str, msg: String, p: &mut Problems| {
+            p.push(path(field), msg);
+            ok = false;
+        };
+        if r.id.is_empty() || r.id.len() > 64 || !r.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bad("id", format!("`{}` is not a key id (hex digits)", r.id), p);
+        } else if !ids.insert(&r.id) {
+            bad("id", format!("`{}` is the id of another key too", r.id), p);
+        }
+        let hash = match parse_sha256(&r.hash) {
+            Ok(h) => Some(KeyHash(h)),
+            Err(e) => {
+                bad("hash", e, p);
+                None
+            }
+        };
+        if let Some(h) = hash {
+            if keys.contains_key(&h) {
+                bad("hash", "another key has the same hash".into(), p);
+            }
+        }
+        if !format::valid_prefix(&r.prefix) {
+            bad("prefix", format!("`{}` is not a valid key prefix", r.prefix), p);
+        }
+        if let Err(e) = validate_namespace(&r.namespace) {
+            bad("namespace", e, p);
+        } else if config.strict && !config.namespaces.contains_key(&r.namespace) {
+            bad("namespace", format!("`{}` is not declared, and the config is strict", r.namespace), p);
+        }
+        if let Err(e) = validate_environment(&r.environment) {
+            bad("environment", e, p);
+        }
+        let mut scopes = Vec::with_capacity(r.scopes.len());
+        for (j, s) in r.scopes.iter().enumerate() {
+            match Scope::parse(s) {
+                Ok(s) => scopes.push(s),
+                Err(e) => bad(&format!("scopes[{j}]"), e, p),
+            }
+        }
+        let allowed_cidrs = CidrSet::parse(&r.allowed_cidrs).unwrap_or_else(|errs| {
+            for (j, e) in errs {
+                bad(&format!("allowed_cidrs[{j}]"), e, p);
+            }
+            CidrSet::default()
+        });
+        let policy = match (&r.rate_limit, r.burst) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                bad("burst", "needs a rate_limit as well".into(), p);
+                None
+            }
+            (Some(_), Some(0)) => {
+                bad("burst", "must be at least 1".into(), p);
+                None
+            }
+            (Some(text), burst) => match parse_rate(text) {
+                Ok(rate) => Some(RatePolicy { rate, burst: burst.unwrap_or(rate.count) }),
+                Err(e) => {
+                    bad("rate_limit", e, p);
+                    None
+                }
+            },
+        };
+        let expires_at = match r.expires_at.as_deref().map(crate::clock::parse_rfc3339) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                bad("expires_at", e, p);
+                None
+            }
+        };
+        if let Err(e) = crate::clock::parse_rfc3339(&r.created_at) {
+            bad("created_at", e, p);
+        }
+        let headers = (
+            HeaderValue::from_str(&r.id),
+            HeaderValue::from_str(&r.namespace),
+            HeaderValue::from_str(&r.environment),
+        );
+        let (Some(hash), true, (Ok(id_header), Ok(namespace_header), Ok(environment_header))) = (hash, ok, headers)
+        else {
+            continue;
+        };
+        let limiter = policy.map(|policy| limiters.limiter_for(&r.id, policy));
+        keys.insert(
+            hash,
+            KeyEntry {
+                id: r.id.clone(),
+                namespace: r.namespace.clone(),
+                environment: r.environment.clone(),
+                status: r.status,
+                expires_at,
+                scopes: ScopeSet::new(scopes),
+                allowed_cidrs,
+                limiter,
+                id_header,
+                namespace_header,
+                environment_header,
+            },
+        );
+    }
+    keys
+}
