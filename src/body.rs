@@ -66,7 +66,10 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> Self {
-        RequestBody { inner, remaining: limit }
+        RequestBody {
+            inner,
+            remaining: limit,
+        }
     }
 }
 

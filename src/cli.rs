@@ -21,7 +21,12 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 #[command(name = "keygate", version, about, propagate_version = true)]
 pub struct Cli {
     /// The config file.
-    #[arg(long, global = true, env = "KEYGATE_CONFIG", default_value = "config/keygate.yaml")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_CONFIG",
+        default_value = "config/keygate.yaml"
+    )]
     pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -144,9 +149,16 @@ fn config_errors(errors: &[ConfigError]) -> String {
 /// A tokio runtime with `workers` threads; one worker gets the lighter single-thread runtime.
 pub fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
     let built = match workers {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
     };
     built.map_err(|e| format!("cannot start the runtime: {e}"))
 }
@@ -154,15 +166,27 @@ pub fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
 fn serve(config_path: &Path) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| config_errors(&e))?;
     runtime(config.workers)?.block_on(async {
-        let gateway = crate::server::Gateway::new(config_path, Clock::real()).map_err(|e| config_errors(&e))?;
-        let running = crate::server::start(gateway, true).await.map_err(|e| e.to_string())?;
-        running.run_until_signal(DRAIN_TIMEOUT).await.map_err(|e| e.to_string())
+        let gateway = crate::server::Gateway::new(config_path, Clock::real())
+            .map_err(|e| config_errors(&e))?;
+        let running = crate::server::start(gateway, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        running
+            .run_until_signal(DRAIN_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 
 fn check(config_path: &Path) -> Result<(), String> {
     let limiters = Limiters::new(Clock::real());
-    let ctx = BuildContext { config_path, generation: 0, limiters: &limiters, previous: None, env_admin_token: None };
+    let ctx = BuildContext {
+        config_path,
+        generation: 0,
+        limiters: &limiters,
+        previous: None,
+        env_admin_token: None,
+    };
     // Building a snapshot makes an upstream pool, which needs a runtime's context.
     let rt = runtime(1)?;
     let _guard = rt.enter();
@@ -181,7 +205,11 @@ fn check(config_path: &Path) -> Result<(), String> {
             for e in &errors {
                 eprintln!("{e}");
             }
-            Err(format!("{} problem{} found", errors.len(), if errors.len() == 1 { "" } else { "s" }))
+            Err(format!(
+                "{} problem{} found",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" }
+            ))
         }
     }
 }
@@ -208,10 +236,18 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             if json {
                 let mut view = record.view(now);
                 view["key"] = serde_json::Value::String(secret);
-                println!("{}", serde_json::to_string_pretty(&view).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&view).unwrap_or_default()
+                );
             } else {
-                println!("Created key {} ({}/{}).", record.id, record.namespace, record.environment);
-                println!("This is the only time the secret is shown; only its SHA-256 is stored:\n");
+                println!(
+                    "Created key {} ({}/{}).",
+                    record.id, record.namespace, record.environment
+                );
+                println!(
+                    "This is the only time the secret is shown; only its SHA-256 is stored:\n"
+                );
                 println!("  {secret}\n");
             }
             Ok(())
@@ -225,7 +261,11 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 .collect();
             if json {
                 let views: Vec<_> = keys.iter().map(|r| r.view(now)).collect();
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"keys": views})).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"keys": views}))
+                        .unwrap_or_default()
+                );
             } else {
                 print_table(&keys, now);
             }
@@ -233,9 +273,16 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
         }
         KeysCommand::Show { id, json } => {
             let (file, _) = store.load().map_err(|e| config_errors(&e))?;
-            let record = file.keys.iter().find(|r| r.id == id).ok_or_else(|| KeyError::NotFound(id).to_string())?;
+            let record = file
+                .keys
+                .iter()
+                .find(|r| r.id == id)
+                .ok_or_else(|| KeyError::NotFound(id).to_string())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&record.view(now)).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&record.view(now)).unwrap_or_default()
+                );
             } else {
                 print_record(record, now);
             }
@@ -249,7 +296,10 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
 
 fn change_status(store: &Store, id: &str, status: Status, done: &str) -> Result<(), String> {
     let record = keys::set_status(store, id, status).map_err(flag_error)?;
-    println!("Key {} ({}/{}) {done}.", record.id, record.namespace, record.environment);
+    println!(
+        "Key {} ({}/{}) {done}.",
+        record.id, record.namespace, record.environment
+    );
     Ok(())
 }
 
@@ -288,7 +338,9 @@ fn matches_filter(status: &str, filter: Option<StatusFilter>) -> bool {
 
 fn print_table(keys: &[&KeyRecord], now: i64) {
     if keys.is_empty() {
-        println!("No keys. Create one with `keygate keys create --namespace NS --environment ENV`.");
+        println!(
+            "No keys. Create one with `keygate keys create --namespace NS --environment ENV`."
+        );
         return;
     }
     let rows: Vec<[String; 7]> = keys
@@ -297,7 +349,11 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
             [
                 r.id.clone(),
                 r.prefix.clone(),
-                if r.name.is_empty() { "-".into() } else { r.name.clone() },
+                if r.name.is_empty() {
+                    "-".into()
+                } else {
+                    r.name.clone()
+                },
                 format!("{}/{}", r.namespace, r.environment),
                 r.effective_status(now).to_string(),
                 r.expires_at.clone().unwrap_or_else(|| "never".into()),
@@ -305,7 +361,15 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
             ]
         })
         .collect();
-    let header = ["ID", "PREFIX", "NAME", "NAMESPACE/ENV", "STATUS", "EXPIRES", "CREATED"];
+    let header = [
+        "ID",
+        "PREFIX",
+        "NAME",
+        "NAMESPACE/ENV",
+        "STATUS",
+        "EXPIRES",
+        "CREATED",
+    ];
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -313,7 +377,11 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
         }
     }
     let line = |cells: [&str; 7]| {
-        let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header);
@@ -323,22 +391,45 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
 }
 
 fn print_record(r: &KeyRecord, now: i64) {
-    let or = |v: &str, d: &str| if v.is_empty() { d.to_string() } else { v.to_string() };
+    let or = |v: &str, d: &str| {
+        if v.is_empty() {
+            d.to_string()
+        } else {
+            v.to_string()
+        }
+    };
     println!("id:            {}", r.id);
     println!("name:          {}", or(&r.name, "-"));
     println!("prefix:        {}", r.prefix);
     println!("namespace:     {}", r.namespace);
     println!("environment:   {}", r.environment);
     println!("status:        {}", r.effective_status(now));
-    println!("scopes:        {}", if r.scopes.is_empty() { "(full access)".into() } else { r.scopes.join(", ") });
-    println!("allowed CIDRs: {}", if r.allowed_cidrs.is_empty() { "(any address)".into() } else { r.allowed_cidrs.join(", ") });
+    println!(
+        "scopes:        {}",
+        if r.scopes.is_empty() {
+            "(full access)".into()
+        } else {
+            r.scopes.join(", ")
+        }
+    );
+    println!(
+        "allowed CIDRs: {}",
+        if r.allowed_cidrs.is_empty() {
+            "(any address)".into()
+        } else {
+            r.allowed_cidrs.join(", ")
+        }
+    );
     let rate = match (&r.rate_limit, r.burst) {
         (Some(rate), Some(b)) => format!("{rate}, burst {b}"),
         (Some(rate), None) => rate.clone(),
         _ => "(none)".into(),
     };
     println!("rate limit:    {rate}");
-    println!("expires:       {}", r.expires_at.as_deref().unwrap_or("never"));
+    println!(
+        "expires:       {}",
+        r.expires_at.as_deref().unwrap_or("never")
+    );
     println!("created:       {}", r.created_at);
     println!("note:          {}", or(&r.note, "-"));
 }

@@ -16,20 +16,32 @@ pub struct Clock {
 
 #[derive(Debug)]
 enum Source {
-    Real { started: Instant },
-    Fake { wall_start: SystemTime, offset_nanos: AtomicU64 },
+    Real {
+        started: Instant,
+    },
+    Fake {
+        wall_start: SystemTime,
+        offset_nanos: AtomicU64,
+    },
 }
 
 impl Clock {
     /// The system's wall clock for expiry, its monotonic clock for rate limits.
     pub fn real() -> Self {
-        Clock { source: Arc::new(Source::Real { started: Instant::now() }) }
+        Clock {
+            source: Arc::new(Source::Real {
+                started: Instant::now(),
+            }),
+        }
     }
 
     /// A clock frozen at `wall_start` until [`Clock::advance`] moves it.
     pub fn fake(wall_start: SystemTime) -> Self {
         Clock {
-            source: Arc::new(Source::Fake { wall_start, offset_nanos: AtomicU64::new(0) }),
+            source: Arc::new(Source::Fake {
+                wall_start,
+                offset_nanos: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -44,9 +56,10 @@ impl Clock {
     pub fn wall(&self) -> SystemTime {
         match &*self.source {
             Source::Real { .. } => SystemTime::now(),
-            Source::Fake { wall_start, offset_nanos } => {
-                *wall_start + Duration::from_nanos(offset_nanos.load(Ordering::SeqCst))
-            }
+            Source::Fake {
+                wall_start,
+                offset_nanos,
+            } => *wall_start + Duration::from_nanos(offset_nanos.load(Ordering::SeqCst)),
         }
     }
 

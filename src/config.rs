@@ -95,7 +95,10 @@ pub struct Listen {
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen { proxy: default_proxy_addr(), admin: default_admin_addr() }
+        Listen {
+            proxy: default_proxy_addr(),
+            admin: default_admin_addr(),
+        }
     }
 }
 

@@ -48,7 +48,12 @@ async fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
         .collect();
     let body = serde_json::json!({
         "upstream": "echo",
@@ -57,15 +62,24 @@ async fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
         "headers": headers,
         "body_bytes": received,
     });
-    let mut response = Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())));
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec_pretty(&body).unwrap_or_default(),
+    )));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
 /// Runs the demo until Ctrl-C, then removes its temporary files.
 pub fn run(proxy: &str, admin: &str) -> Result<(), String> {
-    let proxy: SocketAddr = proxy.parse().map_err(|_| format!("--proxy: `{proxy}` is not an address"))?;
-    let admin: SocketAddr = admin.parse().map_err(|_| format!("--admin: `{admin}` is not an address"))?;
+    let proxy: SocketAddr = proxy
+        .parse()
+        .map_err(|_| format!("--proxy: `{proxy}` is not an address"))?;
+    let admin: SocketAddr = admin
+        .parse()
+        .map_err(|_| format!("--admin: `{admin}` is not an address"))?;
     let dir = temp_dir().map_err(|e| format!("cannot make a temporary folder: {e}"))?;
     let result = crate::cli::runtime(0)?.block_on(demo(&dir, proxy, admin));
     let _ = std::fs::remove_dir_all(&dir);
@@ -86,7 +100,8 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
          routes:\n  - path_prefix: /\n    upstream: http://{upstream}\n    environment: production\n",
         token_hash = keys::hex(&keys::format::hash(&admin_token)),
     );
-    std::fs::write(&config_path, config_text).map_err(|e| format!("cannot write the demo config: {e}"))?;
+    std::fs::write(&config_path, config_text)
+        .map_err(|e| format!("cannot write the demo config: {e}"))?;
     let config = Config::load(&config_path).map_err(|e| format!("{e:?}"))?;
     let store = Store::new(config.keys_path(&config_path));
     let clock = Clock::real();
@@ -98,9 +113,12 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
         burst: Some(10),
         ..NewKey::default()
     };
-    let (record, secret) = keys::create(&store, &config, new, clock.unix_secs()).map_err(|e| e.to_string())?;
+    let (record, secret) =
+        keys::create(&store, &config, new, clock.unix_secs()).map_err(|e| e.to_string())?;
     let gateway = crate::server::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
-    let running = crate::server::start(gateway, true).await.map_err(|e| e.to_string())?;
+    let running = crate::server::start(gateway, true)
+        .await
+        .map_err(|e| e.to_string())?;
     let p = running.proxy_addr;
     println!(
         "\nkeygate demo is running. Ctrl-C stops it.\n\n\
@@ -120,13 +138,20 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
         id = record.id,
         config = config_path.display(),
     );
-    running.run_until_signal(crate::cli::DRAIN_TIMEOUT).await.map_err(|e| e.to_string())
+    running
+        .run_until_signal(crate::cli::DRAIN_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn temp_dir() -> std::io::Result<PathBuf> {
     let mut suffix = [0u8; 6];
     getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let dir = std::env::temp_dir().join(format!("keygate-demo-{}-{}", std::process::id(), keys::hex(&suffix)));
+    let dir = std::env::temp_dir().join(format!(
+        "keygate-demo-{}-{}",
+        std::process::id(),
+        keys::hex(&suffix)
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

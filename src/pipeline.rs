@@ -27,7 +27,11 @@ use rate_limit::RateHeaders;
 use route::Route;
 
 /// Handles one proxied request from start to finish.
-pub async fn handle(gw: &Gateway, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+pub async fn handle(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ResponseBody> {
     let snapshot = gw.snapshot.load_full();
     let peer_ip = peer.ip().to_canonical();
     let peer_trusted = snapshot.trusted_proxies.contains(peer_ip);
@@ -87,7 +91,10 @@ pub fn admit<'s, B>(
         .get(HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host());
-    let route = snapshot.routes.select(host, &path).ok_or(Rejection::NoRoute)?;
+    let route = snapshot
+        .routes
+        .select(host, &path)
+        .ok_or(Rejection::NoRoute)?;
     let token = credential::extract(req.headers(), snapshot.x_api_key)?;
     let key = credential::identify(snapshot, token)?;
     authorize::authorize(key, route, client, req.method(), &path, clock.unix_secs())?;

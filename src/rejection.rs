@@ -155,10 +155,25 @@ mod tests {
     fn every_static_body_is_valid_problem_json() {
         use Rejection::*;
         for r in [
-            MissingKey, MalformedKey, UnknownKey, ExpiredKey, RevokedKey, InactiveKey,
-            WrongEnvironment, IpNotAllowed, ScopeDenied, NamespaceDenied, InvalidPath, NoRoute,
-            BodyTooLarge, UpstreamUnavailable, UpstreamTimeout, AdminUnauthorized, NotFound,
-            MethodNotAllowed, Internal,
+            MissingKey,
+            MalformedKey,
+            UnknownKey,
+            ExpiredKey,
+            RevokedKey,
+            InactiveKey,
+            WrongEnvironment,
+            IpNotAllowed,
+            ScopeDenied,
+            NamespaceDenied,
+            InvalidPath,
+            NoRoute,
+            BodyTooLarge,
+            UpstreamUnavailable,
+            UpstreamTimeout,
+            AdminUnauthorized,
+            NotFound,
+            MethodNotAllowed,
+            Internal,
         ] {
             let (status, code, body) = r.parts();
             let v: serde_json::Value = serde_json::from_str(body).unwrap();

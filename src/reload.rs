@@ -25,12 +25,20 @@ pub struct ReloadOutcome {
 }
 
 /// Rebuilds the snapshot from the files and swaps it in if it is valid.
-pub async fn reload(gw: &Arc<Gateway>, cause: &'static str) -> Result<ReloadOutcome, Vec<ConfigError>> {
+pub async fn reload(
+    gw: &Arc<Gateway>,
+    cause: &'static str,
+) -> Result<ReloadOutcome, Vec<ConfigError>> {
     let _one_at_a_time = gw.reload_lock.lock().await;
     let builder = gw.clone();
     let built = tokio::task::spawn_blocking(move || builder.build_next())
         .await
-        .unwrap_or_else(|e| Err(vec![ConfigError::whole_file(&gw.config_path, format!("reload task failed: {e}"))]));
+        .unwrap_or_else(|e| {
+            Err(vec![ConfigError::whole_file(
+                &gw.config_path,
+                format!("reload task failed: {e}"),
+            )])
+        });
     match built {
         Ok(snapshot) => {
             let outcome = ReloadOutcome {
@@ -40,7 +48,13 @@ pub async fn reload(gw: &Arc<Gateway>, cause: &'static str) -> Result<ReloadOutc
             };
             gw.install(snapshot);
             gw.reloads.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(cause, generation = outcome.generation, keys = outcome.keys, routes = outcome.routes, "reloaded");
+            tracing::info!(
+                cause,
+                generation = outcome.generation,
+                keys = outcome.keys,
+                routes = outcome.routes,
+                "reloaded"
+            );
             Ok(outcome)
         }
         Err(errors) => {
@@ -60,7 +74,10 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 ///
 /// The folders are watched rather than the files, because an atomic write replaces the file
 /// (a rename), which a watch on the old file would miss.
-pub fn watch_files(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>) -> notify::Result<JoinHandle<()>> {
+pub fn watch_files(
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<Option<Duration>>,
+) -> notify::Result<JoinHandle<()>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
@@ -95,7 +112,11 @@ pub fn watch_files(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>
     }))
 }
 
-fn watch_dirs(gw: &Gateway, watcher: &mut impl Watcher, watched: &mut HashSet<PathBuf>) -> notify::Result<()> {
+fn watch_dirs(
+    gw: &Gateway,
+    watcher: &mut impl Watcher,
+    watched: &mut HashSet<PathBuf>,
+) -> notify::Result<()> {
     let snapshot = gw.snapshot.load();
     for file in [&snapshot.config_path, &snapshot.keys_path] {
         let dir = parent_dir(file);

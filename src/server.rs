@@ -108,17 +108,37 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
     let admin_addr = admin.local_addr()?;
     let (shutdown, stop) = watch::channel(None);
     let mut tasks = vec![
-        tokio::spawn(accept_loop(proxy, gateway.clone(), settings, Listener::Proxy, stop.clone())),
-        tokio::spawn(accept_loop(admin, gateway.clone(), settings, Listener::Admin, stop.clone())),
+        tokio::spawn(accept_loop(
+            proxy,
+            gateway.clone(),
+            settings,
+            Listener::Proxy,
+            stop.clone(),
+        )),
+        tokio::spawn(accept_loop(
+            admin,
+            gateway.clone(),
+            settings,
+            Listener::Admin,
+            stop.clone(),
+        )),
     ];
     if watch {
         match crate::reload::watch_files(gateway.clone(), stop.clone()) {
             Ok(task) => tasks.push(task),
-            Err(e) => tracing::warn!(error = %e, "file watch unavailable; reload with SIGHUP or POST /v1/reload"),
+            Err(e) => {
+                tracing::warn!(error = %e, "file watch unavailable; reload with SIGHUP or POST /v1/reload")
+            }
         }
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, generation = gateway.snapshot.load().generation, keys = gateway.snapshot.load().key_count(), "keygate listening");
-    Ok(Running { proxy_addr, admin_addr, gateway, shutdown, tasks })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        gateway,
+        shutdown,
+        tasks,
+    })
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
@@ -133,7 +153,10 @@ impl Running {
         self.gateway.draining.store(true, Ordering::SeqCst);
         let _ = self.shutdown.send(Some(drain));
         let all = futures_join(self.tasks);
-        if tokio::time::timeout(drain + Duration::from_secs(1), all).await.is_err() {
+        if tokio::time::timeout(drain + Duration::from_secs(1), all)
+            .await
+            .is_err()
+        {
             tracing::warn!("drain timeout passed; closing the remaining connections");
         }
     }
@@ -185,7 +208,10 @@ async fn accept_loop(
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_size.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -225,7 +251,10 @@ async fn accept_loop(
     }
     drop(listener);
     let drain = stop.borrow().unwrap_or_default();
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(listener = ?kind, "connections still open after the drain timeout; closing them");
     }
 }

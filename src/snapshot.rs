@@ -13,7 +13,9 @@ use http::HeaderValue;
 
 use crate::config::units::{parse_duration, parse_rate, parse_size};
 use crate::config::{parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, Problems};
-use crate::keys::{format, parse_sha256, validate_environment, validate_namespace, KeyRecord, Status, Store};
+use crate::keys::{
+    format, parse_sha256, validate_environment, validate_namespace, KeyRecord, Status, Store,
+};
 use crate::pipeline::client_ip::CidrSet;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
 use crate::pipeline::rate_limit::{KeyLimiter, Limiters, RatePolicy};
@@ -124,7 +126,9 @@ impl Snapshot {
 
     /// Every key's limiter, for [`Limiters::commit`].
     pub fn limiters(&self) -> impl Iterator<Item = (String, Arc<KeyLimiter>)> + '_ {
-        self.keys.values().filter_map(|k| k.limiter.clone().map(|l| (k.id.clone(), l)))
+        self.keys
+            .values()
+            .filter_map(|k| k.limiter.clone().map(|l| (k.id.clone(), l)))
     }
 
     /// Reads, parses and validates the config and its key store, reporting every problem.
@@ -132,27 +136,51 @@ impl Snapshot {
         let config_src = read_source(ctx.config_path)?;
         let config: Config = parse_yaml(ctx.config_path, &config_src)?;
         let keys_path = config.keys_path(ctx.config_path);
-        let mut config_problems = Problems::default();
-        let compiled = compile_config(&config, ctx, &mut config_problems);
-        let mut errors = Vec::new();
-        let keys = match Store::new(&keys_path).load() {
-            Ok((store, src)) => {
-                let mut key_problems = Problems::default();
-                let keys = compile_keys(&store.keys, &config, ctx.limiters, &mut key_problems);
-                errors.extend(key_problems.locate(&keys_path, &src));
-                keys
-            }
-            Err(e) => {
-                errors.extend(e);
-                KeyMap::default()
-            }
+        let store = Store::new(&keys_path).load();
+        let (records, store_src, mut errors) = match store {
+            Ok((file, src)) => (file.keys, src, Vec::new()),
+            Err(e) => (Vec::new(), String::new(), e),
         };
-        let mut all = config_problems.locate(ctx.config_path, &config_src);
-        all.extend(errors);
-        if !all.is_empty() {
-            return Err(all);
+        match Self::assemble(ctx, config, &records) {
+            Ok(snapshot) if errors.is_empty() => Ok(snapshot),
+            Ok(_) => Err(errors),
+            Err((config_problems, key_problems)) => {
+                let mut all = config_problems.locate(ctx.config_path, &config_src);
+                all.extend(key_problems.locate(&keys_path, &store_src));
+                all.append(&mut errors);
+                Err(all)
+            }
         }
-        let compiled = compiled.expect("no problems means the config compiled");
+    }
+
+    /// Builds a snapshot from a parsed config and key records, without reading files. Errors
+    /// carry paths but no line numbers, as there is no source text to find them in.
+    pub fn from_parts(
+        ctx: &BuildContext<'_>,
+        config: Config,
+        records: &[KeyRecord],
+    ) -> Result<Snapshot, Vec<ConfigError>> {
+        let keys_path = config.keys_path(ctx.config_path);
+        Self::assemble(ctx, config, records).map_err(|(c, k)| {
+            let mut all = c.locate(ctx.config_path, "");
+            all.extend(k.locate(&keys_path, ""));
+            all
+        })
+    }
+
+    fn assemble(
+        ctx: &BuildContext<'_>,
+        config: Config,
+        records: &[KeyRecord],
+    ) -> Result<Snapshot, (Problems, Problems)> {
+        let mut config_problems = Problems::default();
+        let mut key_problems = Problems::default();
+        let compiled = compile_config(&config, ctx, &mut config_problems);
+        let keys = compile_keys(records, &config, ctx.limiters, &mut key_problems);
+        let compiled = match compiled {
+            Some(c) if key_problems.is_empty() => c,
+            _ => return Err((config_problems, key_problems)),
+        };
         Ok(Snapshot {
             generation: ctx.generation,
             keys,
@@ -162,9 +190,9 @@ impl Snapshot {
             admin_tokens: compiled.admin_tokens,
             upstream: compiled.upstream,
             listeners: compiled.listeners,
+            keys_path: config.keys_path(ctx.config_path),
             config,
             config_path: ctx.config_path.to_path_buf(),
-            keys_path,
         })
     }
 }
@@ -177,11 +205,18 @@ struct CompiledConfig {
     listeners: ListenerSettings,
 }
 
-fn compile_config(config: &Config, ctx: &BuildContext<'_>, p: &mut Problems) -> Option<CompiledConfig> {
+fn compile_config(
+    config: &Config,
+    ctx: &BuildContext<'_>,
+    p: &mut Problems,
+) -> Option<CompiledConfig> {
     let addr = |text: &str, path: &str, p: &mut Problems| match text.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            p.push(path, format!("`{text}` is not an address such as 127.0.0.1:8080"));
+            p.push(
+                path,
+                format!("`{text}` is not an address such as 127.0.0.1:8080"),
+            );
             None
         }
     };
@@ -205,12 +240,32 @@ fn compile_config(config: &Config, ctx: &BuildContext<'_>, p: &mut Problems) -> 
             None
         }
     };
-    let header_read_timeout = duration(&config.limits.header_read_timeout, "limits.header_read_timeout", p);
+    let header_read_timeout = duration(
+        &config.limits.header_read_timeout,
+        "limits.header_read_timeout",
+        p,
+    );
     let max_header_size = size(&config.limits.max_header_size, "limits.max_header_size", p);
-    let max_request_body = size(&config.limits.max_request_body, "limits.max_request_body", p);
-    let connect_timeout = duration(&config.upstream.connect_timeout, "upstream.connect_timeout", p);
-    let response_timeout = duration(&config.upstream.response_timeout, "upstream.response_timeout", p);
-    let idle_timeout = duration(&config.upstream.pool_idle_timeout, "upstream.pool_idle_timeout", p);
+    let max_request_body = size(
+        &config.limits.max_request_body,
+        "limits.max_request_body",
+        p,
+    );
+    let connect_timeout = duration(
+        &config.upstream.connect_timeout,
+        "upstream.connect_timeout",
+        p,
+    );
+    let response_timeout = duration(
+        &config.upstream.response_timeout,
+        "upstream.response_timeout",
+        p,
+    );
+    let idle_timeout = duration(
+        &config.upstream.pool_idle_timeout,
+        "upstream.pool_idle_timeout",
+        p,
+    );
     if max_header_size.is_some_and(|n| !(8192..=16 << 20).contains(&n)) {
         p.push("limits.max_header_size", "must be between 8KiB and 16MiB");
     }
@@ -226,15 +281,23 @@ fn compile_config(config: &Config, ctx: &BuildContext<'_>, p: &mut Problems) -> 
     for (i, token) in config.admin_tokens.iter().enumerate() {
         let (name, hash, path) = match token {
             AdminTokenConfig::Hash(h) => (format!("token{i}"), h, format!("admin_tokens[{i}]")),
-            AdminTokenConfig::Named { name, hash } => (name.clone(), hash, format!("admin_tokens[{i}].hash")),
+            AdminTokenConfig::Named { name, hash } => {
+                (name.clone(), hash, format!("admin_tokens[{i}].hash"))
+            }
         };
         match parse_sha256(hash) {
             Ok(hash) => admin_tokens.push(AdminToken { name, hash }),
-            Err(e) => p.push(path, format!("{e}; store the SHA-256 of the token, never the token")),
+            Err(e) => p.push(
+                path,
+                format!("{e}; store the SHA-256 of the token, never the token"),
+            ),
         }
     }
     if let Some(hash) = ctx.env_admin_token {
-        admin_tokens.push(AdminToken { name: "env".into(), hash });
+        admin_tokens.push(AdminToken {
+            name: "env".into(),
+            hash,
+        });
     }
 
     for (name, ns) in &config.namespaces {
@@ -244,12 +307,18 @@ fn compile_config(config: &Config, ctx: &BuildContext<'_>, p: &mut Problems) -> 
         }
         if let Some(tier) = &ns.tier {
             if !config.tiers.contains_key(tier) {
-                p.push(format!("{path}.tier"), format!("`{tier}` is not one of the declared tiers"));
+                p.push(
+                    format!("{path}.tier"),
+                    format!("`{tier}` is not one of the declared tiers"),
+                );
             }
         }
         if let Some(prefix) = &ns.prefix {
             if !format::valid_prefix(&format!("{prefix}_live")) || prefix.contains('_') {
-                p.push(format!("{path}.prefix"), format!("`{prefix}` must be 1 to 27 of a-z and 0-9"));
+                p.push(
+                    format!("{path}.prefix"),
+                    format!("`{prefix}` must be 1 to 27 of a-z and 0-9"),
+                );
             }
         }
     }
@@ -265,7 +334,10 @@ fn compile_config(config: &Config, ctx: &BuildContext<'_>, p: &mut Problems) -> 
         }
         for ns in &raw.namespaces {
             if config.strict && !config.namespaces.contains_key(ns) {
-                p.push(format!("routes[{i}].namespaces"), format!("`{ns}` is not a declared namespace"));
+                p.push(
+                    format!("routes[{i}].namespaces"),
+                    format!("`{ns}` is not a declared namespace"),
+                );
             }
         }
     }
@@ -296,7 +368,12 @@ fn compile_config(config: &Config, ctx: &BuildContext<'_>, p: &mut Problems) -> 
     })
 }
 
-fn compile_keys(records: &[KeyRecord], config: &Config, limiters: &Limiters, p: &mut Problems) -> KeyMap {
+fn compile_keys(
+    records: &[KeyRecord],
+    config: &Config,
+    limiters: &Limiters,
+    p: &mut Problems,
+) -> KeyMap {
     let mut keys = KeyMap::with_capacity_and_hasher(records.len(), Default::default());
     let mut ids: HashSet<&str> = HashSet::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
@@ -324,12 +401,23 @@ fn compile_keys(records: &[KeyRecord], config: &Config, limiters: &Limiters, p: 
             }
         }
         if !format::valid_prefix(&r.prefix) {
-            bad("prefix", format!("`{}` is not a valid key prefix", r.prefix), p);
+            bad(
+                "prefix",
+                format!("`{}` is not a valid key prefix", r.prefix),
+                p,
+            );
         }
         if let Err(e) = validate_namespace(&r.namespace) {
             bad("namespace", e, p);
         } else if config.strict && !config.namespaces.contains_key(&r.namespace) {
-            bad("namespace", format!("`{}` is not declared, and the config is strict", r.namespace), p);
+            bad(
+                "namespace",
+                format!(
+                    "`{}` is not declared, and the config is strict",
+                    r.namespace
+                ),
+                p,
+            );
         }
         if let Err(e) = validate_environment(&r.environment) {
             bad("environment", e, p);
@@ -358,7 +446,10 @@ fn compile_keys(records: &[KeyRecord], config: &Config, limiters: &Limiters, p: 
                 None
             }
             (Some(text), burst) => match parse_rate(text) {
-                Ok(rate) => Some(RatePolicy { rate, burst: burst.unwrap_or(rate.count) }),
+                Ok(rate) => Some(RatePolicy {
+                    rate,
+                    burst: burst.unwrap_or(rate.count),
+                }),
                 Err(e) => {
                     bad("rate_limit", e, p);
                     None
@@ -381,7 +472,8 @@ fn compile_keys(records: &[KeyRecord], config: &Config, limiters: &Limiters, p: 
             HeaderValue::from_str(&r.namespace),
             HeaderValue::from_str(&r.environment),
         );
-        let (Some(hash), true, (Ok(id_header), Ok(namespace_header), Ok(environment_header))) = (hash, ok, headers)
+        let (Some(hash), true, (Ok(id_header), Ok(namespace_header), Ok(environment_header))) =
+            (hash, ok, headers)
         else {
             continue;
         };

@@ -17,7 +17,11 @@ use crate::server::Gateway;
 use crate::snapshot::AdminToken;
 
 /// Handles one admin request.
-pub async fn handle(gw: &Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+pub async fn handle(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ResponseBody> {
     match route(gw, &req).await {
         Ok(response) => response,
         Err(rejection) => {
@@ -27,7 +31,10 @@ pub async fn handle(gw: &Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr)
     }
 }
 
-async fn route(gw: &Arc<Gateway>, req: &Request<Incoming>) -> Result<Response<ResponseBody>, Rejection> {
+async fn route(
+    gw: &Arc<Gateway>,
+    req: &Request<Incoming>,
+) -> Result<Response<ResponseBody>, Rejection> {
     let path = req.uri().path();
     let method = req.method();
     match path {
@@ -39,9 +46,15 @@ async fn route(gw: &Arc<Gateway>, req: &Request<Incoming>) -> Result<Response<Re
             only(method, &Method::GET)?;
             let snapshot = gw.snapshot.load();
             return Ok(if gw.draining.load(Ordering::SeqCst) {
-                json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "draining"}))
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "draining"}),
+                )
             } else {
-                json(StatusCode::OK, &serde_json::json!({"status": "ready", "generation": snapshot.generation}))
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ready", "generation": snapshot.generation}),
+                )
             });
         }
         _ => {}
@@ -87,12 +100,17 @@ fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<String, Re
             found = Some(token);
         }
     }
-    found.map(|t| t.name.clone()).ok_or(Rejection::AdminUnauthorized)
+    found
+        .map(|t| t.name.clone())
+        .ok_or(Rejection::AdminUnauthorized)
 }
 
 /// Equality whose time does not depend on where the inputs differ.
 pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
 }
 
@@ -100,7 +118,9 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ResponseB
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(ResponseBody::full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -111,10 +131,21 @@ mod tests {
     #[test]
     fn admin_tokens_are_matched_by_hash() {
         let tokens = vec![
-            AdminToken { name: "ops".into(), hash: format::hash("s3cret") },
-            AdminToken { name: "ci".into(), hash: format::hash("other") },
+            AdminToken {
+                name: "ops".into(),
+                hash: format::hash("s3cret"),
+            },
+            AdminToken {
+                name: "ci".into(),
+                hash: format::hash("other"),
+            },
         ];
-        let req = |auth: &str| Request::builder().header(AUTHORIZATION, auth).body(()).unwrap();
+        let req = |auth: &str| {
+            Request::builder()
+                .header(AUTHORIZATION, auth)
+                .body(())
+                .unwrap()
+        };
         assert_eq!(authenticate(&tokens, &req("Bearer s3cret")).unwrap(), "ops");
         assert_eq!(authenticate(&tokens, &req("bearer other")).unwrap(), "ci");
         assert!(authenticate(&tokens, &req("Bearer s3cre")).is_err());

@@ -20,7 +20,10 @@ pub fn locate(src: &str, wanted: &[&str]) -> HashMap<String, (usize, usize)> {
         let at = (span.start.line(), span.start.col() + 1);
         match event {
             Event::Scalar(text, ..) => {
-                if let Some(Frame::Map { key: key @ None, .. }) = frames.last_mut() {
+                if let Some(Frame::Map {
+                    key: key @ None, ..
+                }) = frames.last_mut()
+                {
                     *key = Some(text.into_owned());
                     continue;
                 }
@@ -104,7 +107,13 @@ mod tests {
         let src = "listen:\n  proxy: 1.2.3.4:80\nroutes:\n  - path_prefix: /a\n    upstream: nope\n  - {path_prefix: /b, upstream: x}\n";
         let at = locate(
             src,
-            &["listen.proxy", "missing", "routes[0].upstream", "routes[1]", "routes[1].upstream"],
+            &[
+                "listen.proxy",
+                "missing",
+                "routes[0].upstream",
+                "routes[1]",
+                "routes[1].upstream",
+            ],
         );
         assert_eq!(at["listen.proxy"], (2, 10));
         assert_eq!(at["routes[0].upstream"], (5, 15));

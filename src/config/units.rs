@@ -22,7 +22,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GB" => 1_000_000_000,
         "GiB" => 1 << 30,
-        _ => return Err(format!("`{text}` is not a size (examples: 65536, 64KiB, 10MiB, 1GB)")),
+        _ => {
+            return Err(format!(
+                "`{text}` is not a size (examples: 65536, 64KiB, 10MiB, 1GB)"
+            ))
+        }
     };
     num.parse::<u64>()
         .ok()
@@ -56,7 +60,8 @@ impl std::fmt::Display for Rate {
 
 /// A rate such as `100/s`, `600/m` or `10000/h`.
 pub fn parse_rate(text: &str) -> Result<Rate, String> {
-    let bad = || format!("`{text}` is not a rate: write N/s, N/m or N/h with N from 1 to 4294967295");
+    let bad =
+        || format!("`{text}` is not a rate: write N/s, N/m or N/h with N from 1 to 4294967295");
     let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
     let count: u32 = count.trim().parse().map_err(|_| bad())?;
     if count == 0 {
@@ -77,7 +82,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("soon").unwrap_err().contains("`soon`"));
     }

@@ -52,8 +52,7 @@ pub fn parse(token: &str) -> Result<ParsedKey<'_>, FormatError> {
     if !valid_prefix(prefix) {
         return Err(FormatError::BadPrefix);
     }
-    if body.len() != RANDOM_LEN + CHECKSUM_LEN || !body.bytes().all(|b| b.is_ascii_alphanumeric())
-    {
+    if body.len() != RANDOM_LEN + CHECKSUM_LEN || !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(FormatError::BadBody);
     }
     let (signed, sum) = token.split_at(token.len() - CHECKSUM_LEN);
@@ -69,7 +68,9 @@ pub fn valid_prefix(prefix: &str) -> bool {
         && prefix.len() <= MAX_PREFIX_LEN
         && !prefix.starts_with('_')
         && !prefix.ends_with('_')
-        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// Makes a new key with `prefix` from the OS CSPRNG.
@@ -119,7 +120,11 @@ const CRC_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -129,7 +134,9 @@ const CRC_TABLE: [u32; 256] = {
 };
 
 fn crc32(data: &[u8]) -> u32 {
-    !data.iter().fold(!0u32, |c, &b| CRC_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8))
+    !data.iter().fold(!0u32, |c, &b| {
+        CRC_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8)
+    })
 }
 
 #[cfg(test)]
@@ -160,7 +167,11 @@ mod tests {
             let mut bytes = key.clone().into_bytes();
             bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
             let typo = String::from_utf8(bytes).unwrap();
-            assert_eq!(parse(&typo), Err(FormatError::BadChecksum), "typo at {i} slipped through");
+            assert_eq!(
+                parse(&typo),
+                Err(FormatError::BadChecksum),
+                "typo at {i} slipped through"
+            );
         }
     }
 

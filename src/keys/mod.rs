@@ -63,7 +63,12 @@ impl KeyRecord {
     pub fn effective_status(&self, now: i64) -> &'static str {
         match self.status {
             Status::Revoked => "revoked",
-            _ if self.expires_at.as_deref().and_then(|t| parse_rfc3339(t).ok()).is_some_and(|t| t <= now) => {
+            _ if self
+                .expires_at
+                .as_deref()
+                .and_then(|t| parse_rfc3339(t).ok())
+                .is_some_and(|t| t <= now) =>
+            {
                 "expired"
             }
             Status::Active => "active",
@@ -96,7 +101,10 @@ impl KeyRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("no key has id `{0}`")]
     NotFound(String),
     #[error("key `{0}` is revoked, and a revoked key cannot be changed")]
@@ -110,15 +118,25 @@ pub enum KeyError {
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
-    KeyError::Invalid { field, message: message.into() }
+    KeyError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 /// An environment name: 1 to 32 of `a-z 0-9`.
 pub fn validate_environment(env: &str) -> Result<(), String> {
-    if !env.is_empty() && env.len() <= 32 && env.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+    if !env.is_empty()
+        && env.len() <= 32
+        && env
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
         Ok(())
     } else {
-        Err(format!("`{env}` is not an environment name: use 1 to 32 of a-z and 0-9"))
+        Err(format!(
+            "`{env}` is not an environment name: use 1 to 32 of a-z and 0-9"
+        ))
     }
 }
 
@@ -127,11 +145,15 @@ pub fn validate_namespace(ns: &str) -> Result<(), String> {
     let ok = !ns.is_empty()
         && ns.len() <= 63
         && ns.as_bytes()[0].is_ascii_alphanumeric()
-        && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
-        Err(format!("`{ns}` is not a namespace name: use 1 to 63 of a-z, 0-9, `_` and `-`"))
+        Err(format!(
+            "`{ns}` is not a namespace name: use 1 to 63 of a-z, 0-9, `_` and `-`"
+        ))
     }
 }
 
@@ -174,7 +196,10 @@ impl NewKey {
         if config.strict && !config.namespaces.contains_key(&self.namespace) {
             return Err(invalid(
                 "namespace",
-                format!("`{}` is not declared in the config, which is strict", self.namespace),
+                format!(
+                    "`{}` is not declared in the config, which is strict",
+                    self.namespace
+                ),
             ));
         }
         validate_environment(&self.environment).map_err(|e| invalid("environment", e))?;
@@ -193,7 +218,10 @@ impl NewKey {
             _ => {}
         }
         if self.name.len() > 200 || self.name.chars().any(char::is_control) {
-            return Err(invalid("name", "must be at most 200 characters, with no control characters"));
+            return Err(invalid(
+                "name",
+                "must be at most 200 characters, with no control characters",
+            ));
         }
         if self.note.len() > 2000 {
             return Err(invalid("note", "must be at most 2000 characters"));
@@ -242,7 +270,9 @@ pub fn create(
         environment: new.environment,
         scopes: new.scopes,
         allowed_cidrs: new.allowed_cidrs,
-        rate_limit: new.rate_limit.map(|r| parse_rate(&r).map(|r| r.to_string()).unwrap_or(r)),
+        rate_limit: new
+            .rate_limit
+            .map(|r| parse_rate(&r).map(|r| r.to_string()).unwrap_or(r)),
         burst: new.burst,
         expires_at: expires_at.map(rfc3339),
         status: Status::Active,
@@ -346,7 +376,10 @@ mod tests {
         assert_eq!(prefix_for(&config, "x", "qa"), "kg_qa");
         config.namespaces.insert(
             "acme".into(),
-            crate::config::NamespaceConfig { tier: None, prefix: Some("acme".into()) },
+            crate::config::NamespaceConfig {
+                tier: None,
+                prefix: Some("acme".into()),
+            },
         );
         assert_eq!(prefix_for(&config, "acme", "production"), "acme_live");
     }
@@ -354,7 +387,10 @@ mod tests {
     #[test]
     fn sha256_text_round_trips() {
         let bytes = format::hash("k");
-        assert_eq!(parse_sha256(&format!("sha256:{}", hex(&bytes))).unwrap(), bytes);
+        assert_eq!(
+            parse_sha256(&format!("sha256:{}", hex(&bytes))).unwrap(),
+            bytes
+        );
         assert!(parse_sha256("sha256:xyz").is_err());
     }
 

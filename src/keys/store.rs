@@ -15,7 +15,7 @@ use super::KeyRecord;
 use crate::config::{parse_yaml, ConfigError};
 
 /// The store's document.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreFile {
     /// Format version; this build writes and reads 1.
@@ -23,6 +23,15 @@ pub struct StoreFile {
     pub version: u32,
     #[serde(default)]
     pub keys: Vec<KeyRecord>,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        StoreFile {
+            version: current_version(),
+            keys: Vec::new(),
+        }
+    }
 }
 
 fn current_version() -> u32 {
@@ -62,7 +71,10 @@ impl Store {
         if file.version != 1 {
             return Err(vec![ConfigError::whole_file(
                 &self.path,
-                format!("store version {} is not supported by this keygate (1)", file.version),
+                format!(
+                    "store version {} is not supported by this keygate (1)",
+                    file.version
+                ),
             )]);
         }
         Ok((file, src))
@@ -75,7 +87,11 @@ impl Store {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(lock_path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lock_path)?;
         file.lock()?;
         Ok(StoreLock { _file: file })
     }
@@ -88,14 +104,21 @@ impl Store {
             _ => PathBuf::from("."),
         };
         let name = self.path.file_name().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "the key store path has no file name")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the key store path has no file name",
+            )
         })?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = dir.join(tmp_name);
         let result = (|| {
-            let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
             drop(f);

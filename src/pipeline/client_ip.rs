@@ -75,7 +75,9 @@ pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &CidrSet) -> IpAddr {
         .take(MAX_FORWARDED_HOPS);
     for entry in entries {
         // An entry that cannot be read ends the trust: the hop that wrote it is the client.
-        let Some(ip) = parse_forwarded_entry(entry) else { break };
+        let Some(ip) = parse_forwarded_entry(entry) else {
+            break;
+        };
         client = ip;
         if !trusted.contains(ip) {
             break;
@@ -91,7 +93,12 @@ fn parse_forwarded_entry(raw: &[u8]) -> Option<IpAddr> {
         return Some(ip.to_canonical());
     }
     if let Some(rest) = text.strip_prefix('[') {
-        return rest.split_once(']')?.0.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        return rest
+            .split_once(']')?
+            .0
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| ip.to_canonical());
     }
     let (host, port) = text.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
@@ -104,7 +111,14 @@ mod tests {
     use http::HeaderValue;
 
     fn set(entries: &[&str]) -> CidrSet {
-        CidrSet::parse(entries.iter().map(|s| s.to_string()).collect::<Vec<_>>().iter()).unwrap()
+        CidrSet::parse(
+            entries
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .iter(),
+        )
+        .unwrap()
     }
 
     fn xff(values: &[&str]) -> HeaderMap {
@@ -158,12 +172,21 @@ mod tests {
         let h = xff(&["6.6.6.6, 198.51.100.4", "10.0.0.2"]);
         assert_eq!(resolve(peer, &h, &trusted), ip("198.51.100.4"));
         // All trusted: the left-most entry is as far as we can see.
-        assert_eq!(resolve(peer, &xff(&["10.1.1.1, 10.2.2.2"]), &trusted), ip("10.1.1.1"));
+        assert_eq!(
+            resolve(peer, &xff(&["10.1.1.1, 10.2.2.2"]), &trusted),
+            ip("10.1.1.1")
+        );
         // No header: the peer itself.
         assert_eq!(resolve(peer, &HeaderMap::new(), &trusted), peer);
         // Ports and brackets are understood.
-        assert_eq!(resolve(peer, &xff(&["[2001:db8::5]:443"]), &trusted), ip("2001:db8::5"));
-        assert_eq!(resolve(peer, &xff(&["198.51.100.4:1234"]), &trusted), ip("198.51.100.4"));
+        assert_eq!(
+            resolve(peer, &xff(&["[2001:db8::5]:443"]), &trusted),
+            ip("2001:db8::5")
+        );
+        assert_eq!(
+            resolve(peer, &xff(&["198.51.100.4:1234"]), &trusted),
+            ip("198.51.100.4")
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ pub fn extract(headers: &HeaderMap, allow_x_api_key: bool) -> Result<&str, Rejec
 /// The key a token names: format check, then SHA-256, then one map lookup.
 pub fn identify<'s>(snapshot: &'s Snapshot, token: &str) -> Result<&'s KeyEntry, Rejection> {
     format::parse(token).map_err(|_| Rejection::MalformedKey)?;
-    snapshot.key_by_hash(&format::hash(token)).ok_or(Rejection::UnknownKey)
+    snapshot
+        .key_by_hash(&format::hash(token))
+        .ok_or(Rejection::UnknownKey)
 }
 
 #[cfg(test)]
@@ -58,24 +60,48 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
 
     #[test]
     fn bearer_is_read_case_insensitively() {
-        assert_eq!(extract(&headers(&[("authorization", "Bearer abc")]), false).unwrap(), "abc");
-        assert_eq!(extract(&headers(&[("authorization", "bearer  abc ")]), false).unwrap(), "abc");
+        assert_eq!(
+            extract(&headers(&[("authorization", "Bearer abc")]), false).unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            extract(&headers(&[("authorization", "bearer  abc ")]), false).unwrap(),
+            "abc"
+        );
     }
 
     #[test]
     fn missing_and_malformed_are_told_apart() {
-        assert!(matches!(extract(&HeaderMap::new(), false), Err(Rejection::MissingKey)));
-        assert!(matches!(extract(&headers(&[("authorization", "Bearer ")]), false), Err(Rejection::MissingKey)));
-        assert!(matches!(extract(&headers(&[("authorization", "Basic abc")]), false), Err(Rejection::MalformedKey)));
-        assert!(matches!(extract(&headers(&[("authorization", "Bearer")]), false), Err(Rejection::MissingKey)));
-        assert!(matches!(extract(&headers(&[("authorization", "abc")]), false), Err(Rejection::MalformedKey)));
+        assert!(matches!(
+            extract(&HeaderMap::new(), false),
+            Err(Rejection::MissingKey)
+        ));
+        assert!(matches!(
+            extract(&headers(&[("authorization", "Bearer ")]), false),
+            Err(Rejection::MissingKey)
+        ));
+        assert!(matches!(
+            extract(&headers(&[("authorization", "Basic abc")]), false),
+            Err(Rejection::MalformedKey)
+        ));
+        assert!(matches!(
+            extract(&headers(&[("authorization", "Bearer")]), false),
+            Err(Rejection::MissingKey)
+        ));
+        assert!(matches!(
+            extract(&headers(&[("authorization", "abc")]), false),
+            Err(Rejection::MalformedKey)
+        ));
         let two = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
         assert!(matches!(extract(&two, false), Err(Rejection::MalformedKey)));
     }

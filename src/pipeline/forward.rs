@@ -87,7 +87,10 @@ impl RequestIds {
         let mut seed = [0u8; 8];
         // Without OS randomness the ids are still unique within this process.
         let _ = getrandom::fill(&mut seed);
-        RequestIds { prefix: u64::from_le_bytes(seed), counter: AtomicU64::new(0) }
+        RequestIds {
+            prefix: u64::from_le_bytes(seed),
+            counter: AtomicU64::new(0),
+        }
     }
 
     pub fn next(&self) -> HeaderValue {
@@ -117,7 +120,9 @@ fn write_hex(out: &mut [u8], mut n: u64) {
 pub fn trusted_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     let v = headers.get(X_REQUEST_ID)?;
     let ok = (1..=128).contains(&v.len())
-        && v.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+        && v.as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
     ok.then(|| v.clone())
 }
 
@@ -155,11 +160,12 @@ pub async fn forward(
 
     let path = f.normalized_path.unwrap_or(parts.uri.path());
     let path_and_query = route.upstream_path(path, parts.uri.query());
-    let client_host = parts
-        .headers
-        .get(HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let client_host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     parts.uri = Uri::builder()
         .scheme(route.upstream.scheme.clone())
         .authority(route.upstream.authority.clone())
@@ -195,17 +201,20 @@ pub async fn forward(
     }
 
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body));
-    let response = match tokio::time::timeout(route.response_timeout, client.client.request(upstream_req)).await {
-        Err(_) => return Err(Rejection::UpstreamTimeout),
-        Ok(Err(e)) => {
-            if caused_by_body_limit(&e) {
-                return Err(Rejection::BodyTooLarge);
+    let response =
+        match tokio::time::timeout(route.response_timeout, client.client.request(upstream_req))
+            .await
+        {
+            Err(_) => return Err(Rejection::UpstreamTimeout),
+            Ok(Err(e)) => {
+                if caused_by_body_limit(&e) {
+                    return Err(Rejection::BodyTooLarge);
+                }
+                tracing::debug!(route = %route.name, error = %e, "upstream request failed");
+                return Err(Rejection::UpstreamUnavailable);
             }
-            tracing::debug!(route = %route.name, error = %e, "upstream request failed");
-            return Err(Rejection::UpstreamUnavailable);
-        }
-        Ok(Ok(response)) => response,
-    };
+            Ok(Ok(response)) => response,
+        };
 
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
@@ -249,11 +258,19 @@ fn remove_keygate_headers(headers: &mut HeaderMap) {
 fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, peer_trusted: bool) {
     let peer = peer.to_string();
     let chain: Vec<&str> = if peer_trusted {
-        headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
+        headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
     } else {
         Vec::new()
     };
-    let value = if chain.is_empty() { peer } else { format!("{}, {peer}", chain.join(", ")) };
+    let value = if chain.is_empty() {
+        peer
+    } else {
+        format!("{}, {peer}", chain.join(", "))
+    };
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
@@ -266,7 +283,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));

@@ -59,9 +59,12 @@ impl KeyLimiter {
         let quota = Quota::with_period(policy.interval())
             .expect("a rate's interval is never zero")
             .allow_burst(burst);
-        let policy_header =
-            HeaderValue::from_str(&format!("\"key\";q={};w={}", policy.burst, policy.window_secs()))
-                .expect("digits are a valid header");
+        let policy_header = HeaderValue::from_str(&format!(
+            "\"key\";q={};w={}",
+            policy.burst,
+            policy.window_secs()
+        ))
+        .expect("digits are a valid header");
         KeyLimiter {
             policy,
             gcra: RateLimiter::direct_with_clock(quota, clock.clone())
@@ -145,7 +148,10 @@ pub struct Limiters {
 
 impl Limiters {
     pub fn new(clock: Clock) -> Self {
-        Limiters { clock, by_id: Mutex::new(HashMap::new()) }
+        Limiters {
+            clock,
+            by_id: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The limiter for a key: its current one when the policy is unchanged, else a fresh
@@ -171,7 +177,13 @@ mod tests {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     fn policy(count: u32, per: u64, burst: u32) -> RatePolicy {
-        RatePolicy { rate: Rate { count, per: Duration::from_secs(per) }, burst }
+        RatePolicy {
+            rate: Rate {
+                count,
+                per: Duration::from_secs(per),
+            },
+            burst,
+        }
     }
 
     #[test]
@@ -208,7 +220,13 @@ mod tests {
         let limiters = Limiters::new(clock);
         let a = limiters.limiter_for("k1", policy(1, 60, 1));
         limiters.commit([("k1".to_string(), a.clone())].into_iter());
-        assert!(Arc::ptr_eq(&a, &limiters.limiter_for("k1", policy(1, 60, 1))));
-        assert!(!Arc::ptr_eq(&a, &limiters.limiter_for("k1", policy(2, 60, 2))));
+        assert!(Arc::ptr_eq(
+            &a,
+            &limiters.limiter_for("k1", policy(1, 60, 1))
+        ));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &limiters.limiter_for("k1", policy(2, 60, 2))
+        ));
     }
 }

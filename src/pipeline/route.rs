@@ -54,7 +54,10 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(mut routes: Vec<Route>) -> Self {
         routes.sort_by(|a, b| {
-            b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len()))
+            b.host
+                .is_some()
+                .cmp(&a.host.is_some())
+                .then(b.prefix.len().cmp(&a.prefix.len()))
         });
         RouteTable { routes }
     }
@@ -70,7 +73,9 @@ impl RouteTable {
     /// The route for a host (from `Host` or the URI) and a normalised path.
     pub fn select(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         let host = host.map(strip_port);
-        self.routes.iter().find(|r| r.matches_host(host) && prefix_matches(&r.prefix, path))
+        self.routes
+            .iter()
+            .find(|r| r.matches_host(host) && prefix_matches(&r.prefix, path))
     }
 }
 
@@ -82,7 +87,8 @@ impl Route {
             (Some(HostMatch::Exact(want)), Some(h)) => want.eq_ignore_ascii_case(h),
             (Some(HostMatch::Suffix(suffix)), Some(h)) => {
                 h.len() > suffix.len()
-                    && h.as_bytes()[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                    && h.as_bytes()[h.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
             }
         }
     }
@@ -125,13 +131,21 @@ impl Route {
         let host = match raw.host.as_deref().map(str::trim) {
             None => None,
             Some(h) if h.is_empty() || h.contains(['/', ' ', ':']) => {
-                bad("host", format!("`{h}` is not a host name (no scheme, port or path)"));
+                bad(
+                    "host",
+                    format!("`{h}` is not a host name (no scheme, port or path)"),
+                );
                 None
             }
             Some(h) => Some(match h.strip_prefix('*') {
-                Some(suffix) if suffix.starts_with('.') => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                Some(suffix) if suffix.starts_with('.') => {
+                    HostMatch::Suffix(suffix.to_ascii_lowercase())
+                }
                 Some(_) => {
-                    bad("host", format!("`{h}`: a wildcard host must look like `*.example.com`"));
+                    bad(
+                        "host",
+                        format!("`{h}`: a wildcard host must look like `*.example.com`"),
+                    );
                     HostMatch::Exact(String::new())
                 }
                 None => HostMatch::Exact(h.to_ascii_lowercase()),
@@ -142,7 +156,10 @@ impl Route {
             bad("path_prefix", format!("`{prefix}` must start with `/`"));
             String::from("/")
         } else if normalize_path(prefix).map(|p| p != prefix).unwrap_or(true) {
-            bad("path_prefix", format!("`{prefix}` must be a plain path (no `.`, `..` or encoded slashes)"));
+            bad(
+                "path_prefix",
+                format!("`{prefix}` must be a plain path (no `.`, `..` or encoded slashes)"),
+            );
             String::from("/")
         } else {
             match prefix.trim_end_matches('/') {
@@ -217,12 +234,21 @@ pub struct RouteDefaults {
 
 fn parse_upstream(text: &str) -> Result<Upstream, String> {
     let bad = |why: &str| format!("`{text}` is not an upstream URL: {why}");
-    let uri: http::Uri = text.trim().parse().map_err(|_| bad("write http://host:port[/path]"))?;
-    let scheme = uri.scheme().cloned().ok_or_else(|| bad("it needs http://"))?;
+    let uri: http::Uri = text
+        .trim()
+        .parse()
+        .map_err(|_| bad("write http://host:port[/path]"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| bad("it needs http://"))?;
     if scheme != Scheme::HTTP {
         return Err(bad("only http:// upstreams are supported"));
     }
-    let authority = uri.authority().cloned().ok_or_else(|| bad("it needs a host"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| bad("it needs a host"))?;
     if authority.as_str().contains('@') {
         return Err(bad("credentials in the URL are not supported"));
     }
@@ -267,7 +293,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Rejection> {
             b'%' => {
                 let hex = bytes.get(i + 1..i + 3).ok_or(Rejection::InvalidPath)?;
                 match hex {
-                    [b'2', b'f' | b'F'] | [b'5', b'c' | b'C'] => return Err(Rejection::InvalidPath),
+                    [b'2', b'f' | b'F'] | [b'5', b'c' | b'C'] => {
+                        return Err(Rejection::InvalidPath)
+                    }
                     [b'2', b'e' | b'E'] => suspicious = true,
                     [a, b] if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => {}
                     _ => return Err(Rejection::InvalidPath),
@@ -332,7 +360,10 @@ mod tests {
             response_timeout: None,
             max_request_body: None,
         };
-        let defaults = RouteDefaults { response_timeout: Duration::from_secs(1), max_request_body: 1 };
+        let defaults = RouteDefaults {
+            response_timeout: Duration::from_secs(1),
+            max_request_body: 1,
+        };
         let mut p = Problems::default();
         Route::compile(&raw, "routes[0]", &defaults, &mut p).expect("valid route")
     }
@@ -345,11 +376,15 @@ mod tests {
             route(Some("api.example.com"), "/", "http://c:1"),
             route(Some("*.example.org"), "/", "http://d:1"),
         ]);
-        let up = |h: Option<&str>, p: &str| table.select(h, p).map(|r| r.upstream.authority.to_string());
+        let up =
+            |h: Option<&str>, p: &str| table.select(h, p).map(|r| r.upstream.authority.to_string());
         assert_eq!(up(None, "/v1/x").as_deref(), Some("b:1"));
         assert_eq!(up(None, "/v1").as_deref(), Some("b:1"));
         assert_eq!(up(None, "/v10").as_deref(), Some("a:1"));
-        assert_eq!(up(Some("API.example.com:8080"), "/v1/x").as_deref(), Some("c:1"));
+        assert_eq!(
+            up(Some("API.example.com:8080"), "/v1/x").as_deref(),
+            Some("c:1")
+        );
         assert_eq!(up(Some("x.example.org"), "/").as_deref(), Some("d:1"));
         assert_eq!(up(Some("example.org"), "/").as_deref(), Some("a:1"));
         let only_v1 = RouteTable::new(vec![route(None, "/v1/", "http://b:1")]);
@@ -359,7 +394,10 @@ mod tests {
     #[test]
     fn upstream_paths() {
         let mut r = route(None, "/v1", "http://up:9/base/");
-        assert_eq!(r.upstream_path("/v1/users", Some("a=1")), "/base/v1/users?a=1");
+        assert_eq!(
+            r.upstream_path("/v1/users", Some("a=1")),
+            "/base/v1/users?a=1"
+        );
         r.strip_prefix = true;
         assert_eq!(r.upstream_path("/v1/users", None), "/base/users");
         assert_eq!(r.upstream_path("/v1", None), "/base/");
@@ -380,7 +418,10 @@ mod tests {
             response_timeout: Some("soon".into()),
             max_request_body: Some("big".into()),
         };
-        let defaults = RouteDefaults { response_timeout: Duration::from_secs(1), max_request_body: 1 };
+        let defaults = RouteDefaults {
+            response_timeout: Duration::from_secs(1),
+            max_request_body: 1,
+        };
         let mut p = Problems::default();
         assert!(Route::compile(&raw, "routes[3]", &defaults, &mut p).is_none());
         let errs = p.locate(std::path::Path::new("x"), "");
@@ -402,14 +443,19 @@ mod tests {
     #[test]
     fn paths_are_normalised() {
         assert_eq!(normalize_path("/v1/users").unwrap(), "/v1/users");
-        assert!(matches!(normalize_path("/v1/users").unwrap(), Cow::Borrowed(_)));
+        assert!(matches!(
+            normalize_path("/v1/users").unwrap(),
+            Cow::Borrowed(_)
+        ));
         assert_eq!(normalize_path("/v1/../admin").unwrap(), "/admin");
         assert_eq!(normalize_path("/v1/%2e%2E/admin").unwrap(), "/admin");
         assert_eq!(normalize_path("/v1/./x/.").unwrap(), "/v1/x/");
         assert_eq!(normalize_path("/../../etc").unwrap(), "/etc");
         assert_eq!(normalize_path("/v1/..").unwrap(), "/");
         assert_eq!(normalize_path("/v1/.hidden").unwrap(), "/v1/.hidden");
-        for bad in ["v1", "*", "/a%2Fb", "/a%2fb", "/a%5Cb", "/a\\b", "/a%zz", "/a%2"] {
+        for bad in [
+            "v1", "*", "/a%2Fb", "/a%2fb", "/a%5Cb", "/a\\b", "/a%zz", "/a%2",
+        ] {
             assert!(normalize_path(bad).is_err(), "{bad} should be refused");
         }
     }

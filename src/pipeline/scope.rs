@@ -57,7 +57,11 @@ impl Scope {
             }
         };
         if filter == "*" || filter == "**" {
-            return Ok(Scope { action, segments: Vec::new(), open: true });
+            return Ok(Scope {
+                action,
+                segments: Vec::new(),
+                open: true,
+            });
         }
         let rest = filter.strip_prefix('/').ok_or_else(|| {
             format!("the filter in `{text}` must be `*` or a path starting with `/`")
@@ -75,11 +79,17 @@ impl Scope {
                         "in `{text}`, `*` must be a whole segment (`/v1/*/items`, not `/v1/a*`)"
                     ))
                 }
-                "." | ".." => return Err(format!("in `{text}`, `.` and `..` segments never match")),
+                "." | ".." => {
+                    return Err(format!("in `{text}`, `.` and `..` segments never match"))
+                }
                 p => segments.push(Segment::Literal(p.to_string())),
             }
         }
-        Ok(Scope { action, segments, open })
+        Ok(Scope {
+            action,
+            segments,
+            open,
+        })
     }
 
     /// Whether this scope lets `action` reach `path` (normalised, without the query).
@@ -139,7 +149,11 @@ mod tests {
     fn single_star_is_one_non_empty_segment() {
         assert!(allows("read:/v1/*/orders", Method::GET, "/v1/42/orders"));
         assert!(!allows("read:/v1/*/orders", Method::GET, "/v1//orders"));
-        assert!(!allows("read:/v1/*/orders", Method::GET, "/v1/42/43/orders"));
+        assert!(!allows(
+            "read:/v1/*/orders",
+            Method::GET,
+            "/v1/42/43/orders"
+        ));
         assert!(!allows("read:/v1/*", Method::GET, "/v1/"));
         assert!(!allows("read:/v1/users", Method::GET, "/v1/users/"));
     }
@@ -155,8 +169,16 @@ mod tests {
         assert!(allows("write:*", Method::GET, "/x"));
         assert!(allows("write:*", Method::PATCH, "/x"));
         assert!(!allows("read:*", Method::POST, "/x"));
-        assert!(!allows("write:*", Method::from_bytes(b"PURGE").unwrap(), "/x"));
-        assert!(allows("admin:*", Method::from_bytes(b"PURGE").unwrap(), "/x"));
+        assert!(!allows(
+            "write:*",
+            Method::from_bytes(b"PURGE").unwrap(),
+            "/x"
+        ));
+        assert!(allows(
+            "admin:*",
+            Method::from_bytes(b"PURGE").unwrap(),
+            "/x"
+        ));
         assert!(allows("*:*", Method::TRACE, "/x"));
         assert!(allows("read:*", Method::HEAD, "/x") && allows("read:*", Method::OPTIONS, "/x"));
     }

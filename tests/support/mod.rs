@@ -1,0 +1,384 @@
+//! Test support: a real upstream HTTP server and the real gateway, both on 127.0.0.1:0, and a
+//! small HTTP client. Nothing here is mocked: requests cross real sockets.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use keygate::clock::Clock;
+use keygate::config::Config;
+use keygate::keys::{self, KeyRecord, NewKey, Store};
+use keygate::server::{self, Gateway, Running};
+
+/// What the upstream saw of the last request it answered.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body_bytes: u64,
+}
+
+/// A real upstream. Paths decide what it does:
+/// - a path containing `/slow` never answers (the gateway's timeout must);
+/// - `/big/N` streams N bytes back;
+/// - anything else reads the whole body (streaming, counting) and answers 200 with JSON.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    pub last: Arc<Mutex<Option<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let last = Arc::new(Mutex::new(None));
+        let (h, l) = (hits.clone(), last.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (h, l) = (h.clone(), l.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let (h, l) = (h.clone(), l.clone());
+                        async move { Ok::<_, Infallible>(answer(req, h, l).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, hits, last }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn last(&self) -> Seen {
+        self.last
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the upstream saw a request")
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    req: Request<Incoming>,
+    hits: Arc<AtomicU64>,
+    last: Arc<Mutex<Option<Seen>>>,
+) -> Response<UpBody> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let (parts, mut body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    if path.contains("/slow") {
+        std::future::pending::<()>().await;
+    }
+    let mut body_bytes = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        body_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+    }
+    *last.lock().unwrap() = Some(Seen {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: parts.headers.clone(),
+        body_bytes,
+    });
+    if let Some(n) = path
+        .strip_prefix("/big/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        return Response::new(BodyExt::boxed(stream_of(n)));
+    }
+    let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from(format!(
+        "{{\"body_bytes\":{body_bytes}}}"
+    )))));
+    response
+        .headers_mut()
+        .insert("keep-alive", "timeout=5".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("x-upstream", "yes".parse().unwrap());
+    response
+}
+
+/// A body of `n` bytes made 64 KiB at a time, never held whole.
+pub fn stream_of(
+    n: u64,
+) -> StreamBody<impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let mut left = n;
+    StreamBody::new(futures_stream(move || {
+        if left == 0 {
+            return None;
+        }
+        let take = left.min(chunk.len() as u64);
+        left -= take;
+        Some(Ok(Frame::data(chunk.slice(..take as usize))))
+    }))
+}
+
+/// A stream from a closure, without pulling in a futures crate.
+fn futures_stream<T>(
+    mut next: impl FnMut() -> Option<T> + Unpin,
+) -> impl futures_core::Stream<Item = T> {
+    struct S<F>(F);
+    impl<T, F: FnMut() -> Option<T> + Unpin> futures_core::Stream for S<F> {
+        type Item = T;
+        fn poll_next(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            std::task::Poll::Ready((self.get_mut().0)())
+        }
+    }
+    S(move || next())
+}
+
+/// A gateway running in this process on a fake clock, with its own config folder.
+pub struct TestGateway {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub clock: Clock,
+    pub running: Option<Running>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_token: String,
+}
+
+/// The admin token every test config accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token-please-ignore";
+
+/// A config with the given routes YAML (a list under `routes:`) and extra top-level YAML.
+pub fn config_yaml(routes: &str, extra: &str) -> String {
+    format!(
+        "listen:\n  proxy: 127.0.0.1:0\n  admin: 127.0.0.1:0\nkeys_file: keys.yaml\nadmin_tokens:\n  - {{name: tests, hash: \"sha256:{}\"}}\nroutes:\n{routes}\n{extra}\n",
+        keys::hex(&keys::format::hash(ADMIN_TOKEN))
+    )
+}
+
+/// One route to `upstream` for `environment`, with extra route keys.
+pub fn route(prefix: &str, upstream: SocketAddr, environment: &str, extra: &str) -> String {
+    let mut r = format!("  - path_prefix: {prefix}\n    upstream: http://{upstream}\n    environment: {environment}\n");
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        r.push_str(&format!("    {}\n", line.trim()));
+    }
+    r
+}
+
+impl TestGateway {
+    pub async fn start(config: &str) -> TestGateway {
+        Self::start_with(config, true).await
+    }
+
+    pub async fn start_with(config: &str, watch: bool) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("keygate.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let clock = Clock::fake(SystemTime::now());
+        let gateway =
+            Gateway::new(&config_path, clock.clone()).unwrap_or_else(|e| panic!("config: {e:?}"));
+        let running = server::start(gateway, watch).await.unwrap();
+        TestGateway {
+            proxy: running.proxy_addr,
+            admin: running.admin_addr,
+            dir,
+            config_path,
+            clock,
+            running: Some(running),
+            admin_token: ADMIN_TOKEN.to_string(),
+        }
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.running.as_ref().unwrap().gateway
+    }
+
+    pub fn store(&self) -> Store {
+        let config = Config::load(&self.config_path).unwrap();
+        Store::new(config.keys_path(&self.config_path))
+    }
+
+    pub fn keys_path(&self) -> PathBuf {
+        self.dir.path().join("keys.yaml")
+    }
+
+    /// Creates a key the way the CLI does, then reloads so the test need not wait for the
+    /// file watch.
+    pub async fn create_key(&self, new: NewKey) -> (KeyRecord, String) {
+        let config = Config::load(&self.config_path).unwrap();
+        let made = keys::create(&self.store(), &config, new, self.clock.unix_secs()).unwrap();
+        self.reload().await;
+        made
+    }
+
+    pub async fn reload(&self) -> (StatusCode, serde_json::Value) {
+        let r = send(Req::post(self.admin, "/v1/reload").bearer(ADMIN_TOKEN)).await;
+        (r.status, r.json())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+pub fn new_key(namespace: &str, environment: &str) -> NewKey {
+    NewKey {
+        namespace: namespace.into(),
+        environment: environment.into(),
+        ..NewKey::default()
+    }
+}
+
+/// A request under construction.
+pub struct Req {
+    pub method: http::Method,
+    pub addr: SocketAddr,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub http2: bool,
+}
+
+impl Req {
+    pub fn get(addr: SocketAddr, path: &str) -> Req {
+        Req {
+            method: http::Method::GET,
+            addr,
+            path: path.into(),
+            headers: vec![],
+            body: Bytes::new(),
+            http2: false,
+        }
+    }
+    pub fn post(addr: SocketAddr, path: &str) -> Req {
+        Req {
+            method: http::Method::POST,
+            ..Req::get(addr, path)
+        }
+    }
+    pub fn method(mut self, m: &str) -> Req {
+        self.method = m.parse().unwrap();
+        self
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Req {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+    pub fn bearer(self, key: &str) -> Req {
+        self.header("authorization", &format!("Bearer {key}"))
+    }
+    pub fn body(mut self, b: impl Into<Bytes>) -> Req {
+        self.body = b.into();
+        self
+    }
+    pub fn h2(mut self) -> Req {
+        self.http2 = true;
+        self
+    }
+}
+
+/// An answer, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_string()
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+pub async fn send(req: Req) -> Answer {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(req.http2)
+        .build_http();
+    let mut builder = Request::builder()
+        .method(req.method)
+        .uri(format!("http://{}{}", req.addr, req.path));
+    for (k, v) in &req.headers {
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.request(builder.body(Full::new(req.body)).unwrap()),
+    )
+    .await
+    .expect("the gateway answers within 20s")
+    .expect("the request is sent");
+    let version = response.version();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        version,
+    }
+}
+
+/// Polls `check` every 50 ms for up to `limit`; true once it holds.
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The path of the built `keygate` binary.
+pub fn keygate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keygate")
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
