@@ -1,5 +1,6 @@
 //! The `keygate` binary: parse the command line, set up logging, hand over to [`keygate::cli`].
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
                 .unwrap_or_else(|_| "info".into()),

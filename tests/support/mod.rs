@@ -2,6 +2,8 @@
 //! small HTTP client. Nothing here is mocked: requests cross real sockets.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,280 @@
+//! The `keygate` command line as a user types it.
+
+mod support;
+
+use std::path::Path;
+
+use support::process::run;
+use support::*;
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = route("/", "127.0.0.1:9".parse().unwrap(), "production", "");
+    write(
+        &dir.path().join("keygate.yaml"),
+        &config_yaml(&routes, "tiers:\n  pro: {max_keys: 10}\nnamespaces:\n  acme: {tier: pro}\n  globex: {prefix: globex}"),
+    );
+    dir
+}
+
+fn keygate(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["--config", "keygate.yaml"];
+    all.extend_from_slice(args);
+    run(&all, dir)
+}
+
+fn create(dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--namespace",
+        "acme",
+        "--environment",
+        "production",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = keygate(dir, &args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn create_prints_the_secret_once_and_stores_only_its_hash() {
+    let dir = setup();
+    let v = create(
+        dir.path(),
+        &[
+            "--scope",
+            "read:/v1/**",
+            "--allow-cidr",
+            "10.0.0.0/8",
+            "--rate-limit",
+            "100/s",
+            "--burst",
+            "200",
+            "--expires",
+            "30d",
+            "--name",
+            "ci",
+            "--note",
+            "deploys",
+        ],
+    );
+    let key = v["key"].as_str().unwrap();
+    assert!(key.starts_with("kg_live_"), "{key}");
+    keygate::keys::format::parse(key).expect("a well-formed key");
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(id.len(), 8);
+    assert_eq!(v["scopes"][0], "read:/v1/**");
+    assert_eq!(v["allowed_cidrs"][0], "10.0.0.0/8");
+    assert_eq!(v["rate_limit"], "100/s");
+    assert_eq!(v["burst"], 200);
+    assert_eq!(v["status"], "active");
+    assert!(v["expires_at"].as_str().unwrap().ends_with('Z'));
+    let store = std::fs::read_to_string(dir.path().join("keys.yaml")).unwrap();
+    assert!(!store.contains(key), "the secret must never be stored");
+    let hash = keygate::keys::hex(&keygate::keys::format::hash(key));
+    assert!(store.contains(&format!("sha256:{hash}")));
+    assert!(id == &hash[..8]);
+
+    // show and list never print the secret.
+    let (code, out, _) = keygate(dir.path(), &["keys", "show", id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("read:/v1/**") && out.contains("100/s, burst 200") && !out.contains(key));
+    let (_, out, _) = keygate(dir.path(), &["keys", "list"]);
+    assert!(
+        out.contains(id) && out.contains("kg_live") && out.contains("ci") && !out.contains(key)
+    );
+    // Human output of create says the secret is shown once.
+    let (code, out, _) = keygate(
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--namespace",
+            "globex",
+            "--environment",
+            "staging",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("globex_test_"), "{out}");
+    assert!(out.contains("only time"), "{out}");
+}
+
+#[test]
+fn lifecycle_disable_enable_revoke() {
+    let dir = setup();
+    let id = create(dir.path(), &[])["id"].as_str().unwrap().to_string();
+    let status = |filter: &str| {
+        let (_, out, _) = keygate(dir.path(), &["keys", "list", "--status", filter, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(status("active"), [id.clone()]);
+    assert_eq!(keygate(dir.path(), &["keys", "disable", &id]).0, 0);
+    assert_eq!(status("inactive"), [id.clone()]);
+    assert!(status("active").is_empty());
+    assert_eq!(keygate(dir.path(), &["keys", "enable", &id]).0, 0);
+    assert_eq!(status("active"), [id.clone()]);
+    let (code, out, _) = keygate(dir.path(), &["keys", "revoke", &id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("revoked"));
+    assert_eq!(status("revoked"), [id.clone()]);
+    assert!(status("all").contains(&id));
+    let (_, out, _) = keygate(dir.path(), &["keys", "list", "--json"]);
+    assert!(!out.contains(&id), "revoked keys leave the default list");
+    let (code, _, err) = keygate(dir.path(), &["keys", "enable", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains("revoked") && err.lines().count() == 1, "{err}");
+}
+
+#[test]
+fn bad_input_gets_one_line_naming_the_flag() {
+    let dir = setup();
+    for (args, says) in [
+        (vec!["--allow-cidr", "10.0.0.0/33"], "--allow-cidr"),
+        (vec!["--scope", "delete:/x"], "--scope"),
+        (vec!["--rate-limit", "fast"], "--rate-limit"),
+        (vec!["--burst", "5"], "--burst"),
+        (vec!["--expires", "yesterday"], "--expires"),
+        (vec!["--expires", "2001-01-01T00:00:00Z"], "--expires"),
+    ] {
+        let mut all = vec![
+            "keys",
+            "create",
+            "--namespace",
+            "acme",
+            "--environment",
+            "production",
+        ];
+        all.extend_from_slice(&args);
+        let (code, out, err) = keygate(dir.path(), &all);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(out.is_empty());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("keygate: error: ") && err.contains(says),
+            "{err}"
+        );
+    }
+    let (code, _, err) = keygate(
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--namespace",
+            "Bad Name",
+            "--environment",
+            "production",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("--namespace"), "{err}");
+    let (code, _, err) = keygate(dir.path(), &["keys", "show", "ffffffff"]);
+    assert_eq!(
+        (code, err.trim()),
+        (1, "keygate: error: no key has id `ffffffff`")
+    );
+    let (code, _, err) = keygate(dir.path(), &["keys", "frobnicate"]);
+    assert_eq!(code, 1);
+    assert!(!err.contains("panicked"));
+    let (code, _, err) = run(&["--config", "missing.yaml", "keys", "list"], dir.path());
+    assert_eq!(code, 1);
+    assert!(err.contains("missing.yaml"), "{err}");
+}
+
+#[test]
+fn config_flag_works_anywhere_and_from_the_environment() {
+    let dir = setup();
+    let (code, out, _) = run(&["check", "--config", "keygate.yaml"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    let out = std::process::Command::new(keygate_bin())
+        .args(["keys", "list"])
+        .current_dir(dir.path())
+        .env("KEYGATE_CONFIG", "keygate.yaml")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_lists_every_error_and_exits_one() {
+    let dir = setup();
+    create(dir.path(), &[]);
+    let (code, out, _) = keygate(dir.path(), &["check"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("1 routes, 1 keys"), "{out}");
+    let store_path = dir.path().join("keys.yaml");
+    let store = std::fs::read_to_string(&store_path).unwrap();
+    write(
+        &store_path,
+        &store.replace(
+            "\"status\":\"active\"",
+            "\"status\":\"active\",\"allowed_cidrs\":[\"nope\"],\"rate_limit\":\"9/fortnight\"",
+        ),
+    );
+    let config = std::fs::read_to_string(dir.path().join("keygate.yaml")).unwrap();
+    write(
+        &dir.path().join("keygate.yaml"),
+        &config.replace("environment: production", "environment: PROD"),
+    );
+    let (code, _, err) = keygate(dir.path(), &["check"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("keygate.yaml:") && err.contains("routes[0].environment"),
+        "{err}"
+    );
+    assert!(
+        err.contains("keys.yaml:5:") && err.contains("keys[0].allowed_cidrs[0]"),
+        "{err}"
+    );
+    assert!(err.contains("keys[0].rate_limit"), "{err}");
+    assert!(err.contains("3 problems found"), "{err}");
+}
+
+#[test]
+fn concurrent_creates_all_survive() {
+    let dir = setup();
+    let path = dir.path().to_path_buf();
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|_| create(&path, &[])["id"].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut ids: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 40);
+    let (_, out, _) = keygate(dir.path(), &["keys", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["keys"].as_array().unwrap().len(),
+        40,
+        "every acknowledged create is in the store"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "no temp files are left behind");
+}

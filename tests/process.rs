@@ -1,0 +1,165 @@
+//! The real `keygate` binary as operators run it: streaming without growing memory,
+//! SIGHUP reloads, SIGTERM drains and exits 0, and the demo.
+
+mod support;
+
+use std::time::Duration;
+
+use support::process::{run, Process};
+use support::*;
+
+fn write_config(dir: &std::path::Path, upstream: std::net::SocketAddr, extra: &str) {
+    let routes = route("/", upstream, "production", "");
+    write(&dir.join("keygate.yaml"), &config_yaml(&routes, extra));
+}
+
+fn create_key(dir: &std::path::Path) -> String {
+    let (code, out, err) = run(
+        &[
+            "--config",
+            "keygate.yaml",
+            "keys",
+            "create",
+            "--namespace",
+            "acme",
+            "--environment",
+            "production",
+            "--json",
+        ],
+        dir,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["key"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_body_streams_both_ways_without_growing_memory() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), up.addr, "limits:\n  max_request_body: 1GiB");
+    let key = create_key(dir.path());
+    let gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &[]);
+    let (proxy, _) = gw.addresses();
+
+    // Warm up, then take the baseline.
+    assert_eq!(
+        send(Req::get(proxy, "/warm").bearer(&key)).await.status,
+        200
+    );
+    let baseline = gw.memory_kb("VmRSS");
+
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let client: hyper_util::client::legacy::Client<_, _> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let upload = http::Request::post(format!("http://{proxy}/upload"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(stream_of(SIZE))
+        .unwrap();
+    let r = client.request(upload).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.last().body_bytes,
+        SIZE,
+        "every byte reached the upstream"
+    );
+
+    let download = http::Request::get(format!("http://{proxy}/big/{SIZE}"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(stream_of(0))
+        .unwrap();
+    let mut body = client.request(download).await.unwrap().into_body();
+    let mut received = 0u64;
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(received, SIZE);
+
+    let peak = gw.memory_kb("VmHWM");
+    let growth_mb = peak.saturating_sub(baseline) / 1024;
+    eprintln!("baseline RSS {baseline} kB, peak {peak} kB, growth {growth_mb} MB");
+    assert!(
+        growth_mb < 32,
+        "peak memory grew {growth_mb} MB over {} MB moved",
+        2 * SIZE >> 20
+    );
+}
+
+#[test]
+fn sighup_reloads_and_sigterm_drains_then_exits_zero() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start());
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), up.addr, "");
+    let mut gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &[]);
+    let (_, admin) = gw.addresses();
+    let generation = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(send(Req::get(admin, "/readyz"))).json()["generation"].as_u64()
+    };
+    assert_eq!(generation(&rt), Some(1));
+    gw.signal("HUP");
+    let reloaded = rt.block_on(eventually(Duration::from_secs(5), async || {
+        send(Req::get(admin, "/readyz")).await.json()["generation"].as_u64() == Some(2)
+    }));
+    assert!(
+        reloaded,
+        "SIGHUP must reload: {:?}",
+        gw.output.lock().unwrap()
+    );
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn serve_refuses_a_broken_config_with_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("keygate.yaml"),
+        "routes:\n  - upstream: nope\n    environment: production\n",
+    );
+    let (code, _, err) = run(&["serve", "--config", "keygate.yaml"], dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("keygate.yaml:2:15: routes[0].upstream"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn the_demo_serves_its_key_and_refuses_without_one() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Process::spawn(
+        &["demo", "--proxy", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        dir.path(),
+        &[],
+    );
+    let accepted = demo.wait_for_line("curl -i -H 'Authorization: Bearer", Duration::from_secs(20));
+    let key = accepted
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = accepted.split_whitespace().last().unwrap().to_string();
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let r = rt.block_on(send(Req::get(addr, "/v1/hello").bearer(&key)));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["upstream"], "echo");
+    assert!(r.json()["headers"].get("authorization").is_none());
+    let r = rt.block_on(send(Req::get(addr, "/v1/hello")));
+    assert_eq!(r.code(), "missing_key");
+    demo.signal("INT");
+    assert_eq!(demo.wait_exit(Duration::from_secs(10)), Some(0));
+}

@@ -1,0 +1,151 @@
+//! Running the real `keygate` binary as a child process, stopped by its own PID.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running `keygate` process. Dropping it kills the process by its PID.
+pub struct Process {
+    pub child: Child,
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `keygate ARGS…` with stdout and stderr collected line by line.
+    pub fn spawn(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Process {
+        let mut cmd = Command::new(super::keygate_bin());
+        cmd.args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.env_remove("KEYGATE_CONFIG")
+            .env_remove("KEYGATE_ADMIN_TOKEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("keygate starts");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for stream in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
+            let sink = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+        }
+        Process { child, output }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for a line containing `needle`, and returns it.
+    pub fn wait_for_line(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self
+                .output
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {limit:?}: {:?}",
+                self.output.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The proxy and admin addresses from the "keygate listening" log line.
+    pub fn addresses(&self) -> (SocketAddr, SocketAddr) {
+        let line = self.wait_for_line("keygate listening", Duration::from_secs(20));
+        let field = |name: &str| -> SocketAddr {
+            let start = line.find(&format!("{name}=")).expect("field present") + name.len() + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        (field("proxy"), field("admin"))
+    }
+
+    /// Sends a signal to this process's PID.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {}", self.pid());
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keygate {} did not exit within {limit:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A field of /proc/PID/status, in kB (VmRSS, VmHWM).
+    pub fn memory_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{field} not in /proc/{}/status", self.pid()))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `keygate ARGS…` to completion: exit code, stdout, stderr.
+pub fn run(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let out = Command::new(super::keygate_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("KEYGATE_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("keygate runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
