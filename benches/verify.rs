@@ -1,1 +1,130 @@
-fn main() {}
+//! The cost of deciding a request: parse + checksum, SHA-256, lookup, policy (status, expiry,
+//! environment, namespace, CIDR, scope), at 1k, 100k and 1M keys. The figure to watch is
+//! how flat it stays as the key count grows.
+//!
+//! `cargo bench --bench verify`
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::Request;
+
+use keygate::clock::Clock;
+use keygate::config::{Config, RouteConfig};
+use keygate::keys::{format, hex, KeyRecord, Status};
+use keygate::pipeline::{admit, rate_limit::Limiters};
+use keygate::snapshot::{BuildContext, Snapshot};
+
+fn config() -> Config {
+    Config {
+        routes: vec![RouteConfig {
+            name: None,
+            host: None,
+            path_prefix: "/".into(),
+            upstream: "http://127.0.0.1:9".into(),
+            environment: "production".into(),
+            namespaces: vec![],
+            strip_prefix: false,
+            preserve_host: false,
+            keep_authorization: false,
+            response_timeout: None,
+            max_request_body: None,
+        }],
+        ..Config::default()
+    }
+}
+
+/// `n` keys with scopes and CIDRs, and up to 4096 of their secrets to present.
+fn snapshot_with(n: usize, limiters: &Limiters) -> (Snapshot, Vec<String>) {
+    let mut secrets = Vec::with_capacity(4096.min(n));
+    let records: Vec<KeyRecord> = (0..n)
+        .map(|i| {
+            let secret = format::generate("kg_live").unwrap();
+            let hash = hex(&format::hash(&secret));
+            if secrets.len() < 4096 {
+                secrets.push(secret);
+            }
+            KeyRecord {
+                id: format!("{:08x}{i:x}", i),
+                hash: format!("sha256:{hash}"),
+                prefix: "kg_live".into(),
+                name: String::new(),
+                namespace: format!("ns{}", i % 100),
+                environment: "production".into(),
+                scopes: vec!["read:/v1/**".into(), "write:/v1/uploads/*".into()],
+                allowed_cidrs: vec!["10.0.0.0/8".into(), "127.0.0.0/8".into()],
+                rate_limit: None,
+                burst: None,
+                expires_at: Some("2999-01-01T00:00:00Z".into()),
+                status: Status::Active,
+                created_at: "2026-01-01T00:00:00Z".into(),
+                note: String::new(),
+            }
+        })
+        .collect();
+    let ctx = BuildContext {
+        config_path: Path::new("bench.yaml"),
+        generation: 1,
+        limiters,
+        previous: None,
+        env_admin_token: None,
+    };
+    (
+        Snapshot::from_parts(&ctx, config(), &records).expect("valid bench snapshot"),
+        secrets,
+    )
+}
+
+fn verify(c: &mut Criterion) {
+    let clock = Clock::real();
+    let limiters = Limiters::new(clock.clone());
+    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let mut group = c.benchmark_group("verify");
+    group.throughput(Throughput::Elements(1));
+    for n in [1_000usize, 100_000, 1_000_000] {
+        let (snapshot, secrets) = snapshot_with(n, &limiters);
+        let requests: Vec<Request<()>> = secrets
+            .iter()
+            .map(|s| {
+                Request::get("/v1/users/42")
+                    .header("authorization", format!("Bearer {s}"))
+                    .body(())
+                    .unwrap()
+            })
+            .collect();
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % requests.len();
+                let admission = admit(&snapshot, &clock, &requests[i], peer).expect("admitted");
+                black_box(admission.key.id.len())
+            })
+        });
+    }
+    group.finish();
+
+    let mut stages = c.benchmark_group("stages");
+    let key = format::generate("kg_live").unwrap();
+    stages.bench_function("format_parse", |b| {
+        b.iter(|| format::parse(black_box(&key)).is_ok())
+    });
+    stages.bench_function("sha256", |b| b.iter(|| format::hash(black_box(&key))));
+    let unknown = Request::get("/v1/x")
+        .header("authorization", format!("Bearer {key}"))
+        .body(())
+        .unwrap();
+    let (snapshot, _) = snapshot_with(1_000, &limiters);
+    stages.bench_function("refuse_unknown_key", |b| {
+        b.iter(|| admit(&snapshot, &clock, black_box(&unknown), peer).is_err())
+    });
+    stages.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3)).warm_up_time(std::time::Duration::from_secs(1));
+    targets = verify
+}
+criterion_main!(benches);

@@ -96,11 +96,8 @@ pub fn watch_files(
             };
             let mut relevant = is_watched_file(&gw, &first);
             // Let the burst settle: editors and atomic writes make several events per save.
-            loop {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                    Ok(Some(p)) => relevant |= is_watched_file(&gw, &p),
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(p)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                relevant |= is_watched_file(&gw, &p);
             }
             if relevant && reload(&gw, "file change").await.is_ok() {
                 if let Err(e) = watch_dirs(&gw, &mut watcher, &mut watched) {

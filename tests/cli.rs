@@ -117,16 +117,16 @@ fn lifecycle_disable_enable_revoke() {
             .map(|k| k["id"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    assert_eq!(status("active"), [id.clone()]);
+    assert_eq!(status("active"), vec![id.clone()]);
     assert_eq!(keygate(dir.path(), &["keys", "disable", &id]).0, 0);
-    assert_eq!(status("inactive"), [id.clone()]);
+    assert_eq!(status("inactive"), vec![id.clone()]);
     assert!(status("active").is_empty());
     assert_eq!(keygate(dir.path(), &["keys", "enable", &id]).0, 0);
-    assert_eq!(status("active"), [id.clone()]);
+    assert_eq!(status("active"), vec![id.clone()]);
     let (code, out, _) = keygate(dir.path(), &["keys", "revoke", &id]);
     assert_eq!(code, 0);
     assert!(out.contains("revoked"));
-    assert_eq!(status("revoked"), [id.clone()]);
+    assert_eq!(status("revoked"), vec![id.clone()]);
     assert!(status("all").contains(&id));
     let (_, out, _) = keygate(dir.path(), &["keys", "list", "--json"]);
     assert!(!out.contains(&id), "revoked keys leave the default list");

@@ -83,7 +83,7 @@ async fn a_100_mb_body_streams_both_ways_without_growing_memory() {
     assert!(
         growth_mb < 32,
         "peak memory grew {growth_mb} MB over {} MB moved",
-        2 * SIZE >> 20
+        (2 * SIZE) >> 20
     );
 }
 

@@ -146,7 +146,7 @@ pub fn stream_of(
 
 /// A stream from a closure, without pulling in a futures crate.
 fn futures_stream<T>(
-    mut next: impl FnMut() -> Option<T> + Unpin,
+    next: impl FnMut() -> Option<T> + Unpin,
 ) -> impl futures_core::Stream<Item = T> {
     struct S<F>(F);
     impl<T, F: FnMut() -> Option<T> + Unpin> futures_core::Stream for S<F> {
@@ -158,7 +158,7 @@ fn futures_stream<T>(
             std::task::Poll::Ready((self.get_mut().0)())
         }
     }
-    S(move || next())
+    S(next)
 }
 
 /// A gateway running in this process on a fake clock, with its own config folder.
