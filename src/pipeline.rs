@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use http::header::HOST;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tracing::Instrument;
 
 use crate::body::ResponseBody;
 use crate::clock::Clock;
@@ -40,6 +41,8 @@ pub async fn handle(
         .flatten()
         .unwrap_or_else(|| gw.request_ids.next());
 
+    let span = tracing::debug_span!("request", id = ?request_id, method = %req.method());
+    let _entered = span.enter();
     let admission = match admit(&snapshot, &gw.clock, &req, peer) {
         Ok(a) => a,
         Err(rejection) => {
@@ -57,7 +60,11 @@ pub async fn handle(
         rate: admission.rate,
         x_api_key: snapshot.x_api_key,
     };
-    match forward::forward(&snapshot.upstream, decision, req).await {
+    drop(_entered);
+    match forward::forward(&snapshot.upstream, decision, req)
+        .instrument(span)
+        .await
+    {
         Ok(response) => response,
         Err(rejection) => {
             tracing::debug!(code = rejection.code(), key_id = %admission.key.id, "upstream refused");

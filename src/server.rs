@@ -16,6 +16,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::ConfigError;
@@ -229,6 +230,7 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let gw = gateway.clone();
         let io = TokioIo::new(stream);
+        let span = tracing::debug_span!("conn", listener = ?kind, %peer);
         let conn = match kind {
             Listener::Proxy => {
                 let service = service_fn(move |req| {
@@ -236,7 +238,7 @@ async fn accept_loop(
                     async move { Ok::<_, Infallible>(crate::pipeline::handle(&gw, req, peer).await) }
                 });
                 let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
-                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) })
+                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) }.instrument(span))
             }
             Listener::Admin => {
                 let service = service_fn(move |req| {
@@ -244,7 +246,7 @@ async fn accept_loop(
                     async move { Ok::<_, Infallible>(crate::admin::handle(&gw, req, peer).await) }
                 });
                 let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
-                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) })
+                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) }.instrument(span))
             }
         };
         drop(conn);

@@ -606,15 +606,25 @@ async fn admin_calls_need_a_valid_token() {
 #[tokio::test]
 async fn store_changes_are_picked_up_by_the_file_watch() {
     let (_up, gw) = setup("", "").await;
-    let config = keygate::config::Config::load(&gw.config_path).unwrap();
-    // Written as the CLI writes, with no reload call: only the watch can notice.
-    let (record, key) = keys::create(
-        &gw.store(),
-        &config,
-        new_key("acme", "production"),
-        gw.clock.unix_secs(),
-    )
+    // The real CLI writes the store, with no reload call: only the watch can notice.
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--config", "keygate.yaml", "keys"];
+        all.extend_from_slice(args);
+        let (code, out, err) = support::process::run(&all, gw.dir.path());
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let created: serde_json::Value = serde_json::from_str(&cli(&[
+        "create",
+        "--namespace",
+        "acme",
+        "--environment",
+        "production",
+        "--json",
+    ]))
     .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let key = created["key"].as_str().unwrap().to_string();
     let started = std::time::Instant::now();
     let picked_up = eventually(Duration::from_secs(3), async || {
         send(Req::get(gw.proxy, "/x").bearer(&key)).await.status == 200
@@ -626,7 +636,7 @@ async fn store_changes_are_picked_up_by_the_file_watch() {
         "took {:?}",
         started.elapsed()
     );
-    keys::set_status(&gw.store(), &record.id, Status::Revoked).unwrap();
+    cli(&["revoke", &id]);
     let revoked = eventually(Duration::from_secs(3), async || {
         send(Req::get(gw.proxy, "/x").bearer(&key)).await.code() == "revoked_key"
     })

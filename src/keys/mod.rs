@@ -322,10 +322,14 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses `sha256:<64 hex>` (the `sha256:` is optional) into the 32 bytes.
+/// Parses `sha256:<64 hex>` (the `sha256:` is optional) into the 32 bytes. The error names the
+/// value's length only, never the value.
 pub fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
     let hex_part = text.strip_prefix("sha256:").unwrap_or(text);
-    let bad = || format!("`{text}` is not `sha256:` followed by 64 hex digits");
+    // The value is never repeated: a pasted plaintext token or key must not reach a log.
+    let bad = || {
+        format!("must be `sha256:` followed by 64 hex digits (a {}-character value was given; it is not shown)", text.len())
+    };
     if hex_part.len() != 64 {
         return Err(bad());
     }
@@ -391,7 +395,8 @@ mod tests {
             parse_sha256(&format!("sha256:{}", hex(&bytes))).unwrap(),
             bytes
         );
-        assert!(parse_sha256("sha256:xyz").is_err());
+        let err = parse_sha256("kg_live_pasted-secret").unwrap_err();
+        assert!(!err.contains("pasted-secret"), "{err}");
     }
 
     #[test]
