@@ -19,19 +19,7 @@ use keygate::snapshot::{BuildContext, Snapshot};
 
 fn config() -> Config {
     Config {
-        routes: vec![RouteConfig {
-            name: None,
-            host: None,
-            path_prefix: "/".into(),
-            upstream: "http://127.0.0.1:9".into(),
-            environment: "production".into(),
-            namespaces: vec![],
-            strip_prefix: false,
-            preserve_host: false,
-            keep_authorization: false,
-            response_timeout: None,
-            max_request_body: None,
-        }],
+        routes: vec![RouteConfig::new("/", "http://127.0.0.1:9", "production")],
         ..Config::default()
     }
 }

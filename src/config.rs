@@ -156,6 +156,25 @@ pub struct RouteConfig {
     pub max_request_body: Option<String>,
 }
 
+impl RouteConfig {
+    /// A route for `path_prefix` to `upstream` in `environment`, every other field defaulted.
+    pub fn new(path_prefix: &str, upstream: &str, environment: &str) -> Self {
+        RouteConfig {
+            name: None,
+            host: None,
+            path_prefix: path_prefix.into(),
+            upstream: upstream.into(),
+            environment: environment.into(),
+            namespaces: Vec::new(),
+            strip_prefix: false,
+            preserve_host: false,
+            keep_authorization: false,
+            response_timeout: None,
+            max_request_body: None,
+        }
+    }
+}
+
 fn default_prefix() -> String {
     "/".into()
 }

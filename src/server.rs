@@ -231,25 +231,24 @@ async fn accept_loop(
         let gw = gateway.clone();
         let io = TokioIo::new(stream);
         let span = tracing::debug_span!("conn", listener = ?kind, %peer);
-        let conn = match kind {
-            Listener::Proxy => {
-                let service = service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(crate::pipeline::handle(&gw, req, peer).await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
-                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) }.instrument(span))
+        let service = service_fn(move |req| {
+            let gw = gw.clone();
+            async move {
+                Ok::<_, Infallible>(match kind {
+                    Listener::Proxy => crate::pipeline::handle(&gw, req, peer).await,
+                    Listener::Admin => crate::admin::handle(&gw, req, peer).await,
+                })
             }
-            Listener::Admin => {
-                let service = service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(crate::admin::handle(&gw, req, peer).await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
-                tokio::spawn(async move { conn.await.map_err(|e| e.to_string()) }.instrument(span))
+        });
+        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
             }
-        };
-        drop(conn);
+            .instrument(span),
+        );
     }
     drop(listener);
     let drain = stop.borrow().unwrap_or_default();

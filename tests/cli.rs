@@ -4,7 +4,7 @@ mod support;
 
 use std::path::Path;
 
-use support::process::run;
+use support::process::{create_key_json, run};
 use support::*;
 
 fn setup() -> tempfile::TempDir {
@@ -23,26 +23,10 @@ fn keygate(dir: &Path, args: &[&str]) -> (i32, String, String) {
     run(&all, dir)
 }
 
-fn create(dir: &Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "keys",
-        "create",
-        "--namespace",
-        "acme",
-        "--environment",
-        "production",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let (code, out, err) = keygate(dir, &args);
-    assert_eq!(code, 0, "{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
 #[test]
 fn create_prints_the_secret_once_and_stores_only_its_hash() {
     let dir = setup();
-    let v = create(
+    let v = create_key_json(
         dir.path(),
         &[
             "--scope",
@@ -106,7 +90,10 @@ fn create_prints_the_secret_once_and_stores_only_its_hash() {
 #[test]
 fn lifecycle_disable_enable_revoke() {
     let dir = setup();
-    let id = create(dir.path(), &[])["id"].as_str().unwrap().to_string();
+    let id = create_key_json(dir.path(), &[])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let status = |filter: &str| {
         let (_, out, _) = keygate(dir.path(), &["keys", "list", "--status", filter, "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -211,7 +198,7 @@ fn config_flag_works_anywhere_and_from_the_environment() {
 #[test]
 fn check_lists_every_error_and_exits_one() {
     let dir = setup();
-    create(dir.path(), &[]);
+    create_key_json(dir.path(), &[]);
     let (code, out, _) = keygate(dir.path(), &["check"]);
     assert_eq!(code, 0);
     assert!(out.contains("1 routes, 1 keys"), "{out}");
@@ -252,7 +239,12 @@ fn concurrent_creates_all_survive() {
             let path = path.clone();
             std::thread::spawn(move || {
                 (0..5)
-                    .map(|_| create(&path, &[])["id"].as_str().unwrap().to_string())
+                    .map(|_| {
+                        create_key_json(&path, &[])["id"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    })
                     .collect::<Vec<_>>()
             })
         })

@@ -607,22 +607,7 @@ async fn admin_calls_need_a_valid_token() {
 async fn store_changes_are_picked_up_by_the_file_watch() {
     let (_up, gw) = setup("", "").await;
     // The real CLI writes the store, with no reload call: only the watch can notice.
-    let cli = |args: &[&str]| {
-        let mut all = vec!["--config", "keygate.yaml", "keys"];
-        all.extend_from_slice(args);
-        let (code, out, err) = support::process::run(&all, gw.dir.path());
-        assert_eq!(code, 0, "{err}");
-        out
-    };
-    let created: serde_json::Value = serde_json::from_str(&cli(&[
-        "create",
-        "--namespace",
-        "acme",
-        "--environment",
-        "production",
-        "--json",
-    ]))
-    .unwrap();
+    let created = support::process::create_key_json(gw.dir.path(), &[]);
     let id = created["id"].as_str().unwrap().to_string();
     let key = created["key"].as_str().unwrap().to_string();
     let started = std::time::Instant::now();
@@ -636,7 +621,7 @@ async fn store_changes_are_picked_up_by_the_file_watch() {
         "took {:?}",
         started.elapsed()
     );
-    cli(&["revoke", &id]);
+    support::process::keygate_ok(gw.dir.path(), &["keys", "revoke", &id]);
     let revoked = eventually(Duration::from_secs(3), async || {
         send(Req::get(gw.proxy, "/x").bearer(&key)).await.code() == "revoked_key"
     })

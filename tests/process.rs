@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::process::{run, Process};
+use support::process::{create_key_json, run, Process};
 use support::*;
 
 fn write_config(dir: &std::path::Path, upstream: std::net::SocketAddr, extra: &str) {
@@ -14,23 +14,10 @@ fn write_config(dir: &std::path::Path, upstream: std::net::SocketAddr, extra: &s
 }
 
 fn create_key(dir: &std::path::Path) -> String {
-    let (code, out, err) = run(
-        &[
-            "--config",
-            "keygate.yaml",
-            "keys",
-            "create",
-            "--namespace",
-            "acme",
-            "--environment",
-            "production",
-            "--json",
-        ],
-        dir,
-    );
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["key"].as_str().unwrap().to_string()
+    create_key_json(dir, &[])["key"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -348,17 +348,8 @@ mod tests {
 
     fn route(host: Option<&str>, prefix: &str, upstream: &str) -> Route {
         let raw = RouteConfig {
-            name: None,
             host: host.map(String::from),
-            path_prefix: prefix.into(),
-            upstream: upstream.into(),
-            environment: "production".into(),
-            namespaces: vec![],
-            strip_prefix: false,
-            preserve_host: false,
-            keep_authorization: false,
-            response_timeout: None,
-            max_request_body: None,
+            ..RouteConfig::new(prefix, upstream, "production")
         };
         let defaults = RouteDefaults {
             response_timeout: Duration::from_secs(1),
@@ -406,17 +397,11 @@ mod tests {
     #[test]
     fn bad_routes_report_every_field() {
         let raw = RouteConfig {
-            name: None,
             host: Some("http://x".into()),
-            path_prefix: "v1".into(),
-            upstream: "ftp://x".into(),
-            environment: "Prod!".into(),
             namespaces: vec!["".into()],
-            strip_prefix: false,
-            preserve_host: false,
-            keep_authorization: false,
             response_timeout: Some("soon".into()),
             max_request_body: Some("big".into()),
+            ..RouteConfig::new("v1", "ftp://x", "Prod!")
         };
         let defaults = RouteDefaults {
             response_timeout: Duration::from_secs(1),

@@ -149,3 +149,27 @@ pub fn run(args: &[&str], dir: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `keygate --config keygate.yaml ARGS…` in `dir`, asserting success; returns stdout.
+pub fn keygate_ok(dir: &Path, args: &[&str]) -> String {
+    let mut all = vec!["--config", "keygate.yaml"];
+    all.extend_from_slice(args);
+    let (code, out, err) = run(&all, dir);
+    assert_eq!(code, 0, "keygate {args:?}: {err}");
+    out
+}
+
+/// `keys create --namespace acme --environment production --json EXTRA…`, parsed.
+pub fn create_key_json(dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--namespace",
+        "acme",
+        "--environment",
+        "production",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&keygate_ok(dir, &args)).expect("create --json prints JSON")
+}
