@@ -5,7 +5,7 @@
 //! `cargo bench --bench verify`
 
 use std::hint::black_box;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -14,7 +14,7 @@ use http::Request;
 use keygate::clock::Clock;
 use keygate::config::{Config, RouteConfig};
 use keygate::keys::{format, hex, KeyRecord, Status};
-use keygate::pipeline::{admit, rate_limit::Limiters};
+use keygate::pipeline::{admit, rate_limit::Limiters, usage::UsageBook};
 use keygate::snapshot::{BuildContext, Snapshot};
 
 fn config() -> Config {
@@ -25,7 +25,7 @@ fn config() -> Config {
 }
 
 /// `n` keys with scopes and CIDRs, and up to 4096 of their secrets to present.
-fn snapshot_with(n: usize, limiters: &Limiters) -> (Snapshot, Vec<String>) {
+fn snapshot_with(n: usize, limiters: &Limiters, usage: &UsageBook) -> (Snapshot, Vec<String>) {
     let mut secrets = Vec::with_capacity(4096.min(n));
     let records: Vec<KeyRecord> = (0..n)
         .map(|i| {
@@ -48,7 +48,7 @@ fn snapshot_with(n: usize, limiters: &Limiters) -> (Snapshot, Vec<String>) {
                 expires_at: Some("2999-01-01T00:00:00Z".into()),
                 status: Status::Active,
                 created_at: "2026-01-01T00:00:00Z".into(),
-                note: String::new(),
+                ..KeyRecord::default()
             }
         })
         .collect();
@@ -56,6 +56,7 @@ fn snapshot_with(n: usize, limiters: &Limiters) -> (Snapshot, Vec<String>) {
         config_path: Path::new("bench.yaml"),
         generation: 1,
         limiters,
+        usage,
         previous: None,
         env_admin_token: None,
     };
@@ -68,11 +69,12 @@ fn snapshot_with(n: usize, limiters: &Limiters) -> (Snapshot, Vec<String>) {
 fn verify(c: &mut Criterion) {
     let clock = Clock::real();
     let limiters = Limiters::new(clock.clone());
-    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let usage = UsageBook::in_memory();
+    let peer: IpAddr = "127.0.0.1".parse().unwrap();
     let mut group = c.benchmark_group("verify");
     group.throughput(Throughput::Elements(1));
     for n in [1_000usize, 100_000, 1_000_000] {
-        let (snapshot, secrets) = snapshot_with(n, &limiters);
+        let (snapshot, secrets) = snapshot_with(n, &limiters, &usage);
         let requests: Vec<Request<()>> = secrets
             .iter()
             .map(|s| {
@@ -86,7 +88,9 @@ fn verify(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % requests.len();
-                let admission = admit(&snapshot, &clock, &requests[i], peer).expect("admitted");
+                let admission = admit(&snapshot, &clock, &requests[i], peer)
+                    .ok()
+                    .expect("admitted");
                 black_box(admission.key.id.len())
             })
         });
@@ -103,7 +107,7 @@ fn verify(c: &mut Criterion) {
         .header("authorization", format!("Bearer {key}"))
         .body(())
         .unwrap();
-    let (snapshot, _) = snapshot_with(1_000, &limiters);
+    let (snapshot, _) = snapshot_with(1_000, &limiters, &usage);
     stages.bench_function("refuse_unknown_key", |b| {
         b.iter(|| admit(&snapshot, &clock, black_box(&unknown), peer).is_err())
     });

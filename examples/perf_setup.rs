@@ -45,7 +45,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             expires_at: None,
             status: Status::Active,
             created_at: "2026-01-01T00:00:00Z".into(),
-            note: String::new(),
+            created_by: "perf_setup".into(),
+            ..KeyRecord::default()
         });
         secrets.push_str(&secret);
         secrets.push('\n');

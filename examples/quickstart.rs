@@ -33,12 +33,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         scopes: vec!["read:/api/**".into()],
         ..NewKey::default()
     };
-    let (record, secret) = keys::create(
-        &Store::new(config.keys_path(&config_path)),
-        &config,
-        new,
-        clock.unix_secs(),
-    )?;
+    let store = Store::new(config.keys_path(&config_path));
+    let op = keys::lifecycle::Op {
+        store: &store,
+        config: &config,
+        actor: "quickstart",
+        now: clock.unix_secs(),
+    };
+    let (record, secret) = keys::create(op, new)?;
     let gateway =
         keygate::server::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
     let running = keygate::server::start(gateway, false).await?;

@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
-use crate::keys::{self, KeyError, KeyRecord, NewKey, Status, Store};
+use crate::keys::lifecycle::Op;
+use crate::keys::{self, KeyError, KeyPatch, KeyRecord, LastUse, NewKey, Status, Store};
 use crate::pipeline::rate_limit::Limiters;
+use crate::pipeline::usage::UsageBook;
 use crate::snapshot::{BuildContext, Snapshot};
 
 /// How long SIGTERM waits for in-flight requests before closing connections.
@@ -66,7 +69,7 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one key.
+    /// Show one key, with its last use.
     Show {
         id: String,
         #[arg(long)]
@@ -78,6 +81,35 @@ pub enum KeysCommand {
     Disable { id: String },
     /// Enable a disabled key.
     Enable { id: String },
+    /// Give a key a new secret (printed once); the old secret stops working at once.
+    Regenerate {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new key with the same settings; the old one keeps working for the grace.
+    Rotate {
+        id: String,
+        /// How long the old key keeps working, such as `24h` (default: rotation.default_grace).
+        #[arg(long)]
+        grace: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a key's name, scopes, addresses, limits, expiry or note.
+    Update(UpdateArgs),
+    /// Import existing plaintext keys (one per line, or CSV key,name,scopes); only their
+    /// hashes are stored.
+    Import {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        environment: String,
+        /// The file to read; `-` for standard input.
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +138,39 @@ pub struct CreateArgs {
     #[arg(long, default_value = "")]
     pub note: String,
     /// Print the key and its record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    pub id: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replaces the scopes; repeatable.
+    #[arg(long = "scope", conflicts_with = "clear_scopes")]
+    pub scopes: Vec<String>,
+    /// Full access again: no scopes.
+    #[arg(long)]
+    pub clear_scopes: bool,
+    /// Replaces the allowed CIDRs; repeatable.
+    #[arg(long = "allow-cidr", conflicts_with = "clear_cidrs")]
+    pub allow_cidrs: Vec<String>,
+    /// Any address again.
+    #[arg(long)]
+    pub clear_cidrs: bool,
+    #[arg(long, conflicts_with = "clear_rate_limit")]
+    pub rate_limit: Option<String>,
+    #[arg(long)]
+    pub burst: Option<u32>,
+    /// No per-key rate limit.
+    #[arg(long)]
+    pub clear_rate_limit: bool,
+    /// RFC 3339, a duration from now, or `never`.
+    #[arg(long)]
+    pub expires: Option<String>,
+    #[arg(long)]
+    pub note: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -180,10 +245,12 @@ fn serve(config_path: &Path) -> Result<(), String> {
 
 fn check(config_path: &Path) -> Result<(), String> {
     let limiters = Limiters::new(Clock::real());
+    let usage = UsageBook::in_memory();
     let ctx = BuildContext {
         config_path,
         generation: 0,
         limiters: &limiters,
+        usage: &usage,
         previous: None,
         env_admin_token: None,
     };
@@ -214,13 +281,35 @@ fn check(config_path: &Path) -> Result<(), String> {
     }
 }
 
+/// The CLI's name in `created_by` and the audit log: `cli:<user>`.
+fn cli_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
 fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| config_errors(&e))?;
     let store = Store::new(config.keys_path(config_path));
+    let actor = cli_actor();
     let now = Clock::real().unix_secs();
+    let op = Op {
+        store: &store,
+        config: &config,
+        actor: &actor,
+        now,
+    };
+    let usage = crate::pipeline::usage::read_file(&config.usage_path(config_path));
+    let quiet = config.quiet_period_secs();
+    let view = |r: &KeyRecord| r.view(now, usage.get(&r.id), quiet);
+    let audit = |event: AuditEvent| {
+        if let Err(e) = crate::audit::append(&config.audit_path(config_path), &event) {
+            eprintln!("keygate: warning: the change is saved, but the audit log could not be written: {e}");
+        }
+    };
     match cmd {
         KeysCommand::Create(args) => {
-            let json = args.json;
             let new = NewKey {
                 namespace: args.namespace,
                 environment: args.environment,
@@ -232,24 +321,9 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 expires: args.expires,
                 note: args.note,
             };
-            let (record, secret) = keys::create(&store, &config, new, now).map_err(flag_error)?;
-            if json {
-                let mut view = record.view(now);
-                view["key"] = serde_json::Value::String(secret);
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&view).unwrap_or_default()
-                );
-            } else {
-                println!(
-                    "Created key {} ({}/{}).",
-                    record.id, record.namespace, record.environment
-                );
-                println!(
-                    "This is the only time the secret is shown; only its SHA-256 is stored:\n"
-                );
-                println!("  {secret}\n");
-            }
+            let (record, secret) = keys::create(op, new).map_err(flag_error)?;
+            audit(AuditEvent::new(now, &actor, "key.created").key(&record));
+            print_secret(&record, &secret, view(&record), args.json, "Created key");
             Ok(())
         }
         KeysCommand::List { status, json } => {
@@ -260,14 +334,10 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 .filter(|r| matches_filter(r.effective_status(now), status))
                 .collect();
             if json {
-                let views: Vec<_> = keys.iter().map(|r| r.view(now)).collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"keys": views}))
-                        .unwrap_or_default()
-                );
+                let views: Vec<_> = keys.iter().map(|r| view(r)).collect();
+                print_json(&serde_json::json!({"keys": views}));
             } else {
-                print_table(&keys, now);
+                print_table(&keys, now, &usage);
             }
             Ok(())
         }
@@ -279,23 +349,175 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 .find(|r| r.id == id)
                 .ok_or_else(|| KeyError::NotFound(id).to_string())?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&record.view(now)).unwrap_or_default()
-                );
+                print_json(&view(record));
             } else {
-                print_record(record, now);
+                print_record(&view(record));
             }
             Ok(())
         }
-        KeysCommand::Revoke { id } => change_status(&store, &id, Status::Revoked, "revoked"),
-        KeysCommand::Disable { id } => change_status(&store, &id, Status::Inactive, "disabled"),
-        KeysCommand::Enable { id } => change_status(&store, &id, Status::Active, "enabled"),
+        KeysCommand::Revoke { id } => change_status(op, &id, Status::Revoked, &audit),
+        KeysCommand::Disable { id } => change_status(op, &id, Status::Inactive, &audit),
+        KeysCommand::Enable { id } => change_status(op, &id, Status::Active, &audit),
+        KeysCommand::Regenerate { id, json } => {
+            let (record, secret) = keys::regenerate(op, &id).map_err(flag_error)?;
+            audit(AuditEvent::new(now, &actor, "key.regenerated").key(&record));
+            print_secret(&record, &secret, view(&record), json, "Regenerated key");
+            if !json {
+                println!("The old secret stopped working: its clients get 401 until they use the new one.");
+            }
+            Ok(())
+        }
+        KeysCommand::Rotate { id, grace, json } => {
+            let grace = grace.unwrap_or_else(|| config.rotation.default_grace.clone());
+            let grace = crate::config::units::parse_duration(&grace)
+                .map_err(|e| format!("--grace: {e}"))?;
+            let (new, secret, old) = keys::rotate(op, &id, grace.as_secs()).map_err(flag_error)?;
+            let until = old.expires_at.clone().unwrap_or_default();
+            audit(
+                AuditEvent::new(now, &actor, "key.rotated")
+                    .key(&old)
+                    .reason(format!(
+                        "replaced by {}; the old key works until {until}",
+                        new.id
+                    )),
+            );
+            if json {
+                let mut v = view(&new);
+                v["key"] = secret.into();
+                v["rotated_from"] = view(&old);
+                print_json(&v);
+            } else {
+                print_secret(
+                    &new,
+                    &secret,
+                    view(&new),
+                    false,
+                    &format!("Rotated {} to new key", old.id),
+                );
+                println!(
+                    "The old key {} keeps working until {until}, then answers 401 expired_key.",
+                    old.id
+                );
+                println!(
+                    "`keygate keys show {}` tells when it is safe to revoke.",
+                    old.id
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::Update(args) => {
+            let json = args.json;
+            let id = args.id.clone();
+            let risky = !args.scopes.is_empty()
+                || args.clear_scopes
+                || !args.allow_cidrs.is_empty()
+                || args.clear_cidrs
+                || args.rate_limit.is_some()
+                || args.burst.is_some()
+                || args.clear_rate_limit
+                || args.expires.is_some();
+            let patch = KeyPatch {
+                name: args.name,
+                scopes: (args.clear_scopes || !args.scopes.is_empty()).then_some(args.scopes),
+                allowed_cidrs: (args.clear_cidrs || !args.allow_cidrs.is_empty())
+                    .then_some(args.allow_cidrs),
+                rate_limit: if args.clear_rate_limit {
+                    Some(None)
+                } else {
+                    args.rate_limit.map(Some)
+                },
+                burst: if args.clear_rate_limit {
+                    Some(None)
+                } else {
+                    args.burst.map(Some)
+                },
+                expires: args.expires.map(|e| (e != "never").then_some(e)),
+                note: args.note,
+            };
+            let record = keys::update(op, &id, patch).map_err(flag_error)?;
+            audit(AuditEvent::new(now, &actor, "key.updated").key(&record));
+            if json {
+                print_json(&view(&record));
+            } else {
+                println!("Key {} updated.", record.id);
+                if risky {
+                    println!("The new settings apply from the next request: calls that passed before may start failing.");
+                }
+            }
+            Ok(())
+        }
+        KeysCommand::Import {
+            namespace,
+            environment,
+            file,
+            json,
+        } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| format!("cannot read standard input: {e}"))?
+            } else {
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?
+            };
+            let entries = keys::parse_import(&text).map_err(flag_error)?;
+            if entries.is_empty() {
+                return Err(format!("{}: no keys found", file.display()));
+            }
+            let added = keys::import(op, &namespace, &environment, entries).map_err(flag_error)?;
+            audit(AuditEvent::new(now, &actor, "key.imported").reason(format!(
+                "{} keys into {namespace}/{environment}",
+                added.len()
+            )));
+            if json {
+                let ids: Vec<&str> = added.iter().map(|r| r.id.as_str()).collect();
+                print_json(&serde_json::json!({"imported": added.len(), "ids": ids}));
+            } else {
+                println!("Imported {} keys into {namespace}/{environment}; only their SHA-256 hashes are stored.", added.len());
+            }
+            Ok(())
+        }
     }
 }
 
-fn change_status(store: &Store, id: &str, status: Status, done: &str) -> Result<(), String> {
-    let record = keys::set_status(store, id, status).map_err(flag_error)?;
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn print_secret(
+    record: &KeyRecord,
+    secret: &str,
+    mut view: serde_json::Value,
+    json: bool,
+    what: &str,
+) {
+    if json {
+        view["key"] = secret.into();
+        print_json(&view);
+    } else {
+        println!(
+            "{what} {} ({}/{}).",
+            record.id, record.namespace, record.environment
+        );
+        println!("This is the only time the secret is shown; only its SHA-256 is stored:\n");
+        println!("  {secret}\n");
+    }
+}
+
+fn change_status(
+    op: Op<'_>,
+    id: &str,
+    status: Status,
+    audit: &dyn Fn(AuditEvent),
+) -> Result<(), String> {
+    let record = keys::set_status(op, id, status).map_err(flag_error)?;
+    let (action, done) = match status {
+        Status::Revoked => (
+            "key.revoked",
+            "revoked: its clients get 401 revoked_key from the next request",
+        ),
+        Status::Inactive => ("key.disabled", "disabled"),
+        Status::Active => ("key.enabled", "enabled"),
+    };
+    audit(AuditEvent::new(op.now, op.actor, action).key(&record));
     println!(
         "Key {} ({}/{}) {done}.",
         record.id, record.namespace, record.environment
@@ -336,19 +558,23 @@ fn matches_filter(status: &str, filter: Option<StatusFilter>) -> bool {
     }
 }
 
-fn print_table(keys: &[&KeyRecord], now: i64) {
+fn print_table(keys: &[&KeyRecord], now: i64, usage: &std::collections::BTreeMap<String, LastUse>) {
     if keys.is_empty() {
         println!(
             "No keys. Create one with `keygate keys create --namespace NS --environment ENV`."
         );
         return;
     }
-    let rows: Vec<[String; 7]> = keys
+    let rows: Vec<[String; 8]> = keys
         .iter()
         .map(|r| {
             [
                 r.id.clone(),
-                r.prefix.clone(),
+                if r.prefix.is_empty() {
+                    "(imported)".into()
+                } else {
+                    r.prefix.clone()
+                },
                 if r.name.is_empty() {
                     "-".into()
                 } else {
@@ -356,6 +582,9 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
                 },
                 format!("{}/{}", r.namespace, r.environment),
                 r.effective_status(now).to_string(),
+                usage
+                    .get(&r.id)
+                    .map_or_else(|| "never".into(), |u| crate::clock::rfc3339(u.at)),
                 r.expires_at.clone().unwrap_or_else(|| "never".into()),
                 r.created_at.clone(),
             ]
@@ -367,6 +596,7 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
         "NAME",
         "NAMESPACE/ENV",
         "STATUS",
+        "LAST USED",
         "EXPIRES",
         "CREATED",
     ];
@@ -376,7 +606,7 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 7]| {
+    let line = |cells: [&str; 8]| {
         let parts: Vec<String> = cells
             .iter()
             .zip(widths)
@@ -390,46 +620,89 @@ fn print_table(keys: &[&KeyRecord], now: i64) {
     }
 }
 
-fn print_record(r: &KeyRecord, now: i64) {
-    let or = |v: &str, d: &str| {
-        if v.is_empty() {
-            d.to_string()
-        } else {
-            v.to_string()
-        }
+/// A key's view as `name: value` lines.
+fn print_record(v: &serde_json::Value) {
+    let text = |k: &str| match &v[k] {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) if s.is_empty() => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) if a.is_empty() => "-".to_string(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
     };
-    println!("id:            {}", r.id);
-    println!("name:          {}", or(&r.name, "-"));
-    println!("prefix:        {}", r.prefix);
-    println!("namespace:     {}", r.namespace);
-    println!("environment:   {}", r.environment);
-    println!("status:        {}", r.effective_status(now));
-    println!(
-        "scopes:        {}",
-        if r.scopes.is_empty() {
-            "(full access)".into()
-        } else {
-            r.scopes.join(", ")
-        }
-    );
-    println!(
-        "allowed CIDRs: {}",
-        if r.allowed_cidrs.is_empty() {
-            "(any address)".into()
-        } else {
-            r.allowed_cidrs.join(", ")
-        }
-    );
-    let rate = match (&r.rate_limit, r.burst) {
-        (Some(rate), Some(b)) => format!("{rate}, burst {b}"),
-        (Some(rate), None) => rate.clone(),
-        _ => "(none)".into(),
+    let rate = match (text("rate_limit").as_str(), text("burst").as_str()) {
+        ("-", _) => "(none)".to_string(),
+        (rate, "-") => rate.to_string(),
+        (rate, burst) => format!("{rate}, burst {burst}"),
     };
-    println!("rate limit:    {rate}");
-    println!(
-        "expires:       {}",
-        r.expires_at.as_deref().unwrap_or("never")
-    );
-    println!("created:       {}", r.created_at);
-    println!("note:          {}", or(&r.note, "-"));
+    let scopes = if text("scopes") == "-" {
+        "(full access)".to_string()
+    } else {
+        text("scopes")
+    };
+    let cidrs = if text("allowed_cidrs") == "-" {
+        "(any address)".to_string()
+    } else {
+        text("allowed_cidrs")
+    };
+    let lines = [
+        ("id", text("id")),
+        ("name", text("name")),
+        ("prefix", text("prefix")),
+        ("namespace", text("namespace")),
+        ("environment", text("environment")),
+        ("status", text("status")),
+        ("scopes", scopes),
+        ("allowed CIDRs", cidrs),
+        ("rate limit", rate),
+        (
+            "expires",
+            if text("expires_at") == "-" {
+                "never".into()
+            } else {
+                text("expires_at")
+            },
+        ),
+        (
+            "created",
+            format!("{} by {}", text("created_at"), text("created_by")),
+        ),
+        (
+            "last used",
+            if text("last_used_at") == "-" {
+                "never".into()
+            } else {
+                format!("{} from {}", text("last_used_at"), text("last_used_ip"))
+            },
+        ),
+        ("note", text("note")),
+    ];
+    for (name, value) in lines {
+        println!("{:<14} {value}", format!("{name}:"));
+    }
+    for (key, label) in [
+        ("rotated_to", "rotated to"),
+        ("rotated_from", "rotated from"),
+        ("revoked_at", "revoked"),
+        ("regenerated_at", "regenerated"),
+    ] {
+        if !v[key].is_null() {
+            println!("{:<14} {}", format!("{label}:"), text(key));
+        }
+    }
+    if let Some(safe) = v["safe_to_revoke"].as_bool() {
+        println!(
+            "{:<14} {}",
+            "safe to revoke:",
+            if safe {
+                "yes: it has been quiet for the whole quiet period"
+            } else {
+                "not yet: it is still in use"
+            }
+        );
+    }
 }

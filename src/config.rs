@@ -56,6 +56,101 @@ pub struct Config {
     /// Worker threads for the proxy. `0` (the default) means one per core.
     #[serde(default)]
     pub workers: usize,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Per-key usage kept across restarts.
+    #[serde(default)]
+    pub usage: UsageConfig,
+    /// Key rotation.
+    #[serde(default)]
+    pub rotation: RotationConfig,
+}
+
+/// The audit log: append-only JSON lines.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Path, relative to this file. Default `audit.log`. Read at start.
+    #[serde(default = "default_audit_file")]
+    pub file: String,
+    /// Failed authentications written per client IP and code each minute; the rest are
+    /// counted in one summary line. Default `10`.
+    #[serde(default = "default_auth_failures_per_minute")]
+    pub auth_failures_per_minute: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            file: default_audit_file(),
+            auth_failures_per_minute: default_auth_failures_per_minute(),
+        }
+    }
+}
+
+fn default_audit_file() -> String {
+    "audit.log".into()
+}
+fn default_auth_failures_per_minute() -> u32 {
+    10
+}
+
+/// Per-key usage (last use for now), flushed to a file so it survives restarts.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    /// Path, relative to this file. Default `usage.json`. Read at start.
+    #[serde(default = "default_usage_file")]
+    pub file: String,
+    /// How often usage is written out (and at shutdown). Default `5s`.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: String,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            file: default_usage_file(),
+            flush_interval: default_flush_interval(),
+        }
+    }
+}
+
+fn default_usage_file() -> String {
+    "usage.json".into()
+}
+fn default_flush_interval() -> String {
+    "5s".into()
+}
+
+/// Rotation with overlap.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// A key being rotated out counts as `safe_to_revoke` once it has been silent this long.
+    /// Default `1h`.
+    #[serde(default = "default_quiet_period")]
+    pub quiet_period: String,
+    /// Grace when none is given. Default `24h`.
+    #[serde(default = "default_grace")]
+    pub default_grace: String,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            quiet_period: default_quiet_period(),
+            default_grace: default_grace(),
+        }
+    }
+}
+
+fn default_quiet_period() -> String {
+    "1h".into()
+}
+fn default_grace() -> String {
+    "24h".into()
 }
 
 impl Default for Config {
@@ -73,6 +168,9 @@ impl Default for Config {
             limits: Limits::default(),
             upstream: UpstreamConfig::default(),
             workers: 0,
+            audit: AuditConfig::default(),
+            usage: UsageConfig::default(),
+            rotation: RotationConfig::default(),
         }
     }
 }
@@ -287,9 +385,28 @@ impl Config {
 
     /// The key store's path: `keys_file`, relative to the config file's folder.
     pub fn keys_path(&self, config_path: &Path) -> PathBuf {
-        let dir = config_path.parent().unwrap_or(Path::new("."));
-        dir.join(&self.keys_file)
+        relative_to(config_path, &self.keys_file)
     }
+
+    /// The audit log's path, relative to the config file's folder.
+    pub fn audit_path(&self, config_path: &Path) -> PathBuf {
+        relative_to(config_path, &self.audit.file)
+    }
+
+    /// The usage file's path, relative to the config file's folder.
+    pub fn usage_path(&self, config_path: &Path) -> PathBuf {
+        relative_to(config_path, &self.usage.file)
+    }
+
+    /// The rotation quiet period in seconds (the default if the text is invalid; `check`
+    /// reports that).
+    pub fn quiet_period_secs(&self) -> i64 {
+        units::parse_duration(&self.rotation.quiet_period).map_or(3600, |d| d.as_secs() as i64)
+    }
+}
+
+fn relative_to(config_path: &Path, file: &str) -> PathBuf {
+    config_path.parent().unwrap_or(Path::new(".")).join(file)
 }
 
 /// Reads a file as UTF-8, or names why it could not.

@@ -113,8 +113,13 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
         burst: Some(10),
         ..NewKey::default()
     };
-    let (record, secret) =
-        keys::create(&store, &config, new, clock.unix_secs()).map_err(|e| e.to_string())?;
+    let op = keys::lifecycle::Op {
+        store: &store,
+        config: &config,
+        actor: "demo",
+        now: clock.unix_secs(),
+    };
+    let (record, secret) = keys::create(op, new).map_err(|e| e.to_string())?;
     let gateway = crate::server::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
     let running = crate::server::start(gateway, true)
         .await

@@ -20,17 +20,19 @@
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
 //!   [`pipeline::authorize`] (with [`pipeline::scope`]), [`pipeline::rate_limit`],
-//!   [`pipeline::forward`].
+//!   [`pipeline::usage`], [`pipeline::forward`].
 //! - [`rejection`]: every refusal and its one mapping to a response.
 //! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.
 //! - [`config`]: documented config types, YAML loading, located errors.
 //! - [`reload`]: file watch and reload.
 //! - [`keys`]: key format, key records, the atomic key store, lifecycle operations.
-//! - [`admin`]: the admin listener.
+//! - [`admin`]: the admin listener and its key-management API.
+//! - [`audit`]: the append-only audit log.
 //! - [`body`], [`clock`], [`demo`]: streaming bodies, injected time, the demo.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod clock;

@@ -1,7 +1,7 @@
 //! The spine: one function that runs the stages in the contract's order. Each stage is a
 //! plain function that either passes the request on or returns a [`Rejection`].
 //!
-//! client address → route → credential → lookup → policy → rate limit → forward
+//! client address → route → credential → lookup → policy → rate limit → usage → forward
 
 pub mod authorize;
 pub mod client_ip;
@@ -10,12 +10,13 @@ pub mod forward;
 pub mod rate_limit;
 pub mod route;
 pub mod scope;
+pub mod usage;
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::HOST;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -40,16 +41,27 @@ pub async fn handle(
         .then(|| forward::trusted_request_id(req.headers()))
         .flatten()
         .unwrap_or_else(|| gw.request_ids.next());
-
     let span = tracing::debug_span!("request", id = ?request_id, method = %req.method());
-    let _entered = span.enter();
-    let admission = match admit(&snapshot, &gw.clock, &req, peer) {
+    let entered = span.enter();
+
+    let client = client_ip::resolve(peer_ip, req.headers(), &snapshot.trusted_proxies);
+    let admission = match admit(&snapshot, &gw.clock, &req, client) {
         Ok(a) => a,
-        Err(rejection) => {
-            tracing::debug!(code = rejection.code(), peer = %peer_ip, "refused");
-            return rejection.into_response(Some(request_id));
+        Err(refused) => {
+            let key_id = refused.key.map(|k| k.id.as_str());
+            tracing::debug!(code = refused.rejection.code(), client = %client, key_id, "refused");
+            if refused.rejection.status() == StatusCode::UNAUTHORIZED {
+                gw.audit.auth_failed(
+                    gw.clock.unix_secs(),
+                    client,
+                    refused.rejection.code(),
+                    key_id,
+                );
+            }
+            return refused.rejection.into_response(Some(request_id));
         }
     };
+    drop(entered);
     let decision = forward::Forward {
         route: admission.route,
         key: admission.key,
@@ -60,7 +72,6 @@ pub async fn handle(
         rate: admission.rate,
         x_api_key: snapshot.x_api_key,
     };
-    drop(_entered);
     match forward::forward(&snapshot.upstream, decision, req)
         .instrument(span)
         .await
@@ -83,15 +94,30 @@ pub struct Admission<'s> {
     pub rate: Option<RateHeaders>,
 }
 
-/// Decides whether a request may go upstream, in the contract's order. Synchronous and
-/// free of I/O, so it can be tested and benchmarked on its own.
+/// A refused request, with the key when the refusal came after it was identified.
+#[derive(Debug)]
+pub struct Refused<'s> {
+    pub rejection: Rejection,
+    pub key: Option<&'s KeyEntry>,
+}
+
+impl From<Rejection> for Refused<'_> {
+    fn from(rejection: Rejection) -> Self {
+        Refused {
+            rejection,
+            key: None,
+        }
+    }
+}
+
+/// Decides whether a request from `client` may go upstream, in the contract's order.
+/// Synchronous and free of I/O, so it can be tested and benchmarked on its own.
 pub fn admit<'s, B>(
     snapshot: &'s Snapshot,
     clock: &Clock,
     req: &Request<B>,
-    peer: SocketAddr,
-) -> Result<Admission<'s>, Rejection> {
-    let client = client_ip::resolve(peer.ip(), req.headers(), &snapshot.trusted_proxies);
+    client: IpAddr,
+) -> Result<Admission<'s>, Refused<'s>> {
     let path = route::normalize_path(req.uri().path())?;
     let host = req
         .headers()
@@ -104,9 +130,15 @@ pub fn admit<'s, B>(
         .ok_or(Rejection::NoRoute)?;
     let token = credential::extract(req.headers(), snapshot.x_api_key)?;
     let key = credential::identify(snapshot, token)?;
-    authorize::authorize(key, route, client, req.method(), &path, clock.unix_secs())?;
+    let now = clock.unix_secs();
+    key.usage.record(now, client);
+    let refused = |rejection| Refused {
+        rejection,
+        key: Some(key),
+    };
+    authorize::authorize(key, route, client, req.method(), &path, now).map_err(refused)?;
     let rate = match &key.limiter {
-        Some(limiter) => Some(rate_limit::admit(limiter, clock)?),
+        Some(limiter) => Some(rate_limit::admit(limiter, clock).map_err(refused)?),
         None => None,
     };
     Ok(Admission {

@@ -37,6 +37,14 @@ pub enum Rejection {
     NotFound,
     MethodNotAllowed,
     ReloadFailed(Vec<ConfigError>),
+    /// A request body or parameter is wrong; `field` names it when one is to blame.
+    InvalidRequest {
+        field: Option<String>,
+        detail: String,
+    },
+    KeyNotFound,
+    KeyRevoked,
+    KeyLimitReached(String),
     /// Something that should not happen. It is logged where it happens; the client learns
     /// nothing of it.
     Internal,
@@ -99,6 +107,10 @@ impl Rejection {
             NotFound => (S::NOT_FOUND, "not_found", problem!(404, "Not Found", "not_found", "There is nothing at this path.")),
             MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", problem!(405, "Method Not Allowed", "method_not_allowed", "This path does not take this method.")),
             ReloadFailed(_) => (S::UNPROCESSABLE_ENTITY, "invalid_config", ""),
+            InvalidRequest { .. } => (S::BAD_REQUEST, "invalid_request", ""),
+            KeyNotFound => (S::NOT_FOUND, "key_not_found", problem!(404, "Not Found", "key_not_found", "No key has this id.")),
+            KeyRevoked => (S::CONFLICT, "key_revoked", problem!(409, "Conflict", "key_revoked", "The key is revoked, and a revoked key cannot be changed or enabled again.")),
+            KeyLimitReached(_) => (S::CONFLICT, "key_limit_reached", ""),
             Internal => (S::INTERNAL_SERVER_ERROR, "internal", problem!(500, "Internal Server Error", "internal", "The gateway failed to handle the request.")),
         }
     }
@@ -108,6 +120,15 @@ impl Rejection {
         let (status, _, body) = self.parts();
         let body = match &self {
             Rejection::ReloadFailed(errors) => Bytes::from(reload_failed_body(errors)),
+            Rejection::InvalidRequest { field, detail } => Bytes::from(dynamic_body(
+                status,
+                "invalid_request",
+                detail,
+                field.as_deref(),
+            )),
+            Rejection::KeyLimitReached(detail) => {
+                Bytes::from(dynamic_body(status, "key_limit_reached", detail, None))
+            }
             _ => Bytes::from_static(body.as_bytes()),
         };
         let mut response = Response::new(ResponseBody::full(body));
@@ -128,6 +149,46 @@ impl Rejection {
             _ => {}
         }
         response
+    }
+}
+
+fn dynamic_body(status: StatusCode, code: &str, detail: &str, field: Option<&str>) -> Vec<u8> {
+    let mut body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or(""),
+        "status": status.as_u16(),
+        "detail": detail,
+        "code": code,
+    });
+    if let Some(field) = field {
+        body["field"] = field.into();
+    }
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Lifecycle errors as refusals. Store and I/O failures are logged here and answered
+/// blandly, so nothing about the machine leaks.
+impl From<crate::keys::KeyError> for Rejection {
+    fn from(e: crate::keys::KeyError) -> Self {
+        use crate::keys::KeyError as K;
+        match e {
+            K::Invalid { field, message } => Rejection::InvalidRequest {
+                field: Some(field.to_string()),
+                detail: message,
+            },
+            K::Import(message) => Rejection::InvalidRequest {
+                field: Some("keys".into()),
+                detail: message,
+            },
+            K::NotFound(_) => Rejection::KeyNotFound,
+            K::Revoked(_) => Rejection::KeyRevoked,
+            e @ K::LimitReached { .. } => Rejection::KeyLimitReached(e.to_string()),
+            K::Store(errors) => Rejection::ReloadFailed(errors),
+            e @ (K::Io(_) | K::Random(_)) => {
+                tracing::error!(error = %e, "key store operation failed");
+                Rejection::Internal
+            }
+        }
     }
 }
 
@@ -174,6 +235,8 @@ mod tests {
             NotFound,
             MethodNotAllowed,
             Internal,
+            KeyNotFound,
+            KeyRevoked,
         ] {
             let (status, code, body) = r.parts();
             let v: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -181,6 +244,25 @@ mod tests {
             assert_eq!(v["code"], code);
             assert!(v["detail"].as_str().unwrap().len() > 10);
         }
+    }
+
+    #[test]
+    fn dynamic_refusals_name_their_field() {
+        let r = Rejection::InvalidRequest {
+            field: Some("scopes".into()),
+            detail: "bad \"scope\"".into(),
+        };
+        let resp = r.into_response(None);
+        assert_eq!(resp.status(), 400);
+        let ResponseBody::Full(Some(body)) = resp.into_body() else {
+            panic!("a full body")
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (v["code"].as_str(), v["field"].as_str()),
+            (Some("invalid_request"), Some("scopes"))
+        );
+        assert_eq!(v["detail"], "bad \"scope\"");
     }
 
     #[test]

@@ -13,8 +13,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::audit::AuditEvent;
 use crate::config::ConfigError;
 use crate::server::Gateway;
+use crate::snapshot::Fingerprint;
 
 /// What a successful reload put in force.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -24,12 +26,49 @@ pub struct ReloadOutcome {
     pub routes: usize,
 }
 
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger<'a> {
+    /// The config file or key store changed on disk.
+    FileWatch,
+    Sighup,
+    /// `POST /v1/reload`, by the named admin token.
+    Admin(&'a str),
+    /// A key change through the admin API, made live before the API answers.
+    KeyChange(&'a str),
+}
+
+impl Trigger<'_> {
+    fn actor(&self) -> &str {
+        match self {
+            Trigger::FileWatch => "file watch",
+            Trigger::Sighup => "sighup",
+            Trigger::Admin(actor) | Trigger::KeyChange(actor) => actor,
+        }
+    }
+
+    /// An operator's explicit reload always rebuilds; the others skip files that have not
+    /// changed since the snapshot in force was read.
+    fn forced(&self) -> bool {
+        matches!(self, Trigger::Sighup | Trigger::Admin(_))
+    }
+}
+
 /// Rebuilds the snapshot from the files and swaps it in if it is valid.
 pub async fn reload(
     gw: &Arc<Gateway>,
-    cause: &'static str,
+    trigger: Trigger<'_>,
 ) -> Result<ReloadOutcome, Vec<ConfigError>> {
     let _one_at_a_time = gw.reload_lock.lock().await;
+    let current = gw.snapshot.load_full();
+    let outcome_of = |s: &crate::snapshot::Snapshot| ReloadOutcome {
+        generation: s.generation,
+        keys: s.key_count(),
+        routes: s.routes.len(),
+    };
+    if !trigger.forced() && Fingerprint::current(&current) == current.fingerprint {
+        return Ok(outcome_of(&current));
+    }
     let builder = gw.clone();
     let built = tokio::task::spawn_blocking(move || builder.build_next())
         .await
@@ -39,29 +78,40 @@ pub async fn reload(
                 format!("reload task failed: {e}"),
             )])
         });
+    let actor = trigger.actor();
+    let now = gw.clock.unix_secs();
     match built {
         Ok(snapshot) => {
-            let outcome = ReloadOutcome {
-                generation: snapshot.generation,
-                keys: snapshot.key_count(),
-                routes: snapshot.routes.len(),
-            };
+            let outcome = outcome_of(&snapshot);
             gw.install(snapshot);
             gw.reloads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
-                cause,
+                actor,
                 generation = outcome.generation,
                 keys = outcome.keys,
                 routes = outcome.routes,
                 "reloaded"
             );
+            if !matches!(trigger, Trigger::KeyChange(_)) {
+                gw.audit.record(
+                    &AuditEvent::new(now, actor, "config.reloaded").reason(format!(
+                        "generation {}: {} keys, {} routes",
+                        outcome.generation, outcome.keys, outcome.routes
+                    )),
+                );
+            }
             Ok(outcome)
         }
         Err(errors) => {
             gw.reload_failures.fetch_add(1, Ordering::Relaxed);
             for e in &errors {
-                tracing::error!(cause, error = %e, "reload refused; the running snapshot stays in force");
+                tracing::error!(actor, error = %e, "reload refused; the running snapshot stays in force");
             }
+            let first = errors.first().map(|e| e.to_string()).unwrap_or_default();
+            gw.audit.record(
+                &AuditEvent::new(now, actor, "config.reload_failed")
+                    .failed(format!("{} problem(s); the first: {first}", errors.len())),
+            );
             Err(errors)
         }
     }
@@ -99,7 +149,7 @@ pub fn watch_files(
             while let Ok(Some(p)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
                 relevant |= is_watched_file(&gw, &p);
             }
-            if relevant && reload(&gw, "file change").await.is_ok() {
+            if relevant && reload(&gw, Trigger::FileWatch).await.is_ok() {
                 if let Err(e) = watch_dirs(&gw, &mut watcher, &mut watched) {
                     tracing::warn!(error = %e, "cannot watch the key store's new folder");
                 }

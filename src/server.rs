@@ -18,18 +18,23 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::audit::Audit;
 use crate::clock::Clock;
-use crate::config::ConfigError;
+use crate::config::{Config, ConfigError};
 use crate::pipeline::forward::RequestIds;
 use crate::pipeline::rate_limit::Limiters;
+use crate::pipeline::usage::UsageBook;
 use crate::snapshot::{BuildContext, ListenerSettings, Snapshot};
 
-/// Everything the listeners share: the snapshot in force, the clock, the limiters.
+/// Everything the listeners share: the snapshot in force, the clock, and the state that
+/// outlives snapshots (limiters, usage, the audit log).
 #[derive(Debug)]
 pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
     pub clock: Clock,
     pub limiters: Limiters,
+    pub usage: UsageBook,
+    pub audit: Audit,
     pub request_ids: RequestIds,
     pub config_path: PathBuf,
     env_admin_token: Option<[u8; 32]>,
@@ -42,17 +47,28 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds generation 1 from the config at `config_path`.
+    /// Opens the audit log and usage book and builds generation 1 from the config.
     pub fn new(config_path: &Path, clock: Clock) -> Result<Arc<Gateway>, Vec<ConfigError>> {
+        let config = Config::load(config_path)?;
         let env_admin_token = std::env::var("KEYGATE_ADMIN_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
             .map(|t| crate::keys::format::hash(&t));
+        let audit_path = config.audit_path(config_path);
+        let audit = Audit::open(audit_path.clone(), config.audit.auth_failures_per_minute)
+            .map_err(|e| {
+                vec![ConfigError::whole_file(
+                    &audit_path,
+                    format!("cannot open the audit log: {e}"),
+                )]
+            })?;
+        let usage = UsageBook::open(config.usage_path(config_path));
         let limiters = Limiters::new(clock.clone());
         let snapshot = Snapshot::load(&BuildContext {
             config_path,
             generation: 1,
             limiters: &limiters,
+            usage: &usage,
             previous: None,
             env_admin_token,
         })?;
@@ -61,6 +77,8 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             clock,
             limiters,
+            usage,
+            audit,
             request_ids: RequestIds::new(),
             config_path: config_path.to_path_buf(),
             env_admin_token,
@@ -78,6 +96,7 @@ impl Gateway {
             config_path: &self.config_path,
             generation: current.generation + 1,
             limiters: &self.limiters,
+            usage: &self.usage,
             previous: Some(&current),
             env_admin_token: self.env_admin_token,
         })
@@ -86,8 +105,40 @@ impl Gateway {
     /// Puts a built snapshot in force.
     pub(crate) fn install(&self, snapshot: Snapshot) {
         self.limiters.commit(snapshot.limiters());
+        self.usage.retain(|id| snapshot.has_key_id(id));
         self.snapshot.store(Arc::new(snapshot));
     }
+
+    /// Writes out usage and closes the audit log's sampling windows. Blocking.
+    pub fn housekeeping(&self) {
+        if let Err(e) = self.usage.flush() {
+            tracing::warn!(error = %e, "usage flush failed; will retry");
+        }
+        self.audit.sweep(self.clock.unix_secs());
+    }
+}
+
+/// Flushes usage and sweeps the audit log every `flush_interval`, and once more at shutdown.
+async fn housekeeping(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>) {
+    let every =
+        crate::config::units::parse_duration(&gw.snapshot.load().config.usage.flush_interval)
+            .unwrap_or(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let g = gw.clone();
+        let _ = tokio::task::spawn_blocking(move || g.housekeeping()).await;
+    }
+    let g = gw.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        g.housekeeping();
+        g.audit.flush();
+    })
+    .await;
 }
 
 /// A started gateway: its bound addresses, and the handle that stops it.
@@ -124,6 +175,7 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
             stop.clone(),
         )),
     ];
+    tasks.push(tokio::spawn(housekeeping(gateway.clone(), stop.clone())));
     if watch {
         match crate::reload::watch_files(gateway.clone(), stop.clone()) {
             Ok(task) => tasks.push(task),
@@ -171,7 +223,7 @@ impl Running {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    let _ = crate::reload::reload(&self.gateway, "sighup").await;
+                    let _ = crate::reload::reload(&self.gateway, crate::reload::Trigger::Sighup).await;
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,

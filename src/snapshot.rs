@@ -21,6 +21,7 @@ use crate::pipeline::forward::{PoolSettings, UpstreamClient};
 use crate::pipeline::rate_limit::{KeyLimiter, Limiters, RatePolicy};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
 use crate::pipeline::scope::{Scope, ScopeSet};
+use crate::pipeline::usage::{KeyUsage, UsageBook};
 
 /// One key, compiled for the request path.
 #[derive(Debug)]
@@ -34,6 +35,7 @@ pub struct KeyEntry {
     pub scopes: ScopeSet,
     pub allowed_cidrs: CidrSet,
     pub limiter: Option<Arc<KeyLimiter>>,
+    pub usage: Arc<KeyUsage>,
     pub id_header: HeaderValue,
     pub namespace_header: HeaderValue,
     pub environment_header: HeaderValue,
@@ -92,10 +94,17 @@ pub struct ListenerSettings {
 #[derive(Debug)]
 pub struct Snapshot {
     pub generation: u64,
+    /// What the config file and key store were when this snapshot was read.
+    pub fingerprint: Fingerprint,
     keys: KeyMap,
+    ids: HashSet<String>,
     pub routes: RouteTable,
     pub trusted_proxies: CidrSet,
     pub x_api_key: bool,
+    /// Some keys were imported: a token that is not in keygate's format may still be one,
+    /// unless it starts like a keygate key (`prefix_bases`).
+    pub accepts_unformatted: bool,
+    pub prefix_bases: Vec<String>,
     pub admin_tokens: Vec<AdminToken>,
     pub upstream: UpstreamClient,
     pub listeners: ListenerSettings,
@@ -104,11 +113,52 @@ pub struct Snapshot {
     pub keys_path: PathBuf,
 }
 
+/// Identity of a file's content as the file system sees it: an atomic write makes a new
+/// inode, and any edit changes the length or the modification time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_nanos: i128,
+}
+
+impl FileStamp {
+    /// The stamp of `path`; a missing file has the default stamp.
+    pub fn of(path: &Path) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).map_or(FileStamp::default(), |m| FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_nanos: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// The stamps of the config file and the key store a snapshot was read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub config: FileStamp,
+    pub store: FileStamp,
+}
+
+impl Fingerprint {
+    /// The files as they are now, named by the snapshot's paths.
+    pub fn current(snapshot: &Snapshot) -> Fingerprint {
+        Fingerprint {
+            config: FileStamp::of(&snapshot.config_path),
+            store: FileStamp::of(&snapshot.keys_path),
+        }
+    }
+}
+
 /// What a build needs besides the files.
 pub struct BuildContext<'a> {
     pub config_path: &'a Path,
     pub generation: u64,
     pub limiters: &'a Limiters,
+    pub usage: &'a UsageBook,
     /// The snapshot in force, whose upstream pool is reused when its settings are unchanged.
     pub previous: Option<&'a Snapshot>,
     /// SHA-256 of the `KEYGATE_ADMIN_TOKEN` environment variable, if set.
@@ -118,6 +168,10 @@ pub struct BuildContext<'a> {
 impl Snapshot {
     pub fn key_by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
         self.keys.get(&KeyHash(*hash))
+    }
+
+    pub fn has_key_id(&self, id: &str) -> bool {
+        self.ids.contains(id)
     }
 
     pub fn key_count(&self) -> usize {
@@ -133,16 +187,24 @@ impl Snapshot {
 
     /// Reads, parses and validates the config and its key store, reporting every problem.
     pub fn load(ctx: &BuildContext<'_>) -> Result<Snapshot, Vec<ConfigError>> {
+        let config_fingerprint = FileStamp::of(ctx.config_path);
         let config_src = read_source(ctx.config_path)?;
         let config: Config = parse_yaml(ctx.config_path, &config_src)?;
         let keys_path = config.keys_path(ctx.config_path);
+        let fingerprint = Fingerprint {
+            config: config_fingerprint,
+            store: FileStamp::of(&keys_path),
+        };
         let store = Store::new(&keys_path).load();
         let (records, store_src, mut errors) = match store {
             Ok((file, src)) => (file.keys, src, Vec::new()),
             Err(e) => (Vec::new(), String::new(), e),
         };
         match Self::assemble(ctx, config, &records) {
-            Ok(snapshot) if errors.is_empty() => Ok(snapshot),
+            Ok(snapshot) if errors.is_empty() => Ok(Snapshot {
+                fingerprint,
+                ..snapshot
+            }),
             Ok(_) => Err(errors),
             Err((config_problems, key_problems)) => {
                 let mut all = config_problems.locate(ctx.config_path, &config_src);
@@ -176,17 +238,21 @@ impl Snapshot {
         let mut config_problems = Problems::default();
         let mut key_problems = Problems::default();
         let compiled = compile_config(&config, ctx, &mut config_problems);
-        let keys = compile_keys(records, &config, ctx.limiters, &mut key_problems);
+        let keys = compile_keys(records, &config, ctx, &mut key_problems);
         let compiled = match compiled {
             Some(c) if key_problems.is_empty() => c,
             _ => return Err((config_problems, key_problems)),
         };
         Ok(Snapshot {
             generation: ctx.generation,
+            fingerprint: Fingerprint::default(),
+            ids: keys.values().map(|k| k.id.clone()).collect(),
             keys,
             routes: compiled.routes,
             trusted_proxies: compiled.trusted_proxies,
             x_api_key: config.x_api_key,
+            accepts_unformatted: records.iter().any(|r| r.imported),
+            prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
             upstream: compiled.upstream,
             listeners: compiled.listeners,
@@ -266,6 +332,9 @@ fn compile_config(
         "upstream.pool_idle_timeout",
         p,
     );
+    duration(&config.usage.flush_interval, "usage.flush_interval", p);
+    duration(&config.rotation.quiet_period, "rotation.quiet_period", p);
+    duration(&config.rotation.default_grace, "rotation.default_grace", p);
     if max_header_size.is_some_and(|n| !(8192..=16 << 20).contains(&n)) {
         p.push("limits.max_header_size", "must be between 8KiB and 16MiB");
     }
@@ -371,7 +440,7 @@ fn compile_config(
 fn compile_keys(
     records: &[KeyRecord],
     config: &Config,
-    limiters: &Limiters,
+    ctx: &BuildContext<'_>,
     p: &mut Problems,
 ) -> KeyMap {
     let mut keys = KeyMap::with_capacity_and_hasher(records.len(), Default::default());
@@ -400,7 +469,7 @@ fn compile_keys(
                 bad("hash", "another key has the same hash".into(), p);
             }
         }
-        if !format::valid_prefix(&r.prefix) {
+        if !(format::valid_prefix(&r.prefix) || (r.imported && r.prefix.is_empty())) {
             bad(
                 "prefix",
                 format!("`{}` is not a valid key prefix", r.prefix),
@@ -477,7 +546,7 @@ fn compile_keys(
         else {
             continue;
         };
-        let limiter = policy.map(|policy| limiters.limiter_for(&r.id, policy));
+        let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
         keys.insert(
             hash,
             KeyEntry {
@@ -489,6 +558,7 @@ fn compile_keys(
                 scopes: ScopeSet::new(scopes),
                 allowed_cidrs,
                 limiter,
+                usage: ctx.usage.for_key(&r.id),
                 id_header,
                 namespace_header,
                 environment_header,

@@ -12,7 +12,7 @@ fn setup() -> tempfile::TempDir {
     let routes = route("/", "127.0.0.1:9".parse().unwrap(), "production", "");
     write(
         &dir.path().join("keygate.yaml"),
-        &config_yaml(&routes, "tiers:\n  pro: {max_keys: 10}\nnamespaces:\n  acme: {tier: pro}\n  globex: {prefix: globex}"),
+        &config_yaml(&routes, "tiers:\n  pro: {max_keys: 10}\n  enterprise: {}\nnamespaces:\n  acme: {tier: enterprise}\n  globex: {prefix: globex}"),
     );
     dir
 }

@@ -93,8 +93,10 @@ async fn every_refusal_code_is_answered_before_the_upstream() {
     let (_, good) = gw.create_key(new_key("acme", "production")).await;
     let (revoked, revoked_secret) = gw.create_key(new_key("acme", "production")).await;
     let (disabled, disabled_secret) = gw.create_key(new_key("acme", "production")).await;
-    keys::set_status(&gw.store(), &revoked.id, Status::Revoked).unwrap();
-    keys::set_status(&gw.store(), &disabled.id, Status::Inactive).unwrap();
+    gw.with_op(|op| keys::set_status(op, &revoked.id, Status::Revoked))
+        .unwrap();
+    gw.with_op(|op| keys::set_status(op, &disabled.id, Status::Inactive))
+        .unwrap();
     let (_, expiring) = gw
         .create_key(NewKey {
             expires: Some("1h".into()),

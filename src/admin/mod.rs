@@ -1,20 +1,78 @@
-//! The admin listener: health, readiness and reload. Every route but the probes needs an
-//! admin token (`Authorization: Bearer <token>`), compared in constant time against the
-//! SHA-256 of each configured token.
+//! The admin listener: probes, reload, and the key-management API. Every route but the probes
+//! and the OpenAPI document needs an admin token (`Authorization: Bearer <token>`), compared
+//! in constant time against the SHA-256 of each configured token. The token's name is the
+//! actor in the audit log.
 
-use std::net::SocketAddr;
+mod keys;
+
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
 
+use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
 use crate::keys::format;
 use crate::rejection::Rejection;
+use crate::reload::Trigger;
 use crate::server::Gateway;
 use crate::snapshot::AdminToken;
+
+/// Every admin endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Healthz,
+    Readyz,
+    OpenApi,
+    Reload,
+    ListKeys,
+    CreateKey,
+    GetKey,
+    UpdateKey,
+    RevokeKey,
+    RegenerateKey,
+    RotateKey,
+    DisableKey,
+    EnableKey,
+    Namespaces,
+    Audit,
+}
+
+/// The routing table: method, path template, endpoint. The OpenAPI document is checked
+/// against it in the tests, both ways.
+pub const ROUTES: &[(&str, &str, Endpoint)] = &[
+    ("GET", "/healthz", Endpoint::Healthz),
+    ("GET", "/readyz", Endpoint::Readyz),
+    ("GET", "/v1/openapi.json", Endpoint::OpenApi),
+    ("POST", "/v1/reload", Endpoint::Reload),
+    ("GET", "/v1/api-keys", Endpoint::ListKeys),
+    ("POST", "/v1/api-keys", Endpoint::CreateKey),
+    ("GET", "/v1/api-keys/{id}", Endpoint::GetKey),
+    ("PATCH", "/v1/api-keys/{id}", Endpoint::UpdateKey),
+    ("DELETE", "/v1/api-keys/{id}", Endpoint::RevokeKey),
+    (
+        "POST",
+        "/v1/api-keys/{id}/regenerate",
+        Endpoint::RegenerateKey,
+    ),
+    ("POST", "/v1/api-keys/{id}/rotate", Endpoint::RotateKey),
+    ("POST", "/v1/api-keys/{id}/disable", Endpoint::DisableKey),
+    ("POST", "/v1/api-keys/{id}/enable", Endpoint::EnableKey),
+    ("GET", "/v1/namespaces", Endpoint::Namespaces),
+    ("GET", "/v1/audit", Endpoint::Audit),
+];
+
+/// The OpenAPI 3.1 document for this API, kept in the repository.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Largest admin request body.
+const MAX_BODY: usize = 1 << 20;
 
 /// Handles one admin request.
 pub async fn handle(
@@ -22,29 +80,73 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
-    match route(gw, &req).await {
+    let peer_ip = peer.ip().to_canonical();
+    let path = req.uri().path().to_string();
+    match route(gw, req, peer_ip).await {
         Ok(response) => response,
         Err(rejection) => {
-            tracing::debug!(code = rejection.code(), peer = %peer, path = req.uri().path(), "admin call refused");
+            tracing::debug!(code = rejection.code(), peer = %peer_ip, path, "admin call refused");
             rejection.into_response(None)
+        }
+    }
+}
+
+/// A request no route takes: `allowed` lists the methods the path does take (empty: 404;
+/// otherwise 405 with `Allow`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unmatched {
+    pub allowed: Vec<&'static str>,
+}
+
+/// Finds the endpoint for a method and path, with the `{id}` it captured.
+pub fn match_route(method: &Method, path: &str) -> Result<(Endpoint, Option<String>), Unmatched> {
+    let mut allowed = Vec::new();
+    for &(m, template, endpoint) in ROUTES {
+        if let Some(id) = match_template(template, path) {
+            if m == method.as_str() {
+                return Ok((endpoint, id));
+            }
+            allowed.push(m);
+        }
+    }
+    Err(Unmatched { allowed })
+}
+
+/// `Some(captured id)` if `path` fits `template` (`Some(None)` when it has no `{id}`).
+fn match_template(template: &str, path: &str) -> Option<Option<String>> {
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    let mut id = None;
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(id),
+            (Some("{id}"), Some(seg)) if !seg.is_empty() => id = Some(seg.to_string()),
+            (Some(a), Some(b)) if a == b => {}
+            _ => return None,
         }
     }
 }
 
 async fn route(
     gw: &Arc<Gateway>,
-    req: &Request<Incoming>,
+    req: Request<Incoming>,
+    peer: IpAddr,
 ) -> Result<Response<ResponseBody>, Rejection> {
-    let path = req.uri().path();
-    let method = req.method();
-    match path {
-        "/healthz" => {
-            only(method, &Method::GET)?;
-            return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    let (endpoint, id) = match match_route(req.method(), req.uri().path()) {
+        Ok(found) => found,
+        Err(Unmatched { allowed }) if allowed.is_empty() => return Err(Rejection::NotFound),
+        Err(Unmatched { allowed }) => {
+            let mut response = Rejection::MethodNotAllowed.into_response(None);
+            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                response.headers_mut().insert(ALLOW, v);
+            }
+            return Ok(response);
         }
-        "/readyz" => {
-            only(method, &Method::GET)?;
-            let snapshot = gw.snapshot.load();
+    };
+    match endpoint {
+        Endpoint::Healthz => return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        Endpoint::Readyz => {
+            let generation = gw.snapshot.load().generation;
             return Ok(if gw.draining.load(Ordering::SeqCst) {
                 json(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -53,32 +155,110 @@ async fn route(
             } else {
                 json(
                     StatusCode::OK,
-                    &serde_json::json!({"status": "ready", "generation": snapshot.generation}),
+                    &serde_json::json!({"status": "ready", "generation": generation}),
                 )
             });
         }
+        Endpoint::OpenApi => {
+            let mut response =
+                Response::new(ResponseBody::full(Bytes::from_static(OPENAPI.as_bytes())));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return Ok(response);
+        }
         _ => {}
     }
-    let actor = authenticate(&gw.snapshot.load().admin_tokens, req)?;
-    match path {
-        "/v1/reload" => {
-            only(method, &Method::POST)?;
-            tracing::info!(actor = %actor, "reload requested");
-            match crate::reload::reload(gw, "admin").await {
-                Ok(outcome) => Ok(json(StatusCode::OK, &outcome)),
-                Err(errors) => Err(Rejection::ReloadFailed(errors)),
-            }
+    let actor = match authenticate(&gw.snapshot.load().admin_tokens, &req) {
+        Ok(actor) => actor,
+        Err(rejection) => {
+            gw.audit
+                .auth_failed(gw.clock.unix_secs(), peer, "invalid_admin_token", None);
+            return Err(rejection);
         }
-        _ => Err(Rejection::NotFound),
+    };
+    let call = Call {
+        gw,
+        actor,
+        peer,
+        id: id.unwrap_or_default(),
+    };
+    let query = req.uri().query().unwrap_or("").to_string();
+    match endpoint {
+        Endpoint::Reload => match crate::reload::reload(gw, Trigger::Admin(&call.actor)).await {
+            Ok(outcome) => Ok(json(StatusCode::OK, &outcome)),
+            Err(errors) => Err(Rejection::ReloadFailed(errors)),
+        },
+        Endpoint::ListKeys => keys::list(&call, &query).await,
+        Endpoint::GetKey => keys::get(&call).await,
+        Endpoint::CreateKey => keys::create(&call, read_json(req).await?).await,
+        Endpoint::UpdateKey => keys::update(&call, read_json(req).await?).await,
+        Endpoint::RevokeKey => keys::set_status(&call, crate::keys::Status::Revoked).await,
+        Endpoint::DisableKey => keys::set_status(&call, crate::keys::Status::Inactive).await,
+        Endpoint::EnableKey => keys::set_status(&call, crate::keys::Status::Active).await,
+        Endpoint::RegenerateKey => keys::regenerate(&call).await,
+        Endpoint::RotateKey => keys::rotate(&call, read_json_or_empty(req).await?).await,
+        Endpoint::Namespaces => keys::namespaces(&call).await,
+        Endpoint::Audit => keys::audit(&call, &query).await,
+        Endpoint::Healthz | Endpoint::Readyz | Endpoint::OpenApi => Err(Rejection::Internal),
     }
 }
 
-fn only(method: &Method, allowed: &Method) -> Result<(), Rejection> {
-    if method == allowed {
-        Ok(())
-    } else {
-        Err(Rejection::MethodNotAllowed)
+/// One authenticated admin call.
+pub(crate) struct Call<'a> {
+    pub gw: &'a Arc<Gateway>,
+    pub actor: String,
+    pub peer: IpAddr,
+    /// The `{id}` of the path, or empty.
+    pub id: String,
+}
+
+impl Call<'_> {
+    pub fn audit(&self, event: AuditEvent) {
+        self.gw.audit.record(&event.ip(Some(self.peer)));
     }
+}
+
+/// Reads a JSON body of at most 1 MiB into `T`, naming the field at fault on error.
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
+    let bytes = read_body(req).await?;
+    parse_json(&bytes)
+}
+
+/// Like [`read_json`], but an empty body reads as `{}`.
+async fn read_json_or_empty<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
+    let bytes = read_body(req).await?;
+    parse_json(if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    })
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Rejection> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
+        Err(_) => Err(Rejection::InvalidRequest {
+            field: None,
+            detail: "the request body could not be read".into(),
+        }),
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let detail = e.to_string();
+        let field = detail
+            .split('`')
+            .nth(1)
+            .filter(|_| detail.starts_with("unknown field") || detail.starts_with("missing field"))
+            .map(String::from);
+        Rejection::InvalidRequest {
+            field,
+            detail: format!("invalid JSON body: {detail}"),
+        }
+    })
 }
 
 /// The name of the admin token presented, or a refusal. Every configured token is compared,
@@ -114,7 +294,8 @@ pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ResponseBody> {
+/// A JSON answer.
+pub(crate) fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ResponseBody> {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(ResponseBody::full(body));
     *response.status_mut() = status;
@@ -160,5 +341,25 @@ mod tests {
         assert!(constant_time_eq(&a, &b));
         b[31] = 8;
         assert!(!constant_time_eq(&a, &b));
+    }
+
+    #[test]
+    fn routes_match_templates_and_methods() {
+        let (e, id) = match_route(&Method::POST, "/v1/api-keys/ab12cd34/rotate").unwrap();
+        assert_eq!((e, id.as_deref()), (Endpoint::RotateKey, Some("ab12cd34")));
+        assert_eq!(
+            match_route(&Method::GET, "/v1/api-keys").unwrap().0,
+            Endpoint::ListKeys
+        );
+        let unmatched = match_route(&Method::PUT, "/v1/api-keys/x").unwrap_err();
+        assert_eq!(unmatched.allowed, ["GET", "PATCH", "DELETE"]);
+        assert!(match_route(&Method::GET, "/v1/api-keys//rotate")
+            .unwrap_err()
+            .allowed
+            .is_empty());
+        assert!(match_route(&Method::GET, "/v2")
+            .unwrap_err()
+            .allowed
+            .is_empty());
     }
 }

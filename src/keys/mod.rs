@@ -1,36 +1,41 @@
 //! Keys: the format (generate, checksum, parse), the records kept in the store, and the
-//! lifecycle operations that the CLI and the admin API share.
+//! lifecycle operations ([`lifecycle`]) that the CLI and the admin API share.
 
 pub mod format;
+pub mod lifecycle;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{parse_rfc3339, rfc3339};
-use crate::config::units::parse_rate;
 use crate::config::Config;
-use crate::pipeline::client_ip::parse_net;
-use crate::pipeline::scope::Scope;
+pub use lifecycle::{
+    create, import, parse_import, regenerate, rotate, set_status, update, ImportEntry, KeyPatch,
+    NewKey,
+};
 pub use store::{Store, StoreFile};
 
 /// A key's stored status. `expired` is not stored: it follows from `expires_at`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    #[default]
     Active,
     Inactive,
     Revoked,
 }
 
 /// One key as stored: everything but the key itself, of which only the hash is kept.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRecord {
-    /// The first 8 hex digits of the hash, longer only where needed to be unique.
+    /// The first 8 hex digits of the hash, longer only where needed to be unique. A
+    /// regenerated key keeps its id.
     pub id: String,
     /// `sha256:<64 hex digits>` of the whole key.
     pub hash: String,
-    /// The key's readable prefix, such as `kg_live`.
+    /// The key's readable prefix, such as `kg_live`; empty for imported keys.
+    #[serde(default)]
     pub prefix: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
@@ -56,6 +61,36 @@ pub struct KeyRecord {
     pub created_at: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// Who made the key: the admin token's name, or `cli:<user>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub created_by: String,
+    /// RFC 3339 of the last change after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// RFC 3339 of revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+    /// RFC 3339 of the last regeneration (new secret, same id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regenerated_at: Option<String>,
+    /// The key this one replaced by rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<String>,
+    /// The key that replaces this one; this one expires when the grace ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_to: Option<String>,
+    /// Brought in by `keys import`: not in keygate's format, so looked up without the
+    /// checksum pre-check.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imported: bool,
+}
+
+/// When and from where a key was last presented.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastUse {
+    /// Unix seconds.
+    pub at: i64,
+    pub ip: Option<String>,
 }
 
 impl KeyRecord {
@@ -63,22 +98,33 @@ impl KeyRecord {
     pub fn effective_status(&self, now: i64) -> &'static str {
         match self.status {
             Status::Revoked => "revoked",
-            _ if self
-                .expires_at
-                .as_deref()
-                .and_then(|t| parse_rfc3339(t).ok())
-                .is_some_and(|t| t <= now) =>
-            {
-                "expired"
-            }
+            _ if self.expires_at_unix().is_some_and(|t| t <= now) => "expired",
             Status::Active => "active",
             Status::Inactive => "inactive",
         }
     }
 
-    /// The key as users and the API see it: no hash, derived status.
-    pub fn view(&self, now: i64) -> serde_json::Value {
-        serde_json::json!({
+    /// `expires_at` as Unix seconds, when set and readable.
+    pub fn expires_at_unix(&self) -> Option<i64> {
+        self.expires_at
+            .as_deref()
+            .and_then(|t| parse_rfc3339(t).ok())
+    }
+
+    /// Counts against the namespace's tier: not revoked, not expired.
+    pub fn counts_toward_limit(&self, now: i64) -> bool {
+        matches!(self.effective_status(now), "active" | "inactive")
+    }
+
+    /// The key as users and the API see it: no hash, derived status, last use, and for a key
+    /// being rotated out, whether it has been quiet long enough to revoke.
+    pub fn view(
+        &self,
+        now: i64,
+        last_use: Option<&LastUse>,
+        quiet_period: i64,
+    ) -> serde_json::Value {
+        let mut v = serde_json::json!({
             "id": self.id,
             "name": self.name,
             "prefix": self.prefix,
@@ -91,9 +137,44 @@ impl KeyRecord {
             "expires_at": self.expires_at,
             "status": self.effective_status(now),
             "created_at": self.created_at,
-            "last_used_at": null,
+            "created_by": self.created_by,
+            "updated_at": self.updated_at,
+            "last_used_at": last_use.map(|u| rfc3339(u.at)),
+            "last_used_ip": last_use.and_then(|u| u.ip.clone()),
             "note": self.note,
-        })
+        });
+        let optional = [
+            (
+                "revoked_at",
+                self.revoked_at.clone().map(serde_json::Value::from),
+            ),
+            (
+                "regenerated_at",
+                self.regenerated_at.clone().map(Into::into),
+            ),
+            ("rotated_from", self.rotated_from.clone().map(Into::into)),
+            ("rotated_to", self.rotated_to.clone().map(Into::into)),
+            ("imported", self.imported.then_some(true.into())),
+            (
+                "safe_to_revoke",
+                self.rotated_to
+                    .as_ref()
+                    .map(|_| self.safe_to_revoke(now, last_use, quiet_period).into()),
+            ),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                v[name] = value;
+            }
+        }
+        v
+    }
+
+    /// A key being rotated out is safe to revoke once nothing has presented it for the quiet
+    /// period, or once it has expired and nothing can.
+    pub fn safe_to_revoke(&self, now: i64, last_use: Option<&LastUse>, quiet_period: i64) -> bool {
+        self.effective_status(now) == "expired"
+            || last_use.is_none_or(|u| now - u.at >= quiet_period)
     }
 }
 
@@ -109,19 +190,21 @@ pub enum KeyError {
     NotFound(String),
     #[error("key `{0}` is revoked, and a revoked key cannot be changed")]
     Revoked(String),
+    #[error("namespace `{namespace}` already has {active} of the {max} keys its tier `{tier}` allows; revoke an unused key first")]
+    LimitReached {
+        namespace: String,
+        tier: String,
+        max: u32,
+        active: usize,
+    },
+    #[error("{0}")]
+    Import(String),
     #[error("the key store is invalid, fix it first:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Store(Vec<crate::config::ConfigError>),
     #[error("the key store could not be written: {0}")]
     Io(#[from] std::io::Error),
     #[error("the OS random source failed: {0}")]
     Random(String),
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
-    KeyError::Invalid {
-        field,
-        message: message.into(),
-    }
 }
 
 /// An environment name: 1 to 32 of `a-z 0-9`.
@@ -174,143 +257,6 @@ pub fn prefix_for(config: &Config, namespace: &str, environment: &str) -> String
     format!("{base}_{tag}")
 }
 
-/// What `keys create` (and `POST /v1/api-keys`) asks for.
-#[derive(Debug, Clone, Default)]
-pub struct NewKey {
-    pub namespace: String,
-    pub environment: String,
-    pub name: String,
-    pub scopes: Vec<String>,
-    pub allowed_cidrs: Vec<String>,
-    pub rate_limit: Option<String>,
-    pub burst: Option<u32>,
-    /// RFC 3339 time, or a duration from now such as `30d`.
-    pub expires: Option<String>,
-    pub note: String,
-}
-
-impl NewKey {
-    /// Checks every field, returning the first problem with the field it names.
-    fn validate(&self, config: &Config, now: i64) -> Result<Option<i64>, KeyError> {
-        validate_namespace(&self.namespace).map_err(|e| invalid("namespace", e))?;
-        if config.strict && !config.namespaces.contains_key(&self.namespace) {
-            return Err(invalid(
-                "namespace",
-                format!(
-                    "`{}` is not declared in the config, which is strict",
-                    self.namespace
-                ),
-            ));
-        }
-        validate_environment(&self.environment).map_err(|e| invalid("environment", e))?;
-        for s in &self.scopes {
-            Scope::parse(s).map_err(|e| invalid("scopes", e))?;
-        }
-        for c in &self.allowed_cidrs {
-            parse_net(c).map_err(|e| invalid("allowed_cidrs", e))?;
-        }
-        if let Some(r) = &self.rate_limit {
-            parse_rate(r).map_err(|e| invalid("rate_limit", e))?;
-        }
-        match (self.burst, &self.rate_limit) {
-            (Some(0), _) => return Err(invalid("burst", "must be at least 1")),
-            (Some(_), None) => return Err(invalid("burst", "needs a rate limit as well")),
-            _ => {}
-        }
-        if self.name.len() > 200 || self.name.chars().any(char::is_control) {
-            return Err(invalid(
-                "name",
-                "must be at most 200 characters, with no control characters",
-            ));
-        }
-        if self.note.len() > 2000 {
-            return Err(invalid("note", "must be at most 2000 characters"));
-        }
-        let expires_at = match self.expires.as_deref() {
-            None | Some("") | Some("never") => None,
-            Some(text) => Some(parse_expiry(text, now).map_err(|e| invalid("expires_at", e))?),
-        };
-        if expires_at.is_some_and(|t| t <= now) {
-            return Err(invalid("expires_at", "must be in the future"));
-        }
-        Ok(expires_at)
-    }
-}
-
-/// An expiry given as RFC 3339 or as a duration from `now`.
-pub fn parse_expiry(text: &str, now: i64) -> Result<i64, String> {
-    if let Ok(t) = parse_rfc3339(text) {
-        return Ok(t);
-    }
-    crate::config::units::parse_duration(text)
-        .map(|d| now + d.as_secs() as i64)
-        .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration such as 30d"))
-}
-
-/// Creates a key: returns its record and the secret, which exists nowhere else.
-pub fn create(
-    store: &Store,
-    config: &Config,
-    new: NewKey,
-    now: i64,
-) -> Result<(KeyRecord, String), KeyError> {
-    let expires_at = new.validate(config, now)?;
-    let prefix = prefix_for(config, &new.namespace, &new.environment);
-    let secret = format::generate(&prefix).map_err(|e| KeyError::Random(e.to_string()))?;
-    let hash = hex(&format::hash(&secret));
-    let lock = store.lock()?;
-    let (mut file, _) = store.load().map_err(KeyError::Store)?;
-    let id = unique_id(&hash, &file.keys);
-    let record = KeyRecord {
-        id,
-        hash: format!("sha256:{hash}"),
-        prefix,
-        name: new.name,
-        namespace: new.namespace,
-        environment: new.environment,
-        scopes: new.scopes,
-        allowed_cidrs: new.allowed_cidrs,
-        rate_limit: new
-            .rate_limit
-            .map(|r| parse_rate(&r).map(|r| r.to_string()).unwrap_or(r)),
-        burst: new.burst,
-        expires_at: expires_at.map(rfc3339),
-        status: Status::Active,
-        created_at: rfc3339(now),
-        note: new.note,
-    };
-    file.keys.push(record.clone());
-    store.save(&file, &lock)?;
-    Ok((record, secret))
-}
-
-/// The first 8 hex digits of the hash, lengthened until no other key has it.
-fn unique_id(hash_hex: &str, existing: &[KeyRecord]) -> String {
-    (8..=hash_hex.len())
-        .map(|n| &hash_hex[..n])
-        .find(|id| !existing.iter().any(|r| r.id == *id))
-        .unwrap_or(hash_hex)
-        .to_string()
-}
-
-/// Sets a key's status: disable, enable or revoke. Revocation is final.
-pub fn set_status(store: &Store, id: &str, status: Status) -> Result<KeyRecord, KeyError> {
-    let lock = store.lock()?;
-    let (mut file, _) = store.load().map_err(KeyError::Store)?;
-    let record = file
-        .keys
-        .iter_mut()
-        .find(|r| r.id == id)
-        .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
-    if record.status == Status::Revoked && status != Status::Revoked {
-        return Err(KeyError::Revoked(id.to_string()));
-    }
-    record.status = status;
-    let record = record.clone();
-    store.save(&file, &lock)?;
-    Ok(record)
-}
-
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -322,15 +268,17 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses `sha256:<64 hex>` (the `sha256:` is optional) into the 32 bytes. The error names the
-/// value's length only, never the value.
+/// Parses `sha256:<64 hex>` (the `sha256:` is optional) into the 32 bytes. The error names
+/// the value's length only, never the value: a pasted plaintext token must not reach a log.
 pub fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
     let hex_part = text.strip_prefix("sha256:").unwrap_or(text);
-    // The value is never repeated: a pasted plaintext token or key must not reach a log.
     let bad = || {
-        format!("must be `sha256:` followed by 64 hex digits (a {}-character value was given; it is not shown)", text.len())
+        format!(
+            "must be `sha256:` followed by 64 hex digits (a {}-character value was given; it is not shown)",
+            text.len()
+        )
     };
-    if hex_part.len() != 64 {
+    if hex_part.len() != 64 || !hex_part.is_ascii() {
         return Err(bad());
     }
     let mut out = [0u8; 32];
@@ -342,10 +290,10 @@ pub fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(id: &str) -> KeyRecord {
+    pub(crate) fn record(id: &str) -> KeyRecord {
         KeyRecord {
             id: id.into(),
             hash: format!("sha256:{}", "ab".repeat(32)),
@@ -361,14 +309,14 @@ mod tests {
             status: Status::Active,
             created_at: "2026-01-01T00:00:00Z".into(),
             note: String::new(),
+            created_by: String::new(),
+            updated_at: None,
+            revoked_at: None,
+            regenerated_at: None,
+            rotated_from: None,
+            rotated_to: None,
+            imported: false,
         }
-    }
-
-    #[test]
-    fn ids_lengthen_only_on_collision() {
-        let hash = "0123456789abcdef".repeat(4);
-        assert_eq!(unique_id(&hash, &[]), "01234567");
-        assert_eq!(unique_id(&hash, &[record("01234567")]), "012345678");
     }
 
     #[test]
@@ -389,7 +337,7 @@ mod tests {
     }
 
     #[test]
-    fn sha256_text_round_trips() {
+    fn sha256_text_round_trips_and_never_echoes() {
         let bytes = format::hash("k");
         assert_eq!(
             parse_sha256(&format!("sha256:{}", hex(&bytes))).unwrap(),
@@ -407,7 +355,26 @@ mod tests {
         let t = parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
         assert_eq!(r.effective_status(t), "active");
         assert_eq!(r.effective_status(t + day), "expired");
+        assert!(!r.counts_toward_limit(t + day));
         r.status = Status::Revoked;
         assert_eq!(r.effective_status(t + day), "revoked");
+    }
+
+    #[test]
+    fn safe_to_revoke_follows_the_quiet_period() {
+        let mut r = record("a");
+        r.rotated_to = Some("b".into());
+        let used = LastUse {
+            at: 1_000,
+            ip: None,
+        };
+        assert!(!r.safe_to_revoke(1_500, Some(&used), 3_600));
+        assert!(r.safe_to_revoke(4_600, Some(&used), 3_600));
+        assert!(
+            r.safe_to_revoke(1_500, None, 3_600),
+            "never used: nothing to wait for"
+        );
+        assert_eq!(r.view(1_500, Some(&used), 3_600)["safe_to_revoke"], false);
+        assert!(record("c").view(0, None, 1).get("safe_to_revoke").is_none());
     }
 }

@@ -44,9 +44,24 @@ pub fn extract(headers: &HeaderMap, allow_x_api_key: bool) -> Result<&str, Rejec
     Err(Rejection::MissingKey)
 }
 
-/// The key a token names: format check, then SHA-256, then one map lookup.
+/// The longest token looked up without the format check (imported keys).
+pub const MAX_IMPORTED_LEN: usize = 512;
+
+/// The key a token names: format check, then SHA-256, then one map lookup. A token not in
+/// keygate's format is looked up only if the store holds imported keys, and only if it does
+/// not start like a keygate key (those must pass their checksum).
 pub fn identify<'s>(snapshot: &'s Snapshot, token: &str) -> Result<&'s KeyEntry, Rejection> {
-    format::parse(token).map_err(|_| Rejection::MalformedKey)?;
+    if format::parse(token).is_err() {
+        let unformatted_ok = snapshot.accepts_unformatted
+            && token.len() <= MAX_IMPORTED_LEN
+            && !snapshot
+                .prefix_bases
+                .iter()
+                .any(|b| token.starts_with(b.as_str()));
+        if !unformatted_ok {
+            return Err(Rejection::MalformedKey);
+        }
+    }
     snapshot
         .key_by_hash(&format::hash(token))
         .ok_or(Rejection::UnknownKey)

@@ -229,11 +229,22 @@ impl TestGateway {
         self.dir.path().join("keys.yaml")
     }
 
+    /// Runs a lifecycle operation the way the CLI does, acting as `tests`.
+    pub fn with_op<T>(&self, f: impl FnOnce(keys::lifecycle::Op<'_>) -> T) -> T {
+        let config = Config::load(&self.config_path).unwrap();
+        let store = self.store();
+        f(keys::lifecycle::Op {
+            store: &store,
+            config: &config,
+            actor: "tests",
+            now: self.clock.unix_secs(),
+        })
+    }
+
     /// Creates a key the way the CLI does, then reloads so the test need not wait for the
     /// file watch.
     pub async fn create_key(&self, new: NewKey) -> (KeyRecord, String) {
-        let config = Config::load(&self.config_path).unwrap();
-        let made = keys::create(&self.store(), &config, new, self.clock.unix_secs()).unwrap();
+        let made = self.with_op(|op| keys::create(op, new)).unwrap();
         self.reload().await;
         made
     }

@@ -1,0 +1,492 @@
+//! The key-management routes: list, create, read, update, revoke, disable/enable,
+//! regenerate, rotate; namespaces with their tier usage; the audit log.
+//!
+//! Writes go through the same lifecycle module as the CLI, on a blocking thread, and the
+//! gateway reloads before answering, so a change is live when the API says it is done.
+
+use std::collections::BTreeMap;
+
+use http::header::{HeaderValue, LOCATION};
+use http::{Response, StatusCode};
+use serde::Deserialize;
+
+use super::{json, Call};
+use crate::audit::{self, AuditEvent};
+use crate::body::ResponseBody;
+use crate::keys::lifecycle::Op;
+use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status, Store};
+use crate::rejection::Rejection;
+use crate::reload::Trigger;
+
+type Answer = Result<Response<ResponseBody>, Rejection>;
+
+/// `POST /v1/api-keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateBody {
+    namespace: String,
+    environment: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    allowed_cidrs: Vec<String>,
+    #[serde(default)]
+    rate_limit: Option<String>,
+    #[serde(default)]
+    burst: Option<u32>,
+    /// RFC 3339, or a duration from now such as `30d`.
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    note: String,
+}
+
+/// `PATCH /v1/api-keys/{id}`: absent fields stay, `null` clears an optional one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatchBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_cidrs: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    rate_limit: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    burst: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<String>>,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+/// Tells a present `null` (`Some(None)`) from an absent field (`None`).
+fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `POST /v1/api-keys/{id}/rotate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotateBody {
+    /// Seconds the old key keeps working. Default: `rotation.default_grace`.
+    #[serde(default)]
+    grace_seconds: Option<u64>,
+}
+
+/// Runs a lifecycle operation on a blocking thread, then makes it live. Returns its result
+/// and any warning for the caller.
+async fn change<T: Send + 'static>(
+    call: &Call<'_>,
+    operation: impl FnOnce(Op<'_>) -> Result<T, KeyError> + Send + 'static,
+) -> Result<(T, Vec<String>), Rejection> {
+    let snapshot = call.gw.snapshot.load_full();
+    let actor = call.actor.clone();
+    let now = call.gw.clock.unix_secs();
+    let done = tokio::task::spawn_blocking(move || {
+        let store = Store::new(&snapshot.keys_path);
+        operation(Op {
+            store: &store,
+            config: &snapshot.config,
+            actor: &actor,
+            now,
+        })
+    })
+    .await
+    .map_err(|_| Rejection::Internal)??;
+    let mut warnings = Vec::new();
+    if let Err(errors) = crate::reload::reload(call.gw, Trigger::KeyChange(&call.actor)).await {
+        warnings.push(format!(
+            "the change is saved, but the gateway could not reload ({} problem(s) in the config or store), so it is not live yet",
+            errors.len()
+        ));
+    }
+    Ok((done, warnings))
+}
+
+/// Reads the store on a blocking thread.
+async fn records(call: &Call<'_>) -> Result<Vec<KeyRecord>, Rejection> {
+    let path = call.gw.snapshot.load().keys_path.clone();
+    tokio::task::spawn_blocking(move || Store::new(path).load())
+        .await
+        .map_err(|_| Rejection::Internal)?
+        .map(|(file, _)| file.keys)
+        .map_err(Rejection::ReloadFailed)
+}
+
+fn view(call: &Call<'_>, record: &KeyRecord) -> serde_json::Value {
+    let quiet = call.gw.snapshot.load().config.quiet_period_secs();
+    record.view(
+        call.gw.clock.unix_secs(),
+        call.gw.usage.last_use(&record.id).as_ref(),
+        quiet,
+    )
+}
+
+fn with_secret(
+    mut v: serde_json::Value,
+    secret: String,
+    warnings: Vec<String>,
+) -> serde_json::Value {
+    v["key"] = secret.into();
+    with_warnings(v, warnings)
+}
+
+fn with_warnings(mut v: serde_json::Value, warnings: Vec<String>) -> serde_json::Value {
+    if !warnings.is_empty() {
+        v["warnings"] = warnings.into();
+    }
+    v
+}
+
+fn created(v: &serde_json::Value) -> Response<ResponseBody> {
+    let mut response = json(StatusCode::CREATED, v);
+    if let Some(location) = v["id"]
+        .as_str()
+        .and_then(|id| HeaderValue::from_str(&format!("/v1/api-keys/{id}")).ok())
+    {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    response
+}
+
+/// Decoded query parameters (`+` and `%XX` understood).
+fn query_params(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn bad_param(field: &str, detail: impl Into<String>) -> Rejection {
+    Rejection::InvalidRequest {
+        field: Some(field.into()),
+        detail: detail.into(),
+    }
+}
+
+fn limit_param(
+    params: &BTreeMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, Rejection> {
+    match params.get("limit") {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                bad_param(
+                    "limit",
+                    format!("limit must be a whole number from 1 to {max}"),
+                )
+            }),
+    }
+}
+
+/// `GET /v1/api-keys?status=&search=&namespace=&limit=&cursor=`, newest first.
+pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
+    let params = query_params(query);
+    let status = params.get("status").map(String::as_str).unwrap_or("active");
+    if !["active", "inactive", "expired", "revoked", "all"].contains(&status) {
+        return Err(bad_param(
+            "status",
+            "status must be one of active, inactive, expired, revoked, all",
+        ));
+    }
+    let limit = limit_param(&params, 50, 500)?;
+    let search = params
+        .get("search")
+        .map(|s| s.to_lowercase())
+        .filter(|s| !s.is_empty());
+    let namespace = params.get("namespace").filter(|s| !s.is_empty());
+    let now = call.gw.clock.unix_secs();
+    let mut keys = records(call).await?;
+    keys.retain(|r| {
+        (status == "all" || r.effective_status(now) == status)
+            && namespace.is_none_or(|ns| &r.namespace == ns)
+            && search
+                .as_ref()
+                .is_none_or(|s| r.name.to_lowercase().contains(s) || r.id.starts_with(s.as_str()))
+    });
+    keys.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    let start = match params.get("cursor").filter(|c| !c.is_empty()) {
+        None => 0,
+        Some(cursor) => keys
+            .iter()
+            .position(|r| &r.id == cursor)
+            .map(|i| i + 1)
+            .ok_or_else(|| {
+                bad_param(
+                    "cursor",
+                    "the cursor is not from this listing; start again without it",
+                )
+            })?,
+    };
+    let page: Vec<_> = keys.iter().skip(start).take(limit).collect();
+    let next_cursor = (start + page.len() < keys.len())
+        .then(|| page.last().map(|r| r.id.clone()))
+        .flatten();
+    let views: Vec<_> = page.iter().map(|r| view(call, r)).collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"keys": views, "next_cursor": next_cursor}),
+    ))
+}
+
+/// `GET /v1/api-keys/{id}`.
+pub(crate) async fn get(call: &Call<'_>) -> Answer {
+    let keys = records(call).await?;
+    let record = keys
+        .iter()
+        .find(|r| r.id == call.id)
+        .ok_or(Rejection::KeyNotFound)?;
+    Ok(json(StatusCode::OK, &view(call, record)))
+}
+
+/// `POST /v1/api-keys`: 201 with the record and, this once, the secret.
+pub(crate) async fn create(call: &Call<'_>, body: CreateBody) -> Answer {
+    let new = NewKey {
+        namespace: body.namespace,
+        environment: body.environment,
+        name: body.name,
+        scopes: body.scopes,
+        allowed_cidrs: body.allowed_cidrs,
+        rate_limit: body.rate_limit,
+        burst: body.burst,
+        expires: body.expires_at,
+        note: body.note,
+    };
+    let ((record, secret), warnings) = change(call, move |op| keys::create(op, new)).await?;
+    call.audit(AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.created").key(&record));
+    Ok(created(&with_secret(view(call, &record), secret, warnings)))
+}
+
+/// `PATCH /v1/api-keys/{id}`.
+pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
+    let mut changed = Vec::new();
+    for (name, set) in [
+        ("name", body.name.is_some()),
+        ("scopes", body.scopes.is_some()),
+        ("allowed_cidrs", body.allowed_cidrs.is_some()),
+        ("rate_limit", body.rate_limit.is_some()),
+        ("burst", body.burst.is_some()),
+        ("expires_at", body.expires_at.is_some()),
+        ("note", body.note.is_some()),
+    ] {
+        if set {
+            changed.push(name);
+        }
+    }
+    let patch = KeyPatch {
+        name: body.name,
+        scopes: body.scopes,
+        allowed_cidrs: body.allowed_cidrs,
+        rate_limit: body.rate_limit,
+        burst: body.burst,
+        expires: body.expires_at,
+        note: body.note,
+    };
+    let id = call.id.clone();
+    let (record, mut warnings) = change(call, move |op| keys::update(op, &id, patch)).await?;
+    if changed.iter().any(|f| {
+        [
+            "scopes",
+            "allowed_cidrs",
+            "rate_limit",
+            "burst",
+            "expires_at",
+        ]
+        .contains(f)
+    }) {
+        warnings.insert(
+            0,
+            "the new scopes, addresses, limits or expiry apply from the next request: calls that passed before may start failing".into(),
+        );
+    }
+    call.audit(
+        AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.updated")
+            .key(&record)
+            .reason(format!("changed {}", changed.join(", "))),
+    );
+    Ok(json(
+        StatusCode::OK,
+        &with_warnings(view(call, &record), warnings),
+    ))
+}
+
+/// `DELETE /v1/api-keys/{id}` (revoke), `POST …/disable`, `POST …/enable`.
+pub(crate) async fn set_status(call: &Call<'_>, status: Status) -> Answer {
+    let id = call.id.clone();
+    let (record, warnings) = change(call, move |op| keys::set_status(op, &id, status)).await?;
+    let action = match status {
+        Status::Revoked => "key.revoked",
+        Status::Inactive => "key.disabled",
+        Status::Active => "key.enabled",
+    };
+    call.audit(AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, action).key(&record));
+    Ok(json(
+        StatusCode::OK,
+        &with_warnings(view(call, &record), warnings),
+    ))
+}
+
+/// `POST /v1/api-keys/{id}/regenerate`: the record and, this once, the new secret.
+pub(crate) async fn regenerate(call: &Call<'_>) -> Answer {
+    let id = call.id.clone();
+    let ((record, secret), mut warnings) =
+        change(call, move |op| keys::regenerate(op, &id)).await?;
+    warnings.insert(
+        0,
+        "the old secret stopped working: clients still using it get 401 unknown_key".into(),
+    );
+    call.audit(
+        AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.regenerated").key(&record),
+    );
+    Ok(json(
+        StatusCode::OK,
+        &with_secret(view(call, &record), secret, warnings),
+    ))
+}
+
+/// `POST /v1/api-keys/{id}/rotate` with `{"grace_seconds": N}`: 201 with the new key's record
+/// and secret, and the old key as `rotated_from`.
+pub(crate) async fn rotate(call: &Call<'_>, body: RotateBody) -> Answer {
+    let default_grace = crate::config::units::parse_duration(
+        &call.gw.snapshot.load().config.rotation.default_grace,
+    )
+    .map_or(86_400, |d| d.as_secs());
+    let grace = body.grace_seconds.unwrap_or(default_grace);
+    let id = call.id.clone();
+    let ((new, secret, old), warnings) =
+        change(call, move |op| keys::rotate(op, &id, grace)).await?;
+    call.audit(
+        AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.rotated")
+            .key(&old)
+            .reason(format!(
+                "replaced by {}; the old key works until {}",
+                new.id,
+                old.expires_at.as_deref().unwrap_or("now")
+            )),
+    );
+    let mut v = with_secret(view(call, &new), secret, warnings);
+    v["rotated_from"] = view(call, &old);
+    Ok(created(&v))
+}
+
+/// `GET /v1/namespaces`: each namespace with its tier, limit and keys in use.
+pub(crate) async fn namespaces(call: &Call<'_>) -> Answer {
+    let snapshot = call.gw.snapshot.load_full();
+    let config = &snapshot.config;
+    let now = call.gw.clock.unix_secs();
+    let keys = records(call).await?;
+    let mut names: Vec<&str> = config.namespaces.keys().map(String::as_str).collect();
+    names.extend(keys.iter().map(|r| r.namespace.as_str()));
+    names.sort_unstable();
+    names.dedup();
+    let list: Vec<_> = names
+        .into_iter()
+        .map(|name| {
+            let declared = config.namespaces.get(name);
+            let tier = declared.and_then(|n| n.tier.clone());
+            let max_keys = tier
+                .as_ref()
+                .and_then(|t| config.tiers.get(t))
+                .and_then(|t| t.max_keys);
+            let active = keys
+                .iter()
+                .filter(|r| r.namespace == name && r.counts_toward_limit(now))
+                .count();
+            serde_json::json!({
+                "name": name,
+                "declared": declared.is_some(),
+                "tier": tier,
+                "max_keys": max_keys,
+                "active_keys": active,
+                "prefix": declared.and_then(|n| n.prefix.clone()).unwrap_or_else(|| "kg".into()),
+            })
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"namespaces": list}),
+    ))
+}
+
+/// `GET /v1/audit?limit=&key_id=&action=`, newest first.
+pub(crate) async fn audit(call: &Call<'_>, query: &str) -> Answer {
+    let params = query_params(query);
+    let filter = audit::Filter {
+        limit: limit_param(&params, 100, 1000)?,
+        key_id: params.get("key_id").filter(|s| !s.is_empty()).cloned(),
+        action: params.get("action").filter(|s| !s.is_empty()).cloned(),
+    };
+    let gw = call.gw.clone();
+    // Flush first, so the answer includes every event recorded so far.
+    let events = tokio::task::spawn_blocking(move || {
+        gw.audit.flush();
+        audit::read(gw.audit.path(), &filter)
+    })
+    .await
+    .map_err(|_| Rejection::Internal)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "audit log unreadable");
+        Rejection::Internal
+    })?;
+    Ok(json(StatusCode::OK, &serde_json::json!({"events": events})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_decoded() {
+        let p = query_params("search=ci+bot%21&status=all&empty=&bad=%zz&tail=%4");
+        assert_eq!(p["search"], "ci bot!");
+        assert_eq!(p["status"], "all");
+        assert_eq!(p["empty"], "");
+        assert_eq!(p["bad"], "%zz");
+        assert_eq!(p["tail"], "%4");
+    }
+}

@@ -1,0 +1,633 @@
+//! The key lifecycle, shared by the CLI and the admin API: create, disable/enable, revoke,
+//! regenerate, rotate with overlap, update and import. Each operation is one locked
+//! read-modify-write of the store, so concurrent writers never lose each other's changes.
+
+use std::collections::HashSet;
+
+use super::{
+    format, hex, prefix_for, validate_environment, validate_namespace, KeyError, KeyRecord, Status,
+    Store, StoreFile,
+};
+use crate::clock::{parse_rfc3339, rfc3339};
+use crate::config::units::{parse_duration, parse_rate};
+use crate::config::Config;
+use crate::pipeline::client_ip::parse_net;
+use crate::pipeline::scope::Scope;
+
+/// Who acts, on which store, under which config, and when (Unix seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Op<'a> {
+    pub store: &'a Store,
+    pub config: &'a Config,
+    pub actor: &'a str,
+    pub now: i64,
+}
+
+/// What `keys create` (and `POST /v1/api-keys`) asks for.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub namespace: String,
+    pub environment: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub allowed_cidrs: Vec<String>,
+    pub rate_limit: Option<String>,
+    pub burst: Option<u32>,
+    /// RFC 3339 time, or a duration from now such as `30d`; `never` or empty for none.
+    pub expires: Option<String>,
+    pub note: String,
+}
+
+/// What `keys update` (and `PATCH /v1/api-keys/{id}`) changes. `None` leaves a field alone;
+/// `Some(None)` clears an optional one.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub allowed_cidrs: Option<Vec<String>>,
+    pub rate_limit: Option<Option<String>>,
+    pub burst: Option<Option<u32>>,
+    pub expires: Option<Option<String>>,
+    pub note: Option<String>,
+}
+
+impl KeyPatch {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.scopes.is_none()
+            && self.allowed_cidrs.is_none()
+            && self.rate_limit.is_none()
+            && self.burst.is_none()
+            && self.expires.is_none()
+            && self.note.is_none()
+    }
+}
+
+/// One key to import: the existing plaintext key, and optionally a name and scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportEntry {
+    /// 1-based line in the import file, for error messages (which never show the key).
+    pub line: usize,
+    pub key: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
+    KeyError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+fn check_scopes(scopes: &[String]) -> Result<(), KeyError> {
+    scopes
+        .iter()
+        .try_for_each(|s| Scope::parse(s).map(drop).map_err(|e| invalid("scopes", e)))
+}
+
+fn check_cidrs(cidrs: &[String]) -> Result<(), KeyError> {
+    cidrs.iter().try_for_each(|c| {
+        parse_net(c)
+            .map(drop)
+            .map_err(|e| invalid("allowed_cidrs", e))
+    })
+}
+
+/// The rate in its canonical spelling (`100/s`), checked together with the burst.
+fn check_rate(rate: Option<&str>, burst: Option<u32>) -> Result<Option<String>, KeyError> {
+    let rate = rate
+        .map(|r| parse_rate(r).map_err(|e| invalid("rate_limit", e)))
+        .transpose()?;
+    match (burst, rate) {
+        (Some(0), _) => Err(invalid("burst", "must be at least 1")),
+        (Some(_), None) => Err(invalid("burst", "needs a rate limit as well")),
+        (_, rate) => Ok(rate.map(|r| r.to_string())),
+    }
+}
+
+fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), KeyError> {
+    if text.chars().count() > max || text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(invalid(
+            field,
+            format!("must be at most {max} characters, without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// An expiry given as RFC 3339 or as a duration from `now`; `never` or empty means none.
+fn check_expiry(text: Option<&str>, now: i64) -> Result<Option<i64>, KeyError> {
+    let at = match text.map(str::trim) {
+        None | Some("") | Some("never") => return Ok(None),
+        Some(t) => parse_expiry(t, now).map_err(|e| invalid("expires_at", e))?,
+    };
+    if at <= now {
+        return Err(invalid("expires_at", "must be in the future"));
+    }
+    Ok(Some(at))
+}
+
+/// An expiry given as RFC 3339 or as a duration from `now`.
+pub fn parse_expiry(text: &str, now: i64) -> Result<i64, String> {
+    if let Ok(t) = parse_rfc3339(text) {
+        return Ok(t);
+    }
+    parse_duration(text)
+        .map(|d| now.saturating_add(d.as_secs().min(i64::MAX as u64) as i64))
+        .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration such as 30d"))
+}
+
+fn check_namespace(config: &Config, namespace: &str, environment: &str) -> Result<(), KeyError> {
+    validate_namespace(namespace).map_err(|e| invalid("namespace", e))?;
+    if config.strict && !config.namespaces.contains_key(namespace) {
+        return Err(invalid(
+            "namespace",
+            format!("`{namespace}` is not declared in the config, which is strict"),
+        ));
+    }
+    validate_environment(environment).map_err(|e| invalid("environment", e))
+}
+
+/// Refuses to add `adding` keys to a namespace whose tier is full.
+fn ensure_capacity(
+    op: &Op<'_>,
+    file: &StoreFile,
+    namespace: &str,
+    adding: usize,
+) -> Result<(), KeyError> {
+    let Some(tier) = op
+        .config
+        .namespaces
+        .get(namespace)
+        .and_then(|n| n.tier.as_ref())
+    else {
+        return Ok(());
+    };
+    let Some(max) = op.config.tiers.get(tier).and_then(|t| t.max_keys) else {
+        return Ok(());
+    };
+    let active = file
+        .keys
+        .iter()
+        .filter(|r| r.namespace == namespace && r.counts_toward_limit(op.now))
+        .count();
+    if active + adding > max as usize {
+        return Err(KeyError::LimitReached {
+            namespace: namespace.into(),
+            tier: tier.clone(),
+            max,
+            active,
+        });
+    }
+    Ok(())
+}
+
+/// One locked read-modify-write of the store.
+fn transact<T>(
+    store: &Store,
+    change: impl FnOnce(&mut StoreFile) -> Result<T, KeyError>,
+) -> Result<T, KeyError> {
+    let lock = store.lock()?;
+    let (mut file, _) = store.load().map_err(KeyError::Store)?;
+    let out = change(&mut file)?;
+    store.save(&file, &lock)?;
+    Ok(out)
+}
+
+fn find<'f>(file: &'f mut StoreFile, id: &str) -> Result<&'f mut KeyRecord, KeyError> {
+    file.keys
+        .iter_mut()
+        .find(|r| r.id == id)
+        .ok_or_else(|| KeyError::NotFound(id.to_string()))
+}
+
+fn not_revoked(record: &KeyRecord) -> Result<(), KeyError> {
+    if record.status == Status::Revoked {
+        return Err(KeyError::Revoked(record.id.clone()));
+    }
+    Ok(())
+}
+
+/// A fresh secret with `prefix`, and its `sha256:` hash text.
+fn new_secret(prefix: &str) -> Result<(String, String), KeyError> {
+    let secret = format::generate(prefix).map_err(|e| KeyError::Random(e.to_string()))?;
+    let hash = hex(&format::hash(&secret));
+    Ok((secret, hash))
+}
+
+/// The first 8 hex digits of the hash, lengthened until no other key has it.
+fn unique_id(hash_hex: &str, taken: impl Fn(&str) -> bool) -> String {
+    (8..=hash_hex.len())
+        .map(|n| &hash_hex[..n])
+        .find(|id| !taken(id))
+        .unwrap_or(hash_hex)
+        .to_string()
+}
+
+fn id_taken(file: &StoreFile) -> impl Fn(&str) -> bool + '_ {
+    |id| file.keys.iter().any(|r| r.id == id)
+}
+
+/// Creates a key: returns its record and the secret, which exists nowhere else.
+pub fn create(op: Op<'_>, new: NewKey) -> Result<(KeyRecord, String), KeyError> {
+    check_namespace(op.config, &new.namespace, &new.environment)?;
+    check_scopes(&new.scopes)?;
+    check_cidrs(&new.allowed_cidrs)?;
+    let rate_limit = check_rate(new.rate_limit.as_deref(), new.burst)?;
+    check_text("name", &new.name, 200)?;
+    check_text("note", &new.note, 2000)?;
+    let expires_at = check_expiry(new.expires.as_deref(), op.now)?;
+    let prefix = prefix_for(op.config, &new.namespace, &new.environment);
+    let (secret, hash) = new_secret(&prefix)?;
+    let record = transact(op.store, |file| {
+        ensure_capacity(&op, file, &new.namespace, 1)?;
+        let record = KeyRecord {
+            id: unique_id(&hash, id_taken(file)),
+            hash: format!("sha256:{hash}"),
+            prefix,
+            name: new.name,
+            namespace: new.namespace,
+            environment: new.environment,
+            scopes: new.scopes,
+            allowed_cidrs: new.allowed_cidrs,
+            rate_limit,
+            burst: new.burst,
+            expires_at: expires_at.map(rfc3339),
+            status: Status::Active,
+            created_at: rfc3339(op.now),
+            note: new.note,
+            created_by: op.actor.to_string(),
+            updated_at: None,
+            revoked_at: None,
+            regenerated_at: None,
+            rotated_from: None,
+            rotated_to: None,
+            imported: false,
+        };
+        file.keys.push(record.clone());
+        Ok(record)
+    })?;
+    Ok((record, secret))
+}
+
+/// Disables, enables or revokes a key. Revocation is final; revoking twice is a no-op.
+pub fn set_status(op: Op<'_>, id: &str, status: Status) -> Result<KeyRecord, KeyError> {
+    transact(op.store, |file| {
+        let record = find(file, id)?;
+        if record.status == Status::Revoked {
+            return if status == Status::Revoked {
+                Ok(record.clone())
+            } else {
+                Err(KeyError::Revoked(id.to_string()))
+            };
+        }
+        record.status = status;
+        record.updated_at = Some(rfc3339(op.now));
+        if status == Status::Revoked {
+            record.revoked_at = Some(rfc3339(op.now));
+        }
+        Ok(record.clone())
+    })
+}
+
+/// Gives a key a new secret; the old one is refused from the next request. The id, settings,
+/// usage history and rate-limit bucket stay with the key.
+pub fn regenerate(op: Op<'_>, id: &str) -> Result<(KeyRecord, String), KeyError> {
+    transact(op.store, |file| {
+        let record = find(file, id)?;
+        not_revoked(record)?;
+        let prefix = prefix_for(op.config, &record.namespace, &record.environment);
+        let (secret, hash) = new_secret(&prefix)?;
+        record.hash = format!("sha256:{hash}");
+        record.prefix = prefix;
+        record.imported = false;
+        record.regenerated_at = Some(rfc3339(op.now));
+        record.updated_at = record.regenerated_at.clone();
+        Ok((record.clone(), secret))
+    })
+}
+
+/// Replaces a key with a new one of the same settings. The old one keeps working for
+/// `grace_secs`, then answers `expired_key`. Returns the new record and secret, and the old
+/// record. Rotation is allowed at the tier's limit: the old key is on its way out.
+pub fn rotate(
+    op: Op<'_>,
+    id: &str,
+    grace_secs: u64,
+) -> Result<(KeyRecord, String, KeyRecord), KeyError> {
+    transact(op.store, |file| {
+        let at = file
+            .keys
+            .iter()
+            .position(|r| r.id == id)
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+        let old = &file.keys[at];
+        not_revoked(old)?;
+        if let Some(next) = &old.rotated_to {
+            if old.effective_status(op.now) != "expired" {
+                return Err(invalid(
+                    "id",
+                    format!("key `{id}` is already being rotated to `{next}`"),
+                ));
+            }
+        }
+        let prefix = prefix_for(op.config, &old.namespace, &old.environment);
+        let (secret, hash) = new_secret(&prefix)?;
+        let new_id = unique_id(&hash, id_taken(file));
+        // The new key gets the old one's lifetime, counted from now.
+        let lifetime = old
+            .expires_at_unix()
+            .zip(parse_rfc3339(&old.created_at).ok())
+            .map(|(end, start)| (end - start).max(0));
+        let new = KeyRecord {
+            id: new_id.clone(),
+            hash: format!("sha256:{hash}"),
+            prefix,
+            imported: false,
+            status: Status::Active,
+            created_at: rfc3339(op.now),
+            created_by: op.actor.to_string(),
+            expires_at: lifetime.map(|l| rfc3339(op.now + l)),
+            updated_at: None,
+            revoked_at: None,
+            regenerated_at: None,
+            rotated_from: Some(old.id.clone()),
+            rotated_to: None,
+            ..old.clone()
+        };
+        let grace_end = op
+            .now
+            .saturating_add(grace_secs.min(i64::MAX as u64) as i64);
+        let old = &mut file.keys[at];
+        let ends = old
+            .expires_at_unix()
+            .map_or(grace_end, |t| t.min(grace_end));
+        old.expires_at = Some(rfc3339(ends));
+        old.rotated_to = Some(new_id);
+        old.updated_at = Some(rfc3339(op.now));
+        let old = old.clone();
+        file.keys.push(new.clone());
+        Ok((new, secret, old))
+    })
+}
+
+/// Changes a key's name, scopes, CIDRs, limits, expiry or note.
+pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyError> {
+    if patch.is_empty() {
+        return Err(invalid(
+            "body",
+            "nothing to change: give at least one field",
+        ));
+    }
+    if let Some(scopes) = &patch.scopes {
+        check_scopes(scopes)?;
+    }
+    if let Some(cidrs) = &patch.allowed_cidrs {
+        check_cidrs(cidrs)?;
+    }
+    if let Some(name) = &patch.name {
+        check_text("name", name, 200)?;
+    }
+    if let Some(note) = &patch.note {
+        check_text("note", note, 2000)?;
+    }
+    let expires_at = match &patch.expires {
+        Some(text) => Some(check_expiry(text.as_deref(), op.now)?),
+        None => None,
+    };
+    transact(op.store, |file| {
+        let record = find(file, id)?;
+        not_revoked(record)?;
+        let rate = patch
+            .rate_limit
+            .clone()
+            .unwrap_or_else(|| record.rate_limit.clone());
+        let burst = patch.burst.unwrap_or(record.burst);
+        // Clearing the rate clears its burst too.
+        let burst = if rate.is_none() && patch.burst.is_none() {
+            None
+        } else {
+            burst
+        };
+        record.rate_limit = check_rate(rate.as_deref(), burst)?;
+        record.burst = burst;
+        if let Some(name) = patch.name {
+            record.name = name;
+        }
+        if let Some(scopes) = patch.scopes {
+            record.scopes = scopes;
+        }
+        if let Some(cidrs) = patch.allowed_cidrs {
+            record.allowed_cidrs = cidrs;
+        }
+        if let Some(note) = patch.note {
+            record.note = note;
+        }
+        if let Some(expires_at) = expires_at {
+            record.expires_at = expires_at.map(rfc3339);
+        }
+        record.updated_at = Some(rfc3339(op.now));
+        Ok(record.clone())
+    })
+}
+
+/// Reads an import file: one plaintext key per line, or CSV `key,name,scopes` (scopes
+/// separated by spaces; a header line starting with `key` is skipped). Blank lines and
+/// `#` comments are ignored. Errors name the line, never the key.
+pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, KeyError> {
+    let mut entries = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let fields =
+            split_csv(trimmed).map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
+        if entries.is_empty() && fields[0].eq_ignore_ascii_case("key") {
+            continue;
+        }
+        if fields.len() > 3 {
+            return Err(KeyError::Import(format!(
+                "line {line}: expected `key[,name[,scopes]]`, found {} fields",
+                fields.len()
+            )));
+        }
+        let key = fields[0].trim().to_string();
+        if !(8..=512).contains(&key.len()) || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(KeyError::Import(format!(
+                "line {line}: a key must be 8 to 512 visible ASCII characters with no spaces (the key is not shown)"
+            )));
+        }
+        entries.push(ImportEntry {
+            line,
+            key,
+            name: fields
+                .get(1)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            scopes: fields
+                .get(2)
+                .map(|s| s.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(entries)
+}
+
+/// Splits one CSV line, honouring double quotes (`""` is a quote inside quotes).
+fn split_csv(line: &str) -> Result<Vec<String>, &'static str> {
+    let mut fields = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                chars.next();
+                fields.last_mut().expect("one field").push('"');
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(String::new()),
+            (c, _) => fields.last_mut().expect("one field").push(c),
+        }
+    }
+    if quoted {
+        return Err("an opening quote is never closed");
+    }
+    Ok(fields)
+}
+
+/// Imports existing keys in one write of the store. Only their hashes are kept. A key in
+/// keygate's own format keeps its prefix and checksum check; a key that carries a keygate
+/// prefix but fails the checksum is refused; any other key is marked `imported` and is
+/// looked up without the format pre-check.
+pub fn import(
+    op: Op<'_>,
+    namespace: &str,
+    environment: &str,
+    entries: Vec<ImportEntry>,
+) -> Result<Vec<KeyRecord>, KeyError> {
+    check_namespace(op.config, namespace, environment)?;
+    let bases = prefix_bases(op.config);
+    let mut prepared = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let line = entry.line;
+        check_scopes(&entry.scopes).map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
+        check_text("name", &entry.name, 200)
+            .map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
+        let (prefix, imported) = match format::parse(&entry.key) {
+            Ok(parsed) => (parsed.prefix.to_string(), false),
+            Err(_) if bases.iter().any(|b| entry.key.starts_with(b.as_str())) => {
+                return Err(KeyError::Import(format!(
+                    "line {line}: the key carries a keygate prefix but fails its checksum (the key is not shown)"
+                )));
+            }
+            Err(_) => (String::new(), true),
+        };
+        prepared.push((
+            line,
+            hex(&format::hash(&entry.key)),
+            prefix,
+            imported,
+            entry.name,
+            entry.scopes,
+        ));
+    }
+    transact(op.store, |file| {
+        ensure_capacity(&op, file, namespace, prepared.len())?;
+        let mut hashes: HashSet<String> = file.keys.iter().map(|r| r.hash.clone()).collect();
+        let mut ids: HashSet<String> = file.keys.iter().map(|r| r.id.clone()).collect();
+        let mut added = Vec::with_capacity(prepared.len());
+        for (line, hash, prefix, imported, name, scopes) in prepared {
+            let hash_text = format!("sha256:{hash}");
+            if !hashes.insert(hash_text.clone()) {
+                return Err(KeyError::Import(format!(
+                    "line {line}: this key is already in the store or earlier in the file"
+                )));
+            }
+            let id = unique_id(&hash, |id| ids.contains(id));
+            ids.insert(id.clone());
+            added.push(KeyRecord {
+                id,
+                hash: hash_text,
+                prefix,
+                name,
+                namespace: namespace.to_string(),
+                environment: environment.to_string(),
+                scopes,
+                allowed_cidrs: Vec::new(),
+                rate_limit: None,
+                burst: None,
+                expires_at: None,
+                status: Status::Active,
+                created_at: rfc3339(op.now),
+                note: String::new(),
+                created_by: op.actor.to_string(),
+                updated_at: None,
+                revoked_at: None,
+                regenerated_at: None,
+                rotated_from: None,
+                rotated_to: None,
+                imported,
+            });
+        }
+        file.keys.extend(added.iter().cloned());
+        Ok(added)
+    })
+}
+
+/// `kg_` and every namespace's `<prefix>_`: the starts of keygate-format keys.
+pub fn prefix_bases(config: &Config) -> Vec<String> {
+    let mut bases = vec!["kg_".to_string()];
+    bases.extend(
+        config
+            .namespaces
+            .values()
+            .filter_map(|n| n.prefix.as_ref())
+            .map(|p| format!("{p}_")),
+    );
+    bases
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_lengthen_only_on_collision() {
+        let hash = "0123456789abcdef".repeat(4);
+        assert_eq!(unique_id(&hash, |_| false), "01234567");
+        assert_eq!(unique_id(&hash, |id| id == "01234567"), "012345678");
+    }
+
+    #[test]
+    fn import_files_read_plain_and_csv() {
+        let text = "# exported from Kong\nkey,name,scopes\nabcdefgh12345678,ci bot,read:/v1/** write:/v1/x\n\"quoted,key123\",\"a \"\"b\"\"\",\nplainkey0000001\n\n";
+        let entries = parse_import(text).unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].scopes, ["read:/v1/**", "write:/v1/x"]);
+        assert_eq!(entries[0].name, "ci bot");
+        assert_eq!(entries[1].key, "quoted,key123");
+        assert_eq!(entries[1].name, "a \"b\"");
+        assert_eq!(
+            (entries[2].line, entries[2].key.as_str()),
+            (5, "plainkey0000001")
+        );
+    }
+
+    #[test]
+    fn import_errors_name_the_line_never_the_key() {
+        let err = parse_import("good-key-1234\nshort\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("line 2:") && !err.contains("short"),
+            "{err}"
+        );
+        let err = parse_import("\"unclosed-secret-key\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("unclosed-secret-key"), "{err}");
+    }
+}
