@@ -88,8 +88,7 @@ fn verify(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % requests.len();
-                let admission = admit(&snapshot, &clock, &requests[i], peer)
-                    .expect(\"admitted\");
+                let admission = admit(&snapshot, &clock, &requests[i], peer).expect("admitted");
                 black_box(admission.key.id.len())
             })
         });
