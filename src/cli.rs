@@ -384,7 +384,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             if json {
                 let mut v = view(&new);
                 v["key"] = secret.into();
-                v["rotated_from"] = view(&old);
+                v["previous_key"] = view(&old);
                 print_json(&v);
             } else {
                 print_secret(

@@ -37,6 +37,8 @@ pub enum Rejection {
     NotFound,
     MethodNotAllowed,
     ReloadFailed(Vec<ConfigError>),
+    /// The key store on disk is invalid, so keys cannot be managed until it is fixed.
+    StoreInvalid(Vec<ConfigError>),
     /// A request body or parameter is wrong; `field` names it when one is to blame.
     InvalidRequest {
         field: Option<String>,
@@ -45,6 +47,7 @@ pub enum Rejection {
     KeyNotFound,
     KeyRevoked,
     KeyLimitReached(String),
+    KeyRotating,
     /// Something that should not happen. It is logged where it happens; the client learns
     /// nothing of it.
     Internal,
@@ -106,11 +109,12 @@ impl Rejection {
             AdminUnauthorized => (S::UNAUTHORIZED, "invalid_admin_token", problem!(401, "Unauthorized", "invalid_admin_token", "Send a valid admin token as `Authorization: Bearer <token>`.")),
             NotFound => (S::NOT_FOUND, "not_found", problem!(404, "Not Found", "not_found", "There is nothing at this path.")),
             MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", problem!(405, "Method Not Allowed", "method_not_allowed", "This path does not take this method.")),
-            ReloadFailed(_) => (S::UNPROCESSABLE_ENTITY, "invalid_config", ""),
+            ReloadFailed(_) | StoreInvalid(_) => (S::UNPROCESSABLE_ENTITY, "invalid_config", ""),
             InvalidRequest { .. } => (S::BAD_REQUEST, "invalid_request", ""),
             KeyNotFound => (S::NOT_FOUND, "key_not_found", problem!(404, "Not Found", "key_not_found", "No key has this id.")),
             KeyRevoked => (S::CONFLICT, "key_revoked", problem!(409, "Conflict", "key_revoked", "The key is revoked, and a revoked key cannot be changed or enabled again.")),
             KeyLimitReached(_) => (S::CONFLICT, "key_limit_reached", ""),
+            KeyRotating => (S::CONFLICT, "key_rotating", problem!(409, "Conflict", "key_rotating", "The key is already being rotated: rotate its replacement, or wait for the grace to end.")),
             Internal => (S::INTERNAL_SERVER_ERROR, "internal", problem!(500, "Internal Server Error", "internal", "The gateway failed to handle the request.")),
         }
     }
@@ -119,7 +123,14 @@ impl Rejection {
     pub fn into_response(self, request_id: Option<HeaderValue>) -> Response<ResponseBody> {
         let (status, _, body) = self.parts();
         let body = match &self {
-            Rejection::ReloadFailed(errors) => Bytes::from(reload_failed_body(errors)),
+            Rejection::ReloadFailed(errors) => Bytes::from(invalid_config_body(
+                errors,
+                "The new configuration has {n}; the running one stays in force.",
+            )),
+            Rejection::StoreInvalid(errors) => Bytes::from(invalid_config_body(
+                errors,
+                "The key store has {n}; fix it before managing keys.",
+            )),
             Rejection::InvalidRequest { field, detail } => Bytes::from(dynamic_body(
                 status,
                 "invalid_request",
@@ -183,7 +194,8 @@ impl From<crate::keys::KeyError> for Rejection {
             K::NotFound(_) => Rejection::KeyNotFound,
             K::Revoked(_) => Rejection::KeyRevoked,
             e @ K::LimitReached { .. } => Rejection::KeyLimitReached(e.to_string()),
-            K::Store(errors) => Rejection::ReloadFailed(errors),
+            K::Rotating { .. } => Rejection::KeyRotating,
+            K::Store(errors) => Rejection::StoreInvalid(errors),
             e @ (K::Io(_) | K::Random(_)) => {
                 tracing::error!(error = %e, "key store operation failed");
                 Rejection::Internal
@@ -192,16 +204,18 @@ impl From<crate::keys::KeyError> for Rejection {
     }
 }
 
-fn reload_failed_body(errors: &[ConfigError]) -> Vec<u8> {
-    let detail = match errors.len() {
-        1 => "The new configuration has 1 error; the running one stays in force.".to_string(),
-        n => format!("The new configuration has {n} errors; the running one stays in force."),
+/// A 422 `invalid_config` body listing every error; `{n}` in `detail` becomes "1 problem" or
+/// "N problems".
+fn invalid_config_body(errors: &[ConfigError], detail: &str) -> Vec<u8> {
+    let n = match errors.len() {
+        1 => "1 problem".to_string(),
+        n => format!("{n} problems"),
     };
     serde_json::to_vec(&serde_json::json!({
         "type": "about:blank",
         "title": "Unprocessable Content",
         "status": 422,
-        "detail": detail,
+        "detail": detail.replace("{n}", &n),
         "code": "invalid_config",
         "errors": errors,
     }))
@@ -237,6 +251,7 @@ mod tests {
             Internal,
             KeyNotFound,
             KeyRevoked,
+            KeyRotating,
         ] {
             let (status, code, body) = r.parts();
             let v: serde_json::Value = serde_json::from_str(body).unwrap();

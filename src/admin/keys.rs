@@ -47,20 +47,20 @@ pub(crate) struct CreateBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchBody {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    scopes: Option<Vec<String>>,
-    #[serde(default)]
-    allowed_cidrs: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    scopes: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    allowed_cidrs: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "present")]
     rate_limit: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     burst: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     expires_at: Option<Option<String>>,
-    #[serde(default)]
-    note: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    note: Option<Option<String>>,
 }
 
 /// Tells a present `null` (`Some(None)`) from an absent field (`None`).
@@ -116,7 +116,7 @@ async fn records(call: &Call<'_>) -> Result<Vec<KeyRecord>, Rejection> {
         .await
         .map_err(|_| Rejection::Internal)?
         .map(|(file, _)| file.keys)
-        .map_err(Rejection::ReloadFailed)
+        .map_err(Rejection::StoreInvalid)
 }
 
 fn view(call: &Call<'_>, record: &KeyRecord) -> serde_json::Value {
@@ -205,7 +205,7 @@ fn limit_param(
     default: usize,
     max: usize,
 ) -> Result<usize, Rejection> {
-    match params.get("limit") {
+    match params.get("limit").filter(|v| !v.is_empty()) {
         None => Ok(default),
         Some(v) => v
             .parse::<usize>()
@@ -223,7 +223,11 @@ fn limit_param(
 /// `GET /v1/api-keys?status=&search=&namespace=&limit=&cursor=`, newest first.
 pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
     let params = query_params(query);
-    let status = params.get("status").map(String::as_str).unwrap_or("active");
+    let status = params
+        .get("status")
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("active");
     if !["active", "inactive", "expired", "revoked", "all"].contains(&status) {
         return Err(bad_param(
             "status",
@@ -250,22 +254,27 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
             .cmp(&a.created_at)
             .then_with(|| a.id.cmp(&b.id))
     });
+    // The cursor is the sort position of the last key shown (`<created_at>~<id>`), so a page
+    // boundary survives keys changing status or going away in between.
     let start = match params.get("cursor").filter(|c| !c.is_empty()) {
         None => 0,
-        Some(cursor) => keys
-            .iter()
-            .position(|r| &r.id == cursor)
-            .map(|i| i + 1)
-            .ok_or_else(|| {
+        Some(cursor) => {
+            let (at, id) = cursor.split_once('~').ok_or_else(|| {
                 bad_param(
                     "cursor",
                     "the cursor is not from this listing; start again without it",
                 )
-            })?,
+            })?;
+            keys.iter()
+                .position(|r| {
+                    r.created_at.as_str() < at || (r.created_at == at && r.id.as_str() > id)
+                })
+                .unwrap_or(keys.len())
+        }
     };
     let page: Vec<_> = keys.iter().skip(start).take(limit).collect();
     let next_cursor = (start + page.len() < keys.len())
-        .then(|| page.last().map(|r| r.id.clone()))
+        .then(|| page.last().map(|r| format!("{}~{}", r.created_at, r.id)))
         .flatten();
     let views: Vec<_> = page.iter().map(|r| view(call, r)).collect();
     Ok(json(
@@ -318,14 +327,15 @@ pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
             changed.push(name);
         }
     }
+    // `null` clears: an empty name, list or note.
     let patch = KeyPatch {
-        name: body.name,
-        scopes: body.scopes,
-        allowed_cidrs: body.allowed_cidrs,
+        name: body.name.map(Option::unwrap_or_default),
+        scopes: body.scopes.map(Option::unwrap_or_default),
+        allowed_cidrs: body.allowed_cidrs.map(Option::unwrap_or_default),
         rate_limit: body.rate_limit,
         burst: body.burst,
         expires: body.expires_at,
-        note: body.note,
+        note: body.note.map(Option::unwrap_or_default),
     };
     let id = call.id.clone();
     let (record, mut warnings) = change(call, move |op| keys::update(op, &id, patch)).await?;
@@ -390,7 +400,7 @@ pub(crate) async fn regenerate(call: &Call<'_>) -> Answer {
 }
 
 /// `POST /v1/api-keys/{id}/rotate` with `{"grace_seconds": N}`: 201 with the new key's record
-/// and secret, and the old key as `rotated_from`.
+/// and secret, and the old key's record as `previous_key`.
 pub(crate) async fn rotate(call: &Call<'_>, body: RotateBody) -> Answer {
     let default_grace = crate::config::units::parse_duration(
         &call.gw.snapshot.load().config.rotation.default_grace,
@@ -410,7 +420,7 @@ pub(crate) async fn rotate(call: &Call<'_>, body: RotateBody) -> Answer {
             )),
     );
     let mut v = with_secret(view(call, &new), secret, warnings);
-    v["rotated_from"] = view(call, &old);
+    v["previous_key"] = view(call, &old);
     Ok(created(&v))
 }
 
@@ -433,7 +443,7 @@ pub(crate) async fn namespaces(call: &Call<'_>) -> Answer {
                 .as_ref()
                 .and_then(|t| config.tiers.get(t))
                 .and_then(|t| t.max_keys);
-            let active = keys
+            let in_use = keys
                 .iter()
                 .filter(|r| r.namespace == name && r.counts_toward_limit(now))
                 .count();
@@ -442,7 +452,7 @@ pub(crate) async fn namespaces(call: &Call<'_>) -> Answer {
                 "declared": declared.is_some(),
                 "tier": tier,
                 "max_keys": max_keys,
-                "active_keys": active,
+                "keys_in_use": in_use,
                 "prefix": declared.and_then(|n| n.prefix.clone()).unwrap_or_else(|| "kg".into()),
             })
         })

@@ -326,10 +326,10 @@ pub fn rotate(
         not_revoked(old)?;
         if let Some(next) = &old.rotated_to {
             if old.effective_status(op.now) != "expired" {
-                return Err(invalid(
-                    "id",
-                    format!("key `{id}` is already being rotated to `{next}`"),
-                ));
+                return Err(KeyError::Rotating {
+                    id: id.to_string(),
+                    next: next.clone(),
+                });
             }
         }
         let prefix = prefix_for(op.config, &old.namespace, &old.environment);

@@ -197,6 +197,8 @@ pub enum KeyError {
         max: u32,
         active: usize,
     },
+    #[error("key `{id}` is already being rotated to `{next}`; rotate `{next}` instead, or wait for the grace to end")]
+    Rotating { id: String, next: String },
     #[error("{0}")]
     Import(String),
     #[error("the key store is invalid, fix it first:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
