@@ -14,7 +14,8 @@ use http::Request;
 use keygate::clock::Clock;
 use keygate::config::{Config, RouteConfig};
 use keygate::keys::{format, hex, KeyRecord, Status};
-use keygate::pipeline::{admit, rate_limit::Limiters, usage::UsageBook};
+use keygate::metrics::Metrics;
+use keygate::pipeline::{admit, lockout::Lockouts, rate_limit::Limiters, usage::UsageBook};
 use keygate::snapshot::{BuildContext, Snapshot};
 
 fn config() -> Config {
@@ -26,6 +27,7 @@ fn config() -> Config {
 
 /// `n` keys with scopes and CIDRs, and up to 4096 of their secrets to present.
 fn snapshot_with(n: usize, limiters: &Limiters, usage: &UsageBook) -> (Snapshot, Vec<String>) {
+    let metrics = Metrics::default();
     let mut secrets = Vec::with_capacity(4096.min(n));
     let records: Vec<KeyRecord> = (0..n)
         .map(|i| {
@@ -56,6 +58,7 @@ fn snapshot_with(n: usize, limiters: &Limiters, usage: &UsageBook) -> (Snapshot,
         config_path: Path::new("bench.yaml"),
         generation: 1,
         limiters,
+        metrics: &metrics,
         usage,
         previous: None,
         env_admin_token: None,
@@ -70,6 +73,7 @@ fn verify(c: &mut Criterion) {
     let clock = Clock::real();
     let limiters = Limiters::new(clock.clone());
     let usage = UsageBook::in_memory();
+    let lockouts = Lockouts::default();
     let peer: IpAddr = "127.0.0.1".parse().unwrap();
     let mut group = c.benchmark_group("verify");
     group.throughput(Throughput::Elements(1));
@@ -88,7 +92,8 @@ fn verify(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % requests.len();
-                let admission = admit(&snapshot, &clock, &requests[i], peer).expect("admitted");
+                let admission =
+                    admit(&snapshot, &clock, &requests[i], peer, &lockouts).expect("admitted");
                 black_box(admission.key.id.len())
             })
         });
@@ -107,7 +112,7 @@ fn verify(c: &mut Criterion) {
         .unwrap();
     let (snapshot, _) = snapshot_with(1_000, &limiters, &usage);
     stages.bench_function("refuse_unknown_key", |b| {
-        b.iter(|| admit(&snapshot, &clock, black_box(&unknown), peer).is_err())
+        b.iter(|| admit(&snapshot, &clock, black_box(&unknown), peer, &lockouts).is_err())
     });
     stages.finish();
 }

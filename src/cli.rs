@@ -11,9 +11,10 @@ use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::keys::lifecycle::Op;
-use crate::keys::{self, KeyError, KeyPatch, KeyRecord, LastUse, NewKey, Status, Store};
+use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status, Store};
 use crate::pipeline::rate_limit::Limiters;
 use crate::pipeline::usage::UsageBook;
+use crate::pipeline::usage::UsageReport;
 use crate::snapshot::{BuildContext, Snapshot};
 
 /// How long SIGTERM waits for in-flight requests before closing connections.
@@ -132,6 +133,9 @@ pub struct CreateArgs {
     /// Requests allowed at once (default: the rate's N).
     #[arg(long)]
     pub burst: Option<u32>,
+    /// `N/day` or `N/month` (default: the tier's quota, if any).
+    #[arg(long)]
+    pub quota: Option<String>,
     /// RFC 3339 time, or a duration from now such as `30d`.
     #[arg(long)]
     pub expires: Option<String>,
@@ -166,6 +170,12 @@ pub struct UpdateArgs {
     /// No per-key rate limit.
     #[arg(long)]
     pub clear_rate_limit: bool,
+    /// `N/day` or `N/month`.
+    #[arg(long, conflicts_with = "clear_quota")]
+    pub quota: Option<String>,
+    /// Back to the tier's quota, if any.
+    #[arg(long)]
+    pub clear_quota: bool,
     /// RFC 3339, a duration from now, or `never`.
     #[arg(long)]
     pub expires: Option<String>,
@@ -246,10 +256,12 @@ fn serve(config_path: &Path) -> Result<(), String> {
 fn check(config_path: &Path) -> Result<(), String> {
     let limiters = Limiters::new(Clock::real());
     let usage = UsageBook::in_memory();
+    let metrics = crate::metrics::Metrics::default();
     let ctx = BuildContext {
         config_path,
         generation: 0,
         limiters: &limiters,
+        metrics: &metrics,
         usage: &usage,
         previous: None,
         env_admin_token: None,
@@ -300,9 +312,16 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
         actor: &actor,
         now,
     };
-    let usage = crate::pipeline::usage::read_file(&config.usage_path(config_path));
+    let usage = crate::pipeline::usage::read_file(&config.usage_path(config_path), now);
     let quiet = config.quiet_period_secs();
-    let view = |r: &KeyRecord| r.view(now, usage.get(&r.id), quiet);
+    let view = |r: &KeyRecord| {
+        let report = usage.get(&r.id);
+        let mut v = r.view(now, report.and_then(|u| u.last_use.as_ref()), quiet);
+        if let Some(report) = report {
+            v["usage"] = report.to_json(now);
+        }
+        v
+    };
     let audit = |event: AuditEvent| {
         if let Err(e) = crate::audit::append(&config.audit_path(config_path), &event) {
             eprintln!("keygate: warning: the change is saved, but the audit log could not be written: {e}");
@@ -318,6 +337,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 allowed_cidrs: args.allow_cidrs,
                 rate_limit: args.rate_limit,
                 burst: args.burst,
+                quota: args.quota,
                 expires: args.expires,
                 note: args.note,
             };
@@ -415,6 +435,8 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 || args.rate_limit.is_some()
                 || args.burst.is_some()
                 || args.clear_rate_limit
+                || args.quota.is_some()
+                || args.clear_quota
                 || args.expires.is_some();
             let patch = KeyPatch {
                 name: args.name,
@@ -430,6 +452,11 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                     Some(None)
                 } else {
                     args.burst.map(Some)
+                },
+                quota: if args.clear_quota {
+                    Some(None)
+                } else {
+                    args.quota.map(Some)
                 },
                 expires: args.expires.map(|e| (e != "never").then_some(e)),
                 note: args.note,
@@ -558,7 +585,11 @@ fn matches_filter(status: &str, filter: Option<StatusFilter>) -> bool {
     }
 }
 
-fn print_table(keys: &[&KeyRecord], now: i64, usage: &std::collections::BTreeMap<String, LastUse>) {
+fn print_table(
+    keys: &[&KeyRecord],
+    now: i64,
+    usage: &std::collections::BTreeMap<String, UsageReport>,
+) {
     if keys.is_empty() {
         println!(
             "No keys. Create one with `keygate keys create --namespace NS --environment ENV`."
@@ -584,6 +615,7 @@ fn print_table(keys: &[&KeyRecord], now: i64, usage: &std::collections::BTreeMap
                 r.effective_status(now).to_string(),
                 usage
                     .get(&r.id)
+                    .and_then(|u| u.last_use.as_ref())
                     .map_or_else(|| "never".into(), |u| crate::clock::rfc3339(u.at)),
                 r.expires_at.clone().unwrap_or_else(|| "never".into()),
                 r.created_at.clone(),
@@ -693,6 +725,21 @@ fn print_record(v: &serde_json::Value) {
         if !v[key].is_null() {
             println!("{:<14} {}", format!("{label}:"), text(key));
         }
+    }
+    let usage = &v["usage"];
+    if !usage.is_null() {
+        let rate = usage["error_rate"].as_f64().unwrap_or(0.0) * 100.0;
+        println!(
+            "{:<14} {} requests ({} accepted, {} refused), error rate {rate:.1}%",
+            "today:", usage["requests_today"], usage["accepted_today"], usage["refused_today"]
+        );
+        if let Some(codes) = usage["by_code_today"].as_object().filter(|c| !c.is_empty()) {
+            let list: Vec<String> = codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            println!("{:<14} {}", "refusals:", list.join(", "));
+        }
+    }
+    if !v["quota"].is_null() {
+        println!("{:<14} {}", "quota:", text("quota"));
     }
     if let Some(safe) = v["safe_to_revoke"].as_bool() {
         println!(

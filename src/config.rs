@@ -65,6 +65,66 @@ pub struct Config {
     /// Key rotation.
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// Brute-force protection: locking out addresses that keep presenting bad keys.
+    #[serde(default)]
+    pub lockout: LockoutConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Alert rules and their webhook.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsConfig,
+}
+
+/// Brute-force protection.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LockoutConfig {
+    /// Off by default, so that a shared address (an office behind NAT, a test rig) is never
+    /// refused for someone else's mistakes until an operator opts in. Default `false`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Failed guesses (`malformed_key`, `unknown_key`) from one address that lock it out.
+    /// Default `20`.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// The window the failures are counted in. Default `1m`.
+    #[serde(default = "default_lockout_window")]
+    pub window: String,
+    /// How long a locked-out address gets 429 `too_many_failed_attempts`. Default `5m`.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: String,
+}
+
+impl Default for LockoutConfig {
+    fn default() -> Self {
+        LockoutConfig {
+            enabled: false,
+            max_failures: default_max_failures(),
+            window: default_lockout_window(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+fn default_max_failures() -> u32 {
+    20
+}
+fn default_lockout_window() -> String {
+    "1m".into()
+}
+fn default_cooldown() -> String {
+    "5m".into()
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Also export per-key request counts labelled by key id. Default `false`: labels stay
+    /// bounded by routes and codes.
+    #[serde(default)]
+    pub per_key: bool,
 }
 
 /// The audit log: append-only JSON lines.
@@ -171,6 +231,9 @@ impl Default for Config {
             audit: AuditConfig::default(),
             usage: UsageConfig::default(),
             rotation: RotationConfig::default(),
+            lockout: LockoutConfig::default(),
+            metrics: MetricsConfig::default(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -284,6 +347,10 @@ pub struct TierConfig {
     /// Active keys a namespace of this tier may hold. Absent: unlimited.
     #[serde(default)]
     pub max_keys: Option<u32>,
+    /// Requests each key of this tier may make per day or month (`N/day`, `N/month`),
+    /// unless the key has a quota of its own. Absent: no quota.
+    #[serde(default)]
+    pub quota: Option<String>,
 }
 
 /// A declared namespace.

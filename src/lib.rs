@@ -19,8 +19,8 @@
 //! - [`server`]: the shared [`server::Gateway`] state, listeners, accept loops, draining.
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
-//!   [`pipeline::authorize`] (with [`pipeline::scope`]), [`pipeline::rate_limit`],
-//!   [`pipeline::usage`], [`pipeline::forward`].
+//!   [`pipeline::lockout`], [`pipeline::authorize`] (with [`pipeline::scope`]),
+//!   [`pipeline::quota`], [`pipeline::rate_limit`], [`pipeline::usage`], [`pipeline::forward`].
 //! - [`rejection`]: every refusal and its one mapping to a response.
 //! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.
 //! - [`config`]: documented config types, YAML loading, located errors.
@@ -28,10 +28,12 @@
 //! - [`keys`]: key format, key records, the atomic key store, lifecycle operations.
 //! - [`admin`]: the admin listener and its key-management API.
 //! - [`audit`]: the append-only audit log.
+//! - [`metrics`]: Prometheus counters and histograms; [`alerts`]: rules, webhook.
 //! - [`body`], [`clock`], [`demo`]: streaming bodies, injected time, the demo.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod body;
 pub mod cli;
@@ -39,6 +41,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod keys;
+pub mod metrics;
 pub mod pipeline;
 pub mod rejection;
 pub mod reload;

@@ -1,12 +1,15 @@
 //! The spine: one function that runs the stages in the contract's order. Each stage is a
 //! plain function that either passes the request on or returns a [`Rejection`].
 //!
-//! client address → route → credential → lookup → policy → rate limit → usage → forward
+//! client address → lockout → route → credential → lookup → policy → quota → rate limit
+//! → usage → forward
 
 pub mod authorize;
 pub mod client_ip;
 pub mod credential;
 pub mod forward;
+pub mod lockout;
+pub mod quota;
 pub mod rate_limit;
 pub mod route;
 pub mod scope;
@@ -14,18 +17,22 @@ pub mod usage;
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use http::header::HOST;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
 use crate::clock::Clock;
 use crate::rejection::Rejection;
 use crate::server::Gateway;
 use crate::snapshot::{KeyEntry, Snapshot};
-use rate_limit::RateHeaders;
+use lockout::Lockouts;
+use rate_limit::{Budget, RateHeaders};
 use route::Route;
 
 /// Handles one proxied request from start to finish.
@@ -34,6 +41,7 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
+    let started = Instant::now();
     let snapshot = gw.snapshot.load_full();
     let peer_ip = peer.ip().to_canonical();
     let peer_trusted = snapshot.trusted_proxies.contains(peer_ip);
@@ -45,26 +53,20 @@ pub async fn handle(
     let entered = span.enter();
 
     let client = client_ip::resolve(peer_ip, req.headers(), &snapshot.trusted_proxies);
-    let admission = match admit(&snapshot, &gw.clock, &req, client) {
+    let admission = match admit(&snapshot, &gw.clock, &req, client, &gw.lockouts) {
         Ok(a) => a,
         Err(refused) => {
-            let key_id = refused.key.map(|k| k.id.as_str());
-            tracing::debug!(code = refused.rejection.code(), client = %client, key_id, "refused");
-            if refused.rejection.status() == StatusCode::UNAUTHORIZED {
-                gw.audit.auth_failed(
-                    gw.clock.unix_secs(),
-                    client,
-                    refused.rejection.code(),
-                    key_id,
-                );
-            }
+            account_refusal(gw, &snapshot, &refused, client);
+            gw.metrics.gateway_time.observe(started.elapsed());
             return refused.rejection.into_response(Some(request_id));
         }
     };
     drop(entered);
+    let (route, key) = (admission.route, admission.key);
+    key.usage.accepted();
     let decision = forward::Forward {
-        route: admission.route,
-        key: admission.key,
+        route,
+        key,
         peer: peer_ip,
         peer_trusted,
         normalized_path: admission.normalized_path.as_deref(),
@@ -72,14 +74,69 @@ pub async fn handle(
         rate: admission.rate,
         x_api_key: snapshot.x_api_key,
     };
-    match forward::forward(&snapshot.upstream, decision, req)
+    let sent = Instant::now();
+    gw.metrics.gateway_time.observe(sent - started);
+    gw.metrics
+        .upstream_in_flight
+        .fetch_add(1, Ordering::Relaxed);
+    let result = forward::forward(&snapshot.upstream, decision, req)
         .instrument(span)
-        .await
-    {
-        Ok(response) => response,
+        .await;
+    gw.metrics
+        .upstream_in_flight
+        .fetch_sub(1, Ordering::Relaxed);
+    gw.metrics.upstream_time.observe(sent.elapsed());
+    match result {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            key.usage.outcome(status, None);
+            route.counters.upstream(status);
+            response
+        }
         Err(rejection) => {
-            tracing::debug!(code = rejection.code(), key_id = %admission.key.id, "upstream refused");
+            tracing::debug!(code = rejection.code(), key_id = %key.id, "upstream failed");
+            key.usage.outcome(0, Some(&rejection));
+            route.counters.failed(&rejection);
             rejection.into_response(Some(request_id))
+        }
+    }
+}
+
+/// Counts a refusal where it belongs (route, key or the anonymous cell), audits failed
+/// authentications, and locks out addresses that keep guessing.
+fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, client: IpAddr) {
+    let rejection = &refused.rejection;
+    let key_id = refused.key.map(|k| k.id.as_str());
+    tracing::debug!(code = rejection.code(), client = %client, key_id, "refused");
+    refused
+        .route
+        .map_or(&gw.metrics.unrouted, |r| &r.counters)
+        .refused(rejection);
+    match refused.key {
+        Some(key) => key.usage.refused(rejection),
+        None => gw.usage.anonymous.refused(rejection),
+    }
+    if rejection.status() != StatusCode::UNAUTHORIZED {
+        return;
+    }
+    let now = gw.clock.unix_secs();
+    gw.audit.auth_failed(now, client, rejection.code(), key_id);
+    if let Some(policy) = snapshot
+        .lockout
+        .as_ref()
+        .filter(|_| lockout::counts_as_guess(rejection))
+    {
+        if gw.lockouts.failure(client, now, policy) {
+            gw.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %client, cooldown_secs = policy.cooldown, "address locked out for failed authentications");
+            gw.audit.record(
+                &AuditEvent::new(now, "gateway", "auth.locked_out")
+                    .ip(Some(client))
+                    .failed(format!(
+                        "{} failed authentications within {}s; locked out for {}s",
+                        policy.max_failures, policy.window, policy.cooldown
+                    )),
+            );
         }
     }
 }
@@ -94,10 +151,11 @@ pub struct Admission<'s> {
     pub rate: Option<RateHeaders>,
 }
 
-/// A refused request, with the key when the refusal came after it was identified.
+/// A refused request, with the route and key when the refusal came after they were found.
 #[derive(Debug)]
 pub struct Refused<'s> {
     pub rejection: Rejection,
+    pub route: Option<&'s Route>,
     pub key: Option<&'s KeyEntry>,
 }
 
@@ -105,6 +163,7 @@ impl From<Rejection> for Refused<'_> {
     fn from(rejection: Rejection) -> Self {
         Refused {
             rejection,
+            route: None,
             key: None,
         }
     }
@@ -117,7 +176,12 @@ pub fn admit<'s, B>(
     clock: &Clock,
     req: &Request<B>,
     client: IpAddr,
+    lockouts: &Lockouts,
 ) -> Result<Admission<'s>, Refused<'s>> {
+    let now = clock.unix_secs();
+    if snapshot.lockout.is_some() {
+        lockouts.check(client, now)?;
+    }
     let path = route::normalize_path(req.uri().path())?;
     let host = req
         .headers()
@@ -128,19 +192,21 @@ pub fn admit<'s, B>(
         .routes
         .select(host, &path)
         .ok_or(Rejection::NoRoute)?;
-    let token = credential::extract(req.headers(), snapshot.x_api_key)?;
-    let key = credential::identify(snapshot, token)?;
-    let now = clock.unix_secs();
-    key.usage.record(now, client);
+    let on_route = |rejection| Refused {
+        rejection,
+        route: Some(route),
+        key: None,
+    };
+    let token = credential::extract(req.headers(), snapshot.x_api_key).map_err(on_route)?;
+    let key = credential::identify(snapshot, token).map_err(on_route)?;
+    key.usage.seen(now, client);
     let refused = |rejection| Refused {
         rejection,
+        route: Some(route),
         key: Some(key),
     };
     authorize::authorize(key, route, client, req.method(), &path, now).map_err(refused)?;
-    let rate = match &key.limiter {
-        Some(limiter) => Some(rate_limit::admit(limiter, clock).map_err(refused)?),
-        None => None,
-    };
+    let rate = limits(key, clock, now).map_err(refused)?;
     Ok(Admission {
         route,
         key,
@@ -150,4 +216,64 @@ pub fn admit<'s, B>(
         },
         rate,
     })
+}
+
+/// Stages 6 and 7: the quota (checked first, counted last) and the rate limit, so that a
+/// refused request spends neither.
+fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>, Rejection> {
+    let Some(policy) = &key.limits_header else {
+        return Ok(None);
+    };
+    let quota = key.quota.map(|q| {
+        let (period, end) = q.window(now);
+        (q, period, (end - now).max(1) as u64)
+    });
+    let quota_budget = |used: u64| {
+        quota.map(|(q, _, reset)| Budget {
+            name: "quota",
+            remaining: q.limit.saturating_sub(used),
+            reset,
+        })
+    };
+    if let Some((q, period, reset)) = quota {
+        let used = key.usage.quota_used(period);
+        if used >= q.limit {
+            return Err(Rejection::QuotaExceeded(Box::new(RateHeaders {
+                policy: policy.clone(),
+                budgets: [None, quota_budget(used)],
+                retry_after: Some(reset),
+            })));
+        }
+    }
+    let rate = match &key.limiter {
+        Some(limiter) => match rate_limit::admit(limiter, clock) {
+            Ok(budget) => Some(budget),
+            Err((wait, reset)) => {
+                let used = quota.map_or(0, |(_, period, _)| key.usage.quota_used(period));
+                return Err(Rejection::RateLimited(Box::new(RateHeaders {
+                    policy: policy.clone(),
+                    budgets: [
+                        Some(Budget {
+                            name: "key",
+                            remaining: 0,
+                            reset,
+                        }),
+                        quota_budget(used),
+                    ],
+                    retry_after: Some(wait),
+                })));
+            }
+        },
+        None => None,
+    };
+    let used = if quota.is_some() {
+        key.usage.quota_spend()
+    } else {
+        0
+    };
+    Ok(Some(RateHeaders {
+        policy: policy.clone(),
+        budgets: [rate, quota_budget(used)],
+        retry_after: None,
+    }))
 }

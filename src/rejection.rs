@@ -25,7 +25,15 @@ pub enum Rejection {
     ScopeDenied,
     NamespaceDenied,
     // 429: not now.
-    RateLimited(RateHeaders),
+    /// Boxed: the headers are large, and keeping `Rejection` small keeps every stage's
+    /// `Result` small.
+    RateLimited(Box<RateHeaders>),
+    QuotaExceeded(Box<RateHeaders>),
+    /// Too many failed authentications from this address: locked out for `retry_after`
+    /// seconds, without a lookup.
+    TooManyFailedAttempts {
+        retry_after: u64,
+    },
     // The request itself, and the way upstream.
     InvalidPath,
     NoRoute,
@@ -51,6 +59,44 @@ pub enum Rejection {
     /// Something that should not happen. It is logged where it happens; the client learns
     /// nothing of it.
     Internal,
+}
+
+/// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
+/// usage and metrics counters ([`Rejection::index`]).
+pub const CODES: [&str; 28] = [
+    "missing_key",
+    "malformed_key",
+    "unknown_key",
+    "expired_key",
+    "revoked_key",
+    "inactive_key",
+    "wrong_environment",
+    "ip_not_allowed",
+    "scope_denied",
+    "namespace_denied",
+    "rate_limited",
+    "quota_exceeded",
+    "too_many_failed_attempts",
+    "invalid_path",
+    "no_route",
+    "body_too_large",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "invalid_admin_token",
+    "not_found",
+    "method_not_allowed",
+    "invalid_config",
+    "invalid_request",
+    "key_not_found",
+    "key_revoked",
+    "key_limit_reached",
+    "key_rotating",
+    "internal",
+];
+
+/// The slot of `code` in [`CODES`].
+pub fn code_index(code: &str) -> Option<usize> {
+    CODES.iter().position(|c| *c == code)
 }
 
 /// Builds a problem+json body at compile time.
@@ -81,6 +127,41 @@ impl Rejection {
         self.parts().1
     }
 
+    /// The code's slot in [`CODES`].
+    pub fn index(&self) -> usize {
+        use Rejection::*;
+        match self {
+            MissingKey => 0,
+            MalformedKey => 1,
+            UnknownKey => 2,
+            ExpiredKey => 3,
+            RevokedKey => 4,
+            InactiveKey => 5,
+            WrongEnvironment => 6,
+            IpNotAllowed => 7,
+            ScopeDenied => 8,
+            NamespaceDenied => 9,
+            RateLimited(_) => 10,
+            QuotaExceeded(_) => 11,
+            TooManyFailedAttempts { .. } => 12,
+            InvalidPath => 13,
+            NoRoute => 14,
+            BodyTooLarge => 15,
+            UpstreamUnavailable => 16,
+            UpstreamTimeout => 17,
+            AdminUnauthorized => 18,
+            NotFound => 19,
+            MethodNotAllowed => 20,
+            ReloadFailed(_) | StoreInvalid(_) => 21,
+            InvalidRequest { .. } => 22,
+            KeyNotFound => 23,
+            KeyRevoked => 24,
+            KeyLimitReached(_) => 25,
+            KeyRotating => 26,
+            Internal => 27,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         self.parts().0
     }
@@ -101,6 +182,8 @@ impl Rejection {
             ScopeDenied => (S::FORBIDDEN, "scope_denied", problem!(403, "Forbidden", "scope_denied", "The API key's scopes do not allow this method on this path.")),
             NamespaceDenied => (S::FORBIDDEN, "namespace_denied", problem!(403, "Forbidden", "namespace_denied", "The API key's namespace may not use this route.")),
             RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited", problem!(429, "Too Many Requests", "rate_limited", "The API key's rate limit is exhausted; retry after the time in Retry-After.")),
+            QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "quota_exceeded", problem!(429, "Too Many Requests", "quota_exceeded", "The API key's quota for this period is used up; it resets at the time in Retry-After.")),
+            TooManyFailedAttempts { .. } => (S::TOO_MANY_REQUESTS, "too_many_failed_attempts", problem!(429, "Too Many Requests", "too_many_failed_attempts", "Too many failed authentications from this address; retry after the time in Retry-After.")),
             InvalidPath => (S::BAD_REQUEST, "invalid_path", problem!(400, "Bad Request", "invalid_path", "The request path is not a valid origin-form path, or it holds an encoded slash or backslash.")),
             NoRoute => (S::NOT_FOUND, "no_route", problem!(404, "Not Found", "no_route", "No route matches this host and path.")),
             BodyTooLarge => (S::PAYLOAD_TOO_LARGE, "body_too_large", problem!(413, "Content Too Large", "body_too_large", "The request body is larger than this route allows.")),
@@ -150,7 +233,12 @@ impl Rejection {
             headers.insert(crate::pipeline::forward::X_REQUEST_ID, id);
         }
         match self {
-            Rejection::RateLimited(rate) => rate.write(headers, true),
+            Rejection::RateLimited(rate) | Rejection::QuotaExceeded(rate) => {
+                rate.write(headers, true)
+            }
+            Rejection::TooManyFailedAttempts { retry_after } => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
             Rejection::AdminUnauthorized => {
                 headers.insert(WWW_AUTHENTICATE, ADMIN_CHALLENGE);
             }
@@ -252,7 +340,9 @@ mod tests {
             KeyNotFound,
             KeyRevoked,
             KeyRotating,
+            TooManyFailedAttempts { retry_after: 1 },
         ] {
+            assert_eq!(CODES[r.index()], r.code());
             let (status, code, body) = r.parts();
             let v: serde_json::Value = serde_json::from_str(body).unwrap();
             assert_eq!(v["status"], status.as_u16());

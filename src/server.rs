@@ -18,10 +18,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::audit::Audit;
+use crate::alerts::{AlertEvent, AlertState};
+use crate::audit::{Audit, AuditEvent};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
+use crate::metrics::{Gauges, Metrics};
 use crate::pipeline::forward::RequestIds;
+use crate::pipeline::lockout::Lockouts;
 use crate::pipeline::rate_limit::Limiters;
 use crate::pipeline::usage::UsageBook;
 use crate::snapshot::{BuildContext, ListenerSettings, Snapshot};
@@ -35,6 +38,9 @@ pub struct Gateway {
     pub limiters: Limiters,
     pub usage: UsageBook,
     pub audit: Audit,
+    pub lockouts: Lockouts,
+    pub metrics: Metrics,
+    pub alert_state: AlertState,
     pub request_ids: RequestIds,
     pub config_path: PathBuf,
     env_admin_token: Option<[u8; 32]>,
@@ -64,10 +70,12 @@ impl Gateway {
             })?;
         let usage = UsageBook::open(config.usage_path(config_path));
         let limiters = Limiters::new(clock.clone());
+        let metrics = Metrics::default();
         let snapshot = Snapshot::load(&BuildContext {
             config_path,
             generation: 1,
             limiters: &limiters,
+            metrics: &metrics,
             usage: &usage,
             previous: None,
             env_admin_token,
@@ -79,6 +87,9 @@ impl Gateway {
             limiters,
             usage,
             audit,
+            lockouts: Lockouts::default(),
+            metrics,
+            alert_state: AlertState::default(),
             request_ids: RequestIds::new(),
             config_path: config_path.to_path_buf(),
             env_admin_token,
@@ -96,6 +107,7 @@ impl Gateway {
             config_path: &self.config_path,
             generation: current.generation + 1,
             limiters: &self.limiters,
+            metrics: &self.metrics,
             usage: &self.usage,
             previous: Some(&current),
             env_admin_token: self.env_admin_token,
@@ -106,19 +118,71 @@ impl Gateway {
     pub(crate) fn install(&self, snapshot: Snapshot) {
         self.limiters.commit(snapshot.limiters());
         self.usage.retain(|id| snapshot.has_key_id(id));
+        self.metrics
+            .retain_routes(|name| snapshot.routes.has_name(name));
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    /// Writes out usage and closes the audit log's sampling windows. Blocking.
-    pub fn housekeeping(&self) {
+    /// Rolls usage forward, sweeps lockouts, evaluates alerts, flushes usage and closes the
+    /// audit log's sampling windows. Blocking. Returns the alerts that changed state, for the
+    /// caller to deliver.
+    pub fn housekeeping(&self) -> Vec<AlertEvent> {
+        let now = self.clock.unix_secs();
+        let snapshot = self.snapshot.load_full();
+        self.usage.tick(now);
+        if let Some(policy) = &snapshot.lockout {
+            self.lockouts.sweep(now, policy.window);
+        }
+        let events = self
+            .alert_state
+            .evaluate(&snapshot.alerts, snapshot.keys(), now);
+        for e in &events {
+            if e.event == "alert.fired" {
+                self.metrics.alerts_fired.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(event = e.event, rule = %e.rule, key_id = %e.key_id, value = e.value, "alert");
+            let event = AuditEvent::new(now, "alerts", e.event)
+                .key_id(&e.key_id)
+                .reason(format!("{}: {} (value {})", e.rule, e.condition, e.value));
+            self.audit.record(&event);
+        }
         if let Err(e) = self.usage.flush() {
             tracing::warn!(error = %e, "usage flush failed; will retry");
         }
-        self.audit.sweep(self.clock.unix_secs());
+        self.audit.sweep(now);
+        events
+    }
+
+    /// What `GET /metrics` shows.
+    pub fn render_metrics(&self) -> String {
+        let snapshot = self.snapshot.load_full();
+        let now = self.clock.unix_secs();
+        let per_key = if snapshot.config.metrics.per_key {
+            snapshot
+                .keys()
+                .map(|k| {
+                    let r = k.usage.report(now);
+                    (k.id.clone(), k.namespace.clone(), r.accepted, r.refused)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.metrics.render(&Gauges {
+            generation: snapshot.generation,
+            keys: snapshot.key_count(),
+            routes: snapshot.routes.len(),
+            reloads: self.reloads.load(Ordering::Relaxed),
+            reload_failures: self.reload_failures.load(Ordering::Relaxed),
+            locked_out_ips: self.lockouts.locked_count(now),
+            audit_lost: self.audit.lost.load(Ordering::Relaxed),
+            per_key,
+        })
     }
 }
 
-/// Flushes usage and sweeps the audit log every `flush_interval`, and once more at shutdown.
+/// Runs [`Gateway::housekeeping`] every `usage.flush_interval`, and once more at shutdown;
+/// delivers the alerts it reports to the webhook, off the request path.
 async fn housekeeping(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>) {
     let every =
         crate::config::units::parse_duration(&gw.snapshot.load().config.usage.flush_interval)
@@ -131,7 +195,21 @@ async fn housekeeping(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duratio
             _ = stop.changed() => break,
         }
         let g = gw.clone();
-        let _ = tokio::task::spawn_blocking(move || g.housekeeping()).await;
+        let Ok(events) = tokio::task::spawn_blocking(move || g.housekeeping()).await else {
+            continue;
+        };
+        let Some(webhook) = gw.snapshot.load().alerts.webhook.clone() else {
+            continue;
+        };
+        for event in events {
+            let (g, webhook) = (gw.clone(), webhook.clone());
+            tokio::spawn(async move {
+                if !crate::alerts::deliver(&webhook, &event).await {
+                    g.metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(rule = %event.rule, "alert not delivered after every retry");
+                }
+            });
+        }
     }
     let g = gw.clone();
     let _ = tokio::task::spawn_blocking(move || {

@@ -11,14 +11,18 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
+use crate::alerts::AlertRules;
 use crate::config::units::{parse_duration, parse_rate, parse_size};
 use crate::config::{parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, Problems};
 use crate::keys::{
     format, parse_sha256, validate_environment, validate_namespace, KeyRecord, Status, Store,
 };
+use crate::metrics::Metrics;
 use crate::pipeline::client_ip::CidrSet;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
-use crate::pipeline::rate_limit::{KeyLimiter, Limiters, RatePolicy};
+use crate::pipeline::lockout::LockoutPolicy;
+use crate::pipeline::quota::Quota;
+use crate::pipeline::rate_limit::{policy_header, KeyLimiter, Limiters, RatePolicy};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
 use crate::pipeline::scope::{Scope, ScopeSet};
 use crate::pipeline::usage::{KeyUsage, UsageBook};
@@ -35,6 +39,10 @@ pub struct KeyEntry {
     pub scopes: ScopeSet,
     pub allowed_cidrs: CidrSet,
     pub limiter: Option<Arc<KeyLimiter>>,
+    /// The key's own quota, or its tier's.
+    pub quota: Option<Quota>,
+    /// `RateLimit-Policy` for the key's rate limit and quota, if it has either.
+    pub limits_header: Option<HeaderValue>,
     pub usage: Arc<KeyUsage>,
     pub id_header: HeaderValue,
     pub namespace_header: HeaderValue,
@@ -101,6 +109,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     pub trusted_proxies: CidrSet,
     pub x_api_key: bool,
+    pub lockout: Option<LockoutPolicy>,
+    pub alerts: AlertRules,
     /// Some keys were imported: a token that is not in keygate's format may still be one,
     /// unless it starts like a keygate key (`prefix_bases`).
     pub accepts_unformatted: bool,
@@ -158,6 +168,7 @@ pub struct BuildContext<'a> {
     pub config_path: &'a Path,
     pub generation: u64,
     pub limiters: &'a Limiters,
+    pub metrics: &'a Metrics,
     pub usage: &'a UsageBook,
     /// The snapshot in force, whose upstream pool is reused when its settings are unchanged.
     pub previous: Option<&'a Snapshot>,
@@ -168,6 +179,11 @@ pub struct BuildContext<'a> {
 impl Snapshot {
     pub fn key_by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
         self.keys.get(&KeyHash(*hash))
+    }
+
+    /// Every key, for housekeeping and reports.
+    pub fn keys(&self) -> impl Iterator<Item = &KeyEntry> + Clone {
+        self.keys.values()
     }
 
     pub fn has_key_id(&self, id: &str) -> bool {
@@ -252,6 +268,8 @@ impl Snapshot {
             trusted_proxies: compiled.trusted_proxies,
             x_api_key: config.x_api_key,
             accepts_unformatted: records.iter().any(|r| r.imported),
+            lockout: compiled.lockout,
+            alerts: compiled.alerts,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
             upstream: compiled.upstream,
@@ -269,6 +287,8 @@ struct CompiledConfig {
     admin_tokens: Vec<AdminToken>,
     upstream: UpstreamClient,
     listeners: ListenerSettings,
+    lockout: Option<LockoutPolicy>,
+    alerts: AlertRules,
 }
 
 fn compile_config(
@@ -392,13 +412,36 @@ fn compile_config(
         }
     }
 
+    for (name, tier) in &config.tiers {
+        if let Some(q) = &tier.quota {
+            if let Err(e) = Quota::parse(q) {
+                p.push(format!("tiers.{name}.quota"), e);
+            }
+        }
+    }
+    let lockout_window = duration(&config.lockout.window, "lockout.window", p);
+    let lockout_cooldown = duration(&config.lockout.cooldown, "lockout.cooldown", p);
+    if config.lockout.max_failures == 0 {
+        p.push("lockout.max_failures", "must be at least 1");
+    }
+    let lockout = match (config.lockout.enabled, lockout_window, lockout_cooldown) {
+        (true, Some(window), Some(cooldown)) => Some(LockoutPolicy {
+            max_failures: config.lockout.max_failures.max(1),
+            window: window.as_secs().max(1) as i64,
+            cooldown: cooldown.as_secs().max(1) as i64,
+        }),
+        _ => None,
+    };
+    let alerts = AlertRules::compile(&config.alerts, p);
+
     let defaults = RouteDefaults {
         response_timeout: response_timeout.unwrap_or(Duration::from_secs(30)),
         max_request_body: max_request_body.unwrap_or(10 << 20),
     };
     let mut routes = Vec::with_capacity(config.routes.len());
     for (i, raw) in config.routes.iter().enumerate() {
-        if let Some(route) = Route::compile(raw, &format!("routes[{i}]"), &defaults, p) {
+        if let Some(mut route) = Route::compile(raw, &format!("routes[{i}]"), &defaults, p) {
+            route.counters = ctx.metrics.route(&route.name);
             routes.push(route);
         }
         for ns in &raw.namespaces {
@@ -421,13 +464,15 @@ fn compile_config(
     };
     let upstream = match ctx.previous {
         Some(prev) if prev.upstream.settings() == settings => prev.upstream.clone(),
-        _ => UpstreamClient::new(settings),
+        _ => UpstreamClient::new(settings, ctx.metrics.upstream_connections.clone()),
     };
     Some(CompiledConfig {
         routes: RouteTable::new(routes),
         trusted_proxies,
         admin_tokens,
         upstream,
+        lockout,
+        alerts,
         listeners: ListenerSettings {
             proxy: proxy?,
             admin: admin?,
@@ -533,6 +578,14 @@ fn compile_keys(
                 None
             }
         };
+        let quota = match r.quota.as_deref().map(Quota::parse) {
+            Some(Ok(q)) => Some(q),
+            Some(Err(e)) => {
+                bad("quota", e, p);
+                None
+            }
+            None => tier_quota(config, &r.namespace),
+        };
         if let Err(e) = crate::clock::parse_rfc3339(&r.created_at) {
             bad("created_at", e, p);
         }
@@ -547,6 +600,7 @@ fn compile_keys(
             continue;
         };
         let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
+        let limits_header = policy_header(policy, quota.as_ref());
         keys.insert(
             hash,
             KeyEntry {
@@ -558,6 +612,8 @@ fn compile_keys(
                 scopes: ScopeSet::new(scopes),
                 allowed_cidrs,
                 limiter,
+                quota,
+                limits_header,
                 usage: ctx.usage.for_key(&r.id),
                 id_header,
                 namespace_header,
@@ -566,4 +622,10 @@ fn compile_keys(
         );
     }
     keys
+}
+
+/// The quota of a namespace's tier, if it has one.
+fn tier_quota(config: &Config, namespace: &str) -> Option<Quota> {
+    let tier = config.namespaces.get(namespace)?.tier.as_ref()?;
+    Quota::parse(config.tiers.get(tier)?.quota.as_deref()?).ok()
 }

@@ -36,6 +36,9 @@ pub(crate) struct CreateBody {
     rate_limit: Option<String>,
     #[serde(default)]
     burst: Option<u32>,
+    /// `N/day` or `N/month`.
+    #[serde(default)]
+    quota: Option<String>,
     /// RFC 3339, or a duration from now such as `30d`.
     #[serde(default)]
     expires_at: Option<String>,
@@ -57,6 +60,8 @@ pub(crate) struct PatchBody {
     rate_limit: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     burst: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    quota: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     expires_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
@@ -303,6 +308,7 @@ pub(crate) async fn create(call: &Call<'_>, body: CreateBody) -> Answer {
         allowed_cidrs: body.allowed_cidrs,
         rate_limit: body.rate_limit,
         burst: body.burst,
+        quota: body.quota,
         expires: body.expires_at,
         note: body.note,
     };
@@ -320,6 +326,7 @@ pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
         ("allowed_cidrs", body.allowed_cidrs.is_some()),
         ("rate_limit", body.rate_limit.is_some()),
         ("burst", body.burst.is_some()),
+        ("quota", body.quota.is_some()),
         ("expires_at", body.expires_at.is_some()),
         ("note", body.note.is_some()),
     ] {
@@ -334,6 +341,7 @@ pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
         allowed_cidrs: body.allowed_cidrs.map(Option::unwrap_or_default),
         rate_limit: body.rate_limit,
         burst: body.burst,
+        quota: body.quota,
         expires: body.expires_at,
         note: body.note.map(Option::unwrap_or_default),
     };
@@ -345,6 +353,7 @@ pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
             "allowed_cidrs",
             "rate_limit",
             "burst",
+            "quota",
             "expires_at",
         ]
         .contains(f)
@@ -484,6 +493,156 @@ pub(crate) async fn audit(call: &Call<'_>, query: &str) -> Answer {
         Rejection::Internal
     })?;
     Ok(json(StatusCode::OK, &serde_json::json!({"events": events})))
+}
+
+/// A key's usage report as JSON, with its quota's state when it has one.
+fn usage_json(call: &Call<'_>, id: &str, namespace: &str, now: i64) -> serde_json::Value {
+    let snapshot = call.gw.snapshot.load();
+    let report = call
+        .gw
+        .usage
+        .get(id)
+        .map(|u| u.report(now))
+        .unwrap_or_default();
+    let mut v = report.to_json(now);
+    v["key_id"] = id.into();
+    v["namespace"] = namespace.into();
+    if let Some(key) = snapshot.keys().find(|k| k.id == id) {
+        if let Some(quota) = key.quota {
+            let (period, end) = quota.window(now);
+            v["quota"] = serde_json::json!({
+                "quota": quota.to_string(),
+                "limit": quota.limit,
+                "used": key.usage.quota_used(period),
+                "resets_at": crate::clock::rfc3339(end),
+            });
+        }
+    }
+    v
+}
+
+/// `GET /v1/api-keys/{id}/usage`.
+pub(crate) async fn key_usage(call: &Call<'_>) -> Answer {
+    let keys = records(call).await?;
+    let record = keys
+        .iter()
+        .find(|r| r.id == call.id)
+        .ok_or(Rejection::KeyNotFound)?;
+    let now = call.gw.clock.unix_secs();
+    Ok(json(
+        StatusCode::OK,
+        &usage_json(call, &record.id, &record.namespace, now),
+    ))
+}
+
+/// Today's sums over some keys.
+#[derive(Default)]
+struct Totals {
+    accepted: u64,
+    refused: u64,
+    upstream_4xx: u64,
+    upstream_5xx: u64,
+    upstream_errors: u64,
+    failed: u64,
+    keys_used: u64,
+}
+
+impl Totals {
+    fn add(&mut self, r: &crate::pipeline::usage::UsageReport) {
+        self.accepted += r.accepted;
+        self.refused += r.refused;
+        self.upstream_4xx += r.upstream_4xx;
+        self.upstream_5xx += r.upstream_5xx;
+        self.upstream_errors += r.upstream_errors;
+        self.failed += r.failed;
+        self.keys_used += 1;
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let requests = self.accepted + self.refused;
+        let bad = self.refused + self.failed + self.upstream_4xx + self.upstream_5xx;
+        serde_json::json!({
+            "requests_today": requests,
+            "accepted_today": self.accepted,
+            "refused_today": self.refused,
+            "upstream_4xx_today": self.upstream_4xx,
+            "upstream_5xx_today": self.upstream_5xx,
+                        "upstream_errors_today": self.upstream_errors,
+            "failed_today": self.failed,
+            "error_rate": if requests == 0 { 0.0 } else { (10_000.0 * (bad as f64 / requests as f64).min(1.0)).round() / 10_000.0 },
+            "keys_used_today": self.keys_used,
+        })
+    }
+}
+
+/// `GET /v1/usage?namespace=&top=`: today's totals, org-wide and by namespace, with the top
+/// keys by traffic and by error rate.
+pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
+    let params = query_params(query);
+    let top = match params.get("top").filter(|v| !v.is_empty()) {
+        None => 10,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| bad_param("top", "top must be a whole number from 1 to 100"))?,
+    };
+    let only = params.get("namespace").filter(|s| !s.is_empty());
+    let now = call.gw.clock.unix_secs();
+    let snapshot = call.gw.snapshot.load_full();
+    let mut org = Totals::default();
+    let mut by_ns: BTreeMap<String, Totals> = BTreeMap::new();
+    let mut per_key = Vec::new();
+    for key in snapshot
+        .keys()
+        .filter(|k| only.is_none_or(|ns| &k.namespace == ns))
+    {
+        let r = key.usage.report(now);
+        if r.requests() == 0 {
+            continue;
+        }
+        org.add(&r);
+        by_ns.entry(key.namespace.clone()).or_default().add(&r);
+        per_key.push((
+            key.id.clone(),
+            key.namespace.clone(),
+            r.requests(),
+            r.error_rate(),
+        ));
+    }
+    let entry = |(id, ns, requests, rate): &(String, String, u64, f64)| {
+        serde_json::json!({
+            "key_id": id,
+            "namespace": ns,
+            "requests_today": requests,
+            "error_rate": (rate * 10_000.0).round() / 10_000.0,
+        })
+    };
+    per_key.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    let by_traffic: Vec<_> = per_key.iter().take(top).map(entry).collect();
+    // The error rate of a key with a handful of requests says little: at least 10 are needed.
+    let mut by_errors: Vec<_> = per_key.iter().filter(|k| k.2 >= 10 && k.3 > 0.0).collect();
+    by_errors.sort_by(|a, b| b.3.total_cmp(&a.3).then_with(|| a.0.cmp(&b.0)));
+    let by_errors: Vec<_> = by_errors.into_iter().take(top).map(entry).collect();
+    let namespaces: Vec<_> = by_ns
+        .iter()
+        .map(|(name, t)| {
+            let mut v = t.to_json();
+            v["namespace"] = name.clone().into();
+            v
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "date": &crate::clock::rfc3339(now)[..10],
+            "totals": org.to_json(),
+            "namespaces": namespaces,
+            "top_by_requests": by_traffic,
+            "top_by_error_rate": by_errors,
+            "unidentified_refusals_today": call.gw.usage.anonymous.report(now).by_code,
+        }),
+    ))
 }
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ pub enum Endpoint {
     EnableKey,
     Namespaces,
     Audit,
+    Metrics,
+    Usage,
+    KeyUsage,
 }
 
 /// The routing table: method, path template, endpoint. The OpenAPI document is checked
@@ -66,6 +69,9 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("POST", "/v1/api-keys/{id}/enable", Endpoint::EnableKey),
     ("GET", "/v1/namespaces", Endpoint::Namespaces),
     ("GET", "/v1/audit", Endpoint::Audit),
+    ("GET", "/metrics", Endpoint::Metrics),
+    ("GET", "/v1/usage", Endpoint::Usage),
+    ("GET", "/v1/api-keys/{id}/usage", Endpoint::KeyUsage),
 ];
 
 /// The OpenAPI 3.1 document for this API, kept in the repository.
@@ -200,6 +206,20 @@ async fn route(
         Endpoint::RotateKey => keys::rotate(&call, read_json_or_empty(req).await?).await,
         Endpoint::Namespaces => keys::namespaces(&call).await,
         Endpoint::Audit => keys::audit(&call, &query).await,
+        Endpoint::Usage => keys::org_usage(&call, &query).await,
+        Endpoint::KeyUsage => keys::key_usage(&call).await,
+        Endpoint::Metrics => {
+            let gw = call.gw.clone();
+            let text = tokio::task::spawn_blocking(move || gw.render_metrics())
+                .await
+                .map_err(|_| Rejection::Internal)?;
+            let mut response = Response::new(ResponseBody::full(text));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(response)
+        }
         Endpoint::Healthz | Endpoint::Readyz | Endpoint::OpenApi => Err(Rejection::Internal),
     }
 }

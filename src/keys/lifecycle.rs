@@ -33,6 +33,8 @@ pub struct NewKey {
     pub allowed_cidrs: Vec<String>,
     pub rate_limit: Option<String>,
     pub burst: Option<u32>,
+    /// `N/day` or `N/month`.
+    pub quota: Option<String>,
     /// RFC 3339 time, or a duration from now such as `30d`; `never` or empty for none.
     pub expires: Option<String>,
     pub note: String,
@@ -47,6 +49,7 @@ pub struct KeyPatch {
     pub allowed_cidrs: Option<Vec<String>>,
     pub rate_limit: Option<Option<String>>,
     pub burst: Option<Option<u32>>,
+    pub quota: Option<Option<String>>,
     pub expires: Option<Option<String>>,
     pub note: Option<String>,
 }
@@ -58,6 +61,7 @@ impl KeyPatch {
             && self.allowed_cidrs.is_none()
             && self.rate_limit.is_none()
             && self.burst.is_none()
+            && self.quota.is_none()
             && self.expires.is_none()
             && self.note.is_none()
     }
@@ -104,6 +108,17 @@ fn check_rate(rate: Option<&str>, burst: Option<u32>) -> Result<Option<String>, 
         (Some(_), None) => Err(invalid("burst", "needs a rate limit as well")),
         (_, rate) => Ok(rate.map(|r| r.to_string())),
     }
+}
+
+/// The quota in its canonical spelling (`10000/day`).
+fn check_quota(quota: Option<&str>) -> Result<Option<String>, KeyError> {
+    quota
+        .map(|q| {
+            crate::pipeline::quota::Quota::parse(q)
+                .map(|q| q.to_string())
+                .map_err(|e| invalid("quota", e))
+        })
+        .transpose()
 }
 
 fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), KeyError> {
@@ -235,6 +250,7 @@ pub fn create(op: Op<'_>, new: NewKey) -> Result<(KeyRecord, String), KeyError> 
     check_scopes(&new.scopes)?;
     check_cidrs(&new.allowed_cidrs)?;
     let rate_limit = check_rate(new.rate_limit.as_deref(), new.burst)?;
+    let quota = check_quota(new.quota.as_deref())?;
     check_text("name", &new.name, 200)?;
     check_text("note", &new.note, 2000)?;
     let expires_at = check_expiry(new.expires.as_deref(), op.now)?;
@@ -253,6 +269,7 @@ pub fn create(op: Op<'_>, new: NewKey) -> Result<(KeyRecord, String), KeyError> 
             allowed_cidrs: new.allowed_cidrs,
             rate_limit,
             burst: new.burst,
+            quota,
             expires_at: expires_at.map(rfc3339),
             status: Status::Active,
             created_at: rfc3339(op.now),
@@ -396,6 +413,10 @@ pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyErr
         Some(text) => Some(check_expiry(text.as_deref(), op.now)?),
         None => None,
     };
+    let quota = match &patch.quota {
+        Some(q) => Some(check_quota(q.as_deref())?),
+        None => None,
+    };
     transact(op.store, |file| {
         let record = find(file, id)?;
         not_revoked(record)?;
@@ -426,6 +447,9 @@ pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyErr
         }
         if let Some(expires_at) = expires_at {
             record.expires_at = expires_at.map(rfc3339);
+        }
+        if let Some(quota) = quota {
+            record.quota = quota;
         }
         record.updated_at = Some(rfc3339(op.now));
         Ok(record.clone())
@@ -559,6 +583,7 @@ pub fn import(
                 allowed_cidrs: Vec::new(),
                 rate_limit: None,
                 burst: None,
+                quota: None,
                 expires_at: None,
                 status: Status::Active,
                 created_at: rfc3339(op.now),

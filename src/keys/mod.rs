@@ -53,6 +53,9 @@ pub struct KeyRecord {
     /// Requests allowed at once; defaults to the rate's N.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// `N/day` or `N/month`; none means the tier's quota, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
     /// RFC 3339; none means the key never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
@@ -134,6 +137,7 @@ impl KeyRecord {
             "allowed_cidrs": self.allowed_cidrs,
             "rate_limit": self.rate_limit,
             "burst": self.burst,
+            "quota": self.quota,
             "expires_at": self.expires_at,
             "status": self.effective_status(now),
             "created_at": self.created_at,
@@ -307,6 +311,7 @@ pub(crate) mod tests {
             allowed_cidrs: vec![],
             rate_limit: None,
             burst: None,
+            quota: None,
             expires_at: None,
             status: Status::Active,
             created_at: "2026-01-01T00:00:00Z".into(),

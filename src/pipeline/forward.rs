@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST};
@@ -52,12 +53,39 @@ pub struct PoolSettings {
 /// The pooled keep-alive client towards every upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<CountingConnector, RequestBody>,
     settings: PoolSettings,
 }
 
+/// The HTTP connector, counting the connections it opens: requests minus connections is
+/// how often the pool was reused.
+#[derive(Debug, Clone)]
+pub struct CountingConnector {
+    inner: HttpConnector,
+    opened: Arc<AtomicU64>,
+}
+
+impl tower_service::Service<Uri> for CountingConnector {
+    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = <HttpConnector as tower_service::Service<Uri>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.inner.call(uri)
+    }
+}
+
 impl UpstreamClient {
-    pub fn new(settings: PoolSettings) -> Self {
+    /// A pool with `settings`, counting new connections in `opened`.
+    pub fn new(settings: PoolSettings, opened: Arc<AtomicU64>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
@@ -66,7 +94,10 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(settings.idle_timeout)
             .pool_max_idle_per_host(settings.max_idle_per_host)
-            .build(connector);
+            .build(CountingConnector {
+                inner: connector,
+                opened,
+            });
         UpstreamClient { client, settings }
     }
 

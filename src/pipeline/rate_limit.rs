@@ -16,10 +16,10 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::HeaderMap;
+use std::fmt::Write as _;
 
 use crate::clock::Clock;
 use crate::config::units::Rate;
-use crate::rejection::Rejection;
 
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -45,12 +45,11 @@ impl RatePolicy {
 
 type Gcra = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
-/// One key's limiter and its precomputed `RateLimit-Policy` header.
+/// One key's limiter.
 #[derive(Debug)]
 pub struct KeyLimiter {
     policy: RatePolicy,
     gcra: Gcra,
-    policy_header: HeaderValue,
 }
 
 impl KeyLimiter {
@@ -59,17 +58,10 @@ impl KeyLimiter {
         let quota = Quota::with_period(policy.interval())
             .expect("a rate's interval is never zero")
             .allow_burst(burst);
-        let policy_header = HeaderValue::from_str(&format!(
-            "\"key\";q={};w={}",
-            policy.burst,
-            policy.window_secs()
-        ))
-        .expect("digits are a valid header");
         KeyLimiter {
             policy,
             gcra: RateLimiter::direct_with_clock(quota, clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
-            policy_header,
         }
     }
 
@@ -78,22 +70,37 @@ impl KeyLimiter {
     }
 }
 
+/// One budget's state for the `RateLimit` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The policy's name: `key` (the rate limit) or `quota`.
+    pub name: &'static str,
+    pub remaining: u64,
+    /// Seconds until the budget is whole again.
+    pub reset: u64,
+}
+
 /// The rate-limit headers of one decision, sent on accepted and refused requests alike.
 #[derive(Debug, Clone)]
 pub struct RateHeaders {
-    policy: HeaderValue,
-    remaining: u32,
-    /// Seconds until the full burst is available again.
-    reset: u64,
+    /// `RateLimit-Policy`, precomputed per key.
+    pub policy: HeaderValue,
+    pub budgets: [Option<Budget>; 2],
     /// Seconds until the next request would be admitted; set on refusal.
-    retry_after: Option<u64>,
+    pub retry_after: Option<u64>,
 }
 
 impl RateHeaders {
     /// Adds `RateLimit-Policy`, `RateLimit` and, on refusal, `Retry-After`.
     pub fn write(&self, headers: &mut HeaderMap, refused: bool) {
         headers.insert(RATELIMIT_POLICY, self.policy.clone());
-        let value = format!("\"key\";r={};t={}", self.remaining, self.reset);
+        let mut value = String::with_capacity(48);
+        for b in self.budgets.iter().flatten() {
+            if !value.is_empty() {
+                value.push_str(", ");
+            }
+            let _ = write!(value, "\"{}\";r={};t={}", b.name, b.remaining, b.reset);
+        }
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.insert(RATELIMIT, v);
         }
@@ -104,33 +111,49 @@ impl RateHeaders {
         }
     }
 
-    pub fn remaining(&self) -> u32 {
-        self.remaining
+    /// The named budget's state.
+    pub fn budget(&self, name: &str) -> Option<Budget> {
+        self.budgets
+            .iter()
+            .flatten()
+            .find(|b| b.name == name)
+            .copied()
     }
 }
 
-/// Spends one unit of the key's budget, or refuses with the time to wait.
-pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<RateHeaders, Rejection> {
+/// `RateLimit-Policy` for a key with a rate limit, a quota, or both.
+pub fn policy_header(
+    rate: Option<RatePolicy>,
+    quota: Option<&crate::pipeline::quota::Quota>,
+) -> Option<HeaderValue> {
+    let mut parts = Vec::new();
+    if let Some(p) = rate {
+        parts.push(format!("\"key\";q={};w={}", p.burst, p.window_secs()));
+    }
+    if let Some(q) = quota {
+        parts.push(format!("\"quota\";q={};w={}", q.limit, q.window_secs()));
+    }
+    (!parts.is_empty())
+        .then(|| HeaderValue::from_str(&parts.join(", ")).expect("digits are a valid header"))
+}
+
+/// Spends one unit of the key's rate budget, or says how long to wait: `Err((wait, reset))`.
+pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<Budget, (u64, u64)> {
     let interval = limiter.policy.interval();
     match limiter.gcra.check() {
         Ok(state) => {
             let remaining = state.remaining_burst_capacity();
             let missing = limiter.policy.burst.saturating_sub(remaining);
-            Ok(RateHeaders {
-                policy: limiter.policy_header.clone(),
-                remaining,
+            Ok(Budget {
+                name: "key",
+                remaining: u64::from(remaining),
                 reset: ceil_secs(interval * missing),
-                retry_after: None,
             })
         }
         Err(not_until) => {
             let wait = not_until.wait_time_from(clock.now());
-            Err(Rejection::RateLimited(RateHeaders {
-                policy: limiter.policy_header.clone(),
-                remaining: 0,
-                reset: ceil_secs(interval * limiter.policy.burst).max(ceil_secs(wait)),
-                retry_after: Some(ceil_secs(wait).max(1)),
-            }))
+            let reset = ceil_secs(interval * limiter.policy.burst).max(ceil_secs(wait));
+            Err((ceil_secs(wait).max(1), reset))
         }
     }
 }
@@ -190,13 +213,11 @@ mod tests {
     fn burst_then_refusal_then_refill_on_the_fake_clock() {
         let clock = Clock::fake(UNIX_EPOCH + Duration::from_secs(1_000));
         let limiter = KeyLimiter::new(policy(2, 1, 2), &clock);
-        let first = admit(&limiter, &clock).unwrap();
-        assert_eq!(first.remaining, 1);
+        assert_eq!(admit(&limiter, &clock).unwrap().remaining, 1);
         admit(&limiter, &clock).unwrap();
-        let Err(Rejection::RateLimited(refused)) = admit(&limiter, &clock) else {
-            panic!("third request in the same instant must be refused")
-        };
-        assert_eq!(refused.retry_after, Some(1));
+        let (retry_after, _) =
+            admit(&limiter, &clock).expect_err("third request in the same instant");
+        assert_eq!(retry_after, 1);
         clock.advance(Duration::from_millis(500));
         assert!(admit(&limiter, &clock).is_ok());
         assert!(admit(&limiter, &clock).is_err());
@@ -206,11 +227,27 @@ mod tests {
     fn headers_follow_the_draft_syntax() {
         let clock = Clock::fake(SystemTime::UNIX_EPOCH);
         let limiter = KeyLimiter::new(policy(100, 1, 200), &clock);
-        let state = admit(&limiter, &clock).unwrap();
+        let budget = admit(&limiter, &clock).unwrap();
+        let quota = crate::pipeline::quota::Quota::parse("1000/day").unwrap();
+        let headers = RateHeaders {
+            policy: policy_header(Some(limiter.policy()), Some(&quota)).unwrap(),
+            budgets: [
+                Some(budget),
+                Some(Budget {
+                    name: "quota",
+                    remaining: 999,
+                    reset: 3600,
+                }),
+            ],
+            retry_after: None,
+        };
         let mut h = HeaderMap::new();
-        state.write(&mut h, false);
-        assert_eq!(h[RATELIMIT_POLICY], "\"key\";q=200;w=2");
-        assert_eq!(h[RATELIMIT], "\"key\";r=199;t=1");
+        headers.write(&mut h, false);
+        assert_eq!(
+            h[RATELIMIT_POLICY],
+            "\"key\";q=200;w=2, \"quota\";q=1000;w=86400"
+        );
+        assert_eq!(h[RATELIMIT], "\"key\";r=199;t=1, \"quota\";r=999;t=3600");
         assert!(h.get(RETRY_AFTER).is_none());
     }
 

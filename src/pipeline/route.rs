@@ -25,6 +25,8 @@ pub struct Route {
     pub keep_authorization: bool,
     pub response_timeout: Duration,
     pub max_request_body: u64,
+    /// This route's request counters, shared across snapshots by route name.
+    pub counters: std::sync::Arc<crate::metrics::RouteCounters>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -68,6 +70,10 @@ impl RouteTable {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    pub fn has_name(&self, name: &str) -> bool {
+        self.routes.iter().any(|r| r.name == name)
     }
 
     /// The route for a host (from `Host` or the URI) and a normalised path.
@@ -221,6 +227,7 @@ impl Route {
             keep_authorization: raw.keep_authorization,
             response_timeout,
             max_request_body,
+            counters: Default::default(),
         })
     }
 }

@@ -1,36 +1,152 @@
-//! The last stage: note that a key was used. On the request path this is one atomic store
-//! and a lock that is only ever tried, never waited on. The book of every key's usage lives
-//! outside the snapshot, keyed by key id, and is flushed atomically to the usage file every
-//! few seconds and at shutdown, so it survives restarts and the CLI can read it.
+//! The last stage: account for what a key did. On the request path this is a handful of
+//! atomic increments on the key's own cell, and a lock that is only ever tried, never waited
+//! on. "Today", the per-minute series and persistence are derived off the request path by
+//! [`UsageBook::tick`], which the gateway's housekeeping calls every few seconds: it records
+//! each counter's value at the start of the day and of the minute, and the deltas.
+//!
+//! The book lives outside the snapshot, keyed by key id, and is flushed atomically to the
+//! usage file every few seconds and at shutdown, so a crash loses at most one interval.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::rfc3339;
 use crate::keys::LastUse;
+use crate::rejection::{Rejection, CODES};
 
-/// One key's usage. A key is "used" whenever it is presented and identified, whether or not
-/// the request is then allowed: that is what tells an operator a key is still out there.
+/// Counter slots: the outcome classes, then one per refusal code.
+const ACCEPTED: usize = 0;
+const REFUSED: usize = 1;
+const UPSTREAM_4XX: usize = 2;
+const UPSTREAM_5XX: usize = 3;
+/// Admitted, but the gateway answered an error itself (413, 502, 504).
+const FAILED: usize = 4;
+const BY_CODE: usize = 5;
+const SLOTS: usize = BY_CODE + CODES.len();
+/// Minutes of per-minute history kept.
+const SERIES_MINUTES: i64 = 24 * 60;
+/// The pseudo-key under which refusals that never identified a key are counted.
+pub const ANONYMOUS: &str = "*";
+
+/// One key's usage.
 #[derive(Debug, Default)]
 pub struct KeyUsage {
     /// Unix seconds; 0 for never.
     last_used: AtomicI64,
     last_ip: Mutex<Option<IpAddr>>,
+    /// The quota period the count below belongs to.
+    quota_period: AtomicI64,
+    quota_used: AtomicU64,
+    /// Made on first use, so keys that are never used cost little.
+    counts: OnceLock<Box<Counts>>,
+}
+
+#[derive(Debug)]
+struct Counts {
+    totals: [AtomicU64; SLOTS],
+    /// Touched by housekeeping and readers only, never by the request path.
+    history: Mutex<History>,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts {
+            totals: std::array::from_fn(|_| AtomicU64::new(0)),
+            history: Mutex::new(History::default()),
+        }
+    }
+}
+
+/// Baselines and the per-minute series, kept by [`UsageBook::tick`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct History {
+    /// The UTC day (days since the epoch) `day_base` belongs to.
+    day: i64,
+    day_base: Vec<u64>,
+    /// The minute (since the epoch) `minute_base` belongs to.
+    minute: i64,
+    minute_base: Vec<u64>,
+    /// Completed minutes with traffic, oldest first, at most a day's worth.
+    series: VecDeque<Minute>,
+}
+
+/// Traffic in one minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Minute {
+    /// Minutes since the epoch.
+    pub minute: i64,
+    pub accepted: u64,
+    pub refused: u64,
+    /// Admitted, then answered 4xx/5xx by the upstream or failed on the way (413, 502, 504).
+    pub errors: u64,
 }
 
 impl KeyUsage {
-    /// Records a use. Never blocks: if another request holds the address slot, this one's
-    /// address is skipped, as both are equally recent.
-    pub fn record(&self, now: i64, ip: IpAddr) {
+    /// Notes that the key was presented from `ip` at `now`. A key is "used" whenever it is
+    /// presented and identified, even if a later check refuses the request.
+    pub fn seen(&self, now: i64, ip: IpAddr) {
         self.last_used.store(now, Ordering::Relaxed);
         if let Ok(mut slot) = self.last_ip.try_lock() {
             *slot = Some(ip);
         }
+    }
+
+    fn counts(&self) -> &Counts {
+        self.counts.get_or_init(Box::default)
+    }
+
+    fn add(&self, slot: usize) {
+        self.counts().totals[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The gateway refused the request before forwarding it.
+    pub fn refused(&self, rejection: &Rejection) {
+        self.add(REFUSED);
+        self.add(BY_CODE + rejection.index());
+    }
+
+    /// The request passed every check.
+    pub fn accepted(&self) {
+        self.add(ACCEPTED);
+    }
+
+    /// An admitted request's outcome: the upstream's status, or the gateway's own error.
+    pub fn outcome(&self, status: u16, gateway_error: Option<&Rejection>) {
+        match gateway_error {
+            Some(r) => {
+                self.add(FAILED);
+                self.add(BY_CODE + r.index());
+            }
+            None if (400..500).contains(&status) => self.add(UPSTREAM_4XX),
+            None if status >= 500 => self.add(UPSTREAM_5XX),
+            None => {}
+        }
+    }
+
+    /// Requests counted against the quota in `period` so far, starting the period afresh if
+    /// it is a new one.
+    pub fn quota_used(&self, period: i64) -> u64 {
+        let current = self.quota_period.load(Ordering::Acquire);
+        if current != period
+            && self
+                .quota_period
+                .compare_exchange(current, period, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.quota_used.store(0, Ordering::Release);
+        }
+        self.quota_used.load(Ordering::Acquire)
+    }
+
+    /// Counts one request against the quota; returns the count including it.
+    pub fn quota_spend(&self) -> u64 {
+        self.quota_used.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     pub fn last_use(&self) -> Option<LastUse> {
@@ -47,19 +163,241 @@ impl KeyUsage {
         }
     }
 
-    fn restore(last: &LastUse) -> Self {
-        KeyUsage {
-            last_used: AtomicI64::new(last.at),
-            last_ip: Mutex::new(last.ip.as_deref().and_then(|s| s.parse().ok())),
+    fn totals(&self) -> Option<Vec<u64>> {
+        self.counts
+            .get()
+            .map(|c| c.totals.iter().map(|t| t.load(Ordering::Relaxed)).collect())
+    }
+
+    /// Rolls the day and minute baselines forward to `now`, recording the minute just ended.
+    /// Counts between the last tick and a boundary are attributed to the later side, so
+    /// "today" and the series are exact to within one housekeeping interval.
+    fn tick(&self, now: i64) {
+        let Some(counts) = self.counts.get() else {
+            return;
+        };
+        let totals: Vec<u64> = counts
+            .totals
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .collect();
+        let mut h = counts.history.lock().unwrap_or_else(|e| e.into_inner());
+        let (day, minute) = (now.div_euclid(86_400), now.div_euclid(60));
+        if h.minute_base.len() != SLOTS || h.day_base.len() != SLOTS {
+            // The first tick of a new cell: everything so far belongs to this minute and day.
+            *h = History {
+                day,
+                day_base: vec![0; SLOTS],
+                minute,
+                minute_base: vec![0; SLOTS],
+                series: VecDeque::new(),
+            };
         }
+        if h.minute != minute {
+            let delta = minute_of(h.minute, &totals, &h.minute_base);
+            if delta.accepted + delta.refused + delta.errors > 0 {
+                h.series.push_back(delta);
+            }
+            h.minute = minute;
+            h.minute_base = totals.clone();
+        }
+        if h.day != day {
+            h.day = day;
+            h.day_base = totals;
+        }
+        while h
+            .series
+            .front()
+            .is_some_and(|m| m.minute <= minute - SERIES_MINUTES)
+        {
+            h.series.pop_front();
+        }
+    }
+
+    /// Today's figures, the last 24 hours' series, and the last use.
+    pub fn report(&self, now: i64) -> UsageReport {
+        let totals = self.totals().unwrap_or_else(|| vec![0; SLOTS]);
+        let (day_base, series, current) = match self.counts.get() {
+            Some(c) => {
+                let h = c.history.lock().unwrap_or_else(|e| e.into_inner());
+                // Before the first tick of a new day, the last baseline is the nearest.
+                let base = if h.day == now.div_euclid(86_400) && h.day_base.len() == SLOTS {
+                    h.day_base.clone()
+                } else if h.minute_base.len() == SLOTS {
+                    h.minute_base.clone()
+                } else {
+                    vec![0; SLOTS]
+                };
+                let current = (h.minute_base.len() == SLOTS)
+                    .then(|| minute_of(h.minute, &totals, &h.minute_base));
+                let since = now.div_euclid(60) - SERIES_MINUTES;
+                (
+                    base,
+                    h.series
+                        .iter()
+                        .filter(|m| m.minute > since)
+                        .copied()
+                        .collect::<Vec<_>>(),
+                    current,
+                )
+            }
+            None => (vec![0; SLOTS], Vec::new(), None),
+        };
+        let today = |slot: usize| totals[slot].saturating_sub(day_base[slot]);
+        let mut series = series;
+        if let Some(m) = current.filter(|m| m.accepted + m.refused + m.errors > 0) {
+            series.push(m);
+        }
+        let by_code: BTreeMap<&'static str, u64> = CODES
+            .iter()
+            .enumerate()
+            .map(|(i, code)| (*code, today(BY_CODE + i)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        UsageReport {
+            accepted: today(ACCEPTED),
+            refused: today(REFUSED),
+            upstream_4xx: today(UPSTREAM_4XX),
+            upstream_5xx: today(UPSTREAM_5XX),
+            failed: today(FAILED),
+            upstream_errors: today(UPSTREAM_5XX)
+                + today(BY_CODE + Rejection::UpstreamUnavailable.index())
+                + today(BY_CODE + Rejection::UpstreamTimeout.index()),
+            by_code,
+            series,
+            last_use: self.last_use(),
+        }
+    }
+
+    fn save(&self) -> Option<SavedUsage> {
+        let last = self.last_use();
+        let totals = self.totals();
+        if last.is_none() && totals.is_none() && self.quota_used.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let history = self
+            .counts
+            .get()
+            .map(|c| c.history.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        Some(SavedUsage {
+            last_used_at: last.as_ref().map(|l| l.at),
+            last_used_ip: last.and_then(|l| l.ip),
+            totals,
+            history,
+            quota_period: self.quota_period.load(Ordering::Relaxed),
+            quota_used: self.quota_used.load(Ordering::Relaxed),
+        })
+    }
+
+    fn restore(saved: SavedUsage) -> Self {
+        let usage = KeyUsage {
+            last_used: AtomicI64::new(saved.last_used_at.unwrap_or(0)),
+            last_ip: Mutex::new(saved.last_used_ip.as_deref().and_then(|s| s.parse().ok())),
+            quota_period: AtomicI64::new(saved.quota_period),
+            quota_used: AtomicU64::new(saved.quota_used),
+            counts: OnceLock::new(),
+        };
+        if let Some(totals) = saved.totals.filter(|t| t.len() == SLOTS) {
+            let counts = Counts {
+                totals: std::array::from_fn(|i| AtomicU64::new(totals[i])),
+                history: Mutex::new(saved.history.unwrap_or_default()),
+            };
+            let _ = usage.counts.set(Box::new(counts));
+        }
+        usage
     }
 }
 
-/// The usage file's document.
+fn minute_of(minute: i64, totals: &[u64], base: &[u64]) -> Minute {
+    let d = |slot: usize| totals[slot].saturating_sub(base[slot]);
+    Minute {
+        minute,
+        accepted: d(ACCEPTED),
+        refused: d(REFUSED),
+        errors: d(UPSTREAM_4XX) + d(UPSTREAM_5XX) + d(FAILED),
+    }
+}
+
+/// One key's usage as reported: today (UTC) unless said otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageReport {
+    pub accepted: u64,
+    pub refused: u64,
+    pub upstream_4xx: u64,
+    pub upstream_5xx: u64,
+    /// Admitted, then failed in the gateway (413, 502, 504).
+    pub failed: u64,
+    /// Upstream 5xx plus the gateway's 502 and 504.
+    pub upstream_errors: u64,
+    pub by_code: BTreeMap<&'static str, u64>,
+    /// The last 24 hours, minutes with traffic only, the current minute last.
+    pub series: Vec<Minute>,
+    pub last_use: Option<LastUse>,
+}
+
+impl UsageReport {
+    pub fn requests(&self) -> u64 {
+        self.accepted + self.refused
+    }
+
+    /// Share of requests that did not end well: refused, failed, or answered 4xx/5xx.
+    pub fn error_rate(&self) -> f64 {
+        match self.requests() {
+            0 => 0.0,
+            // An outcome counted just after midnight for a request of the day before could
+            // otherwise tip the rate past 1.
+            n => ((self.refused + self.failed + self.upstream_4xx + self.upstream_5xx) as f64
+                / n as f64)
+                .min(1.0),
+        }
+    }
+
+    /// The contract's usage JSON.
+    pub fn to_json(&self, now: i64) -> serde_json::Value {
+        serde_json::json!({
+            "date": rfc3339(now.div_euclid(86_400) * 86_400)[..10],
+            "requests_today": self.requests(),
+            "accepted_today": self.accepted,
+            "refused_today": self.refused,
+            "upstream_4xx_today": self.upstream_4xx,
+            "upstream_5xx_today": self.upstream_5xx,
+            "upstream_errors_today": self.upstream_errors,
+            "failed_today": self.failed,
+            "by_code_today": self.by_code,
+            "error_rate": (self.error_rate() * 10_000.0).round() / 10_000.0,
+            "last_used_at": self.last_use.as_ref().map(|u| rfc3339(u.at)),
+            "last_used_ip": self.last_use.as_ref().and_then(|u| u.ip.clone()),
+            "series": self.series.iter().map(|m| serde_json::json!({
+                "minute": rfc3339(m.minute * 60),
+                "accepted": m.accepted,
+                "refused": m.refused,
+                "errors": m.errors,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A key's usage as written to the usage file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedUsage {
+    last_used_at: Option<i64>,
+    last_used_ip: Option<String>,
+    #[serde(default)]
+    totals: Option<Vec<u64>>,
+    #[serde(default)]
+    history: Option<History>,
+    #[serde(default)]
+    quota_period: i64,
+    #[serde(default)]
+    quota_used: u64,
+}
+
+/// The usage file's document. Version 2 adds counters, history and quotas to version 1's
+/// last use; both are read.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct UsageFile {
     version: u32,
-    keys: BTreeMap<String, LastUse>,
+    keys: BTreeMap<String, SavedUsage>,
 }
 
 /// Every key's usage, by key id.
@@ -67,7 +405,10 @@ struct UsageFile {
 pub struct UsageBook {
     path: Option<PathBuf>,
     by_id: Mutex<HashMap<String, Arc<KeyUsage>>>,
-    flushed: Mutex<BTreeMap<String, LastUse>>,
+    /// Refusals that never identified a key.
+    pub anonymous: Arc<KeyUsage>,
+    /// A fingerprint of what was last flushed, to skip writing an unchanged book.
+    flushed: Mutex<u64>,
 }
 
 impl UsageBook {
@@ -76,22 +417,28 @@ impl UsageBook {
         UsageBook {
             path: None,
             by_id: Mutex::new(HashMap::new()),
-            flushed: Mutex::new(BTreeMap::new()),
+            anonymous: Arc::default(),
+            flushed: Mutex::new(0),
         }
     }
 
     /// Opens the book at `path`, loading what an earlier run flushed. A missing file is an
     /// empty book; an unreadable one is logged and started afresh.
     pub fn open(path: PathBuf) -> Self {
-        let loaded = read_file(&path);
-        let by_id = loaded
-            .iter()
-            .map(|(id, last)| (id.clone(), Arc::new(KeyUsage::restore(last))))
+        let mut saved = read_saved(&path);
+        let anonymous = saved
+            .remove(ANONYMOUS)
+            .map(KeyUsage::restore)
+            .unwrap_or_default();
+        let by_id = saved
+            .into_iter()
+            .map(|(id, s)| (id, Arc::new(KeyUsage::restore(s))))
             .collect();
         UsageBook {
             path: Some(path),
             by_id: Mutex::new(by_id),
-            flushed: Mutex::new(loaded),
+            anonymous: Arc::new(anonymous),
+            flushed: Mutex::new(0),
         }
     }
 
@@ -101,9 +448,22 @@ impl UsageBook {
         map.entry(id.to_string()).or_default().clone()
     }
 
+    pub fn get(&self, id: &str) -> Option<Arc<KeyUsage>> {
+        self.by_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
     pub fn last_use(&self, id: &str) -> Option<LastUse> {
+        self.get(id).and_then(|u| u.last_use())
+    }
+
+    /// Every key's cell, for reports and alerts.
+    pub fn all(&self) -> Vec<(String, Arc<KeyUsage>)> {
         let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(id).and_then(|u| u.last_use())
+        map.iter().map(|(id, u)| (id.clone(), u.clone())).collect()
     }
 
     /// Forgets keys no longer in the store.
@@ -112,36 +472,48 @@ impl UsageBook {
         map.retain(|id, _| live(id));
     }
 
+    /// Rolls every key's day and minute forward (housekeeping, every few seconds).
+    pub fn tick(&self, now: i64) {
+        for (_, usage) in self.all() {
+            usage.tick(now);
+        }
+        self.anonymous.tick(now);
+    }
+
     /// Writes the book out (temp file, fsync, rename) if it changed since the last flush.
     pub fn flush(&self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let current: BTreeMap<String, LastUse> = {
-            let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-            map.iter()
-                .filter_map(|(id, u)| u.last_use().map(|l| (id.clone(), l)))
-                .collect()
-        };
+        let mut keys: BTreeMap<String, SavedUsage> = self
+            .all()
+            .into_iter()
+            .filter_map(|(id, u)| u.save().map(|s| (id, s)))
+            .collect();
+        if let Some(s) = self.anonymous.save() {
+            keys.insert(ANONYMOUS.into(), s);
+        }
+        let bytes =
+            serde_json::to_vec(&UsageFile { version: 2, keys }).map_err(io::Error::other)?;
+        let fingerprint = fnv(&bytes);
         let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
-        if *flushed == current {
+        if *flushed == fingerprint {
             return Ok(());
         }
-        let doc = UsageFile {
-            version: 1,
-            keys: current,
-        };
-        crate::keys::store::write_atomically(
-            path,
-            &serde_json::to_vec(&doc).map_err(io::Error::other)?,
-        )?;
-        *flushed = doc.keys;
+        crate::keys::store::write_atomically(path, &bytes)?;
+        *flushed = fingerprint;
         Ok(())
     }
 }
 
-/// Reads a usage file as flushed by a gateway; missing or unreadable gives an empty map.
-pub fn read_file(path: &Path) -> BTreeMap<String, LastUse> {
+/// FNV-1a: a cheap fingerprint to tell an unchanged book from a changed one.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn read_saved(path: &Path) -> BTreeMap<String, SavedUsage> {
     match std::fs::read(path) {
         Ok(bytes) => match serde_json::from_slice::<UsageFile>(&bytes) {
             Ok(doc) => doc.keys,
@@ -154,28 +526,118 @@ pub fn read_file(path: &Path) -> BTreeMap<String, LastUse> {
     }
 }
 
+/// Every key's usage as flushed by a running gateway (for the CLI): id → report.
+pub fn read_file(path: &Path, now: i64) -> BTreeMap<String, UsageReport> {
+    read_saved(path)
+        .into_iter()
+        .filter(|(id, _)| id != ANONYMOUS)
+        .map(|(id, s)| (id, KeyUsage::restore(s).report(now)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const T0: i64 = 1_763_884_800; // 2025-11-23T08:00:00Z
+
+    #[test]
+    fn counts_today_and_by_minute() {
+        let u = KeyUsage::default();
+        u.accepted();
+        u.outcome(200, None);
+        u.accepted();
+        u.outcome(503, None);
+        u.refused(&Rejection::ScopeDenied);
+        // Housekeeping ticks every few seconds; the first tick owns what came before it.
+        u.tick(T0 + 1);
+        u.tick(T0 + 61);
+        u.accepted();
+        u.outcome(0, Some(&Rejection::UpstreamTimeout));
+        let r = u.report(T0 + 70);
+        assert_eq!(
+            (
+                r.requests(),
+                r.accepted,
+                r.refused,
+                r.upstream_5xx,
+                r.failed
+            ),
+            (4, 3, 1, 1, 1)
+        );
+        assert_eq!(r.upstream_errors, 2, "a 503 and a gateway timeout");
+        assert_eq!(r.by_code.get("scope_denied"), Some(&1));
+        assert_eq!(r.by_code.get("upstream_timeout"), Some(&1));
+        assert!((r.error_rate() - 0.75).abs() < 1e-9);
+        assert_eq!(r.series.len(), 2);
+        assert_eq!(
+            (
+                r.series[0].accepted,
+                r.series[0].refused,
+                r.series[0].errors
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!((r.series[1].accepted, r.series[1].errors), (1, 1));
+    }
+
+    #[test]
+    fn a_new_day_starts_from_zero_and_old_minutes_age_out() {
+        let u = KeyUsage::default();
+        u.tick(T0);
+        u.accepted();
+        u.tick(T0 + 60);
+        assert_eq!(u.report(T0 + 60).accepted, 1);
+        let tomorrow = (T0.div_euclid(86_400) + 1) * 86_400 + 30;
+        u.tick(tomorrow);
+        let r = u.report(tomorrow);
+        assert_eq!(r.accepted, 0, "yesterday's requests are not today's");
+        u.accepted();
+        assert_eq!(u.report(tomorrow).accepted, 1);
+        u.tick(tomorrow + 2 * 86_400);
+        assert!(u.report(tomorrow + 2 * 86_400).series.is_empty());
+    }
+
+    #[test]
+    fn quotas_restart_each_period() {
+        let u = KeyUsage::default();
+        assert_eq!(u.quota_used(100), 0);
+        u.quota_spend();
+        u.quota_spend();
+        assert_eq!(u.quota_used(100), 2);
+        assert_eq!(u.quota_used(101), 0);
+        assert_eq!(u.quota_spend(), 1);
+    }
 
     #[test]
     fn usage_survives_a_flush_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.json");
         let book = UsageBook::open(path.clone());
-        assert!(book.last_use("k1").is_none());
-        book.for_key("k1")
-            .record(1_700_000_000, "10.1.2.3".parse().unwrap());
+        let u = book.for_key("k1");
+        book.tick(T0);
+        u.seen(T0, "10.1.2.3".parse().unwrap());
+        u.accepted();
+        u.quota_spend();
+        book.anonymous.refused(&Rejection::UnknownKey);
+        book.tick(T0 + 5);
         book.flush().unwrap();
         let reopened = UsageBook::open(path.clone());
         assert_eq!(
             reopened.last_use("k1"),
             Some(LastUse {
-                at: 1_700_000_000,
+                at: T0,
                 ip: Some("10.1.2.3".into())
             })
         );
-        assert_eq!(read_file(&path).len(), 1);
+        let r = reopened.get("k1").unwrap().report(T0 + 5);
+        assert_eq!(r.accepted, 1);
+        assert_eq!(reopened.get("k1").unwrap().quota_used(0), 1);
+        assert_eq!(
+            reopened.anonymous.report(T0 + 5).by_code.get("unknown_key"),
+            Some(&1)
+        );
+        assert_eq!(read_file(&path, T0 + 5)["k1"].accepted, 1);
         reopened.retain(|_| false);
         assert!(reopened.last_use("k1").is_none());
     }

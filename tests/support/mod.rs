@@ -116,6 +116,14 @@ async fn answer(
     {
         return Response::new(BodyExt::boxed(stream_of(n)));
     }
+    if let Some(code) = path
+        .rsplit_once("/status/")
+        .and_then(|(_, c)| c.parse::<u16>().ok())
+    {
+        let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from_static(b"{}"))));
+        *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        return response;
+    }
     let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from(format!(
         "{{\"body_bytes\":{body_bytes}}}"
     )))));
@@ -281,6 +289,8 @@ pub struct Req {
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
     pub http2: bool,
+    /// The source address to send from (any 127.0.0.0/8 address works on Linux).
+    pub from: Option<std::net::IpAddr>,
 }
 
 impl Req {
@@ -292,6 +302,7 @@ impl Req {
             headers: vec![],
             body: Bytes::new(),
             http2: false,
+            from: None,
         }
     }
     pub fn post(addr: SocketAddr, path: &str) -> Req {
@@ -317,6 +328,10 @@ impl Req {
     }
     pub fn h2(mut self) -> Req {
         self.http2 = true;
+        self
+    }
+    pub fn from(mut self, ip: &str) -> Req {
+        self.from = Some(ip.parse().unwrap());
         self
     }
 }
@@ -346,9 +361,11 @@ impl Answer {
 }
 
 pub async fn send(req: Req) -> Answer {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(req.from);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(req.http2)
-        .build_http();
+        .build(connector);
     let mut builder = Request::builder()
         .method(req.method)
         .uri(format!("http://{}{}", req.addr, req.path));

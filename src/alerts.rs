@@ -1,0 +1,348 @@
+//! Alerts: rules over keys' traffic, evaluated by housekeeping every few seconds, never on
+//! the request path. When a rule's condition starts to hold for a key, `alert.fired` goes to
+//! the audit log and a JSON payload is POSTed to the webhook (with a timeout and retries);
+//! when it stops holding, `alert.resolved` does the same. Rules reload with the config;
+//! firing state lives outside the snapshot, by rule name and key id.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::rfc3339;
+use crate::config::units::parse_duration;
+use crate::config::Problems;
+use crate::snapshot::KeyEntry;
+
+/// The `alerts` section of the config.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Where alert payloads are POSTed. Without one, alerts go to the audit log only.
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// The alert webhook.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://host:port/path`.
+    pub url: String,
+    /// Time allowed for each attempt. Default `5s`.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Further attempts after a failure, one second apart, doubling. Default `3`.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_timeout() -> String {
+    "5s".into()
+}
+fn default_retries() -> u32 {
+    3
+}
+
+/// One rule: a scope (a key, a namespace's keys, or every key) and one condition.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    /// Only this key.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Only this namespace's keys, each on its own.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Fires when a key's requests in the last complete minute exceed this.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Fires when the share of a key's requests that failed over `over` exceeds this.
+    #[serde(default)]
+    pub error_rate_percent: Option<f64>,
+    /// The window of `error_rate_percent`. Default `5m`.
+    #[serde(default)]
+    pub over: Option<String>,
+    /// Requests needed in the window before the error rate counts. Default `10`.
+    #[serde(default)]
+    pub min_requests: Option<u64>,
+    /// Fires when a key has used this share of its quota.
+    #[serde(default)]
+    pub quota_percent: Option<f64>,
+}
+
+/// A compiled condition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    RequestsPerMinute(u64),
+    ErrorRate {
+        percent: f64,
+        minutes: i64,
+        min_requests: u64,
+    },
+    QuotaUsed(f64),
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub key: Option<String>,
+    pub namespace: Option<String>,
+    pub condition: Condition,
+}
+
+/// A compiled webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    pub url: http::Uri,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+/// The rules and webhook of a snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AlertRules {
+    pub rules: Vec<Rule>,
+    pub webhook: Option<Webhook>,
+}
+
+impl AlertRules {
+    pub fn compile(cfg: &AlertsConfig, p: &mut Problems) -> AlertRules {
+        let webhook = cfg.webhook.as_ref().and_then(|w| {
+            let url = match w.url.parse::<http::Uri>() {
+                Ok(u)
+                    if u.scheme() == Some(&http::uri::Scheme::HTTP) && u.authority().is_some() =>
+                {
+                    Some(u)
+                }
+                _ => {
+                    p.push(
+                        "alerts.webhook.url",
+                        format!("`{}` is not an http:// URL", w.url),
+                    );
+                    None
+                }
+            };
+            let timeout = parse_duration(&w.timeout)
+                .map_err(|e| p.push("alerts.webhook.timeout", e))
+                .ok();
+            Some(Webhook {
+                url: url?,
+                timeout: timeout?,
+                retries: w.retries.min(10),
+            })
+        });
+        let mut names = std::collections::HashSet::new();
+        let rules = cfg
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let path = format!("alerts.rules[{i}]");
+                if r.name.trim().is_empty() || !names.insert(r.name.clone()) {
+                    p.push(format!("{path}.name"), "every rule needs a name of its own");
+                }
+                if r.key.is_some() && r.namespace.is_some() {
+                    p.push(&path, "a rule names a key or a namespace, not both");
+                }
+                let given = [r.requests_per_minute.is_some(), r.error_rate_percent.is_some(), r.quota_percent.is_some()];
+                if given.iter().filter(|g| **g).count() != 1 {
+                    p.push(&path, "a rule needs exactly one of requests_per_minute, error_rate_percent, quota_percent");
+                    return None;
+                }
+                let percent_ok = |v: f64, field: &str, p: &mut Problems| {
+                    if !(0.0..=100.0).contains(&v) {
+                        p.push(format!("{path}.{field}"), "must be between 0 and 100");
+                    }
+                };
+                let condition = if let Some(n) = r.requests_per_minute {
+                    Condition::RequestsPerMinute(n)
+                } else if let Some(percent) = r.error_rate_percent {
+                    percent_ok(percent, "error_rate_percent", p);
+                    let over = r.over.as_deref().unwrap_or("5m");
+                    let minutes = match parse_duration(over) {
+                        Ok(d) if d.as_secs() >= 60 && d.as_secs() <= 86_400 => (d.as_secs() / 60) as i64,
+                        _ => {
+                            p.push(format!("{path}.over"), format!("`{over}` must be a duration from 1m to 24h"));
+                            5
+                        }
+                    };
+                    Condition::ErrorRate { percent, minutes, min_requests: r.min_requests.unwrap_or(10) }
+                } else {
+                    let percent = r.quota_percent.unwrap_or_default();
+                    percent_ok(percent, "quota_percent", p);
+                    Condition::QuotaUsed(percent)
+                };
+                Some(Rule { name: r.name.clone(), key: r.key.clone(), namespace: r.namespace.clone(), condition })
+            })
+            .collect();
+        AlertRules { rules, webhook }
+    }
+}
+
+impl Rule {
+    fn applies_to(&self, key: &KeyEntry) -> bool {
+        self.key.as_ref().is_none_or(|k| *k == key.id)
+            && self.namespace.as_ref().is_none_or(|n| *n == key.namespace)
+    }
+
+    /// The measured value, and whether it breaks the rule.
+    fn measure(&self, key: &KeyEntry, now: i64) -> Option<(f64, bool)> {
+        let minute = now.div_euclid(60);
+        match &self.condition {
+            Condition::RequestsPerMinute(limit) => {
+                let report = key.usage.report(now);
+                let last = report.series.iter().find(|m| m.minute == minute - 1);
+                let n = last.map_or(0, |m| m.accepted + m.refused);
+                Some((n as f64, n > *limit))
+            }
+            Condition::ErrorRate {
+                percent,
+                minutes,
+                min_requests,
+            } => {
+                let report = key.usage.report(now);
+                let window = report
+                    .series
+                    .iter()
+                    .filter(|m| m.minute >= minute - minutes && m.minute < minute);
+                let (total, bad) = window.fold((0, 0), |(t, b), m| {
+                    (t + m.accepted + m.refused, b + m.refused + m.errors)
+                });
+                if total < *min_requests {
+                    return Some((0.0, false));
+                }
+                let rate = 100.0 * bad as f64 / total as f64;
+                Some((rate, rate > *percent))
+            }
+            Condition::QuotaUsed(percent) => {
+                let quota = key.quota?;
+                let (period, _) = quota.window(now);
+                let used = 100.0 * key.usage.quota_used(period) as f64 / quota.limit as f64;
+                Some((used, used >= *percent))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.condition {
+            Condition::RequestsPerMinute(n) => format!("requests per minute > {n}"),
+            Condition::ErrorRate {
+                percent, minutes, ..
+            } => format!("error rate > {percent}% over {minutes}m"),
+            Condition::QuotaUsed(p) => format!("quota used >= {p}%"),
+        }
+    }
+
+    fn threshold(&self) -> f64 {
+        match self.condition {
+            Condition::RequestsPerMinute(n) => n as f64,
+            Condition::ErrorRate { percent, .. } => percent,
+            Condition::QuotaUsed(p) => p,
+        }
+    }
+}
+
+/// A change of an alert's state, to be recorded and delivered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertEvent {
+    /// `alert.fired` or `alert.resolved`.
+    pub event: &'static str,
+    pub rule: String,
+    pub condition: String,
+    pub key_id: String,
+    pub namespace: String,
+    pub value: f64,
+    pub threshold: f64,
+    pub time: String,
+}
+
+/// Which (rule, key) pairs are firing now.
+#[derive(Debug, Default)]
+pub struct AlertState {
+    firing: Mutex<HashMap<(String, String), f64>>,
+}
+
+impl AlertState {
+    /// Evaluates every rule against every key in scope; returns what changed.
+    pub fn evaluate<'k>(
+        &self,
+        rules: &AlertRules,
+        keys: impl Iterator<Item = &'k KeyEntry> + Clone,
+        now: i64,
+    ) -> Vec<AlertEvent> {
+        let mut firing = self.firing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for rule in &rules.rules {
+            for key in keys.clone().filter(|k| rule.applies_to(k)) {
+                let Some((value, breaks)) = rule.measure(key, now) else {
+                    continue;
+                };
+                let pair = (rule.name.clone(), key.id.clone());
+                let was = firing.contains_key(&pair);
+                let event = |event| AlertEvent {
+                    event,
+                    rule: rule.name.clone(),
+                    condition: rule.describe(),
+                    key_id: key.id.clone(),
+                    namespace: key.namespace.clone(),
+                    value: (value * 100.0).round() / 100.0,
+                    threshold: rule.threshold(),
+                    time: rfc3339(now),
+                };
+                if breaks && !was {
+                    firing.insert(pair.clone(), value);
+                    events.push(event("alert.fired"));
+                } else if !breaks && was {
+                    firing.remove(&pair);
+                    events.push(event("alert.resolved"));
+                }
+                seen.insert(pair);
+            }
+        }
+        // Rules or keys that went away resolve quietly.
+        firing.retain(|pair, _| seen.contains(pair));
+        events
+    }
+}
+
+/// POSTs an alert to the webhook, retrying with backoff; returns whether it was delivered.
+pub async fn deliver(webhook: &Webhook, event: &AlertEvent) -> bool {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let body = Bytes::from(serde_json::to_vec(event).unwrap_or_default());
+    let mut backoff = Duration::from_secs(1);
+    for attempt in 0..=webhook.retries {
+        let req = http::Request::post(webhook.url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, "keygate-alerts")
+            .body(Full::new(body.clone()));
+        let Ok(req) = req else { return false };
+        match tokio::time::timeout(webhook.timeout, client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => return true,
+            Ok(Ok(resp)) => {
+                tracing::warn!(attempt, status = %resp.status(), rule = %event.rule, "alert webhook refused")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(attempt, error = %e, rule = %event.rule, "alert webhook unreachable")
+            }
+            Err(_) => tracing::warn!(attempt, rule = %event.rule, "alert webhook timed out"),
+        }
+        if attempt < webhook.retries {
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+    false
+}
