@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -16,9 +15,6 @@ use crate::pipeline::rate_limit::Limiters;
 use crate::pipeline::usage::UsageBook;
 use crate::pipeline::usage::UsageReport;
 use crate::snapshot::{BuildContext, Snapshot};
-
-/// How long SIGTERM waits for in-flight requests before closing connections.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// keygate: an API-key gateway.
 #[derive(Debug, Parser)]
@@ -246,10 +242,7 @@ fn serve(config_path: &Path) -> Result<(), String> {
         let running = crate::server::start(gateway, true)
             .await
             .map_err(|e| e.to_string())?;
-        running
-            .run_until_signal(DRAIN_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())
+        running.run_until_signal().await.map_err(|e| e.to_string())
     })
 }
 

@@ -74,6 +74,9 @@ pub struct Config {
     /// Alert rules and their webhook.
     #[serde(default)]
     pub alerts: crate::alerts::AlertsConfig,
+    /// TLS on the listeners.
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// Brute-force protection.
@@ -234,6 +237,7 @@ impl Default for Config {
             lockout: LockoutConfig::default(),
             metrics: MetricsConfig::default(),
             alerts: crate::alerts::AlertsConfig::default(),
+            tls: crate::tls::TlsConfig::default(),
         }
     }
 }
@@ -315,6 +319,14 @@ pub struct RouteConfig {
     /// Largest request body. Default: `limits.max_request_body`.
     #[serde(default)]
     pub max_request_body: Option<String>,
+    /// For an `https://` upstream: trust only the CAs in this PEM file (relative to the
+    /// config file) instead of the web PKI.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Speak HTTP/2 to the upstream (ALPN over TLS, prior knowledge over plain TCP).
+    /// Default `false`.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 impl RouteConfig {
@@ -332,6 +344,8 @@ impl RouteConfig {
             keep_authorization: false,
             response_timeout: None,
             max_request_body: None,
+            ca_file: None,
+            http2: false,
         }
     }
 }
@@ -378,6 +392,21 @@ pub struct Limits {
     /// Largest total size of request headers. Default `64KiB`.
     #[serde(default = "default_max_headers_size")]
     pub max_header_size: String,
+    /// Most request headers (HTTP/1.1). Default `100`.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Open connections per listener; past it, new ones wait to be accepted. Default `10000`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTP/2 streams at once per connection. Default `256`.
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// An upgraded connection (WebSocket) with no traffic for this long is closed. Default `5m`.
+    #[serde(default = "default_tunnel_idle")]
+    pub tunnel_idle_timeout: String,
+    /// On SIGTERM, how long in-flight requests and upgraded connections may finish. Default `30s`.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: String,
 }
 
 impl Default for Limits {
@@ -386,6 +415,11 @@ impl Default for Limits {
             max_request_body: default_max_body(),
             header_read_timeout: default_header_timeout(),
             max_header_size: default_max_headers_size(),
+            max_headers: default_max_headers(),
+            max_connections: default_max_connections(),
+            h2_max_concurrent_streams: default_h2_streams(),
+            tunnel_idle_timeout: default_tunnel_idle(),
+            drain_timeout: default_drain(),
         }
     }
 }
@@ -395,6 +429,21 @@ fn default_max_body() -> String {
 }
 fn default_header_timeout() -> String {
     "10s".into()
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_h2_streams() -> u32 {
+    256
+}
+fn default_tunnel_idle() -> String {
+    "5m".into()
+}
+fn default_drain() -> String {
+    "30s".into()
 }
 fn default_max_headers_size() -> String {
     "64KiB".into()
@@ -453,6 +502,27 @@ impl Config {
     /// The key store's path: `keys_file`, relative to the config file's folder.
     pub fn keys_path(&self, config_path: &Path) -> PathBuf {
         relative_to(config_path, &self.keys_file)
+    }
+
+    /// Every file a snapshot of this config is read from: the config itself (first), the key
+    /// store, the listeners' certificates and keys, and the routes' CA bundles.
+    pub fn files(&self, config_path: &Path) -> Vec<PathBuf> {
+        let mut files = vec![config_path.to_path_buf(), self.keys_path(config_path)];
+        for tls in [&self.tls.proxy, &self.tls.admin].into_iter().flatten() {
+            files.push(relative_to(config_path, &tls.cert));
+            files.push(relative_to(config_path, &tls.key));
+            for sni in &tls.sni {
+                files.push(relative_to(config_path, &sni.cert));
+                files.push(relative_to(config_path, &sni.key));
+            }
+        }
+        files.extend(
+            self.routes
+                .iter()
+                .filter_map(|r| r.ca_file.as_deref())
+                .map(|f| relative_to(config_path, f)),
+        );
+        files
     }
 
     /// The audit log's path, relative to the config file's folder.

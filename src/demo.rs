@@ -143,10 +143,7 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
         id = record.id,
         config = config_path.display(),
     );
-    running
-        .run_until_signal(crate::cli::DRAIN_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())
+    running.run_until_signal().await.map_err(|e| e.to_string())
 }
 
 fn temp_dir() -> std::io::Result<PathBuf> {

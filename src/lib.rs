@@ -29,6 +29,7 @@
 //! - [`admin`]: the admin listener and its key-management API.
 //! - [`audit`]: the append-only audit log.
 //! - [`metrics`]: Prometheus counters and histograms; [`alerts`]: rules, webhook.
+//! - [`tls`]: listener certificates (SNI, hot swap) and upstream TLS.
 //! - [`body`], [`clock`], [`demo`]: streaming bodies, injected time, the demo.
 #![forbid(unsafe_code)]
 
@@ -47,3 +48,4 @@ pub mod rejection;
 pub mod reload;
 pub mod server;
 pub mod snapshot;
+pub mod tls;

@@ -36,10 +36,12 @@ use rate_limit::{Budget, RateHeaders};
 use route::Route;
 
 /// Handles one proxied request from start to finish.
+/// `tls` says whether the client's connection is TLS.
 pub async fn handle(
     gw: &Gateway,
     req: Request<Incoming>,
     peer: SocketAddr,
+    tls: bool,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let snapshot = gw.snapshot.load_full();
@@ -69,17 +71,21 @@ pub async fn handle(
         key,
         peer: peer_ip,
         peer_trusted,
+        tls,
         normalized_path: admission.normalized_path.as_deref(),
         request_id: request_id.clone(),
         rate: admission.rate,
         x_api_key: snapshot.x_api_key,
+        tunnels: &gw.tunnels,
+        tunnel_idle: snapshot.listeners.tunnel_idle,
     };
     let sent = Instant::now();
     gw.metrics.gateway_time.observe(sent - started);
     gw.metrics
         .upstream_in_flight
         .fetch_add(1, Ordering::Relaxed);
-    let result = forward::forward(&snapshot.upstream, decision, req)
+    let client = &snapshot.clients[route.client];
+    let result = forward::forward(client, decision, req)
         .instrument(span)
         .await;
     gw.metrics

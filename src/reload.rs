@@ -165,7 +165,7 @@ fn watch_dirs(
     watched: &mut HashSet<PathBuf>,
 ) -> notify::Result<()> {
     let snapshot = gw.snapshot.load();
-    for file in [&snapshot.config_path, &snapshot.keys_path] {
+    for file in &snapshot.files {
         let dir = parent_dir(file);
         if watched.insert(dir.clone()) {
             watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -184,7 +184,8 @@ fn parent_dir(file: &Path) -> PathBuf {
 /// Only the config file and the key store count; lock and temp files do not.
 fn is_watched_file(gw: &Gateway, path: &Path) -> bool {
     let snapshot = gw.snapshot.load();
-    [&snapshot.config_path, &snapshot.keys_path]
+    snapshot
+        .files
         .iter()
         .any(|f| f.file_name() == path.file_name() && same_dir(f, path))
 }

@@ -24,10 +24,13 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Gauges, Metrics};
 use crate::pipeline::forward::RequestIds;
+use crate::pipeline::forward::Tunnels;
 use crate::pipeline::lockout::Lockouts;
 use crate::pipeline::rate_limit::Limiters;
 use crate::pipeline::usage::UsageBook;
 use crate::snapshot::{BuildContext, ListenerSettings, Snapshot};
+use crate::tls::CertResolver;
+use tokio_rustls::TlsAcceptor;
 
 /// Everything the listeners share: the snapshot in force, the clock, and the state that
 /// outlives snapshots (limiters, usage, the audit log).
@@ -41,6 +44,11 @@ pub struct Gateway {
     pub lockouts: Lockouts,
     pub metrics: Metrics,
     pub alert_state: AlertState,
+    /// Upgraded connections (WebSocket) in flight, for the drain.
+    pub tunnels: Arc<Tunnels>,
+    /// The listeners' certificate resolvers, when they speak TLS; reloads swap their sets.
+    pub proxy_certs: Option<Arc<CertResolver>>,
+    pub admin_certs: Option<Arc<CertResolver>>,
     pub request_ids: RequestIds,
     pub config_path: PathBuf,
     env_admin_token: Option<[u8; 32]>,
@@ -81,6 +89,13 @@ impl Gateway {
             env_admin_token,
         })?;
         limiters.commit(snapshot.limiters());
+        let resolver = |set: &Option<Arc<crate::tls::CertSet>>| {
+            set.clone().map(|s| Arc::new(CertResolver::new(s)))
+        };
+        let (proxy_certs, admin_certs) = (
+            resolver(&snapshot.proxy_certs),
+            resolver(&snapshot.admin_certs),
+        );
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             clock,
@@ -90,6 +105,9 @@ impl Gateway {
             lockouts: Lockouts::default(),
             metrics,
             alert_state: AlertState::default(),
+            tunnels: Arc::default(),
+            proxy_certs,
+            admin_certs,
             request_ids: RequestIds::new(),
             config_path: config_path.to_path_buf(),
             env_admin_token,
@@ -116,6 +134,19 @@ impl Gateway {
 
     /// Puts a built snapshot in force.
     pub(crate) fn install(&self, snapshot: Snapshot) {
+        for (resolver, set, what) in [
+            (&self.proxy_certs, &snapshot.proxy_certs, "proxy"),
+            (&self.admin_certs, &snapshot.admin_certs, "admin"),
+        ] {
+            match (resolver, set) {
+                (Some(r), Some(set)) => r.swap(set.clone()),
+                (None, None) => {}
+                _ => tracing::warn!(
+                    listener = what,
+                    "turning TLS on or off takes a restart; the listener keeps its mode"
+                ),
+            }
+        }
         self.limiters.commit(snapshot.limiters());
         self.usage.retain(|id| snapshot.has_key_id(id));
         self.metrics
@@ -224,51 +255,72 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
-    shutdown: watch::Sender<Option<Duration>>,
-    tasks: Vec<JoinHandle<()>>,
+    stop_proxy: watch::Sender<Option<Duration>>,
+    stop_rest: watch::Sender<Option<Duration>>,
+    proxy_task: JoinHandle<()>,
+    rest: Vec<JoinHandle<()>>,
 }
 
 /// Binds both listeners (the config's addresses; port 0 picks a free one) and starts serving.
-/// With `watch`, changes to the config or key store are picked up by themselves.
+/// With `watch`, changes to the config, key store or certificates are picked up by themselves.
 pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
-    let settings = gateway.snapshot.load().listeners;
+    let snapshot = gateway.snapshot.load_full();
+    let settings = snapshot.listeners;
     let proxy = bind(settings.proxy, "proxy").await?;
     let admin = bind(settings.admin, "admin").await?;
     let proxy_addr = proxy.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let (shutdown, stop) = watch::channel(None);
-    let mut tasks = vec![
-        tokio::spawn(accept_loop(
-            proxy,
-            gateway.clone(),
-            settings,
-            Listener::Proxy,
-            stop.clone(),
-        )),
+    let acceptor = |resolver: &Option<Arc<CertResolver>>| {
+        resolver
+            .clone()
+            .map(|r| TlsAcceptor::from(crate::tls::server_config(r)))
+    };
+    let (stop_proxy, proxy_stop) = watch::channel(None);
+    let (stop_rest, rest_stop) = watch::channel(None);
+    let proxy_task = tokio::spawn(accept_loop(
+        proxy,
+        gateway.clone(),
+        settings,
+        Listener::Proxy,
+        acceptor(&gateway.proxy_certs),
+        proxy_stop,
+    ));
+    let mut rest = vec![
         tokio::spawn(accept_loop(
             admin,
             gateway.clone(),
             settings,
             Listener::Admin,
-            stop.clone(),
+            acceptor(&gateway.admin_certs),
+            rest_stop.clone(),
         )),
+        tokio::spawn(housekeeping(gateway.clone(), rest_stop.clone())),
     ];
-    tasks.push(tokio::spawn(housekeeping(gateway.clone(), stop.clone())));
     if watch {
-        match crate::reload::watch_files(gateway.clone(), stop.clone()) {
-            Ok(task) => tasks.push(task),
+        match crate::reload::watch_files(gateway.clone(), rest_stop.clone()) {
+            Ok(task) => rest.push(task),
             Err(e) => {
                 tracing::warn!(error = %e, "file watch unavailable; reload with SIGHUP or POST /v1/reload")
             }
         }
     }
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, generation = gateway.snapshot.load().generation, keys = gateway.snapshot.load().key_count(), "keygate listening");
+    tracing::info!(
+        proxy = %proxy_addr,
+        admin = %admin_addr,
+        proxy_tls = settings.proxy_tls,
+        admin_tls = settings.admin_tls,
+        generation = snapshot.generation,
+        keys = snapshot.key_count(),
+        "keygate listening"
+    );
     Ok(Running {
         proxy_addr,
         admin_addr,
         gateway,
-        shutdown,
-        tasks,
+        stop_proxy,
+        stop_rest,
+        proxy_task,
+        rest,
     })
 }
 
@@ -279,21 +331,37 @@ async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish for up to `drain`, then returns.
+    /// Drains and stops: `/readyz` turns unready at once; the proxy stops accepting; requests
+    /// and upgraded connections in flight get up to `drain` to finish; then usage and audit
+    /// are flushed and the admin listener closes. `/healthz` answers throughout.
     pub async fn shutdown(self, drain: Duration) {
         self.gateway.draining.store(true, Ordering::SeqCst);
-        let _ = self.shutdown.send(Some(drain));
-        let all = futures_join(self.tasks);
-        if tokio::time::timeout(drain + Duration::from_secs(1), all)
+        let deadline = tokio::time::Instant::now() + drain;
+        let _ = self.stop_proxy.send(Some(drain));
+        if tokio::time::timeout_at(deadline + Duration::from_secs(1), self.proxy_task)
             .await
             .is_err()
         {
-            tracing::warn!("drain timeout passed; closing the remaining connections");
+            tracing::warn!("requests still in flight at the drain timeout");
+        }
+        if tokio::time::timeout_at(deadline, self.gateway.tunnels.drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.gateway.tunnels.open(),
+                "upgraded connections still open at the drain timeout; closing them"
+            );
+        }
+        let _ = self.stop_rest.send(Some(Duration::from_secs(1)));
+        for task in self.rest {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
     }
 
-    /// Serves until SIGTERM or SIGINT (then drains) and reloads on SIGHUP.
-    pub async fn run_until_signal(self, drain: Duration) -> io::Result<()> {
+    /// Serves until SIGTERM or SIGINT (then drains for `limits.drain_timeout`) and reloads
+    /// on SIGHUP.
+    pub async fn run_until_signal(self) -> io::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -307,15 +375,13 @@ impl Running {
                 _ = int.recv() => break,
             }
         }
-        tracing::info!("shutting down: draining in-flight requests");
+        let drain = self.gateway.snapshot.load().listeners.drain;
+        tracing::info!(
+            drain_secs = drain.as_secs(),
+            "shutting down: draining in-flight requests"
+        );
         self.shutdown(drain).await;
         Ok(())
-    }
-}
-
-async fn futures_join(tasks: Vec<JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
     }
 }
 
@@ -330,6 +396,7 @@ async fn accept_loop(
     gateway: Arc<Gateway>,
     settings: ListenerSettings,
     kind: Listener,
+    tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<Option<Duration>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -338,13 +405,25 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_size.max(8192))
+        .max_headers(settings.max_headers)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(settings.h2_max_concurrent_streams)
+        .max_header_list_size(settings.max_header_size as u32)
+        // The rapid-reset defence (CVE-2023-44487): a peer that resets streams faster than
+        // they are served gets GOAWAY.
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(256));
     let graceful = GracefulShutdown::new();
+    // Past the cap, accept waits for a connection to end: never a crash, never a refusal.
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = stop.changed() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -359,21 +438,56 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let gw = gateway.clone();
-        let io = TokioIo::new(stream);
-        let span = tracing::debug_span!("conn", listener = ?kind, %peer);
+        let secure = tls.is_some();
         let service = service_fn(move |req| {
             let gw = gw.clone();
             async move {
                 Ok::<_, Infallible>(match kind {
-                    Listener::Proxy => crate::pipeline::handle(&gw, req, peer).await,
+                    Listener::Proxy => crate::pipeline::handle(&gw, req, peer, secure).await,
                     Listener::Admin => crate::admin::handle(&gw, req, peer).await,
                 })
             }
         });
-        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let handshake_timeout = settings.header_read_timeout;
+        let span = tracing::debug_span!("conn", listener = ?kind, %peer, tls = secure);
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
+                let _slot = slot;
+                let result = match tls {
+                    None => {
+                        watcher
+                            .watch(
+                                builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                    .into_owned(),
+                            )
+                            .await
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                let conn = builder
+                                    .serve_connection_with_upgrades(
+                                        TokioIo::new(tls_stream),
+                                        service,
+                                    )
+                                    .into_owned();
+                                watcher.watch(conn).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             }

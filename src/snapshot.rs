@@ -26,6 +26,7 @@ use crate::pipeline::rate_limit::{policy_header, KeyLimiter, Limiters, RatePolic
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
 use crate::pipeline::scope::{Scope, ScopeSet};
 use crate::pipeline::usage::{KeyUsage, UsageBook};
+use crate::tls::CertSet;
 
 /// One key, compiled for the request path.
 #[derive(Debug)]
@@ -96,6 +97,13 @@ pub struct ListenerSettings {
     pub admin: SocketAddr,
     pub header_read_timeout: Duration,
     pub max_header_size: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub tunnel_idle: Duration,
+    pub drain: Duration,
+    pub proxy_tls: bool,
+    pub admin_tls: bool,
 }
 
 /// The gateway's whole decided state at one generation.
@@ -104,6 +112,13 @@ pub struct Snapshot {
     pub generation: u64,
     /// What the config file and key store were when this snapshot was read.
     pub fingerprint: Fingerprint,
+    /// Every file the snapshot was read from (watched for changes).
+    pub files: Vec<PathBuf>,
+    /// The listeners' certificates, if they speak TLS.
+    pub proxy_certs: Option<Arc<CertSet>>,
+    pub admin_certs: Option<Arc<CertSet>>,
+    /// Upstream connection pools; each route names one by index.
+    pub clients: Vec<UpstreamClient>,
     keys: KeyMap,
     ids: HashSet<String>,
     pub routes: RouteTable,
@@ -116,7 +131,7 @@ pub struct Snapshot {
     pub accepts_unformatted: bool,
     pub prefix_bases: Vec<String>,
     pub admin_tokens: Vec<AdminToken>,
-    pub upstream: UpstreamClient,
+
     pub listeners: ListenerSettings,
     pub config: Config,
     pub config_path: PathBuf,
@@ -146,20 +161,19 @@ impl FileStamp {
     }
 }
 
-/// The stamps of the config file and the key store a snapshot was read from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Fingerprint {
-    pub config: FileStamp,
-    pub store: FileStamp,
-}
+/// The stamps of every file a snapshot was read from: the config, the key store,
+/// certificates and CA bundles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprint(Vec<FileStamp>);
 
 impl Fingerprint {
-    /// The files as they are now, named by the snapshot's paths.
+    pub fn of(files: &[PathBuf]) -> Fingerprint {
+        Fingerprint(files.iter().map(|f| FileStamp::of(f)).collect())
+    }
+
+    /// The snapshot's files as they are now.
     pub fn current(snapshot: &Snapshot) -> Fingerprint {
-        Fingerprint {
-            config: FileStamp::of(&snapshot.config_path),
-            store: FileStamp::of(&snapshot.keys_path),
-        }
+        Fingerprint::of(&snapshot.files)
     }
 }
 
@@ -203,14 +217,14 @@ impl Snapshot {
 
     /// Reads, parses and validates the config and its key store, reporting every problem.
     pub fn load(ctx: &BuildContext<'_>) -> Result<Snapshot, Vec<ConfigError>> {
-        let config_fingerprint = FileStamp::of(ctx.config_path);
+        let config_stamp = FileStamp::of(ctx.config_path);
         let config_src = read_source(ctx.config_path)?;
         let config: Config = parse_yaml(ctx.config_path, &config_src)?;
         let keys_path = config.keys_path(ctx.config_path);
-        let fingerprint = Fingerprint {
-            config: config_fingerprint,
-            store: FileStamp::of(&keys_path),
-        };
+        // Stamped before they are read: a change after this reloads again.
+        let files = config.files(ctx.config_path);
+        let mut fingerprint = Fingerprint::of(&files);
+        fingerprint.0[0] = config_stamp;
         let store = Store::new(&keys_path).load();
         let (records, store_src, mut errors) = match store {
             Ok((file, src)) => (file.keys, src, Vec::new()),
@@ -219,6 +233,7 @@ impl Snapshot {
         match Self::assemble(ctx, config, &records) {
             Ok(snapshot) if errors.is_empty() => Ok(Snapshot {
                 fingerprint,
+                files,
                 ..snapshot
             }),
             Ok(_) => Err(errors),
@@ -262,6 +277,10 @@ impl Snapshot {
         Ok(Snapshot {
             generation: ctx.generation,
             fingerprint: Fingerprint::default(),
+            files: config.files(ctx.config_path),
+            proxy_certs: compiled.proxy_certs,
+            admin_certs: compiled.admin_certs,
+            clients: compiled.clients,
             ids: keys.values().map(|k| k.id.clone()).collect(),
             keys,
             routes: compiled.routes,
@@ -272,7 +291,7 @@ impl Snapshot {
             alerts: compiled.alerts,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
-            upstream: compiled.upstream,
+
             listeners: compiled.listeners,
             keys_path: config.keys_path(ctx.config_path),
             config,
@@ -285,7 +304,10 @@ struct CompiledConfig {
     routes: RouteTable,
     trusted_proxies: CidrSet,
     admin_tokens: Vec<AdminToken>,
-    upstream: UpstreamClient,
+    clients: Vec<UpstreamClient>,
+    proxy_certs: Option<Arc<CertSet>>,
+    admin_certs: Option<Arc<CertSet>>,
+
     listeners: ListenerSettings,
     lockout: Option<LockoutPolicy>,
     alerts: AlertRules,
@@ -433,6 +455,32 @@ fn compile_config(
         _ => None,
     };
     let alerts = AlertRules::compile(&config.alerts, p);
+    let base = ctx.config_path.parent().unwrap_or(Path::new("."));
+    let proxy_certs = config
+        .tls
+        .proxy
+        .as_ref()
+        .and_then(|t| CertSet::load(t, base, "tls.proxy", p))
+        .map(Arc::new);
+    let admin_certs = config
+        .tls
+        .admin
+        .as_ref()
+        .and_then(|t| CertSet::load(t, base, "tls.admin", p))
+        .map(Arc::new);
+    let tunnel_idle = duration(
+        &config.limits.tunnel_idle_timeout,
+        "limits.tunnel_idle_timeout",
+        p,
+    );
+    let drain = duration(&config.limits.drain_timeout, "limits.drain_timeout", p);
+    if config.limits.max_connections == 0 {
+        p.push("limits.max_connections", "must be at least 1");
+    }
+    if config.limits.h2_max_concurrent_streams == 0 {
+        p.push("limits.h2_max_concurrent_streams", "must be at least 1");
+    }
+    let mut pool_wants = Vec::new();
 
     let defaults = RouteDefaults {
         response_timeout: response_timeout.unwrap_or(Duration::from_secs(30)),
@@ -442,6 +490,22 @@ fn compile_config(
     for (i, raw) in config.routes.iter().enumerate() {
         if let Some(mut route) = Route::compile(raw, &format!("routes[{i}]"), &defaults, p) {
             route.counters = ctx.metrics.route(&route.name);
+            let ca_file = raw.ca_file.as_ref().map(|f| base.join(f));
+            if ca_file.is_some() && route.upstream.scheme != http::uri::Scheme::HTTPS {
+                p.push(
+                    format!("routes[{i}].ca_file"),
+                    "a CA bundle only applies to https:// upstreams",
+                );
+            }
+            let ca = ca_file
+                .as_deref()
+                .map(crate::tls::read_ca_file)
+                .transpose()
+                .unwrap_or_else(|e| {
+                    p.push(format!("routes[{i}].ca_file"), e);
+                    None
+                });
+            pool_wants.push((routes.len(), ca_file, ca, raw.http2));
             routes.push(route);
         }
         for ns in &raw.namespaces {
@@ -457,20 +521,44 @@ fn compile_config(
     if !p.is_empty() {
         return None;
     }
-    let settings = PoolSettings {
-        connect_timeout: connect_timeout?,
-        idle_timeout: idle_timeout?,
-        max_idle_per_host: config.upstream.pool_max_idle_per_host,
-    };
-    let upstream = match ctx.previous {
-        Some(prev) if prev.upstream.settings() == settings => prev.upstream.clone(),
-        _ => UpstreamClient::new(settings, ctx.metrics.upstream_connections.clone()),
-    };
+    // One pool per distinct settings, reused from the snapshot in force when unchanged (a
+    // CA bundle's file stamp is part of its settings, so an edited bundle gets a new pool).
+    let mut clients: Vec<UpstreamClient> = Vec::new();
+    for (at, ca_file, ca, http2) in pool_wants {
+        let settings = PoolSettings {
+            connect_timeout: connect_timeout?,
+            idle_timeout: idle_timeout?,
+            max_idle_per_host: config.upstream.pool_max_idle_per_host,
+            ca_stamp: ca_file.as_deref().map(FileStamp::of),
+            ca_file,
+            http2,
+        };
+        let index = match clients.iter().position(|c| c.settings() == &settings) {
+            Some(i) => i,
+            None => {
+                let reused = ctx
+                    .previous
+                    .and_then(|prev| prev.clients.iter().find(|c| c.settings() == &settings));
+                clients.push(match reused {
+                    Some(c) => c.clone(),
+                    None => UpstreamClient::new(
+                        settings,
+                        ca.as_deref(),
+                        ctx.metrics.upstream_connections.clone(),
+                    ),
+                });
+                clients.len() - 1
+            }
+        };
+        routes[at].client = index;
+    }
     Some(CompiledConfig {
         routes: RouteTable::new(routes),
         trusted_proxies,
         admin_tokens,
-        upstream,
+        clients,
+        proxy_certs,
+        admin_certs,
         lockout,
         alerts,
         listeners: ListenerSettings {
@@ -478,6 +566,13 @@ fn compile_config(
             admin: admin?,
             header_read_timeout: header_read_timeout?,
             max_header_size: max_header_size? as usize,
+            max_headers: config.limits.max_headers.max(1),
+            max_connections: config.limits.max_connections.max(1),
+            h2_max_concurrent_streams: config.limits.h2_max_concurrent_streams.max(1),
+            tunnel_idle: tunnel_idle?,
+            drain: drain?,
+            proxy_tls: config.tls.proxy.is_some(),
+            admin_tls: config.tls.admin.is_some(),
         },
     })
 }

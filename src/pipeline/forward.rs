@@ -5,16 +5,20 @@
 //! the gateway's own identity and forwarding headers come in. Bodies stream both ways.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST};
-use http::{HeaderMap, Request, Response, Uri, Version};
+use http::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE,
+};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{caused_by_body_limit, RequestBody, ResponseBody};
 use crate::pipeline::credential::X_API_KEY;
@@ -42,23 +46,31 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// Settings of the upstream connection pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Settings of one upstream connection pool. Routes with the same settings share a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
+    /// Trust only these CAs for `https://` upstreams (a route's `ca_file`); none: the web PKI.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The CA bundle's file stamp, so an edited bundle makes a new pool.
+    pub ca_stamp: Option<crate::snapshot::FileStamp>,
+    /// Speak HTTP/2 to the upstream (ALPN over TLS, prior knowledge over plain TCP).
+    pub http2: bool,
 }
 
-/// The pooled keep-alive client towards every upstream.
+type Connector = hyper_rustls::HttpsConnector<CountingConnector>;
+
+/// A pooled keep-alive client towards upstreams, for `http://` and `https://` alike.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
-    client: Client<CountingConnector, RequestBody>,
+    client: Client<Connector, RequestBody>,
     settings: PoolSettings,
 }
 
-/// The HTTP connector, counting the connections it opens: requests minus connections is
-/// how often the pool was reused.
+/// The TCP connector, counting the connections it opens: requests minus connections is how
+/// often the pool was reused.
 #[derive(Debug, Clone)]
 pub struct CountingConnector {
     inner: HttpConnector,
@@ -84,25 +96,42 @@ impl tower_service::Service<Uri> for CountingConnector {
 }
 
 impl UpstreamClient {
-    /// A pool with `settings`, counting new connections in `opened`.
-    pub fn new(settings: PoolSettings, opened: Arc<AtomicU64>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
+    /// A pool with `settings`, trusting `ca` (the parsed `ca_file`) or the web PKI, counting
+    /// new connections in `opened`.
+    pub fn new(
+        settings: PoolSettings,
+        ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+        opened: Arc<AtomicU64>,
+    ) -> Self {
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(settings.connect_timeout));
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let tls = crate::tls::client_config(ca);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let connector = if settings.http2 {
+            builder
+                .enable_http2()
+                .wrap_connector(CountingConnector { inner: tcp, opened })
+        } else {
+            builder
+                .enable_http1()
+                .wrap_connector(CountingConnector { inner: tcp, opened })
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
             .pool_idle_timeout(settings.idle_timeout)
             .pool_max_idle_per_host(settings.max_idle_per_host)
-            .build(CountingConnector {
-                inner: connector,
-                opened,
-            });
+            .http2_only(settings.http2)
+            .build(connector);
         UpstreamClient { client, settings }
     }
 
-    pub fn settings(&self) -> PoolSettings {
-        self.settings
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
     }
 }
 
@@ -165,18 +194,25 @@ pub struct Forward<'a> {
     pub peer: IpAddr,
     /// Whether the peer is a trusted proxy, whose forwarding headers are extended.
     pub peer_trusted: bool,
+    /// Whether the client's connection is TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
     /// The normalised path, when it differs from the request's.
     pub normalized_path: Option<&'a str>,
     pub request_id: HeaderValue,
     pub rate: Option<RateHeaders>,
     pub x_api_key: bool,
+    /// Where upgraded connections are counted, so a drain can wait for them.
+    pub tunnels: &'a Arc<Tunnels>,
+    /// An upgraded connection with no traffic either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
-/// Sends the request to the route's upstream and returns its streamed response.
+/// Sends the request to the route's upstream and returns its streamed response. An upgrade
+/// (WebSocket or any other protocol) that the upstream accepts with 101 is spliced through.
 pub async fn forward(
     client: &UpstreamClient,
     f: Forward<'_>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Rejection> {
     let route = f.route;
     let declared = req
@@ -187,6 +223,8 @@ pub async fn forward(
     if declared.is_some_and(|n| n > route.max_request_body) {
         return Err(Rejection::BodyTooLarge);
     }
+    let upgrade = upgrade_protocol(req.headers());
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
     let path = f.normalized_path.unwrap_or(parts.uri.path());
@@ -207,6 +245,10 @@ pub async fn forward(
 
     let h = &mut parts.headers;
     remove_hop_by_hop(h);
+    if let Some(protocol) = &upgrade {
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(UPGRADE, protocol.clone());
+    }
     if !route.keep_authorization {
         h.remove(AUTHORIZATION);
         if f.x_api_key {
@@ -219,7 +261,10 @@ pub async fn forward(
     h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment_header.clone());
     set_forwarded_for(h, f.peer, f.peer_trusted);
     if !(f.peer_trusted && h.contains_key(X_FORWARDED_PROTO)) {
-        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        h.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if f.tls { "https" } else { "http" }),
+        );
     }
     h.insert(X_REQUEST_ID, f.request_id.clone());
     match (route.preserve_host, client_host) {
@@ -232,7 +277,7 @@ pub async fn forward(
     }
 
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body));
-    let response =
+    let mut response =
         match tokio::time::timeout(route.response_timeout, client.client.request(upstream_req))
             .await
         {
@@ -247,13 +292,185 @@ pub async fn forward(
             Ok(Ok(response)) => response,
         };
 
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let tunnel = match (client_upgrade, switching) {
+        (Some(client_side), true) => Some((client_side, hyper::upgrade::on(&mut response))),
+        _ => None,
+    };
     let (mut parts, body) = response.into_parts();
+    let protocol = parts.headers.get(UPGRADE).cloned();
     remove_hop_by_hop(&mut parts.headers);
     if let Some(rate) = &f.rate {
         rate.write(&mut parts.headers, false);
     }
     parts.headers.insert(X_REQUEST_ID, f.request_id);
+    if let (Some((client_side, upstream_side)), Some(protocol)) = (tunnel, protocol) {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, protocol);
+        let guard = f.tunnels.enter();
+        let idle = f.tunnel_idle;
+        tokio::spawn(async move {
+            let _open = guard;
+            match tokio::try_join!(client_side, upstream_side) {
+                Ok((a, b)) => splice(TokioIo::new(a), TokioIo::new(b), idle).await,
+                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+            }
+        });
+        return Ok(Response::from_parts(parts, ResponseBody::empty()));
+    }
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+}
+
+/// The protocol an upgrade request asks for: `Upgrade: X` with `upgrade` among the
+/// `Connection` tokens.
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+}
+
+/// Upgraded connections in flight.
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    open: AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// Counts one tunnel while it lives.
+#[derive(Debug)]
+pub struct TunnelGuard(Arc<Tunnels>);
+
+impl Tunnels {
+    pub fn enter(self: &Arc<Self>) -> TunnelGuard {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        TunnelGuard(self.clone())
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no tunnel is open.
+    pub async fn drained(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.open() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.closed.notify_waiters();
+    }
+}
+
+/// Copies both ways until either side closes or nothing moves for `idle`.
+async fn splice<A, B>(a: A, b: B, idle: Duration)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let last = Arc::new(AtomicU64::new(0));
+    let started = std::time::Instant::now();
+    let mut a = Activity {
+        inner: a,
+        last: last.clone(),
+        started,
+    };
+    let mut b = Activity {
+        inner: b,
+        last: last.clone(),
+        started,
+    };
+    let watch = async {
+        loop {
+            tokio::time::sleep(idle / 4).await;
+            let quiet = started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "tunnel closed with an error");
+            }
+        }
+        () = watch => tracing::debug!("tunnel idle; closed"),
+    }
+}
+
+/// A stream that notes when bytes last moved through it.
+struct Activity<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    started: std::time::Instant,
+}
+
+impl<T> Activity<T> {
+    fn touch(&self) {
+        self.last
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Removes the hop-by-hop headers, including every header `Connection` names.

@@ -27,6 +27,8 @@ pub struct Route {
     pub max_request_body: u64,
     /// This route's request counters, shared across snapshots by route name.
     pub counters: std::sync::Arc<crate::metrics::RouteCounters>,
+    /// The snapshot's upstream pool this route uses.
+    pub client: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -228,6 +230,7 @@ impl Route {
             response_timeout,
             max_request_body,
             counters: Default::default(),
+            client: 0,
         })
     }
 }
@@ -249,8 +252,8 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
         .scheme()
         .cloned()
         .ok_or_else(|| bad("it needs http://"))?;
-    if scheme != Scheme::HTTP {
-        return Err(bad("only http:// upstreams are supported"));
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err(bad("it needs http:// or https://"));
     }
     let authority = uri
         .authority()

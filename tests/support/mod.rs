@@ -96,6 +96,12 @@ async fn answer(
     if path.contains("/slow") {
         std::future::pending::<()>().await;
     }
+    if let Some(ms) = path
+        .rsplit_once("/delay/")
+        .and_then(|(_, ms)| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let mut body_bytes = 0u64;
     while let Some(Ok(frame)) = body.frame().await {
         body_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
