@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Instructions per accepted request, counted by callgrind over real traffic: unlike timings,
+# the count does not move with machine noise, so a change of a few percent shows.
+#
+#   benches/instructions.sh [path/to/keygate]      (default: target/release/keygate)
+#
+# Needs valgrind, nginx (the upstream) and wrk; loopback only. Every process started here is
+# stopped by its own PID, and every wait is bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/keygate}
+SECS=${SECS:-6}
+WORK=$(mktemp -d /tmp/keygate-instr.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  [[ -n "${KEEP:-}" ]] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+for tool in valgrind callgrind_control nginx wrk curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install valgrind nginx wrk curl)" >&2; exit 2; }
+done
+[[ -x "$BIN" ]] || { echo "no $BIN: cargo build --release first" >&2; exit 2; }
+cargo build --release --quiet --example perf_setup
+target/release/examples/perf_setup "$WORK/gw" 10000 >/dev/null
+
+cat > "$WORK/upstream.conf" <<NGX
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream.err warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  client_body_temp_path $WORK/b; proxy_temp_path $WORK/p; fastcgi_temp_path $WORK/f;
+  uwsgi_temp_path $WORK/u; scgi_temp_path $WORK/s;
+  server { listen 127.0.0.1:18080; location / { return 200 '{"ok":true}'; } }
+}
+NGX
+nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' &
+PIDS+=($!)
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.out" \
+  "$BIN" serve --config "$WORK/gw/keygate.yaml" 2>"$WORK/valgrind.log" &
+VG=$!
+PIDS+=($VG)
+key=$(head -1 "$WORK/gw/keys.txt")
+for _ in $(seq 600); do   # valgrind starts slowly: up to 60 s
+  curl -s -o /dev/null -m 1 -H "Authorization: Bearer $key" http://127.0.0.1:18083/v1/ping && break
+  sleep 0.1
+done
+# Warm up (pool connections, first-use allocations), then count only the measured phase.
+wrk -t1 -c16 -d2s -s benches/wrk_keys.lua http://127.0.0.1:18083/v1/ping -- "$WORK/gw/keys.txt" >/dev/null
+callgrind_control -i on "$VG" >/dev/null
+callgrind_control -z "$VG" >/dev/null
+result=$(wrk -t1 -c16 -d"${SECS}s" -s benches/wrk_keys.lua http://127.0.0.1:18083/v1/ping -- "$WORK/gw/keys.txt" | grep '^RESULT')
+callgrind_control -d "$VG" >/dev/null
+sleep 1
+requests=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' <<<"$result")
+non2xx=$(sed -n 's/.*non2xx=\([0-9]*\).*/\1/p' <<<"$result")
+instructions=$(awk '/^summary:/ { print $2 }' "$WORK/cg.out.1")
+printf 'requests=%s non2xx=%s instructions=%s per_request=%s\n' "$requests" "$non2xx" "$instructions" \
+  "$(awk -v i="$instructions" -v r="$requests" 'BEGIN { printf "%.0f", (r > 0 ? i / r : 0) }')"
