@@ -36,16 +36,14 @@ use rate_limit::{Budget, RateHeaders};
 use route::Route;
 
 /// Handles one proxied request from start to finish.
-/// `tls` says whether the client's connection is TLS.
 pub async fn handle(
     gw: &Gateway,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    tls: bool,
+    conn: &ClientConn,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let snapshot = gw.snapshot.load_full();
-    let peer_ip = peer.ip().to_canonical();
+    let peer_ip = conn.peer_ip;
     let peer_trusted = snapshot.trusted_proxies.contains(peer_ip);
     let request_id = peer_trusted
         .then(|| forward::trusted_request_id(req.headers()))
@@ -69,9 +67,9 @@ pub async fn handle(
     let decision = forward::Forward {
         route,
         key,
-        peer: peer_ip,
+        peer_header: &conn.peer_header,
         peer_trusted,
-        tls,
+        tls: conn.tls,
         normalized_path: admission.normalized_path.as_deref(),
         request_id: request_id.clone(),
         rate: admission.rate,
@@ -143,6 +141,32 @@ fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, cli
                         policy.max_failures, policy.window, policy.cooldown
                     )),
             );
+        }
+    }
+}
+
+/// What is known of a client connection before its first request: made once per connection.
+#[derive(Debug)]
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    /// The peer's address, IPv4-mapped addresses as IPv4.
+    pub peer_ip: IpAddr,
+    /// The same, as a header value for `X-Forwarded-For`.
+    pub peer_header: http::HeaderValue,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+impl ClientConn {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = peer.ip().to_canonical();
+        let peer_header = http::HeaderValue::from_str(&peer_ip.to_string())
+            .expect("an IP address is a valid header");
+        ClientConn {
+            peer,
+            peer_ip,
+            peer_header,
+            tls,
         }
     }
 }

@@ -439,12 +439,13 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let gw = gateway.clone();
         let secure = tls.is_some();
+        let client = Arc::new(crate::pipeline::ClientConn::new(peer, secure));
         let service = service_fn(move |req| {
-            let gw = gw.clone();
+            let (gw, client) = (gw.clone(), client.clone());
             async move {
                 Ok::<_, Infallible>(match kind {
-                    Listener::Proxy => crate::pipeline::handle(&gw, req, peer, secure).await,
-                    Listener::Admin => crate::admin::handle(&gw, req, peer).await,
+                    Listener::Proxy => crate::pipeline::handle(&gw, req, &client).await,
+                    Listener::Admin => crate::admin::handle(&gw, req, client.peer).await,
                 })
             }
         });

@@ -4,7 +4,6 @@
 //! `Authorization` goes unless the route keeps it, client-sent `X-Keygate-*` headers go, and
 //! the gateway's own identity and forwarding headers come in. Bodies stream both ways.
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use std::time::Duration;
 use http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE,
 };
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -190,8 +190,8 @@ pub fn trusted_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
 pub struct Forward<'a> {
     pub route: &'a Route,
     pub key: &'a KeyEntry,
-    /// The peer's own address (the hop that connected to us).
-    pub peer: IpAddr,
+    /// The peer's own address (the hop that connected to us), as a header value.
+    pub peer_header: &'a HeaderValue,
     /// Whether the peer is a trusted proxy, whose forwarding headers are extended.
     pub peer_trusted: bool,
     /// Whether the client's connection is TLS (`X-Forwarded-Proto: https`).
@@ -227,8 +227,22 @@ pub async fn forward(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    let path = f.normalized_path.unwrap_or(parts.uri.path());
-    let path_and_query = route.upstream_path(path, parts.uri.query());
+    // The request's own path and query go upstream as they are unless the route rewrites
+    // them: no new string, no re-parse.
+    let path_and_query = match (
+        f.normalized_path,
+        route.rewrites_path(),
+        parts.uri.path_and_query(),
+    ) {
+        (None, false, Some(pq)) => pq.clone(),
+        _ => {
+            let path = f.normalized_path.unwrap_or(parts.uri.path());
+            PathAndQuery::from_maybe_shared(bytes::Bytes::from(
+                route.upstream_path(path, parts.uri.query()),
+            ))
+            .map_err(|_| Rejection::InvalidPath)?
+        }
+    };
     let client_host = parts.headers.get(HOST).cloned().or_else(|| {
         parts
             .uri
@@ -244,7 +258,7 @@ pub async fn forward(
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
-    remove_hop_by_hop(h);
+    strip_headers(h, true);
     if let Some(protocol) = &upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(UPGRADE, protocol.clone());
@@ -255,11 +269,10 @@ pub async fn forward(
             h.remove(X_API_KEY);
         }
     }
-    remove_keygate_headers(h);
     h.insert(X_KEYGATE_KEY_ID, f.key.id_header.clone());
     h.insert(X_KEYGATE_NAMESPACE, f.key.namespace_header.clone());
     h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment_header.clone());
-    set_forwarded_for(h, f.peer, f.peer_trusted);
+    set_forwarded_for(h, f.peer_header, f.peer_trusted);
     if !(f.peer_trusted && h.contains_key(X_FORWARDED_PROTO)) {
         h.insert(
             X_FORWARDED_PROTO,
@@ -299,7 +312,7 @@ pub async fn forward(
     };
     let (mut parts, body) = response.into_parts();
     let protocol = parts.headers.get(UPGRADE).cloned();
-    remove_hop_by_hop(&mut parts.headers);
+    strip_headers(&mut parts.headers, false);
     if let Some(rate) = &f.rate {
         rate.write(&mut parts.headers, false);
     }
@@ -473,55 +486,53 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     }
 }
 
-/// Removes the hop-by-hop headers, including every header `Connection` names.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-fn remove_keygate_headers(headers: &mut HeaderMap) {
-    let found: Vec<HeaderName> = headers
+/// Removes the hop-by-hop headers, including every header `Connection` names, and, on the
+/// way upstream (`inbound`), the client's `X-Keygate-*` headers. One pass over the names:
+/// a request carries a handful of headers, so this beats probing for each hop-by-hop name.
+fn strip_headers(headers: &mut HeaderMap, inbound: bool) {
+    let named: Vec<HeaderName> = if headers.contains_key(CONNECTION) {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-keygate-"))
+        .filter(|k| {
+            let name = k.as_str();
+            HOP_BY_HOP.contains(&name)
+                || named.contains(k)
+                || (inbound && name.starts_with("x-keygate-"))
+        })
         .cloned()
         .collect();
-    for name in found {
+    for name in doomed {
         headers.remove(name);
     }
 }
 
 /// A trusted proxy's chain is extended with the peer; an untrusted client's is replaced,
-/// so the upstream never sees a forged hop.
-fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, peer_trusted: bool) {
-    let peer = peer.to_string();
-    let chain: Vec<&str> = if peer_trusted {
-        headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let value = if chain.is_empty() {
-        peer
-    } else {
-        format!("{}, {peer}", chain.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(X_FORWARDED_FOR, v);
+/// so the upstream never sees a forged hop. `peer` is the peer's address as a header value,
+/// made once per connection.
+fn set_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue, peer_trusted: bool) {
+    if peer_trusted && headers.contains_key(X_FORWARDED_FOR) {
+        let mut chain = Vec::with_capacity(64);
+        for v in headers.get_all(X_FORWARDED_FOR) {
+            chain.extend_from_slice(v.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(peer.as_bytes());
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
+            headers.insert(X_FORWARDED_FOR, v);
+            return;
+        }
     }
+    headers.insert(X_FORWARDED_FOR, peer.clone());
 }
 
 #[cfg(test)]
@@ -539,21 +550,30 @@ mod tests {
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("x-stays", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
+        h.insert("x-keygate-key-id", HeaderValue::from_static("forged"));
+        let mut response = h.clone();
+        strip_headers(&mut response, false);
+        assert_eq!(
+            response.len(),
+            2,
+            "a response keeps x-keygate-*: {response:?}"
+        );
+        strip_headers(&mut h, true);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-stays"));
     }
 
     #[test]
     fn forwarded_for_is_extended_only_for_trusted_peers() {
-        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let peer = HeaderValue::from_static("10.0.0.1");
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
-        set_forwarded_for(&mut h, peer, true);
-        assert_eq!(h[X_FORWARDED_FOR], "6.6.6.6, 10.0.0.1");
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("7.7.7.7"));
+        set_forwarded_for(&mut h, &peer, true);
+        assert_eq!(h[X_FORWARDED_FOR], "6.6.6.6, 7.7.7.7, 10.0.0.1");
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
-        set_forwarded_for(&mut h, peer, false);
+        set_forwarded_for(&mut h, &peer, false);
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1");
     }
 

@@ -101,7 +101,7 @@ impl RateHeaders {
             }
             let _ = write!(value, "\"{}\";r={};t={}", b.name, b.remaining, b.reset);
         }
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(RATELIMIT, v);
         }
         if refused {

@@ -101,6 +101,11 @@ impl Route {
         }
     }
 
+    /// Whether the path sent upstream differs from the request's.
+    pub fn rewrites_path(&self) -> bool {
+        !self.upstream.base_path.is_empty() || (self.strip_prefix && self.prefix != "/")
+    }
+
     /// The path to send upstream: base path, then the request path (less the prefix when
     /// stripping), then the query.
     pub fn upstream_path(&self, path: &str, query: Option<&str>) -> String {
