@@ -56,7 +56,7 @@ pub fn parse(token: &str) -> Result<ParsedKey<'_>, FormatError> {
         return Err(FormatError::BadBody);
     }
     let (signed, sum) = token.split_at(token.len() - CHECKSUM_LEN);
-    if checksum(signed.as_bytes()) != sum.as_bytes() {
+    if decode_checksum(sum.as_bytes()) != Some(u64::from(crc32(signed.as_bytes()))) {
         return Err(FormatError::BadChecksum);
     }
     Ok(ParsedKey { prefix, token })
@@ -113,29 +113,21 @@ fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
     out
 }
 
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
 fn crc32(data: &[u8]) -> u32 {
-    !data.iter().fold(!0u32, |c, &b| {
-        CRC_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8)
+    crc32fast::hash(data)
+}
+
+/// The value of 6 base62 characters, or `None` if one is not base62. Decoding the presented
+/// checksum and comparing numbers is cheaper than encoding ours.
+fn decode_checksum(text: &[u8]) -> Option<u64> {
+    text.iter().try_fold(0u64, |n, &c| {
+        let digit = match c {
+            b'0'..=b'9' => c - b'0',
+            b'A'..=b'Z' => c - b'A' + 10,
+            b'a'..=b'z' => c - b'a' + 36,
+            _ => return None,
+        };
+        Some(n * 62 + u64::from(digit))
     })
 }
 
@@ -146,6 +138,18 @@ mod tests {
     #[test]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn checksums_decode_to_what_they_encode() {
+        for data in [&b""[..], b"kg_live_abc", b"123456789"] {
+            assert_eq!(
+                decode_checksum(&checksum(data)),
+                Some(u64::from(crc32(data)))
+            );
+        }
+        assert_eq!(decode_checksum(b"zzzzzz"), Some(62u64.pow(6) - 1));
+        assert_eq!(decode_checksum(b"ab-def"), None);
     }
 
     #[test]
