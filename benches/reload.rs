@@ -1,0 +1,79 @@
+//! A full reload: read, parse and validate the config and a 100,000-key store, compile
+//! routes, scopes and CIDRs, and index the keys (what every reload does before the swap).
+//!
+//! `cargo bench --bench reload`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use keygate::clock::Clock;
+use keygate::keys::{format, hex, KeyRecord, Status, Store, StoreFile};
+use keygate::metrics::Metrics;
+use keygate::pipeline::rate_limit::Limiters;
+use keygate::pipeline::usage::UsageBook;
+use keygate::snapshot::{BuildContext, Snapshot};
+
+fn reload(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("keygate.yaml");
+    std::fs::write(
+        &config_path,
+        "keys_file: keys.yaml\nroutes:\n  - {path_prefix: /, upstream: 'http://127.0.0.1:9', environment: production}\n",
+    )
+    .unwrap();
+    let keys: Vec<KeyRecord> = (0..100_000)
+        .map(|i| {
+            let hash = hex(&format::hash(&format!("bench-key-{i}")));
+            KeyRecord {
+                id: hash[..12].to_string(),
+                hash: format!("sha256:{hash}"),
+                prefix: "kg_live".into(),
+                namespace: format!("ns{}", i % 100),
+                environment: "production".into(),
+                scopes: vec!["read:/v1/**".into()],
+                allowed_cidrs: vec!["10.0.0.0/8".into()],
+                rate_limit: Some("100/s".into()),
+                status: Status::Active,
+                created_at: "2026-01-01T00:00:00Z".into(),
+                ..KeyRecord::default()
+            }
+        })
+        .collect();
+    let store = Store::new(dir.path().join("keys.yaml"));
+    let lock = store.lock().unwrap();
+    store.save(&StoreFile { version: 1, keys }, &lock).unwrap();
+    drop(lock);
+
+    let (limiters, usage, metrics) = (
+        Limiters::new(Clock::real()),
+        UsageBook::in_memory(),
+        Metrics::default(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let mut group = c.benchmark_group("reload");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
+    group.bench_function("100k_keys", |b| {
+        b.iter(|| {
+            let ctx = BuildContext {
+                config_path: &config_path,
+                generation: 1,
+                limiters: &limiters,
+                metrics: &metrics,
+                usage: &usage,
+                previous: None,
+                env_admin_token: None,
+            };
+            Snapshot::load(&ctx).expect("a valid store").key_count()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, reload);
+criterion_main!(benches);
