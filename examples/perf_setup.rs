@@ -1,6 +1,8 @@
-//! Writes a gateway set-up for the shared load harness (`../shared/perf/run.sh`): a config
-//! that listens on 127.0.0.1:18083, proxies to 127.0.0.1:18080 with one worker, allows only
-//! 127.0.0.1, and a key store of N keys made in one go, with their secrets in `keys.txt`.
+//! Writes a gateway set-up for load tests (`benches/load.sh`, `../shared/perf/run.sh`): a
+//! config that listens on 127.0.0.1:18083, proxies to 127.0.0.1:18080 with one worker,
+//! allows only 127.0.0.1, and a key store of N keys made in one go, with their secrets in
+//! `keys.txt`. For the peers doing the same job it also writes `nginx-keys.conf` (a map
+//! entry per `Bearer <key>`) and `haproxy-keys.map` (SHA-256 of each key to its id).
 //!
 //! `cargo run --release --example perf_setup -- DIR [N]`
 
@@ -25,7 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          workers: 1\n\
          routes:\n  - path_prefix: /\n    upstream: http://127.0.0.1:18080\n    environment: production\n",
     )?;
-    let mut secrets = String::with_capacity(n * 48);
+        let mut secrets = String::with_capacity(n * 48);
+    let mut nginx = String::with_capacity(n * 64);
+    let mut haproxy = String::with_capacity(n * 80);
     let mut keys = Vec::with_capacity(n);
     for i in 0..n {
         let secret = format::generate("kg_live")?;
@@ -48,13 +52,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             created_by: "perf_setup".into(),
             ..KeyRecord::default()
         });
-        secrets.push_str(&secret);
+                secrets.push_str(&secret);
         secrets.push('\n');
+        nginx.push_str(&format!("\"Bearer {secret}\" 1;\n"));
+        haproxy.push_str(&format!("{hash} k{i}\n"));
     }
     let store = Store::new(dir.join("keys.yaml"));
     let lock = store.lock()?;
     store.save(&StoreFile { version: 1, keys }, &lock)?;
-    std::fs::write(dir.join("keys.txt"), secrets)?;
+        std::fs::write(dir.join("keys.txt"), secrets)?;
+    std::fs::write(dir.join("nginx-keys.conf"), nginx)?;
+    std::fs::write(dir.join("haproxy-keys.map"), haproxy)?;
     println!(
         "{n} keys in {}; secrets in {}",
         store.path().display(),
