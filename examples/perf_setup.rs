@@ -27,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          workers: 1\n\
          routes:\n  - path_prefix: /\n    upstream: http://127.0.0.1:18080\n    environment: production\n",
     )?;
-        let mut secrets = String::with_capacity(n * 48);
+    let mut secrets = String::with_capacity(n * 48);
     let mut nginx = String::with_capacity(n * 64);
     let mut haproxy = String::with_capacity(n * 80);
     let mut keys = Vec::with_capacity(n);
@@ -52,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             created_by: "perf_setup".into(),
             ..KeyRecord::default()
         });
-                secrets.push_str(&secret);
+        secrets.push_str(&secret);
         secrets.push('\n');
         nginx.push_str(&format!("\"Bearer {secret}\" 1;\n"));
         haproxy.push_str(&format!("{hash} k{i}\n"));
@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = Store::new(dir.join("keys.yaml"));
     let lock = store.lock()?;
     store.save(&StoreFile { version: 1, keys }, &lock)?;
-        std::fs::write(dir.join("keys.txt"), secrets)?;
+    std::fs::write(dir.join("keys.txt"), secrets)?;
     std::fs::write(dir.join("nginx-keys.conf"), nginx)?;
     std::fs::write(dir.join("haproxy-keys.map"), haproxy)?;
     println!(

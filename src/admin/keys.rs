@@ -535,43 +535,23 @@ pub(crate) async fn key_usage(call: &Call<'_>) -> Answer {
     ))
 }
 
-/// Today's sums over some keys.
+/// Today's sums over some keys, and how many of them were used.
 #[derive(Default)]
 struct Totals {
-    accepted: u64,
-    refused: u64,
-    upstream_4xx: u64,
-    upstream_5xx: u64,
-    upstream_errors: u64,
-    failed: u64,
+    counts: crate::pipeline::usage::UsageReport,
     keys_used: u64,
 }
 
 impl Totals {
     fn add(&mut self, r: &crate::pipeline::usage::UsageReport) {
-        self.accepted += r.accepted;
-        self.refused += r.refused;
-        self.upstream_4xx += r.upstream_4xx;
-        self.upstream_5xx += r.upstream_5xx;
-        self.upstream_errors += r.upstream_errors;
-        self.failed += r.failed;
+        self.counts.add_counts(r);
         self.keys_used += 1;
     }
 
     fn to_json(&self) -> serde_json::Value {
-        let requests = self.accepted + self.refused;
-        let bad = self.refused + self.failed + self.upstream_4xx + self.upstream_5xx;
-        serde_json::json!({
-            "requests_today": requests,
-            "accepted_today": self.accepted,
-            "refused_today": self.refused,
-            "upstream_4xx_today": self.upstream_4xx,
-            "upstream_5xx_today": self.upstream_5xx,
-                        "upstream_errors_today": self.upstream_errors,
-            "failed_today": self.failed,
-            "error_rate": if requests == 0 { 0.0 } else { (10_000.0 * (bad as f64 / requests as f64).min(1.0)).round() / 10_000.0 },
-            "keys_used_today": self.keys_used,
-        })
+        let mut v = self.counts.counts_json();
+        v["keys_used_today"] = self.keys_used.into();
+        v
     }
 }
 

@@ -354,8 +354,23 @@ impl UsageReport {
 
     /// The contract's usage JSON.
     pub fn to_json(&self, now: i64) -> serde_json::Value {
+        let mut v = self.counts_json();
+        v["date"] = rfc3339(now.div_euclid(86_400) * 86_400)[..10].into();
+        v["by_code_today"] = serde_json::json!(self.by_code);
+        v["last_used_at"] = self.last_use.as_ref().map(|u| rfc3339(u.at)).into();
+        v["last_used_ip"] = self.last_use.as_ref().and_then(|u| u.ip.clone()).into();
+        v["series"] = self
+            .series
+            .iter()
+            .map(|m| serde_json::json!({"minute": rfc3339(m.minute * 60), "accepted": m.accepted, "refused": m.refused, "errors": m.errors}))
+            .collect::<Vec<_>>()
+            .into();
+        v
+    }
+
+    /// Today's counts and error rate: the members a key's usage and a sum over keys share.
+    pub fn counts_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "date": rfc3339(now.div_euclid(86_400) * 86_400)[..10],
             "requests_today": self.requests(),
             "accepted_today": self.accepted,
             "refused_today": self.refused,
@@ -363,17 +378,18 @@ impl UsageReport {
             "upstream_5xx_today": self.upstream_5xx,
             "upstream_errors_today": self.upstream_errors,
             "failed_today": self.failed,
-            "by_code_today": self.by_code,
             "error_rate": (self.error_rate() * 10_000.0).round() / 10_000.0,
-            "last_used_at": self.last_use.as_ref().map(|u| rfc3339(u.at)),
-            "last_used_ip": self.last_use.as_ref().and_then(|u| u.ip.clone()),
-            "series": self.series.iter().map(|m| serde_json::json!({
-                "minute": rfc3339(m.minute * 60),
-                "accepted": m.accepted,
-                "refused": m.refused,
-                "errors": m.errors,
-            })).collect::<Vec<_>>(),
         })
+    }
+
+    /// Adds another report's counts to this one (for sums over keys).
+    pub fn add_counts(&mut self, other: &UsageReport) {
+        self.accepted += other.accepted;
+        self.refused += other.refused;
+        self.upstream_4xx += other.upstream_4xx;
+        self.upstream_5xx += other.upstream_5xx;
+        self.failed += other.failed;
+        self.upstream_errors += other.upstream_errors;
     }
 }
 
