@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 /// What the gateway answers with: the upstream's streamed body, or a small body of its own.
 #[derive(Debug)]
 pub enum ResponseBody {
-    Upstream(Incoming),
+    Upstream(crate::pipeline::forward::UpstreamBody),
     Full(Option<Bytes>),
 }
 

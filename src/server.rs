@@ -181,6 +181,9 @@ impl Gateway {
             tracing::warn!(error = %e, "usage flush failed; will retry");
         }
         self.audit.sweep(now);
+        for client in &snapshot.clients {
+            client.reap();
+        }
         events
     }
 

@@ -676,3 +676,56 @@ async fn slow_header_senders_are_cut_off() {
     assert!(started.elapsed() < Duration::from_secs(3));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_replaced_when_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (_up, gw) = setup("", "").await;
+    let (_, secret) = gw.create_key(new_key("acme", "production")).await;
+    let opened = || {
+        gw.gateway()
+            .metrics
+            .upstream_connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    // Sized, chunked, empty and bodiless answers all give their connection back.
+    for path in ["/a", "/big/200000", "/status/204", "/status/304", "/b"] {
+        for method in ["GET", "HEAD", "POST"] {
+            let r = send(Req::get(gw.proxy, path).method(method).bearer(&secret)).await;
+            assert!(r.status.as_u16() < 400, "{method} {path}: {}", r.status);
+        }
+    }
+    assert_eq!(opened(), 1, "one upstream connection served them all");
+
+    // An upstream that closes after answering: the pooled connection serves the first such
+    // request, and each later one gets a fresh connection.
+    for _ in 0..5 {
+        let r = send(Req::get(gw.proxy, "/close").bearer(&secret)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "bye");
+    }
+    assert_eq!(opened(), 5);
+    for _ in 0..3 {
+        let r = send(Req::get(gw.proxy, "/after-close").bearer(&secret)).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(opened(), 6, "a closed connection is never handed out again");
+
+    // A client that leaves in the middle of a large body: that connection is not reused
+    // (the rest of the body is still on it), and the next request is answered normally.
+    let mut client = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head =
+        format!("GET /big/50000000 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = client.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(client);
+    for _ in 0..3 {
+        let r = send(Req::get(gw.proxy, "/a").bearer(&secret)).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(opened(), 7, "only the abandoned connection was replaced");
+    gw.stop().await;
+}

@@ -15,9 +15,7 @@ use http::header::{
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{caused_by_body_limit, RequestBody, ResponseBody};
@@ -26,6 +24,9 @@ use crate::pipeline::rate_limit::RateHeaders;
 use crate::pipeline::route::Route;
 use crate::rejection::Rejection;
 use crate::snapshot::KeyEntry;
+
+mod pool;
+pub use pool::{UpstreamBody, UpstreamClient};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -58,81 +59,6 @@ pub struct PoolSettings {
     pub ca_stamp: Option<crate::snapshot::FileStamp>,
     /// Speak HTTP/2 to the upstream (ALPN over TLS, prior knowledge over plain TCP).
     pub http2: bool,
-}
-
-type Connector = hyper_rustls::HttpsConnector<CountingConnector>;
-
-/// A pooled keep-alive client towards upstreams, for `http://` and `https://` alike.
-#[derive(Debug, Clone)]
-pub struct UpstreamClient {
-    client: Client<Connector, RequestBody>,
-    settings: PoolSettings,
-}
-
-/// The TCP connector, counting the connections it opens: requests minus connections is how
-/// often the pool was reused.
-#[derive(Debug, Clone)]
-pub struct CountingConnector {
-    inner: HttpConnector,
-    opened: Arc<AtomicU64>,
-}
-
-impl tower_service::Service<Uri> for CountingConnector {
-    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = <HttpConnector as tower_service::Service<Uri>>::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        self.opened.fetch_add(1, Ordering::Relaxed);
-        self.inner.call(uri)
-    }
-}
-
-impl UpstreamClient {
-    /// A pool with `settings`, trusting `ca` (the parsed `ca_file`) or the web PKI, counting
-    /// new connections in `opened`.
-    pub fn new(
-        settings: PoolSettings,
-        ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-        opened: Arc<AtomicU64>,
-    ) -> Self {
-        let mut tcp = HttpConnector::new();
-        tcp.set_connect_timeout(Some(settings.connect_timeout));
-        tcp.set_nodelay(true);
-        tcp.enforce_http(false);
-        let tls = crate::tls::client_config(ca);
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http();
-        let connector = if settings.http2 {
-            builder
-                .enable_http2()
-                .wrap_connector(CountingConnector { inner: tcp, opened })
-        } else {
-            builder
-                .enable_http1()
-                .wrap_connector(CountingConnector { inner: tcp, opened })
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(settings.max_idle_per_host)
-            .http2_only(settings.http2)
-            .build(connector);
-        UpstreamClient { client, settings }
-    }
-
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
-    }
 }
 
 /// Request ids: a random per-process prefix and a counter, 32 hex digits in all.
@@ -249,12 +175,8 @@ pub async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    parts.uri = Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| Rejection::InvalidPath)?;
+    // Origin form; the pool makes it absolute for HTTP/2.
+    parts.uri = Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
@@ -290,20 +212,22 @@ pub async fn forward(
     }
 
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body));
-    let mut response =
-        match tokio::time::timeout(route.response_timeout, client.client.request(upstream_req))
-            .await
-        {
-            Err(_) => return Err(Rejection::UpstreamTimeout),
-            Ok(Err(e)) => {
-                if caused_by_body_limit(&e) {
-                    return Err(Rejection::BodyTooLarge);
-                }
-                tracing::debug!(route = %route.name, error = %e, "upstream request failed");
-                return Err(Rejection::UpstreamUnavailable);
+    let exchange = client.send(
+        &route.upstream.scheme,
+        &route.upstream.authority,
+        upstream_req,
+    );
+    let mut response = match tokio::time::timeout(route.response_timeout, exchange).await {
+        Err(_) => return Err(Rejection::UpstreamTimeout),
+        Ok(Err(e)) => {
+            if caused_by_body_limit(&*e) {
+                return Err(Rejection::BodyTooLarge);
             }
-            Ok(Ok(response)) => response,
-        };
+            tracing::debug!(route = %route.name, error = %e, "upstream request failed");
+            return Err(Rejection::UpstreamUnavailable);
+        }
+        Ok(Ok(response)) => response,
+    };
 
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let tunnel = match (client_upgrade, switching) {
@@ -322,6 +246,7 @@ pub async fn forward(
             .headers
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, protocol);
+        body.upgraded();
         let guard = f.tunnels.enter();
         let idle = f.tunnel_idle;
         tokio::spawn(async move {

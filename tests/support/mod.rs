@@ -38,6 +38,7 @@ pub struct Seen {
 /// A real upstream. Paths decide what it does:
 /// - a path containing `/slow` never answers (the gateway's timeout must);
 /// - `/big/N` streams N bytes back;
+/// - a path ending in `/close` answers with `Connection: close`;
 /// - anything else reads the whole body (streaming, counting) and answers 200 with JSON.
 #[derive(Clone)]
 pub struct Upstream {
@@ -128,6 +129,13 @@ async fn answer(
     {
         let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from_static(b"{}"))));
         *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        return response;
+    }
+    if path.ends_with("/close") {
+        let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from_static(b"bye"))));
+        response
+            .headers_mut()
+            .insert("connection", "close".parse().unwrap());
         return response;
     }
     let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from(format!(
