@@ -129,6 +129,7 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
         "\nkeygate demo is running. Ctrl-C stops it.\n\n\
          \x20 proxy     http://{p}  ->  echo upstream http://{upstream}\n\
          \x20 admin     http://{a}  (admin token: {admin_token})\n\
+         \x20 console   http://{a}/console  (sign in with the admin token)\n\
          \x20 key store {store}\n\n\
          A new API key (id {id}, 5 requests/s, burst 10). Only its SHA-256 is stored:\n\n\
          \x20 {secret}\n\n\

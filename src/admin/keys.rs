@@ -124,13 +124,21 @@ async fn records(call: &Call<'_>) -> Result<Vec<KeyRecord>, Rejection> {
         .map_err(Rejection::StoreInvalid)
 }
 
+/// A key's record as the API shows it, with today's request count and error rate.
 fn view(call: &Call<'_>, record: &KeyRecord) -> serde_json::Value {
     let quiet = call.gw.snapshot.load().config.quiet_period_secs();
-    record.view(
-        call.gw.clock.unix_secs(),
-        call.gw.usage.last_use(&record.id).as_ref(),
-        quiet,
-    )
+    let now = call.gw.clock.unix_secs();
+    let mut v = record.view(now, call.gw.usage.last_use(&record.id).as_ref(), quiet);
+    let today = call
+        .gw
+        .usage
+        .get(&record.id)
+        .map(|u| u.report(now))
+        .unwrap_or_default();
+    let counts = today.counts_json();
+    v["requests_today"] = counts["requests_today"].clone();
+    v["error_rate"] = counts["error_rate"].clone();
+    v
 }
 
 fn with_secret(

@@ -3,6 +3,7 @@
 //! in constant time against the SHA-256 of each configured token. The token's name is the
 //! actor in the audit log.
 
+mod console;
 mod keys;
 
 use std::net::{IpAddr, SocketAddr};
@@ -138,6 +139,11 @@ async fn route(
     req: Request<Incoming>,
     peer: IpAddr,
 ) -> Result<Response<ResponseBody>, Rejection> {
+    if req.method() == Method::GET {
+        if let Some(page) = console::serve(req.uri().path()) {
+            return Ok(page);
+        }
+    }
     let (endpoint, id) = match match_route(req.method(), req.uri().path()) {
         Ok(found) => found,
         Err(Unmatched { allowed }) if allowed.is_empty() => return Err(Rejection::NotFound),

@@ -2,6 +2,7 @@
 //! small HTTP client. Nothing here is mocked: requests cross real sockets.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod process;
 
 use std::convert::Infallible;

@@ -1,0 +1,657 @@
+// The API Keys console. It speaks only to the admin API on its own origin, with the admin
+// token held in sessionStorage (never a cookie, a URL or a log). No library, no build step.
+
+const TOKEN = "keygate.admin_token";
+const $ = (id) => document.getElementById(id);
+const PAGE = 50;
+const ACTIONS = [
+  "key.created", "key.revoked", "key.disabled", "key.enabled", "key.regenerated", "key.rotated",
+  "key.updated", "key.imported", "auth.failed", "auth.locked_out", "config.reloaded",
+  "config.reload_failed", "alert.fired", "alert.resolved",
+];
+
+/** A refusal from the admin API, carrying its problem+json. */
+class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem?.detail || problem?.title || `The gateway answered ${status}.`);
+    this.status = status;
+    this.problem = problem || {};
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { authorization: `Bearer ${sessionStorage.getItem(TOKEN) || ""}` };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, {
+      method, headers, cache: "no-store", credentials: "omit",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError(0, { detail: "The gateway could not be reached." });
+  }
+  const text = await res.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = { detail: text }; }
+  if (res.status === 401) {
+    signOut("The admin token was refused. Sign in again.");
+    throw new ApiError(401, data);
+  }
+  if (!res.ok) throw new ApiError(res.status, data);
+  return data;
+}
+
+// ---- formatting -------------------------------------------------------------------------
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) if (c != null) node.append(c);
+  return node;
+}
+
+function exact(iso) {
+  return iso ? new Date(iso).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC") : "";
+}
+
+function relative(iso) {
+  if (!iso) return "never";
+  const secs = Math.round((Date.now() - new Date(iso).getTime()) / 1000);
+  const future = secs < 0;
+  const s = Math.abs(secs);
+  const [n, unit] = s < 45 ? [0, ""] : s < 3600 ? [Math.round(s / 60), "minute"]
+    : s < 86400 ? [Math.round(s / 3600), "hour"] : [Math.round(s / 86400), "day"];
+  if (!unit) return future ? "in a moment" : "just now";
+  const words = `${n} ${unit}${n === 1 ? "" : "s"}`;
+  return future ? `in ${words}` : `${words} ago`;
+}
+
+function time(iso) {
+  return iso ? el("time", { datetime: iso, title: exact(iso), text: relative(iso) }) : "never";
+}
+
+const STATUS_LABEL = { active: "Active", inactive: "Inactive", expired: "Expired", revoked: "Revoked" };
+const badge = (status) => el("span", { class: `badge ${status}`, text: STATUS_LABEL[status] || status });
+const percent = (rate) => `${(100 * (rate || 0)).toFixed(rate && rate < 0.01 ? 2 : 1)}%`;
+const scopeChips = (scopes) => scopes?.length
+  ? scopes.map((s) => el("span", { class: "chip", text: s }))
+  : [el("span", { class: "muted", text: "full access" })];
+
+function flash(message, bad = false) {
+  const f = $("flash");
+  f.textContent = message;
+  f.classList.toggle("bad", bad);
+  f.hidden = !message;
+}
+
+// ---- the URL holds the view -------------------------------------------------------------
+
+function params() {
+  return new URLSearchParams(location.search);
+}
+
+function go(changes, push = true) {
+  const p = params();
+  for (const [k, v] of Object.entries(changes)) {
+    if (v === undefined || v === null || v === "") p.delete(k); else p.set(k, v);
+  }
+  const url = `${location.pathname}?${p}`;
+  if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+  render();
+}
+
+// ---- sign in and out --------------------------------------------------------------------
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN);
+  $("app").hidden = true;
+  $("signin").hidden = false;
+  for (const d of document.querySelectorAll("dialog[open]")) d.close();
+  $("secret-value").value = "";
+  const err = $("signin-error");
+  err.textContent = message || "";
+  err.hidden = !message;
+  $("token").value = "";
+  $("token").focus();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const token = $("token").value.trim();
+  if (!token) {
+    $("signin-error").textContent = "Enter an admin token.";
+    $("signin-error").hidden = false;
+    return;
+  }
+  sessionStorage.setItem(TOKEN, token);
+  $("token").value = "";
+  try {
+    await start();
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 401)) signOut(e.message);
+  }
+}
+
+let namespaces = [];
+
+async function start() {
+  const data = await api("GET", "/v1/namespaces");
+  namespaces = data.namespaces || [];
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  await render();
+}
+
+function currentNamespace() {
+  const wanted = params().get("ns");
+  if (wanted) return wanted;
+  return namespaces[0]?.name || "default";
+}
+
+function renderNamespaces() {
+  const picker = $("namespace");
+  const ns = currentNamespace();
+  const names = namespaces.map((n) => n.name);
+  if (!names.includes(ns)) names.push(ns);
+  picker.replaceChildren(...names.map((n) => el("option", { value: n, text: n, selected: n === ns })));
+  const info = namespaces.find((n) => n.name === ns);
+  const used = info?.keys_in_use ?? 0;
+  const tier = info?.tier ? `, ${info.tier[0].toUpperCase()}${info.tier.slice(1)}` : "";
+  $("ns-usage").textContent = info?.max_keys != null
+    ? `${used} of ${info.max_keys} keys${tier}`
+    : `${used} key${used === 1 ? "" : "s"}${tier}`;
+}
+
+async function refreshNamespaces() {
+  namespaces = (await api("GET", "/v1/namespaces")).namespaces || [];
+  renderNamespaces();
+}
+
+// ---- views ------------------------------------------------------------------------------
+
+async function render() {
+  if (!sessionStorage.getItem(TOKEN)) return signOut();
+  const view = params().get("view") || "keys";
+  renderNamespaces();
+  for (const v of ["keys", "key", "audit"]) $(`view-${v}`).hidden = v !== view;
+  const [here, there] = view === "audit" ? ["nav-audit", "nav-keys"] : ["nav-keys", "nav-audit"];
+  $(here).setAttribute("aria-current", "page");
+  $(there).removeAttribute("aria-current");
+  try {
+    if (view === "key") await renderKey(params().get("id"));
+    else if (view === "audit") await renderAudit();
+    else await renderKeys();
+  } catch (e) {
+    if (e.status !== 401) flash(e.message, true);
+  }
+}
+
+let cursor = null;
+
+async function renderKeys(append = false) {
+  const p = params();
+  const status = p.get("status") || "active";
+  const search = p.get("q") || "";
+  $("status").value = status;
+  if (document.activeElement !== $("search")) $("search").value = search;
+  const query = new URLSearchParams({ namespace: currentNamespace(), status, limit: PAGE });
+  if (search) query.set("search", search);
+  if (append && cursor) query.set("cursor", cursor);
+  const data = await api("GET", `/v1/api-keys?${query}`);
+  cursor = data.next_cursor;
+  const rows = data.keys.map(keyRow);
+  if (append) $("keys-body").append(...rows); else $("keys-body").replaceChildren(...rows);
+  const none = $("keys-body").children.length === 0;
+  $("keys-table").parentElement.hidden = none;
+  $("empty").hidden = !none;
+  $("empty-text").textContent = search || status !== "active"
+    ? "No keys match this filter."
+    : `No active API keys in ${currentNamespace()} yet.`;
+  $("more").hidden = !cursor;
+}
+
+function keyRow(k) {
+  const open = () => go({ view: "key", id: k.id });
+  const cell = (label, content, cls) => el("td", { "data-label": label, class: cls }, content);
+  return el("tr", { "data-key-id": k.id },
+    cell("Key ID", el("code", { text: k.id })),
+    cell("Name", el("a", { href: `?${new URLSearchParams({ ...Object.fromEntries(params()), view: "key", id: k.id })}`,
+      text: k.name || "(unnamed)", onclick: (e) => { e.preventDefault(); open(); } })),
+    cell("Prefix", el("code", { text: `${k.prefix}…` })),
+    cell("Environment", k.environment),
+    cell("Scopes", scopeChips(k.scopes), "scopes"),
+    cell("Created", time(k.created_at)),
+    cell("Last used", time(k.last_used_at)),
+    cell("Requests today", String(k.requests_today ?? 0), "num"),
+    cell("Error rate", percent(k.error_rate), "num"),
+    cell("Status", badge(k.status)),
+    cell("Actions", k.status === "revoked" ? "" : el("button", {
+      type: "button", class: "danger", text: "Revoke", "aria-label": `Revoke ${k.name || k.id}`,
+      onclick: () => confirmAction("revoke", k),
+    })),
+  );
+}
+
+let shownKey = null;
+
+async function renderKey(id) {
+  const [k, usage, audit] = await Promise.all([
+    api("GET", `/v1/api-keys/${encodeURIComponent(id)}`),
+    api("GET", `/v1/api-keys/${encodeURIComponent(id)}/usage`),
+    api("GET", `/v1/audit?${new URLSearchParams({ key_id: id, limit: 50 })}`),
+  ]);
+  shownKey = k;
+  $("key-title").textContent = k.name || k.id;
+  $("key-status").replaceWith(Object.assign(badge(k.status), { id: "key-status" }));
+  const live = k.status !== "revoked";
+  const show = { edit: live, disable: k.status === "active", enable: k.status === "inactive",
+    rotate: live && !k.rotated_to, regenerate: live, revoke: live };
+  for (const b of $("key-actions").querySelectorAll("button")) b.hidden = !show[b.dataset.action];
+
+  const facts = [
+    ["Key ID", el("code", { text: k.id })], ["Prefix", el("code", { text: `${k.prefix}…` })],
+    ["Namespace", k.namespace], ["Environment", k.environment], ["Scopes", scopeChips(k.scopes)],
+    ["Allowed IPs", k.allowed_cidrs?.length ? k.allowed_cidrs.join(", ") : "every address"],
+    ["Rate limit", k.rate_limit ? `${k.rate_limit}${k.burst ? `, burst ${k.burst}` : ""}` : "none"],
+    ["Quota", k.quota || "none"], ["Expires", k.expires_at ? time(k.expires_at) : "never"],
+    ["Created", el("span", {}, time(k.created_at), k.created_by ? ` by ${k.created_by}` : "")],
+    ["Last used", el("span", {}, time(usage.last_used_at), usage.last_used_ip ? ` from ${usage.last_used_ip}` : "")],
+    ["Requests today", String(usage.requests_today)], ["Error rate", percent(usage.error_rate)],
+    ["Note", k.note || "—"],
+  ];
+  $("key-facts").replaceChildren(...facts.flatMap(([dt, dd]) => [el("dt", { text: dt }), el("dd", {}, dd)]));
+  $("chart").replaceChildren(...chart(usage.series || []));
+  const codes = Object.entries(usage.by_code_today || {}).filter(([code]) => !/^\d/.test(code) || code >= "400");
+  $("refusals").replaceChildren(...(codes.length
+    ? codes.map(([code, n]) => el("li", {}, el("code", { text: code }), ` ${n}`))
+    : [el("li", { class: "muted", text: "none" })]));
+  $("key-audit").replaceChildren(...auditRows(audit.events, false));
+  await renderRotation(k);
+}
+
+async function renderRotation(k) {
+  const box = $("rotation");
+  box.hidden = true;
+  const other = k.rotated_to || k.rotated_from;
+  if (!other || k.status === "revoked") return;
+  const old = k.rotated_to ? k : await api("GET", `/v1/api-keys/${encodeURIComponent(k.rotated_from)}`).catch(() => null);
+  if (!old || old.status === "revoked") return;
+  const link = (id) => el("a", { href: `?view=key&id=${encodeURIComponent(id)}`,
+    onclick: (e) => { e.preventDefault(); go({ view: "key", id }); } }, el("code", { text: id }));
+  const safe = old.safe_to_revoke;
+  box.replaceChildren(
+    el("p", {}, "Rotation: ", link(old.id), " is being replaced by ", link(old.rotated_to),
+      `. The old key works until ${exact(old.expires_at)}.`),
+    el("p", {}, "Old key last used: ", time(old.last_used_at), old.last_used_ip ? ` from ${old.last_used_ip}` : "", ". ",
+      el("strong", { text: safe ? "Safe to revoke: nothing has used it recently." : "Not yet safe to revoke: it is still in use." })),
+    safe ? el("button", { type: "button", class: "danger", text: "Revoke the old key",
+      onclick: () => confirmAction("revoke", old) }) : "",
+  );
+  box.hidden = false;
+}
+
+/** Per-minute requests for the last 24 hours as an inline SVG: accepted below, refused on top. */
+function chart(series) {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = (tag, attrs) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    return n;
+  };
+  const W = 1440, H = 160, nowMin = Math.floor(Date.now() / 60000), start = nowMin - 1439;
+  const points = series.map((m) => ({ at: Math.floor(new Date(m.minute).getTime() / 60000), a: m.accepted, r: m.refused }))
+    .filter((m) => m.at >= start && m.at <= nowMin);
+  const accepted = points.reduce((s, m) => s + m.a, 0), refused = points.reduce((s, m) => s + m.r, 0);
+  const peak = Math.max(1, ...points.map((m) => m.a + m.r));
+  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
+    "data-accepted": accepted, "data-refused": refused,
+    "aria-label": `${accepted} accepted and ${refused} refused requests in the last 24 hours; busiest minute ${peak === 1 && !points.length ? 0 : peak}` });
+  root.append(svg("line", { class: "axis", x1: 0, x2: W, y1: H, y2: H }));
+  for (const m of points) {
+    const x = m.at - start, ha = (m.a / peak) * H, hr = (m.r / peak) * H;
+    const width = 3;
+    if (m.a) root.append(svg("rect", { class: "accepted", x: x - width + 1, y: H - ha, width, height: ha }));
+    if (m.r) root.append(svg("rect", { class: "refused", x: x - width + 1, y: H - ha - hr, width, height: hr }));
+  }
+  // Labels are HTML: the drawing stretches to the width, which would distort SVG text.
+  const axis = el("div", { class: "axis-labels" },
+    el("span", { text: "24 h ago" }), el("span", { text: "12 h ago" }), el("span", { text: "now" }));
+  const peakLabel = el("p", { class: "legend", text: `Busiest minute: ${points.length ? peak : 0} requests` });
+  return [peakLabel, root, axis];
+}
+
+function auditRows(events, withKey) {
+  if (!events?.length) return [el("tr", {}, el("td", { colspan: withKey ? 7 : 5, class: "muted", text: "No events." }))];
+  return events.map((e) => el("tr", {},
+    el("td", {}, time(e.time)), el("td", {}, el("code", { text: e.action })), el("td", { text: e.actor || "" }),
+    withKey ? el("td", {}, e.key_id ? el("code", { text: e.key_id }) : "") : null,
+    el("td", { text: e.ip || "" }), el("td", { text: e.outcome || "" }),
+    withKey ? el("td", { class: "scopes", text: e.reason || e.detail || "" }) : null));
+}
+
+async function renderAudit() {
+  const p = params();
+  const action = p.get("action") || "";
+  const key = p.get("key") || "";
+  $("audit-action").value = action;
+  if (document.activeElement !== $("audit-key")) $("audit-key").value = key;
+  const query = new URLSearchParams({ limit: 200 });
+  if (action) query.set("action", action);
+  if (key) query.set("key_id", key);
+  const data = await api("GET", `/v1/audit?${query}`);
+  $("audit-body").replaceChildren(...auditRows(data.events, true));
+  $("audit-empty").hidden = data.events.length > 0;
+}
+
+// ---- create and edit --------------------------------------------------------------------
+
+let editing = null;
+
+function scopeRow(scope = "read:*") {
+  const i = scope.indexOf(":");
+  const [action, resource] = i < 0 ? [scope, "*"] : [scope.slice(0, i), scope.slice(i + 1)];
+  const n = $("scopes").children.length + 1;
+  const select = el("select", { "aria-label": `Scope ${n} action` },
+    ...["read", "write", "admin", "*"].map((a) => el("option", { value: a, text: a === "*" ? "* (any)" : a, selected: a === action })));
+  const input = el("input", { "aria-label": `Scope ${n} resource filter`, value: resource, placeholder: "* (every resource)" });
+  const row = el("div", { class: "scope" }, select, input,
+    el("button", { type: "button", text: "Remove", "aria-label": `Remove scope ${n}`, onclick: () => row.remove() }));
+  return row;
+}
+
+function openKeyForm(key) {
+  editing = key || null;
+  const form = $("key-form-form");
+  form.reset();
+  clearErrors();
+  $("key-form-title").textContent = key ? `Edit ${key.name || key.id}` : "Create API key";
+  $("key-form-submit").textContent = key ? "Save changes" : "Create key";
+  $("edit-warning").hidden = !key;
+  $("env-field").hidden = !!key;
+  $("scopes").replaceChildren(...(key?.scopes || []).map(scopeRow));
+  if (key) {
+    $("f-name").value = key.name || "";
+    $("f-cidrs").value = (key.allowed_cidrs || []).join("\n");
+    $("f-rate").value = key.rate_limit || "";
+    $("f-burst").value = key.burst ?? "";
+    $("f-expires").value = key.expires_at ? key.expires_at.slice(0, 16) : "";
+    $("f-note").value = key.note || "";
+  } else {
+    $("f-environment").value = "production";
+  }
+  cidrWarning();
+  $("key-form").showModal();
+  $("f-name").focus();
+}
+
+function clearErrors() {
+  for (const e of $("key-form").querySelectorAll(".error")) { e.textContent = ""; e.hidden = true; }
+  for (const i of $("key-form").querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
+}
+
+function fieldError(field, message) {
+  const box = $(`e-${field}`) || $("e-form");
+  box.textContent = message;
+  box.hidden = false;
+  const input = $("key-form").querySelector(`[name="${field}"]`);
+  if (input) input.setAttribute("aria-invalid", "true");
+  (input || box).focus?.();
+}
+
+const WILDCARDS = { "0.0.0.0/0": "every IPv4 address", "::/0": "every IPv6 address" };
+
+function cidrWarning() {
+  const lines = $("f-cidrs").value.split(/[\s,]+/).filter(Boolean);
+  const wild = lines.filter((l) => WILDCARDS[l]);
+  $("w-cidrs").textContent = wild.length
+    ? `Warning: ${wild.map((w) => `${w} accepts ${WILDCARDS[w]}`).join("; ")}. Is that what you want?`
+    : "";
+  $("w-cidrs").hidden = !wild.length;
+}
+
+/** Reads the form, checking each field in place; `null` when something is wrong. */
+function readForm() {
+  clearErrors();
+  const problems = [];
+  const name = $("f-name").value.trim();
+  if (!name) problems.push(["name", "Give the key a name, so it can be found and understood later."]);
+  const environment = $("f-environment").value.trim();
+  if (!editing && !/^[a-z0-9][a-z0-9_-]*$/i.test(environment)) problems.push(["environment", "Choose an environment, such as production."]);
+  const scopes = [];
+  for (const row of $("scopes").children) {
+    const action = row.querySelector("select").value;
+    const resource = row.querySelector("input").value.trim() || "*";
+    if (/\s/.test(resource)) problems.push(["scopes", `The resource filter “${resource}” has a space in it.`]);
+    scopes.push(`${action}:${resource}`);
+  }
+  const cidrs = $("f-cidrs").value.split(/[\s,]+/).filter(Boolean);
+  const bad = cidrs.find((c) => !/^([0-9.]+|[0-9a-f:.]*:[0-9a-f:.]*)(\/\d{1,3})?$/i.test(c));
+  if (bad) problems.push(["allowed_cidrs", `“${bad}” is not an IP address or CIDR range.`]);
+  const rate = $("f-rate").value.trim();
+  if (rate && !/^\d+\s*\/\s*[a-z]+$/i.test(rate)) problems.push(["rate_limit", "Write a rate as a count per unit, such as 100/s or 6000/min."]);
+  const burstText = $("f-burst").value.trim();
+  const burst = burstText ? Number(burstText) : null;
+  if (burstText && !(Number.isInteger(burst) && burst >= 1)) problems.push(["burst", "The burst is a whole number, at least 1."]);
+  else if (burst && !rate) problems.push(["burst", "A burst needs a rate limit as well."]);
+  const expiresText = $("f-expires").value;
+  // The form's time is UTC, as the label says.
+  const expires = expiresText ? new Date(`${expiresText}${expiresText.length === 16 ? ":00" : ""}Z`) : null;
+  if (expires && (Number.isNaN(expires.getTime()))) problems.push(["expires_at", "That is not a date and time."]);
+  else if (expires && expires.getTime() <= Date.now() && expiresText !== editing?.expires_at?.slice(0, 16)) problems.push(["expires_at", "The expiry must be in the future."]);
+  for (const [field, message] of problems.reverse()) fieldError(field, message);
+  if (problems.length) return null;
+  return {
+    name, environment, scopes, allowed_cidrs: cidrs, rate_limit: rate || null, burst,
+    expires_at: expires ? expires.toISOString().replace(/\.\d+Z$/, "Z") : null, note: $("f-note").value.trim(),
+  };
+}
+
+async function submitKeyForm(event) {
+  event.preventDefault();
+  const v = readForm();
+  if (!v) return;
+  const submit = $("key-form-submit");
+  submit.disabled = true;
+  try {
+    if (editing) {
+      const patch = { name: v.name, scopes: v.scopes, allowed_cidrs: v.allowed_cidrs, rate_limit: v.rate_limit,
+        burst: v.burst, expires_at: v.expires_at, note: v.note };
+      const updated = await api("PATCH", `/v1/api-keys/${encodeURIComponent(editing.id)}`, patch);
+      $("key-form").close();
+      flash(`Saved ${updated.name || updated.id}.${warnings(updated)}`);
+      await render();
+    } else {
+      const body = { namespace: currentNamespace(), environment: v.environment, name: v.name, scopes: v.scopes,
+        allowed_cidrs: v.allowed_cidrs, note: v.note };
+      if (v.rate_limit) body.rate_limit = v.rate_limit;
+      if (v.burst) body.burst = v.burst;
+      if (v.expires_at) body.expires_at = v.expires_at;
+      const created = await api("POST", "/v1/api-keys", body);
+      $("key-form").close();
+      await showSecret(created, `Created ${created.name}.`);
+      await refreshNamespaces();
+      await render();
+    }
+  } catch (e) {
+    if (e.status === 401) return;
+    const field = e.problem.field;
+    fieldError(field && $(`e-${field}`) ? field : "form", e.message);
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+const warnings = (v) => (v.warnings?.length ? ` ${v.warnings.join(" ")}` : "");
+
+// ---- the secret, shown once ---------------------------------------------------------------
+
+let releaseSecret = null;
+
+/**
+ * Shows the secret in `answer.key` until the user says it has been copied, then removes it
+ * from the DOM and drops every reference to it. Resolves when the dialog is closed.
+ */
+function showSecret(answer, message, oldKey) {
+  const secret = answer.key;
+  delete answer.key;
+  $("secret-value").value = secret;
+  $("ack").checked = false;
+  $("secret-done").disabled = true;
+  $("copied").textContent = "";
+  const old = $("secret-old");
+  old.hidden = !oldKey;
+  old.textContent = oldKey
+    ? `The old key (${oldKey.id}) keeps working until ${exact(oldKey.expires_at)}. Deploy the new key, then revoke the old one once it is no longer used.`
+    : "";
+  $("secret").showModal();
+  $("secret-value").select();
+  return new Promise((resolve) => {
+    releaseSecret = () => {
+      $("secret-value").value = "";
+      $("secret-value").defaultValue = "";
+      releaseSecret = null;
+      flash(`${message}${warnings(answer)} The key is no longer shown.`);
+      resolve();
+    };
+  });
+}
+
+async function copySecret() {
+  const input = $("secret-value");
+  try {
+    await navigator.clipboard.writeText(input.value);
+    $("copied").textContent = "Copied to the clipboard.";
+  } catch {
+    input.select();
+    const ok = document.execCommand?.("copy");
+    $("copied").textContent = ok ? "Copied to the clipboard." : "Copying was blocked: select the key and copy it by hand.";
+  }
+}
+
+// ---- per-key actions ----------------------------------------------------------------------
+
+const CONFIRM = {
+  revoke: (k) => ["Revoke this key?", `Revoking ${k.name || k.id} is permanent: clients using it get 401 on their next call. It cannot be undone.`, "Revoke key"],
+  disable: (k) => ["Disable this key?", `Clients using ${k.name || k.id} get 401 until it is enabled again.`, "Disable key"],
+  enable: (k) => ["Enable this key?", `${k.name || k.id} will be accepted again at once.`, "Enable key"],
+  regenerate: (k) => ["Regenerate the secret?", `${k.name || k.id} keeps its ID and settings, but the old secret stops working immediately. Clients get 401 until they have the new one.`, "Regenerate"],
+  rotate: (k) => ["Rotate this key?", `A new key with the same settings is made. The old one keeps working for the grace period, so clients can move over without an outage; then it expires.`, "Rotate"],
+};
+
+function confirmAction(action, key) {
+  const [title, text, ok] = CONFIRM[action](key);
+  $("confirm-title").textContent = title;
+  $("confirm-text").textContent = text;
+  $("confirm-ok").textContent = ok;
+  $("confirm-ok").className = action === "enable" || action === "rotate" ? "primary" : "danger";
+  $("grace-field").hidden = action !== "rotate";
+  $("confirm-error").hidden = true;
+  const dialog = $("confirm");
+  dialog.onsubmit = async (event) => {
+    event.preventDefault();
+    $("confirm-ok").disabled = true;
+    try {
+      await perform(action, key);
+    } catch (e) {
+      if (e.status !== 401) {
+        $("confirm-error").textContent = e.message;
+        $("confirm-error").hidden = false;
+      }
+    } finally {
+      $("confirm-ok").disabled = false;
+    }
+  };
+  dialog.showModal();
+  $("confirm-cancel").focus();
+}
+
+async function perform(action, key) {
+  const path = `/v1/api-keys/${encodeURIComponent(key.id)}`;
+  if (action === "revoke") {
+    const v = await api("DELETE", path);
+    $("confirm").close();
+    flash(`Revoked ${v.name || v.id}.${warnings(v)}`);
+  } else if (action === "disable" || action === "enable") {
+    const v = await api("POST", `${path}/${action}`);
+    $("confirm").close();
+    flash(`${action === "disable" ? "Disabled" : "Enabled"} ${v.name || v.id}.${warnings(v)}`);
+  } else if (action === "regenerate") {
+    const v = await api("POST", `${path}/regenerate`);
+    $("confirm").close();
+    await showSecret(v, `Regenerated ${v.name || v.id}; the old secret no longer works.`);
+  } else if (action === "rotate") {
+    const v = await api("POST", `${path}/rotate`, { grace_seconds: Number($("grace").value) });
+    $("confirm").close();
+    await showSecret(v, `Rotated ${key.name || key.id}.`, v.previous_key);
+    await refreshNamespaces();
+    return go({ view: "key", id: v.id });
+  }
+  await refreshNamespaces();
+  await render();
+}
+
+// ---- wiring ---------------------------------------------------------------------------------
+
+function debounce(fn, ms) {
+  let t;
+  return (...args) => { clearTimeout(t); t = setTimeout(() => fn(...args), ms); };
+}
+
+function wire() {
+  $("signin-form").addEventListener("submit", signIn);
+  $("signout").addEventListener("click", () => signOut("Signed out."));
+  $("namespace").addEventListener("change", (e) => go({ ns: e.target.value, view: "keys", id: null }));
+  $("nav-keys").addEventListener("click", (e) => { e.preventDefault(); go({ view: "keys", id: null }); });
+  $("nav-audit").addEventListener("click", (e) => { e.preventDefault(); go({ view: "audit", id: null }); });
+  $("back").addEventListener("click", (e) => { e.preventDefault(); go({ view: "keys", id: null }); });
+  $("status").addEventListener("change", (e) => go({ status: e.target.value === "active" ? null : e.target.value }, false));
+  $("search").addEventListener("input", debounce((e) => go({ q: e.target.value.trim() }, false), 250));
+  $("more").addEventListener("click", () => renderKeys(true).catch((e) => flash(e.message, true)));
+  $("create").addEventListener("click", () => openKeyForm());
+  $("empty-create").addEventListener("click", () => openKeyForm());
+  $("add-scope").addEventListener("click", () => { const r = scopeRow(); $("scopes").append(r); r.querySelector("input").focus(); });
+  $("f-cidrs").addEventListener("input", cidrWarning);
+  // A field's error goes once the field is changed.
+  $("key-form-form").addEventListener("input", (e) => {
+    const field = e.target.name || (e.target.closest("#scopes") ? "scopes" : "");
+    const box = field && $(`e-${field}`);
+    if (box) { box.hidden = true; box.textContent = ""; }
+    e.target.removeAttribute("aria-invalid");
+  });
+  $("key-form-form").addEventListener("submit", submitKeyForm);
+  $("key-form-cancel").addEventListener("click", () => $("key-form").close());
+  $("copy").addEventListener("click", copySecret);
+  $("ack").addEventListener("change", (e) => { $("secret-done").disabled = !e.target.checked; });
+  // The secret dialog cannot be left until the copy is acknowledged: Escape is ignored.
+  $("secret").addEventListener("cancel", (e) => { if (!$("ack").checked) e.preventDefault(); });
+  // Some browsers close a dialog on a repeated Escape regardless: it comes straight back.
+  $("secret").addEventListener("close", () => {
+    if (releaseSecret && !$("ack").checked) $("secret").showModal();
+    else releaseSecret?.();
+  });
+  $("confirm-cancel").addEventListener("click", () => $("confirm").close());
+  for (const b of $("key-actions").querySelectorAll("button")) {
+    b.addEventListener("click", () => {
+      if (!shownKey) return;
+      if (b.dataset.action === "edit") openKeyForm(shownKey); else confirmAction(b.dataset.action, shownKey);
+    });
+  }
+  $("audit-action").append(...ACTIONS.map((a) => el("option", { value: a, text: a })));
+  $("audit-action").addEventListener("change", (e) => go({ action: e.target.value }, false));
+  $("audit-key").addEventListener("input", debounce((e) => go({ key: e.target.value.trim() }, false), 250));
+  window.addEventListener("popstate", render);
+}
+
+wire();
+if (sessionStorage.getItem(TOKEN)) {
+  start().catch((e) => { if (e.status !== 401) signOut(e.message); });
+} else {
+  signOut();
+}

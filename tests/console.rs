@@ -1,0 +1,393 @@
+//! The API Keys console in a real headless Chromium, against the real gateway and a real
+//! upstream. Screenshots go to `target/console/` for people to look at.
+
+mod support;
+
+use std::path::PathBuf;
+
+use support::browser::Browser;
+use support::*;
+
+const ESCAPE: &str = "\u{E00C}";
+
+fn artifacts() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console")
+}
+
+async fn setup() -> (Upstream, TestGateway) {
+    let up = Upstream::start().await;
+    let routes = route("/", up.addr, "production", "");
+    let extra = "tiers:\n  pro: {max_keys: 10}\nnamespaces:\n  acme: {tier: pro}\n  globex: {}\n";
+    let gw = TestGateway::start(&config_yaml(&routes, extra)).await;
+    (up, gw)
+}
+
+/// The rows of the keys table, as their key ids.
+async fn rows(b: &Browser) -> Vec<String> {
+    let v = b
+        .eval("return [...document.querySelectorAll('#keys-body tr')].map(r => r.dataset.keyId)")
+        .await;
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str().map(String::from))
+        .collect()
+}
+
+async fn wait_rows(b: &Browser, n: usize) {
+    b.wait_until(
+        &format!("the table shows {n} row(s)"),
+        &format!(
+            "return document.querySelectorAll('#keys-body tr').length === {n} && \
+             (document.querySelector('#keys-table').parentElement.hidden === ({n} === 0))"
+        ),
+    )
+    .await;
+}
+
+async fn sign_in(b: &Browser, token: &str) {
+    b.type_into("#token", token).await;
+    b.click("#signin-form button[type=submit]").await;
+}
+
+/// Reads the secret shown once, copies it, acknowledges, and closes the dialog.
+async fn take_secret(b: &Browser) -> String {
+    b.find("#secret[open]").await;
+    let secret = b.property("#secret-value", "value").await;
+    let secret = secret.as_str().unwrap().to_string();
+    assert!(secret.starts_with("kg_"), "{secret}");
+    assert_eq!(
+        b.property("#secret-done", "disabled").await,
+        true,
+        "Done waits for the acknowledgement"
+    );
+    b.press(ESCAPE).await;
+    assert!(
+        !b.all("#secret[open]").await.is_empty(),
+        "Escape does not leave the dialog before the acknowledgement"
+    );
+    b.click("#copy").await;
+    b.wait_until(
+        "the copy is confirmed",
+        "return document.querySelector('#copied').textContent.length > 0",
+    )
+    .await;
+    b.click("#ack").await;
+    b.click("#secret-done").await;
+    b.wait_until(
+        "the secret dialog closes",
+        "return !document.querySelector('#secret').open",
+    )
+    .await;
+    assert!(
+        !b.source().await.contains(&secret),
+        "the secret is gone from the DOM once acknowledged"
+    );
+    assert_eq!(
+        b.eval("return document.querySelector('#secret-value').value")
+            .await,
+        ""
+    );
+    secret
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_run_the_key_lifecycle_from_the_console() {
+    let (_up, gw) = setup().await;
+    let b = Browser::start(1280, 900).await;
+    let console = format!("http://{}/console", gw.admin);
+    b.goto(&console).await;
+
+    // A wrong token is refused, and nothing is kept.
+    sign_in(&b, "kg_admin_wrong").await;
+    b.wait_until(
+        "the refusal is shown",
+        "return !document.querySelector('#signin-error').hidden",
+    )
+    .await;
+    assert!(b.text("#signin-error").await.contains("refused"));
+    assert_eq!(b.eval("return sessionStorage.length").await, 0);
+    assert!(b.all("#app:not([hidden])").await.is_empty());
+
+    sign_in(&b, ADMIN_TOKEN).await;
+    b.find("#view-keys").await;
+    assert_eq!(
+        b.eval("return document.cookie + location.href.includes('kg_admin')")
+            .await,
+        "false",
+        "no cookie, and the token is not in the URL"
+    );
+    assert_eq!(b.text("#ns-usage").await, "0 of 10 keys, Pro");
+    b.find("#empty-create").await;
+    assert!(b.text("#empty").await.contains("No active API keys"));
+
+    // Create, with every field checked in place.
+    b.click("#empty-create").await;
+    b.find("#key-form[open]").await;
+    b.click("#key-form-submit").await;
+    assert!(b.text("#e-name").await.contains("name"));
+    assert_eq!(
+        b.eval("return document.querySelector('#f-name').getAttribute('aria-invalid')")
+            .await,
+        "true"
+    );
+    b.type_into("#f-name", "ci-deploy").await;
+    b.click("#add-scope").await;
+    b.type_into("#scopes .scope input", "/v1/**").await;
+    assert!(
+        b.all("#e-name:not([hidden])").await.is_empty(),
+        "the error goes once the field is changed"
+    );
+    b.type_into("#f-cidrs", "127.0.0.0/8\n0.0.0.0/0").await;
+    assert!(b.text("#w-cidrs").await.contains("every IPv4 address"));
+    b.type_into("#f-note", "deploys from CI").await;
+    b.screenshot(&artifacts().join("create-dialog.png")).await;
+    b.type_into("#f-cidrs", "127.0.0.0/8").await;
+    assert!(b.all("#w-cidrs:not([hidden])").await.is_empty());
+    // The server's refusal is shown beside the field it names.
+    b.type_into("#f-rate", "5/fortnight").await;
+    b.click("#key-form-submit").await;
+    b.find("#e-rate_limit:not([hidden])").await;
+    let problem = b.text("#e-rate_limit").await;
+    assert!(!problem.is_empty() && b.all("#secret[open]").await.is_empty());
+    b.type_into("#f-rate", "100/s").await;
+    b.click("#key-form-submit").await;
+    let secret = take_secret(&b).await;
+
+    // The key works through the proxy: three accepted calls and one out of scope.
+    for _ in 0..3 {
+        let r = send(Req::get(gw.proxy, "/v1/things").bearer(&secret)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = send(Req::get(gw.proxy, "/admin/things").bearer(&secret)).await;
+    assert_eq!(r.code(), "scope_denied");
+    gw.gateway().housekeeping();
+
+    // Reloading the page keeps the session, shows the usage, and never the secret.
+    b.refresh().await;
+    wait_rows(&b, 1).await;
+    assert!(!b.source().await.contains(&secret));
+    let row = b.text("#keys-body tr").await;
+    assert!(
+        row.contains("ci-deploy") && row.contains("production"),
+        "{row}"
+    );
+    assert!(
+        row.contains("read:/v1/**") && row.contains("Active"),
+        "{row}"
+    );
+    assert!(row.contains("just now"), "last used: {row}");
+    assert_eq!(
+        b.text("#keys-body td[data-label='Requests today']").await,
+        "4"
+    );
+    assert_eq!(
+        b.text("#keys-body td[data-label='Error rate']").await,
+        "25.0%"
+    );
+    assert_eq!(b.text("#ns-usage").await, "1 of 10 keys, Pro");
+
+    // A second key, to filter and search among.
+    let (other, _) = gw
+        .create_key(keygate::keys::NewKey {
+            name: "analytics-export".into(),
+            ..new_key("acme", "production")
+        })
+        .await;
+    b.refresh().await;
+    wait_rows(&b, 2).await;
+    b.screenshot(&artifacts().join("keys-table.png")).await;
+    b.type_into("#search", "ci-").await;
+    wait_rows(&b, 1).await;
+    assert!(b.url().await.contains("q=ci-"), "the search is in the URL");
+    // A shared view: the same URL in a fresh load shows the same rows.
+    let shared = b.url().await;
+    b.goto(&shared).await;
+    wait_rows(&b, 1).await;
+    assert_eq!(b.property("#search", "value").await, "ci-");
+    let ci_id = rows(&b).await.remove(0);
+    assert_ne!(ci_id, other.id);
+
+    // Key detail: the chart has the requests just made, the refusal code and the audit.
+    b.click(&format!(
+        "#keys-body tr[data-key-id='{ci_id}'] td[data-label='Name'] a"
+    ))
+    .await;
+    b.find("#view-key").await;
+    b.wait_until(
+        "the chart is drawn",
+        "return document.querySelector('#chart svg') !== null",
+    )
+    .await;
+    assert_eq!(
+        b.eval("return document.querySelector('#chart svg').dataset.accepted")
+            .await,
+        "3"
+    );
+    assert_eq!(
+        b.eval("return document.querySelector('#chart svg').dataset.refused")
+            .await,
+        "1"
+    );
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#chart rect').length > 0")
+            .await,
+        true
+    );
+    assert!(b.text("#refusals").await.contains("scope_denied"));
+    assert!(b.text("#key-facts").await.contains("127.0.0.1"), "last IP");
+    assert!(b.text("#key-audit").await.contains("key.created"));
+    b.screenshot(&artifacts().join("key-detail.png")).await;
+
+    // Regenerate: same key id, new secret once, the old one stops at once.
+    b.click("#key-actions button[data-action=regenerate]").await;
+    assert!(b
+        .text("#confirm-text")
+        .await
+        .contains("stops working immediately"));
+    b.click("#confirm-ok").await;
+    let regenerated = take_secret(&b).await;
+    assert_ne!(regenerated, secret);
+    let r = send(Req::get(gw.proxy, "/v1/things").bearer(&secret)).await;
+    assert_eq!(r.status, 401);
+    let r = send(Req::get(gw.proxy, "/v1/things").bearer(&regenerated)).await;
+    assert_eq!(r.status, 200);
+
+    // Revoke from the table: the confirmation names the consequence; then 401 revoked_key.
+    b.click("#back").await;
+    wait_rows(&b, 1).await;
+    b.click(&format!(
+        "#keys-body tr[data-key-id='{ci_id}'] button.danger"
+    ))
+    .await;
+    let warning = b.text("#confirm-text").await;
+    assert!(
+        warning.contains("permanent") && warning.contains("401 on their next call"),
+        "{warning}"
+    );
+    b.click("#confirm-ok").await;
+    wait_rows(&b, 0).await;
+    let r = send(Req::get(gw.proxy, "/v1/things").bearer(&regenerated)).await;
+    assert_eq!(r.code(), "revoked_key");
+    // Filter by status: the revoked key is under Revoked.
+    b.type_into("#search", "").await;
+    b.eval("const s = document.querySelector('#status'); s.value = 'revoked'; s.dispatchEvent(new Event('change')); return true")
+        .await;
+    wait_rows(&b, 1).await;
+    assert!(b.url().await.contains("status=revoked"));
+    assert!(b.text("#keys-body tr").await.contains("Revoked"));
+
+    // Audit log, filtered by action.
+    b.click("#nav-audit").await;
+    b.find("#view-audit").await;
+    b.eval("const s = document.querySelector('#audit-action'); s.value = 'key.revoked'; s.dispatchEvent(new Event('change')); return true")
+        .await;
+    b.wait_until(
+        "only revocations are listed",
+        "const r = [...document.querySelectorAll('#audit-body tr')]; \
+         return r.length === 1 && r[0].textContent.includes('key.revoked')",
+    )
+    .await;
+    assert!(b.url().await.contains("action=key.revoked"));
+
+    // Every control has a label, and nothing broke the page's policy.
+    let unlabelled = b
+        .eval(
+            "return [...document.querySelectorAll('input, select, textarea, button')]
+               .filter(e => !(e.labels?.length || e.getAttribute('aria-label') || e.textContent.trim()))
+               .map(e => e.id || e.outerHTML)",
+        )
+        .await;
+    assert_eq!(
+        unlabelled,
+        serde_json::json!([]),
+        "controls without a label"
+    );
+    // The refused sign-in (401) and the refused create (400) are expected network errors;
+    // anything else (a script error, a policy violation) is not.
+    let errors: Vec<_> = b
+        .errors()
+        .await
+        .into_iter()
+        .filter(|e| !e.contains("Failed to load resource"))
+        .collect();
+    assert!(errors.is_empty(), "browser errors: {errors:?}");
+
+    // Sign out forgets the token.
+    b.click("#signout").await;
+    b.find("#signin").await;
+    assert_eq!(b.eval("return sessionStorage.length").await, 0);
+    drop(b);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_shows_both_keys_and_the_page_fits_a_phone() {
+    let (_up, gw) = setup().await;
+    let (old, old_secret) = gw
+        .create_key(keygate::keys::NewKey {
+            name: "billing-sync".into(),
+            ..new_key("acme", "production")
+        })
+        .await;
+    let b = Browser::start(400, 800).await;
+    b.goto(&format!(
+        "http://{}/console?view=key&id={}",
+        gw.admin, old.id
+    ))
+    .await;
+    sign_in(&b, ADMIN_TOKEN).await;
+    b.find("#view-key").await;
+    b.click("#key-actions button[data-action=rotate]").await;
+    b.find("#grace-field").await;
+    b.click("#confirm-ok").await;
+    b.find("#secret-old:not([hidden])").await;
+    assert!(b.text("#secret-old").await.contains(&old.id));
+    let new_secret = take_secret(&b).await;
+
+    // Both keys work during the grace period; the page shows the old key's last use.
+    for secret in [&old_secret, &new_secret] {
+        let r = send(Req::get(gw.proxy, "/v1/x").bearer(secret)).await;
+        assert_eq!(r.status, 200);
+    }
+    b.refresh().await;
+    b.find("#rotation:not([hidden])").await;
+    let notice = b.text("#rotation").await;
+    assert!(notice.contains(&old.id), "{notice}");
+    assert!(notice.contains("Not yet safe to revoke"), "{notice}");
+    assert!(notice.contains("127.0.0.1"), "{notice}");
+
+    // At 400 px nothing scrolls sideways.
+    b.click("#back").await;
+    wait_rows(&b, 2).await;
+    let fits = b
+        .eval("return document.documentElement.scrollWidth <= window.innerWidth")
+        .await;
+    assert_eq!(fits, true, "the keys page fits 400 px");
+    b.screenshot(&artifacts().join("keys-400px.png")).await;
+    drop(b);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_console_is_served_without_a_token_and_with_a_strict_policy() {
+    let (_up, gw) = setup().await;
+    for path in [
+        "/",
+        "/console",
+        "/console/console.js",
+        "/console/console.css",
+    ] {
+        let r = send(Req::get(gw.admin, path)).await;
+        assert_eq!(r.status, 200, "{path}");
+        let csp = r.header("content-security-policy");
+        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"));
+        assert_eq!(r.header("x-content-type-options"), "nosniff");
+    }
+    // The API behind it still needs the token.
+    let r = send(Req::get(gw.admin, "/v1/api-keys")).await;
+    assert_eq!(r.status, 401);
+    let r = send(Req::get(gw.admin, "/console/../v1/api-keys")).await;
+    assert_ne!(r.status, 200);
+    gw.stop().await;
+}
