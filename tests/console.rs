@@ -357,6 +357,43 @@ async fn rotation_shows_both_keys_and_the_page_fits_a_phone() {
     assert!(notice.contains("Not yet safe to revoke"), "{notice}");
     assert!(notice.contains("127.0.0.1"), "{notice}");
 
+    // Edit the new key's limit: the form warns first, and the new limit applies at once.
+    let new_id = b
+        .eval("return new URLSearchParams(location.search).get('id')")
+        .await;
+    let new_id = new_id.as_str().unwrap().to_string();
+    assert_ne!(new_id, old.id);
+    b.click("#key-actions button[data-action=edit]").await;
+    assert!(b.text("#edit-warning").await.contains("may start failing"));
+    b.type_into("#f-rate", "1/min").await;
+    b.click("#key-form-submit").await;
+    b.wait_until(
+        "the change is shown",
+        "return /Saved/.test(document.querySelector('#flash').textContent) && \
+         document.querySelector('#key-facts').textContent.includes('1/m')",
+    )
+    .await;
+    let first = send(Req::get(gw.proxy, "/v1/x").bearer(&new_secret)).await;
+    let second = send(Req::get(gw.proxy, "/v1/x").bearer(&new_secret)).await;
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 429));
+
+    // Disable, then enable.
+    b.click("#key-actions button[data-action=disable]").await;
+    assert!(b
+        .text("#confirm-text")
+        .await
+        .contains("401 until it is enabled"));
+    b.click("#confirm-ok").await;
+    b.find("#key-actions button[data-action=enable]").await;
+    let r = send(Req::get(gw.proxy, "/v1/x").bearer(&new_secret)).await;
+    assert_eq!(r.code(), "inactive_key");
+    b.click("#key-actions button[data-action=enable]").await;
+    b.click("#confirm-ok").await;
+    b.find("#key-actions button[data-action=disable]").await;
+    gw.clock.advance(std::time::Duration::from_secs(61));
+    let r = send(Req::get(gw.proxy, "/v1/x").bearer(&new_secret)).await;
+    assert_eq!(r.status, 200);
+
     // At 400 px nothing scrolls sideways.
     b.click("#back").await;
     wait_rows(&b, 2).await;

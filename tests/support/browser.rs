@@ -257,7 +257,15 @@ impl Browser {
     pub async fn wait_until(&self, what: &str, script: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.eval(script).await != Value::Bool(true) {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            if Instant::now() >= deadline {
+                let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/console/failure.png");
+                self.screenshot(&shot).await;
+                panic!(
+                    "timed out waiting until {what} (screenshot: {})",
+                    shot.display()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

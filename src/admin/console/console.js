@@ -488,7 +488,9 @@ async function submitKeyForm(event) {
   }
 }
 
-const warnings = (v) => (v.warnings?.length ? ` ${v.warnings.join(" ")}` : "");
+// The server's warnings, as sentences.
+const warnings = (v) => (v.warnings || [])
+  .map((w) => ` ${w[0].toUpperCase()}${w.slice(1)}${/[.!?]$/.test(w) ? "" : "."}`).join("");
 
 // ---- the secret, shown once ---------------------------------------------------------------
 
