@@ -633,7 +633,12 @@ function wire() {
   $("ack").addEventListener("change", (e) => { $("secret-done").disabled = !e.target.checked; });
   // The secret dialog cannot be left until the copy is acknowledged: Escape is ignored.
   $("secret").addEventListener("cancel", (e) => { if (!$("ack").checked) e.preventDefault(); });
-  // Some browsers close a dialog on a repeated Escape regardless: it comes straight back.
+  // Done clears the secret before the dialog closes. Some browsers close a dialog on a
+  // repeated Escape regardless: then it comes straight back.
+  $("secret-form").addEventListener("submit", (e) => {
+    if (!$("ack").checked) e.preventDefault();
+    else releaseSecret?.();
+  });
   $("secret").addEventListener("close", () => {
     if (releaseSecret && !$("ack").checked) $("secret").showModal();
     else releaseSecret?.();
