@@ -296,7 +296,7 @@ fn cli_actor() -> String {
 
 fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| config_errors(&e))?;
-    let store = Store::new(config.keys_path(config_path));
+    let store = Store::for_config(&config, config_path).map_err(|e| e.to_string())?;
     let actor = cli_actor();
     let now = Clock::real().unix_secs();
     let op = Op {

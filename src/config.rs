@@ -25,6 +25,14 @@ pub struct Config {
     /// The key store, relative to this file. Default `keys.yaml`.
     #[serde(default = "default_keys_file")]
     pub keys_file: String,
+    /// Where key records live: `{kind: file, path: keys.yaml}` (the default, the same as
+    /// `keys_file`) or `{kind: redis, url: "redis://host:6379/0"}` for several nodes.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Where rate limits and quotas are counted: on this node (`backend: local`, the
+    /// default) or shared by every node through Redis (`backend: redis`).
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
     /// Admin API tokens, each `sha256:<hex>` or `{name: NAME, hash: "sha256:<hex>"}`. The
     /// plaintext token in the environment variable `KEYGATE_ADMIN_TOKEN` is accepted too.
     #[serde(default)]
@@ -159,6 +167,108 @@ fn default_auth_failures_per_minute() -> u32 {
     10
 }
 
+/// Where key records live.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `file` (default) or `redis`.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// For `file`: the store's path, relative to this file (default: `keys_file`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// For `redis`: `redis://[user:password@]host:port[/db]`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// For `redis`: the prefix of keygate's Redis keys. Default `keygate`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    File,
+    Redis,
+}
+
+impl StoreConfig {
+    pub fn prefix(&self) -> &str {
+        self.prefix.as_deref().unwrap_or("keygate")
+    }
+}
+
+/// Where rate limits and quotas are counted.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// `local` (default): each node counts alone. `redis`: every node shares one count, one
+    /// Redis round trip per limited request.
+    #[serde(default)]
+    pub backend: LimitBackend,
+    /// For `redis`: the Redis URL. Default: `store.url`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// For `redis`: what to do while Redis cannot be reached. `open`: allow and count;
+    /// `closed`: refuse with 503 `limiter_unavailable`; `local` (default): each node limits
+    /// on its own at limit/`nodes`.
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    /// How many nodes share the limits, for `fail_mode: local`. Default 1.
+    #[serde(default = "default_nodes")]
+    pub nodes: u32,
+    /// A Redis call that takes longer counts as Redis being unreachable. Default `50ms`.
+    #[serde(default = "default_limit_timeout")]
+    pub timeout: String,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            backend: LimitBackend::default(),
+            url: None,
+            fail_mode: FailMode::default(),
+            nodes: default_nodes(),
+            timeout: default_limit_timeout(),
+        }
+    }
+}
+
+fn default_nodes() -> u32 {
+    1
+}
+fn default_limit_timeout() -> String {
+    "50ms".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    Open,
+    Closed,
+    #[default]
+    Local,
+}
+
+impl FailMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+            FailMode::Local => "local",
+        }
+    }
+}
+
 /// Per-key usage (last use for now), flushed to a file so it survives restarts.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +331,8 @@ impl Default for Config {
         Config {
             listen: Listen::default(),
             keys_file: default_keys_file(),
+            store: StoreConfig::default(),
+            rate_limit: RateLimitConfig::default(),
             admin_tokens: Vec::new(),
             trusted_proxies: Vec::new(),
             x_api_key: false,
@@ -501,13 +613,26 @@ impl Config {
 
     /// The key store's path: `keys_file`, relative to the config file's folder.
     pub fn keys_path(&self, config_path: &Path) -> PathBuf {
-        relative_to(config_path, &self.keys_file)
+        relative_to(
+            config_path,
+            self.store.path.as_deref().unwrap_or(&self.keys_file),
+        )
+    }
+
+    /// The Redis URL rate limits are shared through, when they are.
+    pub fn limiter_url(&self) -> Option<&str> {
+        (self.rate_limit.backend == LimitBackend::Redis)
+            .then(|| self.rate_limit.url.as_deref().or(self.store.url.as_deref()))
+            .flatten()
     }
 
     /// Every file a snapshot of this config is read from: the config itself (first), the key
     /// store, the listeners' certificates and keys, and the routes' CA bundles.
     pub fn files(&self, config_path: &Path) -> Vec<PathBuf> {
-        let mut files = vec![config_path.to_path_buf(), self.keys_path(config_path)];
+        let mut files = vec![config_path.to_path_buf()];
+        if self.store.kind == StoreKind::File {
+            files.push(self.keys_path(config_path));
+        }
         for tls in [&self.tls.proxy, &self.tls.admin].into_iter().flatten() {
             files.push(relative_to(config_path, &tls.cert));
             files.push(relative_to(config_path, &tls.key));
@@ -597,6 +722,14 @@ impl ConfigError {
             column: 0,
             path: String::new(),
             message: message.into(),
+        }
+    }
+
+    /// An error at a config path (`store.url`), located later if the source is at hand.
+    pub fn at(file: &Path, path: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            ..ConfigError::whole_file(file, message)
         }
     }
 }

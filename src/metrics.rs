@@ -122,6 +122,8 @@ pub struct Gauges {
     pub audit_lost: u64,
     /// `(key id, namespace, accepted today, refused today)`, only when `metrics.per_key` is on.
     pub per_key: Vec<(String, String, u64, u64)>,
+    /// With shared limits: `(Redis up, decided by Redis, decided by the fail mode)`.
+    pub shared_limits: Option<(bool, u64, u64)>,
 }
 
 impl Metrics {
@@ -231,6 +233,28 @@ impl Metrics {
             "Routes in the snapshot in force.",
             g.routes as u64,
         );
+        if let Some((up, redis, fallback)) = g.shared_limits {
+            gauge(
+                &mut out,
+                "keygate_limiter_redis_up",
+                "1 while the shared rate limiter's Redis answers, 0 while the fail mode decides.",
+                u64::from(up),
+            );
+            header(
+                &mut out,
+                "keygate_limiter_decisions_total",
+                "counter",
+                "Limited requests decided by the shared limiter (`by` = redis) or, while Redis is unreachable, by the fail mode (`by` = fail_mode).",
+            );
+            let _ = writeln!(
+                out,
+                "keygate_limiter_decisions_total{{by=\"redis\"}} {redis}"
+            );
+            let _ = writeln!(
+                out,
+                "keygate_limiter_decisions_total{{by=\"fail_mode\"}} {fallback}"
+            );
+        }
         counter(
             &mut out,
             "keygate_reloads_total",

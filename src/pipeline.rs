@@ -13,6 +13,7 @@ pub mod quota;
 pub mod rate_limit;
 pub mod route;
 pub mod scope;
+pub mod shared_limit;
 pub mod usage;
 
 use std::borrow::Cow;
@@ -53,7 +54,7 @@ pub async fn handle(
     let entered = span.enter();
 
     let client = client_ip::resolve(peer_ip, req.headers(), &snapshot.trusted_proxies);
-    let admission = match admit(&snapshot, &gw.clock, &req, client, &gw.lockouts) {
+    let mut admission = match admit(&snapshot, &gw.clock, &req, client, &gw.lockouts) {
         Ok(a) => a,
         Err(refused) => {
             account_refusal(gw, &snapshot, &refused, client);
@@ -62,6 +63,21 @@ pub async fn handle(
         }
     };
     drop(entered);
+    if let Some(shared) = &snapshot.shared_limits {
+        match shared.admit(admission.key, &gw.clock).await {
+            Ok(rate) => admission.rate = rate,
+            Err(rejection) => {
+                let refused = Refused {
+                    rejection,
+                    route: Some(admission.route),
+                    key: Some(admission.key),
+                };
+                account_refusal(gw, &snapshot, &refused, client);
+                gw.metrics.gateway_time.observe(started.elapsed());
+                return refused.rejection.into_response(Some(request_id));
+            }
+        }
+    }
     let (route, key) = (admission.route, admission.key);
     key.usage.accepted();
     let decision = forward::Forward {
@@ -200,7 +216,8 @@ impl From<Rejection> for Refused<'_> {
 }
 
 /// Decides whether a request from `client` may go upstream, in the contract's order.
-/// Synchronous and free of I/O, so it can be tested and benchmarked on its own.
+/// Synchronous and free of I/O, so it can be tested and benchmarked on its own. With
+/// `rate_limit.backend: redis` it leaves the limits to [`shared_limit`].
 pub fn admit<'s, B>(
     snapshot: &'s Snapshot,
     clock: &Clock,
@@ -236,7 +253,11 @@ pub fn admit<'s, B>(
         key: Some(key),
     };
     authorize::authorize(key, route, client, req.method(), &path, now).map_err(refused)?;
-    let rate = limits(key, clock, now).map_err(refused)?;
+    // Shared limits are counted in Redis by `handle`, after this synchronous part.
+    let rate = match snapshot.shared_limits {
+        Some(_) => None,
+        None => limits(key, clock, now).map_err(refused)?,
+    };
     Ok(Admission {
         route,
         key,

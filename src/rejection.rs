@@ -56,6 +56,11 @@ pub enum Rejection {
     KeyRevoked,
     KeyLimitReached(String),
     KeyRotating,
+    /// The shared rate limiter (Redis) cannot be reached and `rate_limit.fail_mode` is
+    /// `closed`.
+    LimiterUnavailable,
+    /// The key store (Redis) cannot be reached, so keys cannot be changed just now.
+    StoreUnavailable(String),
     /// Something that should not happen. It is logged where it happens; the client learns
     /// nothing of it.
     Internal,
@@ -63,7 +68,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 28] = [
+pub const CODES: [&str; 30] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -92,6 +97,8 @@ pub const CODES: [&str; 28] = [
     "key_limit_reached",
     "key_rotating",
     "internal",
+    "limiter_unavailable",
+    "store_unavailable",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -159,6 +166,8 @@ impl Rejection {
             KeyLimitReached(_) => 25,
             KeyRotating => 26,
             Internal => 27,
+            LimiterUnavailable => 28,
+            StoreUnavailable(_) => 29,
         }
     }
 
@@ -198,6 +207,8 @@ impl Rejection {
             KeyRevoked => (S::CONFLICT, "key_revoked", problem!(409, "Conflict", "key_revoked", "The key is revoked, and a revoked key cannot be changed or enabled again.")),
             KeyLimitReached(_) => (S::CONFLICT, "key_limit_reached", ""),
             KeyRotating => (S::CONFLICT, "key_rotating", problem!(409, "Conflict", "key_rotating", "The key is already being rotated: rotate its replacement, or wait for the grace to end.")),
+            LimiterUnavailable => (S::SERVICE_UNAVAILABLE, "limiter_unavailable", problem!(503, "Service Unavailable", "limiter_unavailable", "The shared rate limiter cannot be reached, and this gateway is set to refuse rather than guess; retry after the time in Retry-After.")),
+            StoreUnavailable(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", ""),
             Internal => (S::INTERNAL_SERVER_ERROR, "internal", problem!(500, "Internal Server Error", "internal", "The gateway failed to handle the request.")),
         }
     }
@@ -223,6 +234,9 @@ impl Rejection {
             Rejection::KeyLimitReached(detail) => {
                 Bytes::from(dynamic_body(status, "key_limit_reached", detail, None))
             }
+            Rejection::StoreUnavailable(detail) => {
+                Bytes::from(dynamic_body(status, "store_unavailable", detail, None))
+            }
             _ => Bytes::from_static(body.as_bytes()),
         };
         let mut response = Response::new(ResponseBody::full(body));
@@ -235,6 +249,9 @@ impl Rejection {
         match self {
             Rejection::RateLimited(rate) | Rejection::QuotaExceeded(rate) => {
                 rate.write(headers, true)
+            }
+            Rejection::LimiterUnavailable | Rejection::StoreUnavailable(_) => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Rejection::TooManyFailedAttempts { retry_after } => {
                 headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
@@ -284,6 +301,7 @@ impl From<crate::keys::KeyError> for Rejection {
             e @ K::LimitReached { .. } => Rejection::KeyLimitReached(e.to_string()),
             K::Rotating { .. } => Rejection::KeyRotating,
             K::Store(errors) => Rejection::StoreInvalid(errors),
+            K::Unavailable(detail) => Rejection::StoreUnavailable(detail),
             e @ (K::Io(_) | K::Random(_)) => {
                 tracing::error!(error = %e, "key store operation failed");
                 Rejection::Internal

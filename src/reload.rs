@@ -36,21 +36,26 @@ pub enum Trigger<'a> {
     Admin(&'a str),
     /// A key change through the admin API, made live before the API answers.
     KeyChange(&'a str),
+    /// The Redis store published a new version (another node or the CLI changed a key), or
+    /// this node resubscribed and resyncs.
+    StoreChange,
 }
 
 impl Trigger<'_> {
     fn actor(&self) -> &str {
         match self {
             Trigger::FileWatch => "file watch",
+            Trigger::StoreChange => "store change",
             Trigger::Sighup => "sighup",
             Trigger::Admin(actor) | Trigger::KeyChange(actor) => actor,
         }
     }
 
-    /// An operator's explicit reload always rebuilds; the others skip files that have not
-    /// changed since the snapshot in force was read.
+    /// An operator's explicit reload and a key change always rebuild (a Redis store has no
+    /// file to compare); the file watch skips files that have not changed since the snapshot
+    /// in force was read.
     fn forced(&self) -> bool {
-        matches!(self, Trigger::Sighup | Trigger::Admin(_))
+        !matches!(self, Trigger::FileWatch)
     }
 }
 
@@ -92,7 +97,7 @@ pub async fn reload(
                 routes = outcome.routes,
                 "reloaded"
             );
-            if !matches!(trigger, Trigger::KeyChange(_)) {
+            if !matches!(trigger, Trigger::KeyChange(_) | Trigger::StoreChange) {
                 gw.audit.record(
                     &AuditEvent::new(now, actor, "config.reloaded").reason(format!(
                         "generation {}: {} keys, {} routes",
@@ -113,6 +118,58 @@ pub async fn reload(
                     .failed(format!("{} problem(s); the first: {first}", errors.len())),
             );
             Err(errors)
+        }
+    }
+}
+
+/// Follows a Redis store's change stream: every version published by a write elsewhere
+/// reloads the keys, and after any reconnect the keys are reloaded whole, since changes may
+/// have been missed meanwhile. While Redis is unreachable the node keeps serving the keys it
+/// has, and says so once in the log. (A new `store.url` takes effect at the next start.)
+pub async fn follow_store(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>) {
+    use futures_util::StreamExt;
+    let mut lost = false;
+    loop {
+        let Some(redis) = gw.snapshot.load().store.redis().cloned() else {
+            return;
+        };
+        let subscribe = async {
+            let mut pubsub = redis.client().get_async_pubsub().await?;
+            pubsub.subscribe(redis.changes_channel()).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        if let Ok(Ok(mut pubsub)) = tokio::time::timeout(Duration::from_secs(3), subscribe).await {
+            if std::mem::take(&mut lost) {
+                tracing::info!(
+                    redis = redis.shown(),
+                    "key change stream from Redis is back; resyncing"
+                );
+            }
+            let _ = reload(&gw, Trigger::StoreChange).await;
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    message = messages.next() => {
+                        let Some(message) = message else { break };
+                        let version: u64 = message.get_payload().unwrap_or(u64::MAX);
+                        let newer = gw.snapshot.load().store_version.is_none_or(|v| version > v);
+                        if newer {
+                            let _ = reload(&gw, Trigger::StoreChange).await;
+                        }
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+        if !std::mem::replace(&mut lost, true) {
+            tracing::warn!(
+                redis = redis.shown(),
+                "lost the key change stream from Redis; serving the keys held until it returns"
+            );
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
         }
     }
 }

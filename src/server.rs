@@ -211,6 +211,13 @@ impl Gateway {
             locked_out_ips: self.lockouts.locked_count(now),
             audit_lost: self.audit.lost.load(Ordering::Relaxed),
             per_key,
+            shared_limits: snapshot.shared_limits.as_ref().map(|l| {
+                (
+                    l.is_up(),
+                    l.decided.load(Ordering::Relaxed),
+                    l.fallbacks.load(Ordering::Relaxed),
+                )
+            }),
         })
     }
 }
@@ -299,6 +306,12 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         )),
         tokio::spawn(housekeeping(gateway.clone(), rest_stop.clone())),
     ];
+    if snapshot.store.redis().is_some() {
+        rest.push(tokio::spawn(crate::reload::follow_store(
+            gateway.clone(),
+            rest_stop.clone(),
+        )));
+    }
     if watch {
         match crate::reload::watch_files(gateway.clone(), rest_stop.clone()) {
             Ok(task) => rest.push(task),

@@ -13,7 +13,9 @@ use http::HeaderValue;
 
 use crate::alerts::AlertRules;
 use crate::config::units::{parse_duration, parse_rate, parse_size};
-use crate::config::{parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, Problems};
+use crate::config::{
+    parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, LimitBackend, Problems,
+};
 use crate::keys::{
     format, parse_sha256, validate_environment, validate_namespace, KeyRecord, Status, Store,
 };
@@ -25,6 +27,7 @@ use crate::pipeline::quota::Quota;
 use crate::pipeline::rate_limit::{policy_header, KeyLimiter, Limiters, RatePolicy};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
 use crate::pipeline::scope::{Scope, ScopeSet};
+use crate::pipeline::shared_limit::{SharedLimiter, SharedPolicy, SharedSettings};
 use crate::pipeline::usage::{KeyUsage, UsageBook};
 use crate::tls::CertSet;
 
@@ -44,6 +47,9 @@ pub struct KeyEntry {
     pub quota: Option<Quota>,
     /// `RateLimit-Policy` for the key's rate limit and quota, if it has either.
     pub limits_header: Option<HeaderValue>,
+    /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then
+    /// `limiter` and `quota` above are this node's share, for `fail_mode: local`.
+    pub shared: Option<SharedPolicy>,
     pub usage: Arc<KeyUsage>,
     pub id_header: HeaderValue,
     pub namespace_header: HeaderValue,
@@ -136,6 +142,12 @@ pub struct Snapshot {
     pub config: Config,
     pub config_path: PathBuf,
     pub keys_path: PathBuf,
+    /// Where the keys were read from, and where key changes are written.
+    pub store: Store,
+    /// For a Redis store: the version the keys were read at.
+    pub store_version: Option<u64>,
+    /// With `rate_limit.backend: redis`: the shared limiter.
+    pub shared_limits: Option<Arc<SharedLimiter>>,
 }
 
 /// Identity of a file's content as the file system sees it: an atomic write makes a new
@@ -225,15 +237,22 @@ impl Snapshot {
         let files = config.files(ctx.config_path);
         let mut fingerprint = Fingerprint::of(&files);
         fingerprint.0[0] = config_stamp;
-        let store = Store::new(&keys_path).load();
-        let (records, store_src, mut errors) = match store {
-            Ok((file, src)) => (file.keys, src, Vec::new()),
-            Err(e) => (Vec::new(), String::new(), e),
+        let store = Store::for_config(&config, ctx.config_path)
+            .map_err(|e| {
+                let mut p = Problems::default();
+                p.push(e.path, e.message);
+                p.locate(ctx.config_path, &config_src)
+            })?
+            .load_versioned();
+        let (records, store_src, store_version, mut errors) = match store {
+            Ok((file, src, version)) => (file.keys, src, version, Vec::new()),
+            Err(e) => (Vec::new(), String::new(), None, e),
         };
         match Self::assemble(ctx, config, &records) {
             Ok(snapshot) if errors.is_empty() => Ok(Snapshot {
                 fingerprint,
                 files,
+                store_version,
                 ..snapshot
             }),
             Ok(_) => Err(errors),
@@ -294,6 +313,9 @@ impl Snapshot {
 
             listeners: compiled.listeners,
             keys_path: config.keys_path(ctx.config_path),
+            store: compiled.store,
+            store_version: None,
+            shared_limits: compiled.shared_limits,
             config,
             config_path: ctx.config_path.to_path_buf(),
         })
@@ -311,6 +333,8 @@ struct CompiledConfig {
     listeners: ListenerSettings,
     lockout: Option<LockoutPolicy>,
     alerts: AlertRules,
+    store: Store,
+    shared_limits: Option<Arc<SharedLimiter>>,
 }
 
 fn compile_config(
@@ -518,6 +542,10 @@ fn compile_config(
         }
     }
 
+    let store = Store::for_config(config, ctx.config_path)
+        .map_err(|e| p.push(e.path, e.message))
+        .ok();
+    let shared_limits = compile_shared_limits(config, ctx, p, duration);
     if !p.is_empty() {
         return None;
     }
@@ -561,6 +589,8 @@ fn compile_config(
         admin_certs,
         lockout,
         alerts,
+        store: store?,
+        shared_limits: shared_limits?,
         listeners: ListenerSettings {
             proxy: proxy?,
             admin: admin?,
@@ -584,6 +614,11 @@ fn compile_keys(
     p: &mut Problems,
 ) -> KeyMap {
     let mut keys = KeyMap::with_capacity_and_hasher(records.len(), Default::default());
+    // With shared limits, how many nodes share them (at least 1); 0 when limits are local.
+    let shared_nodes = match config.rate_limit.backend {
+        LimitBackend::Redis => config.rate_limit.nodes.max(1),
+        LimitBackend::Local => 0,
+    };
     let mut ids: HashSet<&str> = HashSet::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
         let path = |field: &str| format!("keys[{i}].{field}");
@@ -694,8 +729,26 @@ fn compile_keys(
         else {
             continue;
         };
-        let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
         let limits_header = policy_header(policy, quota.as_ref());
+        let shared =
+            (shared_nodes > 0 && (policy.is_some() || quota.is_some())).then(|| SharedPolicy {
+                emission_us: policy.map_or(0, |p| {
+                    (p.rate.per.as_micros() / u128::from(p.rate.count.max(1))) as u64
+                }),
+                burst: policy.map_or(0, |p| p.burst),
+                quota,
+            });
+        let (policy, quota) = match shared_nodes {
+            0 | 1 => (policy, quota),
+            n => (
+                policy.map(|p| node_share(p, n)),
+                quota.map(|q| Quota {
+                    limit: (q.limit / u64::from(n)).max(1),
+                    ..q
+                }),
+            ),
+        };
+        let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
         keys.insert(
             hash,
             KeyEntry {
@@ -709,6 +762,7 @@ fn compile_keys(
                 limiter,
                 quota,
                 limits_header,
+                shared,
                 usage: ctx.usage.for_key(&r.id),
                 id_header,
                 namespace_header,
@@ -717,6 +771,66 @@ fn compile_keys(
         );
     }
     keys
+}
+
+/// The shared limiter `rate_limit` asks for, reused from the snapshot in force when its
+/// settings are unchanged (so its connection survives reloads). `Some(None)`: limits are
+/// local.
+fn compile_shared_limits(
+    config: &Config,
+    ctx: &BuildContext<'_>,
+    p: &mut Problems,
+    duration: impl Fn(&str, &str, &mut Problems) -> Option<Duration>,
+) -> Option<Option<Arc<SharedLimiter>>> {
+    let rl = &config.rate_limit;
+    if rl.backend == LimitBackend::Local {
+        return Some(None);
+    }
+    let timeout = duration(&rl.timeout, "rate_limit.timeout", p);
+    if rl.nodes == 0 {
+        p.push("rate_limit.nodes", "must be at least 1");
+    }
+    let Some(url) = config.limiter_url() else {
+        p.push(
+            "rate_limit.url",
+            "a redis backend needs `url: redis://host:port` here or under `store`",
+        );
+        return None;
+    };
+    let settings = SharedSettings {
+        url: url.to_string(),
+        shown: crate::keys::redis_store::redact(url),
+        prefix: config.store.prefix().to_string(),
+        fail_mode: rl.fail_mode,
+        nodes: rl.nodes.max(1),
+        timeout: timeout?,
+    };
+    if let Some(same) = ctx
+        .previous
+        .and_then(|prev| prev.shared_limits.as_ref())
+        .filter(|l| l.settings() == &settings)
+    {
+        return Some(Some(same.clone()));
+    }
+    match SharedLimiter::new(settings) {
+        Ok(l) => Some(Some(l)),
+        Err(e) => {
+            p.push("rate_limit.url", e);
+            None
+        }
+    }
+}
+
+/// This node's share of a limit shared by `nodes`: the same burst split, at 1/`nodes` of
+/// the rate.
+fn node_share(policy: RatePolicy, nodes: u32) -> RatePolicy {
+    RatePolicy {
+        rate: crate::config::units::Rate {
+            count: policy.rate.count,
+            per: policy.rate.per * nodes,
+        },
+        burst: (policy.burst / nodes).max(1),
+    }
 }
 
 /// The quota of a namespace's tier, if it has one.

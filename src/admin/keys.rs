@@ -14,7 +14,7 @@ use super::{json, Call};
 use crate::audit::{self, AuditEvent};
 use crate::body::ResponseBody;
 use crate::keys::lifecycle::Op;
-use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status, Store};
+use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status};
 use crate::rejection::Rejection;
 use crate::reload::Trigger;
 
@@ -94,7 +94,7 @@ async fn change<T: Send + 'static>(
     let actor = call.actor.clone();
     let now = call.gw.clock.unix_secs();
     let done = tokio::task::spawn_blocking(move || {
-        let store = Store::new(&snapshot.keys_path);
+        let store = snapshot.store.clone();
         operation(Op {
             store: &store,
             config: &snapshot.config,
@@ -116,8 +116,8 @@ async fn change<T: Send + 'static>(
 
 /// Reads the store on a blocking thread.
 async fn records(call: &Call<'_>) -> Result<Vec<KeyRecord>, Rejection> {
-    let path = call.gw.snapshot.load().keys_path.clone();
-    tokio::task::spawn_blocking(move || Store::new(path).load())
+    let store = call.gw.snapshot.load().store.clone();
+    tokio::task::spawn_blocking(move || store.load())
         .await
         .map_err(|_| Rejection::Internal)?
         .map(|(file, _)| file.keys)

@@ -203,11 +203,7 @@ fn transact<T>(
     store: &Store,
     change: impl FnOnce(&mut StoreFile) -> Result<T, KeyError>,
 ) -> Result<T, KeyError> {
-    let lock = store.lock()?;
-    let (mut file, _) = store.load().map_err(KeyError::Store)?;
-    let out = change(&mut file)?;
-    store.save(&file, &lock)?;
-    Ok(out)
+    store.transact(change)
 }
 
 fn find<'f>(file: &'f mut StoreFile, id: &str) -> Result<&'f mut KeyRecord, KeyError> {

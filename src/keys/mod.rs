@@ -3,6 +3,7 @@
 
 pub mod format;
 pub mod lifecycle;
+pub mod redis_store;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
@@ -211,6 +212,9 @@ pub enum KeyError {
     Io(#[from] std::io::Error),
     #[error("the OS random source failed: {0}")]
     Random(String),
+    /// The store is in Redis, and Redis cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// An environment name: 1 to 32 of `a-z 0-9`.

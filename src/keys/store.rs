@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::KeyRecord;
-use crate::config::{parse_yaml, ConfigError};
+use crate::config::{parse_yaml, Config, ConfigError, StoreKind};
 
 /// The store's document.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,10 +38,11 @@ fn current_version() -> u32 {
     1
 }
 
-/// A key store at a path.
+/// A key store: a file at a path, or records in Redis (`store.kind: redis`).
 #[derive(Debug, Clone)]
 pub struct Store {
     path: PathBuf,
+    redis: Option<std::sync::Arc<super::redis_store::RedisStore>>,
 }
 
 /// Held while a writer reads, changes and writes the store; dropping it unlocks.
@@ -51,17 +52,82 @@ pub struct StoreLock {
 }
 
 impl Store {
+    /// The file store at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Store { path: path.into() }
+        Store {
+            path: path.into(),
+            redis: None,
+        }
     }
 
+    /// The store a config names: its file, or its Redis.
+    pub fn for_config(config: &Config, config_path: &Path) -> Result<Store, ConfigError> {
+        match (config.store.kind, config.store.url.as_deref()) {
+            (StoreKind::File, _) => Ok(Store::new(config.keys_path(config_path))),
+            (StoreKind::Redis, Some(url)) => {
+                let redis = super::redis_store::RedisStore::new(url, config.store.prefix())
+                    .map_err(|e| ConfigError::at(config_path, "store.url", e))?;
+                Ok(Store {
+                    path: PathBuf::from(redis.shown()),
+                    redis: Some(std::sync::Arc::new(redis)),
+                })
+            }
+            (StoreKind::Redis, None) => Err(ConfigError::at(
+                config_path,
+                "store.url",
+                "a redis store needs `url: redis://host:port`",
+            )),
+        }
+    }
+
+    /// The file's path, or for Redis its URL without the password.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The Redis store, when the keys live in Redis.
+    pub fn redis(&self) -> Option<&super::redis_store::RedisStore> {
+        self.redis.as_deref()
+    }
+
+    /// Reads the store, with its version for Redis (how many writes it has seen).
+    pub fn load_versioned(&self) -> Result<(StoreFile, String, Option<u64>), Vec<ConfigError>> {
+        match &self.redis {
+            Some(redis) => {
+                let (keys, version) = redis
+                    .load()
+                    .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?;
+                let file = StoreFile {
+                    keys,
+                    ..StoreFile::default()
+                };
+                Ok((file, String::new(), Some(version)))
+            }
+            None => self.load().map(|(file, src)| (file, src, None)),
+        }
+    }
+
+    /// One read-modify-write under the writers' lock, written atomically.
+    pub fn transact<T>(
+        &self,
+        change: impl FnOnce(&mut StoreFile) -> Result<T, super::KeyError>,
+    ) -> Result<T, super::KeyError> {
+        if let Some(redis) = &self.redis {
+            return redis.transact(change);
+        }
+        let lock = self.lock()?;
+        let (mut file, _) = self.load().map_err(super::KeyError::Store)?;
+        let out = change(&mut file)?;
+        self.save(&file, &lock)?;
+        Ok(out)
     }
 
     /// Reads the store. A missing file is an empty store. Also returns the text read, so
     /// that later validation errors can be located in it.
     pub fn load(&self) -> Result<(StoreFile, String), Vec<ConfigError>> {
+        if self.redis.is_some() {
+            return self.load_versioned().map(|(file, src, _)| (file, src));
+        }
         let src = match fs::read_to_string(&self.path) {
             Ok(src) => src,
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),

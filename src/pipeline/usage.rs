@@ -297,10 +297,20 @@ impl KeyUsage {
             quota_used: AtomicU64::new(saved.quota_used),
             counts: OnceLock::new(),
         };
-        if let Some(totals) = saved.totals.filter(|t| t.len() == SLOTS) {
+        // A file from a build that knew fewer refusal codes has fewer slots: new codes are
+        // appended to the list, so its counts are a prefix of ours.
+        if let Some(totals) = saved.totals.filter(|t| t.len() <= SLOTS) {
+            let mut history = saved.history.unwrap_or_default();
+            for base in [&mut history.day_base, &mut history.minute_base] {
+                if !base.is_empty() && base.len() < SLOTS {
+                    base.resize(SLOTS, 0);
+                }
+            }
             let counts = Counts {
-                totals: std::array::from_fn(|i| AtomicU64::new(totals[i])),
-                history: Mutex::new(saved.history.unwrap_or_default()),
+                totals: std::array::from_fn(|i| {
+                    AtomicU64::new(totals.get(i).copied().unwrap_or(0))
+                }),
+                history: Mutex::new(history),
             };
             let _ = usage.counts.set(Box::new(counts));
         }
