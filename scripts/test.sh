@@ -9,7 +9,9 @@ log() { printf '\n==> %s\n' "$*"; }
 # Debian packages the suites need, by the command each provides.
 need_apt=()
 # The console's end-to-end tests drive Debian's chromium through chromedriver.
-for pair in "curl:curl" "pkg-config:pkg-config" "chromium:chromium" "chromedriver:chromium-driver"; do
+# The scale-out tests start a private redis-server.
+for pair in "curl:curl" "pkg-config:pkg-config" "chromium:chromium" "chromedriver:chromium-driver" \
+  "redis-server:redis-server"; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

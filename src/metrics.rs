@@ -237,7 +237,7 @@ impl Metrics {
             gauge(
                 &mut out,
                 "keygate_limiter_redis_up",
-                "1 while the shared rate limiter's Redis answers, 0 while the fail mode decides.",
+                "Whether the shared rate limiter's Redis answers (1) or the fail mode decides (0).",
                 u64::from(up),
             );
             header(

@@ -219,9 +219,20 @@ async fn probe(limiter: Weak<SharedLimiter>) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Some(l) = limiter.upgrade() else { return };
+        // Through the limiter's own connection when it has one: a ping on a broken one makes
+        // it reconnect, so the first request after the switch back finds it ready.
         let ping = async {
-            let mut c = l.client.get_multiplexed_async_connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut c).await
+            match l.connection.get() {
+                Some(c) => {
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut c.clone())
+                        .await
+                }
+                None => {
+                    let mut c = l.client.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                }
+            }
         };
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
             l.probing.store(false, Ordering::SeqCst);

@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod process;
+pub mod redis;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

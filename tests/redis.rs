@@ -1,0 +1,330 @@
+//! Several gateway nodes on one real Redis: keys, rate limits and quotas shared, and each
+//! fail mode when Redis dies and comes back.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::redis::RedisServer;
+use support::*;
+
+/// A node on `redis`, with extra config.
+async fn node(up: &Upstream, redis: &RedisServer, extra: &str) -> TestGateway {
+    let routes = route("/", up.addr, "production", "");
+    let extra = format!(
+        "store: {{kind: redis, url: \"{}\", prefix: kgtest}}\n{extra}",
+        redis.url()
+    );
+    TestGateway::start(&config_yaml(&routes, &extra)).await
+}
+
+fn shared(fail_mode: &str) -> String {
+    format!("rate_limit: {{backend: redis, fail_mode: {fail_mode}, nodes: 2, timeout: 200ms}}\n")
+}
+
+/// Creates a key through a node's admin API; returns its id and secret.
+async fn create(gw: &TestGateway, body: serde_json::Value) -> (String, String) {
+    let mut body = body;
+    body["namespace"] = "acme".into();
+    body["environment"] = "production".into();
+    let r = send(
+        Req::post(gw.admin, "/v1/api-keys")
+            .bearer(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let v = r.json();
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["key"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn status(gw: &TestGateway, secret: &str) -> (u16, String) {
+    let r = send(Req::get(gw.proxy, "/v1/x").bearer(secret)).await;
+    let code = if r.status.is_success() {
+        String::new()
+    } else {
+        r.code()
+    };
+    (r.status.as_u16(), code)
+}
+
+/// Waits (up to `limit`) until `gw` answers `secret` with `want`; returns how long it took.
+async fn until(gw: &TestGateway, secret: &str, want: u16, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (got, code) = status(gw, secret).await;
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "still {got} {code} after {limit:?}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_made_on_one_node_works_on_the_other_and_a_revocation_reaches_both() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let a = node(&up, &redis, "").await;
+    let b = node(&up, &redis, "").await;
+
+    let (id, secret) = create(&a, serde_json::json!({"name": "made-on-a"})).await;
+    assert_eq!(
+        status(&a, &secret).await.0,
+        200,
+        "live on A before A answers"
+    );
+    let reached_b = until(&b, &secret, 200, Duration::from_secs(1)).await;
+    eprintln!("create on A reached B in {reached_b:?}");
+
+    let r = send(
+        Req::get(b.admin, &format!("/v1/api-keys/{id}"))
+            .method("DELETE")
+            .bearer(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(status(&b, &secret).await, (401, "revoked_key".into()));
+    let reached_a = until(&a, &secret, 401, Duration::from_secs(1)).await;
+    eprintln!("revoke on B reached A in {reached_a:?}");
+    assert_eq!(status(&a, &secret).await.1, "revoked_key");
+
+    // Both nodes list the same keys, read from Redis.
+    for gw in [&a, &b] {
+        let r = send(Req::get(gw.admin, "/v1/api-keys?status=all").bearer(ADMIN_TOKEN)).await;
+        assert_eq!(r.json()["keys"][0]["id"], id.as_str());
+    }
+
+    // The CLI writes to the same Redis, and both nodes pick the key up.
+    let out = std::process::Command::new(keygate_bin())
+        .args(["--config"])
+        .arg(&a.config_path)
+        .args([
+            "keys",
+            "create",
+            "--namespace",
+            "acme",
+            "--environment",
+            "production",
+            "--name",
+            "from-cli",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cli_secret = made["key"].as_str().unwrap().to_string();
+    until(&a, &cli_secret, 200, Duration::from_secs(1)).await;
+    until(&b, &cli_secret, 200, Duration::from_secs(1)).await;
+
+    // Nothing secret is stored in Redis: only hashes.
+    let mut con = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let dump: std::collections::HashMap<String, String> = ::redis::cmd("HGETALL")
+        .arg("kgtest:keys")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(dump.len(), 2);
+    assert!(dump
+        .values()
+        .all(|v| !v.contains(&secret) && !v.contains(&cli_secret)));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Sends requests through both nodes for `secs`, from `clients` tasks each; returns how many
+/// each status got.
+async fn hammer(
+    nodes: [&TestGateway; 2],
+    secret: &str,
+    secs: f64,
+    clients: usize,
+) -> std::collections::BTreeMap<u16, u64> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for i in 0..clients * 2 {
+        let addr = nodes[i % 2].proxy;
+        let secret = secret.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = std::collections::BTreeMap::new();
+            while Instant::now() < deadline {
+                let r = send(Req::get(addr, "/v1/x").bearer(&secret)).await;
+                *seen.entry(r.status.as_u16()).or_insert(0u64) += 1;
+            }
+            seen
+        }));
+    }
+    let mut total = std::collections::BTreeMap::new();
+    for t in tasks {
+        for (k, v) in t.await.unwrap() {
+            *total.entry(k).or_insert(0) += v;
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_and_a_quota_hold_across_two_nodes() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let a = node(&up, &redis, &shared("closed")).await;
+    let b = node(&up, &redis, &shared("closed")).await;
+
+    // 50/s with a burst of 5, hammered through both nodes for 3 s: 5 + 50 × 3 = 155 allowed.
+    let (_, secret) = create(&a, serde_json::json!({"rate_limit": "50/s", "burst": 5})).await;
+    until(&b, &secret, 200, Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the burst refill
+    let secs = 3.0;
+    let seen = hammer([&a, &b], &secret, secs, 4).await;
+    let accepted = seen.get(&200).copied().unwrap_or(0) as f64;
+    let expected = 5.0 + 50.0 * secs;
+    let error = (accepted - expected) / expected;
+    eprintln!(
+        "50/s across two nodes for {secs}s: {accepted} accepted of {} sent (expected {expected}; error {:+.1}%)",
+        seen.values().sum::<u64>(),
+        error * 100.0
+    );
+    assert!(
+        seen.get(&429).copied().unwrap_or(0) > 0,
+        "the limit was reached: {seen:?}"
+    );
+    assert!(
+        error.abs() <= 0.10,
+        "{accepted} accepted, {expected} expected: {seen:?}"
+    );
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        vec![200, 429],
+        "{seen:?}"
+    );
+
+    // A quota of 10 a day, spent alternately on both nodes.
+    let (_, secret) = create(&a, serde_json::json!({"quota": "10/day"})).await;
+    until(&b, &secret, 200, Duration::from_secs(1)).await;
+    let mut accepted = 1; // the probe above
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        match status(gw, &secret).await {
+            (200, _) => accepted += 1,
+            (429, code) => assert_eq!(code, "quota_exceeded"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(accepted, 10, "the quota is one count across both nodes");
+    let r = send(Req::get(b.proxy, "/v1/x").bearer(&secret)).await;
+    assert_eq!(r.code(), "quota_exceeded");
+    assert!(
+        r.header("ratelimit").contains("r=0"),
+        "{}",
+        r.header("ratelimit")
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The answers to `n` requests, each bounded to 2 s: none may hang.
+async fn answers(gw: &TestGateway, secret: &str, n: usize) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = tokio::time::timeout(Duration::from_secs(2), status(gw, secret))
+            .await
+            .expect("no request hangs while Redis is down");
+        out.push(r);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fail_mode_holds_while_redis_is_down_and_recovers_by_itself() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let open = node(&up, &redis, &shared("open")).await;
+    let closed = node(&up, &redis, &shared("closed")).await;
+    let local = node(&up, &redis, &shared("local")).await;
+    // 1 per minute, burst 4: with Redis, four requests in all; alone, each of the two nodes'
+    // shares is a burst of 2.
+    let (_, secret) = create(
+        &open,
+        serde_json::json!({"rate_limit": "1/min", "burst": 4}),
+    )
+    .await;
+    for gw in [&closed, &local] {
+        until(gw, &secret, 200, Duration::from_secs(1)).await;
+    }
+    until(&open, &secret, 429, Duration::from_secs(1)).await;
+
+    redis.kill();
+    let ok = |v: &[(u16, String)]| v.iter().filter(|(s, _)| *s == 200).count();
+    let a = answers(&open, &secret, 6).await;
+    assert_eq!(ok(&a), 6, "open lets everything through: {a:?}");
+    let c = answers(&closed, &secret, 3).await;
+    assert!(
+        c.iter()
+            .all(|r| *r == (503, "limiter_unavailable".to_string())),
+        "{c:?}"
+    );
+    let l = answers(&local, &secret, 4).await;
+    assert_eq!(ok(&l), 2, "local limits at the node's share: {l:?}");
+    assert!(
+        l[2..].iter().all(|(s, c)| *s == 429 && c == "rate_limited"),
+        "{l:?}"
+    );
+    // Keys cannot change while the store is down, and the nodes keep the keys they have.
+    let r = send(
+        Req::post(open.admin, "/v1/api-keys")
+            .bearer(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(r#"{"namespace":"acme","environment":"production"}"#),
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (503, "store_unavailable".to_string())
+    );
+    let metrics = send(Req::get(closed.admin, "/metrics").bearer(ADMIN_TOKEN)).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("\nkeygate_limiter_redis_up 0\n"));
+
+    // Redis comes back (with its data, from the append-only file): every node returns to
+    // the shared count, which the burst above has spent.
+    redis.restart();
+    for gw in [&open, &closed, &local] {
+        let started = Instant::now();
+        loop {
+            let metrics = send(Req::get(gw.admin, "/metrics").bearer(ADMIN_TOKEN)).await;
+            if String::from_utf8_lossy(&metrics.body).contains("\nkeygate_limiter_redis_up 1\n") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the node did not switch back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            status(gw, &secret).await,
+            (429, "rate_limited".into()),
+            "{}",
+            gw.admin
+        );
+    }
+    // And key changes propagate again.
+    let (_, fresh) = create(&closed, serde_json::json!({"name": "after"})).await;
+    until(&open, &fresh, 200, Duration::from_secs(2)).await;
+    for gw in [open, closed, local] {
+        gw.stop().await;
+    }
+}
