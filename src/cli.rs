@@ -269,7 +269,7 @@ fn check(config_path: &Path) -> Result<(), String> {
                 config_path.display(),
                 s.routes.len(),
                 s.key_count(),
-                s.keys_path.display()
+                s.store.path().display()
             );
             Ok(())
         }

@@ -141,7 +141,6 @@ pub struct Snapshot {
     pub listeners: ListenerSettings,
     pub config: Config,
     pub config_path: PathBuf,
-    pub keys_path: PathBuf,
     /// Where the keys were read from, and where key changes are written.
     pub store: Store,
     /// For a Redis store: the version the keys were read at.
@@ -312,7 +311,6 @@ impl Snapshot {
             admin_tokens: compiled.admin_tokens,
 
             listeners: compiled.listeners,
-            keys_path: config.keys_path(ctx.config_path),
             store: compiled.store,
             store_version: None,
             shared_limits: compiled.shared_limits,
