@@ -20,12 +20,15 @@
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
 //!   [`pipeline::lockout`], [`pipeline::authorize`] (with [`pipeline::scope`]),
-//!   [`pipeline::quota`], [`pipeline::rate_limit`], [`pipeline::usage`], [`pipeline::forward`].
+//!   [`pipeline::quota`], [`pipeline::rate_limit`] (or [`pipeline::shared_limit`], through
+//!   Redis), [`pipeline::usage`], [`pipeline::forward`] (with its upstream pool).
 //! - [`rejection`]: every refusal and its one mapping to a response.
 //! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.
 //! - [`config`]: documented config types, YAML loading, located errors.
-//! - [`reload`]: file watch and reload.
-//! - [`keys`]: key format, key records, the atomic key store, lifecycle operations.
+//! - [`reload`]: file watch and reload, and following a Redis store's changes.
+//! - [`keys`]: key format, key records, the atomic key store (a file, or Redis), lifecycle
+//!   operations.
+//! - [`shared_usage`]: usage summed over nodes through Redis.
 //! - [`admin`]: the admin listener and its key-management API.
 //! - [`audit`]: the append-only audit log.
 //! - [`metrics`]: Prometheus counters and histograms; [`alerts`]: rules, webhook.
@@ -47,5 +50,6 @@ pub mod pipeline;
 pub mod rejection;
 pub mod reload;
 pub mod server;
+pub mod shared_usage;
 pub mod snapshot;
 pub mod tls;

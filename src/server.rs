@@ -311,6 +311,10 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
             gateway.clone(),
             rest_stop.clone(),
         )));
+        rest.push(tokio::spawn(crate::shared_usage::run(
+            gateway.clone(),
+            rest_stop.clone(),
+        )));
     }
     if watch {
         match crate::reload::watch_files(gateway.clone(), rest_stop.clone()) {

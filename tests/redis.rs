@@ -328,3 +328,47 @@ async fn each_fail_mode_holds_while_redis_is_down_and_recovers_by_itself() {
         gw.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_adds_up_across_nodes() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let a = node(&up, &redis, "").await;
+    let b = node(&up, &redis, "").await;
+    let (id, secret) = create(
+        &a,
+        serde_json::json!({"name": "busy", "scopes": ["read:/v1/**"]}),
+    )
+    .await;
+    until(&b, &secret, 200, Duration::from_secs(1)).await;
+    // 3 through A (one refused for its scope) and 4 through B; plus B's first probe above.
+    for path in ["/v1/a", "/v1/b", "/admin/c"] {
+        send(Req::get(a.proxy, path).bearer(&secret)).await;
+    }
+    for _ in 0..4 {
+        send(Req::get(b.proxy, "/v1/d").bearer(&secret)).await;
+    }
+    // Each node pushes once a second: both views converge on the sum.
+    for gw in [&a, &b] {
+        let path = format!("/v1/api-keys/{id}/usage");
+        let summed = eventually(Duration::from_secs(5), async || {
+            let v = send(Req::get(gw.admin, &path).bearer(ADMIN_TOKEN))
+                .await
+                .json();
+            v["requests_today"] == 8 && v["refused_today"] == 1
+        })
+        .await;
+        let v = send(Req::get(gw.admin, &path).bearer(ADMIN_TOKEN))
+            .await
+            .json();
+        assert!(summed, "{v}");
+        assert_eq!(v["by_code_today"]["scope_denied"], 1, "{v}");
+        assert_eq!(v["last_used_ip"], "127.0.0.1");
+        let listed = send(Req::get(gw.admin, "/v1/api-keys").bearer(ADMIN_TOKEN))
+            .await
+            .json();
+        assert_eq!(listed["keys"][0]["requests_today"], 8, "{listed}");
+    }
+    a.stop().await;
+    b.stop().await;
+}

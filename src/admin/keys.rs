@@ -4,7 +4,7 @@
 //! Writes go through the same lifecycle module as the CLI, on a blocking thread, and the
 //! gateway reloads before answering, so a change is live when the API says it is done.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use http::header::{HeaderValue, LOCATION};
 use http::{Response, StatusCode};
@@ -13,8 +13,10 @@ use serde::Deserialize;
 use super::{json, Call};
 use crate::audit::{self, AuditEvent};
 use crate::body::ResponseBody;
+use crate::clock::rfc3339;
 use crate::keys::lifecycle::Op;
 use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status};
+use crate::pipeline::usage::UsageReport;
 use crate::rejection::Rejection;
 use crate::reload::Trigger;
 
@@ -122,6 +124,64 @@ async fn records(call: &Call<'_>) -> Result<Vec<KeyRecord>, Rejection> {
         .map_err(|_| Rejection::Internal)?
         .map(|(file, _)| file.keys)
         .map_err(Rejection::StoreInvalid)
+}
+
+/// With a Redis store: today's usage of `ids` summed over every node. Empty otherwise, or
+/// when Redis cannot be reached (then each view shows this node's own counts).
+async fn shared_usage(call: &Call<'_>, ids: Vec<String>) -> HashMap<String, UsageReport> {
+    let snapshot = call.gw.snapshot.load_full();
+    if snapshot.store.redis().is_none() {
+        return HashMap::new();
+    }
+    let now = call.gw.clock.unix_secs();
+    let read = tokio::task::spawn_blocking(move || match snapshot.store.redis() {
+        Some(redis) => crate::shared_usage::read(redis, &ids, now),
+        None => Ok(HashMap::new()),
+    });
+    match read.await {
+        Ok(Ok(map)) => map,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "usage across nodes unavailable; showing this node's");
+            HashMap::new()
+        }
+        Err(_) => HashMap::new(),
+    }
+}
+
+/// `shared` (usage over every node) with this node's per-minute series, and the later of
+/// the two last uses (this node's may not be pushed yet).
+fn merged(mut shared: UsageReport, local: UsageReport) -> UsageReport {
+    shared.series = local.series;
+    let local_at = local.last_use.as_ref().map(|u| u.at);
+    if local_at > shared.last_use.as_ref().map(|u| u.at) {
+        shared.last_use = local.last_use;
+    }
+    shared
+}
+
+/// A view with usage summed over every node, when there is such a sum.
+fn with_shared(
+    call: &Call<'_>,
+    mut v: serde_json::Value,
+    shared: Option<&UsageReport>,
+) -> serde_json::Value {
+    let (Some(shared), Some(id)) = (shared, v["id"].as_str()) else {
+        return v;
+    };
+    let now = call.gw.clock.unix_secs();
+    let local = call
+        .gw
+        .usage
+        .get(id)
+        .map(|u| u.report(now))
+        .unwrap_or_default();
+    let r = merged(shared.clone(), local);
+    let counts = r.counts_json();
+    v["requests_today"] = counts["requests_today"].clone();
+    v["error_rate"] = counts["error_rate"].clone();
+    v["last_used_at"] = r.last_use.as_ref().map(|u| rfc3339(u.at)).into();
+    v["last_used_ip"] = r.last_use.as_ref().and_then(|u| u.ip.clone()).into();
+    v
 }
 
 /// A key's record as the API shows it, with today's request count and error rate.
@@ -289,7 +349,11 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
     let next_cursor = (start + page.len() < keys.len())
         .then(|| page.last().map(|r| format!("{}~{}", r.created_at, r.id)))
         .flatten();
-    let views: Vec<_> = page.iter().map(|r| view(call, r)).collect();
+    let shared = shared_usage(call, page.iter().map(|r| r.id.clone()).collect()).await;
+    let views: Vec<_> = page
+        .iter()
+        .map(|r| with_shared(call, view(call, r), shared.get(&r.id)))
+        .collect();
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"keys": views, "next_cursor": next_cursor}),
@@ -303,7 +367,11 @@ pub(crate) async fn get(call: &Call<'_>) -> Answer {
         .iter()
         .find(|r| r.id == call.id)
         .ok_or(Rejection::KeyNotFound)?;
-    Ok(json(StatusCode::OK, &view(call, record)))
+    let shared = shared_usage(call, vec![record.id.clone()]).await;
+    Ok(json(
+        StatusCode::OK,
+        &with_shared(call, view(call, record), shared.get(&record.id)),
+    ))
 }
 
 /// `POST /v1/api-keys`: 201 with the record and, this once, the secret.
@@ -503,15 +571,26 @@ pub(crate) async fn audit(call: &Call<'_>, query: &str) -> Answer {
     Ok(json(StatusCode::OK, &serde_json::json!({"events": events})))
 }
 
-/// A key's usage report as JSON, with its quota's state when it has one.
-fn usage_json(call: &Call<'_>, id: &str, namespace: &str, now: i64) -> serde_json::Value {
+/// A key's usage report as JSON, with its quota's state when it has one. `shared`: its usage
+/// summed over every node, when the store is in Redis.
+fn usage_json(
+    call: &Call<'_>,
+    id: &str,
+    namespace: &str,
+    now: i64,
+    shared: Option<UsageReport>,
+) -> serde_json::Value {
     let snapshot = call.gw.snapshot.load();
-    let report = call
+    let local = call
         .gw
         .usage
         .get(id)
         .map(|u| u.report(now))
         .unwrap_or_default();
+    let report = match shared {
+        Some(shared) => merged(shared, local),
+        None => local,
+    };
     let mut v = report.to_json(now);
     v["key_id"] = id.into();
     v["namespace"] = namespace.into();
@@ -537,9 +616,12 @@ pub(crate) async fn key_usage(call: &Call<'_>) -> Answer {
         .find(|r| r.id == call.id)
         .ok_or(Rejection::KeyNotFound)?;
     let now = call.gw.clock.unix_secs();
+    let shared = shared_usage(call, vec![record.id.clone()])
+        .await
+        .remove(&record.id);
     Ok(json(
         StatusCode::OK,
-        &usage_json(call, &record.id, &record.namespace, now),
+        &usage_json(call, &record.id, &record.namespace, now, shared),
     ))
 }
 

@@ -56,6 +56,7 @@ pub struct RedisStore {
     client: redis::Client,
     /// The URL without any password, for messages.
     shown: String,
+    prefix: String,
     keys: String,
     version: String,
     lock: String,
@@ -70,6 +71,7 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             shown: redact(url),
+            prefix: prefix.to_string(),
             keys: format!("{prefix}:keys"),
             version: format!("{prefix}:version"),
             lock: format!("{prefix}:lock"),
@@ -84,6 +86,16 @@ impl RedisStore {
 
     pub fn client(&self) -> &redis::Client {
         &self.client
+    }
+
+    /// The prefix of keygate's Redis keys.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A synchronous connection with timeouts, for blocking threads.
+    pub fn connection(&self) -> Result<redis::Connection, String> {
+        self.connect()
     }
 
     /// The channel every write publishes its version on.

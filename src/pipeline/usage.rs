@@ -243,30 +243,24 @@ impl KeyUsage {
             }
             None => (vec![0; SLOTS], Vec::new(), None),
         };
-        let today = |slot: usize| totals[slot].saturating_sub(day_base[slot]);
+        let today: Vec<u64> = totals
+            .iter()
+            .zip(&day_base)
+            .map(|(t, b)| t.saturating_sub(*b))
+            .collect();
         let mut series = series;
         if let Some(m) = current.filter(|m| m.accepted + m.refused + m.errors > 0) {
             series.push(m);
         }
-        let by_code: BTreeMap<&'static str, u64> = CODES
-            .iter()
-            .enumerate()
-            .map(|(i, code)| (*code, today(BY_CODE + i)))
-            .filter(|(_, n)| *n > 0)
-            .collect();
         UsageReport {
-            accepted: today(ACCEPTED),
-            refused: today(REFUSED),
-            upstream_4xx: today(UPSTREAM_4XX),
-            upstream_5xx: today(UPSTREAM_5XX),
-            failed: today(FAILED),
-            upstream_errors: today(UPSTREAM_5XX)
-                + today(BY_CODE + Rejection::UpstreamUnavailable.index())
-                + today(BY_CODE + Rejection::UpstreamTimeout.index()),
-            by_code,
             series,
-            last_use: self.last_use(),
+            ..UsageReport::from_slots(&today, self.last_use())
         }
+    }
+
+    /// Every counter since the process started (or since the usage file's), slot by slot.
+    pub fn slots(&self) -> Vec<u64> {
+        self.totals().unwrap_or_else(|| vec![0; SLOTS])
     }
 
     fn save(&self) -> Option<SavedUsage> {
@@ -346,6 +340,30 @@ pub struct UsageReport {
 }
 
 impl UsageReport {
+    /// A report from one day's counters, slot by slot (missing slots count 0), without a
+    /// per-minute series.
+    pub fn from_slots(today: &[u64], last_use: Option<LastUse>) -> UsageReport {
+        let at = |slot: usize| today.get(slot).copied().unwrap_or(0);
+        UsageReport {
+            accepted: at(ACCEPTED),
+            refused: at(REFUSED),
+            upstream_4xx: at(UPSTREAM_4XX),
+            upstream_5xx: at(UPSTREAM_5XX),
+            failed: at(FAILED),
+            upstream_errors: at(UPSTREAM_5XX)
+                + at(BY_CODE + Rejection::UpstreamUnavailable.index())
+                + at(BY_CODE + Rejection::UpstreamTimeout.index()),
+            by_code: CODES
+                .iter()
+                .enumerate()
+                .map(|(i, code)| (*code, at(BY_CODE + i)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            series: Vec::new(),
+            last_use,
+        }
+    }
+
     pub fn requests(&self) -> u64 {
         self.accepted + self.refused
     }
