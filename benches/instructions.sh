@@ -30,19 +30,9 @@ target/release/examples/perf_setup "$WORK/gw" 10000 >/dev/null
 # of the measured window unless HOUSEKEEPING=1 asks for it (then every 5 s, the default).
 [[ -n "${HOUSEKEEPING:-}" ]] || printf 'usage:\n  flush_interval: 1h\n' >> "$WORK/gw/keygate.yaml"
 
-cat > "$WORK/upstream.conf" <<NGX
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  client_body_temp_path $WORK/b; proxy_temp_path $WORK/p; fastcgi_temp_path $WORK/f;
-  uwsgi_temp_path $WORK/u; scgi_temp_path $WORK/s;
-  server { listen 127.0.0.1:18080; location / { return 200 '{"ok":true}'; } }
-}
-NGX
+# shellcheck source=benches/upstream.sh
+source benches/upstream.sh
+write_upstream_conf "$WORK"
 nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' &
 PIDS+=($!)
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.out" \

@@ -32,19 +32,9 @@ cp "$WORK/gw/keygate.yaml" "$WORK/gw/local.yaml"
 cp "$WORK/gw/keygate.yaml" "$WORK/gw/redis.yaml"
 printf 'rate_limit: {backend: redis, url: "redis://127.0.0.1:16399/0", fail_mode: closed}\n' >> "$WORK/gw/redis.yaml"
 
-cat > "$WORK/upstream.conf" <<NGX
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  client_body_temp_path $WORK/b; proxy_temp_path $WORK/p; fastcgi_temp_path $WORK/f;
-  uwsgi_temp_path $WORK/u; scgi_temp_path $WORK/s;
-  server { listen 127.0.0.1:18080; location / { return 200 '{"ok":true}'; } }
-}
-NGX
+# shellcheck source=benches/upstream.sh
+source benches/upstream.sh
+write_upstream_conf "$WORK"
 taskset -c 0 nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' &
 PIDS+=($!)
 taskset -c 0 redis-server --port 16399 --bind 127.0.0.1 --save '' --appendonly no >/dev/null &

@@ -148,6 +148,15 @@ async fn shared_usage(call: &Call<'_>, ids: Vec<String>) -> HashMap<String, Usag
     }
 }
 
+/// A key's usage as this node counted it.
+fn local_usage(call: &Call<'_>, id: &str, now: i64) -> UsageReport {
+    call.gw
+        .usage
+        .get(id)
+        .map(|u| u.report(now))
+        .unwrap_or_default()
+}
+
 /// `shared` (usage over every node) with this node's per-minute series, and the later of
 /// the two last uses (this node's may not be pushed yet).
 fn merged(mut shared: UsageReport, local: UsageReport) -> UsageReport {
@@ -169,13 +178,7 @@ fn with_shared(
         return v;
     };
     let now = call.gw.clock.unix_secs();
-    let local = call
-        .gw
-        .usage
-        .get(id)
-        .map(|u| u.report(now))
-        .unwrap_or_default();
-    let r = merged(shared.clone(), local);
+    let r = merged(shared.clone(), local_usage(call, id, now));
     let counts = r.counts_json();
     v["requests_today"] = counts["requests_today"].clone();
     v["error_rate"] = counts["error_rate"].clone();
@@ -189,13 +192,7 @@ fn view(call: &Call<'_>, record: &KeyRecord) -> serde_json::Value {
     let quiet = call.gw.snapshot.load().config.quiet_period_secs();
     let now = call.gw.clock.unix_secs();
     let mut v = record.view(now, call.gw.usage.last_use(&record.id).as_ref(), quiet);
-    let today = call
-        .gw
-        .usage
-        .get(&record.id)
-        .map(|u| u.report(now))
-        .unwrap_or_default();
-    let counts = today.counts_json();
+    let counts = local_usage(call, &record.id, now).counts_json();
     v["requests_today"] = counts["requests_today"].clone();
     v["error_rate"] = counts["error_rate"].clone();
     v
@@ -581,12 +578,7 @@ fn usage_json(
     shared: Option<UsageReport>,
 ) -> serde_json::Value {
     let snapshot = call.gw.snapshot.load();
-    let local = call
-        .gw
-        .usage
-        .get(id)
-        .map(|u| u.report(now))
-        .unwrap_or_default();
+    let local = local_usage(call, id, now);
     let report = match shared {
         Some(shared) => merged(shared, local),
         None => local,

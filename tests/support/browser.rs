@@ -166,15 +166,8 @@ impl Browser {
                 }
             }
             if Instant::now() >= deadline {
-                // What the page looked like, for whoever reads the failure.
-                let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("target/console/failure.png");
-                self.screenshot(&shot).await;
-                panic!(
-                    "no visible element matches {css:?} on {} (screenshot: {})",
-                    self.url().await,
-                    shot.display()
-                );
+                let what = format!("no visible element matches {css:?} on {}", self.url().await);
+                self.fail(&what).await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -258,13 +251,7 @@ impl Browser {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.eval(script).await != Value::Bool(true) {
             if Instant::now() >= deadline {
-                let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("target/console/failure.png");
-                self.screenshot(&shot).await;
-                panic!(
-                    "timed out waiting until {what} (screenshot: {})",
-                    shot.display()
-                );
+                self.fail(&format!("timed out waiting until {what}")).await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -277,6 +264,13 @@ impl Browser {
             .as_str()
             .unwrap_or_default()
             .to_string()
+    }
+
+    /// Fails the test with `what`, saving what the page looked like for whoever reads it.
+    async fn fail(&self, what: &str) -> ! {
+        let shot = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console/failure.png");
+        self.screenshot(&shot).await;
+        panic!("{what} (screenshot: {})", shot.display());
     }
 
     /// Writes a PNG screenshot of the viewport to `path`.
