@@ -74,21 +74,25 @@ pub async fn reload(
     if !trigger.forced() && Fingerprint::current(&current) == current.fingerprint {
         return Ok(outcome_of(&current));
     }
+    // Built and installed on a blocking thread: request threads only ever see the swap.
     let builder = gw.clone();
-    let built = tokio::task::spawn_blocking(move || builder.build_next())
-        .await
-        .unwrap_or_else(|e| {
-            Err(vec![ConfigError::whole_file(
-                &gw.config_path,
-                format!("reload task failed: {e}"),
-            )])
-        });
+    let built = tokio::task::spawn_blocking(move || {
+        let snapshot = builder.build_next()?;
+        let outcome = outcome_of(&snapshot);
+        builder.install(snapshot);
+        Ok(outcome)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(vec![ConfigError::whole_file(
+            &gw.config_path,
+            format!("reload task failed: {e}"),
+        )])
+    });
     let actor = trigger.actor();
     let now = gw.clock.unix_secs();
     match built {
-        Ok(snapshot) => {
-            let outcome = outcome_of(&snapshot);
-            gw.install(snapshot);
+        Ok(outcome) => {
             gw.reloads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 actor,

@@ -58,6 +58,9 @@ pub struct Gateway {
     pub reload_failures: AtomicU64,
     /// Set when shutdown begins: `/readyz` turns unready.
     pub draining: AtomicBool,
+    /// Snapshots replaced while requests still held them, freed off the request threads
+    /// once nothing else does (see [`Gateway::install`]).
+    retired: std::sync::Mutex<Vec<Arc<Snapshot>>>,
 }
 
 impl Gateway {
@@ -115,6 +118,7 @@ impl Gateway {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            retired: std::sync::Mutex::new(Vec::new()),
         }))
     }
 
@@ -132,7 +136,8 @@ impl Gateway {
         })
     }
 
-    /// Puts a built snapshot in force.
+    /// Puts a built snapshot in force. Blocking: with many keys, the bookkeeping and freeing
+    /// the old snapshot take tens of milliseconds, which must not stall a request thread.
     pub(crate) fn install(&self, snapshot: Snapshot) {
         for (resolver, set, what) in [
             (&self.proxy_certs, &snapshot.proxy_certs, "proxy"),
@@ -151,7 +156,19 @@ impl Gateway {
         self.usage.retain(|id| snapshot.has_key_id(id));
         self.metrics
             .retain_routes(|name| snapshot.routes.has_name(name));
-        self.snapshot.store(Arc::new(snapshot));
+        let old = self.snapshot.swap(Arc::new(snapshot));
+        // Requests still running on the old snapshot hold it, and the last of them would free
+        // it on a request thread. It is kept here instead, and freed by the next install or
+        // housekeeping once nothing else holds it.
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.push(old);
+        retired.retain(|s| Arc::strong_count(s) > 1);
+    }
+
+    /// Frees the retired snapshots nothing holds any more. Blocking.
+    fn free_retired(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|s| Arc::strong_count(s) > 1);
     }
 
     /// Rolls usage forward, sweeps lockouts, evaluates alerts, flushes usage and closes the
@@ -181,6 +198,7 @@ impl Gateway {
             tracing::warn!(error = %e, "usage flush failed; will retry");
         }
         self.audit.sweep(now);
+        self.free_retired();
         for client in &snapshot.clients {
             client.reap();
         }
