@@ -495,6 +495,18 @@ async fn accept_loop(
                 let _slot = slot;
                 let result = match tls {
                     None => {
+                        // A connection that sends nothing at all is closed after the header
+                        // read timeout too (hyper's timer starts at the first byte), so idle
+                        // sockets cannot hold the connection slots.
+                        let mut first = [0u8; 1];
+                        match tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await
+                        {
+                            Ok(Ok(n)) if n > 0 => {}
+                            _ => {
+                                tracing::debug!("no request within the header read timeout");
+                                return;
+                            }
+                        }
                         watcher
                             .watch(
                                 builder
