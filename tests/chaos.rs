@@ -1,0 +1,300 @@
+//! Chaos under load: the real binary serves a bounded load on loopback while it is reloaded
+//! 100 times (admin API and SIGHUP), keys are created and revoked, the upstream is killed and
+//! restarted, and the config is broken and fixed. The only failures counted as expected are
+//! those the contract predicts: 502 while the upstream is down, and 401 `revoked_key` for a
+//! key being revoked. Anything else is lost. Memory must stay flat.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use support::process::Process;
+use support::*;
+
+/// An upstream on a fixed port that can be stopped (every connection closed) and started.
+struct Restartable {
+    addr: SocketAddr,
+    stop: Option<watch::Sender<bool>>,
+}
+
+impl Restartable {
+    async fn start_on(addr: SocketAddr) -> Restartable {
+        let listener = loop {
+            // The port was ours a moment ago; it may take a moment to be free again.
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            let mut accept_stopped = stopped.clone();
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                    _ = accept_stopped.changed() => return,
+                };
+                let mut conn_stopped = stopped.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"{\"ok\":true}"),
+                        )))
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn_stopped.changed() => {}
+                    }
+                });
+            }
+        });
+        Restartable {
+            addr,
+            stop: Some(stop),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(true);
+        }
+    }
+}
+
+/// A non-panicking request: the status and code, or None if no answer came within 5 s.
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> Option<(u16, String, serde_json::Value)> {
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.ok()?.to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let code = json["code"].as_str().unwrap_or_default().to_string();
+    Some((status, code, json))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Restartable::start_on("127.0.0.1:0".parse().unwrap()).await;
+    let up_addr = upstream.addr;
+    let good_config = config_yaml(
+        &route("/", up_addr, "production", ""),
+        "usage:\n  flush_interval: 200ms\nupstream:\n  connect_timeout: 500ms\n",
+    );
+    let config_path = dir.path().join("keygate.yaml");
+    write(&config_path, &good_config);
+    let stable: Vec<String> = (0..20)
+        .map(|_| {
+            process::create_key_json(dir.path(), &[])["key"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let gw = Process::spawn(&["--config", "keygate.yaml", "serve"], dir.path(), &[]);
+    let (proxy, admin) = gw.addresses();
+
+    // Shared state: whether the upstream is down (or just changed), and the churned keys.
+    let upstream_unsettled = Arc::new(AtomicBool::new(false));
+    let churn: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let lost: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sent = Arc::new(AtomicU64::new(0));
+
+    // Warm up, then take the memory baseline.
+    for key in &stable {
+        assert_eq!(call(proxy, "GET", "/v1/x", key, "").await.unwrap().0, 200);
+    }
+    let rss_before = gw.memory_kb("VmRSS");
+
+    let mut load = Vec::new();
+    for worker in 0..6usize {
+        let (stable, churn, stop, outcomes, lost, sent, unsettled) = (
+            stable.clone(),
+            churn.clone(),
+            stop.clone(),
+            outcomes.clone(),
+            lost.clone(),
+            sent.clone(),
+            upstream_unsettled.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut n = worker;
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
+                n += 1;
+                let churned = if n % 3 == 0 {
+                    let c = churn.lock().unwrap();
+                    (!c.is_empty()).then(|| c[n % c.len()].clone())
+                } else {
+                    None
+                };
+                let key = churned
+                    .clone()
+                    .unwrap_or_else(|| stable[n % stable.len()].clone());
+                let was_unsettled = unsettled.load(Ordering::SeqCst);
+                let answer = call(proxy, "GET", "/v1/x", &key, "").await;
+                let unsettled = was_unsettled || unsettled.load(Ordering::SeqCst);
+                sent.fetch_add(1, Ordering::Relaxed);
+                let label = match &answer {
+                    Some((200, _, _)) => "200".to_string(),
+                    Some((s, code, _)) => format!("{s} {code}"),
+                    None => "no answer".to_string(),
+                };
+                let expected = match &answer {
+                    Some((200, _, _)) => true,
+                    Some((502, code, _)) => unsettled && code == "upstream_unavailable",
+                    Some((401, code, _)) => churned.is_some() && code == "revoked_key",
+                    _ => false,
+                };
+                *outcomes.lock().unwrap().entry(label.clone()).or_default() += 1;
+                if !expected {
+                    lost.lock()
+                        .unwrap()
+                        .push(format!("{label} (churned key: {})", churned.is_some()));
+                }
+            }
+        }));
+    }
+
+    // The chaos, all bounded.
+    let started = Instant::now();
+    let mut reloads = 0;
+    let mut rss_half = 0;
+    let (mut created, mut revoked, mut restarts, mut broken) = (0, 0, 0, 0);
+    for round in 0..50 {
+        // Two reloads a round: one through the admin API, one by SIGHUP.
+        let r = call(admin, "POST", "/v1/reload", ADMIN_TOKEN, "")
+            .await
+            .unwrap();
+        assert_eq!(r.0, 200, "{:?}", r.2);
+        gw.signal("HUP");
+        reloads += 2;
+        // Churn: a new key, and the oldest churned key revoked.
+        let made = call(
+            admin,
+            "POST",
+            "/v1/api-keys",
+            ADMIN_TOKEN,
+            r#"{"namespace":"acme","environment":"production"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(made.0, 201, "{:?}", made.2);
+        churn
+            .lock()
+            .unwrap()
+            .push(made.2["key"].as_str().unwrap().to_string());
+        created += 1;
+        if round % 2 == 1 {
+            let id = made.2["id"].as_str().unwrap().to_string();
+            let r = call(
+                admin,
+                "DELETE",
+                &format!("/v1/api-keys/{id}"),
+                ADMIN_TOKEN,
+                "",
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.0, 200);
+            revoked += 1;
+        }
+        // Every 10 rounds: kill the upstream and bring it back.
+        if round % 10 == 5 {
+            upstream_unsettled.store(true, Ordering::SeqCst);
+            upstream.stop();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            upstream = Restartable::start_on(up_addr).await;
+            restarts += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            upstream_unsettled.store(false, Ordering::SeqCst);
+        }
+        // Every 10 rounds: break the config; the reload is refused and the old one serves.
+        if round % 10 == 8 {
+            write(&config_path, "routes: [this is not a route\n");
+            let r = call(admin, "POST", "/v1/reload", ADMIN_TOKEN, "")
+                .await
+                .unwrap();
+            assert_eq!((r.0, r.1.as_str()), (422, "invalid_config"));
+            write(&config_path, &good_config);
+            let r = call(admin, "POST", "/v1/reload", ADMIN_TOKEN, "")
+                .await
+                .unwrap();
+            assert_eq!(r.0, 200);
+            broken += 1;
+            reloads += 2;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        if round == 24 {
+            rss_half = gw.memory_kb("VmRSS");
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        task.await.expect("no load task panicked");
+    }
+    let rss_after = gw.memory_kb("VmRSS");
+    let outcomes = outcomes.lock().unwrap().clone();
+    let lost = lost.lock().unwrap().clone();
+    eprintln!(
+        "chaos: {} requests in {:?}; {reloads} reloads, {created} keys created, {revoked} revoked, \
+         {restarts} upstream restarts, {broken} broken configs; answers {outcomes:?}; \
+         {} unexpected; RSS {rss_before} kB, {rss_half} kB half-way, {rss_after} kB at the end",
+        sent.load(Ordering::Relaxed),
+        started.elapsed(),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "unexpected answers: {:?}",
+        &lost[..lost.len().min(20)]
+    );
+    assert!(reloads >= 100);
+    // Flat: the first reloads and connections settle the allocator's pools; the second half
+    // of the run must not keep growing.
+    assert!(
+        rss_after < rss_half + 8 * 1024,
+        "memory grew from {rss_half} kB half-way to {rss_after} kB"
+    );
+    assert!(gw
+        .output
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|l| !l.contains("panicked")));
+    drop(gw);
+}
