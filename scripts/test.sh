@@ -15,6 +15,9 @@ for pair in "curl:curl" "pkg-config:pkg-config" "chromium:chromium" "chromedrive
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
+# The API conformance run (schemathesis, from PyPI) needs Python with venv.
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   log "installing ${need_apt[*]}"
   sudo_cmd=""
@@ -37,3 +40,6 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "cargo test"
 # One build serves every suite; the suites themselves bound their own time.
 cargo test
+
+log "API conformance: schemathesis against the admin API's OpenAPI document"
+./scripts/conformance.sh

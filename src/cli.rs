@@ -559,6 +559,7 @@ fn flag_error(e: KeyError) -> String {
                 "burst" => "--burst",
                 "name" => "--name",
                 "note" => "--note",
+                "grace_seconds" => "--grace",
                 other => other,
             };
             format!("{flag}: {message}")

@@ -519,8 +519,8 @@ async fn listing_filters_searches_and_pages() {
         admin(&gw, "GET", "/v1/api-keys?status=&limit=", None)
             .await
             .status,
-        200,
-        "empty means default"
+        400,
+        "an empty status or limit is refused, as the OpenAPI document says"
     );
     assert_eq!(
         admin(&gw, "GET", "/v1/api-keys?status=bogus", None)
@@ -901,5 +901,74 @@ async fn the_openapi_document_matches_the_router_both_ways() {
     documented.sort();
     served.sort();
     assert_eq!(documented, served);
+    gw.stop().await;
+}
+
+/// Regressions for what schemathesis found against the OpenAPI document.
+#[tokio::test]
+async fn conformance_findings_stay_fixed() {
+    let (_up, gw) = setup().await;
+    // A long environment name made a key prefix past the format's limit: a 500 (and, in a
+    // release build, a key that could never be used). Now a 400 naming the field.
+    let long_env = "e".repeat(31);
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"namespace": "acme", "environment": long_env})),
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (400, "invalid_request".into())
+    );
+    assert_eq!(r.json()["field"], "environment");
+    // A body that is not a JSON object was read by position into the fields.
+    let made = admin(
+        &gw,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"namespace": "acme", "environment": "production"})),
+    )
+    .await;
+    let id = made.json()["id"].as_str().unwrap().to_string();
+    let r = admin(
+        &gw,
+        "PATCH",
+        &format!("/v1/api-keys/{id}"),
+        Some(json!([null, null])),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["detail"].as_str().unwrap().contains("JSON object"));
+    // A whole number written as 4048.0 is an integer, as JSON Schema says.
+    let r = admin(
+        &gw,
+        "POST",
+        &format!("/v1/api-keys/{id}/rotate"),
+        Some(json!({"grace_seconds": 4048.0})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // A grace so long that the expiry overflowed.
+    let r = admin(
+        &gw,
+        "POST",
+        &format!("/v1/api-keys/{id}/rotate"),
+        Some(json!({"grace_seconds": 140_737_488_355_329u64})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.json()["field"], "grace_seconds");
+    // An empty number is not a number.
+    for path in [
+        "/v1/usage?top=",
+        "/v1/api-keys?limit=",
+        "/v1/audit?limit=",
+        "/v1/api-keys?status=",
+    ] {
+        let r = admin(&gw, "GET", path, None).await;
+        assert_eq!(r.status, 400, "{path}");
+    }
     gw.stop().await;
 }

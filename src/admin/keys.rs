@@ -275,7 +275,7 @@ fn limit_param(
     default: usize,
     max: usize,
 ) -> Result<usize, Rejection> {
-    match params.get("limit").filter(|v| !v.is_empty()) {
+    match params.get("limit") {
         None => Ok(default),
         Some(v) => v
             .parse::<usize>()
@@ -293,11 +293,7 @@ fn limit_param(
 /// `GET /v1/api-keys?status=&search=&namespace=&limit=&cursor=`, newest first.
 pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
     let params = query_params(query);
-    let status = params
-        .get("status")
-        .map(String::as_str)
-        .filter(|s| !s.is_empty())
-        .unwrap_or("active");
+    let status = params.get("status").map(String::as_str).unwrap_or("active");
     if !["active", "inactive", "expired", "revoked", "all"].contains(&status) {
         return Err(bad_param(
             "status",
@@ -641,7 +637,7 @@ impl Totals {
 /// keys by traffic and by error rate.
 pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
     let params = query_params(query);
-    let top = match params.get("top").filter(|v| !v.is_empty()) {
+    let top = match params.get("top") {
         None => 10,
         Some(v) => v
             .parse::<usize>()

@@ -272,8 +272,23 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Rejection> {
     }
 }
 
+/// Reads a JSON object into `T`. Anything but an object is refused (serde would otherwise
+/// read a struct from an array, by position), and a whole number written with a fraction of
+/// zero (`30.0`) reads as the integer it is, as JSON Schema's `integer` says.
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
-    serde_json::from_slice(bytes).map_err(|e| {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidRequest {
+            field: None,
+            detail: format!("invalid JSON body: {e}"),
+        })?;
+    if !value.is_object() {
+        return Err(Rejection::InvalidRequest {
+            field: None,
+            detail: "the body must be a JSON object".into(),
+        });
+    }
+    whole_numbers(&mut value);
+    serde_json::from_value(value).map_err(|e| {
         let detail = e.to_string();
         let field = detail
             .split('`')
@@ -285,6 +300,24 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
             detail: format!("invalid JSON body: {detail}"),
         }
     })
+}
+
+/// Turns every number with a zero fraction (`4048.0`) into the integer it is.
+fn whole_numbers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
+                if (0.0..=u64::MAX as f64).contains(&f) {
+                    *value = serde_json::Value::from(f as u64);
+                } else if (i64::MIN as f64..0.0).contains(&f) {
+                    *value = serde_json::Value::from(f as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(whole_numbers),
+        _ => {}
+    }
 }
 
 /// The name of the admin token presented, or a refusal. Every configured token is compared,

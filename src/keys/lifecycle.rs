@@ -77,6 +77,9 @@ pub struct ImportEntry {
     pub scopes: Vec<String>,
 }
 
+/// The longest grace a rotation may give the old key: ten years.
+pub const MAX_GRACE_SECS: u64 = 10 * 365 * 86_400;
+
 fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
     KeyError::Invalid {
         field,
@@ -222,6 +225,16 @@ fn not_revoked(record: &KeyRecord) -> Result<(), KeyError> {
 
 /// A fresh secret with `prefix`, and its `sha256:` hash text.
 fn new_secret(prefix: &str) -> Result<(String, String), KeyError> {
+    // The namespace's prefix and a long environment name can add up past the format's limit.
+    if !format::valid_prefix(prefix) {
+        return Err(invalid(
+            "environment",
+            format!(
+                "keys of this namespace and environment would start `{prefix}_`, longer than the {} characters a key prefix may have: use a shorter environment name (or namespace prefix)",
+                format::MAX_PREFIX_LEN
+            ),
+        ));
+    }
     let secret = format::generate(prefix).map_err(|e| KeyError::Random(e.to_string()))?;
     let hash = hex(&format::hash(&secret));
     Ok((secret, hash))
@@ -329,6 +342,12 @@ pub fn rotate(
     id: &str,
     grace_secs: u64,
 ) -> Result<(KeyRecord, String, KeyRecord), KeyError> {
+    if grace_secs > MAX_GRACE_SECS {
+        return Err(invalid(
+            "grace_seconds",
+            format!("a grace of at most {MAX_GRACE_SECS} seconds (10 years)"),
+        ));
+    }
     transact(op.store, |file| {
         let at = file
             .keys
