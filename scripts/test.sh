@@ -43,3 +43,6 @@ cargo test
 
 log "API conformance: schemathesis against the admin API's OpenAPI document"
 ./scripts/conformance.sh
+
+log "fuzzing: each target briefly (FUZZ_SECS, default 10 s)"
+./scripts/fuzz.sh
