@@ -70,6 +70,39 @@ pub(crate) struct PatchBody {
     note: Option<Option<String>>,
 }
 
+impl From<CreateBody> for NewKey {
+    fn from(body: CreateBody) -> NewKey {
+        NewKey {
+            namespace: body.namespace,
+            environment: body.environment,
+            name: body.name,
+            scopes: body.scopes,
+            allowed_cidrs: body.allowed_cidrs,
+            rate_limit: body.rate_limit,
+            burst: body.burst,
+            quota: body.quota,
+            expires: body.expires_at,
+            note: body.note,
+        }
+    }
+}
+
+impl From<PatchBody> for KeyPatch {
+    /// `null` clears: an empty name, list or note.
+    fn from(body: PatchBody) -> KeyPatch {
+        KeyPatch {
+            name: body.name.map(Option::unwrap_or_default),
+            scopes: body.scopes.map(Option::unwrap_or_default),
+            allowed_cidrs: body.allowed_cidrs.map(Option::unwrap_or_default),
+            rate_limit: body.rate_limit,
+            burst: body.burst,
+            quota: body.quota,
+            expires: body.expires_at,
+            note: body.note.map(Option::unwrap_or_default),
+        }
+    }
+}
+
 /// Tells a present `null` (`Some(None)`) from an absent field (`None`).
 fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
     d: D,
@@ -83,7 +116,7 @@ fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
 pub(crate) struct RotateBody {
     /// Seconds the old key keeps working. Default: `rotation.default_grace`.
     #[serde(default)]
-    grace_seconds: Option<u64>,
+    pub(crate) grace_seconds: Option<u64>,
 }
 
 /// Runs a lifecycle operation on a blocking thread, then makes it live. Returns its result
@@ -369,18 +402,7 @@ pub(crate) async fn get(call: &Call<'_>) -> Answer {
 
 /// `POST /v1/api-keys`: 201 with the record and, this once, the secret.
 pub(crate) async fn create(call: &Call<'_>, body: CreateBody) -> Answer {
-    let new = NewKey {
-        namespace: body.namespace,
-        environment: body.environment,
-        name: body.name,
-        scopes: body.scopes,
-        allowed_cidrs: body.allowed_cidrs,
-        rate_limit: body.rate_limit,
-        burst: body.burst,
-        quota: body.quota,
-        expires: body.expires_at,
-        note: body.note,
-    };
+    let new = NewKey::from(body);
     let ((record, secret), warnings) = change(call, move |op| keys::create(op, new)).await?;
     call.audit(AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.created").key(&record));
     Ok(created(&with_secret(view(call, &record), secret, warnings)))
@@ -403,17 +425,7 @@ pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
             changed.push(name);
         }
     }
-    // `null` clears: an empty name, list or note.
-    let patch = KeyPatch {
-        name: body.name.map(Option::unwrap_or_default),
-        scopes: body.scopes.map(Option::unwrap_or_default),
-        allowed_cidrs: body.allowed_cidrs.map(Option::unwrap_or_default),
-        rate_limit: body.rate_limit,
-        burst: body.burst,
-        quota: body.quota,
-        expires: body.expires_at,
-        note: body.note.map(Option::unwrap_or_default),
-    };
+    let patch = KeyPatch::from(body);
     let id = call.id.clone();
     let (record, mut warnings) = change(call, move |op| keys::update(op, &id, patch)).await?;
     if changed.iter().any(|f| {

@@ -19,7 +19,10 @@ use serde::de::DeserializeOwned;
 
 use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
+use crate::config::Config;
 use crate::keys::format;
+use crate::keys::lifecycle::{check_grace, CheckedKey, CheckedPatch};
+use crate::keys::{KeyPatch, NewKey};
 use crate::rejection::Rejection;
 use crate::reload::Trigger;
 use crate::server::Gateway;
@@ -300,6 +303,30 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
             detail: format!("invalid JSON body: {detail}"),
         }
     })
+}
+
+/// What the admin API makes of one body, read as each JSON body it takes, as far as a route
+/// goes before it touches the store. For the fuzzer, which holds that any bytes get these or
+/// a refusal, never a panic.
+#[doc(hidden)]
+pub struct BodyReadings {
+    pub create: Result<CheckedKey, Rejection>,
+    pub patch: Result<CheckedPatch, Rejection>,
+    pub rotate_grace: Result<Option<u64>, Rejection>,
+}
+
+#[doc(hidden)]
+pub fn read_bodies(bytes: &[u8], config: &Config, now: i64) -> BodyReadings {
+    BodyReadings {
+        create: parse_json::<keys::CreateBody>(bytes)
+            .and_then(|body| Ok(NewKey::from(body).check(config, now)?)),
+        patch: parse_json::<keys::PatchBody>(bytes)
+            .and_then(|body| Ok(KeyPatch::from(body).check(now)?)),
+        rotate_grace: parse_json::<keys::RotateBody>(bytes).and_then(|body| {
+            body.grace_seconds.map(check_grace).transpose()?;
+            Ok(body.grace_seconds)
+        }),
+    }
 }
 
 /// Turns every number with a zero fraction (`4048.0`) into the integer it is.

@@ -67,6 +67,100 @@ impl KeyPatch {
     }
 }
 
+/// A create's fields, checked against the config: the prefix its key gets, the rate and
+/// quota in their canonical spelling, and the expiry as Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedKey {
+    pub prefix: String,
+    pub rate_limit: Option<String>,
+    pub quota: Option<String>,
+    pub expires_at: Option<i64>,
+}
+
+impl NewKey {
+    /// Checks every field against `config` at `now`, without touching the store.
+    pub fn check(&self, config: &Config, now: i64) -> Result<CheckedKey, KeyError> {
+        check_namespace(config, &self.namespace, &self.environment)?;
+        check_scopes(&self.scopes)?;
+        check_cidrs(&self.allowed_cidrs)?;
+        let rate_limit = check_rate(self.rate_limit.as_deref(), self.burst)?;
+        let quota = check_quota(self.quota.as_deref())?;
+        check_text("name", &self.name, 200)?;
+        check_text("note", &self.note, 2000)?;
+        let expires_at = check_expiry(self.expires.as_deref(), now)?;
+        let prefix = prefix_for(config, &self.namespace, &self.environment);
+        check_prefix(&prefix)?;
+        Ok(CheckedKey {
+            prefix,
+            rate_limit,
+            quota,
+            expires_at,
+        })
+    }
+}
+
+/// A patch's fields that can be checked without the key: the new expiry and quota, where the
+/// patch sets them (`Some(None)` clears).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPatch {
+    pub expires_at: Option<Option<i64>>,
+    pub quota: Option<Option<String>>,
+}
+
+impl KeyPatch {
+    /// Checks every field that does not depend on the key at `now`. The rate and burst are
+    /// checked again together with the key's own, as either may come from it.
+    pub fn check(&self, now: i64) -> Result<CheckedPatch, KeyError> {
+        if self.is_empty() {
+            return Err(invalid(
+                "body",
+                "nothing to change: give at least one field",
+            ));
+        }
+        if let Some(scopes) = &self.scopes {
+            check_scopes(scopes)?;
+        }
+        if let Some(cidrs) = &self.allowed_cidrs {
+            check_cidrs(cidrs)?;
+        }
+        if let Some(Some(rate)) = &self.rate_limit {
+            parse_rate(rate).map_err(|e| invalid("rate_limit", e))?;
+        }
+        if let Some(Some(0)) = self.burst {
+            return Err(invalid("burst", "must be at least 1"));
+        }
+        if let Some(name) = &self.name {
+            check_text("name", name, 200)?;
+        }
+        if let Some(note) = &self.note {
+            check_text("note", note, 2000)?;
+        }
+        Ok(CheckedPatch {
+            expires_at: self
+                .expires
+                .as_ref()
+                .map(|text| check_expiry(text.as_deref(), now))
+                .transpose()?,
+            quota: self
+                .quota
+                .as_ref()
+                .map(|q| check_quota(q.as_deref()))
+                .transpose()?,
+        })
+    }
+}
+
+/// Refuses a rotation grace past [`MAX_GRACE_SECS`].
+pub fn check_grace(grace_secs: u64) -> Result<(), KeyError> {
+    if grace_secs > MAX_GRACE_SECS {
+        return Err(invalid(
+            "grace_seconds",
+            format!("a grace of at most {MAX_GRACE_SECS} seconds (10 years)"),
+        ));
+    }
+    Ok(())
+}
+
 /// One key to import: the existing plaintext key, and optionally a name and scopes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportEntry {
@@ -223,18 +317,24 @@ fn not_revoked(record: &KeyRecord) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// Refuses a prefix past the key format's limit: a namespace's prefix and a long environment
+/// name can add up to one.
+fn check_prefix(prefix: &str) -> Result<(), KeyError> {
+    if format::valid_prefix(prefix) {
+        return Ok(());
+    }
+    Err(invalid(
+        "environment",
+        format!(
+            "keys of this namespace and environment would start `{prefix}_`, longer than the {} characters a key prefix may have: use a shorter environment name (or namespace prefix)",
+            format::MAX_PREFIX_LEN
+        ),
+    ))
+}
+
 /// A fresh secret with `prefix`, and its `sha256:` hash text.
 fn new_secret(prefix: &str) -> Result<(String, String), KeyError> {
-    // The namespace's prefix and a long environment name can add up past the format's limit.
-    if !format::valid_prefix(prefix) {
-        return Err(invalid(
-            "environment",
-            format!(
-                "keys of this namespace and environment would start `{prefix}_`, longer than the {} characters a key prefix may have: use a shorter environment name (or namespace prefix)",
-                format::MAX_PREFIX_LEN
-            ),
-        ));
-    }
+    check_prefix(prefix)?;
     let secret = format::generate(prefix).map_err(|e| KeyError::Random(e.to_string()))?;
     let hash = hex(&format::hash(&secret));
     Ok((secret, hash))
@@ -255,15 +355,12 @@ fn id_taken(file: &StoreFile) -> impl Fn(&str) -> bool + '_ {
 
 /// Creates a key: returns its record and the secret, which exists nowhere else.
 pub fn create(op: Op<'_>, new: NewKey) -> Result<(KeyRecord, String), KeyError> {
-    check_namespace(op.config, &new.namespace, &new.environment)?;
-    check_scopes(&new.scopes)?;
-    check_cidrs(&new.allowed_cidrs)?;
-    let rate_limit = check_rate(new.rate_limit.as_deref(), new.burst)?;
-    let quota = check_quota(new.quota.as_deref())?;
-    check_text("name", &new.name, 200)?;
-    check_text("note", &new.note, 2000)?;
-    let expires_at = check_expiry(new.expires.as_deref(), op.now)?;
-    let prefix = prefix_for(op.config, &new.namespace, &new.environment);
+    let CheckedKey {
+        prefix,
+        rate_limit,
+        quota,
+        expires_at,
+    } = new.check(op.config, op.now)?;
     let (secret, hash) = new_secret(&prefix)?;
     let record = transact(op.store, |file| {
         ensure_capacity(&op, file, &new.namespace, 1)?;
@@ -342,12 +439,7 @@ pub fn rotate(
     id: &str,
     grace_secs: u64,
 ) -> Result<(KeyRecord, String, KeyRecord), KeyError> {
-    if grace_secs > MAX_GRACE_SECS {
-        return Err(invalid(
-            "grace_seconds",
-            format!("a grace of at most {MAX_GRACE_SECS} seconds (10 years)"),
-        ));
-    }
+    check_grace(grace_secs)?;
     transact(op.store, |file| {
         let at = file
             .keys
@@ -406,32 +498,7 @@ pub fn rotate(
 
 /// Changes a key's name, scopes, CIDRs, limits, expiry or note.
 pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyError> {
-    if patch.is_empty() {
-        return Err(invalid(
-            "body",
-            "nothing to change: give at least one field",
-        ));
-    }
-    if let Some(scopes) = &patch.scopes {
-        check_scopes(scopes)?;
-    }
-    if let Some(cidrs) = &patch.allowed_cidrs {
-        check_cidrs(cidrs)?;
-    }
-    if let Some(name) = &patch.name {
-        check_text("name", name, 200)?;
-    }
-    if let Some(note) = &patch.note {
-        check_text("note", note, 2000)?;
-    }
-    let expires_at = match &patch.expires {
-        Some(text) => Some(check_expiry(text.as_deref(), op.now)?),
-        None => None,
-    };
-    let quota = match &patch.quota {
-        Some(q) => Some(check_quota(q.as_deref())?),
-        None => None,
-    };
+    let CheckedPatch { expires_at, quota } = patch.check(op.now)?;
     transact(op.store, |file| {
         let record = find(file, id)?;
         not_revoked(record)?;
@@ -639,6 +706,55 @@ mod tests {
         let hash = "0123456789abcdef".repeat(4);
         assert_eq!(unique_id(&hash, |_| false), "01234567");
         assert_eq!(unique_id(&hash, |id| id == "01234567"), "012345678");
+    }
+
+    #[test]
+    fn checks_need_no_store_and_name_the_field() {
+        let config: Config = crate::config::parse_yaml(
+            std::path::Path::new("k.yaml"),
+            "namespaces: {acme: {prefix: abcdefghijklmnopqrstu}}\n",
+        )
+        .unwrap();
+        let new = |environment: &str| NewKey {
+            namespace: "acme".into(),
+            environment: environment.into(),
+            rate_limit: Some(" 10 / min ".into()),
+            expires: Some("1d".into()),
+            ..NewKey::default()
+        };
+        let checked = new("staging").check(&config, 1_000).unwrap();
+        assert_eq!(checked.prefix, "abcdefghijklmnopqrstu_test");
+        assert_eq!(checked.rate_limit.as_deref(), Some("10/m"));
+        assert_eq!(checked.expires_at, Some(1_000 + 86_400));
+        // A prefix past the format's 32 characters would make keys that never parse.
+        let err = new("abcdefghijk").check(&config, 1_000).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::Invalid {
+                    field: "environment",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let field = |patch: KeyPatch| match patch.check(1_000) {
+            Err(KeyError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(KeyPatch::default()), "body");
+        let burst_zero = KeyPatch {
+            burst: Some(Some(0)),
+            ..KeyPatch::default()
+        };
+        assert_eq!(field(burst_zero), "burst");
+        assert!(matches!(
+            check_grace(MAX_GRACE_SECS + 1),
+            Err(KeyError::Invalid {
+                field: "grace_seconds",
+                ..
+            })
+        ));
     }
 
     #[test]
