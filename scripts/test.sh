@@ -37,12 +37,20 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
+# Every suite writes the secrets it is handed and everything keygate said or wrote to this
+# ledger; the last step searches all of it (tests/suite_secrets.rs).
+export KEYGATE_SECRET_LEDGER="$PWD/target/secret-ledger"
+rm -rf "$KEYGATE_SECRET_LEDGER"
+
 log "cargo test"
 # One build serves every suite; the suites themselves bound their own time.
 cargo test
 
 log "API conformance: schemathesis against the admin API's OpenAPI document"
 ./scripts/conformance.sh
+
+log "secret scan: every secret the suite made, searched for in everything keygate said or wrote"
+cargo test --quiet --test suite_secrets -- --ignored --nocapture
 
 log "fuzzing: each target briefly (FUZZ_SECS, default 10 s)"
 ./scripts/fuzz.sh

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
@@ -84,24 +84,8 @@ async fn call(
     token: &str,
     body: &str,
 ) -> Option<(u16, String, serde_json::Value)> {
-    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .ok()?
-        .ok()?;
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.ok()?.to_bytes();
-    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    let code = json["code"].as_str().unwrap_or_default().to_string();
-    Some((status, code, json))
+    let answer = try_send(addr, method, path, token, body).await?;
+    Some((answer.status.as_u16(), answer.code(), answer.json()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -188,6 +188,7 @@ fn config_flag_works_anywhere_and_from_the_environment() {
         .env("KEYGATE_CONFIG", "keygate.yaml")
         .output()
         .unwrap();
+    support::ledger::cli(&["keys", "list"], &out.stdout, &out.stderr);
     assert!(
         out.status.success(),
         "{}",

@@ -12,8 +12,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use keygate::keys::{Status, Store};
 use support::process::Process;
 use support::*;
@@ -127,6 +125,8 @@ fn acknowledged_cli_writes_survive_sigkill() {
             kills += 1;
         }
         let out = child.wait_with_output().unwrap();
+        let what = if target.is_some() { "revoke" } else { "create" };
+        support::ledger::cli(&["keys", what], &out.stdout, &out.stderr);
         if out.status.success() {
             match target {
                 Some(id) => {
@@ -161,27 +161,8 @@ async fn try_call(
     path: &str,
     body: &str,
 ) -> Option<(u16, serde_json::Value)> {
-    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let req = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{admin}{path}"))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .ok()?
-        .ok()?;
-    let status = response.status().as_u16();
-    let bytes = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
-        .await
-        .ok()?
-        .ok()?
-        .to_bytes();
-    Some((status, serde_json::from_slice(&bytes).unwrap_or_default()))
+    let answer = try_send(admin, method, path, ADMIN_TOKEN, body).await?;
+    Some((answer.status.as_u16(), answer.json()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,7 @@ async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
     })
     .await;
     assert!(read.is_ok(), "the gateway answered or closed within 5 s");
+    support::ledger::output("answer to a raw request", &buf);
     let text = String::from_utf8_lossy(&buf).into_owned();
     let code = text
         .strip_prefix("HTTP/1.1 ")

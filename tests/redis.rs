@@ -119,6 +119,7 @@ async fn a_key_made_on_one_node_works_on_the_other_and_a_revocation_reaches_both
         ])
         .output()
         .unwrap();
+    support::ledger::cli(&["keys", "create", "--json"], &out.stdout, &out.stderr);
     assert!(
         out.status.success(),
         "{}",

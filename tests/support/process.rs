@@ -8,10 +8,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A running `keygate` process. Dropping it kills the process by its PID.
+/// A running `keygate` process. Dropping it kills the process by its PID, and gives what it
+/// printed and the files in its folder to the secret ledger.
 pub struct Process {
     pub child: Child,
+    /// Every line, stdout and stderr as they came.
     pub output: Arc<Mutex<Vec<String>>>,
+    /// Stdout's lines and stderr's (the log), apart.
+    streams: [Arc<Mutex<Vec<String>>>; 2],
+    readers: Vec<std::thread::JoinHandle<()>>,
+    args: Vec<String>,
+    dir: std::path::PathBuf,
 }
 
 impl Process {
@@ -30,20 +37,33 @@ impl Process {
         }
         let mut child = cmd.spawn().expect("keygate starts");
         let output = Arc::new(Mutex::new(Vec::new()));
+        let streams: [Arc<Mutex<Vec<String>>>; 2] = Default::default();
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        for stream in [
+        let readers = [
             Box::new(out) as Box<dyn std::io::Read + Send>,
             Box::new(err),
-        ] {
-            let sink = output.clone();
+        ]
+        .into_iter()
+        .zip(&streams)
+        .map(|(stream, own)| {
+            let (sink, own) = (output.clone(), own.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    own.lock().unwrap().push(line.clone());
                     sink.lock().unwrap().push(line);
                 }
-            });
+            })
+        })
+        .collect();
+        Process {
+            child,
+            output,
+            streams,
+            readers,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir: dir.to_path_buf(),
         }
-        Process { child, output }
     }
 
     pub fn pid(&self) -> u32 {
@@ -131,6 +151,14 @@ impl Drop for Process {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // The pipes are closed now, so the readers finish with the last lines.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let [stdout, stderr] = &self.streams;
+        super::ledger::process(&args, &stdout.lock().unwrap(), &stderr.lock().unwrap());
+        super::ledger::files(&format!("keygate {}", args.join(" ")), &self.dir);
     }
 }
 
@@ -143,6 +171,7 @@ pub fn run(args: &[&str], dir: &Path) -> (i32, String, String) {
         .stdin(Stdio::null())
         .output()
         .expect("keygate runs");
+    super::ledger::cli(args, &out.stdout, &out.stderr);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
