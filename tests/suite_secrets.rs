@@ -210,8 +210,9 @@ struct Scan {
     findings: Vec<String>,
 }
 
-/// The kind of a record, by its label, for the report.
+/// The kind of a record, by its label (less the test's name), for the report.
 fn kind(source: &str) -> &'static str {
+    let source = source.rsplit_once(" [").map_or(source, |(label, _)| label);
     if source.contains(": answer to ") {
         if source.starts_with("conformance.har") {
             "schemathesis's answers"
