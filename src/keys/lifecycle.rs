@@ -54,19 +54,6 @@ pub struct KeyPatch {
     pub note: Option<String>,
 }
 
-impl KeyPatch {
-    pub fn is_empty(&self) -> bool {
-        self.name.is_none()
-            && self.scopes.is_none()
-            && self.allowed_cidrs.is_none()
-            && self.rate_limit.is_none()
-            && self.burst.is_none()
-            && self.quota.is_none()
-            && self.expires.is_none()
-            && self.note.is_none()
-    }
-}
-
 /// A create's fields, checked against the config: the prefix its key gets, the rate and
 /// quota in their canonical spelling, and the expiry as Unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +95,17 @@ pub struct CheckedPatch {
 }
 
 impl KeyPatch {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.scopes.is_none()
+            && self.allowed_cidrs.is_none()
+            && self.rate_limit.is_none()
+            && self.burst.is_none()
+            && self.quota.is_none()
+            && self.expires.is_none()
+            && self.note.is_none()
+    }
+
     /// Checks every field that does not depend on the key at `now`. The rate and burst are
     /// checked again together with the key's own, as either may come from it.
     pub fn check(&self, now: i64) -> Result<CheckedPatch, KeyError> {
