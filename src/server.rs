@@ -294,6 +294,7 @@ pub struct Running {
 pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
     let snapshot = gateway.snapshot.load_full();
     let settings = snapshot.listeners;
+    raise_fd_limit(&snapshot);
     let proxy = bind(settings.proxy, "proxy").await?;
     let admin = bind(settings.admin, "admin").await?;
     let proxy_addr = proxy.local_addr()?;
@@ -360,6 +361,50 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         proxy_task,
         rest,
     })
+}
+
+/// Descriptors kept aside for the key store, logs, certificates and the like.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do: systemd's default soft limit (1024) would otherwise make
+/// `limits.max_connections` a fiction. Warns when the cap cannot fit: each proxied
+/// connection may hold one upstream connection too, and the pools keep idle ones.
+fn raise_fd_limit(snapshot: &Snapshot) {
+    let (soft, hard) = match rlimit::Resource::NOFILE.get() {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let in_force = if soft < hard {
+        match rlimit::Resource::NOFILE.set(hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    let connections = snapshot.listeners.max_connections as u64;
+    let pooled = (snapshot.config.upstream.pool_max_idle_per_host as u64)
+        .saturating_mul(snapshot.clients.len() as u64);
+    let needed = connections
+        .saturating_mul(2)
+        .saturating_add(pooled)
+        .saturating_add(FD_RESERVE);
+    tracing::info!(limit = in_force, was = soft, needed, "open-file limit");
+    if in_force < needed {
+        tracing::warn!(
+            limit = in_force,
+            needed,
+            max_connections = connections,
+            "the open-file limit cannot hold limits.max_connections with an upstream connection each; raise LimitNOFILE (systemd) or ulimit -n, or lower limits.max_connections"
+        );
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
