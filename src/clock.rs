@@ -48,7 +48,11 @@ impl Clock {
     /// Moves a fake clock forward. A real clock cannot be moved, so this does nothing to it.
     pub fn advance(&self, by: Duration) {
         if let Source::Fake { offset_nanos, .. } = &*self.source {
-            offset_nanos.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+            let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+            // Saturating: a test that moves the clock by centuries must not wrap it.
+            let _ = offset_nanos.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_add(nanos))
+            });
         }
     }
 
@@ -59,7 +63,9 @@ impl Clock {
             Source::Fake {
                 wall_start,
                 offset_nanos,
-            } => *wall_start + Duration::from_nanos(offset_nanos.load(Ordering::SeqCst)),
+            } => wall_start
+                .checked_add(Duration::from_nanos(offset_nanos.load(Ordering::SeqCst)))
+                .unwrap_or(*wall_start),
         }
     }
 
@@ -69,22 +75,24 @@ impl Clock {
     }
 }
 
+/// The last second RFC 3339 text can name, 9999-12-31T23:59:59Z: the latest time keygate
+/// accepts or writes.
+pub const LATEST: i64 = 253_402_300_799;
+
 /// Seconds since the Unix epoch (negative before it).
 pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),
     }
 }
 
-/// RFC 3339 text (UTC, whole seconds) for a Unix time.
+/// RFC 3339 text (UTC, whole seconds) for a Unix time, clamped to the years 1970 to 9999
+/// that the format can hold. Validation keeps stored times inside them; the clamp makes
+/// this total, so that no value can make it fail.
 pub fn rfc3339(unix: i64) -> String {
-    let t = if unix >= 0 {
-        UNIX_EPOCH + Duration::from_secs(unix as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(unix.unsigned_abs())
-    };
-    humantime::format_rfc3339_seconds(t).to_string()
+    let secs = u64::try_from(unix.clamp(0, LATEST)).unwrap_or(0);
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 /// Parses RFC 3339 text into a Unix time.
@@ -125,5 +133,21 @@ mod tests {
         let t = parse_rfc3339("2026-11-23T08:00:00Z").unwrap();
         assert_eq!(rfc3339(t), "2026-11-23T08:00:00Z");
         assert!(parse_rfc3339("yesterday").is_err());
+    }
+
+    #[test]
+    fn rfc3339_is_total() {
+        assert_eq!(rfc3339(LATEST), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(i64::MIN), "1970-01-01T00:00:00Z");
+        assert_eq!(parse_rfc3339("9999-12-31T23:59:59Z"), Ok(LATEST));
+    }
+
+    #[test]
+    fn a_fake_clock_saturates() {
+        let clock = Clock::fake(UNIX_EPOCH);
+        clock.advance(Duration::MAX);
+        clock.advance(Duration::MAX);
+        assert_eq!(governor::clock::Clock::now(&clock).as_u64(), u64::MAX);
     }
 }

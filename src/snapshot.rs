@@ -12,13 +12,12 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::alerts::AlertRules;
-use crate::config::units::{parse_duration, parse_rate, parse_size};
+use crate::config::units::{parse_duration, parse_size};
 use crate::config::{
     parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, LimitBackend, Problems,
 };
-use crate::keys::{
-    format, parse_sha256, validate_environment, validate_namespace, KeyRecord, Status, Store,
-};
+use crate::keys::check::{check_record, CheckedRecord};
+use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, Status, Store};
 use crate::metrics::Metrics;
 use crate::pipeline::client_ip::CidrSet;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
@@ -26,7 +25,7 @@ use crate::pipeline::lockout::LockoutPolicy;
 use crate::pipeline::quota::Quota;
 use crate::pipeline::rate_limit::{policy_header, KeyLimiter, Limiters, RatePolicy};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
-use crate::pipeline::scope::{Scope, ScopeSet};
+use crate::pipeline::scope::ScopeSet;
 use crate::pipeline::shared_limit::{SharedLimiter, SharedPolicy, SharedSettings};
 use crate::pipeline::usage::{KeyUsage, UsageBook};
 use crate::tls::CertSet;
@@ -619,114 +618,49 @@ fn compile_keys(
     };
     let mut ids: HashSet<&str> = HashSet::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        let path = |field: &str| format!("keys[{i}].{field}");
-        let mut ok = true;
-        let mut bad = |field: &str, msg: String, p: &mut Problems| {
-            p.push(path(field), msg);
-            ok = false;
+        let mut problem = |field: &str, message: String| {
+            p.push(
+                format!("keys[{i}].{field}"),
+                format!("key `{}`: {message}", r.id),
+            )
         };
-        if r.id.is_empty() || r.id.len() > 64 || !r.id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bad("id", format!("`{}` is not a key id (hex digits)", r.id), p);
-        } else if !ids.insert(&r.id) {
-            bad("id", format!("`{}` is the id of another key too", r.id), p);
-        }
-        let hash = match parse_sha256(&r.hash) {
-            Ok(h) => Some(KeyHash(h)),
-            Err(e) => {
-                bad("hash", e, p);
-                None
-            }
-        };
-        if let Some(h) = hash {
-            if keys.contains_key(&h) {
-                bad("hash", "another key has the same hash".into(), p);
-            }
-        }
-        if !(format::valid_prefix(&r.prefix) || (r.imported && r.prefix.is_empty())) {
-            bad(
-                "prefix",
-                format!("`{}` is not a valid key prefix", r.prefix),
-                p,
-            );
-        }
-        if let Err(e) = validate_namespace(&r.namespace) {
-            bad("namespace", e, p);
-        } else if config.strict && !config.namespaces.contains_key(&r.namespace) {
-            bad(
-                "namespace",
-                format!(
-                    "`{}` is not declared, and the config is strict",
-                    r.namespace
-                ),
-                p,
-            );
-        }
-        if let Err(e) = validate_environment(&r.environment) {
-            bad("environment", e, p);
-        }
-        let mut scopes = Vec::with_capacity(r.scopes.len());
-        for (j, s) in r.scopes.iter().enumerate() {
-            match Scope::parse(s) {
-                Ok(s) => scopes.push(s),
-                Err(e) => bad(&format!("scopes[{j}]"), e, p),
-            }
-        }
-        let allowed_cidrs = CidrSet::parse(&r.allowed_cidrs).unwrap_or_else(|errs| {
-            for (j, e) in errs {
-                bad(&format!("allowed_cidrs[{j}]"), e, p);
-            }
-            CidrSet::default()
-        });
-        let policy = match (&r.rate_limit, r.burst) {
-            (None, None) => None,
-            (None, Some(_)) => {
-                bad("burst", "needs a rate_limit as well".into(), p);
-                None
-            }
-            (Some(_), Some(0)) => {
-                bad("burst", "must be at least 1".into(), p);
-                None
-            }
-            (Some(text), burst) => match parse_rate(text) {
-                Ok(rate) => Some(RatePolicy {
-                    rate,
-                    burst: burst.unwrap_or(rate.count),
-                }),
-                Err(e) => {
-                    bad("rate_limit", e, p);
-                    None
+        let checked = match check_record(r, config) {
+            Ok(checked) => checked,
+            Err(problems) => {
+                for bad in problems {
+                    problem(&bad.path(), bad.message);
                 }
-            },
-        };
-        let expires_at = match r.expires_at.as_deref().map(crate::clock::parse_rfc3339) {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => {
-                bad("expires_at", e, p);
-                None
+                continue;
             }
         };
-        let quota = match r.quota.as_deref().map(Quota::parse) {
-            Some(Ok(q)) => Some(q),
-            Some(Err(e)) => {
-                bad("quota", e, p);
-                None
-            }
-            None => tier_quota(config, &r.namespace),
-        };
-        if let Err(e) = crate::clock::parse_rfc3339(&r.created_at) {
-            bad("created_at", e, p);
+        if !ids.insert(&r.id) {
+            problem("id", "another key has the same id".into());
+            continue;
+        }
+        let hash = KeyHash(checked.hash);
+        if keys.contains_key(&hash) {
+            problem("hash", "another key has the same hash".into());
+            continue;
         }
         let headers = (
             HeaderValue::from_str(&r.id),
             HeaderValue::from_str(&r.namespace),
             HeaderValue::from_str(&r.environment),
         );
-        let (Some(hash), true, (Ok(id_header), Ok(namespace_header), Ok(environment_header))) =
-            (hash, ok, headers)
-        else {
+        let (Ok(id_header), Ok(namespace_header), Ok(environment_header)) = headers else {
+            // The check allows only hex, a-z, 0-9, `_` and `-` in these.
+            problem("id", "cannot be sent as a header".into());
             continue;
         };
+        let CheckedRecord {
+            scopes,
+            allowed_cidrs,
+            rate: policy,
+            quota,
+            expires_at,
+            ..
+        } = checked;
+        let quota = quota.or_else(|| tier_quota(config, &r.namespace));
         let limits_header = policy_header(policy, quota.as_ref());
         let shared =
             (shared_nodes > 0 && (policy.is_some() || quota.is_some())).then(|| SharedPolicy {

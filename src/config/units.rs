@@ -9,6 +9,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("`{text}` is not a duration (examples: 500ms, 30s, 24h, 30d)"))
 }
 
+/// A duration from `min` to `max`, both included: every duration a user gives has a range,
+/// so that no timer or deadline built from it can overflow.
+pub fn parse_duration_in(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < min || d > max {
+        return Err(format!(
+            "`{text}` must be from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
 /// A byte size such as `1024`, `64KiB`, `10MiB`, `1GB`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -34,6 +48,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is not a size (examples: 65536, 64KiB, 10MiB, 1GB)"))
 }
 
+/// The most requests a rate may allow per unit: one every microsecond at `N/s`.
+pub const MAX_RATE: u32 = 1_000_000;
+
 /// A request rate: `count` requests per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -58,13 +75,12 @@ impl std::fmt::Display for Rate {
     }
 }
 
-/// A rate such as `100/s`, `600/m` or `10000/h`.
+/// A rate such as `100/s`, `600/m` or `10000/h`, with N from 1 to [`MAX_RATE`].
 pub fn parse_rate(text: &str) -> Result<Rate, String> {
-    let bad =
-        || format!("`{text}` is not a rate: write N/s, N/m or N/h with N from 1 to 4294967295");
+    let bad = || format!("`{text}` is not a rate: write N/s, N/m or N/h with N from 1 to {MAX_RATE}");
     let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
     let count: u32 = count.trim().parse().map_err(|_| bad())?;
-    if count == 0 {
+    if !(1..=MAX_RATE).contains(&count) {
         return Err(bad());
     }
     let per = match unit.trim() {
@@ -88,6 +104,13 @@ mod tests {
         );
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("soon").unwrap_err().contains("`soon`"));
+        let (min, max) = (Duration::from_millis(1), Duration::from_secs(3600));
+        assert!(parse_duration_in("1h", min, max).is_ok());
+        assert_eq!(
+            parse_duration_in("99999999999d", min, max).unwrap_err(),
+            "`99999999999d` must be from 1ms to 1h"
+        );
+        assert!(parse_duration_in("0s", min, max).is_err());
     }
 
     #[test]
@@ -105,6 +128,10 @@ mod tests {
         assert_eq!((r.count, r.per), (100, Duration::from_secs(1)));
         assert_eq!(parse_rate("600/m").unwrap().to_string(), "600/m");
         assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("1000000/s").is_ok());
+        for too_fast in ["1000001/s", "2000000000/s", "4294967295/s", "4294967296/s"] {
+            assert!(parse_rate(too_fast).unwrap_err().contains("1 to 1000000"));
+        }
         assert!(parse_rate("100/day").is_err());
         assert!(parse_rate("fast").is_err());
     }

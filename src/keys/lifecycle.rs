@@ -4,12 +4,13 @@
 
 use std::collections::HashSet;
 
+use super::check::{self, check_record, check_text, MAX_NAME_CHARS, MAX_NOTE_CHARS};
 use super::{
     format, hex, prefix_for, validate_environment, validate_namespace, KeyError, KeyRecord, Status,
     Store, StoreFile,
 };
-use crate::clock::{parse_rfc3339, rfc3339};
-use crate::config::units::{parse_duration, parse_rate};
+use crate::clock::{parse_rfc3339, rfc3339, LATEST};
+use crate::config::units::parse_duration;
 use crate::config::Config;
 use crate::pipeline::client_ip::parse_net;
 use crate::pipeline::scope::Scope;
@@ -72,8 +73,8 @@ impl NewKey {
         check_cidrs(&self.allowed_cidrs)?;
         let rate_limit = check_rate(self.rate_limit.as_deref(), self.burst)?;
         let quota = check_quota(self.quota.as_deref())?;
-        check_text("name", &self.name, 200)?;
-        check_text("note", &self.note, 2000)?;
+        check_name(&self.name)?;
+        check_note(&self.note)?;
         let expires_at = check_expiry(self.expires.as_deref(), now)?;
         let prefix = prefix_for(config, &self.namespace, &self.environment);
         check_prefix(&prefix)?;
@@ -83,6 +84,74 @@ impl NewKey {
             quota,
             expires_at,
         })
+    }
+
+    /// The record this create makes for the key whose hash is `hash_hex`, checked as every
+    /// reader of the store checks it.
+    pub fn into_record(
+        self,
+        config: &Config,
+        now: i64,
+        actor: &str,
+        id: String,
+        hash_hex: &str,
+    ) -> Result<KeyRecord, KeyError> {
+        let CheckedKey {
+            prefix,
+            rate_limit,
+            quota,
+            expires_at,
+        } = self.check(config, now)?;
+        checked(
+            KeyRecord {
+                id,
+                hash: format!("sha256:{hash_hex}"),
+                prefix,
+                name: self.name,
+                namespace: self.namespace,
+                environment: self.environment,
+                scopes: self.scopes,
+                allowed_cidrs: self.allowed_cidrs,
+                rate_limit,
+                burst: self.burst,
+                quota,
+                expires_at: expires_at.map(rfc3339),
+                status: Status::Active,
+                created_at: rfc3339(now),
+                note: self.note,
+                created_by: actor.to_string(),
+                updated_at: None,
+                revoked_at: None,
+                regenerated_at: None,
+                rotated_from: None,
+                rotated_to: None,
+                imported: false,
+            },
+            config,
+        )
+    }
+}
+
+/// Runs the store's own check on a record about to be written: what a writer stores always
+/// loads. The first problem is the answer, named by its field.
+pub fn checked(record: KeyRecord, config: &Config) -> Result<KeyRecord, KeyError> {
+    match check_record(&record, config) {
+        Ok(_) => Ok(record),
+        Err(problems) => {
+            let first = problems.into_iter().next();
+            Err(first.map_or_else(
+                || invalid("body", "the key record is invalid"),
+                |p| {
+                    // A prefix comes from the namespace and environment a user chose.
+                    let field = if p.field == "prefix" {
+                        "environment"
+                    } else {
+                        p.field
+                    };
+                    invalid(field, p.message)
+                },
+            ))
+        }
     }
 }
 
@@ -122,16 +191,21 @@ impl KeyPatch {
             check_cidrs(cidrs)?;
         }
         if let Some(Some(rate)) = &self.rate_limit {
-            parse_rate(rate).map_err(|e| invalid("rate_limit", e))?;
+            check_rate(Some(rate), None)?;
         }
-        if let Some(Some(0)) = self.burst {
-            return Err(invalid("burst", "must be at least 1"));
+        if let Some(Some(burst)) = self.burst {
+            if !(1..=check::MAX_BURST).contains(&burst) {
+                return Err(invalid(
+                    "burst",
+                    format!("must be from 1 to {}", check::MAX_BURST),
+                ));
+            }
         }
         if let Some(name) = &self.name {
-            check_text("name", name, 200)?;
+            check_name(name)?;
         }
         if let Some(note) = &self.note {
-            check_text("note", note, 2000)?;
+            check_note(note)?;
         }
         Ok(CheckedPatch {
             expires_at: self
@@ -145,6 +219,47 @@ impl KeyPatch {
                 .map(|q| check_quota(q.as_deref()))
                 .transpose()?,
         })
+    }
+
+    /// Applies the patch to `record` at `now`, and checks the result as every reader of the
+    /// store checks it.
+    pub fn apply(self, record: &mut KeyRecord, config: &Config, now: i64) -> Result<(), KeyError> {
+        let CheckedPatch { expires_at, quota } = self.check(now)?;
+        not_revoked(record)?;
+        let rate = self
+            .rate_limit
+            .clone()
+            .unwrap_or_else(|| record.rate_limit.clone());
+        // Clearing the rate clears its burst too.
+        let burst = match (&rate, self.burst) {
+            (None, None) => None,
+            (_, Some(burst)) => burst,
+            (Some(_), None) => record.burst,
+        };
+        let mut next = record.clone();
+        next.rate_limit = check_rate(rate.as_deref(), burst)?;
+        next.burst = burst;
+        if let Some(name) = self.name {
+            next.name = name;
+        }
+        if let Some(scopes) = self.scopes {
+            next.scopes = scopes;
+        }
+        if let Some(cidrs) = self.allowed_cidrs {
+            next.allowed_cidrs = cidrs;
+        }
+        if let Some(note) = self.note {
+            next.note = note;
+        }
+        if let Some(expires_at) = expires_at {
+            next.expires_at = expires_at.map(rfc3339);
+        }
+        if let Some(quota) = quota {
+            next.quota = quota;
+        }
+        next.updated_at = Some(rfc3339(now));
+        *record = checked(next, config)?;
+        Ok(())
     }
 }
 
@@ -195,14 +310,9 @@ fn check_cidrs(cidrs: &[String]) -> Result<(), KeyError> {
 
 /// The rate in its canonical spelling (`100/s`), checked together with the burst.
 fn check_rate(rate: Option<&str>, burst: Option<u32>) -> Result<Option<String>, KeyError> {
-    let rate = rate
-        .map(|r| parse_rate(r).map_err(|e| invalid("rate_limit", e)))
-        .transpose()?;
-    match (burst, rate) {
-        (Some(0), _) => Err(invalid("burst", "must be at least 1")),
-        (Some(_), None) => Err(invalid("burst", "needs a rate limit as well")),
-        (_, rate) => Ok(rate.map(|r| r.to_string())),
-    }
+    check::check_rate(rate, burst)
+        .map(|policy| policy.map(|p| p.rate.to_string()))
+        .map_err(|p| invalid(p.field, p.message))
 }
 
 /// The quota in its canonical spelling (`10000/day`).
@@ -216,14 +326,12 @@ fn check_quota(quota: Option<&str>) -> Result<Option<String>, KeyError> {
         .transpose()
 }
 
-fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), KeyError> {
-    if text.chars().count() > max || text.chars().any(|c| c.is_control() && c != '\n') {
-        return Err(invalid(
-            field,
-            format!("must be at most {max} characters, without control characters"),
-        ));
-    }
-    Ok(())
+fn check_name(name: &str) -> Result<(), KeyError> {
+    check_text(name, MAX_NAME_CHARS, false).map_err(|e| invalid("name", e))
+}
+
+fn check_note(note: &str) -> Result<(), KeyError> {
+    check_text(note, MAX_NOTE_CHARS, true).map_err(|e| invalid("note", e))
 }
 
 /// An expiry given as RFC 3339 or as a duration from `now`; `never` or empty means none.
@@ -235,6 +343,12 @@ fn check_expiry(text: Option<&str>, now: i64) -> Result<Option<i64>, KeyError> {
     if at <= now {
         return Err(invalid("expires_at", "must be in the future"));
     }
+    if at > LATEST {
+        return Err(invalid(
+            "expires_at",
+            "must be no later than 9999-12-31T23:59:59Z",
+        ));
+    }
     Ok(Some(at))
 }
 
@@ -244,7 +358,7 @@ pub fn parse_expiry(text: &str, now: i64) -> Result<i64, String> {
         return Ok(t);
     }
     parse_duration(text)
-        .map(|d| now.saturating_add(d.as_secs().min(i64::MAX as u64) as i64))
+        .map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)))
         .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration such as 30d"))
 }
 
@@ -353,39 +467,12 @@ fn id_taken(file: &StoreFile) -> impl Fn(&str) -> bool + '_ {
 
 /// Creates a key: returns its record and the secret, which exists nowhere else.
 pub fn create(op: Op<'_>, new: NewKey) -> Result<(KeyRecord, String), KeyError> {
-    let CheckedKey {
-        prefix,
-        rate_limit,
-        quota,
-        expires_at,
-    } = new.check(op.config, op.now)?;
+    let prefix = new.check(op.config, op.now)?.prefix;
     let (secret, hash) = new_secret(&prefix)?;
     let record = transact(op.store, |file| {
         ensure_capacity(&op, file, &new.namespace, 1)?;
-        let record = KeyRecord {
-            id: unique_id(&hash, id_taken(file)),
-            hash: format!("sha256:{hash}"),
-            prefix,
-            name: new.name,
-            namespace: new.namespace,
-            environment: new.environment,
-            scopes: new.scopes,
-            allowed_cidrs: new.allowed_cidrs,
-            rate_limit,
-            burst: new.burst,
-            quota,
-            expires_at: expires_at.map(rfc3339),
-            status: Status::Active,
-            created_at: rfc3339(op.now),
-            note: new.note,
-            created_by: op.actor.to_string(),
-            updated_at: None,
-            revoked_at: None,
-            regenerated_at: None,
-            rotated_from: None,
-            rotated_to: None,
-            imported: false,
-        };
+        let id = unique_id(&hash, id_taken(file));
+        let record = new.into_record(op.config, op.now, op.actor, id, &hash)?;
         file.keys.push(record.clone());
         Ok(record)
     })?;
@@ -403,11 +490,13 @@ pub fn set_status(op: Op<'_>, id: &str, status: Status) -> Result<KeyRecord, Key
                 Err(KeyError::Revoked(id.to_string()))
             };
         }
-        record.status = status;
-        record.updated_at = Some(rfc3339(op.now));
+        let mut next = record.clone();
+        next.status = status;
+        next.updated_at = Some(rfc3339(op.now));
         if status == Status::Revoked {
-            record.revoked_at = Some(rfc3339(op.now));
+            next.revoked_at = Some(rfc3339(op.now));
         }
+        *record = checked(next, op.config)?;
         Ok(record.clone())
     })
 }
@@ -420,11 +509,13 @@ pub fn regenerate(op: Op<'_>, id: &str) -> Result<(KeyRecord, String), KeyError>
         not_revoked(record)?;
         let prefix = prefix_for(op.config, &record.namespace, &record.environment);
         let (secret, hash) = new_secret(&prefix)?;
-        record.hash = format!("sha256:{hash}");
-        record.prefix = prefix;
-        record.imported = false;
-        record.regenerated_at = Some(rfc3339(op.now));
-        record.updated_at = record.regenerated_at.clone();
+        let mut next = record.clone();
+        next.hash = format!("sha256:{hash}");
+        next.prefix = prefix;
+        next.imported = false;
+        next.regenerated_at = Some(rfc3339(op.now));
+        next.updated_at = next.regenerated_at.clone();
+        *record = checked(next, op.config)?;
         Ok((record.clone(), secret))
     })
 }
@@ -444,7 +535,10 @@ pub fn rotate(
             .iter()
             .position(|r| r.id == id)
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
-        let old = &file.keys[at];
+        let old = file
+            .keys
+            .get(at)
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
         not_revoked(old)?;
         if let Some(next) = &old.rotated_to {
             if old.effective_status(op.now) != "expired" {
@@ -461,7 +555,7 @@ pub fn rotate(
         let lifetime = old
             .expires_at_unix()
             .zip(parse_rfc3339(&old.created_at).ok())
-            .map(|(end, start)| (end - start).max(0));
+            .map(|(end, start)| end.saturating_sub(start).max(0));
         let new = KeyRecord {
             id: new_id.clone(),
             hash: format!("sha256:{hash}"),
@@ -470,7 +564,7 @@ pub fn rotate(
             status: Status::Active,
             created_at: rfc3339(op.now),
             created_by: op.actor.to_string(),
-            expires_at: lifetime.map(|l| rfc3339(op.now + l)),
+            expires_at: lifetime.map(|l| rfc3339(op.now.saturating_add(l).min(LATEST))),
             updated_at: None,
             revoked_at: None,
             regenerated_at: None,
@@ -478,60 +572,32 @@ pub fn rotate(
             rotated_to: None,
             ..old.clone()
         };
+        let new = checked(new, op.config)?;
         let grace_end = op
             .now
-            .saturating_add(grace_secs.min(i64::MAX as u64) as i64);
-        let old = &mut file.keys[at];
-        let ends = old
+            .saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
+        let mut retiring = old.clone();
+        let ends = retiring
             .expires_at_unix()
             .map_or(grace_end, |t| t.min(grace_end));
-        old.expires_at = Some(rfc3339(ends));
-        old.rotated_to = Some(new_id);
-        old.updated_at = Some(rfc3339(op.now));
-        let old = old.clone();
+        retiring.expires_at = Some(rfc3339(ends));
+        retiring.rotated_to = Some(new_id);
+        retiring.updated_at = Some(rfc3339(op.now));
+        let retiring = checked(retiring, op.config)?;
+        if let Some(slot) = file.keys.get_mut(at) {
+            *slot = retiring.clone();
+        }
         file.keys.push(new.clone());
-        Ok((new, secret, old))
+        Ok((new, secret, retiring))
     })
 }
 
 /// Changes a key's name, scopes, CIDRs, limits, expiry or note.
 pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyError> {
-    let CheckedPatch { expires_at, quota } = patch.check(op.now)?;
+    patch.check(op.now)?;
     transact(op.store, |file| {
         let record = find(file, id)?;
-        not_revoked(record)?;
-        let rate = patch
-            .rate_limit
-            .clone()
-            .unwrap_or_else(|| record.rate_limit.clone());
-        let burst = patch.burst.unwrap_or(record.burst);
-        // Clearing the rate clears its burst too.
-        let burst = if rate.is_none() && patch.burst.is_none() {
-            None
-        } else {
-            burst
-        };
-        record.rate_limit = check_rate(rate.as_deref(), burst)?;
-        record.burst = burst;
-        if let Some(name) = patch.name {
-            record.name = name;
-        }
-        if let Some(scopes) = patch.scopes {
-            record.scopes = scopes;
-        }
-        if let Some(cidrs) = patch.allowed_cidrs {
-            record.allowed_cidrs = cidrs;
-        }
-        if let Some(note) = patch.note {
-            record.note = note;
-        }
-        if let Some(expires_at) = expires_at {
-            record.expires_at = expires_at.map(rfc3339);
-        }
-        if let Some(quota) = quota {
-            record.quota = quota;
-        }
-        record.updated_at = Some(rfc3339(op.now));
+        patch.apply(record, op.config, op.now)?;
         Ok(record.clone())
     })
 }
@@ -618,8 +684,7 @@ pub fn import(
     for entry in entries {
         let line = entry.line;
         check_scopes(&entry.scopes).map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
-        check_text("name", &entry.name, 200)
-            .map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
+        check_name(&entry.name).map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
         let (prefix, imported) = match format::parse(&entry.key) {
             Ok(parsed) => (parsed.prefix.to_string(), false),
             Err(_) if bases.iter().any(|b| entry.key.starts_with(b.as_str())) => {
@@ -652,7 +717,7 @@ pub fn import(
             }
             let id = unique_id(&hash, |id| ids.contains(id));
             ids.insert(id.clone());
-            added.push(KeyRecord {
+            let record = KeyRecord {
                 id,
                 hash: hash_text,
                 prefix,
@@ -675,7 +740,11 @@ pub fn import(
                 rotated_from: None,
                 rotated_to: None,
                 imported,
-            });
+            };
+            added.push(
+                checked(record, op.config)
+                    .map_err(|e| KeyError::Import(format!("line {line}: {e}")))?,
+            );
         }
         file.keys.extend(added.iter().cloned());
         Ok(added)

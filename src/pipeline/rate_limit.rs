@@ -32,14 +32,15 @@ pub struct RatePolicy {
 }
 
 impl RatePolicy {
-    /// Time for one unit of budget to come back.
+    /// Time for one unit of budget to come back: at least a nanosecond, though a checked
+    /// rate (at most `MAX_RATE` per second) never comes near it.
     fn interval(&self) -> Duration {
-        self.rate.per / self.rate.count
+        (self.rate.per / self.rate.count.max(1)).max(Duration::from_nanos(1))
     }
 
     /// The window over which a full burst refills, in whole seconds (at least 1).
     fn window_secs(&self) -> u64 {
-        (self.interval() * self.burst).as_secs_f64().ceil().max(1.0) as u64
+        ceil_secs(self.interval().saturating_mul(self.burst)).max(1)
     }
 }
 
@@ -54,9 +55,10 @@ pub struct KeyLimiter {
 
 impl KeyLimiter {
     fn new(policy: RatePolicy, clock: &Clock) -> Self {
-        let burst = NonZeroU32::new(policy.burst.max(1)).expect("burst is at least 1");
+        let burst = NonZeroU32::new(policy.burst).unwrap_or(NonZeroU32::MIN);
+        // `interval` is never zero, so the fallback is never taken; it keeps this total.
         let quota = Quota::with_period(policy.interval())
-            .expect("a rate's interval is never zero")
+            .unwrap_or_else(|| Quota::per_hour(NonZeroU32::MIN))
             .allow_burst(burst);
         KeyLimiter {
             policy,
@@ -133,8 +135,8 @@ pub fn policy_header(
     if let Some(q) = quota {
         parts.push(format!("\"quota\";q={};w={}", q.limit, q.window_secs()));
     }
-    (!parts.is_empty())
-        .then(|| HeaderValue::from_str(&parts.join(", ")).expect("digits are a valid header"))
+    // Digits, quotes and punctuation: always a valid header value.
+    HeaderValue::from_str(&parts.join(", ")).ok().filter(|_| !parts.is_empty())
 }
 
 /// Spends one unit of the key's rate budget, or says how long to wait: `Err((wait, reset))`.
@@ -147,19 +149,19 @@ pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<Budget, (u64, u64)> 
             Ok(Budget {
                 name: "key",
                 remaining: u64::from(remaining),
-                reset: ceil_secs(interval * missing),
+                reset: ceil_secs(interval.saturating_mul(missing)),
             })
         }
         Err(not_until) => {
             let wait = not_until.wait_time_from(clock.now());
-            let reset = ceil_secs(interval * limiter.policy.burst).max(ceil_secs(wait));
+            let reset = ceil_secs(interval.saturating_mul(limiter.policy.burst)).max(ceil_secs(wait));
             Err((ceil_secs(wait).max(1), reset))
         }
     }
 }
 
 fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// Every key's limiter, by key id.
@@ -249,6 +251,19 @@ mod tests {
         );
         assert_eq!(h[RATELIMIT], "\"key\";r=199;t=1, \"quota\";r=999;t=3600");
         assert!(h.get(RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn the_fastest_and_slowest_policies_build_and_admit() {
+        let clock = Clock::fake(SystemTime::UNIX_EPOCH);
+        for (count, per, burst) in [(1_000_000, 1, 1_000_000), (1, 3600, 1_000_000), (1, 3600, 1)] {
+            let limiter = KeyLimiter::new(policy(count, per, burst), &clock);
+            assert!(admit(&limiter, &clock).is_ok());
+            assert!(policy_header(Some(limiter.policy()), None).is_some());
+        }
+        // Past the checked range the limiter still builds rather than abort.
+        let limiter = KeyLimiter::new(policy(u32::MAX, 1, u32::MAX), &clock);
+        assert!(admit(&limiter, &clock).is_ok());
     }
 
     #[test]
