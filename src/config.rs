@@ -422,9 +422,21 @@ pub struct RouteConfig {
     /// Send the client's `Host` upstream instead of the upstream's own. Default `false`.
     #[serde(default)]
     pub preserve_host: bool,
-    /// Forward the client's `Authorization` header. Default `false`: it is removed.
+    /// Forward the client's `Authorization` (and `X-API-Key`) header. Default `false`: they
+    /// are removed.
     #[serde(default)]
     pub keep_authorization: bool,
+    /// Forward the client-address headers (`Forwarded`, `X-Real-IP`, `X-Forwarded-Host`,
+    /// `X-Client-IP` and kin) even from a peer that is not in `trusted_proxies`. Default
+    /// `false`: only a trusted proxy's reach the upstream, so it never logs a forged hop.
+    #[serde(default)]
+    pub keep_forwarding_headers: bool,
+    /// Accept path parameters (`/a;jsessionid=x/b`): routes and scopes then see each segment
+    /// without its parameters (`/a/b`), as Tomcat, Jetty and Spring read it, and the
+    /// upstream gets the path with them. Default `false`: a `;` in the path is refused with
+    /// 400 `invalid_path`.
+    #[serde(default)]
+    pub allow_path_parameters: bool,
     /// Time allowed for the upstream's response headers. Default: `upstream.response_timeout`.
     #[serde(default)]
     pub response_timeout: Option<String>,
@@ -454,6 +466,8 @@ impl RouteConfig {
             strip_prefix: false,
             preserve_host: false,
             keep_authorization: false,
+            keep_forwarding_headers: false,
+            allow_path_parameters: false,
             response_timeout: None,
             max_request_body: None,
             ca_file: None,

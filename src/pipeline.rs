@@ -89,7 +89,6 @@ pub async fn handle(
         normalized_path: admission.normalized_path.as_deref(),
         request_id: request_id.clone(),
         rate: admission.rate,
-        x_api_key: snapshot.x_api_key,
         tunnels: &gw.tunnels,
         tunnel_idle: snapshot.listeners.tunnel_idle,
     };
@@ -229,7 +228,7 @@ pub fn admit<'s, B>(
     if snapshot.lockout.is_some() {
         lockouts.check(client, now)?;
     }
-    let path = route::normalize_path(req.uri().path())?;
+    let route::NormalPath { path, with_params } = route::normalize_path(req.uri().path())?;
     let host = req
         .headers()
         .get(HOST)
@@ -244,6 +243,9 @@ pub fn admit<'s, B>(
         route: Some(route),
         key: None,
     };
+    if with_params.is_some() && !route.allow_path_parameters {
+        return Err(on_route(Rejection::InvalidPath));
+    }
     let token = credential::extract(req.headers(), snapshot.x_api_key).map_err(on_route)?;
     let key = credential::identify(snapshot, token).map_err(on_route)?;
     key.usage.seen(now, client);
@@ -261,9 +263,9 @@ pub fn admit<'s, B>(
     Ok(Admission {
         route,
         key,
-        normalized_path: match path {
-            Cow::Owned(p) => Some(p),
-            Cow::Borrowed(_) => None,
+        normalized_path: match (with_params, path) {
+            (Some(p), _) | (None, Cow::Owned(p)) => Some(p),
+            (None, Cow::Borrowed(_)) => None,
         },
         rate,
     })

@@ -1,7 +1,11 @@
 //! Stage 7: send the request upstream and stream the answer back.
 //!
 //! On the way up: hop-by-hop headers go (RFC 9110 §7.6.1, with any named in `Connection`),
-//! `Authorization` goes unless the route keeps it, client-sent `X-Keygate-*` headers go, and
+//! `Authorization` and `X-API-Key` go unless the route keeps them, client-sent `X-Keygate-*`
+//! headers go, and so do the client-address headers (`Forwarded`, `X-Real-IP`,
+//! `X-Forwarded-Host` and kin) of a peer that is not a trusted proxy. A header spelled with
+//! underscores for dashes (`X_Keygate_Key_Id`) goes whenever its dashed twin would be
+//! removed or set by the gateway, since CGI, WSGI and Rack servers read the two alike. Then
 //! the gateway's own identity and forwarding headers come in. Bodies stream both ways.
 
 use std::pin::Pin;
@@ -45,6 +49,23 @@ const HOP_BY_HOP: [&str; 8] = [
     "te",
     "trailer",
     "upgrade",
+];
+
+/// Headers that name the client or the address it used, which only a trusted proxy may set.
+/// `X-Forwarded-For` and `X-Forwarded-Proto` are not here: the gateway writes those itself.
+const CLIENT_ADDRESS: [&str; 12] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-original-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
 ];
 
 /// Settings of one upstream connection pool. Routes with the same settings share a pool.
@@ -126,7 +147,6 @@ pub struct Forward<'a> {
     pub normalized_path: Option<&'a str>,
     pub request_id: HeaderValue,
     pub rate: Option<RateHeaders>,
-    pub x_api_key: bool,
     /// Where upgraded connections are counted, so a drain can wait for them.
     pub tunnels: &'a Arc<Tunnels>,
     /// An upgraded connection with no traffic either way for this long is closed.
@@ -180,16 +200,19 @@ pub async fn forward(
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
-    strip_headers(h, true);
+    strip_headers(
+        h,
+        Some(Inbound {
+            client_address: !(f.peer_trusted || route.keep_forwarding_headers),
+            api_key: !route.keep_authorization,
+        }),
+    );
     if let Some(protocol) = &upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(UPGRADE, protocol.clone());
     }
     if !route.keep_authorization {
         h.remove(AUTHORIZATION);
-        if f.x_api_key {
-            h.remove(X_API_KEY);
-        }
     }
     h.insert(X_KEYGATE_KEY_ID, f.key.id_header.clone());
     h.insert(X_KEYGATE_NAMESPACE, f.key.namespace_header.clone());
@@ -236,7 +259,7 @@ pub async fn forward(
     };
     let (mut parts, body) = response.into_parts();
     let protocol = parts.headers.get(UPGRADE).cloned();
-    strip_headers(&mut parts.headers, false);
+    strip_headers(&mut parts.headers, None);
     if let Some(rate) = &f.rate {
         rate.write(&mut parts.headers, false);
     }
@@ -411,10 +434,39 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     }
 }
 
+/// What goes from a request on its way upstream, besides the hop-by-hop headers.
+#[derive(Debug, Clone, Copy)]
+struct Inbound {
+    /// The client-address headers ([`CLIENT_ADDRESS`]): the peer is not a trusted proxy.
+    client_address: bool,
+    /// `X-API-Key`: the route does not keep credentials.
+    api_key: bool,
+}
+
+impl Inbound {
+    /// Whether a client-sent header goes. `name` is lowercase, as every `HeaderName` is.
+    fn removes(self, name: &str) -> bool {
+        if name.contains('_') {
+            // An underscore twin is never legitimate where its dashed form is one the
+            // gateway sets or guards: an upstream may read it as that form.
+            let dashed = name.replace('_', "-");
+            return dashed.starts_with("x-keygate-")
+                || CLIENT_ADDRESS.contains(&dashed.as_str())
+                || matches!(
+                    dashed.as_str(),
+                    "x-forwarded-for" | "x-forwarded-proto" | "x-request-id" | X_API_KEY
+                );
+        }
+        name.starts_with("x-keygate-")
+            || (self.client_address && CLIENT_ADDRESS.contains(&name))
+            || (self.api_key && name == X_API_KEY)
+    }
+}
+
 /// Removes the hop-by-hop headers, including every header `Connection` names, and, on the
-/// way upstream (`inbound`), the client's `X-Keygate-*` headers. One pass over the names:
-/// a request carries a handful of headers, so this beats probing for each hop-by-hop name.
-fn strip_headers(headers: &mut HeaderMap, inbound: bool) {
+/// way upstream (`inbound`), the client's headers that must not reach it. One pass over the
+/// names: a request carries a handful of headers, so this beats probing for each name.
+fn strip_headers(headers: &mut HeaderMap, inbound: Option<Inbound>) {
     let named: Vec<HeaderName> = if headers.contains_key(CONNECTION) {
         headers
             .get_all(CONNECTION)
@@ -432,7 +484,7 @@ fn strip_headers(headers: &mut HeaderMap, inbound: bool) {
             let name = k.as_str();
             HOP_BY_HOP.contains(&name)
                 || named.contains(k)
-                || (inbound && name.starts_with("x-keygate-"))
+                || inbound.is_some_and(|i| i.removes(name))
         })
         .cloned()
         .collect();
@@ -477,15 +529,47 @@ mod tests {
         h.insert("x-stays", HeaderValue::from_static("1"));
         h.insert("x-keygate-key-id", HeaderValue::from_static("forged"));
         let mut response = h.clone();
-        strip_headers(&mut response, false);
+        strip_headers(&mut response, None);
         assert_eq!(
             response.len(),
             2,
             "a response keeps x-keygate-*: {response:?}"
         );
-        strip_headers(&mut h, true);
+        let keep_all = Inbound {
+            client_address: false,
+            api_key: false,
+        };
+        strip_headers(&mut h, Some(keep_all));
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-stays"));
+    }
+
+    #[test]
+    fn twins_and_client_address_headers_go() {
+        let untrusted = Inbound {
+            client_address: true,
+            api_key: true,
+        };
+        let trusted = Inbound {
+            client_address: false,
+            api_key: false,
+        };
+        for name in [
+            "x_keygate_key_id",
+            "x-keygate_namespace",
+            "x_forwarded_for",
+            "x_real_ip",
+            "x_api_key",
+            "x_request_id",
+        ] {
+            assert!(untrusted.removes(name) && trusted.removes(name), "{name}");
+        }
+        for name in ["forwarded", "x-real-ip", "x-forwarded-host", "x-client-ip", "x-api-key"] {
+            assert!(untrusted.removes(name) && !trusted.removes(name), "{name}");
+        }
+        for name in ["x-custom_thing", "accept", "x-forwarded-for", "user_agent"] {
+            assert!(!untrusted.removes(name), "{name}");
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Route {
     pub strip_prefix: bool,
     pub preserve_host: bool,
     pub keep_authorization: bool,
+    pub keep_forwarding_headers: bool,
+    pub allow_path_parameters: bool,
     pub response_timeout: Duration,
     pub max_request_body: u64,
     /// This route's request counters, shared across snapshots by route name.
@@ -168,10 +170,10 @@ impl Route {
         let prefix = if !prefix.starts_with('/') {
             bad("path_prefix", format!("`{prefix}` must start with `/`"));
             String::from("/")
-        } else if normalize_path(prefix).map(|p| p != prefix).unwrap_or(true) {
+        } else if normalize_path(prefix).map_or(true, |p| p.path != prefix || p.with_params.is_some()) {
             bad(
                 "path_prefix",
-                format!("`{prefix}` must be a plain path (no `.`, `..` or encoded slashes)"),
+                format!("`{prefix}` must be a plain path (no `.`, `..`, `//`, `;` or encoded slashes)"),
             );
             String::from("/")
         } else {
@@ -232,6 +234,8 @@ impl Route {
             strip_prefix: raw.strip_prefix,
             preserve_host: raw.preserve_host,
             keep_authorization: raw.keep_authorization,
+            keep_forwarding_headers: raw.keep_forwarding_headers,
+            allow_path_parameters: raw.allow_path_parameters,
             response_timeout,
             max_request_body,
             counters: Default::default(),
@@ -292,69 +296,98 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
 }
 
-/// Normalises a request path as RFC 3986 §6.2.2 does: `%2E` read as `.`, then dot segments
-/// removed. Encoded slashes and backslashes are refused, because upstreams disagree on them
-/// and one that decodes `%2F` would see a different path from the one the scopes saw.
-pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Rejection> {
+/// A request path as the gateway decides on it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NormalPath<'a> {
+    /// What routes and scopes see: `%2E` read as `.`, dot segments removed, repeated
+    /// slashes merged, and each segment without its `;parameters`. Borrowed when that is the
+    /// request's own path.
+    pub path: Cow<'a, str>,
+    /// Set when the path had `;parameters`: the same path with them kept, which is what goes
+    /// upstream on a route that allows them (any other route refuses the request).
+    pub with_params: Option<String>,
+}
+
+/// Normalises a request path as RFC 3986 §6.2.2 does (`%2E` read as `.`, dot segments
+/// removed), merges repeated slashes as nginx's `merge_slashes` and Envoy's do, and reads
+/// `;` as the start of a segment's parameters, as Tomcat, Jetty and Spring do: so that the
+/// scopes and the upstream cannot read one path two ways (`/v1/public/..;/admin`,
+/// `//v1/admin`). Encoded slashes, backslashes, semicolons and NULs are refused, because
+/// upstreams disagree on them.
+pub fn normalize_path(path: &str) -> Result<NormalPath<'_>, Rejection> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(Rejection::InvalidPath);
     }
-    let mut suspicious = false;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
+    let (mut suspicious, mut params) = (false, false);
+    let mut previous = 0u8;
+    let mut rest = bytes;
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        match b {
             b'\\' => return Err(Rejection::InvalidPath),
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(Rejection::InvalidPath)?;
+                let hex = rest.get(..2).ok_or(Rejection::InvalidPath)?;
                 match hex {
-                    [b'2', b'f' | b'F'] | [b'5', b'c' | b'C'] => {
+                    [b'2', b'f' | b'F'] | [b'5', b'c' | b'C'] | [b'3', b'b' | b'B'] | [b'0', b'0'] => {
                         return Err(Rejection::InvalidPath)
                     }
                     [b'2', b'e' | b'E'] => suspicious = true,
                     [a, b] if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => {}
                     _ => return Err(Rejection::InvalidPath),
                 }
-                i += 3;
-                continue;
+                rest = rest.get(2..).unwrap_or_default();
             }
-            b'.' if bytes[i - 1] == b'/' => suspicious = true,
+            b'.' | b'/' if previous == b'/' => suspicious = true,
+            b';' => params = true,
             _ => {}
         }
-        i += 1;
+        previous = b;
     }
-    if !suspicious {
-        return Ok(Cow::Borrowed(path));
+    if !suspicious && !params {
+        return Ok(NormalPath {
+            path: Cow::Borrowed(path),
+            with_params: None,
+        });
     }
     let decoded = path.replace("%2e", ".").replace("%2E", ".");
-    let mut out: Vec<&str> = Vec::new();
+    // Each kept segment: its name (before any `;`) and the whole segment.
+    let mut kept: Vec<(&str, &str)> = Vec::new();
     let segments: Vec<&str> = decoded.split('/').skip(1).collect();
     let last = segments.len().saturating_sub(1);
-    for (i, seg) in segments.iter().enumerate() {
-        match *seg {
-            "." => {
-                if i == last {
-                    out.push("");
-                }
-            }
+    for (i, &segment) in segments.iter().enumerate() {
+        let name = segment.split(';').next().unwrap_or_default();
+        match name {
+            "." => {}
             ".." => {
-                out.pop();
-                if i == last {
-                    out.push("");
-                }
+                kept.pop();
             }
-            s => out.push(s),
+            // A repeated slash is merged; so is a segment of parameters alone (`/a/;x/b`).
+            "" if i != last => {}
+            _ => {
+                kept.push((name, segment));
+                continue;
+            }
+        }
+        if i == last {
+            kept.push(("", ""));
         }
     }
-    let mut normalized = String::with_capacity(decoded.len());
-    for seg in &out {
-        normalized.push('/');
-        normalized.push_str(seg);
-    }
-    if normalized.is_empty() {
-        normalized.push('/');
-    }
-    Ok(Cow::Owned(normalized))
+    let join = |whole: bool| {
+        let mut out = String::with_capacity(decoded.len());
+        for (name, segment) in &kept {
+            out.push('/');
+            out.push_str(if whole { segment } else { name });
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
+    };
+    Ok(NormalPath {
+        path: Cow::Owned(join(false)),
+        with_params: params.then(|| join(true)),
+    })
 }
 
 #[cfg(test)]
@@ -440,23 +473,51 @@ mod tests {
         );
     }
 
+    fn normal(path: &str) -> String {
+        normalize_path(path).unwrap().path.into_owned()
+    }
+
     #[test]
     fn paths_are_normalised() {
-        assert_eq!(normalize_path("/v1/users").unwrap(), "/v1/users");
+        assert_eq!(normal("/v1/users"), "/v1/users");
         assert!(matches!(
-            normalize_path("/v1/users").unwrap(),
+            normalize_path("/v1/users").unwrap().path,
             Cow::Borrowed(_)
         ));
-        assert_eq!(normalize_path("/v1/../admin").unwrap(), "/admin");
-        assert_eq!(normalize_path("/v1/%2e%2E/admin").unwrap(), "/admin");
-        assert_eq!(normalize_path("/v1/./x/.").unwrap(), "/v1/x/");
-        assert_eq!(normalize_path("/../../etc").unwrap(), "/etc");
-        assert_eq!(normalize_path("/v1/..").unwrap(), "/");
-        assert_eq!(normalize_path("/v1/.hidden").unwrap(), "/v1/.hidden");
+        assert_eq!(normal("/v1/../admin"), "/admin");
+        assert_eq!(normal("/v1/%2e%2E/admin"), "/admin");
+        assert_eq!(normal("/v1/./x/."), "/v1/x/");
+        assert_eq!(normal("/../../etc"), "/etc");
+        assert_eq!(normal("/v1/.."), "/");
+        assert_eq!(normal("/v1/.hidden"), "/v1/.hidden");
+        assert_eq!(normal("/"), "/");
         for bad in [
-            "v1", "*", "/a%2Fb", "/a%2fb", "/a%5Cb", "/a\\b", "/a%zz", "/a%2",
+            "v1", "*", "/a%2Fb", "/a%2fb", "/a%5Cb", "/a\\b", "/a%zz", "/a%2", "/a%3Bb", "/a%00",
         ] {
             assert!(normalize_path(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn repeated_slashes_merge() {
+        assert_eq!(normal("//v1/admin/users"), "/v1/admin/users");
+        assert_eq!(normal("/v1//admin/users"), "/v1/admin/users");
+        assert_eq!(normal("/v1///admin//"), "/v1/admin/");
+        assert_eq!(normal("//"), "/");
+        assert_eq!(normal("/v1/.//../admin"), "/admin");
+        assert!(normalize_path("/v1//x").unwrap().with_params.is_none());
+    }
+
+    #[test]
+    fn parameters_are_not_part_of_a_segment() {
+        let p = normalize_path("/v1/public/..;/admin").unwrap();
+        assert_eq!((p.path.as_ref(), p.with_params.as_deref()), ("/v1/admin", Some("/v1/admin")));
+        let p = normalize_path("/v1/admin;jsessionid=x/users").unwrap();
+        assert_eq!(p.path, "/v1/admin/users");
+        assert_eq!(p.with_params.as_deref(), Some("/v1/admin;jsessionid=x/users"));
+        let p = normalize_path("/v1/;x/users;v=2").unwrap();
+        assert_eq!(p.path, "/v1/users");
+        assert_eq!(p.with_params.as_deref(), Some("/v1/users;v=2"));
+        assert_eq!(normal("/v1/x;"), "/v1/x");
     }
 }
