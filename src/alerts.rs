@@ -37,10 +37,10 @@ pub struct AlertsConfig {
 pub struct WebhookConfig {
     /// `http://host:port/path`.
     pub url: String,
-    /// Time allowed for each attempt. Default `5s`.
+    /// Time allowed for each attempt, 1ms to 1m. Default `5s`.
     #[serde(default = "default_timeout")]
     pub timeout: String,
-    /// Further attempts after a failure, one second apart, doubling. Default `3`.
+    /// Further attempts after a failure, one second apart, doubling; 0 to 10. Default `3`.
     #[serde(default = "default_retries")]
     pub retries: u32,
 }
@@ -133,13 +133,20 @@ impl AlertRules {
                     None
                 }
             };
-            let timeout = parse_duration(&w.timeout)
+            let (min, max) = crate::config::ranges::WEBHOOK_TIMEOUT;
+            let timeout = crate::config::units::parse_duration_in(&w.timeout, min, max)
                 .map_err(|e| p.push("alerts.webhook.timeout", e))
                 .ok();
+            let retries = crate::config::ranges::within(
+                w.retries,
+                crate::config::ranges::WEBHOOK_RETRIES,
+                "alerts.webhook.retries",
+                p,
+            );
             Some(Webhook {
                 url: url?,
                 timeout: timeout?,
-                retries: w.retries.min(10),
+                retries: retries?,
             })
         });
         let mut names = std::collections::HashSet::new();

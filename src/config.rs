@@ -6,6 +6,7 @@
 //! from the config and the key store, so `keygate check`, `serve` and a reload share them.
 
 pub mod locate;
+pub mod ranges;
 pub mod units;
 
 use std::collections::BTreeMap;
@@ -61,7 +62,7 @@ pub struct Config {
     /// Connection settings towards upstreams.
     #[serde(default)]
     pub upstream: UpstreamConfig,
-    /// Worker threads for the proxy. `0` (the default) means one per core.
+    /// Worker threads for the proxy, 0 to 1024. `0` (the default) means one per core.
     #[serde(default)]
     pub workers: usize,
     /// The audit log.
@@ -95,14 +96,15 @@ pub struct LockoutConfig {
     /// refused for someone else's mistakes until an operator opts in. Default `false`.
     #[serde(default)]
     pub enabled: bool,
-    /// Failed guesses (`malformed_key`, `unknown_key`) from one address that lock it out.
-    /// Default `20`.
+    /// Failed guesses (`malformed_key`, `unknown_key`) from one address that lock it out,
+    /// 1 to 1,000,000. Default `20`.
     #[serde(default = "default_max_failures")]
     pub max_failures: u32,
-    /// The window the failures are counted in. Default `1m`.
+    /// The window the failures are counted in, 1s to 24h. Default `1m`.
     #[serde(default = "default_lockout_window")]
     pub window: String,
-    /// How long a locked-out address gets 429 `too_many_failed_attempts`. Default `5m`.
+    /// How long a locked-out address gets 429 `too_many_failed_attempts`, 1s to 30d.
+    /// Default `5m`.
     #[serde(default = "default_cooldown")]
     pub cooldown: String,
 }
@@ -145,8 +147,8 @@ pub struct AuditConfig {
     /// Path, relative to this file. Default `audit.log`. Read at start.
     #[serde(default = "default_audit_file")]
     pub file: String,
-    /// Failed authentications written per client IP and code each minute; the rest are
-    /// counted in one summary line. Default `10`.
+    /// Failed authentications written per client IP and code each minute (0 to 1,000,000);
+    /// the rest are counted in one summary line. Default `10`.
     #[serde(default = "default_auth_failures_per_minute")]
     pub auth_failures_per_minute: u32,
 }
@@ -215,10 +217,11 @@ pub struct RateLimitConfig {
     /// on its own at limit/`nodes`.
     #[serde(default)]
     pub fail_mode: FailMode,
-    /// How many nodes share the limits, for `fail_mode: local`. Default 1.
+    /// How many nodes share the limits, for `fail_mode: local`, 1 to 1000. Default 1.
     #[serde(default = "default_nodes")]
     pub nodes: u32,
-    /// A Redis call that takes longer counts as Redis being unreachable. Default `50ms`.
+    /// A Redis call that takes longer counts as Redis being unreachable, 1ms to 10s.
+    /// Default `50ms`.
     #[serde(default = "default_limit_timeout")]
     pub timeout: String,
 }
@@ -276,7 +279,7 @@ pub struct UsageConfig {
     /// Path, relative to this file. Default `usage.json`. Read at start.
     #[serde(default = "default_usage_file")]
     pub file: String,
-    /// How often usage is written out (and at shutdown). Default `5s`.
+    /// How often usage is written out (and at shutdown), 10ms to 1h. Default `5s`.
     #[serde(default = "default_flush_interval")]
     pub flush_interval: String,
 }
@@ -301,11 +304,11 @@ fn default_flush_interval() -> String {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RotationConfig {
-    /// A key being rotated out counts as `safe_to_revoke` once it has been silent this long.
-    /// Default `1h`.
+    /// A key being rotated out counts as `safe_to_revoke` once it has been silent this long,
+    /// 1s to 365d. Default `1h`.
     #[serde(default = "default_quiet_period")]
     pub quiet_period: String,
-    /// Grace when none is given. Default `24h`.
+    /// Grace when none is given, 1s to 3650d. Default `24h`.
     #[serde(default = "default_grace")]
     pub default_grace: String,
 }
@@ -437,10 +440,11 @@ pub struct RouteConfig {
     /// 400 `invalid_path`.
     #[serde(default)]
     pub allow_path_parameters: bool,
-    /// Time allowed for the upstream's response headers. Default: `upstream.response_timeout`.
+    /// Time allowed for the upstream's response headers, 1ms to 1h. Default:
+    /// `upstream.response_timeout`.
     #[serde(default)]
     pub response_timeout: Option<String>,
-    /// Largest request body. Default: `limits.max_request_body`.
+    /// Largest request body, up to 1TiB. Default: `limits.max_request_body`.
     #[serde(default)]
     pub max_request_body: Option<String>,
     /// For an `https://` upstream: trust only the CAs in this PEM file (relative to the
@@ -509,28 +513,40 @@ pub struct NamespaceConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Largest request body a route accepts unless it says otherwise. Default `10MiB`.
+    /// Largest request body a route accepts unless it says otherwise, up to 1TiB.
+    /// Default `10MiB`.
     #[serde(default = "default_max_body")]
     pub max_request_body: String,
-    /// Time a client has to send its request headers (slowloris defence). Default `10s`.
+    /// Time a client has to send its request headers (slowloris defence), 100ms to 10m:
+    /// over HTTP/1 from the first byte of each request; over either protocol, from the
+    /// connection's start to its first complete request; and on the admin listener, for the
+    /// request body too. Default `10s`.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout: String,
-    /// Largest total size of request headers. Default `64KiB`.
+    /// A connection (HTTP/1 keep-alive or HTTP/2) with no request in flight for this long is
+    /// closed, 1s to 1h; it is closed between one and two times this after its last request
+    /// ended. Default `60s`.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: String,
+    /// Largest total size of request headers, 8KiB to 16MiB. Default `64KiB`.
     #[serde(default = "default_max_headers_size")]
     pub max_header_size: String,
-    /// Most request headers (HTTP/1.1). Default `100`.
+    /// Most request headers (HTTP/1.1), 1 to 10,000. Default `100`.
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
-    /// Open connections per listener; past it, new ones wait to be accepted. Default `10000`.
+    /// Open connections per listener, 1 to 1,000,000; past it, new ones wait to be accepted.
+    /// Default `10000`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// HTTP/2 streams at once per connection. Default `256`.
+    /// HTTP/2 streams at once per connection, 1 to 10,000. Default `256`.
     #[serde(default = "default_h2_streams")]
     pub h2_max_concurrent_streams: u32,
-    /// An upgraded connection (WebSocket) with no traffic for this long is closed. Default `5m`.
+    /// An upgraded connection (WebSocket) with no traffic for this long is closed, 1s to 7d.
+    /// Default `5m`.
     #[serde(default = "default_tunnel_idle")]
     pub tunnel_idle_timeout: String,
-    /// On SIGTERM, how long in-flight requests and upgraded connections may finish. Default `30s`.
+    /// On SIGTERM, how long in-flight requests and upgraded connections may finish, 1ms to
+    /// 1h. Default `30s`.
     #[serde(default = "default_drain")]
     pub drain_timeout: String,
 }
@@ -540,6 +556,7 @@ impl Default for Limits {
         Limits {
             max_request_body: default_max_body(),
             header_read_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
             max_header_size: default_max_headers_size(),
             max_headers: default_max_headers(),
             max_connections: default_max_connections(),
@@ -555,6 +572,9 @@ fn default_max_body() -> String {
 }
 fn default_header_timeout() -> String {
     "10s".into()
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
 }
 fn default_max_headers() -> usize {
     100
@@ -579,16 +599,17 @@ fn default_max_headers_size() -> String {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Time to open a TCP connection; past it the answer is 502. Default `2s`.
+    /// Time to open a TCP connection, 1ms to 5m; past it the answer is 502. Default `2s`.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: String,
-    /// Time to the upstream's response headers; past it the answer is 504. Default `30s`.
+    /// Time to the upstream's response headers, 1ms to 1h; past it the answer is 504.
+    /// Default `30s`.
     #[serde(default = "default_response_timeout")]
     pub response_timeout: String,
-    /// How long an idle pooled connection is kept. Default `90s`.
+    /// How long an idle pooled connection is kept, 1ms to 1h. Default `90s`.
     #[serde(default = "default_pool_idle")]
     pub pool_idle_timeout: String,
-    /// Idle connections kept per upstream. Default `256`.
+    /// Idle connections kept per upstream, 0 to 100,000. Default `256`.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
 }
@@ -677,7 +698,10 @@ impl Config {
     /// The rotation quiet period in seconds (the default if the text is invalid; `check`
     /// reports that).
     pub fn quiet_period_secs(&self) -> i64 {
-        units::parse_duration(&self.rotation.quiet_period).map_or(3600, |d| d.as_secs() as i64)
+        units::parse_duration(&self.rotation.quiet_period)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_secs()).ok())
+            .unwrap_or(3600)
     }
 }
 

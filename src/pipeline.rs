@@ -18,7 +18,7 @@ pub mod usage;
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use http::header::HOST;
@@ -170,19 +170,57 @@ pub struct ClientConn {
     pub peer_header: http::HeaderValue,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// What the connection's requests are doing, for its idle timer.
+    pub activity: Activity,
 }
 
 impl ClientConn {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
         let peer_ip = peer.ip().to_canonical();
+        // An address's text is always a valid header value; the fallback is never taken.
         let peer_header = http::HeaderValue::from_str(&peer_ip.to_string())
-            .expect("an IP address is a valid header");
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
         ClientConn {
             peer,
             peer_ip,
             peer_header,
             tls,
+            activity: Activity::default(),
         }
+    }
+}
+
+/// Requests begun on one connection, and those whose handler has not returned. The
+/// connection's idle timer reads them; the request path only counts.
+#[derive(Debug, Default)]
+pub struct Activity {
+    begun: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// Counts one request in flight while it lives.
+#[derive(Debug)]
+pub struct Busy<'a>(&'a Activity);
+
+impl Activity {
+    pub fn begin(&self) -> Busy<'_> {
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// Requests begun so far, and whether any is in flight now.
+    pub fn state(&self) -> (u64, bool) {
+        (
+            self.begun.load(Ordering::Relaxed),
+            self.in_flight.load(Ordering::Relaxed) > 0,
+        )
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

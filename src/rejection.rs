@@ -61,6 +61,8 @@ pub enum Rejection {
     LimiterUnavailable,
     /// The key store (Redis) cannot be reached, so keys cannot be changed just now.
     StoreUnavailable(String),
+    /// An admin request's body did not arrive within `limits.header_read_timeout`.
+    RequestTimeout,
     /// Something that should not happen. It is logged where it happens; the client learns
     /// nothing of it.
     Internal,
@@ -68,7 +70,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 30] = [
+pub const CODES: [&str; 31] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -99,6 +101,7 @@ pub const CODES: [&str; 30] = [
     "internal",
     "limiter_unavailable",
     "store_unavailable",
+    "request_timeout",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -168,6 +171,7 @@ impl Rejection {
             Internal => 27,
             LimiterUnavailable => 28,
             StoreUnavailable(_) => 29,
+            RequestTimeout => 30,
         }
     }
 
@@ -193,7 +197,7 @@ impl Rejection {
             RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited", problem!(429, "Too Many Requests", "rate_limited", "The API key's rate limit is exhausted; retry after the time in Retry-After.")),
             QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "quota_exceeded", problem!(429, "Too Many Requests", "quota_exceeded", "The API key's quota for this period is used up; it resets at the time in Retry-After.")),
             TooManyFailedAttempts { .. } => (S::TOO_MANY_REQUESTS, "too_many_failed_attempts", problem!(429, "Too Many Requests", "too_many_failed_attempts", "Too many failed authentications from this address; retry after the time in Retry-After.")),
-            InvalidPath => (S::BAD_REQUEST, "invalid_path", problem!(400, "Bad Request", "invalid_path", "The request path is not a valid origin-form path, or it holds an encoded slash or backslash.")),
+            InvalidPath => (S::BAD_REQUEST, "invalid_path", problem!(400, "Bad Request", "invalid_path", "The request path is not a valid origin-form path, holds an encoded slash, backslash, semicolon or NUL, or has path parameters (`;`) that this route does not allow.")),
             NoRoute => (S::NOT_FOUND, "no_route", problem!(404, "Not Found", "no_route", "No route matches this host and path.")),
             BodyTooLarge => (S::PAYLOAD_TOO_LARGE, "body_too_large", problem!(413, "Content Too Large", "body_too_large", "The request body is larger than this route allows.")),
             UpstreamUnavailable => (S::BAD_GATEWAY, "upstream_unavailable", problem!(502, "Bad Gateway", "upstream_unavailable", "The upstream could not be reached.")),
@@ -209,6 +213,7 @@ impl Rejection {
             KeyRotating => (S::CONFLICT, "key_rotating", problem!(409, "Conflict", "key_rotating", "The key is already being rotated: rotate its replacement, or wait for the grace to end.")),
             LimiterUnavailable => (S::SERVICE_UNAVAILABLE, "limiter_unavailable", problem!(503, "Service Unavailable", "limiter_unavailable", "The shared rate limiter cannot be reached, and this gateway is set to refuse rather than guess; retry after the time in Retry-After.")),
             StoreUnavailable(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", ""),
+            RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout", problem!(408, "Request Timeout", "request_timeout", "The request body did not arrive in time.")),
             Internal => (S::INTERNAL_SERVER_ERROR, "internal", problem!(500, "Internal Server Error", "internal", "The gateway failed to handle the request.")),
         }
     }
@@ -358,6 +363,7 @@ mod tests {
             KeyNotFound,
             KeyRevoked,
             KeyRotating,
+            RequestTimeout,
             TooManyFailedAttempts { retry_after: 1 },
         ] {
             assert_eq!(CODES[r.index()], r.code());

@@ -12,7 +12,6 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -494,17 +493,28 @@ async fn accept_loop(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(settings.h2_max_concurrent_streams)
-        .max_header_list_size(settings.max_header_size as u32)
+        .max_header_list_size(u32::try_from(settings.max_header_size).unwrap_or(u32::MAX))
+        // A peer that stops answering PINGs is gone: its connection is closed, even while
+        // a stream is open, and even while a graceful close waits for its PING's answer.
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT)
         // The rapid-reset defence (CVE-2023-44487): a peer that resets streams faster than
         // they are served gets GOAWAY.
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(256));
-    let graceful = GracefulShutdown::new();
+    let timers = ConnTimers {
+        first_request: settings.header_read_timeout,
+        idle: settings.idle_timeout,
+    };
     // Past the cap, accept waits for a connection to end: never a crash, never a refusal.
-    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    let cap = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap as usize));
     loop {
         let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
             _ = stop.changed() => break,
         };
         let (stream, peer) = tokio::select! {
@@ -523,68 +533,36 @@ async fn accept_loop(
         let gw = gateway.clone();
         let secure = tls.is_some();
         let client = Arc::new(crate::pipeline::ClientConn::new(peer, secure));
+        let conn_client = client.clone();
         let service = service_fn(move |req| {
             let (gw, client) = (gw.clone(), client.clone());
             async move {
+                let _busy = client.activity.begin();
                 Ok::<_, Infallible>(match kind {
                     Listener::Proxy => crate::pipeline::handle(&gw, req, &client).await,
                     Listener::Admin => crate::admin::handle(&gw, req, client.peer).await,
                 })
             }
         });
-        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
-        let handshake_timeout = settings.header_read_timeout;
+        let (builder, tls, stop) = (builder.clone(), tls.clone(), stop.clone());
         let span = tracing::debug_span!("conn", listener = ?kind, %peer, tls = secure);
         tokio::spawn(
             async move {
                 let _slot = slot;
-                let result = match tls {
-                    None => {
-                        // A connection that sends nothing at all is closed after the header
-                        // read timeout too (hyper's timer starts at the first byte), so idle
-                        // sockets cannot hold the connection slots.
-                        let mut first = [0u8; 1];
-                        match tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await
-                        {
-                            Ok(Ok(n)) if n > 0 => {}
-                            _ => {
-                                tracing::debug!("no request within the header read timeout");
-                                return;
-                            }
-                        }
-                        watcher
-                            .watch(
-                                builder
-                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                    .into_owned(),
-                            )
-                            .await
-                    }
+                let activity = &conn_client.activity;
+                match tls {
+                    None => serve_conn(&builder, stream, service, activity, timers, stop).await,
                     Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
+                        let handshake = acceptor.accept(stream);
+                        match tokio::time::timeout(timers.first_request, handshake).await {
                             Ok(Ok(tls_stream)) => {
-                                let conn = builder
-                                    .serve_connection_with_upgrades(
-                                        TokioIo::new(tls_stream),
-                                        service,
-                                    )
-                                    .into_owned();
-                                watcher.watch(conn).await
+                                serve_conn(&builder, tls_stream, service, activity, timers, stop)
+                                    .await
                             }
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!("TLS handshake timed out");
-                                return;
-                            }
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
                     }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
                 }
             }
             .instrument(span),
@@ -592,10 +570,95 @@ async fn accept_loop(
     }
     drop(listener);
     let drain = stop.borrow().unwrap_or_default();
-    if tokio::time::timeout(drain, graceful.shutdown())
+    // Every connection holds a slot until it ends; each was told to close gracefully.
+    if tokio::time::timeout(drain, slots.acquire_many(cap))
         .await
         .is_err()
     {
         tracing::warn!(listener = ?kind, "connections still open after the drain timeout; closing them");
+    }
+}
+
+/// HTTP/2 keep-alive: a PING every this long on every connection...
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// ...answered within this long, or the peer is gone.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A connection's own deadlines, over HTTP/1 and HTTP/2 alike.
+#[derive(Debug, Clone, Copy)]
+struct ConnTimers {
+    /// From the connection's start (or its TLS handshake's) to its first request: a socket
+    /// that sends nothing, or an HTTP/2 preface and SETTINGS alone, is closed then.
+    first_request: Duration,
+    /// With no request begun or in flight for this long, the connection is closed.
+    idle: Duration,
+}
+
+/// Serves one connection until it ends, closing it gracefully when it goes idle or the
+/// listener drains. A graceful close never cuts an exchange short: HTTP/1 finishes the
+/// response in progress, HTTP/2 sends GOAWAY and lets open streams finish.
+async fn serve_conn<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    activity: &crate::pipeline::Activity,
+    timers: ConnTimers,
+    mut stop: watch::Receiver<Option<Duration>>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::ResponseBody>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = idle(activity, timers), if !closing => {
+                tracing::debug!("connection idle; closing it");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                if activity.state().0 == 0 {
+                    // Nothing was ever asked, so nothing can be in flight: a peer that does
+                    // not answer the closing handshake gets no longer than it had to ask.
+                    break tokio::time::timeout(timers.first_request, conn.as_mut())
+                        .await
+                        .unwrap_or(Ok(()));
+                }
+            }
+            _ = stop.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves once the connection is idle: no request in the first `first_request`; later,
+/// a whole `idle` period in which no request began and none was in flight at either end.
+/// It wakes once a period, so a closed connection was idle for one to two periods.
+async fn idle(activity: &crate::pipeline::Activity, timers: ConnTimers) {
+    tokio::time::sleep(timers.first_request).await;
+    let (mut seen, mut busy) = activity.state();
+    if seen == 0 && !busy {
+        return;
+    }
+    loop {
+        tokio::time::sleep(timers.idle).await;
+        let (begun, busy_now) = activity.state();
+        if begun == seen && !busy && !busy_now {
+            return;
+        }
+        (seen, busy) = (begun, busy_now);
     }
 }

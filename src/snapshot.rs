@@ -12,7 +12,8 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::alerts::AlertRules;
-use crate::config::units::{parse_duration, parse_size};
+use crate::config::ranges::{self, size_in, within};
+use crate::config::units::parse_duration_in;
 use crate::config::{
     parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, LimitBackend, Problems,
 };
@@ -101,6 +102,8 @@ pub struct ListenerSettings {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
+    pub idle_timeout: Duration,
     pub max_header_size: usize,
     pub max_headers: usize,
     pub max_connections: usize,
@@ -351,56 +354,85 @@ fn compile_config(
     };
     let proxy = addr(&config.listen.proxy, "listen.proxy", p);
     let admin = addr(&config.listen.admin, "listen.admin", p);
-    let duration = |text: &str, path: &str, p: &mut Problems| match parse_duration(text) {
-        Ok(d) if !d.is_zero() => Some(d),
-        Ok(_) => {
-            p.push(path, "must be greater than zero");
-            None
-        }
-        Err(e) => {
-            p.push(path, e);
-            None
-        }
+    let duration = |text: &str, path: &str, (min, max): (Duration, Duration), p: &mut Problems| {
+        parse_duration_in(text, min, max)
+            .map_err(|e| p.push(path, e))
+            .ok()
     };
-    let size = |text: &str, path: &str, p: &mut Problems| match parse_size(text) {
-        Ok(n) => Some(n),
-        Err(e) => {
-            p.push(path, e);
-            None
-        }
-    };
+    let l = &config.limits;
     let header_read_timeout = duration(
-        &config.limits.header_read_timeout,
+        &l.header_read_timeout,
         "limits.header_read_timeout",
+        ranges::HEADER_READ_TIMEOUT,
         p,
     );
-    let max_header_size = size(&config.limits.max_header_size, "limits.max_header_size", p);
-    let max_request_body = size(
-        &config.limits.max_request_body,
+    let idle_timeout = duration(
+        &l.idle_timeout,
+        "limits.idle_timeout",
+        ranges::IDLE_TIMEOUT,
+        p,
+    );
+    let max_header_size = size_in(
+        &l.max_header_size,
+        ranges::MAX_HEADER_SIZE,
+        "limits.max_header_size",
+        p,
+    );
+    let max_request_body = size_in(
+        &l.max_request_body,
+        ranges::MAX_REQUEST_BODY,
         "limits.max_request_body",
         p,
     );
     let connect_timeout = duration(
         &config.upstream.connect_timeout,
         "upstream.connect_timeout",
+        ranges::CONNECT_TIMEOUT,
         p,
     );
     let response_timeout = duration(
         &config.upstream.response_timeout,
         "upstream.response_timeout",
+        ranges::RESPONSE_TIMEOUT,
         p,
     );
-    let idle_timeout = duration(
+    let pool_idle_timeout = duration(
         &config.upstream.pool_idle_timeout,
         "upstream.pool_idle_timeout",
+        ranges::POOL_IDLE_TIMEOUT,
         p,
     );
-    duration(&config.usage.flush_interval, "usage.flush_interval", p);
-    duration(&config.rotation.quiet_period, "rotation.quiet_period", p);
-    duration(&config.rotation.default_grace, "rotation.default_grace", p);
-    if max_header_size.is_some_and(|n| !(8192..=16 << 20).contains(&n)) {
-        p.push("limits.max_header_size", "must be between 8KiB and 16MiB");
-    }
+    within(
+        config.upstream.pool_max_idle_per_host,
+        ranges::POOL_MAX_IDLE,
+        "upstream.pool_max_idle_per_host",
+        p,
+    );
+    within(config.workers, ranges::WORKERS, "workers", p);
+    within(
+        config.audit.auth_failures_per_minute,
+        ranges::AUTH_FAILURES_PER_MINUTE,
+        "audit.auth_failures_per_minute",
+        p,
+    );
+    duration(
+        &config.usage.flush_interval,
+        "usage.flush_interval",
+        ranges::FLUSH_INTERVAL,
+        p,
+    );
+    duration(
+        &config.rotation.quiet_period,
+        "rotation.quiet_period",
+        ranges::QUIET_PERIOD,
+        p,
+    );
+    duration(
+        &config.rotation.default_grace,
+        "rotation.default_grace",
+        ranges::GRACE,
+        p,
+    );
 
     let trusted_proxies = CidrSet::parse(&config.trusted_proxies).unwrap_or_else(|errs| {
         for (i, e) in errs {
@@ -462,16 +494,35 @@ fn compile_config(
             }
         }
     }
-    let lockout_window = duration(&config.lockout.window, "lockout.window", p);
-    let lockout_cooldown = duration(&config.lockout.cooldown, "lockout.cooldown", p);
-    if config.lockout.max_failures == 0 {
-        p.push("lockout.max_failures", "must be at least 1");
-    }
-    let lockout = match (config.lockout.enabled, lockout_window, lockout_cooldown) {
-        (true, Some(window), Some(cooldown)) => Some(LockoutPolicy {
-            max_failures: config.lockout.max_failures.max(1),
-            window: window.as_secs().max(1) as i64,
-            cooldown: cooldown.as_secs().max(1) as i64,
+    let lockout_window = duration(
+        &config.lockout.window,
+        "lockout.window",
+        ranges::LOCKOUT_WINDOW,
+        p,
+    );
+    let lockout_cooldown = duration(
+        &config.lockout.cooldown,
+        "lockout.cooldown",
+        ranges::LOCKOUT_COOLDOWN,
+        p,
+    );
+    let max_failures = within(
+        config.lockout.max_failures,
+        ranges::MAX_FAILURES,
+        "lockout.max_failures",
+        p,
+    );
+    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX).max(1);
+    let lockout = match (
+        config.lockout.enabled,
+        lockout_window,
+        lockout_cooldown,
+        max_failures,
+    ) {
+        (true, Some(window), Some(cooldown), Some(max_failures)) => Some(LockoutPolicy {
+            max_failures,
+            window: secs(window),
+            cooldown: secs(cooldown),
         }),
         _ => None,
     };
@@ -490,17 +541,30 @@ fn compile_config(
         .and_then(|t| CertSet::load(t, base, "tls.admin", p))
         .map(Arc::new);
     let tunnel_idle = duration(
-        &config.limits.tunnel_idle_timeout,
+        &l.tunnel_idle_timeout,
         "limits.tunnel_idle_timeout",
+        ranges::TUNNEL_IDLE_TIMEOUT,
         p,
     );
-    let drain = duration(&config.limits.drain_timeout, "limits.drain_timeout", p);
-    if config.limits.max_connections == 0 {
-        p.push("limits.max_connections", "must be at least 1");
-    }
-    if config.limits.h2_max_concurrent_streams == 0 {
-        p.push("limits.h2_max_concurrent_streams", "must be at least 1");
-    }
+    let drain = duration(
+        &l.drain_timeout,
+        "limits.drain_timeout",
+        ranges::DRAIN_TIMEOUT,
+        p,
+    );
+    let max_connections = within(
+        l.max_connections,
+        ranges::MAX_CONNECTIONS,
+        "limits.max_connections",
+        p,
+    );
+    let max_headers = within(l.max_headers, ranges::MAX_HEADERS, "limits.max_headers", p);
+    let h2_streams = within(
+        l.h2_max_concurrent_streams,
+        ranges::H2_STREAMS,
+        "limits.h2_max_concurrent_streams",
+        p,
+    );
     let mut pool_wants = Vec::new();
 
     let defaults = RouteDefaults {
@@ -542,7 +606,7 @@ fn compile_config(
     let store = Store::for_config(config, ctx.config_path)
         .map_err(|e| p.push(e.path, e.message))
         .ok();
-    let shared_limits = compile_shared_limits(config, ctx, p, duration);
+    let shared_limits = compile_shared_limits(config, ctx, p);
     if !p.is_empty() {
         return None;
     }
@@ -552,7 +616,7 @@ fn compile_config(
     for (at, ca_file, ca, http2) in pool_wants {
         let settings = PoolSettings {
             connect_timeout: connect_timeout?,
-            idle_timeout: idle_timeout?,
+            idle_timeout: pool_idle_timeout?,
             max_idle_per_host: config.upstream.pool_max_idle_per_host,
             ca_stamp: ca_file.as_deref().map(FileStamp::of),
             ca_file,
@@ -592,10 +656,11 @@ fn compile_config(
             proxy: proxy?,
             admin: admin?,
             header_read_timeout: header_read_timeout?,
-            max_header_size: max_header_size? as usize,
-            max_headers: config.limits.max_headers.max(1),
-            max_connections: config.limits.max_connections.max(1),
-            h2_max_concurrent_streams: config.limits.h2_max_concurrent_streams.max(1),
+            idle_timeout: idle_timeout?,
+            max_header_size: usize::try_from(max_header_size?).ok()?,
+            max_headers: max_headers?,
+            max_connections: max_connections?,
+            h2_max_concurrent_streams: h2_streams?,
             tunnel_idle: tunnel_idle?,
             drain: drain?,
             proxy_tls: config.tls.proxy.is_some(),
@@ -613,7 +678,7 @@ fn compile_keys(
     let mut keys = KeyMap::with_capacity_and_hasher(records.len(), Default::default());
     // With shared limits, how many nodes share them (at least 1); 0 when limits are local.
     let shared_nodes = match config.rate_limit.backend {
-        LimitBackend::Redis => config.rate_limit.nodes.max(1),
+        LimitBackend::Redis => config.rate_limit.nodes.clamp(1, *ranges::NODES.end()),
         LimitBackend::Local => 0,
     };
     let mut ids: HashSet<&str> = HashSet::with_capacity(records.len());
@@ -712,16 +777,16 @@ fn compile_shared_limits(
     config: &Config,
     ctx: &BuildContext<'_>,
     p: &mut Problems,
-    duration: impl Fn(&str, &str, &mut Problems) -> Option<Duration>,
 ) -> Option<Option<Arc<SharedLimiter>>> {
     let rl = &config.rate_limit;
+    let nodes = within(rl.nodes, ranges::NODES, "rate_limit.nodes", p);
     if rl.backend == LimitBackend::Local {
         return Some(None);
     }
-    let timeout = duration(&rl.timeout, "rate_limit.timeout", p);
-    if rl.nodes == 0 {
-        p.push("rate_limit.nodes", "must be at least 1");
-    }
+    let (min, max) = ranges::LIMITER_TIMEOUT;
+    let timeout = parse_duration_in(&rl.timeout, min, max)
+        .map_err(|e| p.push("rate_limit.timeout", e))
+        .ok();
     let Some(url) = config.limiter_url() else {
         p.push(
             "rate_limit.url",
@@ -734,7 +799,7 @@ fn compile_shared_limits(
         shown: crate::keys::redis_store::redact(url),
         prefix: config.store.prefix().to_string(),
         fail_mode: rl.fail_mode,
-        nodes: rl.nodes.max(1),
+        nodes: nodes?,
         timeout: timeout?,
     };
     if let Some(same) = ctx

@@ -9,6 +9,7 @@ mod keys;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
@@ -199,6 +200,7 @@ async fn route(
         id: id.unwrap_or_default(),
     };
     let query = req.uri().query().unwrap_or("").to_string();
+    let within = gw.snapshot.load().listeners.header_read_timeout;
     match endpoint {
         Endpoint::Reload => match crate::reload::reload(gw, Trigger::Admin(&call.actor)).await {
             Ok(outcome) => Ok(json(StatusCode::OK, &outcome)),
@@ -206,13 +208,13 @@ async fn route(
         },
         Endpoint::ListKeys => keys::list(&call, &query).await,
         Endpoint::GetKey => keys::get(&call).await,
-        Endpoint::CreateKey => keys::create(&call, read_json(req).await?).await,
-        Endpoint::UpdateKey => keys::update(&call, read_json(req).await?).await,
+        Endpoint::CreateKey => keys::create(&call, read_json(req, within).await?).await,
+        Endpoint::UpdateKey => keys::update(&call, read_json(req, within).await?).await,
         Endpoint::RevokeKey => keys::set_status(&call, crate::keys::Status::Revoked).await,
         Endpoint::DisableKey => keys::set_status(&call, crate::keys::Status::Inactive).await,
         Endpoint::EnableKey => keys::set_status(&call, crate::keys::Status::Active).await,
         Endpoint::RegenerateKey => keys::regenerate(&call).await,
-        Endpoint::RotateKey => keys::rotate(&call, read_json_or_empty(req).await?).await,
+        Endpoint::RotateKey => keys::rotate(&call, read_json_or_empty(req, within).await?).await,
         Endpoint::Namespaces => keys::namespaces(&call).await,
         Endpoint::Audit => keys::audit(&call, &query).await,
         Endpoint::Usage => keys::org_usage(&call, &query).await,
@@ -248,15 +250,22 @@ impl Call<'_> {
     }
 }
 
-/// Reads a JSON body of at most 1 MiB into `T`, naming the field at fault on error.
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
-    let bytes = read_body(req).await?;
+/// Reads a JSON body of at most 1 MiB, arriving `within` the time given, into `T`, naming
+/// the field at fault on error.
+async fn read_json<T: DeserializeOwned>(
+    req: Request<Incoming>,
+    within: Duration,
+) -> Result<T, Rejection> {
+    let bytes = read_body(req, within).await?;
     parse_json(&bytes)
 }
 
 /// Like [`read_json`], but an empty body reads as `{}`.
-async fn read_json_or_empty<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
-    let bytes = read_body(req).await?;
+async fn read_json_or_empty<T: DeserializeOwned>(
+    req: Request<Incoming>,
+    within: Duration,
+) -> Result<T, Rejection> {
+    let bytes = read_body(req, within).await?;
     parse_json(if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -264,11 +273,14 @@ async fn read_json_or_empty<T: DeserializeOwned>(req: Request<Incoming>) -> Resu
     })
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Rejection> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
-        Err(_) => Err(Rejection::InvalidRequest {
+/// A slow body cannot hold an admin connection: past `within`, the answer is 408.
+async fn read_body(req: Request<Incoming>, within: Duration) -> Result<Bytes, Rejection> {
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(within, read).await {
+        Err(_) => Err(Rejection::RequestTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
+        Ok(Err(_)) => Err(Rejection::InvalidRequest {
             field: None,
             detail: "the request body could not be read".into(),
         }),
@@ -361,6 +373,7 @@ fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<String, Re
         .ok_or(Rejection::AdminUnauthorized)?;
     let digest = format::hash(presented);
     let mut found: Option<&AdminToken> = None;
+    // Every token is compared, so the time taken does not tell which one matched.
     for token in tokens {
         if constant_time_eq(&token.hash, &digest) {
             found = Some(token);
@@ -371,13 +384,10 @@ fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<String, Re
         .ok_or(Rejection::AdminUnauthorized)
 }
 
-/// Equality whose time does not depend on where the inputs differ.
+/// Equality whose time does not depend on where the inputs differ (`subtle`).
 pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a
-        .iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// A JSON answer.

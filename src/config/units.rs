@@ -77,7 +77,8 @@ impl std::fmt::Display for Rate {
 
 /// A rate such as `100/s`, `600/m` or `10000/h`, with N from 1 to [`MAX_RATE`].
 pub fn parse_rate(text: &str) -> Result<Rate, String> {
-    let bad = || format!("`{text}` is not a rate: write N/s, N/m or N/h with N from 1 to {MAX_RATE}");
+    let bad =
+        || format!("`{text}` is not a rate: write N/s, N/m or N/h with N from 1 to {MAX_RATE}");
     let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
     let count: u32 = count.trim().parse().map_err(|_| bad())?;
     if !(1..=MAX_RATE).contains(&count) {

@@ -74,11 +74,17 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
     let mut problems = Vec::new();
     let mut bad = |field, message: String| problems.push(Problem::new(field, message));
     if !is_key_id(&r.id) {
-        bad("id", format!("`{}` is not a key id (1 to 64 hex digits)", r.id));
+        bad(
+            "id",
+            format!("`{}` is not a key id (1 to 64 hex digits)", r.id),
+        );
     }
     let hash = parse_sha256(&r.hash).map_err(|e| bad("hash", e)).ok();
     if !(format::valid_prefix(&r.prefix) || (r.imported && r.prefix.is_empty())) {
-        bad("prefix", format!("`{}` is not a valid key prefix", r.prefix));
+        bad(
+            "prefix",
+            format!("`{}` is not a valid key prefix", r.prefix),
+        );
     }
     if let Err(e) = validate_namespace(&r.namespace) {
         bad("namespace", e);
@@ -129,7 +135,10 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
         None => None,
         Some(Ok(t)) if t <= LATEST => Some(t),
         Some(Ok(_)) => {
-            bad("expires_at", "must be no later than 9999-12-31T23:59:59Z".into());
+            bad(
+                "expires_at",
+                "must be no later than 9999-12-31T23:59:59Z".into(),
+            );
             None
         }
         Some(Err(e)) => {
@@ -229,7 +238,10 @@ pub fn check_text(text: &str, max: usize, multiline: bool) -> Result<(), String>
     if text.chars().count() > max {
         return Err(format!("must be at most {max} characters"));
     }
-    if text.chars().any(|c| (c.is_control() && !allowed(c)) || is_bidi_control(c)) {
+    if text
+        .chars()
+        .any(|c| (c.is_control() && !allowed(c)) || is_bidi_control(c))
+    {
         return Err(if multiline {
             "must not hold control characters other than line breaks and tabs".into()
         } else {
@@ -296,7 +308,10 @@ mod tests {
     #[test]
     fn limits_have_ranges() {
         let rate = |r: &str, b: Option<u32>| check_rate(Some(r), b).map_err(|p| p.field);
-        assert_eq!(rate("1000000/s", Some(MAX_BURST)).unwrap().unwrap().burst, MAX_BURST);
+        assert_eq!(
+            rate("1000000/s", Some(MAX_BURST)).unwrap().unwrap().burst,
+            MAX_BURST
+        );
         assert_eq!(rate("1000001/s", None).unwrap_err(), "rate_limit");
         assert_eq!(rate("10/s", Some(MAX_BURST + 1)).unwrap_err(), "burst");
         assert_eq!(rate("10/s", Some(0)).unwrap_err(), "burst");

@@ -564,7 +564,13 @@ mod tests {
         ] {
             assert!(untrusted.removes(name) && trusted.removes(name), "{name}");
         }
-        for name in ["forwarded", "x-real-ip", "x-forwarded-host", "x-client-ip", "x-api-key"] {
+        for name in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-host",
+            "x-client-ip",
+            "x-api-key",
+        ] {
             assert!(untrusted.removes(name) && !trusted.removes(name), "{name}");
         }
         for name in ["x-custom_thing", "accept", "x-forwarded-for", "user_agent"] {

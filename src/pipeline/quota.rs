@@ -26,7 +26,9 @@ pub const MAX_QUOTA: u64 = 1_000_000_000_000;
 impl Quota {
     /// `10000/day` or `1000000/month`, with N from 1 to [`MAX_QUOTA`].
     pub fn parse(text: &str) -> Result<Quota, String> {
-        let bad = || format!("`{text}` is not a quota: write N/day or N/month with N from 1 to {MAX_QUOTA}");
+        let bad = || {
+            format!("`{text}` is not a quota: write N/day or N/month with N from 1 to {MAX_QUOTA}")
+        };
         let (n, per) = text.trim().split_once('/').ok_or_else(bad)?;
         let limit: u64 = n
             .trim()

@@ -136,7 +136,9 @@ pub fn policy_header(
         parts.push(format!("\"quota\";q={};w={}", q.limit, q.window_secs()));
     }
     // Digits, quotes and punctuation: always a valid header value.
-    HeaderValue::from_str(&parts.join(", ")).ok().filter(|_| !parts.is_empty())
+    HeaderValue::from_str(&parts.join(", "))
+        .ok()
+        .filter(|_| !parts.is_empty())
 }
 
 /// Spends one unit of the key's rate budget, or says how long to wait: `Err((wait, reset))`.
@@ -154,7 +156,8 @@ pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<Budget, (u64, u64)> 
         }
         Err(not_until) => {
             let wait = not_until.wait_time_from(clock.now());
-            let reset = ceil_secs(interval.saturating_mul(limiter.policy.burst)).max(ceil_secs(wait));
+            let reset =
+                ceil_secs(interval.saturating_mul(limiter.policy.burst)).max(ceil_secs(wait));
             Err((ceil_secs(wait).max(1), reset))
         }
     }
@@ -256,7 +259,11 @@ mod tests {
     #[test]
     fn the_fastest_and_slowest_policies_build_and_admit() {
         let clock = Clock::fake(SystemTime::UNIX_EPOCH);
-        for (count, per, burst) in [(1_000_000, 1, 1_000_000), (1, 3600, 1_000_000), (1, 3600, 1)] {
+        for (count, per, burst) in [
+            (1_000_000, 1, 1_000_000),
+            (1, 3600, 1_000_000),
+            (1, 3600, 1),
+        ] {
             let limiter = KeyLimiter::new(policy(count, per, burst), &clock);
             assert!(admit(&limiter, &clock).is_ok());
             assert!(policy_header(Some(limiter.policy()), None).is_some());

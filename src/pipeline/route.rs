@@ -7,7 +7,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 
-use crate::config::units::{parse_duration, parse_size};
+use crate::config::ranges;
+use crate::config::units::{parse_duration_in, parse_size};
 use crate::config::{Problems, RouteConfig};
 use crate::rejection::Rejection;
 
@@ -170,10 +171,14 @@ impl Route {
         let prefix = if !prefix.starts_with('/') {
             bad("path_prefix", format!("`{prefix}` must start with `/`"));
             String::from("/")
-        } else if normalize_path(prefix).map_or(true, |p| p.path != prefix || p.with_params.is_some()) {
+        } else if normalize_path(prefix)
+            .map_or(true, |p| p.path != prefix || p.with_params.is_some())
+        {
             bad(
                 "path_prefix",
-                format!("`{prefix}` must be a plain path (no `.`, `..`, `//`, `;` or encoded slashes)"),
+                format!(
+                    "`{prefix}` must be a plain path (no `.`, `..`, `//`, `;` or encoded slashes)"
+                ),
             );
             String::from("/")
         } else {
@@ -197,13 +202,14 @@ impl Route {
                 bad(&format!("namespaces[{i}]"), e);
             }
         }
-        let response_timeout = match raw.response_timeout.as_deref().map(parse_duration) {
+        let (min, max) = ranges::RESPONSE_TIMEOUT;
+        let response_timeout = match raw
+            .response_timeout
+            .as_deref()
+            .map(|t| parse_duration_in(t, min, max))
+        {
             None => defaults.response_timeout,
-            Some(Ok(d)) if !d.is_zero() => d,
-            Some(Ok(_)) => {
-                bad("response_timeout", "must be greater than zero".into());
-                defaults.response_timeout
-            }
+            Some(Ok(d)) => d,
             Some(Err(e)) => {
                 bad("response_timeout", e);
                 defaults.response_timeout
@@ -211,7 +217,11 @@ impl Route {
         };
         let max_request_body = match raw.max_request_body.as_deref().map(parse_size) {
             None => defaults.max_request_body,
-            Some(Ok(n)) => n,
+            Some(Ok(n)) if ranges::MAX_REQUEST_BODY.contains(&n) => n,
+            Some(Ok(_)) => {
+                bad("max_request_body", "must be at most 1TiB".into());
+                defaults.max_request_body
+            }
             Some(Err(e)) => {
                 bad("max_request_body", e);
                 defaults.max_request_body
@@ -329,9 +339,10 @@ pub fn normalize_path(path: &str) -> Result<NormalPath<'_>, Rejection> {
             b'%' => {
                 let hex = rest.get(..2).ok_or(Rejection::InvalidPath)?;
                 match hex {
-                    [b'2', b'f' | b'F'] | [b'5', b'c' | b'C'] | [b'3', b'b' | b'B'] | [b'0', b'0'] => {
-                        return Err(Rejection::InvalidPath)
-                    }
+                    [b'2', b'f' | b'F']
+                    | [b'5', b'c' | b'C']
+                    | [b'3', b'b' | b'B']
+                    | [b'0', b'0'] => return Err(Rejection::InvalidPath),
                     [b'2', b'e' | b'E'] => suspicious = true,
                     [a, b] if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => {}
                     _ => return Err(Rejection::InvalidPath),
@@ -511,10 +522,16 @@ mod tests {
     #[test]
     fn parameters_are_not_part_of_a_segment() {
         let p = normalize_path("/v1/public/..;/admin").unwrap();
-        assert_eq!((p.path.as_ref(), p.with_params.as_deref()), ("/v1/admin", Some("/v1/admin")));
+        assert_eq!(
+            (p.path.as_ref(), p.with_params.as_deref()),
+            ("/v1/admin", Some("/v1/admin"))
+        );
         let p = normalize_path("/v1/admin;jsessionid=x/users").unwrap();
         assert_eq!(p.path, "/v1/admin/users");
-        assert_eq!(p.with_params.as_deref(), Some("/v1/admin;jsessionid=x/users"));
+        assert_eq!(
+            p.with_params.as_deref(),
+            Some("/v1/admin;jsessionid=x/users")
+        );
         let p = normalize_path("/v1/;x/users;v=2").unwrap();
         assert_eq!(p.path, "/v1/users");
         assert_eq!(p.with_params.as_deref(), Some("/v1/users;v=2"));
