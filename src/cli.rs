@@ -123,11 +123,11 @@ pub struct CreateArgs {
     /// CIDR or address the key may be used from; repeatable. None: anywhere.
     #[arg(long = "allow-cidr")]
     pub allow_cidrs: Vec<String>,
-    /// `N/s`, `N/m` or `N/h`.
+    /// `N/s`, `N/m` or `N/h`, N from 1 to 1000000.
     #[arg(long)]
     pub rate_limit: Option<String>,
-    /// Requests allowed at once (default: the rate's N).
-    #[arg(long)]
+    /// Requests allowed at once, 1 to 1000000 (default: the rate's N).
+    #[arg(long, allow_negative_numbers = true)]
     pub burst: Option<u32>,
     /// `N/day` or `N/month` (default: the tier's quota, if any).
     #[arg(long)]
@@ -159,9 +159,11 @@ pub struct UpdateArgs {
     /// Any address again.
     #[arg(long)]
     pub clear_cidrs: bool,
+    /// `N/s`, `N/m` or `N/h`, N from 1 to 1000000.
     #[arg(long, conflicts_with = "clear_rate_limit")]
     pub rate_limit: Option<String>,
-    #[arg(long)]
+    /// Requests allowed at once, 1 to 1000000.
+    #[arg(long, allow_negative_numbers = true)]
     pub burst: Option<u32>,
     /// No per-key rate limit.
     #[arg(long)]
@@ -236,6 +238,13 @@ pub fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
 
 fn serve(config_path: &Path) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| config_errors(&e))?;
+    // Checked before the runtime starts its threads; the snapshot checks everything else.
+    let mut problems = crate::config::Problems::default();
+    let ranges = crate::config::ranges::WORKERS;
+    if crate::config::ranges::within(config.workers, ranges, "workers", &mut problems).is_none() {
+        let src = crate::config::read_source(config_path).unwrap_or_default();
+        return Err(config_errors(&problems.locate(config_path, &src)));
+    }
     runtime(config.workers)?.block_on(async {
         let gateway = crate::server::Gateway::new(config_path, Clock::real())
             .map_err(|e| config_errors(&e))?;
@@ -557,6 +566,7 @@ fn flag_error(e: KeyError) -> String {
                 "namespace" => "--namespace",
                 "environment" => "--environment",
                 "burst" => "--burst",
+                "quota" => "--quota",
                 "name" => "--name",
                 "note" => "--note",
                 "grace_seconds" => "--grace",

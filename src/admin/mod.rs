@@ -303,16 +303,38 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
         });
     }
     whole_numbers(&mut value);
-    serde_json::from_value(value).map_err(|e| {
+    serde_json::from_value::<T>(value.clone()).map_err(|e| {
         let detail = e.to_string();
         let field = detail
             .split('`')
             .nth(1)
             .filter(|_| detail.starts_with("unknown field") || detail.starts_with("missing field"))
-            .map(String::from);
+            .map(String::from)
+            .or_else(|| field_at_fault::<T>(&value));
         Rejection::InvalidRequest {
             field,
             detail: format!("invalid JSON body: {detail}"),
+        }
+    })
+}
+
+/// The member of `body` that makes it fail to read as `T`: the one whose removal leaves a
+/// body that reads, or that then only lacks that member. serde's type errors (`expected
+/// u32`) do not name the member; this finds it, on the error path only.
+fn field_at_fault<T: DeserializeOwned>(body: &serde_json::Value) -> Option<String> {
+    let object = body.as_object()?;
+    object.keys().find_map(|name| {
+        let mut without = object.clone();
+        without.remove(name);
+        match serde_json::from_value::<T>(serde_json::Value::Object(without)) {
+            Ok(_) => Some(name.clone()),
+            Err(e)
+                if e.to_string()
+                    .starts_with(&format!("missing field `{name}`")) =>
+            {
+                Some(name.clone())
+            }
+            Err(_) => None,
         }
     })
 }
