@@ -204,7 +204,7 @@ async fn idle_http2_connections_are_closed_and_cannot_fill_the_cap() {
     // (between one and two of them); the bound here is generous for a loaded machine.
     let tcp = TcpStream::connect(s.proxy).await.unwrap();
     let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
-    let closed = tokio::spawn(async move { conn.await });
+    let closed = tokio::spawn(conn);
     let request = http::Request::get(format!("http://{}/v1/x", s.proxy))
         .header("authorization", format!("Bearer {}", s.secret))
         .body(())
