@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzing with libFuzzer (cargo fuzz): the key format, scope patterns, CIDR lists with
-# X-Forwarded-For, the config and key-store loaders, and the admin API's JSON bodies. Each
-# target runs FUZZ_SECS seconds (default 10) from the corpus it has grown before and the
-# seeds committed under fuzz/seeds/ (with fuzz/<target>.dict where there is one); any crash
+# X-Forwarded-For, the config and key-store loaders, the admin API's JSON bodies, and the
+# whole way from a create and a patch body through the store and a snapshot to a decided
+# request (key_lifecycle). Each target runs FUZZ_SECS seconds (default 10) from the corpus
+# it has grown before and the seeds committed under fuzz/seeds/ (with fuzz/<target>.dict where there is one); any crash
 # fails the run and leaves its input under fuzz/artifacts/. Installs cargo-fuzz when
 # missing. Runs on stable Rust, without a sanitizer (`-s none`): the code under test forbids
 # `unsafe`, so the fuzzer looks for panics, failed assertions and hangs.
@@ -12,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked --quiet cargo-fuzz
-TARGETS=(key_format scope forwarded_for loaders admin_bodies)
+TARGETS=(key_format scope forwarded_for loaders admin_bodies key_lifecycle)
 cargo fuzz build -s none
 for t in "${TARGETS[@]}"; do
   if [[ -n ${FUZZ_RUNS:-} ]]; then limit=(-runs="$FUZZ_RUNS"); else limit=(-max_total_time="${FUZZ_SECS:-10}"); fi

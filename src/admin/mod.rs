@@ -363,6 +363,27 @@ pub fn read_bodies(bytes: &[u8], config: &Config, now: i64) -> BodyReadings {
     }
 }
 
+/// A key as a create body makes it and a patch body then changes it, through the same
+/// functions the routes call, without the store: its record, its secret, and the patch's
+/// outcome. For the fuzzer, which follows the record into a snapshot and a request.
+#[doc(hidden)]
+pub fn key_from_bodies(
+    create: &[u8],
+    patch: &[u8],
+    config: &Config,
+    now: i64,
+) -> Result<(crate::keys::KeyRecord, String, Result<(), Rejection>), Rejection> {
+    let new = NewKey::from(parse_json::<keys::CreateBody>(create)?);
+    let prefix = new.check(config, now)?.prefix;
+    let secret = format::generate(&prefix).map_err(|_| Rejection::Internal)?;
+    let hash = crate::keys::hex(&format::hash(&secret));
+    let id = hash.get(..8).unwrap_or(&hash).to_string();
+    let mut record = new.into_record(config, now, "fuzz", id, &hash)?;
+    let patched = parse_json::<keys::PatchBody>(patch)
+        .and_then(|body| Ok(KeyPatch::from(body).apply(&mut record, config, now)?));
+    Ok((record, secret, patched))
+}
+
 /// Turns every number with a zero fraction (`4048.0`) into the integer it is.
 fn whole_numbers(value: &mut serde_json::Value) {
     match value {

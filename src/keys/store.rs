@@ -133,20 +133,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(vec![ConfigError::whole_file(&self.path, e.to_string())]),
         };
-        let file = match parse_lines(&src) {
-            Some(file) => file,
-            None => parse_yaml(&self.path, &src)?,
-        };
-        if file.version != 1 {
-            return Err(vec![ConfigError::whole_file(
-                &self.path,
-                format!(
-                    "store version {} is not supported by this keygate (1)",
-                    file.version
-                ),
-            )]);
-        }
-        Ok((file, src))
+        Ok((parse(&self.path, &src)?, src))
     }
 
     /// Takes the writers' lock, waiting for another writer to finish.
@@ -202,6 +189,25 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Reads a store's text (`path` names it in errors): the layout [`render`] writes, or any
+/// YAML of the same shape.
+pub fn parse(path: &Path, src: &str) -> Result<StoreFile, Vec<ConfigError>> {
+    let file = match parse_lines(src) {
+        Some(file) => file,
+        None => parse_yaml(path, src)?,
+    };
+    if file.version != 1 {
+        return Err(vec![ConfigError::whole_file(
+            path,
+            format!(
+                "store version {} is not supported by this keygate (1)",
+                file.version
+            ),
+        )]);
+    }
+    Ok(file)
 }
 
 /// The fast path for a store in the layout [`render`] writes: each record line parsed as JSON,
