@@ -3,6 +3,8 @@
 #
 #   benches/load.sh                    # 5 interleaved rounds of 8 s
 #   ROUNDS=3 SECS=5 benches/load.sh    # quicker
+#   KEYGATE_BIN=a/keygate KEYGATE_B=b/keygate benches/load.sh
+#                                      # two keygate builds side by side (b as keygate-b)
 #
 # Every gateway checks a Bearer key against the same 10,000 keys (401), allows only
 # 127.0.0.1 (403), applies a per-key rate limit set far above the load (429), and proxies to
@@ -21,7 +23,9 @@ SECS=${SECS:-8}
 CONNS=${CONNS:-64}
 GATEWAY_CPU=${GATEWAY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
-UP=18080 NGINX=18081 HAPROXY=18082 KEYGATE=18083
+UP=18080 NGINX=18081 HAPROXY=18082 KEYGATE=18083 KEYGATE_B_PORT=18084
+KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
+KEYGATE_B=${KEYGATE_B:-}
 
 missing=()
 for tool in nginx:nginx haproxy:haproxy wrk:wrk curl:curl taskset:util-linux; do
@@ -122,13 +126,22 @@ backend api
   server upstream 127.0.0.1:$UP maxconn 1000
 HAP
 
-declare -A PID_OF PORT=([direct]=$UP [nginx]=$NGINX [haproxy]=$HAPROXY [keygate]=$KEYGATE)
+declare -A PID_OF PORT=([direct]=$UP [nginx]=$NGINX [haproxy]=$HAPROXY [keygate]=$KEYGATE [keygate-b]=$KEYGATE_B_PORT)
+GATEWAYS=(nginx haproxy keygate)
 taskset -c "$LOAD_CPU" nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' & PIDS+=($!)
 taskset -c "$GATEWAY_CPU" nginx -p "$WORK/" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!); PID_OF[nginx]=$!
 taskset -c "$GATEWAY_CPU" haproxy -db -f "$WORK/haproxy.cfg" & PIDS+=($!); PID_OF[haproxy]=$!
-taskset -c "$GATEWAY_CPU" target/release/keygate serve --config "$WORK/kg/keygate.yaml" 2>"$WORK/keygate.log" & PIDS+=($!); PID_OF[keygate]=$!
+taskset -c "$GATEWAY_CPU" "$KEYGATE_BIN" serve --config "$WORK/kg/keygate.yaml" 2>"$WORK/keygate.log" & PIDS+=($!); PID_OF[keygate]=$!
+if [[ -n $KEYGATE_B ]]; then
+  # The same config and keys, on its own port and with its own log, audit and usage files.
+  mkdir -p "$WORK/kg-b"
+  sed "s/127.0.0.1:$KEYGATE/127.0.0.1:$KEYGATE_B_PORT/; s/127.0.0.1:18093/127.0.0.1:18094/" "$WORK/kg/keygate.yaml" \
+    | sed "s#^keys_file: .*#keys_file: $WORK/kg/keys.yaml#" > "$WORK/kg-b/keygate.yaml"
+  taskset -c "$GATEWAY_CPU" "$KEYGATE_B" serve --config "$WORK/kg-b/keygate.yaml" 2>"$WORK/keygate-b.log" & PIDS+=($!); PID_OF[keygate-b]=$!
+  GATEWAYS+=(keygate-b)
+fi
 key=$(head -1 "$KEYS")
-for t in direct nginx haproxy keygate; do
+for t in direct "${GATEWAYS[@]}"; do
   for _ in $(seq 100); do curl -s -o /dev/null -m 1 "http://127.0.0.1:${PORT[$t]}/" && break; sleep 0.1; done
   [[ $t == direct ]] && continue
   got="$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "http://127.0.0.1:${PORT[$t]}/v1/ping")"
@@ -156,22 +169,22 @@ run() {  # case target round keyfile
   echo "  $1 $2 round $3: $(tail -1 "$WORK/results" | cut -d' ' -f4-)" >&2
 }
 for round in $(seq "$ROUNDS"); do
-  for t in direct nginx haproxy keygate; do run accepted "$t" "$round" "$KEYS"; done
-  for t in nginx haproxy keygate; do run unknown "$t" "$round" "$BAD"; done
+  for t in direct "${GATEWAYS[@]}"; do run accepted "$t" "$round" "$KEYS"; done
+  for t in "${GATEWAYS[@]}"; do run unknown "$t" "$round" "$BAD"; done
 done
 
 echo
 echo "# $(date -Is) keygate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $ROUNDS rounds x ${SECS}s, wrk -c$CONNS; medians"
 awk 'NR > 1 {
   k = $1 " " $2; n[k]++; rps[k, n[k]] = $4; p50[k, n[k]] = $5; p99[k, n[k]] = $6; cpu[k, n[k]] = $7
-  byround[$1, $2, $3] = $4
+  byround[$1, $2, $3] = $4; cpuround[$1, $2, $3] = $7
 } function median(a, k, m,   i, j, t, x) {
   for (i = 1; i <= m; i++) x[i] = a[k, i]
   for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }
   return m % 2 ? x[(m + 1) / 2] : (x[m / 2] + x[m / 2 + 1]) / 2
 } END {
   printf "%-9s %-8s %9s %8s %8s %12s\n", "case", "target", "req/s", "p50 us", "p99 us", "cpu us/req"
-  split("accepted:direct accepted:nginx accepted:haproxy accepted:keygate unknown:nginx unknown:haproxy unknown:keygate", order, " ")
+  split("accepted:direct accepted:nginx accepted:haproxy accepted:keygate accepted:keygate-b unknown:nginx unknown:haproxy unknown:keygate unknown:keygate-b", order, " ")
   for (o = 1; o in order; o++) {
     split(order[o], ct, ":"); k = ct[1] " " ct[2]; if (!(k in n)) continue
     printf "%-9s %-8s %9.0f %8.0f %8.0f %12.2f\n", ct[1], ct[2], median(rps, k, n[k]), median(p50, k, n[k]), median(p99, k, n[k]), median(cpu, k, n[k])
@@ -179,12 +192,24 @@ awk 'NR > 1 {
   print "\nsame-round ratios of req/s (median):"
   for (c = 1; c <= 2; c++) {
     cs = c == 1 ? "accepted" : "unknown"
-    split("haproxy keygate", others, " ")
-    for (o = 1; o <= 2; o++) {
+    split("haproxy keygate keygate-b", others, " ")
+    for (o = 1; o <= 3; o++) {
       m = 0; delete r
       for (round = 1; (cs, "nginx", round) in byround; round++) if ((cs, others[o], round) in byround) r[++m] = byround[cs, others[o], round] / byround[cs, "nginx", round]
       for (i = 1; i <= m; i++) rr["x", i] = r[i]
-      if (m) printf "  %-8s %-8s vs nginx %.2f\n", cs, others[o], median(rr, "x", m)
+      if (m) printf "  %-8s %-9s vs nginx %.2f\n", cs, others[o], median(rr, "x", m)
     }
+    m = 0; delete r
+    for (round = 1; (cs, "keygate", round) in byround; round++) if ((cs, "keygate-b", round) in byround) r[++m] = byround[cs, "keygate-b", round] / byround[cs, "keygate", round]
+    for (i = 1; i <= m; i++) rr["x", i] = r[i]
+    if (m) printf "  %-8s keygate-b vs keygate %.2f\n", cs, median(rr, "x", m)
+  }
+  print "\nsame-round ratios of cpu us/req (median):"
+  for (c = 1; c <= 2; c++) {
+    cs = c == 1 ? "accepted" : "unknown"
+    m = 0; delete r
+    for (round = 1; (cs, "keygate", round) in cpuround; round++) if ((cs, "keygate-b", round) in cpuround && cpuround[cs, "keygate", round] > 0) r[++m] = cpuround[cs, "keygate-b", round] / cpuround[cs, "keygate", round]
+    for (i = 1; i <= m; i++) rr["x", i] = r[i]
+    if (m) printf "  %-8s keygate-b vs keygate %.3f\n", cs, median(rr, "x", m)
   }
 }' "$WORK/results"
