@@ -406,16 +406,13 @@ impl UsageReport {
     /// The contract's usage JSON.
     pub fn to_json(&self, now: i64) -> serde_json::Value {
         let mut v = self.counts_json();
-        // RFC 3339 text starts with the date; the time of day does not change it.
-        let stamp = rfc3339(now);
-        let date = stamp.split('T').next().unwrap_or_default();
         let series: Vec<_> = self
             .series
             .iter()
             .map(|m| serde_json::json!({"minute": rfc3339(m.minute.saturating_mul(60)), "accepted": m.accepted, "refused": m.refused, "errors": m.errors}))
             .collect();
         if let Some(o) = v.as_object_mut() {
-            o.insert("date".into(), date.into());
+            o.insert("date".into(), crate::clock::date(now).into());
             o.insert("by_code_today".into(), serde_json::json!(self.by_code));
             o.insert(
                 "last_used_at".into(),
