@@ -28,7 +28,7 @@ const UPSTREAM_5XX: usize = 3;
 /// Admitted, but the gateway answered an error itself (413, 502, 504).
 const FAILED: usize = 4;
 const BY_CODE: usize = 5;
-const SLOTS: usize = BY_CODE + CODES.len();
+pub(crate) const SLOTS: usize = BY_CODE + CODES.len();
 /// Minutes of per-minute history kept.
 const SERIES_MINUTES: i64 = 24 * 60;
 /// The pseudo-key under which refusals that never identified a key are counted.
