@@ -642,7 +642,14 @@ fn compile_config(
                         settings,
                         ca.as_deref(),
                         ctx.metrics.upstream_connections.clone(),
-                    ),
+                    )
+                    .map_err(|e| {
+                        p.push(
+                            format!("routes[{at}].upstream"),
+                            format!("cannot set up TLS towards the upstream: {e}"),
+                        )
+                    })
+                    .ok()?,
                 });
                 index
             }

@@ -15,7 +15,7 @@ use crate::audit::{self, AuditEvent};
 use crate::body::ResponseBody;
 use crate::clock::rfc3339;
 use crate::keys::lifecycle::Op;
-use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status};
+use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, NewKey, Status};
 use crate::pipeline::usage::UsageReport;
 use crate::rejection::Rejection;
 use crate::reload::Trigger;
@@ -213,12 +213,12 @@ fn with_shared(
     let now = call.gw.clock.unix_secs();
     let r = merged(shared.clone(), local_usage(call, id, now));
     copy_counts(&mut v, &r.counts_json());
-    set(
+    set_member(
         &mut v,
         "last_used_at",
         r.last_use.as_ref().map(|u| rfc3339(u.at)),
     );
-    set(
+    set_member(
         &mut v,
         "last_used_ip",
         r.last_use.as_ref().and_then(|u| u.ip.clone()),
@@ -226,18 +226,10 @@ fn with_shared(
     v
 }
 
-/// Sets a member of a JSON object. Every view and report here is an object; were one not,
-/// it would stay as it is rather than panic.
-fn set(v: &mut serde_json::Value, name: &str, value: impl Into<serde_json::Value>) {
-    if let Some(object) = v.as_object_mut() {
-        object.insert(name.to_owned(), value.into());
-    }
-}
-
 /// Copies today's request count and error rate from `counts` into `v`.
 fn copy_counts(v: &mut serde_json::Value, counts: &serde_json::Value) {
     for name in ["requests_today", "error_rate"] {
-        set(v, name, counts.get(name).cloned().unwrap_or_default());
+        set_member(v, name, counts.get(name).cloned().unwrap_or_default());
     }
 }
 
@@ -255,13 +247,13 @@ fn with_secret(
     secret: String,
     warnings: Vec<String>,
 ) -> serde_json::Value {
-    set(&mut v, "key", secret);
+    set_member(&mut v, "key", secret);
     with_warnings(v, warnings)
 }
 
 fn with_warnings(mut v: serde_json::Value, warnings: Vec<String>) -> serde_json::Value {
     if !warnings.is_empty() {
-        set(&mut v, "warnings", warnings);
+        set_member(&mut v, "warnings", warnings);
     }
     v
 }
@@ -534,7 +526,7 @@ pub(crate) async fn rotate(call: &Call<'_>, body: RotateBody) -> Answer {
             )),
     );
     let mut v = with_secret(view(call, &new), secret, warnings);
-    set(&mut v, "previous_key", view(call, &old));
+    set_member(&mut v, "previous_key", view(call, &old));
     Ok(created(&v))
 }
 
@@ -616,13 +608,13 @@ fn usage_json(
         None => local,
     };
     let mut v = report.to_json(now);
-    set(&mut v, "key_id", id);
-    set(&mut v, "namespace", namespace);
+    set_member(&mut v, "key_id", id);
+    set_member(&mut v, "namespace", namespace);
     if let Some(key) = snapshot.keys().find(|k| k.id == id) {
         if let Some(quota) = key.quota {
             let (period, end) = quota.window(now);
             let used = key.usage.quota_used(period);
-            set(
+            set_member(
                 &mut v,
                 "quota",
                 serde_json::json!({
@@ -669,7 +661,7 @@ impl Totals {
 
     fn to_json(&self) -> serde_json::Value {
         let mut v = self.counts.counts_json();
-        set(&mut v, "keys_used_today", self.keys_used);
+        set_member(&mut v, "keys_used_today", self.keys_used);
         v
     }
 }
@@ -727,7 +719,7 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
         .iter()
         .map(|(name, t)| {
             let mut v = t.to_json();
-            set(&mut v, "namespace", name.clone());
+            set_member(&mut v, "namespace", name.clone());
             v
         })
         .collect();

@@ -168,11 +168,9 @@ impl KeyRecord {
                     .map(|_| self.safe_to_revoke(now, last_use, quiet_period).into()),
             ),
         ];
-        if let Some(object) = v.as_object_mut() {
-            for (name, value) in optional {
-                if let Some(value) = value {
-                    object.insert(name.into(), value);
-                }
+        for (name, value) in optional {
+            if let Some(value) = value {
+                set_member(&mut v, name, value);
             }
         }
         v
@@ -267,6 +265,18 @@ pub fn prefix_for(config: &Config, namespace: &str, environment: &str) -> String
         other => other,
     };
     format!("{base}_{tag}")
+}
+
+/// Sets a member of a JSON object. Every view and report keygate builds is an object; were
+/// one not, it would stay as it is rather than panic as `value[name] = …` does.
+pub(crate) fn set_member(
+    v: &mut serde_json::Value,
+    name: &str,
+    value: impl Into<serde_json::Value>,
+) {
+    if let Some(object) = v.as_object_mut() {
+        object.insert(name.to_owned(), value.into());
+    }
 }
 
 /// Lowercase hex.

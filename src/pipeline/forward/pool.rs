@@ -90,17 +90,18 @@ impl tower_service::Service<Uri> for CountingConnector {
 
 impl UpstreamClient {
     /// A pool with `settings`, trusting `ca` (the parsed `ca_file`) or the web PKI, counting
-    /// new connections in `opened`.
+    /// new connections in `opened`. Fails only if the TLS provider refuses keygate's TLS
+    /// versions, which ring does not.
     pub fn new(
         settings: PoolSettings,
         ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
         opened: Arc<AtomicU64>,
-    ) -> Self {
+    ) -> Result<Self, rustls::Error> {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(settings.connect_timeout));
         tcp.set_nodelay(true);
         tcp.enforce_http(false);
-        let tls = crate::tls::client_config(ca);
+        let tls = crate::tls::client_config(ca)?;
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
@@ -110,11 +111,11 @@ impl UpstreamClient {
         } else {
             builder.enable_http1().wrap_connector(tcp)
         };
-        UpstreamClient(Arc::new(Pool {
+        Ok(UpstreamClient(Arc::new(Pool {
             connector,
             settings,
             origins: Mutex::new(Vec::new()),
-        }))
+        })))
     }
 
     pub fn settings(&self) -> &PoolSettings {
