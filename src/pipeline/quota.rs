@@ -90,7 +90,7 @@ impl std::fmt::Display for Quota {
 /// Days either side of 1970 that the calendar functions take: more than an i64 of seconds
 /// holds. Beyond them, they clamp.
 const MAX_DAYS: i64 = 1 << 47;
-/// Years either side of 0 that [`days_from_civil`] takes: more than [`MAX_DAYS`] span.
+/// Years either side of 0 that [`days_from_civil`] takes: more than [`MAX_DAYS`] days make.
 const MAX_YEARS: i64 = 1 << 40;
 
 /// Year, month (1-12), day (1-31) of a day count since 1970-01-01 (proleptic Gregorian).
@@ -115,7 +115,7 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// Days since 1970-01-01 of a civil date.
 // Howard Hinnant's algorithm. With y within ±MAX_YEARS and m and d any u32, no step comes
-// near i64's range (the largest, era * 146_097, is below 4 * 10^14).
+// near i64's range (the largest, era * 146_097, is below 10^15).
 #[allow(clippy::arithmetic_side_effects)]
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = y.clamp(-MAX_YEARS, MAX_YEARS);
@@ -177,5 +177,23 @@ mod tests {
             parse_rfc3339("2027-01-01T00:00:00Z").unwrap()
         );
         assert_ne!(month.window(now).0, month.window(december).0);
+    }
+
+    #[test]
+    fn a_clock_at_the_ends_of_time_saturates() {
+        for quota in ["1/day", "1/month"] {
+            let q = Quota::parse(quota).unwrap();
+            for now in [i64::MIN, i64::MIN + 1, -1, i64::MAX - 1, i64::MAX] {
+                // The period still ends after now, unless the end saturated.
+                let (_, end) = q.window(now);
+                assert!(end > now || end == i64::MAX, "{quota} at {now}: {end}");
+            }
+        }
+        let (y, m, d) = civil_from_days(i64::MAX);
+        assert_eq!(days_from_civil(y, m, d), 1 << 47);
+        assert_eq!(
+            days_from_civil(i64::MIN, u32::MAX, u32::MAX),
+            days_from_civil(-(1 << 40), u32::MAX, u32::MAX)
+        );
     }
 }
