@@ -177,9 +177,13 @@ impl AlertRules {
                 } else if let Some(percent) = r.error_rate_percent {
                     percent_ok(percent, "error_rate_percent", p);
                     let over = r.over.as_deref().unwrap_or("5m");
-                    let minutes = match parse_duration(over) {
-                        Ok(d) if d.as_secs() >= 60 && d.as_secs() <= 86_400 => (d.as_secs() / 60) as i64,
-                        _ => {
+                    let minutes = match parse_duration(over)
+                        .ok()
+                        .filter(|d| (60..=86_400).contains(&d.as_secs()))
+                        .and_then(|d| i64::try_from(d.as_secs() / 60).ok())
+                    {
+                        Some(minutes) => minutes,
+                        None => {
                             p.push(format!("{path}.over"), format!("`{over}` must be a duration from 1m to 24h"));
                             5
                         }
@@ -209,8 +213,9 @@ impl Rule {
         match &self.condition {
             Condition::RequestsPerMinute(limit) => {
                 let report = key.usage.report(now);
-                let last = report.series.iter().find(|m| m.minute == minute - 1);
-                let n = last.map_or(0, |m| m.accepted + m.refused);
+                let previous = minute.saturating_sub(1);
+                let last = report.series.iter().find(|m| m.minute == previous);
+                let n = last.map_or(0, |m| m.accepted.saturating_add(m.refused));
                 Some((n as f64, n > *limit))
             }
             Condition::ErrorRate {
@@ -222,9 +227,12 @@ impl Rule {
                 let window = report
                     .series
                     .iter()
-                    .filter(|m| m.minute >= minute - minutes && m.minute < minute);
-                let (total, bad) = window.fold((0, 0), |(t, b), m| {
-                    (t + m.accepted + m.refused, b + m.refused + m.errors)
+                    .filter(|m| m.minute >= minute.saturating_sub(*minutes) && m.minute < minute);
+                let (total, bad) = window.fold((0u64, 0u64), |(t, b), m| {
+                    (
+                        t.saturating_add(m.accepted).saturating_add(m.refused),
+                        b.saturating_add(m.refused).saturating_add(m.errors),
+                    )
                 });
                 if total < *min_requests {
                     return Some((0.0, false));
@@ -348,7 +356,7 @@ pub async fn deliver(webhook: &Webhook, event: &AlertEvent) -> bool {
         }
         if attempt < webhook.retries {
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            backoff = backoff.saturating_mul(2);
         }
     }
     false

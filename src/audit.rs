@@ -171,10 +171,10 @@ impl Audit {
                 };
             }
             if w.written < self.per_minute {
-                w.written += 1;
+                w.written = w.written.saturating_add(1);
                 true
             } else {
-                w.suppressed += 1;
+                w.suppressed = w.suppressed.saturating_add(1);
                 false
             }
         };
@@ -223,11 +223,12 @@ impl Audit {
 }
 
 fn summary(minute: i64, ip: IpAddr, code: &str, suppressed: u64) -> AuditEvent {
-    AuditEvent::new(minute * 60 + 59, "gateway", "auth.failed")
+    let start = minute.saturating_mul(60);
+    AuditEvent::new(start.saturating_add(59), "gateway", "auth.failed")
         .ip(Some(ip))
         .failed(format!(
             "{code}: {suppressed} more from this address in the minute from {}",
-            rfc3339(minute * 60)
+            rfc3339(start)
         ))
 }
 

@@ -97,11 +97,11 @@ impl Body for RequestBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                    match this.remaining.checked_sub(len) {
+                        Some(left) => this.remaining = left,
+                        None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
                     }
-                    this.remaining -= len;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

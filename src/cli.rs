@@ -320,7 +320,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
         let report = usage.get(&r.id);
         let mut v = r.view(now, report.and_then(|u| u.last_use.as_ref()), quiet);
         if let Some(report) = report {
-            v["usage"] = report.to_json(now);
+            crate::keys::set_member(&mut v, "usage", report.to_json(now));
         }
         v
     };
@@ -405,8 +405,8 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             );
             if json {
                 let mut v = view(&new);
-                v["key"] = secret.into();
-                v["previous_key"] = view(&old);
+                crate::keys::set_member(&mut v, "key", secret);
+                crate::keys::set_member(&mut v, "previous_key", view(&old));
                 print_json(&v);
             } else {
                 print_secret(
@@ -519,7 +519,7 @@ fn print_secret(
     what: &str,
 ) {
     if json {
-        view["key"] = secret.into();
+        crate::keys::set_member(&mut view, "key", secret);
         print_json(&view);
     } else {
         println!(

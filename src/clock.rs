@@ -83,7 +83,7 @@ pub const LATEST: i64 = 253_402_300_799;
 pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),
+        Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, i64::saturating_neg),
     }
 }
 
@@ -92,7 +92,16 @@ pub fn unix_secs(t: SystemTime) -> i64 {
 /// this total, so that no value can make it fail.
 pub fn rfc3339(unix: i64) -> String {
     let secs = u64::try_from(unix.clamp(0, LATEST)).unwrap_or(0);
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+    let t = UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(UNIX_EPOCH);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The UTC date (`YYYY-MM-DD`) of a Unix time, clamped as [`rfc3339`] clamps.
+pub fn date(unix: i64) -> String {
+    let stamp = rfc3339(unix);
+    stamp.split('T').next().unwrap_or_default().to_owned()
 }
 
 /// Parses RFC 3339 text into a Unix time.

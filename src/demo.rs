@@ -43,7 +43,7 @@ async fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
     let mut received = 0usize;
     let mut body = body;
     while let Some(Ok(frame)) = body.frame().await {
-        received += frame.data_ref().map_or(0, |d| d.len());
+        received = received.saturating_add(frame.data_ref().map_or(0, |d| d.len()));
     }
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
@@ -87,7 +87,7 @@ pub fn run(proxy: &str, admin: &str) -> Result<(), String> {
 }
 
 async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Result<(), String> {
-    let upstream = spawn_echo_upstream("127.0.0.1:0".parse().expect("literal address"))
+    let upstream = spawn_echo_upstream(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .map_err(|e| format!("cannot start the echo upstream: {e}"))?;
     let admin_token = keys::format::generate("kg_admin").map_err(|e| e.to_string())?;

@@ -35,6 +35,27 @@
 //! - [`tls`]: listener certificates (SNI, hot swap) and upstream TLS.
 //! - [`body`], [`clock`], [`demo`]: streaming bodies, injected time, the demo.
 #![forbid(unsafe_code)]
+// One process serves every client, and the release binary aborts on a panic: a panic that
+// input can reach is an outage for all of them (README, "No panic reachable from input").
+// These lints keep unwrap, expect, panics, unchecked indexing and arithmetic, and truncating
+// casts out of the product; each exception is an `#[allow]` on the smallest item, with a
+// comment saying why it cannot fail. Unit tests may panic: that is how they fail.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )
+)]
 
 pub mod admin;
 pub mod alerts;

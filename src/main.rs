@@ -1,5 +1,24 @@
 //! The `keygate` binary: parse the command line, set up logging, hand over to [`keygate::cli`].
 
+// The library's lints, for the same reason: one process serves every client, so a panic is
+// an outage for all of them (README, "No panic reachable from input").
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )
+)]
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 

@@ -35,16 +35,30 @@ impl Default for RouteCounters {
 
 impl RouteCounters {
     pub fn upstream(&self, status: u16) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.upstream[class].fetch_add(1, Ordering::Relaxed);
+        let class = match status {
+            0..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        bump(self.upstream.get(class));
     }
 
     pub fn refused(&self, r: &Rejection) {
-        self.refused[r.index()].fetch_add(1, Ordering::Relaxed);
+        bump(self.refused.get(r.index()));
     }
 
     pub fn failed(&self, r: &Rejection) {
-        self.failed[r.index()].fetch_add(1, Ordering::Relaxed);
+        bump(self.failed.get(r.index()));
+    }
+}
+
+/// Counts one in `counter`. Every slot asked for exists (a status class, or a refusal's
+/// index into CODES); were one missing, the count would be lost rather than panic.
+fn bump(counter: Option<&AtomicU64>) {
+    if let Some(c) = counter {
+        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -73,20 +87,26 @@ impl Default for Histogram {
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
+        // At most BUCKETS.len(), the index of the last (+Inf) bucket.
         let i = BUCKETS.partition_point(|&b| b < secs);
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        bump(self.counts.get(i));
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        let mut cumulative = 0u64;
+        // One count per bound, and the last for +Inf.
+        let bounds = BUCKETS.iter().map(Some).chain([None]);
+        for (count, bound) in self.counts.iter().zip(bounds) {
+            cumulative = cumulative.saturating_add(count.load(Ordering::Relaxed));
+            let _ = match bound {
+                Some(bound) => {
+                    writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}")
+                }
+                None => writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}"),
+            };
         }
-        cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
         let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
@@ -153,15 +173,15 @@ impl Metrics {
         routes.push((String::new(), self.unrouted.clone()));
         for (name, c) in &routes {
             let route = escape(name);
-            for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-                let n = c.upstream[i].load(Ordering::Relaxed);
+            for (class, n) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().zip(&c.upstream) {
+                let n = n.load(Ordering::Relaxed);
                 if n > 0 {
                     let _ = writeln!(out, "keygate_requests_total{{route=\"{route}\",outcome=\"forwarded\",code=\"{class}\"}} {n}");
                 }
             }
             for (outcome, counts) in [("refused", &c.refused), ("failed", &c.failed)] {
-                for (i, code) in CODES.iter().enumerate() {
-                    let n = counts[i].load(Ordering::Relaxed);
+                for (code, n) in CODES.iter().zip(counts.iter()) {
+                    let n = n.load(Ordering::Relaxed);
                     if n > 0 {
                         let _ = writeln!(out, "keygate_requests_total{{route=\"{route}\",outcome=\"{outcome}\",code=\"{code}\"}} {n}");
                     }
@@ -169,11 +189,13 @@ impl Metrics {
             }
         }
         let refused_total = |code: &str| -> u64 {
-            let i = code_index(code).expect("a known code");
-            routes
-                .iter()
-                .map(|(_, c)| c.refused[i].load(Ordering::Relaxed))
-                .sum()
+            code_index(code).map_or(0, |i| {
+                routes
+                    .iter()
+                    .filter_map(|(_, c)| c.refused.get(i))
+                    .map(|n| n.load(Ordering::Relaxed))
+                    .fold(0, u64::saturating_add)
+            })
         };
         counter(
             &mut out,
@@ -213,7 +235,7 @@ impl Metrics {
             &mut out,
             "keygate_upstream_requests_in_flight",
             "Requests waiting on an upstream now.",
-            self.upstream_in_flight.load(Ordering::Relaxed).max(0) as u64,
+            u64::try_from(self.upstream_in_flight.load(Ordering::Relaxed)).unwrap_or(0),
         );
         gauge(
             &mut out,

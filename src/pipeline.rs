@@ -93,14 +93,24 @@ pub async fn handle(
         tunnel_idle: snapshot.listeners.tunnel_idle,
     };
     let sent = Instant::now();
-    gw.metrics.gateway_time.observe(sent - started);
+    gw.metrics
+        .gateway_time
+        .observe(sent.saturating_duration_since(started));
     gw.metrics
         .upstream_in_flight
         .fetch_add(1, Ordering::Relaxed);
-    let client = &snapshot.clients[route.client];
-    let result = forward::forward(client, decision, req)
-        .instrument(span)
-        .await;
+    // The snapshot build gives every route the index of one of its own clients.
+    let result = match snapshot.clients.get(route.client) {
+        Some(client) => {
+            forward::forward(client, decision, req)
+                .instrument(span)
+                .await
+        }
+        None => {
+            tracing::warn!(client = route.client, "a route names no upstream client");
+            Err(Rejection::Internal)
+        }
+    };
     gw.metrics
         .upstream_in_flight
         .fetch_sub(1, Ordering::Relaxed);
@@ -317,7 +327,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
     };
     let quota = key.quota.map(|q| {
         let (period, end) = q.window(now);
-        (q, period, (end - now).max(1) as u64)
+        (q, period, end.saturating_sub(now).max(1).unsigned_abs())
     });
     let quota_budget = |used: u64| {
         quota.map(|(q, _, reset)| Budget {

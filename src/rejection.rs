@@ -281,8 +281,8 @@ fn dynamic_body(status: StatusCode, code: &str, detail: &str, field: Option<&str
         "detail": detail,
         "code": code,
     });
-    if let Some(field) = field {
-        body["field"] = field.into();
+    if let (Some(field), Some(object)) = (field, body.as_object_mut()) {
+        object.insert("field".into(), field.into());
     }
     serde_json::to_vec(&body).unwrap_or_default()
 }

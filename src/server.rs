@@ -126,7 +126,7 @@ impl Gateway {
         let current = self.snapshot.load_full();
         Snapshot::load(&BuildContext {
             config_path: &self.config_path,
-            generation: current.generation + 1,
+            generation: current.generation.saturating_add(1),
             limiters: &self.limiters,
             metrics: &self.metrics,
             usage: &self.usage,
@@ -298,11 +298,17 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
     let admin = bind(settings.admin, "admin").await?;
     let proxy_addr = proxy.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let acceptor = |resolver: &Option<Arc<CertResolver>>| {
+    let acceptor = |resolver: &Option<Arc<CertResolver>>| -> io::Result<_> {
         resolver
             .clone()
-            .map(|r| TlsAcceptor::from(crate::tls::server_config(r)))
+            .map(|r| crate::tls::server_config(r).map(TlsAcceptor::from))
+            .transpose()
+            .map_err(io::Error::other)
     };
+    let (proxy_tls, admin_tls) = (
+        acceptor(&gateway.proxy_certs)?,
+        acceptor(&gateway.admin_certs)?,
+    );
     let (stop_proxy, proxy_stop) = watch::channel(None);
     let (stop_rest, rest_stop) = watch::channel(None);
     let proxy_task = tokio::spawn(accept_loop(
@@ -310,7 +316,7 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         gateway.clone(),
         settings,
         Listener::Proxy,
-        acceptor(&gateway.proxy_certs),
+        proxy_tls,
         proxy_stop,
     ));
     let mut rest = vec![
@@ -319,7 +325,7 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
             gateway.clone(),
             settings,
             Listener::Admin,
-            acceptor(&gateway.admin_certs),
+            admin_tls,
             rest_stop.clone(),
         )),
         tokio::spawn(housekeeping(gateway.clone(), rest_stop.clone())),
@@ -418,9 +424,14 @@ impl Running {
     /// are flushed and the admin listener closes. `/healthz` answers throughout.
     pub async fn shutdown(self, drain: Duration) {
         self.gateway.draining.store(true, Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + drain;
+        // The drain is at most an hour (ranges::DRAIN_TIMEOUT): the adds cannot overflow.
+        let start = tokio::time::Instant::now();
+        let deadline = start.checked_add(drain).unwrap_or(start);
+        let grace = deadline
+            .checked_add(Duration::from_secs(1))
+            .unwrap_or(deadline);
         let _ = self.stop_proxy.send(Some(drain));
-        if tokio::time::timeout_at(deadline + Duration::from_secs(1), self.proxy_task)
+        if tokio::time::timeout_at(grace, self.proxy_task)
             .await
             .is_err()
         {

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::keys::redis_store::RedisStore;
 use crate::keys::LastUse;
-use crate::pipeline::usage::UsageReport;
+use crate::pipeline::usage::{UsageReport, SLOTS};
 use crate::server::Gateway;
 
 const LATEST: &str = r"
@@ -72,7 +72,7 @@ async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
     let prefix = redis.prefix();
     let mut pipe = redis::pipe();
     pipe.atomic();
-    let mut commands = 0;
+    let mut commands = false;
     let mut after = Vec::new();
     for (id, usage) in gw.usage.all() {
         let now = usage.slots();
@@ -81,10 +81,10 @@ async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
         let mut moved = false;
         for (slot, n) in now.iter().enumerate() {
             let was = before.and_then(|b| b.get(slot)).copied().unwrap_or(0);
-            if *n > was {
-                pipe.hincr(&key, slot, n - was).ignore();
+            if let Some(delta) = n.checked_sub(was).filter(|&d| d > 0) {
+                pipe.hincr(&key, slot, delta).ignore();
                 moved = true;
-                commands += 1;
+                commands = true;
             }
         }
         if moved {
@@ -101,14 +101,14 @@ async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
                     .arg(u.at)
                     .arg(u.ip.as_deref().unwrap_or("-"))
                     .ignore();
-                commands += 1;
+                commands = true;
             }
         }
         if moved || last.is_some() {
             after.push((id, now, last.map(|u| u.at)));
         }
     }
-    if commands == 0 {
+    if !commands {
         return;
     }
     let sent = async {
@@ -176,9 +176,13 @@ pub fn read(
     for ((id, reply), last) in ids.iter().zip(replies).zip(last) {
         let counts: HashMap<usize, u64> =
             redis::from_redis_value(reply).map_err(|e| e.to_string())?;
-        let mut slots = vec![0; counts.keys().max().map_or(0, |m| m + 1)];
+        // Redis is written by every node, of any version: a slot this build does not know
+        // is ignored, so no field can size or overflow the vector.
+        let mut slots = vec![0; SLOTS];
         for (slot, n) in counts {
-            slots[slot] = n;
+            if let Some(count) = slots.get_mut(slot) {
+                *count = n;
+            }
         }
         let last_use = last.as_deref().and_then(|text| {
             let (at, ip) = text.split_once(' ')?;

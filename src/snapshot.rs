@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +64,8 @@ pub struct KeyHash(pub [u8; 32]);
 impl Hash for KeyHash {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // The digest is already uniform: its first 8 bytes are as good a hash as any.
-        state.write_u64(u64::from_le_bytes(self.0[..8].try_into().expect("8 bytes")));
+        let [b0, b1, b2, b3, b4, b5, b6, b7, ..] = self.0;
+        state.write_u64(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
     }
 }
 
@@ -169,7 +171,10 @@ impl FileStamp {
             dev: m.dev(),
             ino: m.ino(),
             len: m.len(),
-            mtime_nanos: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            // Two i64s cannot overflow an i128 this way; saturating only says so.
+            mtime_nanos: i128::from(m.mtime())
+                .saturating_mul(1_000_000_000)
+                .saturating_add(i128::from(m.mtime_nsec())),
         })
     }
 }
@@ -237,7 +242,9 @@ impl Snapshot {
         // Stamped before they are read: a change after this reloads again.
         let files = config.files(ctx.config_path);
         let mut fingerprint = Fingerprint::of(&files);
-        fingerprint.0[0] = config_stamp;
+        if let Some(first) = fingerprint.0.first_mut() {
+            *first = config_stamp;
+        }
         let store = Store::for_config(&config, ctx.config_path)
             .map_err(|e| {
                 let mut p = Problems::default();
@@ -628,18 +635,28 @@ fn compile_config(
                 let reused = ctx
                     .previous
                     .and_then(|prev| prev.clients.iter().find(|c| c.settings() == &settings));
+                let index = clients.len();
                 clients.push(match reused {
                     Some(c) => c.clone(),
                     None => UpstreamClient::new(
                         settings,
                         ca.as_deref(),
                         ctx.metrics.upstream_connections.clone(),
-                    ),
+                    )
+                    .map_err(|e| {
+                        p.push(
+                            format!("routes[{at}].upstream"),
+                            format!("cannot set up TLS towards the upstream: {e}"),
+                        )
+                    })
+                    .ok()?,
                 });
-                clients.len() - 1
+                index
             }
         };
-        routes[at].client = index;
+        if let Some(route) = routes.get_mut(at) {
+            route.client = index;
+        }
     }
     Some(CompiledConfig {
         routes: RouteTable::new(routes),
@@ -730,20 +747,20 @@ fn compile_keys(
         let shared =
             (shared_nodes > 0 && (policy.is_some() || quota.is_some())).then(|| SharedPolicy {
                 emission_us: policy.map_or(0, |p| {
-                    (p.rate.per.as_micros() / u128::from(p.rate.count.max(1))) as u64
+                    u64::try_from(p.interval().as_micros()).unwrap_or(u64::MAX)
                 }),
                 burst: policy.map_or(0, |p| p.burst),
                 quota,
             });
-        let (policy, quota) = match shared_nodes {
-            0 | 1 => (policy, quota),
-            n => (
+        let (policy, quota) = match NonZeroU32::new(shared_nodes) {
+            Some(n) if n.get() > 1 => (
                 policy.map(|p| node_share(p, n)),
                 quota.map(|q| Quota {
-                    limit: (q.limit / u64::from(n)).max(1),
+                    limit: (q.limit / NonZeroU64::from(n)).max(1),
                     ..q
                 }),
             ),
+            _ => (policy, quota),
         };
         let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
         keys.insert(
@@ -820,11 +837,12 @@ fn compile_shared_limits(
 
 /// This node's share of a limit shared by `nodes`: the same burst split, at 1/`nodes` of
 /// the rate.
-fn node_share(policy: RatePolicy, nodes: u32) -> RatePolicy {
+fn node_share(policy: RatePolicy, nodes: NonZeroU32) -> RatePolicy {
     RatePolicy {
         rate: crate::config::units::Rate {
             count: policy.rate.count,
-            per: policy.rate.per * nodes,
+            // At most an hour times ranges::NODES, far from overflowing.
+            per: policy.rate.per.saturating_mul(nodes.get()),
         },
         burst: (policy.burst / nodes).max(1),
     }

@@ -192,20 +192,25 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-/// The server side: TLS 1.3 and 1.2 only, ALPN offering h2 and http/1.1.
-pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
+/// The server side: TLS 1.3 and 1.2 only, ALPN offering h2 and http/1.1. Fails only if the
+/// provider refuses those versions, which ring does not.
+pub fn server_config(
+    resolver: Arc<CertResolver>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let mut config =
         rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .expect("the ring provider supports TLS 1.2 and 1.3")
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Arc::new(config)
+    Ok(Arc::new(config))
 }
 
 /// The client side towards upstreams: the web PKI's roots, or only the CAs in `ca_file`.
-pub fn client_config(ca: Option<&[CertificateDer<'static>]>) -> rustls::ClientConfig {
+/// Fails only if the provider refuses TLS 1.3 and 1.2, which ring does not.
+pub fn client_config(
+    ca: Option<&[CertificateDer<'static>]>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(certs) => {
@@ -215,11 +220,12 @@ pub fn client_config(ca: Option<&[CertificateDer<'static>]>) -> rustls::ClientCo
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("the ring provider supports TLS 1.2 and 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 /// Reads a CA bundle, naming the file on error.

@@ -15,7 +15,7 @@ use crate::audit::{self, AuditEvent};
 use crate::body::ResponseBody;
 use crate::clock::rfc3339;
 use crate::keys::lifecycle::Op;
-use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status};
+use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, NewKey, Status};
 use crate::pipeline::usage::UsageReport;
 use crate::rejection::Rejection;
 use crate::reload::Trigger;
@@ -207,17 +207,30 @@ fn with_shared(
     mut v: serde_json::Value,
     shared: Option<&UsageReport>,
 ) -> serde_json::Value {
-    let (Some(shared), Some(id)) = (shared, v["id"].as_str()) else {
+    let (Some(shared), Some(id)) = (shared, v.get("id").and_then(|id| id.as_str())) else {
         return v;
     };
     let now = call.gw.clock.unix_secs();
     let r = merged(shared.clone(), local_usage(call, id, now));
-    let counts = r.counts_json();
-    v["requests_today"] = counts["requests_today"].clone();
-    v["error_rate"] = counts["error_rate"].clone();
-    v["last_used_at"] = r.last_use.as_ref().map(|u| rfc3339(u.at)).into();
-    v["last_used_ip"] = r.last_use.as_ref().and_then(|u| u.ip.clone()).into();
+    copy_counts(&mut v, &r.counts_json());
+    set_member(
+        &mut v,
+        "last_used_at",
+        r.last_use.as_ref().map(|u| rfc3339(u.at)),
+    );
+    set_member(
+        &mut v,
+        "last_used_ip",
+        r.last_use.as_ref().and_then(|u| u.ip.clone()),
+    );
     v
+}
+
+/// Copies today's request count and error rate from `counts` into `v`.
+fn copy_counts(v: &mut serde_json::Value, counts: &serde_json::Value) {
+    for name in ["requests_today", "error_rate"] {
+        set_member(v, name, counts.get(name).cloned().unwrap_or_default());
+    }
 }
 
 /// A key's record as the API shows it, with today's request count and error rate.
@@ -225,9 +238,7 @@ fn view(call: &Call<'_>, record: &KeyRecord) -> serde_json::Value {
     let quiet = call.gw.snapshot.load().config.quiet_period_secs();
     let now = call.gw.clock.unix_secs();
     let mut v = record.view(now, call.gw.usage.last_use(&record.id).as_ref(), quiet);
-    let counts = local_usage(call, &record.id, now).counts_json();
-    v["requests_today"] = counts["requests_today"].clone();
-    v["error_rate"] = counts["error_rate"].clone();
+    copy_counts(&mut v, &local_usage(call, &record.id, now).counts_json());
     v
 }
 
@@ -236,21 +247,22 @@ fn with_secret(
     secret: String,
     warnings: Vec<String>,
 ) -> serde_json::Value {
-    v["key"] = secret.into();
+    set_member(&mut v, "key", secret);
     with_warnings(v, warnings)
 }
 
 fn with_warnings(mut v: serde_json::Value, warnings: Vec<String>) -> serde_json::Value {
     if !warnings.is_empty() {
-        v["warnings"] = warnings.into();
+        set_member(&mut v, "warnings", warnings);
     }
     v
 }
 
 fn created(v: &serde_json::Value) -> Response<ResponseBody> {
     let mut response = json(StatusCode::CREATED, v);
-    if let Some(location) = v["id"]
-        .as_str()
+    if let Some(location) = v
+        .get("id")
+        .and_then(|id| id.as_str())
         .and_then(|id| HeaderValue::from_str(&format!("/v1/api-keys/{id}")).ok())
     {
         response.headers_mut().insert(LOCATION, location);
@@ -271,29 +283,33 @@ fn query_params(query: &str) -> BTreeMap<String, String> {
 }
 
 fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        match b {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
+            b'%' => {
+                let escaped = tail
+                    .split_first_chunk::<2>()
+                    .and_then(|(hex, after)| Some((escaped_byte(hex)?, after)));
+                match escaped {
+                    Some((byte, after)) => {
+                        out.push(byte);
+                        rest = after;
                     }
-                    Err(_) => out.push(b'%'),
+                    None => out.push(b'%'),
                 }
             }
             b => out.push(b),
         }
-        i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The byte two hex digits stand for.
+fn escaped_byte(hex: &[u8; 2]) -> Option<u8> {
+    u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
 fn bad_param(field: &str, detail: impl Into<String>) -> Rejection {
@@ -372,7 +388,7 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
         }
     };
     let page: Vec<_> = keys.iter().skip(start).take(limit).collect();
-    let next_cursor = (start + page.len() < keys.len())
+    let next_cursor = (start.saturating_add(page.len()) < keys.len())
         .then(|| page.last().map(|r| format!("{}~{}", r.created_at, r.id)))
         .flatten();
     let shared = shared_usage(call, page.iter().map(|r| r.id.clone()).collect()).await;
@@ -510,7 +526,7 @@ pub(crate) async fn rotate(call: &Call<'_>, body: RotateBody) -> Answer {
             )),
     );
     let mut v = with_secret(view(call, &new), secret, warnings);
-    v["previous_key"] = view(call, &old);
+    set_member(&mut v, "previous_key", view(call, &old));
     Ok(created(&v))
 }
 
@@ -592,17 +608,22 @@ fn usage_json(
         None => local,
     };
     let mut v = report.to_json(now);
-    v["key_id"] = id.into();
-    v["namespace"] = namespace.into();
+    set_member(&mut v, "key_id", id);
+    set_member(&mut v, "namespace", namespace);
     if let Some(key) = snapshot.keys().find(|k| k.id == id) {
         if let Some(quota) = key.quota {
             let (period, end) = quota.window(now);
-            v["quota"] = serde_json::json!({
-                "quota": quota.to_string(),
-                "limit": quota.limit,
-                "used": key.usage.quota_used(period),
-                "resets_at": crate::clock::rfc3339(end),
-            });
+            let used = key.usage.quota_used(period);
+            set_member(
+                &mut v,
+                "quota",
+                serde_json::json!({
+                    "quota": quota.to_string(),
+                    "limit": quota.limit,
+                    "used": used,
+                    "resets_at": crate::clock::rfc3339(end),
+                }),
+            );
         }
     }
     v
@@ -635,12 +656,12 @@ struct Totals {
 impl Totals {
     fn add(&mut self, r: &crate::pipeline::usage::UsageReport) {
         self.counts.add_counts(r);
-        self.keys_used += 1;
+        self.keys_used = self.keys_used.saturating_add(1);
     }
 
     fn to_json(&self) -> serde_json::Value {
         let mut v = self.counts.counts_json();
-        v["keys_used_today"] = self.keys_used.into();
+        set_member(&mut v, "keys_used_today", self.keys_used);
         v
     }
 }
@@ -698,14 +719,14 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
         .iter()
         .map(|(name, t)| {
             let mut v = t.to_json();
-            v["namespace"] = name.clone().into();
+            set_member(&mut v, "namespace", name.clone());
             v
         })
         .collect();
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({
-            "date": &crate::clock::rfc3339(now)[..10],
+            "date": crate::clock::date(now),
             "totals": org.to_json(),
             "namespaces": namespaces,
             "top_by_requests": by_traffic,

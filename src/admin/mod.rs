@@ -388,8 +388,11 @@ pub fn key_from_bodies(
 fn whole_numbers(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Number(n) => {
+            // A whole f64 in [0, 2^64) or [-2^63, 0) is exactly a u64 or an i64: the casts
+            // below are checked by the ranges before them and lose nothing.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
-                if (0.0..=u64::MAX as f64).contains(&f) {
+                if (0.0..u64::MAX as f64).contains(&f) {
                     *value = serde_json::Value::from(f as u64);
                 } else if (i64::MIN as f64..0.0).contains(&f) {
                     *value = serde_json::Value::from(f as i64);

@@ -17,7 +17,7 @@ pub fn locate(src: &str, wanted: &[&str]) -> HashMap<String, (usize, usize)> {
     let mut frames: Vec<Frame> = Vec::new();
     for event in Parser::new_from_str(src) {
         let Ok((event, span)) = event else { break };
-        let at = (span.start.line(), span.start.col() + 1);
+        let at = (span.start.line(), span.start.col().saturating_add(1));
         match event {
             Event::Scalar(text, ..) => {
                 if let Some(Frame::Map {
@@ -81,7 +81,7 @@ fn node_path(frames: &[Frame]) -> String {
 /// A node just ended: step the enclosing sequence, or ready the mapping for its next key.
 fn finish_node(frames: &mut [Frame]) {
     match frames.last_mut() {
-        Some(Frame::Seq { index, .. }) => *index += 1,
+        Some(Frame::Seq { index, .. }) => *index = index.saturating_add(1),
         Some(Frame::Map { key, .. }) => *key = None,
         None => {}
     }

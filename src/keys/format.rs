@@ -55,8 +55,12 @@ pub fn parse(token: &str) -> Result<ParsedKey<'_>, FormatError> {
     if body.len() != RANDOM_LEN + CHECKSUM_LEN || !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(FormatError::BadBody);
     }
-    let (signed, sum) = token.split_at(token.len() - CHECKSUM_LEN);
-    if decode_checksum(sum.as_bytes()) != Some(u64::from(crc32(signed.as_bytes()))) {
+    // The body check above makes the token at least CHECKSUM_LEN long.
+    let (signed, sum) = token
+        .as_bytes()
+        .split_last_chunk::<CHECKSUM_LEN>()
+        .ok_or(FormatError::BadBody)?;
+    if decode_checksum(sum) != Some(u64::from(crc32(signed))) {
         return Err(FormatError::BadChecksum);
     }
     Ok(ParsedKey { prefix, token })
@@ -76,24 +80,23 @@ pub fn valid_prefix(prefix: &str) -> bool {
 /// Makes a new key with `prefix` from the OS CSPRNG.
 pub fn generate(prefix: &str) -> Result<String, getrandom::Error> {
     debug_assert!(valid_prefix(prefix));
-    let mut key = String::with_capacity(prefix.len() + 1 + RANDOM_LEN + CHECKSUM_LEN);
+    let mut key = String::with_capacity(prefix.len().saturating_add(1 + RANDOM_LEN + CHECKSUM_LEN));
     key.push_str(prefix);
     key.push('_');
-    let mut filled = 0;
+    let mut random = [b'0'; RANDOM_LEN];
+    let mut slots = random.iter_mut();
     let mut pool = [0u8; 64];
-    while filled < RANDOM_LEN {
+    while slots.len() > 0 {
         getrandom::fill(&mut pool)?;
-        // Rejection sampling keeps every character uniform: 248 = 4 * 62.
-        for &b in pool.iter().filter(|&&b| b < 248) {
-            if filled == RANDOM_LEN {
-                break;
-            }
-            key.push(BASE62[(b % 62) as usize] as char);
-            filled += 1;
+        // Rejection sampling keeps every character uniform: 248 = 4 * 62. The pool comes
+        // first in the zip so that running out of pool bytes never skips a slot.
+        for (&b, slot) in pool.iter().filter(|&&b| b < 248).zip(slots.by_ref()) {
+            *slot = base62_digit(b.into());
         }
     }
+    key.extend(random.iter().copied().map(char::from));
     let sum = checksum(key.as_bytes());
-    key.push_str(std::str::from_utf8(&sum).expect("base62 is ASCII"));
+    key.extend(sum.iter().copied().map(char::from));
     Ok(key)
 }
 
@@ -107,10 +110,16 @@ fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
     let mut n = crc32(data);
     let mut out = [b'0'; CHECKSUM_LEN];
     for slot in out.iter_mut().rev() {
-        *slot = BASE62[(n % 62) as usize];
+        *slot = base62_digit(n);
         n /= 62;
     }
     out
+}
+
+/// The base62 character for `n % 62`.
+#[allow(clippy::indexing_slicing)] // n % 62 is below 62, BASE62's length.
+fn base62_digit(n: u32) -> u8 {
+    BASE62[(n % 62) as usize]
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -122,12 +131,12 @@ fn crc32(data: &[u8]) -> u32 {
 fn decode_checksum(text: &[u8]) -> Option<u64> {
     text.iter().try_fold(0u64, |n, &c| {
         let digit = match c {
-            b'0'..=b'9' => c - b'0',
-            b'A'..=b'Z' => c - b'A' + 10,
-            b'a'..=b'z' => c - b'a' + 36,
-            _ => return None,
-        };
-        Some(n * 62 + u64::from(digit))
+            b'0'..=b'9' => c.checked_sub(b'0'),
+            b'A'..=b'Z' => c.checked_sub(b'A' - 10),
+            b'a'..=b'z' => c.checked_sub(b'a' - 36),
+            _ => None,
+        }?;
+        n.checked_mul(62)?.checked_add(u64::from(digit))
     })
 }
 

@@ -396,7 +396,7 @@ fn ensure_capacity(
         .iter()
         .filter(|r| r.namespace == namespace && r.counts_toward_limit(op.now))
         .count();
-    if active + adding > max as usize {
+    if active.saturating_add(adding) > max as usize {
         return Err(KeyError::LimitReached {
             namespace: namespace.into(),
             tier: tier.clone(),
@@ -607,15 +607,18 @@ pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyErr
 /// `#` comments are ignored. Errors name the line, never the key.
 pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, KeyError> {
     let mut entries = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
+    for (line, raw) in (1usize..).zip(text.lines()) {
         let trimmed = raw.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
         let fields =
             split_csv(trimmed).map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
-        if entries.is_empty() && fields[0].eq_ignore_ascii_case("key") {
+        // split_csv always gives at least one field.
+        let Some((first, rest)) = fields.split_first() else {
+            continue;
+        };
+        if entries.is_empty() && first.eq_ignore_ascii_case("key") {
             continue;
         }
         if fields.len() > 3 {
@@ -624,7 +627,7 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, KeyError> {
                 fields.len()
             )));
         }
-        let key = fields[0].trim().to_string();
+        let key = first.trim().to_string();
         if !(8..=512).contains(&key.len()) || !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(KeyError::Import(format!(
                 "line {line}: a key must be 8 to 512 visible ASCII characters with no spaces (the key is not shown)"
@@ -633,12 +636,12 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, KeyError> {
         entries.push(ImportEntry {
             line,
             key,
-            name: fields
-                .get(1)
+            name: rest
+                .first()
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            scopes: fields
-                .get(2)
+            scopes: rest
+                .get(1)
                 .map(|s| s.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
         });
@@ -648,23 +651,25 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, KeyError> {
 
 /// Splits one CSV line, honouring double quotes (`""` is a quote inside quotes).
 fn split_csv(line: &str) -> Result<Vec<String>, &'static str> {
-    let mut fields = vec![String::new()];
+    let mut fields = Vec::new();
+    let mut field = String::new();
     let mut quoted = false;
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {
         match (c, quoted) {
             ('"', true) if chars.peek() == Some(&'"') => {
                 chars.next();
-                fields.last_mut().expect("one field").push('"');
+                field.push('"');
             }
             ('"', _) => quoted = !quoted,
-            (',', false) => fields.push(String::new()),
-            (c, _) => fields.last_mut().expect("one field").push(c),
+            (',', false) => fields.push(std::mem::take(&mut field)),
+            (c, _) => field.push(c),
         }
     }
     if quoted {
         return Err("an opening quote is never closed");
     }
+    fields.push(field);
     Ok(fields)
 }
 

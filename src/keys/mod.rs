@@ -170,7 +170,7 @@ impl KeyRecord {
         ];
         for (name, value) in optional {
             if let Some(value) = value {
-                v[name] = value;
+                set_member(&mut v, name, value);
             }
         }
         v
@@ -180,7 +180,7 @@ impl KeyRecord {
     /// period, or once it has expired and nothing can.
     pub fn safe_to_revoke(&self, now: i64, last_use: Option<&LastUse>, quiet_period: i64) -> bool {
         self.effective_status(now) == "expired"
-            || last_use.is_none_or(|u| now - u.at >= quiet_period)
+            || last_use.is_none_or(|u| now.saturating_sub(u.at) >= quiet_period)
     }
 }
 
@@ -236,9 +236,8 @@ pub fn validate_environment(env: &str) -> Result<(), String> {
 
 /// A namespace name: 1 to 63 of `a-z 0-9 _ -`, starting with a letter or digit.
 pub fn validate_namespace(ns: &str) -> Result<(), String> {
-    let ok = !ns.is_empty()
-        && ns.len() <= 63
-        && ns.as_bytes()[0].is_ascii_alphanumeric()
+    let ok = ns.len() <= 63
+        && ns.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && ns
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
@@ -268,15 +267,32 @@ pub fn prefix_for(config: &Config, namespace: &str, environment: &str) -> String
     format!("{base}_{tag}")
 }
 
+/// Sets a member of a JSON object. Every view and report keygate builds is an object; were
+/// one not, it would stay as it is rather than panic as `value[name] = …` does.
+pub(crate) fn set_member(
+    v: &mut serde_json::Value,
+    name: &str,
+    value: impl Into<serde_json::Value>,
+) {
+    if let Some(object) = v.as_object_mut() {
+        object.insert(name.to_owned(), value.into());
+    }
+}
+
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
+    let mut s = String::with_capacity(bytes.len().saturating_mul(2));
     for &b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
+        s.push(char::from(hex_digit(b >> 4)));
+        s.push(char::from(hex_digit(b)));
     }
     s
+}
+
+/// The lowercase hex digit of the low four bits of `n`.
+#[allow(clippy::indexing_slicing)] // n & 15 is below 16, the table's length.
+pub(crate) fn hex_digit(n: u8) -> u8 {
+    b"0123456789abcdef"[usize::from(n & 15)]
 }
 
 /// Parses `sha256:<64 hex>` (the `sha256:` is optional) into the 32 bytes. The error names
@@ -293,9 +309,9 @@ pub fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
         return Err(bad());
     }
     let mut out = [0u8; 32];
-    for (i, chunk) in hex_part.as_bytes().chunks(2).enumerate() {
+    for (byte, chunk) in out.iter_mut().zip(hex_part.as_bytes().chunks(2)) {
         let s = std::str::from_utf8(chunk).map_err(|_| bad())?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| bad())?;
+        *byte = u8::from_str_radix(s, 16).map_err(|_| bad())?;
     }
     Ok(out)
 }

@@ -164,7 +164,7 @@ impl RedisStore {
     }
 
     fn acquire(&self, con: &mut redis::Connection, token: &str) -> Result<(), KeyError> {
-        let deadline = Instant::now() + LOCK_WAIT;
+        let start = Instant::now();
         let mut pause = Duration::from_millis(2);
         loop {
             let taken: Option<String> = redis::cmd("SET")
@@ -172,13 +172,13 @@ impl RedisStore {
                 .arg(token)
                 .arg("NX")
                 .arg("PX")
-                .arg(LOCK_TTL.as_millis() as u64)
+                .arg(u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX))
                 .query(con)
                 .map_err(|e| KeyError::Unavailable(self.unreachable(&e)))?;
             if taken.is_some() {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
+            if start.elapsed() >= LOCK_WAIT {
                 return Err(KeyError::Unavailable(format!(
                     "another writer has held the key store lock in Redis at {} for {}s",
                     self.shown,
@@ -186,7 +186,7 @@ impl RedisStore {
                 )));
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
+            pause = pause.saturating_mul(2).min(Duration::from_millis(50));
         }
     }
 
@@ -214,21 +214,21 @@ impl RedisStore {
             .key(&self.lock)
             .arg(token)
             .arg(&self.changes);
-        let mut changed = 0;
+        let mut changed = false;
         let mut after = std::collections::HashSet::new();
         for r in &file.keys {
             after.insert(r.id.as_str());
             let now = json(r)?;
             if before.get(&r.id) != Some(&now) {
                 script.arg(&r.id).arg(now);
-                changed += 1;
+                changed = true;
             }
         }
         for id in before.keys().filter(|id| !after.contains(id.as_str())) {
             script.arg(id).arg("");
-            changed += 1;
+            changed = true;
         }
-        if changed > 0 {
+        if changed {
             let _version: u64 = script
                 .invoke(con)
                 .map_err(|e| KeyError::Unavailable(self.unreachable(&e)))?;
@@ -245,25 +245,31 @@ fn lock_token() -> String {
     let mut bytes = [0u8; 16];
     // Without OS randomness, the process id and time still tell writers apart.
     if getrandom::fill(&mut bytes).is_err() {
-        let t = std::time::SystemTime::now()
+        let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
-            .as_nanos();
-        bytes[..8].copy_from_slice(&(t as u64).to_le_bytes());
-        bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+            .as_nanos()
+            .to_le_bytes();
+        let pid = std::process::id().to_le_bytes();
+        // The low 8 bytes of the time, which are the ones that change, then the pid.
+        for (slot, &b) in bytes.iter_mut().zip(nanos.iter().take(8).chain(&pid)) {
+            *slot = b;
+        }
     }
     crate::keys::hex(&bytes)
 }
 
 /// `url` without the password, if it has one.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            format!("{scheme}://{user}:***@{host}")
         }
-        _ => url.to_string(),
+        None => url.to_string(),
     }
 }
 

@@ -238,7 +238,7 @@ fn parse_lines(src: &str) -> Option<StoreFile> {
 
 /// The store's text: a header, then one record per line.
 pub fn render(file: &StoreFile) -> io::Result<String> {
-    let mut out = String::with_capacity(128 + file.keys.len() * 320);
+    let mut out = String::with_capacity(file.keys.len().saturating_mul(320).saturating_add(128));
     out.push_str(
         "# keygate key store: one key per line. Only SHA-256 hashes of keys are stored.\n\
          # Written by `keygate keys` and the admin API; a running gateway reloads it on change.\n",

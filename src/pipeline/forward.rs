@@ -105,7 +105,8 @@ impl RequestIds {
         let mut buf = [0u8; 32];
         write_hex(&mut buf[..16], self.prefix);
         write_hex(&mut buf[16..], n);
-        HeaderValue::from_bytes(&buf).expect("hex digits are a valid header")
+        // Hex digits always make a valid header value: the fallback is never taken.
+        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
@@ -116,9 +117,9 @@ impl Default for RequestIds {
 }
 
 fn write_hex(out: &mut [u8], mut n: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for slot in out.iter_mut().rev() {
-        *slot = DIGITS[(n & 15) as usize];
+        let [low, ..] = n.to_le_bytes();
+        *slot = crate::keys::hex_digit(low);
         n >>= 4;
     }
 }
@@ -183,10 +184,11 @@ pub async fn forward(
         (None, false, Some(pq)) => pq.clone(),
         _ => {
             let path = f.normalized_path.unwrap_or(parts.uri.path());
-            PathAndQuery::from_maybe_shared(bytes::Bytes::from(
-                route.upstream_path(path, parts.uri.query()),
-            ))
-            .map_err(|_| Rejection::InvalidPath)?
+            let upstream_path = route
+                .upstream_path(path, parts.uri.query())
+                .ok_or(Rejection::InvalidPath)?;
+            PathAndQuery::from_maybe_shared(bytes::Bytes::from(upstream_path))
+                .map_err(|_| Rejection::InvalidPath)?
         }
     };
     let client_host = parts.headers.get(HOST).cloned().or_else(|| {
@@ -356,7 +358,7 @@ where
     };
     let watch = async {
         loop {
-            tokio::time::sleep(idle / 4).await;
+            tokio::time::sleep(idle.checked_div(4).unwrap_or(idle)).await;
             let quiet = started
                 .elapsed()
                 .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
@@ -384,8 +386,8 @@ struct Activity<T> {
 
 impl<T> Activity<T> {
     fn touch(&self) {
-        self.last
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let millis = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(millis, Ordering::Relaxed);
     }
 }
 

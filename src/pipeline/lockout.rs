@@ -45,7 +45,7 @@ impl Lockouts {
         }
         match self.strikes.get(&ip) {
             Some(s) if s.locked_until > now => Err(Rejection::TooManyFailedAttempts {
-                retry_after: (s.locked_until - now) as u64,
+                retry_after: s.locked_until.abs_diff(now),
             }),
             _ => Ok(()),
         }
@@ -64,16 +64,16 @@ impl Lockouts {
         if s.locked_until > now {
             return false;
         }
-        if now - s.window_start >= policy.window {
+        if now.saturating_sub(s.window_start) >= policy.window {
             *s = Strikes {
                 window_start: now,
                 failures: 0,
                 locked_until: 0,
             };
         }
-        s.failures += 1;
+        s.failures = s.failures.saturating_add(1);
         if s.failures >= policy.max_failures {
-            s.locked_until = now + policy.cooldown;
+            s.locked_until = now.saturating_add(policy.cooldown);
             s.failures = 0;
             s.window_start = now;
             self.locked.fetch_add(1, Ordering::Relaxed);
@@ -85,7 +85,7 @@ impl Lockouts {
     /// Forgets expired lockouts and stale counts (housekeeping).
     pub fn sweep(&self, now: i64, window: i64) {
         self.strikes
-            .retain(|_, s| s.locked_until > now || now - s.window_start < window);
+            .retain(|_, s| s.locked_until > now || now.saturating_sub(s.window_start) < window);
         let locked = self.strikes.iter().filter(|s| s.locked_until > now).count();
         self.locked.store(locked, Ordering::Relaxed);
     }

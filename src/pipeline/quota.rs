@@ -48,15 +48,22 @@ impl Quota {
     /// (Unix seconds).
     pub fn window(&self, now: i64) -> (i64, i64) {
         match self.period {
+            // Saturating: only a clock near the ends of i64 could reach the limits.
             Period::Day => {
                 let day = now.div_euclid(86_400);
-                (day, (day + 1) * 86_400)
+                (day, day.saturating_add(1).saturating_mul(86_400))
             }
             Period::Month => {
                 let (y, m, _) = civil_from_days(now.div_euclid(86_400));
-                let index = y * 12 + (m as i64 - 1);
-                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-                (index, days_from_civil(ny, nm, 1) * 86_400)
+                let index = y
+                    .saturating_mul(12)
+                    .saturating_add(i64::from(m))
+                    .saturating_sub(1);
+                let (ny, nm) = match m {
+                    12 => (y.saturating_add(1), 1),
+                    m => (y, m.saturating_add(1)),
+                };
+                (index, days_from_civil(ny, nm, 1).saturating_mul(86_400))
             }
         }
     }
@@ -80,9 +87,22 @@ impl std::fmt::Display for Quota {
     }
 }
 
+/// Days either side of 1970 that the calendar functions take: more than an i64 of seconds
+/// holds. Beyond them, they clamp.
+const MAX_DAYS: i64 = 1 << 47;
+/// Years either side of 0 that [`days_from_civil`] takes: more than [`MAX_DAYS`] days make.
+const MAX_YEARS: i64 = 1 << 40;
+
 /// Year, month (1-12), day (1-31) of a day count since 1970-01-01 (proleptic Gregorian).
+// Howard Hinnant's algorithm. With z within ±MAX_DAYS no step comes near i64's range (the
+// year is at most about 4 * 10^11), and the day and month casts are of 1..=31 and 1..=12.
+#[allow(
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
+    let z = z.clamp(-MAX_DAYS, MAX_DAYS) + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -94,7 +114,11 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// Days since 1970-01-01 of a civil date.
+// Howard Hinnant's algorithm. With y within ±MAX_YEARS and m and d any u32, no step comes
+// near i64's range (the largest, era * 146_097, is below 10^15).
+#[allow(clippy::arithmetic_side_effects)]
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = y.clamp(-MAX_YEARS, MAX_YEARS);
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);
@@ -153,5 +177,23 @@ mod tests {
             parse_rfc3339("2027-01-01T00:00:00Z").unwrap()
         );
         assert_ne!(month.window(now).0, month.window(december).0);
+    }
+
+    #[test]
+    fn a_clock_at_the_ends_of_time_saturates() {
+        for quota in ["1/day", "1/month"] {
+            let q = Quota::parse(quota).unwrap();
+            for now in [i64::MIN, i64::MIN + 1, -1, i64::MAX - 1, i64::MAX] {
+                // The period still ends after now, unless the end saturated.
+                let (_, end) = q.window(now);
+                assert!(end > now || end == i64::MAX, "{quota} at {now}: {end}");
+            }
+        }
+        let (y, m, d) = civil_from_days(i64::MAX);
+        assert_eq!(days_from_civil(y, m, d), 1 << 47);
+        assert_eq!(
+            days_from_civil(i64::MIN, u32::MAX, u32::MAX),
+            days_from_civil(-(1 << 40), u32::MAX, u32::MAX)
+        );
     }
 }

@@ -34,8 +34,13 @@ pub struct RatePolicy {
 impl RatePolicy {
     /// Time for one unit of budget to come back: at least a nanosecond, though a checked
     /// rate (at most `MAX_RATE` per second) never comes near it.
-    fn interval(&self) -> Duration {
-        (self.rate.per / self.rate.count.max(1)).max(Duration::from_nanos(1))
+    pub(crate) fn interval(&self) -> Duration {
+        // A count of 0 (which parse_rate refuses) counts as 1.
+        self.rate
+            .per
+            .checked_div(self.rate.count)
+            .unwrap_or(self.rate.per)
+            .max(Duration::from_nanos(1))
     }
 
     /// The window over which a full burst refills, in whole seconds (at least 1).

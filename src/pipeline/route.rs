@@ -98,8 +98,9 @@ impl Route {
             (Some(HostMatch::Exact(want)), Some(h)) => want.eq_ignore_ascii_case(h),
             (Some(HostMatch::Suffix(suffix)), Some(h)) => {
                 h.len() > suffix.len()
-                    && h.as_bytes()[h.len() - suffix.len()..]
-                        .eq_ignore_ascii_case(suffix.as_bytes())
+                    && h.as_bytes()
+                        .get(h.len().saturating_sub(suffix.len())..)
+                        .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix.as_bytes()))
             }
         }
     }
@@ -110,10 +111,12 @@ impl Route {
     }
 
     /// The path to send upstream: base path, then the request path (less the prefix when
-    /// stripping), then the query.
-    pub fn upstream_path(&self, path: &str, query: Option<&str>) -> String {
+    /// stripping), then the query. `None` when stripping and `path` is too short for the
+    /// prefix or would be cut inside a character, as the path with `;parameters` kept can be
+    /// (the route was chosen on the path without them).
+    pub fn upstream_path(&self, path: &str, query: Option<&str>) -> Option<String> {
         let rest = if self.strip_prefix && self.prefix != "/" {
-            match &path[self.prefix.len()..] {
+            match path.get(self.prefix.len()..)? {
                 "" => "/",
                 rest => rest,
             }
@@ -121,7 +124,11 @@ impl Route {
             path
         };
         let mut out = String::with_capacity(
-            self.upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
+            self.upstream
+                .base_path
+                .len()
+                .saturating_add(rest.len())
+                .saturating_add(query.map_or(0, |q| q.len().saturating_add(1))),
         );
         out.push_str(&self.upstream.base_path);
         out.push_str(rest);
@@ -129,7 +136,7 @@ impl Route {
             out.push('?');
             out.push_str(q);
         }
-        out
+        Some(out)
     }
 
     /// Compiles one route, recording each problem under `path`.
@@ -294,8 +301,8 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
 }
 
 fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    if let Some(bracketed) = host.strip_prefix('[') {
+        return bracketed.split_once(']').map_or(host, |(h, _)| h);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
@@ -303,7 +310,7 @@ fn strip_port(host: &str) -> &str {
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
         || (path.starts_with(prefix)
-            && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
 }
 
 /// A request path as the gateway decides on it.
@@ -445,12 +452,21 @@ mod tests {
     fn upstream_paths() {
         let mut r = route(None, "/v1", "http://up:9/base/");
         assert_eq!(
-            r.upstream_path("/v1/users", Some("a=1")),
-            "/base/v1/users?a=1"
+            r.upstream_path("/v1/users", Some("a=1")).as_deref(),
+            Some("/base/v1/users?a=1")
         );
         r.strip_prefix = true;
-        assert_eq!(r.upstream_path("/v1/users", None), "/base/users");
-        assert_eq!(r.upstream_path("/v1", None), "/base/");
+        assert_eq!(
+            r.upstream_path("/v1/users", None).as_deref(),
+            Some("/base/users")
+        );
+        assert_eq!(r.upstream_path("/v1", None).as_deref(), Some("/base/"));
+        assert_eq!(r.upstream_path("/v", None), None);
+        // The path with `;parameters` kept is longer than the one the route matched: cut at
+        // the prefix's length it would split the `é`, which used to panic.
+        let mut r = route(None, "/a/bé", "http://up:9/");
+        r.strip_prefix = true;
+        assert_eq!(r.upstream_path("/a;/bé", None), None);
     }
 
     #[test]

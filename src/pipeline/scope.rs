@@ -69,9 +69,10 @@ impl Scope {
         let parts: Vec<&str> = rest.split('/').collect();
         let mut segments = Vec::with_capacity(parts.len());
         let mut open = false;
+        let last = parts.len().saturating_sub(1);
         for (i, part) in parts.iter().enumerate() {
             match *part {
-                "**" if i == parts.len() - 1 => open = true,
+                "**" if i == last => open = true,
                 "**" => return Err(format!("in `{text}`, `**` may only end the pattern")),
                 "*" => segments.push(Segment::One),
                 p if p.contains('*') => {

@@ -179,7 +179,7 @@ impl SharedLimiter {
                 (
                     format!("{prefix}:quota:{}:{period}", key.id),
                     q.limit,
-                    (end - now).max(1) + 60,
+                    end.saturating_sub(now).max(1).saturating_add(60),
                 )
             }
             None => (format!("{prefix}:quota:{}:none", key.id), 0, 1),
@@ -253,19 +253,22 @@ fn decide(
         .limits_header
         .clone()
         .unwrap_or(http::HeaderValue::from_static(""));
-    let secs = |us: i64| (us.max(0) as u64).div_ceil(1_000_000);
+    // Redis's numbers are counts and durations: a negative one counts as 0.
+    let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+    let secs = |us: i64| unsigned(us).div_ceil(1_000_000);
+    let reset_secs = |q: &Quota| q.window(now).1.saturating_sub(now).max(1).unsigned_abs();
     let quota_budget = |used: i64| {
         policy.quota.map(|q| Budget {
             name: "quota",
-            remaining: q.limit.saturating_sub(used.max(0) as u64),
-            reset: (q.window(now).1 - now).max(1) as u64,
+            remaining: q.limit.saturating_sub(unsigned(used)),
+            reset: reset_secs(&q),
         })
     };
     let full_reset = policy.emission_us.saturating_mul(u64::from(policy.burst));
     let rate_budget = |remaining: i64, reset_us: i64| {
         (policy.emission_us > 0).then(|| Budget {
             name: "key",
-            remaining: remaining.max(0) as u64,
+            remaining: unsigned(remaining),
             reset: secs(reset_us),
         })
     };
@@ -277,13 +280,14 @@ fn decide(
         })),
         1 => Err(Rejection::RateLimited(Box::new(RateHeaders {
             policy: header,
-            budgets: [rate_budget(0, full_reset as i64), quota_budget(used)],
+            budgets: [
+                rate_budget(0, i64::try_from(full_reset).unwrap_or(i64::MAX)),
+                quota_budget(used),
+            ],
             retry_after: Some(secs(wait_or_reset_us).max(1)),
         }))),
         _ => {
-            let reset = policy
-                .quota
-                .map_or(1, |q| (q.window(now).1 - now).max(1) as u64);
+            let reset = policy.quota.as_ref().map_or(1, reset_secs);
             Err(Rejection::QuotaExceeded(Box::new(RateHeaders {
                 policy: header,
                 budgets: [None, quota_budget(used)],

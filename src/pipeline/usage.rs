@@ -28,7 +28,7 @@ const UPSTREAM_5XX: usize = 3;
 /// Admitted, but the gateway answered an error itself (413, 502, 504).
 const FAILED: usize = 4;
 const BY_CODE: usize = 5;
-const SLOTS: usize = BY_CODE + CODES.len();
+pub(crate) const SLOTS: usize = BY_CODE + CODES.len();
 /// Minutes of per-minute history kept.
 const SERIES_MINUTES: i64 = 24 * 60;
 /// The pseudo-key under which refusals that never identified a key are counted.
@@ -87,6 +87,12 @@ pub struct Minute {
     pub errors: u64,
 }
 
+impl Minute {
+    fn has_traffic(&self) -> bool {
+        self.accepted > 0 || self.refused > 0 || self.errors > 0
+    }
+}
+
 impl KeyUsage {
     /// Notes that the key was presented from `ip` at `now`. A key is "used" whenever it is
     /// presented and identified, even if a later check refuses the request.
@@ -102,13 +108,19 @@ impl KeyUsage {
     }
 
     fn add(&self, slot: usize) {
-        self.counts().totals[slot].fetch_add(1, Ordering::Relaxed);
+        if let Some(total) = self.counts().totals.get(slot) {
+            total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn add_code(&self, rejection: &Rejection) {
+        self.add(BY_CODE.saturating_add(rejection.index()));
     }
 
     /// The gateway refused the request before forwarding it.
     pub fn refused(&self, rejection: &Rejection) {
         self.add(REFUSED);
-        self.add(BY_CODE + rejection.index());
+        self.add_code(rejection);
     }
 
     /// The request passed every check.
@@ -121,7 +133,7 @@ impl KeyUsage {
         match gateway_error {
             Some(r) => {
                 self.add(FAILED);
-                self.add(BY_CODE + r.index());
+                self.add_code(r);
             }
             None if (400..500).contains(&status) => self.add(UPSTREAM_4XX),
             None if status >= 500 => self.add(UPSTREAM_5XX),
@@ -146,7 +158,9 @@ impl KeyUsage {
 
     /// Counts one request against the quota; returns the count including it.
     pub fn quota_spend(&self) -> u64 {
-        self.quota_used.fetch_add(1, Ordering::AcqRel) + 1
+        self.quota_used
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1)
     }
 
     pub fn last_use(&self) -> Option<LastUse> {
@@ -195,7 +209,7 @@ impl KeyUsage {
         }
         if h.minute != minute {
             let delta = minute_of(h.minute, &totals, &h.minute_base);
-            if delta.accepted + delta.refused + delta.errors > 0 {
+            if delta.has_traffic() {
                 h.series.push_back(delta);
             }
             h.minute = minute;
@@ -208,7 +222,7 @@ impl KeyUsage {
         while h
             .series
             .front()
-            .is_some_and(|m| m.minute <= minute - SERIES_MINUTES)
+            .is_some_and(|m| m.minute <= minute.saturating_sub(SERIES_MINUTES))
         {
             h.series.pop_front();
         }
@@ -230,7 +244,7 @@ impl KeyUsage {
                 };
                 let current = (h.minute_base.len() == SLOTS)
                     .then(|| minute_of(h.minute, &totals, &h.minute_base));
-                let since = now.div_euclid(60) - SERIES_MINUTES;
+                let since = now.div_euclid(60).saturating_sub(SERIES_MINUTES);
                 (
                     base,
                     h.series
@@ -249,7 +263,7 @@ impl KeyUsage {
             .map(|(t, b)| t.saturating_sub(*b))
             .collect();
         let mut series = series;
-        if let Some(m) = current.filter(|m| m.accepted + m.refused + m.errors > 0) {
+        if let Some(m) = current.filter(Minute::has_traffic) {
             series.push(m);
         }
         UsageReport {
@@ -313,12 +327,15 @@ impl KeyUsage {
 }
 
 fn minute_of(minute: i64, totals: &[u64], base: &[u64]) -> Minute {
-    let d = |slot: usize| totals[slot].saturating_sub(base[slot]);
+    let at = |counts: &[u64], slot: usize| counts.get(slot).copied().unwrap_or(0);
+    let d = |slot: usize| at(totals, slot).saturating_sub(at(base, slot));
     Minute {
         minute,
         accepted: d(ACCEPTED),
         refused: d(REFUSED),
-        errors: d(UPSTREAM_4XX) + d(UPSTREAM_5XX) + d(FAILED),
+        errors: d(UPSTREAM_4XX)
+            .saturating_add(d(UPSTREAM_5XX))
+            .saturating_add(d(FAILED)),
     }
 }
 
@@ -344,6 +361,7 @@ impl UsageReport {
     /// per-minute series.
     pub fn from_slots(today: &[u64], last_use: Option<LastUse>) -> UsageReport {
         let at = |slot: usize| today.get(slot).copied().unwrap_or(0);
+        let code = |r: &Rejection| at(BY_CODE.saturating_add(r.index()));
         UsageReport {
             accepted: at(ACCEPTED),
             refused: at(REFUSED),
@@ -351,12 +369,12 @@ impl UsageReport {
             upstream_5xx: at(UPSTREAM_5XX),
             failed: at(FAILED),
             upstream_errors: at(UPSTREAM_5XX)
-                + at(BY_CODE + Rejection::UpstreamUnavailable.index())
-                + at(BY_CODE + Rejection::UpstreamTimeout.index()),
+                .saturating_add(code(&Rejection::UpstreamUnavailable))
+                .saturating_add(code(&Rejection::UpstreamTimeout)),
             by_code: CODES
                 .iter()
                 .enumerate()
-                .map(|(i, code)| (*code, at(BY_CODE + i)))
+                .map(|(i, code)| (*code, at(BY_CODE.saturating_add(i))))
                 .filter(|(_, n)| *n > 0)
                 .collect(),
             series: Vec::new(),
@@ -365,7 +383,7 @@ impl UsageReport {
     }
 
     pub fn requests(&self) -> u64 {
-        self.accepted + self.refused
+        self.accepted.saturating_add(self.refused)
     }
 
     /// Share of requests that did not end well: refused, failed, or answered 4xx/5xx.
@@ -374,25 +392,38 @@ impl UsageReport {
             0 => 0.0,
             // An outcome counted just after midnight for a request of the day before could
             // otherwise tip the rate past 1.
-            n => ((self.refused + self.failed + self.upstream_4xx + self.upstream_5xx) as f64
-                / n as f64)
-                .min(1.0),
+            n => {
+                let bad = self
+                    .refused
+                    .saturating_add(self.failed)
+                    .saturating_add(self.upstream_4xx)
+                    .saturating_add(self.upstream_5xx);
+                (bad as f64 / n as f64).min(1.0)
+            }
         }
     }
 
     /// The contract's usage JSON.
     pub fn to_json(&self, now: i64) -> serde_json::Value {
         let mut v = self.counts_json();
-        v["date"] = rfc3339(now.div_euclid(86_400) * 86_400)[..10].into();
-        v["by_code_today"] = serde_json::json!(self.by_code);
-        v["last_used_at"] = self.last_use.as_ref().map(|u| rfc3339(u.at)).into();
-        v["last_used_ip"] = self.last_use.as_ref().and_then(|u| u.ip.clone()).into();
-        v["series"] = self
+        let series: Vec<_> = self
             .series
             .iter()
-            .map(|m| serde_json::json!({"minute": rfc3339(m.minute * 60), "accepted": m.accepted, "refused": m.refused, "errors": m.errors}))
-            .collect::<Vec<_>>()
-            .into();
+            .map(|m| serde_json::json!({"minute": rfc3339(m.minute.saturating_mul(60)), "accepted": m.accepted, "refused": m.refused, "errors": m.errors}))
+            .collect();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("date".into(), crate::clock::date(now).into());
+            o.insert("by_code_today".into(), serde_json::json!(self.by_code));
+            o.insert(
+                "last_used_at".into(),
+                self.last_use.as_ref().map(|u| rfc3339(u.at)).into(),
+            );
+            o.insert(
+                "last_used_ip".into(),
+                self.last_use.as_ref().and_then(|u| u.ip.clone()).into(),
+            );
+            o.insert("series".into(), series.into());
+        }
         v
     }
 
@@ -412,12 +443,12 @@ impl UsageReport {
 
     /// Adds another report's counts to this one (for sums over keys).
     pub fn add_counts(&mut self, other: &UsageReport) {
-        self.accepted += other.accepted;
-        self.refused += other.refused;
-        self.upstream_4xx += other.upstream_4xx;
-        self.upstream_5xx += other.upstream_5xx;
-        self.failed += other.failed;
-        self.upstream_errors += other.upstream_errors;
+        self.accepted = self.accepted.saturating_add(other.accepted);
+        self.refused = self.refused.saturating_add(other.refused);
+        self.upstream_4xx = self.upstream_4xx.saturating_add(other.upstream_4xx);
+        self.upstream_5xx = self.upstream_5xx.saturating_add(other.upstream_5xx);
+        self.failed = self.failed.saturating_add(other.failed);
+        self.upstream_errors = self.upstream_errors.saturating_add(other.upstream_errors);
     }
 }
 

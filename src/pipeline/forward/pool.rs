@@ -90,17 +90,18 @@ impl tower_service::Service<Uri> for CountingConnector {
 
 impl UpstreamClient {
     /// A pool with `settings`, trusting `ca` (the parsed `ca_file`) or the web PKI, counting
-    /// new connections in `opened`.
+    /// new connections in `opened`. Fails only if the TLS provider refuses keygate's TLS
+    /// versions, which ring does not.
     pub fn new(
         settings: PoolSettings,
         ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
         opened: Arc<AtomicU64>,
-    ) -> Self {
+    ) -> Result<Self, rustls::Error> {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(settings.connect_timeout));
         tcp.set_nodelay(true);
         tcp.enforce_http(false);
-        let tls = crate::tls::client_config(ca);
+        let tls = crate::tls::client_config(ca)?;
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
@@ -110,11 +111,11 @@ impl UpstreamClient {
         } else {
             builder.enable_http1().wrap_connector(tcp)
         };
-        UpstreamClient(Arc::new(Pool {
+        Ok(UpstreamClient(Arc::new(Pool {
             connector,
             settings,
             origins: Mutex::new(Vec::new()),
-        }))
+        })))
     }
 
     pub fn settings(&self) -> &PoolSettings {
@@ -217,7 +218,7 @@ impl UpstreamClient {
         scheme: &Scheme,
         authority: &Authority,
     ) -> Result<Http2, SendError> {
-        let shared = self.0.lock()[origin].shared.clone();
+        let shared = self.0.lock().get(origin).and_then(|o| o.shared.clone());
         if let Some(mut sender) = shared {
             if sender.ready().await.is_ok() {
                 return Ok(sender);
@@ -234,7 +235,9 @@ impl UpstreamClient {
             }
         });
         sender.ready().await?;
-        self.0.lock()[origin].shared = Some(sender.clone());
+        if let Some(o) = self.0.lock().get_mut(origin) {
+            o.shared = Some(sender.clone());
+        }
         Ok(sender)
     }
 }
@@ -255,27 +258,29 @@ impl Pool {
         {
             return i;
         }
+        let index = origins.len();
         origins.push(Origin {
             scheme: scheme.clone(),
             authority: authority.clone(),
             idle: Vec::new(),
             shared: None,
         });
-        origins.len() - 1
+        index
     }
 
     /// The most recently used idle connection that is ready for a request. Closed ones are
     /// dropped on the way; ones still finishing their last exchange are left for later.
     fn checkout(&self, origin: usize) -> Option<Http1> {
         let mut origins = self.lock();
-        let idle = &mut origins[origin].idle;
-        let mut at = idle.len();
-        while at > 0 {
-            at -= 1;
-            if idle[at].sender.is_closed() {
-                idle.remove(at);
-            } else if idle[at].sender.is_ready() {
-                return Some(idle.remove(at).sender);
+        let idle = &mut origins.get_mut(origin)?.idle;
+        // From the newest down: removing one shifts only those already passed.
+        for at in (0..idle.len()).rev() {
+            match idle.get(at) {
+                Some(c) if c.sender.is_closed() => {
+                    idle.remove(at);
+                }
+                Some(c) if c.sender.is_ready() => return Some(idle.remove(at).sender),
+                _ => {}
             }
         }
         None
@@ -286,7 +291,9 @@ impl Pool {
             return;
         }
         let mut origins = self.lock();
-        let idle = &mut origins[origin].idle;
+        let Some(Origin { idle, .. }) = origins.get_mut(origin) else {
+            return;
+        };
         if idle.len() < self.settings.max_idle_per_host {
             idle.push(Idle {
                 sender,
