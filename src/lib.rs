@@ -35,8 +35,9 @@
 //! - [`tls`]: listener certificates (SNI, hot swap) and upstream TLS.
 //! - [`body`], [`clock`], [`demo`]: streaming bodies, injected time, the demo.
 #![forbid(unsafe_code)]
-// One process serves every client, and the release binary aborts on a panic: a panic that
-// input can reach is an outage for all of them (README, "No panic reachable from input").
+// One process serves every client: a panic that input can reach costs at least that
+// client's connection, and in a listener or housekeeping, the whole process (README, "No
+// panic reachable from input").
 // These lints keep unwrap, expect, panics, unchecked indexing and arithmetic, and truncating
 // casts out of the product; each exception is an `#[allow]` on the smallest item, with a
 // comment saying why it cannot fail. Unit tests may panic: that is how they fail.

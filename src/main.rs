@@ -1,7 +1,7 @@
 //! The `keygate` binary: parse the command line, set up logging, hand over to [`keygate::cli`].
 
 // The library's lints, for the same reason: one process serves every client, so a panic is
-// an outage for all of them (README, "No panic reachable from input").
+// at best a lost connection and at worst a lost listener (README, "No panic reachable from input").
 #![cfg_attr(
     not(test),
     deny(
@@ -53,5 +53,20 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // The release build unwinds: a panic costs the one task it happens in (a connection, a
+    // reload), and is logged here, with where it happened, like every other error.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%location, %message, "panic: the task it happened in is stopped");
+    }));
     keygate::cli::run(cli)
 }

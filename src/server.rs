@@ -1,6 +1,7 @@
 //! The gateway's shared state, its listeners and accept loops, and graceful shutdown.
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -452,21 +453,51 @@ impl Running {
         }
     }
 
+    /// A gateway with a dead listener must not run on as if it served: it flushes usage and
+    /// the audit log and ends, so that the service manager starts a whole one.
+    async fn stopped_by(self, (task, panicked): (usize, bool)) -> io::Result<()> {
+        let what = match task {
+            0 => "the proxy listener",
+            1 => "the admin listener",
+            _ => "housekeeping",
+        };
+        tracing::error!(
+            task = what,
+            panicked,
+            "a core task ended; exiting so that the service manager restarts keygate"
+        );
+        self.gateway.draining.store(true, Ordering::SeqCst);
+        let g = self.gateway.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            g.housekeeping();
+            g.audit.flush();
+        })
+        .await;
+        Err(io::Error::other(format!(
+            "{what} stopped unexpectedly{}; see the log",
+            if panicked { " (it panicked)" } else { "" }
+        )))
+    }
+
     /// Serves until SIGTERM or SIGINT (then drains for `limits.drain_timeout`) and reloads
     /// on SIGHUP.
-    pub async fn run_until_signal(self) -> io::Result<()> {
+    pub async fn run_until_signal(mut self) -> io::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        loop {
+        let ended = loop {
             tokio::select! {
                 _ = hup.recv() => {
                     let _ = crate::reload::reload(&self.gateway, crate::reload::Trigger::Sighup).await;
                 }
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break None,
+                _ = int.recv() => break None,
+                ended = first_task_to_end(&mut self.proxy_task, self.rest.get_mut(..2).unwrap_or_default()) => break Some(ended),
             }
+        };
+        if let Some(ended) = ended {
+            return self.stopped_by(ended).await;
         }
         let drain = self.gateway.snapshot.load().listeners.drain;
         tracing::info!(
@@ -476,6 +507,26 @@ impl Running {
         self.shutdown(drain).await;
         Ok(())
     }
+}
+
+/// Resolves when the proxy's accept loop or one of `rest` (the admin listener's and
+/// housekeeping) ends, which before a shutdown only a bug can make it do (a panic unwinds
+/// that task alone). Says which (0 is the proxy, then `rest` in order), and whether it
+/// panicked. The store followers and the file watch may end on their own, and are not here.
+async fn first_task_to_end(
+    proxy: &mut JoinHandle<()>,
+    rest: &mut [JoinHandle<()>],
+) -> (usize, bool) {
+    std::future::poll_fn(|cx| {
+        let tasks = std::iter::once(&mut *proxy).chain(rest.iter_mut());
+        for (i, task) in tasks.enumerate() {
+            if let std::task::Poll::Ready(result) = std::pin::Pin::new(task).poll(cx) {
+                return std::task::Poll::Ready((i, result.is_err_and(|e| e.is_panic())));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -671,5 +722,23 @@ async fn idle(activity: &crate::pipeline::Activity, timers: ConnTimers) {
             return;
         }
         (seen, busy) = (begun, busy_now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_core_task_that_panics_is_found_and_named() {
+        let mut proxy = tokio::spawn(std::future::pending::<()>());
+        let mut rest = vec![
+            tokio::spawn(std::future::pending::<()>()),
+            tokio::spawn(async { panic!("a bug in housekeeping") }),
+        ];
+        assert_eq!(first_task_to_end(&mut proxy, &mut rest).await, (2, true));
+        let mut rest = vec![tokio::spawn(async {})];
+        assert_eq!(first_task_to_end(&mut proxy, &mut rest).await, (1, false));
+        proxy.abort();
     }
 }

@@ -184,9 +184,7 @@ pub async fn forward(
         (None, false, Some(pq)) => pq.clone(),
         _ => {
             let path = f.normalized_path.unwrap_or(parts.uri.path());
-            let upstream_path = route
-                .upstream_path(path, parts.uri.query())
-                .ok_or(Rejection::InvalidPath)?;
+            let upstream_path = route.upstream_path(path, parts.uri.query());
             PathAndQuery::from_maybe_shared(bytes::Bytes::from(upstream_path))
                 .map_err(|_| Rejection::InvalidPath)?
         }

@@ -110,13 +110,18 @@ impl Route {
         !self.upstream.base_path.is_empty() || (self.strip_prefix && self.prefix != "/")
     }
 
-    /// The path to send upstream: base path, then the request path (less the prefix when
-    /// stripping), then the query. `None` when stripping and `path` is too short for the
-    /// prefix or would be cut inside a character, as the path with `;parameters` kept can be
-    /// (the route was chosen on the path without them).
-    pub fn upstream_path(&self, path: &str, query: Option<&str>) -> Option<String> {
+    /// The path to send upstream: base path, then the request path (less the prefix's
+    /// segments when stripping), then the query. The prefix is stripped by segments, not by
+    /// length, because the path with `;parameters` kept has the segments of the path the
+    /// route matched, but longer ones (`/v2;v=1/x` under `/v2` sends `/x`).
+    pub fn upstream_path(&self, path: &str, query: Option<&str>) -> String {
         let rest = if self.strip_prefix && self.prefix != "/" {
-            match path.get(self.prefix.len()..)? {
+            let segments = self.prefix.matches('/').count();
+            let cut = path
+                .match_indices('/')
+                .nth(segments)
+                .map_or(path.len(), |(at, _)| at);
+            match path.get(cut..).unwrap_or_default() {
                 "" => "/",
                 rest => rest,
             }
@@ -136,7 +141,7 @@ impl Route {
             out.push('?');
             out.push_str(q);
         }
-        Some(out)
+        out
     }
 
     /// Compiles one route, recording each problem under `path`.
@@ -452,21 +457,19 @@ mod tests {
     fn upstream_paths() {
         let mut r = route(None, "/v1", "http://up:9/base/");
         assert_eq!(
-            r.upstream_path("/v1/users", Some("a=1")).as_deref(),
-            Some("/base/v1/users?a=1")
+            r.upstream_path("/v1/users", Some("a=1")),
+            "/base/v1/users?a=1"
         );
         r.strip_prefix = true;
-        assert_eq!(
-            r.upstream_path("/v1/users", None).as_deref(),
-            Some("/base/users")
-        );
-        assert_eq!(r.upstream_path("/v1", None).as_deref(), Some("/base/"));
-        assert_eq!(r.upstream_path("/v", None), None);
+        assert_eq!(r.upstream_path("/v1/users", None), "/base/users");
+        assert_eq!(r.upstream_path("/v1", None), "/base/");
+        assert_eq!(r.upstream_path("/v1;v=2/users;x", None), "/base/users;x");
         // The path with `;parameters` kept is longer than the one the route matched: cut at
         // the prefix's length it would split the `é`, which used to panic.
         let mut r = route(None, "/a/bé", "http://up:9/");
         r.strip_prefix = true;
-        assert_eq!(r.upstream_path("/a;/bé", None), None);
+        assert_eq!(r.upstream_path("/a;x/bé/c", None), "/c");
+        assert_eq!(r.upstream_path("/a;/bé", None), "/");
     }
 
     #[test]
