@@ -748,5 +748,9 @@ mod tests {
         assert_eq!(p["empty"], "");
         assert_eq!(p["bad"], "%zz");
         assert_eq!(p["tail"], "%4");
+        let p = query_params("e=%C3%A9&pct=%&two=%%41");
+        assert_eq!(p["e"], "é");
+        assert_eq!(p["pct"], "%");
+        assert_eq!(p["two"], "%A");
     }
 }
