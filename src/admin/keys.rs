@@ -309,6 +309,10 @@ fn decode(s: &str) -> String {
 
 /// The byte two hex digits stand for.
 fn escaped_byte(hex: &[u8; 2]) -> Option<u8> {
+    // from_str_radix alone would read `+1` as 1.
+    if !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
     u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
@@ -748,6 +752,7 @@ mod tests {
         assert_eq!(p["empty"], "");
         assert_eq!(p["bad"], "%zz");
         assert_eq!(p["tail"], "%4");
+        assert_eq!(query_params("a=%+1")["a"], "%+1");
         let p = query_params("e=%C3%A9&pct=%&two=%%41");
         assert_eq!(p["e"], "é");
         assert_eq!(p["pct"], "%");

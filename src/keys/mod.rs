@@ -305,7 +305,8 @@ pub fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
             text.len()
         )
     };
-    if hex_part.len() != 64 || !hex_part.is_ascii() {
+    // from_str_radix alone would take a sign (`+f`) as part of a number.
+    if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let mut out = [0u8; 32];
@@ -371,6 +372,7 @@ pub(crate) mod tests {
             parse_sha256(&format!("sha256:{}", hex(&bytes))).unwrap(),
             bytes
         );
+        assert!(parse_sha256(&format!("sha256:{}", "+f".repeat(32))).is_err());
         let err = parse_sha256("kg_live_pasted-secret").unwrap_err();
         assert!(!err.contains("pasted-secret"), "{err}");
     }
