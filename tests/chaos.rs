@@ -1,5 +1,5 @@
 //! Chaos under load: the real binary serves a bounded load on loopback while it is reloaded
-//! 100 times (admin API and SIGHUP), keys are created and revoked, the upstream is killed and
+//! 110 times (admin API and SIGHUP, each proven by the gateway's answer or its audit log), keys are created and revoked, the upstream is killed and
 //! restarted, and the config is broken and fixed. The only failures counted as expected are
 //! those the contract predicts: 502 while the upstream is down, and 401 `revoked_key` for a
 //! key being revoked. Anything else is lost. Memory must stay flat.
@@ -86,6 +86,31 @@ async fn call(
 ) -> Option<(u16, String, serde_json::Value)> {
     let answer = try_send(addr, method, path, token, body).await?;
     Some((answer.status.as_u16(), answer.code(), answer.json()))
+}
+
+/// How many reloads the audit log records as made by SIGHUP.
+async fn sighup_reloads(admin: SocketAddr) -> usize {
+    let Some((200, _, v)) = call(
+        admin,
+        "GET",
+        "/v1/audit?action=config.reloaded&limit=1000",
+        ADMIN_TOKEN,
+        "",
+    )
+    .await
+    else {
+        return 0;
+    };
+    v["events"]
+        .as_array()
+        .map_or(0, |e| e.iter().filter(|e| e["actor"] == "sighup").count())
+}
+
+/// A sample's value in Prometheus text, by its name (no labels).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,14 +203,31 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
     let started = Instant::now();
     let mut reloads = 0;
     let mut rss_half = 0;
+    let mut rss_by_round = Vec::new();
     let (mut created, mut revoked, mut restarts, mut broken) = (0, 0, 0, 0);
+    let mut generation = 0;
     for round in 0..50 {
-        // Two reloads a round: one through the admin API, one by SIGHUP.
+        // Two reloads a round: one through the admin API, which answers the generation it put
+        // in force, and one by SIGHUP, which the audit log names as its actor. Each is waited
+        // for, so every one of the 50 SIGHUPs is proven to have reloaded.
         let r = call(admin, "POST", "/v1/reload", ADMIN_TOKEN, "")
             .await
             .unwrap();
         assert_eq!(r.0, 200, "{:?}", r.2);
+        let now = r.2["generation"].as_u64().unwrap();
+        assert!(now > generation, "generation {now} after {generation}");
+        generation = now;
         gw.signal("HUP");
+        let by_sighup = eventually(Duration::from_secs(10), async || {
+            sighup_reloads(admin).await == round + 1
+        })
+        .await;
+        assert!(
+            by_sighup,
+            "SIGHUP {} reloaded ({} reloads by SIGHUP in the audit log)",
+            round + 1,
+            sighup_reloads(admin).await
+        );
         reloads += 2;
         // Churn: a new key, and the oldest churned key revoked.
         let made = call(
@@ -217,14 +259,22 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
             assert_eq!(r.0, 200);
             revoked += 1;
         }
-        // Every 10 rounds: kill the upstream and bring it back.
+        // Every 10 rounds: kill the upstream, keep it down for 200 ms under load, and bring
+        // it back. It counts as settled once the gateway reaches it again.
         if round % 10 == 5 {
             upstream_unsettled.store(true, Ordering::SeqCst);
             upstream.stop();
             tokio::time::sleep(Duration::from_millis(200)).await;
             upstream = Restartable::start_on(up_addr).await;
             restarts += 1;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let back = eventually(Duration::from_secs(10), async || {
+                matches!(
+                    call(proxy, "GET", "/v1/x", &stable[0], "").await,
+                    Some((200, _, _))
+                )
+            })
+            .await;
+            assert!(back, "the gateway reaches the restarted upstream");
             upstream_unsettled.store(false, Ordering::SeqCst);
         }
         // Every 10 rounds: break the config; the reload is refused and the old one serves.
@@ -246,6 +296,9 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
         if round == 24 {
             rss_half = gw.memory_kb("VmRSS");
         }
+        if round % 10 == 9 {
+            rss_by_round.push(gw.memory_kb("VmRSS"));
+        }
     }
     stop.store(true, Ordering::SeqCst);
     for task in load {
@@ -257,7 +310,8 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
     eprintln!(
         "chaos: {} requests in {:?}; {reloads} reloads, {created} keys created, {revoked} revoked, \
          {restarts} upstream restarts, {broken} broken configs; answers {outcomes:?}; \
-         {} unexpected; RSS {rss_before} kB, {rss_half} kB half-way, {rss_after} kB at the end",
+         {} unexpected; RSS {rss_before} kB, {rss_half} kB half-way, {rss_after} kB at the end \
+         (every 10 rounds: {rss_by_round:?} kB)",
         sent.load(Ordering::Relaxed),
         started.elapsed(),
         lost.len()
@@ -267,7 +321,31 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
         "unexpected answers: {:?}",
         &lost[..lost.len().min(20)]
     );
-    assert!(reloads >= 100);
+    // The gateway's own counters: every reload above was put in force (key changes through
+    // the API reload too, so there are more), and every broken config was refused.
+    let metrics = send(Req::get(admin, "/metrics").bearer(ADMIN_TOKEN)).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let counted = metric(&text, "keygate_reloads_total");
+    let refused = metric(&text, "keygate_reload_failures_total");
+    let in_force = metric(&text, "keygate_snapshot_generation");
+    eprintln!(
+        "the gateway counted {counted} reloads put in force and {refused} refused; generation {in_force}; \
+         {} reloads by SIGHUP in the audit log",
+        sighup_reloads(admin).await
+    );
+    assert_eq!(sighup_reloads(admin).await, 50);
+    assert!(
+        counted >= reloads,
+        "{counted} reloads counted, {reloads} made"
+    );
+    assert!(
+        refused >= broken,
+        "{refused} refusals counted, {broken} made"
+    );
+    assert!(
+        in_force > reloads,
+        "generation {in_force} after {reloads} reloads"
+    );
     // Flat: the first reloads and connections settle the allocator's pools; the second half
     // of the run must not keep growing.
     assert!(

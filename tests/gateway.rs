@@ -466,6 +466,65 @@ async fn no_route_and_upstream_failures() {
     gw.stop().await;
 }
 
+/// A loopback address that never answers a SYN: a listener with an accept queue of one,
+/// filled and never accepted, so the kernel drops every further SYN. Returns the listener and
+/// the connections that fill it, to be held while the address is used.
+async fn unanswering_address() -> (
+    std::net::SocketAddr,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut filling = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(conn) => filling.push(conn.unwrap()),
+            // The queue is full: this SYN went unanswered.
+            Err(_) => return (addr, listener, filling),
+        }
+    }
+    panic!("a listener with a backlog of 0 kept accepting handshakes: cannot make an address that never answers");
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_the_connect_gets_502_at_the_connect_timeout() {
+    let (silent, _listener, _filling) = unanswering_address().await;
+    let routes = route("/", silent, "production", "");
+    // Longer than the default (2 s), so an answer at the default would come too early; the
+    // response timeout is far away, so only the connect timeout can answer in time.
+    let gw = TestGateway::start(&config_yaml(
+        &routes,
+        "upstream:\n  connect_timeout: 3s\n  response_timeout: 60s\n",
+    ))
+    .await;
+    let (_, key) = gw.create_key(new_key("acme", "production")).await;
+    let started = std::time::Instant::now();
+    let r = send(Req::get(gw.proxy, "/x").bearer(&key)).await;
+    let took = started.elapsed();
+    eprintln!(
+        "an upstream that never answers the SYN: {} after {took:?}",
+        r.status
+    );
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (502, "upstream_unavailable")
+    );
+    // Not before the configured timeout (no machine's speed can change that), and long
+    // before the kernel's own SYN retries give up (about two minutes): the 20 s bound is a
+    // margin of 17 s over the timeout.
+    assert!(took >= Duration::from_secs(3), "502 after {took:?}");
+    assert!(took < Duration::from_secs(20), "502 after {took:?}");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn chunked_bodies_past_the_limit_are_refused() {
     let (up, gw) = setup("", "limits:\n  max_request_body: 100KiB").await;
@@ -612,19 +671,21 @@ async fn store_changes_are_picked_up_by_the_file_watch() {
     let created = support::process::create_key_json(gw.dir.path(), &[]);
     let id = created["id"].as_str().unwrap().to_string();
     let key = created["key"].as_str().unwrap().to_string();
+    // Nothing else reloads this gateway, so the key working at all proves the watch saw the
+    // write. The README's "within a second" is printed, not asserted: the bound is 10 s, so
+    // a loaded machine cannot fail it.
     let started = std::time::Instant::now();
-    let picked_up = eventually(Duration::from_secs(3), async || {
+    let picked_up = eventually(Duration::from_secs(10), async || {
         send(Req::get(gw.proxy, "/x").bearer(&key)).await.status == 200
     })
     .await;
-    assert!(picked_up, "a new key must work within a second or so");
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
+    assert!(picked_up, "the file watch picks up a key the CLI wrote");
+    eprintln!(
+        "the file watch picked up the CLI's new key in {:?}",
         started.elapsed()
     );
     support::process::keygate_ok(gw.dir.path(), &["keys", "revoke", &id]);
-    let revoked = eventually(Duration::from_secs(3), async || {
+    let revoked = eventually(Duration::from_secs(10), async || {
         send(Req::get(gw.proxy, "/x").bearer(&key)).await.code() == "revoked_key"
     })
     .await;
@@ -658,22 +719,30 @@ async fn slow_header_senders_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_up, gw) = setup("", "limits:\n  header_read_timeout: 300ms").await;
     let mut conn = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    // Taken before the first byte leaves, so the gateway's timer cannot have started earlier.
+    let started = std::time::Instant::now();
     conn.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
     let mut buf = [0u8; 1024];
-    // The gateway must close (or answer 408) on its own, well before this test's bound.
-    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+    // The gateway must close (or answer 408) on its own. The bound is there to stop a hang
+    // (33 times the timeout); what is asserted is that the cut comes, and not before the
+    // timeout, which no machine's speed can change.
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
         .await
         .expect("cut off within the bound");
+    let took = started.elapsed();
     let n = n.unwrap_or(0);
     assert!(
         n == 0 || buf[..n].starts_with(b"HTTP/1.1 408"),
         "{:?}",
         String::from_utf8_lossy(&buf[..n])
     );
-    assert!(started.elapsed() < Duration::from_secs(3));
+    eprintln!("a slow header sender was cut off after {took:?} (timeout 300 ms)");
+    assert!(
+        took >= Duration::from_millis(300),
+        "cut off after {took:?}, before the 300 ms header read timeout"
+    );
     gw.stop().await;
 }
 

@@ -195,9 +195,19 @@ mod tests {
         assert_eq!(parse("kg_live_short"), Err(FormatError::BadBody));
         assert_eq!(parse(&"x".repeat(1_000_000)), Err(FormatError::TooLong));
         let key = generate("kg_dev").unwrap();
-        let with_symbol = key.replacen('A', "-", 1);
-        if with_symbol != key {
-            assert_eq!(parse(&with_symbol), Err(FormatError::BadBody));
+        // A symbol in the secret part, wherever it falls: the first character of the random
+        // part, the middle, and the last of the checksum.
+        let start = "kg_dev_".len();
+        for i in [start, start + RANDOM_LEN / 2, key.len() - 1] {
+            let mut with_symbol = key.clone().into_bytes();
+            with_symbol[i] = b'-';
+            let with_symbol = String::from_utf8(with_symbol).unwrap();
+            assert_ne!(with_symbol, key);
+            assert_eq!(
+                parse(&with_symbol),
+                Err(FormatError::BadBody),
+                "{with_symbol}"
+            );
         }
         assert_eq!(parse(&format!("{key}x")), Err(FormatError::BadBody));
     }

@@ -489,6 +489,35 @@ pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -
     }
 }
 
+/// How many connections wait in the accept queue of the IPv4 listener on `addr`: the kernel
+/// completed their handshakes, and the listener has not accepted them yet. `None` if no such
+/// listener exists. Read from `/proc/net/tcp`, where a listening socket's `rx_queue` is its
+/// accept queue's length; listeners come first there, so only they are read.
+pub fn accept_queue(addr: SocketAddr) -> Option<u64> {
+    use std::io::BufRead;
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let file = std::fs::File::open("/proc/net/tcp").ok()?;
+    for line in std::io::BufReader::new(file).lines().skip(1) {
+        let line = line.ok()?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(3) != Some(&"0A") {
+            return None;
+        }
+        if fields.get(1) == Some(&local.as_str()) {
+            let (_, rx) = fields.get(4)?.split_once(':')?;
+            return u64::from_str_radix(rx, 16).ok();
+        }
+    }
+    None
+}
+
 /// The path of the built `keygate` binary.
 pub fn keygate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keygate")

@@ -25,8 +25,29 @@ impl Process {
     /// Starts `keygate ARGS…` with stdout and stderr collected line by line.
     pub fn spawn(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Process {
         let mut cmd = Command::new(super::keygate_bin());
-        cmd.args(args)
-            .current_dir(dir)
+        cmd.args(args);
+        Self::start(cmd, args, dir, env)
+    }
+
+    /// Starts `keygate ARGS…` as [`Process::spawn`] does, but with a soft open-file limit of
+    /// `soft` (the hard limit unchanged), as systemd starts services by default (1024). The
+    /// shell lowers the limit and then `exec`s keygate, so the PID is keygate's own.
+    pub fn spawn_with_open_file_limit(
+        soft: u64,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Process {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -Sn {soft} && exec \"$0\" \"$@\""))
+            .arg(super::keygate_bin())
+            .args(args);
+        Self::start(cmd, args, dir, env)
+    }
+
+    fn start(mut cmd: Command, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Process {
+        cmd.current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -96,15 +117,42 @@ impl Process {
     pub fn addresses(&self) -> (SocketAddr, SocketAddr) {
         let line = self.wait_for_line("keygate listening", Duration::from_secs(20));
         let field = |name: &str| -> SocketAddr {
-            let start = line.find(&format!("{name}=")).expect("field present") + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
+            log_field(&line, name)
+                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
                 .parse()
                 .unwrap()
         };
         (field("proxy"), field("admin"))
+    }
+
+    /// The soft limit on open files this process has now, from `/proc/PID/limits`.
+    pub fn open_file_limit(&self) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).unwrap();
+        limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no open-file limit in /proc/{}/limits", self.pid()))
+    }
+
+    /// How many file descriptors this process holds open now.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// How many sockets this process holds open now (listeners and connections).
+    pub fn open_sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Sends a signal to this process's PID.
@@ -160,6 +208,13 @@ impl Drop for Process {
         super::ledger::process(&args, &stdout.lock().unwrap(), &stderr.lock().unwrap());
         super::ledger::files(&format!("keygate {}", args.join(" ")), &self.dir);
     }
+}
+
+/// The value of `name=value` in a log line, up to the next space.
+pub fn log_field<'l>(line: &'l str, name: &str) -> Option<&'l str> {
+    let key = format!(" {name}=");
+    let start = line.find(&key)? + key.len();
+    line[start..].split_whitespace().next()
 }
 
 /// Runs `keygate ARGS…` to completion: exit code, stdout, stderr.
