@@ -259,12 +259,20 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
             assert_eq!(r.0, 200);
             revoked += 1;
         }
-        // Every 10 rounds: kill the upstream, keep it down for 200 ms under load, and bring
-        // it back. It counts as settled once the gateway reaches it again.
+        // Every 10 rounds: kill the upstream, keep it down under load until the gateway has
+        // answered 502 for it, and bring it back. It counts as settled once the gateway
+        // reaches it again.
         if round % 10 == 5 {
             upstream_unsettled.store(true, Ordering::SeqCst);
             upstream.stop();
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let down = eventually(Duration::from_secs(10), async || {
+                matches!(
+                    call(proxy, "GET", "/v1/x", &stable[0], "").await,
+                    Some((502, _, _))
+                )
+            })
+            .await;
+            assert!(down, "the gateway answers 502 while the upstream is down");
             upstream = Restartable::start_on(up_addr).await;
             restarts += 1;
             let back = eventually(Duration::from_secs(10), async || {

@@ -379,8 +379,17 @@ async fn alerts_reach_the_webhook_and_resolve() {
             200
         );
     }
-    // Let housekeeping see this minute's traffic, then close the minute.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Housekeeping has seen this minute once its series holds the minute's 5 requests (a
+    // key's first tick starts its series); then the minute is closed.
+    let usage_path = format!("/v1/api-keys/{}/usage", record.id);
+    let seen = eventually(Duration::from_secs(10), async || {
+        let r = send(Req::get(gw.admin, &usage_path).bearer(ADMIN_TOKEN)).await;
+        r.json()["series"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|m| m["accepted"] == 5))
+    })
+    .await;
+    assert!(seen, "housekeeping recorded the minute's traffic");
     gw.clock.advance(Duration::from_secs(60));
     let fired = eventually(Duration::from_secs(10), async || {
         received
