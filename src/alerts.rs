@@ -361,3 +361,178 @@ pub async fn deliver(webhook: &Webhook, event: &AlertEvent) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_yaml, Config};
+    use crate::metrics::Metrics;
+    use crate::pipeline::rate_limit::Limiters;
+    use crate::pipeline::usage::UsageBook;
+    use crate::rejection::Rejection;
+    use crate::snapshot::{BuildContext, Snapshot};
+    use std::path::Path;
+
+    /// 2026-12-01T00:00:00Z: a day's and a minute's start.
+    const T: i64 = 1_796_083_200;
+
+    /// A snapshot of one key (`ab12cd34`, namespace acme, whose tier allows 10 a day) under
+    /// `rules`, with the usage book it counts in.
+    fn world(rules: &str) -> (Snapshot, UsageBook) {
+        let yaml = format!("tiers: {{pro: {{quota: 10/day}}}}\nnamespaces: {{acme: {{tier: pro}}}}\nalerts:\n  rules:\n{rules}");
+        let config: Config = parse_yaml(Path::new("a.yaml"), &yaml).unwrap();
+        let clock = crate::clock::Clock::fake(std::time::UNIX_EPOCH);
+        let (limiters, metrics, usage) = (
+            Limiters::new(clock),
+            Metrics::default(),
+            UsageBook::in_memory(),
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in = runtime.enter();
+        let ctx = BuildContext {
+            config_path: Path::new("a.yaml"),
+            generation: 1,
+            limiters: &limiters,
+            metrics: &metrics,
+            usage: &usage,
+            previous: None,
+            env_admin_token: None,
+        };
+        let snapshot =
+            Snapshot::from_parts(&ctx, config, &[crate::keys::tests::record("ab12cd34")]).unwrap();
+        (snapshot, usage)
+    }
+
+    fn events(state: &AlertState, s: &Snapshot, now: i64) -> Vec<&'static str> {
+        state
+            .evaluate(&s.alerts, s.keys(), now)
+            .iter()
+            .map(|e| e.event)
+            .collect()
+    }
+
+    #[test]
+    fn an_error_rate_fires_over_its_window_and_resolves_when_it_passes() {
+        let (s, usage) =
+            world("    - {name: errors, error_rate_percent: 50, over: 5m, min_requests: 4}\n");
+        let key = s.keys().next().unwrap();
+        let state = AlertState::default();
+        // Minute T: 2 accepted (one upstream 5xx), 3 refused: 4 of 5 failed, 80 %. A key's
+        // usage cell starts with its first count, and its series with the tick after that.
+        key.usage.accepted();
+        usage.tick(T);
+        key.usage.accepted();
+        key.usage.outcome(503, None);
+        for _ in 0..3 {
+            key.usage.refused(&Rejection::ScopeDenied);
+        }
+        assert_eq!(
+            events(&state, &s, T + 30),
+            Vec::<&str>::new(),
+            "the minute is not over"
+        );
+        usage.tick(T + 60);
+        assert_eq!(events(&state, &s, T + 60), ["alert.fired"]);
+        let fired = state
+            .firing
+            .lock()
+            .unwrap()
+            .values()
+            .copied()
+            .collect::<Vec<_>>();
+        assert_eq!(fired, [80.0]);
+        assert_eq!(
+            events(&state, &s, T + 120),
+            Vec::<&str>::new(),
+            "fired once"
+        );
+        // Five minutes on, the bad minute has left the window.
+        usage.tick(T + 6 * 60);
+        assert_eq!(events(&state, &s, T + 6 * 60), ["alert.resolved"]);
+    }
+
+    #[test]
+    fn an_error_rate_needs_its_minimum_of_requests() {
+        let (s, usage) = world("    - {name: errors, error_rate_percent: 10, min_requests: 10}\n");
+        let key = s.keys().next().unwrap();
+        let state = AlertState::default();
+        key.usage.refused(&Rejection::ScopeDenied);
+        usage.tick(T);
+        for _ in 0..8 {
+            key.usage.refused(&Rejection::RateLimited(Box::new(
+                crate::pipeline::rate_limit::RateHeaders {
+                    policy: http::HeaderValue::from_static("x"),
+                    budgets: [None, None],
+                    retry_after: None,
+                },
+            )));
+        }
+        usage.tick(T + 60);
+        assert_eq!(
+            events(&state, &s, T + 60),
+            Vec::<&str>::new(),
+            "9 of 9 failed, under 10 requests"
+        );
+        key.usage.refused(&Rejection::ScopeDenied);
+        usage.tick(T + 120);
+        assert_eq!(events(&state, &s, T + 120), ["alert.fired"]);
+    }
+
+    #[test]
+    fn quota_use_fires_at_its_share_and_resolves_with_the_next_period() {
+        let (s, _usage) = world("    - {name: quota, quota_percent: 80}\n");
+        let key = s.keys().next().unwrap();
+        let state = AlertState::default();
+        let quota = key.quota.unwrap();
+        key.usage.quota_used(quota.window(T).0);
+        for _ in 0..7 {
+            key.usage.quota_spend();
+        }
+        assert_eq!(
+            events(&state, &s, T + 1),
+            Vec::<&str>::new(),
+            "7 of 10 is under 80 %"
+        );
+        key.usage.quota_spend();
+        assert_eq!(events(&state, &s, T + 2), ["alert.fired"], "8 of 10");
+        assert_eq!(
+            events(&state, &s, T + 86_400),
+            ["alert.resolved"],
+            "a new day"
+        );
+    }
+
+    #[test]
+    fn a_rule_without_a_quota_to_measure_stays_quiet() {
+        let (s, _usage) = world("    - {name: quota, quota_percent: 1, namespace: elsewhere}\n");
+        assert_eq!(events(&AlertState::default(), &s, T), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn bad_rules_are_reported_with_their_place() {
+        let cfg: AlertsConfig = serde_yaml::from_str(
+            "rules:\n  - {name: a, error_rate_percent: 150}\n  - {name: b, error_rate_percent: 5, over: 30s}\n  - {name: c, quota_percent: -1}\n  - {name: d, quota_percent: 5, requests_per_minute: 3}\n  - {name: a, requests_per_minute: 1}\n",
+        )
+        .unwrap();
+        let mut p = Problems::default();
+        AlertRules::compile(&cfg, &mut p);
+        let paths: Vec<String> = p
+            .locate(Path::new("x"), "")
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "alerts.rules[0].error_rate_percent",
+                "alerts.rules[1].over",
+                "alerts.rules[2].quota_percent",
+                "alerts.rules[3]",
+                "alerts.rules[4].name"
+            ]
+        );
+    }
+}

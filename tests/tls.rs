@@ -529,3 +529,103 @@ fn sigterm_drains_in_flight_requests_and_refuses_new_connections() {
     assert_eq!(status, 200, "the 2-second request finished");
     assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
 }
+
+#[tokio::test]
+async fn the_admin_listener_speaks_tls_when_told_to() {
+    let up = Upstream::start().await;
+    let ca = Ca::new("keygate admin CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = ca.leaf(&["localhost"], 7);
+    write(&dir.path().join("admin.pem"), &cert);
+    write(&dir.path().join("admin.key"), &key);
+    let tls = format!(
+        "tls:\n  admin:\n    cert: {0}/admin.pem\n    key: {0}/admin.key\n",
+        dir.path().display()
+    );
+    let gw = TestGateway::start(&config_yaml(&route("/", up.addr, "production", ""), &tls)).await;
+    // The admin listener shows its certificate, and answers over HTTPS with a token.
+    let (_, leaf, stream) = handshake(gw.admin, &ca, "localhost").await;
+    assert_eq!(leaf, der);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (path, want) in [("/healthz", 200), ("/v1/api-keys", 200)] {
+        let req = http::Request::get(format!("https://localhost{path}"))
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), want, "{path}");
+        resp.into_body().collect().await.unwrap();
+    }
+    // Plain HTTP to it gets no HTTP answer; the proxy listener stays plain.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(10),
+        support::try_send(gw.admin, "GET", "/healthz", ADMIN_TOKEN, ""),
+    )
+    .await
+    .expect("the TLS listener ends a plain connection");
+    assert!(plain.is_none(), "plain HTTP was answered: {plain:?}");
+    assert_eq!(send_get_status(gw.proxy).await, 401);
+    gw.stop().await;
+}
+
+async fn send_get_status(addr: SocketAddr) -> u16 {
+    send(Req::get(addr, "/v1/x")).await.status.as_u16()
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let echo = ws_echo().await;
+    let gw = TestGateway::start(&config_yaml(
+        &route("/", echo, "production", ""),
+        "limits:\n  tunnel_idle_timeout: 1s\n",
+    ))
+    .await;
+    let (_, key) = gw.create_key(new_key("acme", "production")).await;
+    let connect = || {
+        let mut request = format!("ws://{}/socket", gw.proxy)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+    let (mut quiet, _) = connect().await.unwrap();
+    let (mut busy, _) = connect().await.unwrap();
+    // The busy one talks every 100 ms, well inside the 1 s; the quiet one says nothing.
+    let started = std::time::Instant::now();
+    let mut exchanges = 0;
+    let quiet_closed = loop {
+        busy.send(Message::text("ping")).await.unwrap();
+        assert_eq!(busy.next().await.unwrap().unwrap(), Message::text("ping"));
+        exchanges += 1;
+        let ended = tokio::time::timeout(Duration::from_millis(100), quiet.next()).await;
+        if let Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) = ended {
+            break true;
+        }
+        // A bound against a hang: the timeout is 1 s.
+        if started.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+    };
+    assert!(quiet_closed, "the idle tunnel was closed");
+    eprintln!(
+        "idle tunnel closed after {:?}; the busy one made {exchanges} exchanges meanwhile",
+        started.elapsed()
+    );
+    // Still open and working, having never been idle for a whole timeout.
+    busy.send(Message::text("still")).await.unwrap();
+    assert_eq!(busy.next().await.unwrap().unwrap(), Message::text("still"));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the busy tunnel outlived the timeout"
+    );
+    gw.stop().await;
+}
