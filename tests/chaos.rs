@@ -132,7 +132,15 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
                 .to_string()
         })
         .collect();
-    let gw = Process::spawn(&["--config", "keygate.yaml", "serve"], dir.path(), &[]);
+    // The allocator (mimalloc) commits its arenas eagerly by default, and the pages it keeps
+    // committed after a free stay in the resident set: 400 key creations took it from 17 to
+    // 73 MB and back to 62 MB, with about 1 MB in live pages. With eager commit off, resident
+    // memory follows live memory (8 to 15 MB over the same 400), so a leak shows as growth.
+    let gw = Process::spawn(
+        &["--config", "keygate.yaml", "serve"],
+        dir.path(),
+        &[("MIMALLOC_ARENA_EAGER_COMMIT", "0")],
+    );
     let (proxy, admin) = gw.addresses();
 
     // Shared state: whether the upstream is down (or just changed), and the churned keys.
@@ -354,10 +362,11 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
         in_force > reloads,
         "generation {in_force} after {reloads} reloads"
     );
-    // Flat: the first reloads and connections settle the allocator's pools; the second half
-    // of the run must not keep growing.
+    // Flat: the first reloads and connections settle the allocator's pools; in the second half
+    // (25 keys made, a dozen thousand connections) memory must not keep growing. The 25 keys
+    // themselves take well under 1 MB.
     assert!(
-        rss_after < rss_half + 8 * 1024,
+        rss_after < rss_half + 4 * 1024,
         "memory grew from {rss_half} kB half-way to {rss_after} kB"
     );
     assert!(gw
