@@ -138,6 +138,7 @@ pub struct Gauges {
     pub routes: usize,
     pub reloads: u64,
     pub reload_failures: u64,
+    pub key_changes: u64,
     pub locked_out_ips: usize,
     pub audit_lost: u64,
     /// `(key id, namespace, accepted today, refused today)`, only when `metrics.per_key` is on.
@@ -288,6 +289,12 @@ impl Metrics {
             "keygate_reload_failures_total",
             "Reloads refused for errors in the config or key store.",
             g.reload_failures,
+        );
+        counter(
+            &mut out,
+            "keygate_key_changes_applied_total",
+            "Key changes through the admin API applied to the snapshot in force as deltas, without a reload.",
+            g.key_changes,
         );
         counter(
             &mut out,

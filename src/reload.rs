@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
 use crate::config::ConfigError;
+use crate::keys::KeyRecord;
 use crate::server::Gateway;
-use crate::snapshot::Fingerprint;
+use crate::snapshot::{Fingerprint, Written};
 
 /// What a successful reload put in force.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -124,6 +125,55 @@ pub async fn reload(
             Err(errors)
         }
     }
+}
+
+/// Makes the records a key change wrote live before the admin API answers. When the write
+/// started from the store the snapshot in force was read from (no other writer came in
+/// between), the records are applied to it as a delta: the new snapshot shares everything
+/// else, so the cost does not grow with the key count. Otherwise, or if the delta is
+/// refused, the whole store is read again, as any reload does.
+pub async fn apply_key_changes(
+    gw: &Arc<Gateway>,
+    actor: &str,
+    records: Vec<KeyRecord>,
+    written: Option<Written>,
+) -> Result<ReloadOutcome, Vec<ConfigError>> {
+    {
+        let _one_at_a_time = gw.reload_lock.lock().await;
+        let current = gw.snapshot.load_full();
+        let follows = match &written {
+            Some(w) => current.follows(w),
+            None => current.store.redis().is_some(),
+        };
+        if follows && !records.is_empty() {
+            match gw.next_with_key_changes(&current, &records, written.as_ref()) {
+                Ok(next) => {
+                    let outcome = ReloadOutcome {
+                        generation: next.generation,
+                        keys: next.key_count(),
+                        routes: next.routes.len(),
+                    };
+                    let ids: Vec<String> = records.into_iter().map(|r| r.id).collect();
+                    gw.install_key_changes(next, &ids);
+                    gw.key_changes.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        actor,
+                        generation = outcome.generation,
+                        keys = outcome.keys,
+                        changed = ids.len(),
+                        "key change applied"
+                    );
+                    return Ok(outcome);
+                }
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::warn!(actor, error = %e, "key change not applied as a delta; reading the whole store");
+                    }
+                }
+            }
+        }
+    }
+    reload(gw, Trigger::KeyChange(actor)).await
 }
 
 /// Follows a Redis store's change stream: every version published by a write elsewhere

@@ -56,6 +56,8 @@ pub struct Gateway {
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Key changes applied to the snapshot as deltas, without a reload.
+    pub key_changes: AtomicU64,
     /// Set when shutdown begins: `/readyz` turns unready.
     pub draining: AtomicBool,
     /// Snapshots replaced while requests still held them, freed off the request threads
@@ -117,6 +119,7 @@ impl Gateway {
             reload_lock: tokio::sync::Mutex::new(()),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            key_changes: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             retired: std::sync::Mutex::new(Vec::new()),
         }))
@@ -125,15 +128,29 @@ impl Gateway {
     /// Builds the next generation beside the one in force. Blocking: file I/O and parsing.
     pub(crate) fn build_next(&self) -> Result<Snapshot, Vec<ConfigError>> {
         let current = self.snapshot.load_full();
-        Snapshot::load(&BuildContext {
+        Snapshot::load(&self.context(&current))
+    }
+
+    /// The snapshot in force with `records` changed (see [`Snapshot::with_key_changes`]).
+    pub(crate) fn next_with_key_changes(
+        &self,
+        current: &Snapshot,
+        records: &[crate::keys::KeyRecord],
+        written: Option<&crate::snapshot::Written>,
+    ) -> Result<Snapshot, Vec<ConfigError>> {
+        current.with_key_changes(&self.context(current), records, written)
+    }
+
+    fn context<'a>(&'a self, current: &'a Snapshot) -> BuildContext<'a> {
+        BuildContext {
             config_path: &self.config_path,
             generation: current.generation.saturating_add(1),
             limiters: &self.limiters,
             metrics: &self.metrics,
             usage: &self.usage,
-            previous: Some(&current),
+            previous: Some(current),
             env_admin_token: self.env_admin_token,
-        })
+        }
     }
 
     /// Puts a built snapshot in force. Blocking: with many keys, the bookkeeping and freeing
@@ -156,6 +173,20 @@ impl Gateway {
         self.usage.retain(|id| snapshot.has_key_id(id));
         self.metrics
             .retain_routes(|name| snapshot.routes.has_name(name));
+        self.put_in_force(snapshot);
+    }
+
+    /// Puts in force a snapshot that differs from the one in force only in the keys `ids`:
+    /// only their bookkeeping is touched, so the cost does not grow with the key count.
+    pub(crate) fn install_key_changes(&self, snapshot: Snapshot, ids: &[String]) {
+        self.limiters.keep(
+            ids.iter()
+                .map(|id| (id, snapshot.key_by_id(id).and_then(|k| k.limiter.clone()))),
+        );
+        self.put_in_force(snapshot);
+    }
+
+    fn put_in_force(&self, snapshot: Snapshot) {
         let old = self.snapshot.swap(Arc::new(snapshot));
         // Requests still running on the old snapshot hold it, and the last of them would free
         // it on a request thread. It is kept here instead, and freed by the next install or
@@ -226,6 +257,7 @@ impl Gateway {
             routes: snapshot.routes.len(),
             reloads: self.reloads.load(Ordering::Relaxed),
             reload_failures: self.reload_failures.load(Ordering::Relaxed),
+            key_changes: self.key_changes.load(Ordering::Relaxed),
             locked_out_ips: self.lockouts.locked_count(now),
             audit_lost: self.audit.lost.load(Ordering::Relaxed),
             per_key,

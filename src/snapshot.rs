@@ -2,8 +2,6 @@
 //! scopes and CIDRs pre-parsed. A reload builds and validates a whole new snapshot beside
 //! the one in force, then swaps it in with arc-swap; a failed build changes nothing.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
@@ -19,7 +17,7 @@ use crate::config::{
     parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, LimitBackend, Problems,
 };
 use crate::keys::check::{check_record, CheckedRecord};
-use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, Status, Store};
+use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, Store};
 use crate::metrics::Metrics;
 use crate::pipeline::client_ip::CidrSet;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
@@ -29,67 +27,13 @@ use crate::pipeline::rate_limit::{policy_header, KeyLimiter, Limiters, RatePolic
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
 use crate::pipeline::scope::ScopeSet;
 use crate::pipeline::shared_limit::{SharedLimiter, SharedPolicy, SharedSettings};
-use crate::pipeline::usage::{KeyUsage, UsageBook};
+use crate::pipeline::usage::UsageBook;
 use crate::tls::CertSet;
 
-/// One key, compiled for the request path.
-#[derive(Debug)]
-pub struct KeyEntry {
-    pub id: String,
-    pub namespace: String,
-    pub environment: String,
-    pub status: Status,
-    /// Unix seconds.
-    pub expires_at: Option<i64>,
-    pub scopes: ScopeSet,
-    pub allowed_cidrs: CidrSet,
-    pub limiter: Option<Arc<KeyLimiter>>,
-    /// The key's own quota, or its tier's.
-    pub quota: Option<Quota>,
-    /// `RateLimit-Policy` for the key's rate limit and quota, if it has either.
-    pub limits_header: Option<HeaderValue>,
-    /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then
-    /// `limiter` and `quota` above are this node's share, for `fail_mode: local`.
-    pub shared: Option<SharedPolicy>,
-    pub usage: Arc<KeyUsage>,
-    pub id_header: HeaderValue,
-    pub namespace_header: HeaderValue,
-    pub environment_header: HeaderValue,
-}
+pub use crate::keys::store::{FileStamp, Written};
 
-/// A SHA-256 digest as a map key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyHash(pub [u8; 32]);
-
-impl Hash for KeyHash {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // The digest is already uniform: its first 8 bytes are as good a hash as any.
-        let [b0, b1, b2, b3, b4, b5, b6, b7, ..] = self.0;
-        state.write_u64(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
-    }
-}
-
-/// Passes a [`KeyHash`]'s own bits through instead of hashing them again.
-#[derive(Debug, Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type KeyMap = HashMap<KeyHash, KeyEntry, BuildHasherDefault<DigestHasher>>;
+mod key_index;
+pub use key_index::{Clash, DigestHasher, KeyEntry, KeyHash, KeyIndex};
 
 /// An admin token: who it is, and the SHA-256 of the token.
 #[derive(Debug, Clone)]
@@ -116,8 +60,9 @@ pub struct ListenerSettings {
     pub admin_tls: bool,
 }
 
-/// The gateway's whole decided state at one generation.
-#[derive(Debug)]
+/// The gateway's whole decided state at one generation. Cloning it is cheap: the keys are
+/// shared shard by shard, the routes and pools by reference.
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub generation: u64,
     /// What the config file and key store were when this snapshot was read.
@@ -129,9 +74,8 @@ pub struct Snapshot {
     pub admin_certs: Option<Arc<CertSet>>,
     /// Upstream connection pools; each route names one by index.
     pub clients: Vec<UpstreamClient>,
-    keys: KeyMap,
-    ids: HashSet<String>,
-    pub routes: RouteTable,
+    keys: KeyIndex,
+    pub routes: Arc<RouteTable>,
     pub trusted_proxies: CidrSet,
     pub x_api_key: bool,
     pub lockout: Option<LockoutPolicy>,
@@ -153,32 +97,6 @@ pub struct Snapshot {
     pub shared_limits: Option<Arc<SharedLimiter>>,
 }
 
-/// Identity of a file's content as the file system sees it: an atomic write makes a new
-/// inode, and any edit changes the length or the modification time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_nanos: i128,
-}
-
-impl FileStamp {
-    /// The stamp of `path`; a missing file has the default stamp.
-    pub fn of(path: &Path) -> FileStamp {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(path).map_or(FileStamp::default(), |m| FileStamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            // Two i64s cannot overflow an i128 this way; saturating only says so.
-            mtime_nanos: i128::from(m.mtime())
-                .saturating_mul(1_000_000_000)
-                .saturating_add(i128::from(m.mtime_nsec())),
-        })
-    }
-}
-
 /// The stamps of every file a snapshot was read from: the config, the key store,
 /// certificates and CA bundles.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -192,6 +110,16 @@ impl Fingerprint {
     /// The snapshot's files as they are now.
     pub fn current(snapshot: &Snapshot) -> Fingerprint {
         Fingerprint::of(&snapshot.files)
+    }
+
+    /// The file store's stamp (the second file), when the keys are in a file.
+    fn store(&self, snapshot: &Snapshot) -> Option<&FileStamp> {
+        snapshot
+            .store
+            .redis()
+            .is_none()
+            .then(|| self.0.get(1))
+            .flatten()
     }
 }
 
@@ -210,26 +138,35 @@ pub struct BuildContext<'a> {
 
 impl Snapshot {
     pub fn key_by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
-        self.keys.get(&KeyHash(*hash))
+        self.keys.by_hash(hash)
+    }
+
+    pub fn key_by_id(&self, id: &str) -> Option<&KeyEntry> {
+        self.keys.by_id(id)
     }
 
     /// Every key, for housekeeping and reports.
     pub fn keys(&self) -> impl Iterator<Item = &KeyEntry> + Clone {
-        self.keys.values()
+        self.keys.iter()
     }
 
     pub fn has_key_id(&self, id: &str) -> bool {
-        self.ids.contains(id)
+        self.keys.by_id(id).is_some()
     }
 
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
 
+    /// The key index, for comparing what a change copied.
+    pub fn key_index(&self) -> &KeyIndex {
+        &self.keys
+    }
+
     /// Every key's limiter, for [`Limiters::commit`].
     pub fn limiters(&self) -> impl Iterator<Item = (String, Arc<KeyLimiter>)> + '_ {
         self.keys
-            .values()
+            .iter()
             .filter_map(|k| k.limiter.clone().map(|l| (k.id.clone(), l)))
     }
 
@@ -288,6 +225,60 @@ impl Snapshot {
         })
     }
 
+    /// Whether a write to the file store started from the store this snapshot was read from,
+    /// so that applying the write's records gives exactly the store after it. Not so when
+    /// another process wrote in between: then only a whole build is exact. A Redis store's
+    /// writes always follow (other nodes' changes reach this one through its change stream).
+    pub fn follows(&self, written: &Written) -> bool {
+        match self.fingerprint.store(self) {
+            Some(stamp) => *stamp == written.before,
+            None => self.store.redis().is_some(),
+        }
+    }
+
+    /// The next snapshot after a change to `records`, each a new key or the new state of the
+    /// key with its id (keys are never deleted, only revoked). Everything else is shared with
+    /// `self`: the config, routes and pools, and every key shard the change does not touch.
+    /// The record check is the same as a whole build's, so a bad record changes nothing.
+    pub fn with_key_changes(
+        &self,
+        ctx: &BuildContext<'_>,
+        records: &[KeyRecord],
+        written: Option<&Written>,
+    ) -> Result<Snapshot, Vec<ConfigError>> {
+        let mut next = self.clone();
+        next.generation = ctx.generation;
+        // The store file now holds this write; the file watch need not read it again.
+        if let (Some(w), true) = (written, self.store.redis().is_none()) {
+            if let Some(slot) = next.fingerprint.0.get_mut(1) {
+                *slot = w.after;
+            }
+        }
+        let mut p = Problems::default();
+        for r in records {
+            match compile_entry(r, &self.config, ctx) {
+                Ok((hash, entry)) => {
+                    if next.keys.upsert(hash, entry).is_err() {
+                        p.push(
+                            format!("keys.{}.hash", r.id),
+                            "another key has the same hash",
+                        );
+                    }
+                }
+                Err(problems) => {
+                    for (field, message) in problems {
+                        p.push(format!("keys.{}.{field}", r.id), message);
+                    }
+                }
+            }
+        }
+        if !p.is_empty() {
+            return Err(p.locate(self.store.path(), ""));
+        }
+        next.accepts_unformatted = next.keys.any_imported();
+        Ok(next)
+    }
+
     fn assemble(
         ctx: &BuildContext<'_>,
         config: Config,
@@ -308,12 +299,11 @@ impl Snapshot {
             proxy_certs: compiled.proxy_certs,
             admin_certs: compiled.admin_certs,
             clients: compiled.clients,
-            ids: keys.values().map(|k| k.id.clone()).collect(),
+            accepts_unformatted: keys.any_imported(),
             keys,
-            routes: compiled.routes,
+            routes: Arc::new(compiled.routes),
             trusted_proxies: compiled.trusted_proxies,
             x_api_key: config.x_api_key,
-            accepts_unformatted: records.iter().any(|r| r.imported),
             lockout: compiled.lockout,
             alerts: compiled.alerts,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
@@ -691,100 +681,107 @@ fn compile_keys(
     config: &Config,
     ctx: &BuildContext<'_>,
     p: &mut Problems,
-) -> KeyMap {
-    let mut keys = KeyMap::with_capacity_and_hasher(records.len(), Default::default());
-    // With shared limits, how many nodes share them (at least 1); 0 when limits are local.
-    let shared_nodes = match config.rate_limit.backend {
-        LimitBackend::Redis => config.rate_limit.nodes.clamp(1, *ranges::NODES.end()),
-        LimitBackend::Local => 0,
-    };
-    let mut ids: HashSet<&str> = HashSet::with_capacity(records.len());
+) -> KeyIndex {
+    let mut keys = KeyIndex::default();
     for (i, r) in records.iter().enumerate() {
-        let mut problem = |field: &str, message: String| {
+        let mut problem = |field: &str, message: &str| {
             p.push(
                 format!("keys[{i}].{field}"),
                 format!("key `{}`: {message}", r.id),
             )
         };
-        let checked = match check_record(r, config) {
-            Ok(checked) => checked,
-            Err(problems) => {
-                for bad in problems {
-                    problem(&bad.path(), bad.message);
-                }
-                continue;
-            }
-        };
-        if !ids.insert(&r.id) {
-            problem("id", "another key has the same id".into());
-            continue;
-        }
-        let hash = KeyHash(checked.hash);
-        if keys.contains_key(&hash) {
-            problem("hash", "another key has the same hash".into());
-            continue;
-        }
-        let headers = (
-            HeaderValue::from_str(&r.id),
-            HeaderValue::from_str(&r.namespace),
-            HeaderValue::from_str(&r.environment),
-        );
-        let (Ok(id_header), Ok(namespace_header), Ok(environment_header)) = headers else {
-            // The check allows only hex, a-z, 0-9, `_` and `-` in these.
-            problem("id", "cannot be sent as a header".into());
-            continue;
-        };
-        let CheckedRecord {
-            scopes,
-            allowed_cidrs,
-            rate: policy,
-            quota,
-            expires_at,
-            ..
-        } = checked;
-        let quota = quota.or_else(|| tier_quota(config, &r.namespace));
-        let limits_header = policy_header(policy, quota.as_ref());
-        let shared =
-            (shared_nodes > 0 && (policy.is_some() || quota.is_some())).then(|| SharedPolicy {
-                emission_us: policy.map_or(0, |p| {
-                    u64::try_from(p.interval().as_micros()).unwrap_or(u64::MAX)
-                }),
-                burst: policy.map_or(0, |p| p.burst),
-                quota,
-            });
-        let (policy, quota) = match NonZeroU32::new(shared_nodes) {
-            Some(n) if n.get() > 1 => (
-                policy.map(|p| node_share(p, n)),
-                quota.map(|q| Quota {
-                    limit: (q.limit / NonZeroU64::from(n)).max(1),
-                    ..q
-                }),
-            ),
-            _ => (policy, quota),
-        };
-        let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
-        keys.insert(
-            hash,
-            KeyEntry {
-                id: r.id.clone(),
-                namespace: r.namespace.clone(),
-                environment: r.environment.clone(),
-                status: r.status,
-                expires_at,
-                scopes: ScopeSet::new(scopes),
-                allowed_cidrs,
-                limiter,
-                quota,
-                limits_header,
-                shared,
-                usage: ctx.usage.for_key(&r.id),
-                id_header,
-                namespace_header,
-                environment_header,
+        match compile_entry(r, config, ctx) {
+            Ok((hash, entry)) => match keys.insert(hash, entry) {
+                Ok(()) => {}
+                Err(Clash::Id) => problem("id", "another key has the same id"),
+                Err(Clash::Hash) => problem("hash", "another key has the same hash"),
             },
-        );
+            Err(problems) => {
+                for (field, message) in problems {
+                    problem(&field, &message);
+                }
+            }
+        }
     }
     keys
+}
+
+/// One stored key, checked and compiled for the request path; or each problem with its
+/// field.
+fn compile_entry(
+    r: &KeyRecord,
+    config: &Config,
+    ctx: &BuildContext<'_>,
+) -> Result<(KeyHash, KeyEntry), Vec<(String, String)>> {
+    // With shared limits, how many nodes share them (at least 1); 0 when limits are local.
+    let shared_nodes = match config.rate_limit.backend {
+        LimitBackend::Redis => config.rate_limit.nodes.clamp(1, *ranges::NODES.end()),
+        LimitBackend::Local => 0,
+    };
+    let checked = check_record(r, config).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|bad| (bad.path(), bad.message))
+            .collect::<Vec<_>>()
+    })?;
+    let headers = (
+        HeaderValue::from_str(&r.id),
+        HeaderValue::from_str(&r.namespace),
+        HeaderValue::from_str(&r.environment),
+    );
+    let (Ok(id_header), Ok(namespace_header), Ok(environment_header)) = headers else {
+        // The check allows only hex, a-z, 0-9, `_` and `-` in these.
+        return Err(vec![("id".into(), "cannot be sent as a header".into())]);
+    };
+    let CheckedRecord {
+        hash,
+        scopes,
+        allowed_cidrs,
+        rate: policy,
+        quota,
+        expires_at,
+        ..
+    } = checked;
+    let quota = quota.or_else(|| tier_quota(config, &r.namespace));
+    let limits_header = policy_header(policy, quota.as_ref());
+    let shared =
+        (shared_nodes > 0 && (policy.is_some() || quota.is_some())).then(|| SharedPolicy {
+            emission_us: policy.map_or(0, |p| {
+                u64::try_from(p.interval().as_micros()).unwrap_or(u64::MAX)
+            }),
+            burst: policy.map_or(0, |p| p.burst),
+            quota,
+        });
+    let (policy, quota) = match NonZeroU32::new(shared_nodes) {
+        Some(n) if n.get() > 1 => (
+            policy.map(|p| node_share(p, n)),
+            quota.map(|q| Quota {
+                limit: (q.limit / NonZeroU64::from(n)).max(1),
+                ..q
+            }),
+        ),
+        _ => (policy, quota),
+    };
+    let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
+    let entry = KeyEntry {
+        id: r.id.clone(),
+        namespace: r.namespace.clone(),
+        environment: r.environment.clone(),
+        status: r.status,
+        expires_at,
+        scopes: ScopeSet::new(scopes),
+        allowed_cidrs,
+        limiter,
+        quota,
+        limits_header,
+        shared,
+        usage: ctx.usage.for_key(&r.id),
+        id_header,
+        namespace_header,
+        environment_header,
+        imported: r.imported,
+    };
+    Ok((KeyHash(hash), entry))
 }
 
 /// The shared limiter `rate_limit` asks for, reused from the snapshot in force when its

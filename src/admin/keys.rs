@@ -18,7 +18,6 @@ use crate::keys::lifecycle::Op;
 use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, NewKey, Status};
 use crate::pipeline::usage::UsageReport;
 use crate::rejection::Rejection;
-use crate::reload::Trigger;
 
 type Answer = Result<Response<ResponseBody>, Rejection>;
 
@@ -119,28 +118,54 @@ pub(crate) struct RotateBody {
     pub(crate) grace_seconds: Option<u64>,
 }
 
-/// Runs a lifecycle operation on a blocking thread, then makes it live. Returns its result
-/// and any warning for the caller.
-async fn change<T: Send + 'static>(
+/// What a lifecycle operation wrote: the records to make live.
+trait Wrote {
+    fn records(&self) -> Vec<KeyRecord>;
+}
+
+impl Wrote for KeyRecord {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.clone()]
+    }
+}
+
+impl Wrote for (KeyRecord, String) {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.0.clone()]
+    }
+}
+
+impl Wrote for (KeyRecord, String, KeyRecord) {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.0.clone(), self.2.clone()]
+    }
+}
+
+/// Runs a lifecycle operation on a blocking thread, then makes what it wrote live. Returns
+/// its result and any warning for the caller.
+async fn change<T: Wrote + Send + 'static>(
     call: &Call<'_>,
     operation: impl FnOnce(Op<'_>) -> Result<T, KeyError> + Send + 'static,
 ) -> Result<(T, Vec<String>), Rejection> {
     let snapshot = call.gw.snapshot.load_full();
     let actor = call.actor.clone();
     let now = call.gw.clock.unix_secs();
-    let done = tokio::task::spawn_blocking(move || {
-        let store = snapshot.store.clone();
-        operation(Op {
+    let (done, written) = tokio::task::spawn_blocking(move || {
+        let store = snapshot.store.witnessed();
+        let done = operation(Op {
             store: &store,
             config: &snapshot.config,
             actor: &actor,
             now,
-        })
+        });
+        done.map(|d| (d, store.written()))
     })
     .await
     .map_err(|_| Rejection::Internal)??;
     let mut warnings = Vec::new();
-    if let Err(errors) = crate::reload::reload(call.gw, Trigger::KeyChange(&call.actor)).await {
+    let live =
+        crate::reload::apply_key_changes(call.gw, &call.actor, done.records(), written).await;
+    if let Err(errors) = live {
         warnings.push(format!(
             "the change is saved, but the gateway could not reload ({} problem(s) in the config or store), so it is not live yet",
             errors.len()
@@ -614,7 +639,7 @@ fn usage_json(
     let mut v = report.to_json(now);
     set_member(&mut v, "key_id", id);
     set_member(&mut v, "namespace", namespace);
-    if let Some(key) = snapshot.keys().find(|k| k.id == id) {
+    if let Some(key) = snapshot.key_by_id(id) {
         if let Some(quota) = key.quota {
             let (period, end) = quota.window(now);
             let used = key.usage.quota_used(period);

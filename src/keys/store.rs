@@ -8,6 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,42 @@ fn current_version() -> u32 {
 pub struct Store {
     path: PathBuf,
     redis: Option<std::sync::Arc<super::redis_store::RedisStore>>,
+    /// Set by [`Store::witnessed`]: where a file write notes what it saw.
+    witness: Option<Arc<Mutex<Option<Written>>>>,
+}
+
+/// Identity of a file's content as the file system sees it: an atomic write makes a new
+/// inode, and any edit changes the length or the modification time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_nanos: i128,
+}
+
+impl FileStamp {
+    /// The stamp of `path`; a missing file has the default stamp.
+    pub fn of(path: &Path) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).map_or(FileStamp::default(), |m| FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            // Two i64s cannot overflow an i128 this way; saturating only says so.
+            mtime_nanos: i128::from(m.mtime())
+                .saturating_mul(1_000_000_000)
+                .saturating_add(i128::from(m.mtime_nsec())),
+        })
+    }
+}
+
+/// What one write to the file store saw, under the writers' lock: the file's stamp before
+/// it was read and after it was replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub before: FileStamp,
+    pub after: FileStamp,
 }
 
 /// Held while a writer reads, changes and writes the store; dropping it unlocks.
@@ -57,6 +94,7 @@ impl Store {
         Store {
             path: path.into(),
             redis: None,
+            witness: None,
         }
     }
 
@@ -69,7 +107,8 @@ impl Store {
                     .map_err(|e| ConfigError::at(config_path, "store.url", e))?;
                 Ok(Store {
                     path: PathBuf::from(redis.shown()),
-                    redis: Some(std::sync::Arc::new(redis)),
+                    redis: Some(Arc::new(redis)),
+                    witness: None,
                 })
             }
             (StoreKind::Redis, None) => Err(ConfigError::at(
@@ -78,6 +117,21 @@ impl Store {
                 "a redis store needs `url: redis://host:port`",
             )),
         }
+    }
+
+    /// This store, with a note of what its writes see: [`Store::written`] then tells whether
+    /// the write started from the file a snapshot was read from.
+    pub fn witnessed(&self) -> Store {
+        Store {
+            witness: Some(Arc::default()),
+            ..self.clone()
+        }
+    }
+
+    /// What the last write through this [`Store::witnessed`] handle saw.
+    pub fn written(&self) -> Option<Written> {
+        let cell = self.witness.as_ref()?;
+        *cell.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The file's path, or for Redis its URL without the password.
@@ -116,9 +170,14 @@ impl Store {
             return redis.transact(change);
         }
         let lock = self.lock()?;
+        let before = FileStamp::of(&self.path);
         let (mut file, _) = self.load().map_err(super::KeyError::Store)?;
         let out = change(&mut file)?;
         self.save(&file, &lock)?;
+        if let Some(cell) = &self.witness {
+            let after = FileStamp::of(&self.path);
+            *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(Written { before, after });
+        }
         Ok(out)
     }
 

@@ -197,6 +197,21 @@ impl Limiters {
         }
     }
 
+    /// Records the limiters of keys a change put in force (`None`: the key has none now).
+    pub fn keep<'a>(&self, changed: impl Iterator<Item = (&'a String, Option<Arc<KeyLimiter>>)>) {
+        let mut map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, limiter) in changed {
+            match limiter {
+                Some(l) => {
+                    map.insert(id.clone(), l);
+                }
+                None => {
+                    map.remove(id);
+                }
+            }
+        }
+    }
+
     /// Records the limiters of the snapshot now in force, forgetting the keys it dropped.
     pub fn commit(&self, in_force: impl Iterator<Item = (String, Arc<KeyLimiter>)>) {
         let mut map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,324 @@
+//! The snapshot's keys: compiled entries, found by the SHA-256 of the key (the request path)
+//! or by id (the admin API).
+//!
+//! Both maps are split into [`SHARDS`] shards, each behind its own `Arc`. A snapshot made
+//! for a change to a few keys clones the shard list (pointers) and copies only the shards
+//! those keys live in, so the cost of a key change does not grow with the key count: at a
+//! million keys a shard holds about 4,000 entries. Every other shard, and every entry in it,
+//! is shared with the snapshot before.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use crate::keys::Status;
+use crate::pipeline::client_ip::CidrSet;
+use crate::pipeline::quota::Quota;
+use crate::pipeline::rate_limit::KeyLimiter;
+use crate::pipeline::scope::ScopeSet;
+use crate::pipeline::shared_limit::SharedPolicy;
+use crate::pipeline::usage::KeyUsage;
+
+/// Shards per map. A power of two, so a byte of a digest picks one evenly.
+pub const SHARDS: usize = 256;
+
+/// One key, compiled for the request path.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub id: String,
+    pub namespace: String,
+    pub environment: String,
+    pub status: Status,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    pub scopes: ScopeSet,
+    pub allowed_cidrs: CidrSet,
+    pub limiter: Option<Arc<KeyLimiter>>,
+    /// The key's own quota, or its tier's.
+    pub quota: Option<Quota>,
+    /// `RateLimit-Policy` for the key's rate limit and quota, if it has either.
+    pub limits_header: Option<HeaderValue>,
+    /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then
+    /// `limiter` and `quota` above are this node's share, for `fail_mode: local`.
+    pub shared: Option<SharedPolicy>,
+    pub usage: Arc<KeyUsage>,
+    pub id_header: HeaderValue,
+    pub namespace_header: HeaderValue,
+    pub environment_header: HeaderValue,
+    /// The key was imported (its secret was not made by keygate).
+    pub imported: bool,
+}
+
+/// A SHA-256 digest as a map key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    /// The shard a digest lives in: its last byte. The map inside hashes the first eight, so
+    /// the two never correlate.
+    fn shard(&self) -> usize {
+        let [.., last] = self.0;
+        usize::from(last)
+    }
+}
+
+impl Hash for KeyHash {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The digest is already uniform: its first 8 bytes are as good a hash as any.
+        let [b0, b1, b2, b3, b4, b5, b6, b7, ..] = self.0;
+        state.write_u64(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+    }
+}
+
+/// Passes a [`KeyHash`]'s own bits through instead of hashing them again.
+#[derive(Debug, Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type HashShard = HashMap<KeyHash, Arc<KeyEntry>, BuildHasherDefault<DigestHasher>>;
+type IdShard = HashMap<Box<str>, KeyHash>;
+
+/// The shard an id lives in (FNV-1a of its bytes; ids are not chosen by clients).
+fn id_shard(id: &str) -> usize {
+    let h = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let [low, ..] = h.to_le_bytes();
+    usize::from(low)
+}
+
+/// Why an entry could not join the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clash {
+    /// Another key has the same id.
+    Id,
+    /// Another key has the same hash.
+    Hash,
+}
+
+/// Every key of a snapshot. Cloning shares every shard.
+#[derive(Debug, Clone)]
+pub struct KeyIndex {
+    by_hash: Vec<Arc<HashShard>>,
+    by_id: Vec<Arc<IdShard>>,
+    len: usize,
+    imported: usize,
+}
+
+impl Default for KeyIndex {
+    fn default() -> Self {
+        KeyIndex {
+            by_hash: (0..SHARDS).map(|_| Arc::default()).collect(),
+            by_id: (0..SHARDS).map(|_| Arc::default()).collect(),
+            len: 0,
+            imported: 0,
+        }
+    }
+}
+
+impl KeyIndex {
+    /// The key with this SHA-256: the request path's one lookup.
+    pub fn by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
+        let hash = KeyHash(*hash);
+        self.by_hash.get(hash.shard())?.get(&hash).map(|e| &**e)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&KeyEntry> {
+        let hash = self.by_id.get(id_shard(id))?.get(id)?;
+        self.by_hash(&hash.0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether any key was imported.
+    pub fn any_imported(&self) -> bool {
+        self.imported > 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &KeyEntry> + Clone {
+        self.by_hash
+            .iter()
+            .flat_map(|shard| shard.values())
+            .map(|e| &**e)
+    }
+
+    /// Adds a key that is not in the index yet (a build from the whole store).
+    pub fn insert(&mut self, hash: KeyHash, entry: KeyEntry) -> Result<(), Clash> {
+        if self.by_id(&entry.id).is_some() {
+            return Err(Clash::Id);
+        }
+        if self.by_hash(&hash.0).is_some() {
+            return Err(Clash::Hash);
+        }
+        self.put(hash, entry);
+        Ok(())
+    }
+
+    /// Adds a key, or replaces the one with the same id (a regenerated key gets a new hash).
+    /// Only the shards the two touch are copied, and only if another snapshot shares them.
+    pub fn upsert(&mut self, hash: KeyHash, entry: KeyEntry) -> Result<(), Clash> {
+        let old = self
+            .by_id
+            .get(id_shard(&entry.id))
+            .and_then(|s| s.get(entry.id.as_str()))
+            .copied();
+        if let Some(holder) = self.by_hash(&hash.0) {
+            if holder.id != entry.id {
+                return Err(Clash::Hash);
+            }
+        }
+        if let Some(old) = old {
+            self.remove(old);
+        }
+        self.put(hash, entry);
+        Ok(())
+    }
+
+    fn put(&mut self, hash: KeyHash, entry: KeyEntry) {
+        if entry.imported {
+            self.imported = self.imported.saturating_add(1);
+        }
+        if let Some(shard) = self.by_id.get_mut(id_shard(&entry.id)) {
+            Arc::make_mut(shard).insert(entry.id.as_str().into(), hash);
+        }
+        if let Some(shard) = self.by_hash.get_mut(hash.shard()) {
+            if Arc::make_mut(shard).insert(hash, Arc::new(entry)).is_none() {
+                self.len = self.len.saturating_add(1);
+            }
+        }
+    }
+
+    fn remove(&mut self, hash: KeyHash) {
+        let Some(shard) = self.by_hash.get_mut(hash.shard()) else {
+            return;
+        };
+        let Some(entry) = Arc::make_mut(shard).remove(&hash) else {
+            return;
+        };
+        self.len = self.len.saturating_sub(1);
+        if entry.imported {
+            self.imported = self.imported.saturating_sub(1);
+        }
+        if let Some(shard) = self.by_id.get_mut(id_shard(&entry.id)) {
+            Arc::make_mut(shard).remove(entry.id.as_str());
+        }
+    }
+
+    /// How many shards of `self` are not shared with `other`: what a change copied.
+    pub fn unshared_shards(&self, other: &KeyIndex) -> usize {
+        let count = |a: &[Arc<HashShard>], b: &[Arc<HashShard>]| {
+            a.iter().zip(b).filter(|(x, y)| !Arc::ptr_eq(x, y)).count()
+        };
+        let ids = self
+            .by_id
+            .iter()
+            .zip(&other.by_id)
+            .filter(|(x, y)| !Arc::ptr_eq(x, y))
+            .count();
+        count(&self.by_hash, &other.by_hash).saturating_add(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, imported: bool) -> KeyEntry {
+        KeyEntry {
+            id: id.into(),
+            namespace: "acme".into(),
+            environment: "production".into(),
+            status: Status::Active,
+            expires_at: None,
+            scopes: ScopeSet::new(Vec::new()),
+            allowed_cidrs: CidrSet::default(),
+            limiter: None,
+            quota: None,
+            limits_header: None,
+            shared: None,
+            usage: Arc::default(),
+            id_header: HeaderValue::from_static("x"),
+            namespace_header: HeaderValue::from_static("acme"),
+            environment_header: HeaderValue::from_static("production"),
+            imported,
+        }
+    }
+
+    fn digest(n: u32) -> KeyHash {
+        KeyHash(crate::keys::format::hash(&format!("key {n}")))
+    }
+
+    #[test]
+    fn a_change_copies_only_the_shards_it_touches() {
+        let mut index = KeyIndex::default();
+        for n in 0..10_000 {
+            index
+                .insert(digest(n), entry(&format!("id{n}"), false))
+                .unwrap();
+        }
+        let before = index.clone();
+        assert_eq!(index.unshared_shards(&before), 0);
+
+        // A new key: one hash shard and one id shard.
+        index.upsert(digest(10_000), entry("new", false)).unwrap();
+        assert_eq!(index.unshared_shards(&before), 2);
+        assert_eq!((index.len(), before.len()), (10_001, 10_000));
+        assert!(index.by_id("new").is_some() && before.by_id("new").is_none());
+
+        // A regenerated key: its old hash is gone, its new one found, under the same id.
+        let mut next = index.clone();
+        next.upsert(digest(20_000), entry("id7", false)).unwrap();
+        assert!(next.by_hash(&digest(7).0).is_none());
+        assert_eq!(next.by_hash(&digest(20_000).0).unwrap().id, "id7");
+        assert_eq!(next.by_id("id7").unwrap().id, "id7");
+        assert_eq!(next.len(), 10_001);
+        assert!(next.unshared_shards(&index) <= 3);
+        // The snapshot before still answers for the old hash.
+        assert_eq!(index.by_hash(&digest(7).0).unwrap().id, "id7");
+    }
+
+    #[test]
+    fn clashes_are_refused_and_change_nothing() {
+        let mut index = KeyIndex::default();
+        index.insert(digest(1), entry("a", false)).unwrap();
+        assert_eq!(index.insert(digest(2), entry("a", false)), Err(Clash::Id));
+        assert_eq!(index.insert(digest(1), entry("b", false)), Err(Clash::Hash));
+        assert_eq!(index.upsert(digest(1), entry("b", false)), Err(Clash::Hash));
+        assert_eq!(index.len(), 1);
+        assert!(index.by_id("b").is_none());
+    }
+
+    #[test]
+    fn imported_keys_are_counted_through_changes() {
+        let mut index = KeyIndex::default();
+        index.insert(digest(1), entry("a", true)).unwrap();
+        assert!(index.any_imported());
+        // Regenerated: keygate made the new secret.
+        index.upsert(digest(2), entry("a", false)).unwrap();
+        assert!(!index.any_imported());
+        assert_eq!(index.iter().count(), 1);
+    }
+}
