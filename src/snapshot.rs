@@ -657,7 +657,7 @@ fn compile_config(
         admin_certs,
         lockout,
         alerts,
-        store: store?,
+        store: store?.remembering(),
         shared_limits: shared_limits?,
         listeners: ListenerSettings {
             proxy: proxy?,

@@ -184,6 +184,10 @@ async fn a_write_by_another_process_in_between_is_read_whole() {
     let (_up, gw) = setup().await;
     let reloads = counter(&gw, "keygate_reloads_total").await;
 
+    // A change through the API: a delta, and the gateway now remembers the store it wrote.
+    let (_, first) = create(&gw, acme()).await;
+    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 1);
+
     // Another process (the CLI) writes a key; with no file watch it is not live yet.
     let (_, cli_key) = gw
         .with_op(|op| keygate::keys::lifecycle::create(op, new_key("acme", "production")))
@@ -194,18 +198,26 @@ async fn a_write_by_another_process_in_between_is_read_whole() {
         (401, "unknown_key".into())
     );
 
-    // The admin API's write started from a store the snapshot was not read from: applying
-    // its own record alone would miss the CLI's key, so the gateway reads the whole store.
+    // The admin API's next write starts from a store the snapshot was not read from, and
+    // that the gateway did not write: it reads the file again rather than its own memory of
+    // it (which would drop the CLI's key), and applying its own record alone would miss the
+    // CLI's key, so the gateway reads the whole store.
     let (_, api_key) = create(&gw, acme()).await;
     assert_eq!(proxy(&gw, &api_key, "/v1/x").await.0, 200);
     assert_eq!(proxy(&gw, &cli_key, "/v1/x").await.0, 200);
     assert_eq!(counter(&gw, "keygate_reloads_total").await, reloads + 1);
-    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 0);
+    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 1);
+
+    // Every key is in the file, not only in the snapshot: a whole read still accepts them.
+    assert_eq!(gw.reload().await.0, 200);
+    for key in [&first, &cli_key, &api_key] {
+        assert_eq!(proxy(&gw, key, "/v1/x").await.0, 200);
+    }
 
     // Now the snapshot is the store again, and the next change is a delta.
     let (_, next) = create(&gw, acme()).await;
     assert_eq!(proxy(&gw, &next, "/v1/x").await.0, 200);
-    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 1);
-    assert_eq!(counter(&gw, "keygate_reloads_total").await, reloads + 1);
+    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 2);
+    assert_eq!(counter(&gw, "keygate_reloads_total").await, reloads + 2);
     gw.stop().await;
 }

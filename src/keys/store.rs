@@ -46,6 +46,16 @@ pub struct Store {
     redis: Option<std::sync::Arc<super::redis_store::RedisStore>>,
     /// Set by [`Store::witnessed`]: where a file write notes what it saw.
     witness: Option<Arc<Mutex<Option<Written>>>>,
+    /// Set by [`Store::remembering`]: the document as the last write through this handle
+    /// (or a clone of it) left it, shared by every clone.
+    memo: Option<Arc<Mutex<Option<Memo>>>>,
+}
+
+/// A parsed store document and the stamp of the file that holds exactly it.
+#[derive(Debug)]
+struct Memo {
+    stamp: FileStamp,
+    file: StoreFile,
 }
 
 /// Identity of a file's content as the file system sees it: an atomic write makes a new
@@ -95,6 +105,7 @@ impl Store {
             path: path.into(),
             redis: None,
             witness: None,
+            memo: None,
         }
     }
 
@@ -109,6 +120,7 @@ impl Store {
                     path: PathBuf::from(redis.shown()),
                     redis: Some(Arc::new(redis)),
                     witness: None,
+                    memo: None,
                 })
             }
             (StoreKind::Redis, None) => Err(ConfigError::at(
@@ -125,6 +137,19 @@ impl Store {
         Store {
             witness: Some(Arc::default()),
             ..self.clone()
+        }
+    }
+
+    /// This store, keeping the document each write leaves in memory, so that the next write
+    /// through it (or a clone) skips reading and parsing the file, as long as the file is
+    /// still the one it wrote. It is for a long-running writer (the gateway's admin API): at
+    /// 100,000 keys parsing the file is about 130 ms of every change, and the document costs
+    /// about as much memory as the parsed records (see PERFORMANCE.md). A file any other
+    /// writer replaced or edited is read again.
+    pub fn remembering(self) -> Store {
+        Store {
+            memo: Some(Arc::default()),
+            ..self
         }
     }
 
@@ -171,12 +196,23 @@ impl Store {
         }
         let lock = self.lock()?;
         let before = FileStamp::of(&self.path);
-        let (mut file, _) = self.load().map_err(super::KeyError::Store)?;
+        // Taken out: a change that fails part-way, or a failed write, leaves no memo behind.
+        let remembered = self.memo.as_ref().and_then(|m| {
+            let memo = m.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+            (memo.stamp == before).then_some(memo.file)
+        });
+        let mut file = match remembered {
+            Some(file) => file,
+            None => self.load().map_err(super::KeyError::Store)?.0,
+        };
         let out = change(&mut file)?;
         self.save(&file, &lock)?;
+        let after = FileStamp::of(&self.path);
         if let Some(cell) = &self.witness {
-            let after = FileStamp::of(&self.path);
             *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(Written { before, after });
+        }
+        if let Some(m) = &self.memo {
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(Memo { stamp: after, file });
         }
         Ok(out)
     }

@@ -4,7 +4,7 @@
 //! Both maps are split into [`SHARDS`] shards, each behind its own `Arc`. A snapshot made
 //! for a change to a few keys clones the shard list (pointers) and copies only the shards
 //! those keys live in, so the cost of a key change does not grow with the key count: at a
-//! million keys a shard holds about 4,000 entries. Every other shard, and every entry in it,
+//! million keys a shard holds about 250 entries. Every other shard, and every entry in it,
 //! is shared with the snapshot before.
 
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use crate::pipeline::shared_limit::SharedPolicy;
 use crate::pipeline::usage::KeyUsage;
 
 /// Shards per map. A power of two, so a byte of a digest picks one evenly.
-pub const SHARDS: usize = 256;
+pub const SHARDS: usize = 4096;
 
 /// One key, compiled for the request path.
 #[derive(Debug)]
@@ -56,11 +56,11 @@ pub struct KeyEntry {
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
-    /// The shard a digest lives in: its last byte. The map inside hashes the first eight, so
-    /// the two never correlate.
+    /// The shard a digest lives in: the low 12 bits of its last two bytes. The map inside
+    /// hashes the first eight, so the two never correlate.
     fn shard(&self) -> usize {
-        let [.., last] = self.0;
-        usize::from(last)
+        let [.., a, b] = self.0;
+        usize::from(u16::from_le_bytes([a, b])) % SHARDS
     }
 }
 
@@ -100,8 +100,7 @@ fn id_shard(id: &str) -> usize {
     let h = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
-    let [low, ..] = h.to_le_bytes();
-    usize::from(low)
+    usize::try_from(h).unwrap_or(0) % SHARDS
 }
 
 /// Why an entry could not join the index.
