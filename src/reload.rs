@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
 use crate::config::ConfigError;
+use crate::keys::redis_store::{Change, RedisStore};
 use crate::keys::KeyRecord;
 use crate::server::Gateway;
 use crate::snapshot::{Fingerprint, Written};
@@ -176,6 +177,71 @@ pub async fn apply_key_changes(
     reload(gw, Trigger::KeyChange(actor)).await
 }
 
+/// One publication from the Redis store's change stream. The very next version, with the ids
+/// it set, is applied as a delta: only those records are read. A version already held is
+/// skipped. Anything else (a version missed, a bulk write, a deletion, a publication this
+/// build cannot read) reads the whole set.
+async fn follow_change(gw: &Arc<Gateway>, redis: &RedisStore, change: Option<Change>) {
+    let held = gw.snapshot.load().store_version;
+    if let (Some(c), Some(v)) = (&change, held) {
+        if c.version <= v {
+            return;
+        }
+        if let (Some(ids), true) = (&c.ids, c.version == v.saturating_add(1)) {
+            if apply_store_delta(gw, redis, c.version, ids).await {
+                return;
+            }
+        }
+    }
+    let _ = reload(gw, Trigger::StoreChange).await;
+}
+
+/// Reads the records `ids` and applies them to the snapshot in force at `version - 1`,
+/// making it `version`. False if that cannot be done exactly (then the caller reads the
+/// whole set).
+async fn apply_store_delta(
+    gw: &Arc<Gateway>,
+    redis: &RedisStore,
+    version: u64,
+    ids: &[String],
+) -> bool {
+    let fetch = (redis.clone(), ids.to_vec());
+    let records = match tokio::task::spawn_blocking(move || fetch.0.records(&fetch.1)).await {
+        Ok(Ok(Some(records))) => records,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not read the changed keys; reading the whole set");
+            return false;
+        }
+        _ => return false,
+    };
+    let _one_at_a_time = gw.reload_lock.lock().await;
+    let current = gw.snapshot.load_full();
+    if current.store_version != version.checked_sub(1) {
+        return false;
+    }
+    match gw.next_with_key_changes(&current, &records, None) {
+        Ok(mut next) => {
+            next.store_version = Some(version);
+            let generation = next.generation;
+            gw.install_key_changes(next, ids);
+            gw.key_changes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                generation,
+                version,
+                changed = ids.len(),
+                "key change from the store applied"
+            );
+            true
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::warn!(error = %e, "key change from the store not applied as a delta; reading the whole set");
+            }
+            false
+        }
+    }
+}
+
 /// Follows a Redis store's change stream: every version published by a write elsewhere
 /// reloads the keys, and after any reconnect the keys are reloaded whole, since changes may
 /// have been missed meanwhile. While Redis is unreachable the node keeps serving the keys it
@@ -205,11 +271,8 @@ pub async fn follow_store(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Dur
                 tokio::select! {
                     message = messages.next() => {
                         let Some(message) = message else { break };
-                        let version: u64 = message.get_payload().unwrap_or(u64::MAX);
-                        let newer = gw.snapshot.load().store_version.is_none_or(|v| version > v);
-                        if newer {
-                            let _ = reload(&gw, Trigger::StoreChange).await;
-                        }
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        follow_change(&gw, &redis, Change::parse(&payload)).await;
                     }
                     _ = stop.changed() => return,
                 }

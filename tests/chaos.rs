@@ -106,13 +106,6 @@ async fn sighup_reloads(admin: SocketAddr) -> usize {
         .map_or(0, |e| e.iter().filter(|e| e["actor"] == "sighup").count())
 }
 
-/// A sample's value in Prometheus text, by its name (no labels).
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_configs() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,14 +26,6 @@ async fn proxy(gw: &TestGateway, key: &str, path: &str) -> (u16, String) {
     (a.status.as_u16(), a.code())
 }
 
-/// A counter's value in `/metrics`.
-async fn counter(gw: &TestGateway, name: &str) -> u64 {
-    let text = String::from_utf8(admin(gw, "GET", "/metrics", None).await.body.to_vec()).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
 async fn create(gw: &TestGateway, body: Value) -> (String, String) {
     let a = admin(gw, "POST", "/v1/api-keys", Some(body)).await;
     assert_eq!(a.status, 201, "{:?}", a.json());
@@ -64,7 +56,7 @@ async fn setup() -> (Upstream, TestGateway) {
 #[tokio::test]
 async fn every_admin_change_is_a_delta_live_on_the_next_request() {
     let (_up, gw) = setup().await;
-    let reloads = counter(&gw, "keygate_reloads_total").await;
+    let reloads = counter(gw.admin, "keygate_reloads_total").await;
     let generation = gw.gateway().snapshot.load().generation;
 
     // Create: live at once, and only the shards the new key lives in were copied.
@@ -145,8 +137,11 @@ async fn every_admin_change_is_a_delta_live_on_the_next_request() {
     assert_eq!(proxy(&gw, &rotated, "/v1/public/a").await.0, 200);
 
     // Seven changes, none of them a reload, each a generation.
-    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 7);
-    assert_eq!(counter(&gw, "keygate_reloads_total").await, reloads);
+    assert_eq!(
+        counter(gw.admin, "keygate_key_changes_applied_total").await,
+        7
+    );
+    assert_eq!(counter(gw.admin, "keygate_reloads_total").await, reloads);
     assert_eq!(gw.gateway().snapshot.load().generation, generation + 7);
 
     // The deltas add up to the store: a whole read decides every key the same way.
@@ -182,11 +177,14 @@ async fn every_admin_change_is_a_delta_live_on_the_next_request() {
 #[tokio::test]
 async fn a_write_by_another_process_in_between_is_read_whole() {
     let (_up, gw) = setup().await;
-    let reloads = counter(&gw, "keygate_reloads_total").await;
+    let reloads = counter(gw.admin, "keygate_reloads_total").await;
 
     // A change through the API: a delta, and the gateway now remembers the store it wrote.
     let (_, first) = create(&gw, acme()).await;
-    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 1);
+    assert_eq!(
+        counter(gw.admin, "keygate_key_changes_applied_total").await,
+        1
+    );
 
     // Another process (the CLI) writes a key; with no file watch it is not live yet.
     let (_, cli_key) = gw
@@ -205,8 +203,14 @@ async fn a_write_by_another_process_in_between_is_read_whole() {
     let (_, api_key) = create(&gw, acme()).await;
     assert_eq!(proxy(&gw, &api_key, "/v1/x").await.0, 200);
     assert_eq!(proxy(&gw, &cli_key, "/v1/x").await.0, 200);
-    assert_eq!(counter(&gw, "keygate_reloads_total").await, reloads + 1);
-    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 1);
+    assert_eq!(
+        counter(gw.admin, "keygate_reloads_total").await,
+        reloads + 1
+    );
+    assert_eq!(
+        counter(gw.admin, "keygate_key_changes_applied_total").await,
+        1
+    );
 
     // Every key is in the file, not only in the snapshot: a whole read still accepts them.
     assert_eq!(gw.reload().await.0, 200);
@@ -217,7 +221,13 @@ async fn a_write_by_another_process_in_between_is_read_whole() {
     // Now the snapshot is the store again, and the next change is a delta.
     let (_, next) = create(&gw, acme()).await;
     assert_eq!(proxy(&gw, &next, "/v1/x").await.0, 200);
-    assert_eq!(counter(&gw, "keygate_key_changes_applied_total").await, 2);
-    assert_eq!(counter(&gw, "keygate_reloads_total").await, reloads + 2);
+    assert_eq!(
+        counter(gw.admin, "keygate_key_changes_applied_total").await,
+        2
+    );
+    assert_eq!(
+        counter(gw.admin, "keygate_reloads_total").await,
+        reloads + 2
+    );
     gw.stop().await;
 }

@@ -80,6 +80,17 @@ async fn a_key_made_on_one_node_works_on_the_other_and_a_revocation_reaches_both
     let a = node(&up, &redis, "").await;
     let b = node(&up, &redis, "").await;
 
+    // The nodes follow each other's writes as deltas: only the changed records are read.
+    // Each node reads the whole set once when it has subscribed to the change stream; from
+    // then on it hears every write.
+    for gw in [&a, &b] {
+        let subscribed = eventually(PROPAGATION, async || {
+            counter(gw.admin, "keygate_reloads_total").await >= 1
+        })
+        .await;
+        assert!(subscribed, "the node follows the change stream");
+    }
+    let reloads_b = counter(b.admin, "keygate_reloads_total").await;
     let (id, secret) = create(&a, serde_json::json!({"name": "made-on-a"})).await;
     assert_eq!(
         status(&a, &secret).await.0,
@@ -88,6 +99,11 @@ async fn a_key_made_on_one_node_works_on_the_other_and_a_revocation_reaches_both
     );
     let reached_b = until(&b, &secret, 200, PROPAGATION).await;
     eprintln!("create on A reached B in {reached_b:?}");
+    assert_eq!(counter(b.admin, "keygate_reloads_total").await, reloads_b);
+    assert_eq!(
+        counter(b.admin, "keygate_key_changes_applied_total").await,
+        1
+    );
 
     let r = send(
         Req::get(b.admin, &format!("/v1/api-keys/{id}"))
@@ -134,12 +150,37 @@ async fn a_key_made_on_one_node_works_on_the_other_and_a_revocation_reaches_both
     let cli_secret = made["key"].as_str().unwrap().to_string();
     until(&a, &cli_secret, 200, PROPAGATION).await;
     until(&b, &cli_secret, 200, PROPAGATION).await;
-
-    // Nothing secret is stored in Redis: only hashes.
+    // Every change so far reached B as a delta (A's create, the CLI's; B's own revoke is
+    // applied when it answers, and again when its publication comes back), with no reload.
+    assert_eq!(counter(b.admin, "keygate_reloads_total").await, reloads_b);
+    assert!(counter(b.admin, "keygate_key_changes_applied_total").await >= 3);
+    // A node that missed a version reads the whole set: a publication out of sequence.
     let mut con = ::redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
         .unwrap();
+    let _: i64 = ::redis::cmd("INCR")
+        .arg("kgtest:version")
+        .query(&mut con)
+        .unwrap();
+    let v: u64 = ::redis::cmd("INCR")
+        .arg("kgtest:version")
+        .query(&mut con)
+        .unwrap();
+    let _: i64 = ::redis::cmd("PUBLISH")
+        .arg("kgtest:changes")
+        .arg(format!("{v} {id}"))
+        .query(&mut con)
+        .unwrap();
+    let reread = eventually(PROPAGATION, async || {
+        counter(b.admin, "keygate_reloads_total").await > reloads_b
+    })
+    .await;
+    assert!(reread, "a gap in the versions makes B read the whole set");
+    assert_eq!(status(&b, &secret).await, (401, "revoked_key".into()));
+    assert_eq!(status(&b, &cli_secret).await.0, 200);
+
+    // Nothing secret is stored in Redis: only hashes.
     let dump: std::collections::HashMap<String, String> = ::redis::cmd("HGETALL")
         .arg("kgtest:keys")
         .query(&mut con)

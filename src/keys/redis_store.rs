@@ -3,7 +3,9 @@
 //! Layout, under a prefix `P` (`store.prefix`, default `keygate`):
 //! - `P:keys`: a hash from key id to the record as JSON (the same JSON as a file store line);
 //! - `P:version`: a counter, one more after every write;
-//! - `P:changes`: a pub/sub channel on which every write publishes the new version;
+//! - `P:changes`: a pub/sub channel on which every write publishes the new version, followed
+//!   by the ids of the records it set (space-separated) when there are at most
+//!   [`MAX_LISTED`] of them and none was deleted;
 //! - `P:lock`: the writers' lock, held for one read-modify-write (like the file store's).
 //!
 //! A write runs as one Lua script: it checks the writer still holds the lock, sets or deletes
@@ -11,8 +13,10 @@
 //! only after Redis has run it; how durable that is depends on Redis's own settings (see the
 //! README: `appendonly yes`, `appendfsync always` for no loss on power failure).
 //!
-//! Nodes never read Redis on the request path: each holds the whole set in its snapshot,
-//! reloads it when a version is published, and reloads it whole after a reconnect.
+//! Nodes never read Redis on the request path: each holds the whole set in its snapshot.
+//! When the next version is published with its ids, a node reads only those records and
+//! applies them to its snapshot as a delta; otherwise (a version missed, a bulk write, a
+//! deletion) it reads the whole set again, as it does after a reconnect.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -31,15 +35,21 @@ const APPLY: &str = r"
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return redis.error_reply('the store lock was lost')
 end
-for i = 3, #ARGV, 2 do
+local ids = {}
+for i = 4, #ARGV, 2 do
   if ARGV[i + 1] == '' then
     redis.call('HDEL', KEYS[1], ARGV[i])
   else
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
+  ids[#ids + 1] = ARGV[i]
 end
 local v = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', ARGV[2], v)
+if ARGV[3] == 'listed' then
+  redis.call('PUBLISH', ARGV[2], v .. ' ' .. table.concat(ids, ' '))
+else
+  redis.call('PUBLISH', ARGV[2], v)
+end
 return v
 ";
 
@@ -49,6 +59,35 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
+
+/// A write that changes more records than this publishes its version alone, and every node
+/// reads the whole set: one message stays small, and a bulk write costs one full read.
+pub const MAX_LISTED: usize = 1_000;
+
+/// What one publication on the change channel says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The store's version after the write.
+    pub version: u64,
+    /// The ids of the records the write set, if the writer listed them.
+    pub ids: Option<Vec<String>>,
+}
+
+impl Change {
+    /// Reads a publication: `VERSION [ID ...]`. Anything else is `None` (read the whole set).
+    pub fn parse(payload: &str) -> Option<Change> {
+        let mut words = payload.split(' ');
+        let version = words.next()?.parse().ok()?;
+        let ids: Vec<String> = words.map(str::to_string).collect();
+        if ids.iter().any(String::is_empty) {
+            return None;
+        }
+        Some(Change {
+            version,
+            ids: (!ids.is_empty()).then_some(ids),
+        })
+    }
+}
 
 /// A key store in Redis.
 #[derive(Debug, Clone)]
@@ -143,6 +182,25 @@ impl RedisStore {
         Ok((records, version.unwrap_or(0)))
     }
 
+    /// The records with these ids, as they are now; `None` if any of them is gone.
+    pub fn records(&self, ids: &[String]) -> Result<Option<Vec<KeyRecord>>, String> {
+        let mut con = self.connect()?;
+        let found: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&self.keys)
+            .arg(ids)
+            .query(&mut con)
+            .map_err(|e| self.unreachable(&e))?;
+        let mut records = Vec::with_capacity(found.len());
+        for (id, json) in ids.iter().zip(found) {
+            let Some(json) = json else { return Ok(None) };
+            let record: KeyRecord = serde_json::from_str(&json).map_err(|e| {
+                format!("{}: the record of key `{id}` is not valid: {e}", self.keys)
+            })?;
+            records.push(record);
+        }
+        Ok(Some(records))
+    }
+
     /// One read-modify-write under the writers' lock: `change` edits the whole set, and only
     /// the records it changed are written, with the version bump, in one script.
     pub fn transact<T>(
@@ -214,21 +272,34 @@ impl RedisStore {
             .key(&self.lock)
             .arg(token)
             .arg(&self.changes);
-        let mut changed = false;
+        let mut set = Vec::new();
         let mut after = std::collections::HashSet::new();
         for r in &file.keys {
             after.insert(r.id.as_str());
             let now = json(r)?;
             if before.get(&r.id) != Some(&now) {
-                script.arg(&r.id).arg(now);
-                changed = true;
+                set.push((r.id.as_str(), now));
             }
         }
-        for id in before.keys().filter(|id| !after.contains(id.as_str())) {
-            script.arg(id).arg("");
-            changed = true;
+        let deleted: Vec<&String> = before
+            .keys()
+            .filter(|id| !after.contains(id.as_str()))
+            .collect();
+        // Listed only when a follower can apply the ids as they are: a few set records, each
+        // id one word.
+        let listed = deleted.is_empty()
+            && set.len() <= MAX_LISTED
+            && set
+                .iter()
+                .all(|(id, _)| !id.is_empty() && !id.contains(' '));
+        script.arg(if listed { "listed" } else { "version" });
+        for (id, now) in &set {
+            script.arg(*id).arg(now);
         }
-        if changed {
+        for id in &deleted {
+            script.arg(*id).arg("");
+        }
+        if !set.is_empty() || !deleted.is_empty() {
             let _version: u64 = script
                 .invoke(con)
                 .map_err(|e| KeyError::Unavailable(self.unreachable(&e)))?;
@@ -276,6 +347,24 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publication_is_a_version_and_maybe_ids() {
+        let change = |version, ids: Option<&[&str]>| {
+            Some(Change {
+                version,
+                ids: ids.map(|ids| ids.iter().map(|s| s.to_string()).collect()),
+            })
+        };
+        assert_eq!(Change::parse("7"), change(7, None));
+        assert_eq!(
+            Change::parse("8 ab12 cd34"),
+            change(8, Some(&["ab12", "cd34"]))
+        );
+        for bad in ["", "x", "-1", "9  ab", "9 ab ", "18446744073709551616"] {
+            assert_eq!(Change::parse(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn passwords_never_appear_in_messages() {

@@ -475,6 +475,19 @@ pub async fn try_send(
     })
 }
 
+/// A counter's or gauge's value in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// A counter's or gauge's value in the `/metrics` of the admin listener at `admin`.
+pub async fn counter(admin: SocketAddr, name: &str) -> u64 {
+    let answer = send(Req::get(admin, "/metrics").bearer(ADMIN_TOKEN)).await;
+    metric(&String::from_utf8_lossy(&answer.body), name)
+}
+
 /// Polls `check` every 50 ms for up to `limit`; true once it holds.
 pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
