@@ -95,6 +95,17 @@ pub enum KeysCommand {
     },
     /// Change a key's name, scopes, addresses, limits, expiry or note.
     Update(UpdateArgs),
+    /// Print the whole store in the file store's format (hashes only, every field and
+    /// state): a backup, or the way to move to another store kind.
+    Export,
+    /// Read a file that `keys export` wrote into the configured store, whatever its kind:
+    /// each record replaces the one with its id or is added; other keys are kept.
+    Load {
+        /// The file to read; `-` for standard input.
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Import existing plaintext keys (one per line, or CSV key,name,scopes); only their
     /// hashes are stored.
     Import {
@@ -475,18 +486,52 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             }
             Ok(())
         }
+        KeysCommand::Export => {
+            let text = keys::export(&store).map_err(|e| e.to_string())?;
+            std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+                .map_err(|e| format!("cannot write standard output: {e}"))
+        }
+        KeysCommand::Load { file, json } => {
+            let text = read_input(&file)?;
+            if text.trim().is_empty() {
+                return Err(format!("{}: empty; nothing loaded", file.display()));
+            }
+            let incoming = crate::keys::store::parse(&file, &text).map_err(|errors| {
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })?;
+            let loaded = keys::load(op, incoming).map_err(flag_error)?;
+            audit(AuditEvent::new(now, &actor, "key.loaded").reason(format!(
+                "{} added, {} replaced, from {}",
+                loaded.added,
+                loaded.replaced,
+                file.display()
+            )));
+            if json {
+                print_json(
+                    &serde_json::json!({"added": loaded.added, "replaced": loaded.replaced}),
+                );
+            } else {
+                println!(
+                    "Loaded {} keys into {}: {} added, {} replaced.",
+                    loaded.added.saturating_add(loaded.replaced),
+                    store.path().display(),
+                    loaded.added,
+                    loaded.replaced
+                );
+            }
+            Ok(())
+        }
         KeysCommand::Import {
             namespace,
             environment,
             file,
             json,
         } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())
-                    .map_err(|e| format!("cannot read standard input: {e}"))?
-            } else {
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?
-            };
+            let text = read_input(&file)?;
             let entries = keys::parse_import(&text).map_err(flag_error)?;
             if entries.is_empty() {
                 return Err(format!("{}: no keys found", file.display()));
@@ -504,6 +549,16 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+/// A file's text, or standard input's for `-`.
+fn read_input(file: &Path) -> Result<String, String> {
+    if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("cannot read standard input: {e}"))
+    } else {
+        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))
     }
 }
 

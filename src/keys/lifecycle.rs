@@ -407,6 +407,76 @@ fn ensure_capacity(
     Ok(())
 }
 
+/// The store's whole content in the file store's format (`keygate keys export`): hashes
+/// only, every field and state, ordered by creation time and then id, whatever the store's
+/// kind keeps. Exporting what [`load`] wrote gives the same bytes, in any kind of store.
+pub fn export(store: &Store) -> Result<String, KeyError> {
+    let (mut file, _) = store.load().map_err(KeyError::Store)?;
+    file.keys
+        .sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    Ok(super::store::render(&file)?)
+}
+
+/// What [`load`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    pub added: usize,
+    pub replaced: usize,
+}
+
+/// Writes the records of an exported document into the store, whatever its kind: each one
+/// replaces the record with its id, or joins the store after the others, as it is (state,
+/// times, rotation links). Keys the document does not name are kept. Every record gets the
+/// one record check first, and two keys may not share an id or a hash: all or nothing.
+pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
+    let mut ids = HashSet::with_capacity(incoming.keys.len());
+    for (i, r) in incoming.keys.iter().enumerate() {
+        let at = |what: String| KeyError::Import(format!("keys[{i}] (id `{}`): {what}", r.id));
+        if let Err(problems) = check_record(r, op.config) {
+            let all: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.path(), p.message))
+                .collect();
+            return Err(at(all.join("; ")));
+        }
+        if !ids.insert(r.id.as_str()) {
+            return Err(at("another record in the file has this id".into()));
+        }
+    }
+    transact(op.store, |file| {
+        let at: std::collections::HashMap<String, usize> = file
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.clone(), i))
+            .collect();
+        let mut done = Loaded {
+            added: 0,
+            replaced: 0,
+        };
+        for r in incoming.keys {
+            match at.get(&r.id).and_then(|&i| file.keys.get_mut(i)) {
+                Some(slot) => {
+                    *slot = r;
+                    done.replaced = done.replaced.saturating_add(1);
+                }
+                None => {
+                    file.keys.push(r);
+                    done.added = done.added.saturating_add(1);
+                }
+            }
+        }
+        let mut hashes = HashSet::with_capacity(file.keys.len());
+        if let Some(r) = file.keys.iter().find(|r| !hashes.insert(r.hash.as_str())) {
+            return Err(KeyError::Import(format!(
+                "key `{}` has the hash of another key in the store or the file",
+                r.id
+            )));
+        }
+        Ok(done)
+    })
+}
+
 /// One locked read-modify-write of the store.
 fn transact<T>(
     store: &Store,

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::config::Config;
 pub use lifecycle::{
-    create, import, parse_import, regenerate, rotate, set_status, update, ImportEntry, KeyPatch,
-    NewKey,
+    create, export, import, load, parse_import, regenerate, rotate, set_status, update,
+    ImportEntry, KeyPatch, Loaded, NewKey,
 };
 pub use store::{Store, StoreFile};
 

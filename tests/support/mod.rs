@@ -321,6 +321,54 @@ pub fn new_key(namespace: &str, environment: &str) -> NewKey {
     }
 }
 
+/// Fills the store of the config at `config_path` with a key in every state: active,
+/// inactive, expired, revoked, a rotated pair, a regenerated key and an imported one (eight
+/// records, all in `acme`/`production`). Returns the secrets, which no store may hold.
+pub fn every_key_state(config_path: &Path) -> Vec<String> {
+    use keygate::keys::lifecycle::{self, Op};
+    let config = Config::load(config_path).expect("a valid config");
+    let store = Store::for_config(&config, config_path).expect("a store");
+    let now = Clock::real().unix_secs();
+    let op = |now| Op {
+        store: &store,
+        config: &config,
+        actor: "test",
+        now,
+    };
+    let mut secrets = Vec::new();
+    let mut make = |now, expires: Option<&str>| {
+        let new = NewKey {
+            expires: expires.map(str::to_string),
+            ..new_key("acme", "production")
+        };
+        let (record, secret) = lifecycle::create(op(now), new).expect("created");
+        ledger::secret(&secret);
+        secrets.push(secret);
+        record.id
+    };
+    make(now, None);
+    let inactive = make(now, None);
+    // Made three years ago, for a day.
+    make(now - 3 * 365 * 86_400, Some("1d"));
+    let revoked = make(now, None);
+    let rotated = make(now, None);
+    let regenerated = make(now, None);
+    lifecycle::set_status(op(now), &inactive, keys::Status::Inactive).unwrap();
+    lifecycle::set_status(op(now), &revoked, keys::Status::Revoked).unwrap();
+    let (_, secret, _) = lifecycle::rotate(op(now), &rotated, 3600).unwrap();
+    secrets.push(secret);
+    let (_, secret) = lifecycle::regenerate(op(now), &regenerated).unwrap();
+    secrets.push(secret);
+    let legacy = "legacy-service-key-0001".to_string();
+    let entries = lifecycle::parse_import(&legacy).unwrap();
+    lifecycle::import(op(now), "acme", "production", entries).unwrap();
+    secrets.push(legacy);
+    for s in &secrets {
+        ledger::secret(s);
+    }
+    secrets
+}
+
 /// A request under construction.
 pub struct Req {
     pub method: http::Method,
