@@ -42,7 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (record, secret) = keys::create(op, new)?;
     let gateway =
-        keygate::server::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
+        keygate::gateway::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
     let running = keygate::server::start(gateway, false).await?;
     println!(
         "key {} created; gateway on {}",

@@ -257,7 +257,7 @@ fn serve(config_path: &Path) -> Result<(), String> {
         return Err(config_errors(&problems.locate(config_path, &src)));
     }
     runtime(config.workers)?.block_on(async {
-        let gateway = crate::server::Gateway::new(config_path, Clock::real())
+        let gateway = crate::gateway::Gateway::new(config_path, Clock::real())
             .map_err(|e| config_errors(&e))?;
         let running = crate::server::start(gateway, true)
             .await

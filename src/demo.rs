@@ -120,7 +120,8 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
         now: clock.unix_secs(),
     };
     let (record, secret) = keys::create(op, new).map_err(|e| e.to_string())?;
-    let gateway = crate::server::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
+    let gateway =
+        crate::gateway::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
     let running = crate::server::start(gateway, true)
         .await
         .map_err(|e| e.to_string())?;

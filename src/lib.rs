@@ -16,7 +16,9 @@
 //!
 //! # Layout
 //! - [`cli`]: `serve`, `demo`, `check`, `keys …` ([`main`](../keygate/index.html) is thin).
-//! - [`server`]: the shared [`server::Gateway`] state, listeners, accept loops, draining.
+//! - [`gateway`]: the shared [`gateway::Gateway`] state every stage, admin route and reload
+//!   reads, low in the tree.
+//! - [`server`]: listeners, accept loops, connection limits, draining; it serves the gateway.
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
 //!   [`pipeline::lockout`], [`pipeline::authorize`] (with [`pipeline::scope`]),
@@ -66,6 +68,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod gateway;
 pub mod keys;
 pub mod metrics;
 pub mod pipeline;

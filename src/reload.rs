@@ -15,9 +15,9 @@ use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
 use crate::config::ConfigError;
+use crate::gateway::Gateway;
 use crate::keys::redis_store::{Change, RedisStore};
 use crate::keys::KeyRecord;
-use crate::server::Gateway;
 use crate::snapshot::{Fingerprint, Written};
 
 /// What a successful reload put in force.

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::gateway::Gateway;
 use crate::keys::redis_store::RedisStore;
 use crate::keys::LastUse;
 use crate::pipeline::usage::{UsageReport, SLOTS};
-use crate::server::Gateway;
 
 const LATEST: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])

@@ -21,12 +21,12 @@ use serde::de::DeserializeOwned;
 use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
 use crate::config::Config;
+use crate::gateway::Gateway;
 use crate::keys::format;
 use crate::keys::lifecycle::{check_grace, CheckedKey, CheckedPatch};
 use crate::keys::{KeyPatch, NewKey};
 use crate::rejection::Rejection;
 use crate::reload::Trigger;
-use crate::server::Gateway;
 use crate::snapshot::AdminToken;
 
 /// Every admin endpoint.

@@ -26,8 +26,9 @@ use tokio::net::TcpListener;
 
 use keygate::clock::Clock;
 use keygate::config::Config;
+use keygate::gateway::Gateway;
 use keygate::keys::{self, KeyRecord, NewKey, Store};
-use keygate::server::{self, Gateway, Running};
+use keygate::server::{self, Running};
 
 /// What the upstream saw of the last request it answered.
 #[derive(Debug, Clone)]
