@@ -17,7 +17,8 @@ use dashmap::DashMap;
 use governor::{Quota, RateLimiter};
 use keygate::clock::Clock;
 use keygate::config::units::Rate;
-use keygate::pipeline::rate_limit::{admit, Limiters, RatePolicy};
+use keygate::pipeline::rate_limit::{admit, Limiters};
+use keygate::policy::rate::RatePolicy;
 
 const KEYS: usize = 10_000;
 

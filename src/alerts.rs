@@ -463,7 +463,7 @@ mod tests {
         usage.tick(T);
         for _ in 0..8 {
             key.usage.refused(&Rejection::RateLimited(Box::new(
-                crate::pipeline::rate_limit::RateHeaders {
+                crate::policy::rate::RateHeaders {
                     policy: http::HeaderValue::from_static("x"),
                     budgets: [None, None],
                     retry_after: None,

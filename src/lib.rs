@@ -21,9 +21,12 @@
 //! - [`server`]: listeners, accept loops, connection limits, draining; it serves the gateway.
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
-//!   [`pipeline::lockout`], [`pipeline::authorize`] (with [`pipeline::scope`]),
-//!   [`pipeline::quota`], [`pipeline::rate_limit`] (or [`pipeline::shared_limit`], through
-//!   Redis), [`pipeline::usage`], [`pipeline::forward`] (with its upstream pool).
+//!   [`pipeline::lockout`], [`pipeline::authorize`], [`pipeline::rate_limit`] (or
+//!   [`pipeline::shared_limit`], through Redis), [`pipeline::usage`] (with the quota count),
+//!   [`pipeline::forward`] (with its upstream pool).
+//! - [`policy`]: the values the stages decide with ([`policy::scope`], [`policy::net`],
+//!   [`policy::rate`], [`policy::quota`]), below the keys, the snapshot and the stages.
+//! - [`headers`]: the header names keygate sets.
 //! - [`rejection`]: every refusal and its one mapping to a response.
 //! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.
 //! - [`config`]: documented config types, YAML loading, located errors.
@@ -69,9 +72,11 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod headers;
 pub mod keys;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod rejection;
 pub mod reload;
 pub mod server;

@@ -9,10 +9,8 @@ pub mod client_ip;
 pub mod credential;
 pub mod forward;
 pub mod lockout;
-pub mod quota;
 pub mod rate_limit;
 pub mod route;
-pub mod scope;
 pub mod shared_limit;
 pub mod usage;
 
@@ -30,10 +28,10 @@ use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
 use crate::clock::Clock;
 use crate::gateway::Gateway;
+use crate::policy::rate::{Budget, RateHeaders};
 use crate::rejection::Rejection;
 use crate::snapshot::{KeyEntry, Snapshot};
 use lockout::Lockouts;
-use rate_limit::{Budget, RateHeaders};
 use route::Route;
 
 /// Handles one proxied request from start to finish.

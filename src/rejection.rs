@@ -7,7 +7,7 @@ use http::{Response, StatusCode};
 
 use crate::body::ResponseBody;
 use crate::config::ConfigError;
-use crate::pipeline::rate_limit::RateHeaders;
+use crate::policy::rate::RateHeaders;
 
 /// Why a request was not forwarded, or an admin call not carried out.
 #[derive(Debug)]
@@ -249,7 +249,7 @@ impl Rejection {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, PROBLEM_JSON);
         if let Some(id) = request_id {
-            headers.insert(crate::pipeline::forward::X_REQUEST_ID, id);
+            headers.insert(crate::headers::X_REQUEST_ID, id);
         }
         match self {
             Rejection::RateLimited(rate) | Rejection::QuotaExceeded(rate) => {

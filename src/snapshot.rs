@@ -19,15 +19,16 @@ use crate::config::{
 use crate::keys::check::{check_record, CheckedRecord};
 use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, Store};
 use crate::metrics::Metrics;
-use crate::pipeline::client_ip::CidrSet;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
 use crate::pipeline::lockout::LockoutPolicy;
-use crate::pipeline::quota::Quota;
-use crate::pipeline::rate_limit::{policy_header, KeyLimiter, Limiters, RatePolicy};
+use crate::pipeline::rate_limit::{KeyLimiter, Limiters};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
-use crate::pipeline::scope::ScopeSet;
 use crate::pipeline::shared_limit::{SharedLimiter, SharedPolicy, SharedSettings};
 use crate::pipeline::usage::UsageBook;
+use crate::policy::net::CidrSet;
+use crate::policy::quota::Quota;
+use crate::policy::rate::{policy_header, RatePolicy};
+use crate::policy::scope::ScopeSet;
 use crate::tls::CertSet;
 
 pub use crate::keys::store::{FileStamp, Written};

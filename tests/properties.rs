@@ -10,8 +10,9 @@ use proptest::prelude::*;
 use keygate::config::{parse_yaml, Config};
 use keygate::keys::format;
 use keygate::keys::Store;
-use keygate::pipeline::client_ip::{resolve, CidrSet};
-use keygate::pipeline::scope::{Action, Scope, ScopeSet};
+use keygate::pipeline::client_ip::resolve;
+use keygate::policy::net::CidrSet;
+use keygate::policy::scope::{Action, Scope, ScopeSet};
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 

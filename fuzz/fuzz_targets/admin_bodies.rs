@@ -11,7 +11,7 @@ use keygate::config::units::parse_rate;
 use keygate::config::{parse_yaml, Config};
 use keygate::keys::format;
 use keygate::keys::lifecycle::MAX_GRACE_SECS;
-use keygate::pipeline::quota::Quota;
+use keygate::policy::quota::Quota;
 use libfuzzer_sys::fuzz_target;
 
 /// A namespace with a long prefix of its own, so long environment names reach the format's

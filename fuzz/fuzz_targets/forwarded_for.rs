@@ -3,7 +3,8 @@
 #![no_main]
 
 use http::{HeaderMap, HeaderValue};
-use keygate::pipeline::client_ip::{resolve, CidrSet};
+use keygate::pipeline::client_ip::resolve;
+use keygate::policy::net::CidrSet;
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
 

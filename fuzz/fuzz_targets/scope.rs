@@ -2,7 +2,7 @@
 //! any path, and never grants an action above its own.
 #![no_main]
 
-use keygate::pipeline::scope::{Action, Scope};
+use keygate::policy::scope::{Action, Scope};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

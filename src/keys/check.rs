@@ -10,10 +10,10 @@ use super::{format, parse_sha256, validate_environment, validate_namespace, KeyR
 use crate::clock::{parse_rfc3339, LATEST};
 use crate::config::units::parse_rate;
 use crate::config::Config;
-use crate::pipeline::client_ip::CidrSet;
-use crate::pipeline::quota::Quota;
-use crate::pipeline::rate_limit::RatePolicy;
-use crate::pipeline::scope::Scope;
+use crate::policy::net::CidrSet;
+use crate::policy::quota::Quota;
+use crate::policy::rate::RatePolicy;
+use crate::policy::scope::Scope;
 
 /// A key's name: at most this many characters, and no control characters.
 pub const MAX_NAME_CHARS: usize = 200;

@@ -12,8 +12,8 @@ use super::{
 use crate::clock::{parse_rfc3339, rfc3339, LATEST};
 use crate::config::units::parse_duration;
 use crate::config::Config;
-use crate::pipeline::client_ip::parse_net;
-use crate::pipeline::scope::Scope;
+use crate::policy::net::parse_net;
+use crate::policy::scope::Scope;
 
 /// Who acts, on which store, under which config, and when (Unix seconds).
 #[derive(Debug, Clone, Copy)]
@@ -319,7 +319,7 @@ fn check_rate(rate: Option<&str>, burst: Option<u32>) -> Result<Option<String>, 
 fn check_quota(quota: Option<&str>) -> Result<Option<String>, KeyError> {
     quota
         .map(|q| {
-            crate::pipeline::quota::Quota::parse(q)
+            crate::policy::quota::Quota::parse(q)
                 .map(|q| q.to_string())
                 .map_err(|e| invalid("quota", e))
         })

@@ -24,20 +24,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{caused_by_body_limit, RequestBody, ResponseBody};
 use crate::pipeline::credential::X_API_KEY;
-use crate::pipeline::rate_limit::RateHeaders;
 use crate::pipeline::route::Route;
+use crate::policy::rate::RateHeaders;
 use crate::rejection::Rejection;
 use crate::snapshot::KeyEntry;
 
 mod pool;
 pub use pool::{UpstreamBody, UpstreamClient};
 
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
-pub const X_KEYGATE_NAMESPACE: HeaderName = HeaderName::from_static("x-keygate-namespace");
-pub const X_KEYGATE_ENVIRONMENT: HeaderName = HeaderName::from_static("x-keygate-environment");
+pub use crate::headers::{
+    X_FORWARDED_FOR, X_FORWARDED_PROTO, X_KEYGATE_ENVIRONMENT, X_KEYGATE_KEY_ID,
+    X_KEYGATE_NAMESPACE, X_REQUEST_ID,
+};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::quota::Quota;
-use super::rate_limit::{Budget, RateHeaders};
 use crate::clock::Clock;
 use crate::config::FailMode;
+use crate::policy::quota::Quota;
+use crate::policy::rate::{Budget, RateHeaders};
 use crate::rejection::Rejection;
 use crate::snapshot::KeyEntry;
 

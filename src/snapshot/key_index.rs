@@ -14,12 +14,12 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::keys::Status;
-use crate::pipeline::client_ip::CidrSet;
-use crate::pipeline::quota::Quota;
 use crate::pipeline::rate_limit::KeyLimiter;
-use crate::pipeline::scope::ScopeSet;
 use crate::pipeline::shared_limit::SharedPolicy;
 use crate::pipeline::usage::KeyUsage;
+use crate::policy::net::CidrSet;
+use crate::policy::quota::Quota;
+use crate::policy::scope::ScopeSet;
 
 /// Shards per map. A power of two, so a byte of a digest picks one evenly.
 pub const SHARDS: usize = 4096;

@@ -1,0 +1,112 @@
+//! Rates and the `RateLimit` headers: a key's limit as a value, and the headers a decision
+//! sends. The limiter that spends a budget is the request stage's
+//! ([`crate::pipeline::rate_limit`]).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use http::HeaderMap;
+
+use crate::config::units::Rate;
+
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// A key's limit: `rate`, with up to `burst` requests at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RatePolicy {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+impl RatePolicy {
+    /// Time for one unit of budget to come back: at least a nanosecond, though a checked
+    /// rate (at most `MAX_RATE` per second) never comes near it.
+    pub(crate) fn interval(&self) -> Duration {
+        // A count of 0 (which parse_rate refuses) counts as 1.
+        self.rate
+            .per
+            .checked_div(self.rate.count)
+            .unwrap_or(self.rate.per)
+            .max(Duration::from_nanos(1))
+    }
+
+    /// The window over which a full burst refills, in whole seconds (at least 1).
+    fn window_secs(&self) -> u64 {
+        ceil_secs(self.interval().saturating_mul(self.burst)).max(1)
+    }
+}
+
+/// One budget's state for the `RateLimit` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The policy's name: `key` (the rate limit) or `quota`.
+    pub name: &'static str,
+    pub remaining: u64,
+    /// Seconds until the budget is whole again.
+    pub reset: u64,
+}
+
+/// The rate-limit headers of one decision, sent on accepted and refused requests alike.
+#[derive(Debug, Clone)]
+pub struct RateHeaders {
+    /// `RateLimit-Policy`, precomputed per key.
+    pub policy: HeaderValue,
+    pub budgets: [Option<Budget>; 2],
+    /// Seconds until the next request would be admitted; set on refusal.
+    pub retry_after: Option<u64>,
+}
+
+impl RateHeaders {
+    /// Adds `RateLimit-Policy`, `RateLimit` and, on refusal, `Retry-After`.
+    pub fn write(&self, headers: &mut HeaderMap, refused: bool) {
+        headers.insert(RATELIMIT_POLICY, self.policy.clone());
+        let mut value = String::with_capacity(48);
+        for b in self.budgets.iter().flatten() {
+            if !value.is_empty() {
+                value.push_str(", ");
+            }
+            let _ = write!(value, "\"{}\";r={};t={}", b.name, b.remaining, b.reset);
+        }
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+            headers.insert(RATELIMIT, v);
+        }
+        if refused {
+            if let Some(secs) = self.retry_after {
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+        }
+    }
+
+    /// The named budget's state.
+    pub fn budget(&self, name: &str) -> Option<Budget> {
+        self.budgets
+            .iter()
+            .flatten()
+            .find(|b| b.name == name)
+            .copied()
+    }
+}
+
+/// `RateLimit-Policy` for a key with a rate limit, a quota, or both.
+pub fn policy_header(
+    rate: Option<RatePolicy>,
+    quota: Option<&crate::policy::quota::Quota>,
+) -> Option<HeaderValue> {
+    let mut parts = Vec::new();
+    if let Some(p) = rate {
+        parts.push(format!("\"key\";q={};w={}", p.burst, p.window_secs()));
+    }
+    if let Some(q) = quota {
+        parts.push(format!("\"quota\";q={};w={}", q.limit, q.window_secs()));
+    }
+    // Digits, quotes and punctuation: always a valid header value.
+    HeaderValue::from_str(&parts.join(", "))
+        .ok()
+        .filter(|_| !parts.is_empty())
+}
+
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
+}
