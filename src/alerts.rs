@@ -204,7 +204,10 @@ impl AlertRules {
 impl Rule {
     fn applies_to(&self, key: &KeyEntry) -> bool {
         self.key.as_ref().is_none_or(|k| *k == key.id)
-            && self.namespace.as_ref().is_none_or(|n| *n == key.namespace)
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|n| n.as_str() == key.namespace.as_str())
     }
 
     /// The measured value, and whether it breaks the rule.
@@ -311,7 +314,7 @@ impl AlertState {
                     rule: rule.name.clone(),
                     condition: rule.describe(),
                     key_id: key.id.clone(),
-                    namespace: key.namespace.clone(),
+                    namespace: key.namespace.to_string(),
                     value: (value * 100.0).round() / 100.0,
                     threshold: rule.threshold(),
                     time: rfc3339(now),

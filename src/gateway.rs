@@ -233,7 +233,7 @@ impl Gateway {
                 .keys()
                 .map(|k| {
                     let r = k.usage.report(now);
-                    (k.id.clone(), k.namespace.clone(), r.accepted, r.refused)
+                    (k.id.clone(), k.namespace.to_string(), r.accepted, r.refused)
                 })
                 .collect()
         } else {

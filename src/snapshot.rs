@@ -257,7 +257,7 @@ impl Snapshot {
         }
         let mut p = Problems::default();
         for r in records {
-            match compile_entry(r, &self.config, ctx) {
+            match compile_entry(r, &self.config, ctx, &next.keys) {
                 Ok((hash, entry)) => {
                     if next.keys.upsert(hash, entry).is_err() {
                         p.push(
@@ -691,7 +691,7 @@ fn compile_keys(
                 format!("key `{}`: {message}", r.id),
             )
         };
-        match compile_entry(r, config, ctx) {
+        match compile_entry(r, config, ctx, &keys) {
             Ok((hash, entry)) => match keys.insert(hash, entry) {
                 Ok(()) => {}
                 Err(Clash::Id) => problem("id", "another key has the same id"),
@@ -713,6 +713,7 @@ fn compile_entry(
     r: &KeyRecord,
     config: &Config,
     ctx: &BuildContext<'_>,
+    interner: &KeyIndex,
 ) -> Result<(KeyHash, KeyEntry), Vec<(String, String)>> {
     // With shared limits, how many nodes share them (at least 1); 0 when limits are local.
     let shared_nodes = match config.rate_limit.backend {
@@ -725,12 +726,15 @@ fn compile_entry(
             .map(|bad| (bad.path(), bad.message))
             .collect::<Vec<_>>()
     })?;
-    let headers = (
-        HeaderValue::from_str(&r.id),
-        HeaderValue::from_str(&r.namespace),
-        HeaderValue::from_str(&r.environment),
-    );
-    let (Ok(id_header), Ok(namespace_header), Ok(environment_header)) = headers else {
+    let (id_header, namespace, environment) = interner.intern(|i| {
+        (
+            HeaderValue::from_str(&r.id).ok(),
+            i.label(&r.namespace),
+            i.label(&r.environment),
+        )
+    });
+    let (Some(id_header), Some(namespace), Some(environment)) = (id_header, namespace, environment)
+    else {
         // The check allows only hex, a-z, 0-9, `_` and `-` in these.
         return Err(vec![("id".into(), "cannot be sent as a header".into())]);
     };
@@ -764,13 +768,19 @@ fn compile_entry(
         _ => (policy, quota),
     };
     let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
+    let (scopes, allowed_cidrs) = interner.intern(|i| {
+        (
+            i.scopes(&r.scopes, || ScopeSet::new(scopes)),
+            i.cidrs(&r.allowed_cidrs, || allowed_cidrs),
+        )
+    });
     let entry = KeyEntry {
         id: r.id.clone(),
-        namespace: r.namespace.clone(),
-        environment: r.environment.clone(),
+        namespace,
+        environment,
         status: r.status,
         expires_at,
-        scopes: ScopeSet::new(scopes),
+        scopes,
         allowed_cidrs,
         limiter,
         quota,
@@ -778,8 +788,6 @@ fn compile_entry(
         shared,
         usage: ctx.usage.for_key(&r.id),
         id_header,
-        namespace_header,
-        environment_header,
         imported: r.imported,
     };
     Ok((KeyHash(hash), entry))

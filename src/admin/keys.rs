@@ -715,17 +715,17 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
     let mut per_key = Vec::new();
     for key in snapshot
         .keys()
-        .filter(|k| only.is_none_or(|ns| &k.namespace == ns))
+        .filter(|k| only.is_none_or(|ns| k.namespace.as_str() == ns.as_str()))
     {
         let r = key.usage.report(now);
         if r.requests() == 0 {
             continue;
         }
         org.add(&r);
-        by_ns.entry(key.namespace.clone()).or_default().add(&r);
+        by_ns.entry(key.namespace.to_string()).or_default().add(&r);
         per_key.push((
             key.id.clone(),
-            key.namespace.clone(),
+            key.namespace.to_string(),
             r.requests(),
             r.error_rate(),
         ));

@@ -28,10 +28,15 @@ pub fn authorize(
     if key.expires_at.is_some_and(|t| t <= now) {
         return Err(Rejection::ExpiredKey);
     }
-    if key.environment != route.environment {
+    if key.environment.as_str() != route.environment.as_str() {
         return Err(Rejection::WrongEnvironment);
     }
-    if !route.namespaces.is_empty() && !route.namespaces.contains(&key.namespace) {
+    if !route.namespaces.is_empty()
+        && !route
+            .namespaces
+            .iter()
+            .any(|n| n.as_str() == key.namespace.as_str())
+    {
         return Err(Rejection::NamespaceDenied);
     }
     if !key.allowed_cidrs.is_empty() && !key.allowed_cidrs.contains(client) {

@@ -213,8 +213,8 @@ pub async fn forward(
         h.remove(AUTHORIZATION);
     }
     h.insert(X_KEYGATE_KEY_ID, f.key.id_header.clone());
-    h.insert(X_KEYGATE_NAMESPACE, f.key.namespace_header.clone());
-    h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment_header.clone());
+    h.insert(X_KEYGATE_NAMESPACE, f.key.namespace.header().clone());
+    h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment.header().clone());
     set_forwarded_for(h, f.peer_header, f.peer_trusted);
     if !(f.peer_trusted && h.contains_key(X_FORWARDED_PROTO)) {
         h.insert(

@@ -6,10 +6,13 @@
 //! those keys live in, so the cost of a key change does not grow with the key count: at a
 //! million keys a shard holds about 250 entries. Every other shard, and every entry in it,
 //! is shared with the snapshot before.
+//!
+//! What many keys share is held once: each namespace and environment (with its header
+//! value), each distinct scope set and CIDR set, interned through the index's [`Interner`].
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
 
@@ -24,17 +27,104 @@ use crate::policy::scope::ScopeSet;
 /// Shards per map. A power of two, so a byte of a digest picks one evenly.
 pub const SHARDS: usize = 4096;
 
+/// A name many keys share (a namespace, an environment), held once with its header value.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Label {
+    name: Box<str>,
+    header: HeaderValue,
+}
+
+impl Label {
+    /// A label for `name`; `None` if it cannot be sent as a header value (the record check
+    /// allows only `a-z`, `0-9`, `_` and `-`, so it always can).
+    pub fn new(name: &str) -> Option<Label> {
+        Some(Label {
+            header: HeaderValue::from_str(name).ok()?,
+            name: name.into(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The name as a header value, shared by every key with it.
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+}
+
+impl std::ops::Deref for Label {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl PartialEq<str> for Label {
+    fn eq(&self, other: &str) -> bool {
+        &*self.name == other
+    }
+}
+
+impl PartialEq<String> for Label {
+    fn eq(&self, other: &String) -> bool {
+        *self.name == **other
+    }
+}
+
+/// The shared values of a key index's entries. A whole build starts a new one; key changes
+/// add to the one they share, so what a value costs is paid once per build, not per key.
+#[derive(Debug, Default)]
+pub struct Interner {
+    labels: HashMap<Box<str>, Arc<Label>>,
+    scopes: HashMap<Vec<String>, Arc<ScopeSet>>,
+    cidrs: HashMap<Vec<String>, Arc<CidrSet>>,
+}
+
+impl Interner {
+    /// The label for `name`, made once.
+    pub fn label(&mut self, name: &str) -> Option<Arc<Label>> {
+        if let Some(l) = self.labels.get(name) {
+            return Some(Arc::clone(l));
+        }
+        let l = Arc::new(Label::new(name)?);
+        self.labels.insert(name.into(), Arc::clone(&l));
+        Some(l)
+    }
+
+    /// The scope set written as `text`, compiled by `make` the first time it is seen.
+    pub fn scopes(&mut self, text: &[String], make: impl FnOnce() -> ScopeSet) -> Arc<ScopeSet> {
+        if let Some(s) = self.scopes.get(text) {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(make());
+        self.scopes.insert(text.to_vec(), Arc::clone(&s));
+        s
+    }
+
+    /// The CIDR set written as `text`, compiled by `make` the first time it is seen.
+    pub fn cidrs(&mut self, text: &[String], make: impl FnOnce() -> CidrSet) -> Arc<CidrSet> {
+        if let Some(c) = self.cidrs.get(text) {
+            return Arc::clone(c);
+        }
+        let c = Arc::new(make());
+        self.cidrs.insert(text.to_vec(), Arc::clone(&c));
+        c
+    }
+}
+
 /// One key, compiled for the request path.
 #[derive(Debug)]
 pub struct KeyEntry {
     pub id: String,
-    pub namespace: String,
-    pub environment: String,
+    pub namespace: Arc<Label>,
+    pub environment: Arc<Label>,
     pub status: Status,
     /// Unix seconds.
     pub expires_at: Option<i64>,
-    pub scopes: ScopeSet,
-    pub allowed_cidrs: CidrSet,
+    pub scopes: Arc<ScopeSet>,
+    pub allowed_cidrs: Arc<CidrSet>,
     pub limiter: Option<Arc<KeyLimiter>>,
     /// The key's own quota, or its tier's.
     pub quota: Option<Quota>,
@@ -45,8 +135,6 @@ pub struct KeyEntry {
     pub shared: Option<SharedPolicy>,
     pub usage: Arc<KeyUsage>,
     pub id_header: HeaderValue,
-    pub namespace_header: HeaderValue,
-    pub environment_header: HeaderValue,
     /// The key was imported (its secret was not made by keygate).
     pub imported: bool,
 }
@@ -119,6 +207,7 @@ pub struct KeyIndex {
     by_id: Vec<Arc<IdShard>>,
     len: usize,
     imported: usize,
+    interner: Arc<Mutex<Interner>>,
 }
 
 impl Default for KeyIndex {
@@ -128,11 +217,17 @@ impl Default for KeyIndex {
             by_id: (0..SHARDS).map(|_| Arc::default()).collect(),
             len: 0,
             imported: 0,
+            interner: Arc::default(),
         }
     }
 }
 
 impl KeyIndex {
+    /// Runs `f` with the index's interner, for compiling entries that join it.
+    pub fn intern<T>(&self, f: impl FnOnce(&mut Interner) -> T) -> T {
+        f(&mut self.interner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The key with this SHA-256: the request path's one lookup.
     pub fn by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
         let hash = KeyHash(*hash);
@@ -248,20 +343,18 @@ mod tests {
     fn entry(id: &str, imported: bool) -> KeyEntry {
         KeyEntry {
             id: id.into(),
-            namespace: "acme".into(),
-            environment: "production".into(),
+            namespace: Arc::new(Label::new("acme").unwrap()),
+            environment: Arc::new(Label::new("production").unwrap()),
             status: Status::Active,
             expires_at: None,
-            scopes: ScopeSet::new(Vec::new()),
-            allowed_cidrs: CidrSet::default(),
+            scopes: Arc::new(ScopeSet::new(Vec::new())),
+            allowed_cidrs: Arc::default(),
             limiter: None,
             quota: None,
             limits_header: None,
             shared: None,
             usage: Arc::default(),
             id_header: HeaderValue::from_static("x"),
-            namespace_header: HeaderValue::from_static("acme"),
-            environment_header: HeaderValue::from_static("production"),
             imported,
         }
     }
