@@ -17,16 +17,6 @@ async fn setup() -> (Upstream, TestGateway) {
     (up, gw)
 }
 
-async fn admin(gw: &TestGateway, method: &str, path: &str, body: Option<Value>) -> Answer {
-    let mut req = Req::get(gw.admin, path).method(method).bearer(ADMIN_TOKEN);
-    if let Some(body) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(body.to_string());
-    }
-    send(req).await
-}
-
 async fn proxy(gw: &TestGateway, key: &str) -> Answer {
     send(Req::get(gw.proxy, "/v1/things").bearer(key)).await
 }

@@ -11,16 +11,6 @@ mod support;
 use serde_json::{json, Value};
 use support::*;
 
-async fn admin(gw: &TestGateway, method: &str, path: &str, body: Option<Value>) -> Answer {
-    let mut req = Req::get(gw.admin, path).method(method).bearer(ADMIN_TOKEN);
-    if let Some(body) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(body.to_string());
-    }
-    send(req).await
-}
-
 async fn proxy(gw: &TestGateway, key: &str, path: &str) -> (u16, String) {
     let a = send(Req::get(gw.proxy, path).bearer(key)).await;
     (a.status.as_u16(), a.code())

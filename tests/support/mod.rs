@@ -524,6 +524,22 @@ pub async fn try_send(
     })
 }
 
+/// A call to the admin API of `gw` with the test's admin token, and a JSON body if given.
+pub async fn admin(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Answer {
+    let mut req = Req::get(gw.admin, path).method(method).bearer(ADMIN_TOKEN);
+    if let Some(body) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    send(req).await
+}
+
 /// A counter's or gauge's value in a `/metrics` text.
 pub fn metric(text: &str, name: &str) -> u64 {
     text.lines()
