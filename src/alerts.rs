@@ -215,7 +215,7 @@ impl Rule {
         let minute = now.div_euclid(60);
         match &self.condition {
             Condition::RequestsPerMinute(limit) => {
-                let report = key.usage.report(now);
+                let report = key.usage_report(now);
                 let previous = minute.saturating_sub(1);
                 let last = report.series.iter().find(|m| m.minute == previous);
                 let n = last.map_or(0, |m| m.accepted.saturating_add(m.refused));
@@ -226,7 +226,7 @@ impl Rule {
                 minutes,
                 min_requests,
             } => {
-                let report = key.usage.report(now);
+                let report = key.usage_report(now);
                 let window = report
                     .series
                     .iter()
@@ -246,7 +246,7 @@ impl Rule {
             Condition::QuotaUsed(percent) => {
                 let quota = key.quota?;
                 let (period, _) = quota.window(now);
-                let used = 100.0 * key.usage.quota_used(period) as f64 / quota.limit as f64;
+                let used = 100.0 * key.quota_used(period) as f64 / quota.limit as f64;
                 Some((used, used >= *percent))
             }
         }
@@ -425,12 +425,12 @@ mod tests {
         let state = AlertState::default();
         // Minute T: 2 accepted (one upstream 5xx), 3 refused: 4 of 5 failed, 80 %. A key's
         // usage cell starts with its first count, and its series with the tick after that.
-        key.usage.accepted();
+        key.usage().accepted();
         usage.tick(T);
-        key.usage.accepted();
-        key.usage.outcome(503, None);
+        key.usage().accepted();
+        key.usage().outcome(503, None);
         for _ in 0..3 {
-            key.usage.refused(&Rejection::ScopeDenied);
+            key.usage().refused(&Rejection::ScopeDenied);
         }
         assert_eq!(
             events(&state, &s, T + 30),
@@ -462,10 +462,10 @@ mod tests {
         let (s, usage) = world("    - {name: errors, error_rate_percent: 10, min_requests: 10}\n");
         let key = s.keys().next().unwrap();
         let state = AlertState::default();
-        key.usage.refused(&Rejection::ScopeDenied);
+        key.usage().refused(&Rejection::ScopeDenied);
         usage.tick(T);
         for _ in 0..8 {
-            key.usage.refused(&Rejection::RateLimited(Box::new(
+            key.usage().refused(&Rejection::RateLimited(Box::new(
                 crate::policy::rate::RateHeaders {
                     policy: http::HeaderValue::from_static("x"),
                     budgets: [None, None],
@@ -479,7 +479,7 @@ mod tests {
             Vec::<&str>::new(),
             "9 of 9 failed, under 10 requests"
         );
-        key.usage.refused(&Rejection::ScopeDenied);
+        key.usage().refused(&Rejection::ScopeDenied);
         usage.tick(T + 120);
         assert_eq!(events(&state, &s, T + 120), ["alert.fired"]);
     }
@@ -490,16 +490,16 @@ mod tests {
         let key = s.keys().next().unwrap();
         let state = AlertState::default();
         let quota = key.quota.unwrap();
-        key.usage.quota_used(quota.window(T).0);
+        key.usage().quota_used(quota.window(T).0);
         for _ in 0..7 {
-            key.usage.quota_spend();
+            key.usage().quota_spend();
         }
         assert_eq!(
             events(&state, &s, T + 1),
             Vec::<&str>::new(),
             "7 of 10 is under 80 %"
         );
-        key.usage.quota_spend();
+        key.usage().quota_spend();
         assert_eq!(events(&state, &s, T + 2), ["alert.fired"], "8 of 10");
         assert_eq!(
             events(&state, &s, T + 86_400),

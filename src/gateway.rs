@@ -232,7 +232,7 @@ impl Gateway {
             snapshot
                 .keys()
                 .map(|k| {
-                    let r = k.usage.report(now);
+                    let r = k.usage_report(now);
                     (k.id.clone(), k.namespace.to_string(), r.accepted, r.refused)
                 })
                 .collect()

@@ -77,7 +77,7 @@ pub async fn handle(
         }
     }
     let (route, key) = (admission.route, admission.key);
-    key.usage.accepted();
+    key.usage().accepted();
     let decision = forward::Forward {
         route,
         key,
@@ -116,13 +116,13 @@ pub async fn handle(
     match result {
         Ok(response) => {
             let status = response.status().as_u16();
-            key.usage.outcome(status, None);
+            key.usage().outcome(status, None);
             route.counters.upstream(status);
             response
         }
         Err(rejection) => {
             tracing::debug!(code = rejection.code(), key_id = %key.id, "upstream failed");
-            key.usage.outcome(0, Some(&rejection));
+            key.usage().outcome(0, Some(&rejection));
             route.counters.failed(&rejection);
             rejection.into_response(Some(request_id))
         }
@@ -140,7 +140,7 @@ fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, cli
         .map_or(&gw.metrics.unrouted, |r| &r.counters)
         .refused(rejection);
     match refused.key {
-        Some(key) => key.usage.refused(rejection),
+        Some(key) => key.usage().refused(rejection),
         None => gw.usage.anonymous.refused(rejection),
     }
     if rejection.status() != StatusCode::UNAUTHORIZED {
@@ -294,7 +294,7 @@ pub fn admit<'s, B>(
     }
     let token = credential::extract(req.headers(), snapshot.x_api_key).map_err(on_route)?;
     let key = credential::identify(snapshot, token).map_err(on_route)?;
-    key.usage.seen(now, client);
+    key.usage().seen(now, client);
     let refused = |rejection| Refused {
         rejection,
         route: Some(route),
@@ -335,7 +335,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
         })
     };
     if let Some((q, period, reset)) = quota {
-        let used = key.usage.quota_used(period);
+        let used = key.usage().quota_used(period);
         if used >= q.limit {
             return Err(Rejection::QuotaExceeded(Box::new(RateHeaders {
                 policy: policy.clone(),
@@ -348,7 +348,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
         Some(limiter) => match rate_limit::admit(limiter, clock) {
             Ok(budget) => Some(budget),
             Err((wait, reset)) => {
-                let used = quota.map_or(0, |(_, period, _)| key.usage.quota_used(period));
+                let used = quota.map_or(0, |(_, period, _)| key.usage().quota_used(period));
                 return Err(Rejection::RateLimited(Box::new(RateHeaders {
                     policy: policy.clone(),
                     budgets: [
@@ -366,7 +366,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
         None => None,
     };
     let used = if quota.is_some() {
-        key.usage.quota_spend()
+        key.usage().quota_spend()
     } else {
         0
     };

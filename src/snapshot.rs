@@ -786,7 +786,7 @@ fn compile_entry(
         quota,
         limits_header,
         shared,
-        usage: ctx.usage.for_key(&r.id),
+        usage: ctx.usage.cell_for(&r.id),
         id_header,
         imported: r.imported,
     };

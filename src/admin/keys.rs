@@ -642,7 +642,7 @@ fn usage_json(
     if let Some(key) = snapshot.key_by_id(id) {
         if let Some(quota) = key.quota {
             let (period, end) = quota.window(now);
-            let used = key.usage.quota_used(period);
+            let used = key.quota_used(period);
             set_member(
                 &mut v,
                 "quota",
@@ -717,7 +717,7 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
         .keys()
         .filter(|k| only.is_none_or(|ns| k.namespace.as_str() == ns.as_str()))
     {
-        let r = key.usage.report(now);
+        let r = key.usage_report(now);
         if r.requests() == 0 {
             continue;
         }

@@ -475,11 +475,44 @@ struct UsageFile {
     keys: BTreeMap<String, SavedUsage>,
 }
 
+/// The cells of the keys that have been used, by key id.
+type Registry = Mutex<HashMap<String, Arc<KeyUsage>>>;
+
+/// A key's usage cell in the snapshot, made on the key's first use rather than at load: a
+/// key that is never used costs a pointer here and nothing in the book.
+#[derive(Debug)]
+pub struct UsageCell {
+    cell: OnceLock<Arc<KeyUsage>>,
+    book: Arc<Registry>,
+}
+
+impl UsageCell {
+    /// The key's cell, made (and entered in the book) the first time.
+    pub fn get(&self, id: &str) -> &KeyUsage {
+        self.cell.get_or_init(|| {
+            let mut map = self.book.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(map.entry(id.to_string()).or_default())
+        })
+    }
+
+    /// The key's cell if it was ever used: for reports, which must not make cells.
+    pub fn used(&self, id: &str) -> Option<Arc<KeyUsage>> {
+        if let Some(cell) = self.cell.get() {
+            return Some(Arc::clone(cell));
+        }
+        self.book
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+}
+
 /// Every key's usage, by key id.
 #[derive(Debug)]
 pub struct UsageBook {
     path: Option<PathBuf>,
-    by_id: Mutex<HashMap<String, Arc<KeyUsage>>>,
+    by_id: Arc<Registry>,
     /// Refusals that never identified a key.
     pub anonymous: Arc<KeyUsage>,
     /// A fingerprint of what was last flushed, to skip writing an unchanged book.
@@ -491,7 +524,7 @@ impl UsageBook {
     pub fn in_memory() -> Self {
         UsageBook {
             path: None,
-            by_id: Mutex::new(HashMap::new()),
+            by_id: Arc::default(),
             anonymous: Arc::default(),
             flushed: Mutex::new(0),
         }
@@ -511,16 +544,23 @@ impl UsageBook {
             .collect();
         UsageBook {
             path: Some(path),
-            by_id: Mutex::new(by_id),
+            by_id: Arc::new(Mutex::new(by_id)),
             anonymous: Arc::new(anonymous),
             flushed: Mutex::new(0),
         }
     }
 
-    /// The usage cell of a key, made on first sight.
-    pub fn for_key(&self, id: &str) -> Arc<KeyUsage> {
-        let mut map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(id.to_string()).or_default().clone()
+    /// A cell for a key in a snapshot: the key's cell if it has one (usage from an earlier
+    /// run, or a use under an earlier snapshot), else one made on first use.
+    pub fn cell_for(&self, id: &str) -> UsageCell {
+        let cell = OnceLock::new();
+        if let Some(used) = self.get(id) {
+            let _ = cell.set(used);
+        }
+        UsageCell {
+            cell,
+            book: Arc::clone(&self.by_id),
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<KeyUsage>> {
@@ -689,7 +729,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.json");
         let book = UsageBook::open(path.clone());
-        let u = book.for_key("k1");
+        let cell = book.cell_for("k1");
+        assert!(
+            book.get("k1").is_none(),
+            "a cell is made on first use, not before"
+        );
+        let u = cell.get("k1");
         book.tick(T0);
         u.seen(T0, "10.1.2.3".parse().unwrap());
         u.accepted();

@@ -19,7 +19,7 @@ use http::HeaderValue;
 use crate::keys::Status;
 use crate::pipeline::rate_limit::KeyLimiter;
 use crate::pipeline::shared_limit::SharedPolicy;
-use crate::pipeline::usage::KeyUsage;
+use crate::pipeline::usage::{KeyUsage, UsageCell, UsageReport};
 use crate::policy::net::CidrSet;
 use crate::policy::quota::Quota;
 use crate::policy::scope::ScopeSet;
@@ -114,6 +114,28 @@ impl Interner {
     }
 }
 
+impl KeyEntry {
+    /// The key's usage cell, made on its first use.
+    pub fn usage(&self) -> &KeyUsage {
+        self.usage.get(&self.id)
+    }
+
+    /// The key's usage as reported, without making a cell for a key never used.
+    pub fn usage_report(&self, now: i64) -> UsageReport {
+        self.usage
+            .used(&self.id)
+            .map(|u| u.report(now))
+            .unwrap_or_default()
+    }
+
+    /// How much of the quota period `period` the key has used, without making a cell.
+    pub fn quota_used(&self, period: i64) -> u64 {
+        self.usage
+            .used(&self.id)
+            .map_or(0, |u| u.quota_used(period))
+    }
+}
+
 /// One key, compiled for the request path.
 #[derive(Debug)]
 pub struct KeyEntry {
@@ -133,7 +155,7 @@ pub struct KeyEntry {
     /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then
     /// `limiter` and `quota` above are this node's share, for `fail_mode: local`.
     pub shared: Option<SharedPolicy>,
-    pub usage: Arc<KeyUsage>,
+    pub usage: UsageCell,
     pub id_header: HeaderValue,
     /// The key was imported (its secret was not made by keygate).
     pub imported: bool,
@@ -353,7 +375,7 @@ mod tests {
             quota: None,
             limits_header: None,
             shared: None,
-            usage: Arc::default(),
+            usage: crate::pipeline::usage::UsageBook::in_memory().cell_for(id),
             id_header: HeaderValue::from_static("x"),
             imported,
         }
