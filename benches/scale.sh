@@ -9,6 +9,7 @@
 #
 #   cargo build --release && benches/scale.sh
 #   SIZES=100000 CREATES=9 benches/scale.sh
+#   BIN=/path/to/other/keygate benches/scale.sh      (another build, for a same-day comparison)
 #
 # Needs nginx (the upstream) and curl; loopback only; every process is stopped by its own PID.
 # The file store only: it is the one store kind that exists today (see PERFORMANCE.md).
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-"100000 1000000"}
 CREATES=${CREATES:-5}
-BIN=target/release/keygate
+BIN=${BIN:-target/release/keygate}
 PROXY=127.0.0.1:18183
 ADMIN=127.0.0.1:18193
 export KEYGATE_ADMIN_TOKEN=scale-bench-admin-token
