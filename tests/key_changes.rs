@@ -221,3 +221,50 @@ async fn a_write_by_another_process_in_between_is_read_whole() {
     );
     gw.stop().await;
 }
+
+/// A delta hands the changed key the same rate-limit bucket when its limit did not change,
+/// so editing a key never refills its budget; a new limit starts a new bucket.
+#[tokio::test]
+async fn a_delta_keeps_the_bucket_of_an_unchanged_limit() {
+    let (_up, gw) = setup().await;
+    let (id, key) = create(
+        &gw,
+        json!({"namespace": "acme", "environment": "production", "rate_limit": "2/h", "burst": 2}),
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(proxy(&gw, &key, "/v1/x").await.0, 200);
+    }
+    assert_eq!(
+        proxy(&gw, &key, "/v1/x").await,
+        (429, "rate_limited".into())
+    );
+
+    let path = format!("/v1/api-keys/{id}");
+    let a = admin(&gw, "PATCH", &path, Some(json!({"note": "edited"}))).await;
+    assert_eq!(a.status, 200, "{:?}", a.json());
+    assert_eq!(
+        proxy(&gw, &key, "/v1/x").await,
+        (429, "rate_limited".into()),
+        "an edit refilled the bucket"
+    );
+
+    let a = admin(
+        &gw,
+        "PATCH",
+        &path,
+        Some(json!({"rate_limit": "3/h", "burst": 3})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.json());
+    assert_eq!(
+        proxy(&gw, &key, "/v1/x").await.0,
+        200,
+        "a new limit, a new bucket"
+    );
+    assert_eq!(
+        counter(gw.admin, "keygate_key_changes_applied_total").await,
+        3
+    );
+    gw.stop().await;
+}
