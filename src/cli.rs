@@ -375,16 +375,14 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             Ok(())
         }
         KeysCommand::Show { id, json } => {
-            let (file, _) = store.load().map_err(|e| config_errors(&e))?;
-            let record = file
-                .keys
-                .iter()
-                .find(|r| r.id == id)
+            let record = store
+                .get(&id)
+                .map_err(flag_error)?
                 .ok_or_else(|| KeyError::NotFound(id).to_string())?;
             if json {
-                print_json(&view(record));
+                print_json(&view(&record));
             } else {
-                print_record(&view(record));
+                print_record(&view(&record));
             }
             Ok(())
         }

@@ -173,10 +173,11 @@ fn default_auth_failures_per_minute() -> u32 {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `file` (default) or `redis`.
+    /// `file` (default), `sqlite` or `redis`.
     #[serde(default)]
     pub kind: StoreKind,
-    /// For `file`: the store's path, relative to this file (default: `keys_file`).
+    /// For `file` and `sqlite`: the store's path, relative to this file (default:
+    /// `keys_file` for a file, `keys.db` for a database).
     #[serde(default)]
     pub path: Option<String>,
     /// For `redis`: `redis://[user:password@]host:port[/db]`.
@@ -192,6 +193,7 @@ pub struct StoreConfig {
 pub enum StoreKind {
     #[default]
     File,
+    Sqlite,
     Redis,
 }
 
@@ -650,7 +652,11 @@ impl Config {
     pub fn keys_path(&self, config_path: &Path) -> PathBuf {
         relative_to(
             config_path,
-            self.store.path.as_deref().unwrap_or(&self.keys_file),
+            match (&self.store.path, self.store.kind) {
+                (Some(path), _) => path,
+                (None, StoreKind::Sqlite) => "keys.db",
+                (None, _) => &self.keys_file,
+            },
         )
     }
 

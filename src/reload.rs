@@ -17,6 +17,7 @@ use crate::audit::AuditEvent;
 use crate::config::ConfigError;
 use crate::gateway::Gateway;
 use crate::keys::redis_store::{Change, RedisStore};
+use crate::keys::sqlite_store::Feed;
 use crate::keys::KeyRecord;
 use crate::snapshot::{Fingerprint, Written};
 
@@ -39,7 +40,7 @@ pub enum Trigger<'a> {
     /// A key change through the admin API, made live before the API answers.
     KeyChange(&'a str),
     /// The Redis store published a new version (another node or the CLI changed a key), or
-    /// this node resubscribed and resyncs.
+    /// this node resubscribed and resyncs; or a SQLite store's change feed moved on.
     StoreChange,
 }
 
@@ -61,6 +62,14 @@ impl Trigger<'_> {
     }
 }
 
+fn outcome_of(s: &crate::snapshot::Snapshot) -> ReloadOutcome {
+    ReloadOutcome {
+        generation: s.generation,
+        keys: s.key_count(),
+        routes: s.routes.len(),
+    }
+}
+
 /// Rebuilds the snapshot from the files and swaps it in if it is valid.
 pub async fn reload(
     gw: &Arc<Gateway>,
@@ -68,11 +77,6 @@ pub async fn reload(
 ) -> Result<ReloadOutcome, Vec<ConfigError>> {
     let _one_at_a_time = gw.reload_lock.lock().await;
     let current = gw.snapshot.load_full();
-    let outcome_of = |s: &crate::snapshot::Snapshot| ReloadOutcome {
-        generation: s.generation,
-        keys: s.key_count(),
-        routes: s.routes.len(),
-    };
     if !trigger.forced() && Fingerprint::current(&current) == current.fingerprint {
         return Ok(outcome_of(&current));
     }
@@ -142,6 +146,20 @@ pub async fn apply_key_changes(
     {
         let _one_at_a_time = gw.reload_lock.lock().await;
         let current = gw.snapshot.load_full();
+        if let Some(Written::Feed { before, after }) = written {
+            // The feed's follower may have applied this write already; or another process
+            // wrote in between, and the feed says what changed since the snapshot.
+            if current.store_version.is_some_and(|v| v >= after) {
+                return Ok(outcome_of(&current));
+            }
+            if current.store_version != Some(before) {
+                drop(_one_at_a_time);
+                catch_up(gw)
+                    .await
+                    .map_err(|e| vec![ConfigError::whole_file(current.store.path(), e)])?;
+                return Ok(outcome_of(&gw.snapshot.load()));
+            }
+        }
         let follows = match &written {
             Some(w) => current.follows(w),
             None => current.store.redis().is_some(),
@@ -149,11 +167,7 @@ pub async fn apply_key_changes(
         if follows && !records.is_empty() {
             match gw.next_with_key_changes(&current, &records, written.as_ref()) {
                 Ok(next) => {
-                    let outcome = ReloadOutcome {
-                        generation: next.generation,
-                        keys: next.key_count(),
-                        routes: next.routes.len(),
-                    };
+                    let outcome = outcome_of(&next);
                     let ids: Vec<String> = records.into_iter().map(|r| r.id).collect();
                     gw.install_key_changes(next, &ids);
                     gw.key_changes.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +220,24 @@ async fn apply_store_delta(
     ids: &[String],
 ) -> bool {
     let fetch = (redis.clone(), ids.to_vec());
-    let records = match tokio::task::spawn_blocking(move || fetch.0.records(&fetch.1)).await {
+    let read = tokio::task::spawn_blocking(move || fetch.0.records(&fetch.1)).await;
+    let Some(from) = version.checked_sub(1) else {
+        return false;
+    };
+    apply_fetched(gw, read, from, version, ids).await
+}
+
+/// Applies records read for a store change to the snapshot in force, if it is still at the
+/// store version `from`, making it `to`. False if that cannot be done exactly: the records
+/// could not all be read, another change came in between, or the delta is refused.
+async fn apply_fetched(
+    gw: &Arc<Gateway>,
+    read: Result<Result<Option<Vec<KeyRecord>>, String>, tokio::task::JoinError>,
+    from: u64,
+    to: u64,
+    ids: &[String],
+) -> bool {
+    let records = match read {
         Ok(Ok(Some(records))) => records,
         Ok(Err(error)) => {
             tracing::warn!(%error, "could not read the changed keys; reading the whole set");
@@ -216,18 +247,18 @@ async fn apply_store_delta(
     };
     let _one_at_a_time = gw.reload_lock.lock().await;
     let current = gw.snapshot.load_full();
-    if current.store_version != version.checked_sub(1) {
+    if current.store_version != Some(from) {
         return false;
     }
     match gw.next_with_key_changes(&current, &records, None) {
         Ok(mut next) => {
-            next.store_version = Some(version);
+            next.store_version = Some(to);
             let generation = next.generation;
             gw.install_key_changes(next, ids);
             gw.key_changes.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 generation,
-                version,
+                version = to,
                 changed = ids.len(),
                 "key change from the store applied"
             );
@@ -240,6 +271,73 @@ async fn apply_store_delta(
             false
         }
     }
+}
+
+/// How often the gateway reads a SQLite store's change feed.
+pub const FEED_POLL: Duration = Duration::from_millis(250);
+
+/// Follows a SQLite store's change feed: every [`FEED_POLL`], the snapshot catches up with
+/// it ([`catch_up`]). While the database cannot be read, the node keeps serving the keys it
+/// has, and says so once.
+pub async fn follow_feed(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(FEED_POLL) => {}
+            _ = stop.changed() => return,
+        }
+        if gw.snapshot.load().store.database().is_none() {
+            return;
+        }
+        match catch_up(&gw).await {
+            Ok(()) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("the key store's change feed can be read again");
+                }
+            }
+            Err(error) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(%error, "cannot read the key store's change feed; serving the keys held until it can");
+                }
+            }
+        }
+    }
+}
+
+/// Brings the snapshot in force up to a SQLite store's change feed: the keys changed since
+/// the snapshot's feed number are read and applied as a delta. A bulk write, or a feed that
+/// no longer reaches back far enough, reads the whole store.
+async fn catch_up(gw: &Arc<Gateway>) -> Result<(), String> {
+    let snapshot = gw.snapshot.load_full();
+    let Some(held) = snapshot.store_version else {
+        return Ok(());
+    };
+    let store = snapshot.store.clone();
+    drop(snapshot);
+    let read = tokio::task::spawn_blocking(move || {
+        let db = store
+            .database()
+            .ok_or_else(|| "not a database".to_string())?;
+        let feed = db.changes_since(held)?;
+        let records = match &feed {
+            Feed::Keys { ids, .. } => db.records(ids)?,
+            _ => None,
+        };
+        Ok::<_, String>((feed, records))
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let delta = match read? {
+        (Feed::Current, _) => return Ok(()),
+        (Feed::Keys { to, ids }, records) => {
+            apply_fetched(gw, Ok(Ok(records)), held, to, &ids).await
+        }
+        (Feed::Everything, _) => false,
+    };
+    if !delta {
+        let _ = reload(gw, Trigger::StoreChange).await;
+    }
+    Ok(())
 }
 
 /// Follows a Redis store's change stream: every version published by a write elsewhere

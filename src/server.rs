@@ -113,6 +113,12 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         )),
         tokio::spawn(housekeeping(gateway.clone(), rest_stop.clone())),
     ];
+    if snapshot.store.database().is_some() {
+        rest.push(tokio::spawn(crate::reload::follow_feed(
+            gateway.clone(),
+            rest_stop.clone(),
+        )));
+    }
     if snapshot.store.redis().is_some() {
         rest.push(tokio::spawn(crate::reload::follow_store(
             gateway.clone(),

@@ -92,7 +92,8 @@ pub struct Snapshot {
     pub config_path: PathBuf,
     /// Where the keys were read from, and where key changes are written.
     pub store: Store,
-    /// For a Redis store: the version the keys were read at.
+    /// For a Redis store, the version the keys were read at; for a SQLite store, the change
+    /// feed's number.
     pub store_version: Option<u64>,
     /// With `rate_limit.backend: redis`: the shared limiter.
     pub shared_limits: Option<Arc<SharedLimiter>>,
@@ -115,12 +116,7 @@ impl Fingerprint {
 
     /// The file store's stamp (the second file), when the keys are in a file.
     fn store(&self, snapshot: &Snapshot) -> Option<&FileStamp> {
-        snapshot
-            .store
-            .redis()
-            .is_none()
-            .then(|| self.0.get(1))
-            .flatten()
+        snapshot.store.is_file().then(|| self.0.get(1)).flatten()
     }
 }
 
@@ -231,9 +227,10 @@ impl Snapshot {
     /// another process wrote in between: then only a whole build is exact. A Redis store's
     /// writes always follow (other nodes' changes reach this one through its change stream).
     pub fn follows(&self, written: &Written) -> bool {
-        match self.fingerprint.store(self) {
-            Some(stamp) => *stamp == written.before,
-            None => self.store.redis().is_some(),
+        match (written, self.fingerprint.store(self)) {
+            (Written::File { before, .. }, Some(stamp)) => stamp == before,
+            (Written::Feed { before, .. }, None) => self.store_version == Some(*before),
+            _ => false,
         }
     }
 
@@ -249,11 +246,16 @@ impl Snapshot {
     ) -> Result<Snapshot, Vec<ConfigError>> {
         let mut next = self.clone();
         next.generation = ctx.generation;
-        // The store file now holds this write; the file watch need not read it again.
-        if let (Some(w), true) = (written, self.store.redis().is_none()) {
-            if let Some(slot) = next.fingerprint.0.get_mut(1) {
-                *slot = w.after;
+        // The store now holds this write: the file watch need not read the file again, and
+        // the change feed's follower skips what the snapshot has.
+        match written {
+            Some(Written::File { after, .. }) if self.store.is_file() => {
+                if let Some(slot) = next.fingerprint.0.get_mut(1) {
+                    *slot = *after;
+                }
             }
+            Some(Written::Feed { after, .. }) => next.store_version = Some(*after),
+            _ => {}
         }
         let mut p = Problems::default();
         for r in records {

@@ -15,7 +15,7 @@ use crate::audit::{self, AuditEvent};
 use crate::body::ResponseBody;
 use crate::clock::rfc3339;
 use crate::keys::lifecycle::Op;
-use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, NewKey, Status};
+use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, ListQuery, NewKey, Status};
 use crate::pipeline::usage::UsageReport;
 use crate::rejection::Rejection;
 
@@ -174,7 +174,17 @@ async fn change<T: Wrote + Send + 'static>(
     Ok((done, warnings))
 }
 
-/// Reads the store on a blocking thread.
+/// Reads the key the call names from the store, on a blocking thread.
+async fn record(call: &Call<'_>) -> Result<KeyRecord, Rejection> {
+    let store = call.gw.snapshot.load().store.clone();
+    let id = call.id.to_string();
+    tokio::task::spawn_blocking(move || store.get(&id))
+        .await
+        .map_err(|_| Rejection::Internal)??
+        .ok_or(Rejection::KeyNotFound)
+}
+
+/// Reads the whole store on a blocking thread.
 async fn records(call: &Call<'_>) -> Result<Vec<KeyRecord>, Rejection> {
     let store = call.gw.snapshot.load().store.clone();
     tokio::task::spawn_blocking(move || store.load())
@@ -384,24 +394,10 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
         .map(|s| s.to_lowercase())
         .filter(|s| !s.is_empty());
     let namespace = params.get("namespace").filter(|s| !s.is_empty());
-    let now = call.gw.clock.unix_secs();
-    let mut keys = records(call).await?;
-    keys.retain(|r| {
-        (status == "all" || r.effective_status(now) == status)
-            && namespace.is_none_or(|ns| &r.namespace == ns)
-            && search
-                .as_ref()
-                .is_none_or(|s| r.name.to_lowercase().contains(s) || r.id.starts_with(s.as_str()))
-    });
-    keys.sort_by(|a, b| {
-        b.created_at
-            .cmp(&a.created_at)
-            .then_with(|| a.id.cmp(&b.id))
-    });
     // The cursor is the sort position of the last key shown (`<created_at>~<id>`), so a page
     // boundary survives keys changing status or going away in between.
-    let start = match params.get("cursor").filter(|c| !c.is_empty()) {
-        None => 0,
+    let after = match params.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
         Some(cursor) => {
             let (at, id) = cursor.split_once('~').ok_or_else(|| {
                 bad_param(
@@ -409,15 +405,22 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
                     "the cursor is not from this listing; start again without it",
                 )
             })?;
-            keys.iter()
-                .position(|r| {
-                    r.created_at.as_str() < at || (r.created_at == at && r.id.as_str() > id)
-                })
-                .unwrap_or(keys.len())
+            Some((at.to_string(), id.to_string()))
         }
     };
-    let page: Vec<_> = keys.iter().skip(start).take(limit).collect();
-    let next_cursor = (start.saturating_add(page.len()) < keys.len())
+    let query = ListQuery {
+        status: status.to_string(),
+        namespace: namespace.cloned(),
+        search,
+        limit,
+        after,
+        now: call.gw.clock.unix_secs(),
+    };
+    let store = call.gw.snapshot.load().store.clone();
+    let (page, more) = tokio::task::spawn_blocking(move || store.list(&query))
+        .await
+        .map_err(|_| Rejection::Internal)??;
+    let next_cursor = more
         .then(|| page.last().map(|r| format!("{}~{}", r.created_at, r.id)))
         .flatten();
     let shared = shared_usage(call, page.iter().map(|r| r.id.clone()).collect()).await;
@@ -433,11 +436,7 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
 
 /// `GET /v1/api-keys/{id}`.
 pub(crate) async fn get(call: &Call<'_>) -> Answer {
-    let keys = records(call).await?;
-    let record = keys
-        .iter()
-        .find(|r| r.id == call.id)
-        .ok_or(Rejection::KeyNotFound)?;
+    let record = &record(call).await?;
     let shared = shared_usage(call, vec![record.id.clone()]).await;
     Ok(json(
         StatusCode::OK,
@@ -660,11 +659,7 @@ fn usage_json(
 
 /// `GET /v1/api-keys/{id}/usage`.
 pub(crate) async fn key_usage(call: &Call<'_>) -> Answer {
-    let keys = records(call).await?;
-    let record = keys
-        .iter()
-        .find(|r| r.id == call.id)
-        .ok_or(Rejection::KeyNotFound)?;
+    let record = record(call).await?;
     let now = call.gw.clock.unix_secs();
     let shared = shared_usage(call, vec![record.id.clone()])
         .await

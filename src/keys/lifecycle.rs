@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 
 use super::check::{self, check_record, check_text, MAX_NAME_CHARS, MAX_NOTE_CHARS};
+use super::records::Records;
 use super::{
     format, hex, prefix_for, validate_environment, validate_namespace, KeyError, KeyRecord, Status,
     Store, StoreFile,
@@ -376,7 +377,7 @@ fn check_namespace(config: &Config, namespace: &str, environment: &str) -> Resul
 /// Refuses to add `adding` keys to a namespace whose tier is full.
 fn ensure_capacity(
     op: &Op<'_>,
-    file: &StoreFile,
+    records: &mut dyn Records,
     namespace: &str,
     adding: usize,
 ) -> Result<(), KeyError> {
@@ -391,11 +392,7 @@ fn ensure_capacity(
     let Some(max) = op.config.tiers.get(tier).and_then(|t| t.max_keys) else {
         return Ok(());
     };
-    let active = file
-        .keys
-        .iter()
-        .filter(|r| r.namespace == namespace && r.counts_toward_limit(op.now))
-        .count();
+    let active = records.counted(namespace, op.now)?;
     if active.saturating_add(adding) > max as usize {
         return Err(KeyError::LimitReached {
             namespace: namespace.into(),
@@ -443,52 +440,43 @@ pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
             return Err(at("another record in the file has this id".into()));
         }
     }
-    transact(op.store, |file| {
-        let at: std::collections::HashMap<String, usize> = file
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.id.clone(), i))
-            .collect();
+    transact(op.store, |records| {
         let mut done = Loaded {
             added: 0,
             replaced: 0,
         };
         for r in incoming.keys {
-            match at.get(&r.id).and_then(|&i| file.keys.get_mut(i)) {
-                Some(slot) => {
-                    *slot = r;
-                    done.replaced = done.replaced.saturating_add(1);
-                }
-                None => {
-                    file.keys.push(r);
-                    done.added = done.added.saturating_add(1);
-                }
+            if records
+                .hash_owner(&r.hash)?
+                .is_some_and(|owner| owner != r.id)
+            {
+                return Err(KeyError::Import(format!(
+                    "key `{}` has the hash of another key in the store or the file",
+                    r.id
+                )));
             }
-        }
-        let mut hashes = HashSet::with_capacity(file.keys.len());
-        if let Some(r) = file.keys.iter().find(|r| !hashes.insert(r.hash.as_str())) {
-            return Err(KeyError::Import(format!(
-                "key `{}` has the hash of another key in the store or the file",
-                r.id
-            )));
+            if records.id_taken(&r.id)? {
+                done.replaced = done.replaced.saturating_add(1);
+            } else {
+                done.added = done.added.saturating_add(1);
+            }
+            records.put(r)?;
         }
         Ok(done)
     })
 }
 
-/// One locked read-modify-write of the store.
+/// One locked read-modify-write of the store: all of it is written, or none.
 fn transact<T>(
     store: &Store,
-    change: impl FnOnce(&mut StoreFile) -> Result<T, KeyError>,
+    change: impl FnOnce(&mut dyn Records) -> Result<T, KeyError>,
 ) -> Result<T, KeyError> {
     store.transact(change)
 }
 
-fn find<'f>(file: &'f mut StoreFile, id: &str) -> Result<&'f mut KeyRecord, KeyError> {
-    file.keys
-        .iter_mut()
-        .find(|r| r.id == id)
+fn find(records: &mut dyn Records, id: &str) -> Result<KeyRecord, KeyError> {
+    records
+        .get(id)?
         .ok_or_else(|| KeyError::NotFound(id.to_string()))
 }
 
@@ -523,27 +511,25 @@ fn new_secret(prefix: &str) -> Result<(String, String), KeyError> {
 }
 
 /// The first 8 hex digits of the hash, lengthened until no other key has it.
-fn unique_id(hash_hex: &str, taken: impl Fn(&str) -> bool) -> String {
-    (8..=hash_hex.len())
-        .map(|n| &hash_hex[..n])
-        .find(|id| !taken(id))
-        .unwrap_or(hash_hex)
-        .to_string()
-}
-
-fn id_taken(file: &StoreFile) -> impl Fn(&str) -> bool + '_ {
-    |id| file.keys.iter().any(|r| r.id == id)
+fn unique_id(hash_hex: &str, records: &mut dyn Records) -> Result<String, KeyError> {
+    for n in 8..hash_hex.len() {
+        let id = hash_hex.get(..n).unwrap_or(hash_hex);
+        if !records.id_taken(id)? {
+            return Ok(id.to_string());
+        }
+    }
+    Ok(hash_hex.to_string())
 }
 
 /// Creates a key: returns its record and the secret, which exists nowhere else.
 pub fn create(op: Op<'_>, new: NewKey) -> Result<(KeyRecord, String), KeyError> {
     let prefix = new.check(op.config, op.now)?.prefix;
     let (secret, hash) = new_secret(&prefix)?;
-    let record = transact(op.store, |file| {
-        ensure_capacity(&op, file, &new.namespace, 1)?;
-        let id = unique_id(&hash, id_taken(file));
+    let record = transact(op.store, |records| {
+        ensure_capacity(&op, records, &new.namespace, 1)?;
+        let id = unique_id(&hash, records)?;
         let record = new.into_record(op.config, op.now, op.actor, id, &hash)?;
-        file.keys.push(record.clone());
+        records.put(record.clone())?;
         Ok(record)
     })?;
     Ok((record, secret))
@@ -551,11 +537,11 @@ pub fn create(op: Op<'_>, new: NewKey) -> Result<(KeyRecord, String), KeyError> 
 
 /// Disables, enables or revokes a key. Revocation is final; revoking twice is a no-op.
 pub fn set_status(op: Op<'_>, id: &str, status: Status) -> Result<KeyRecord, KeyError> {
-    transact(op.store, |file| {
-        let record = find(file, id)?;
+    transact(op.store, |records| {
+        let record = find(records, id)?;
         if record.status == Status::Revoked {
             return if status == Status::Revoked {
-                Ok(record.clone())
+                Ok(record)
             } else {
                 Err(KeyError::Revoked(id.to_string()))
             };
@@ -566,17 +552,18 @@ pub fn set_status(op: Op<'_>, id: &str, status: Status) -> Result<KeyRecord, Key
         if status == Status::Revoked {
             next.revoked_at = Some(rfc3339(op.now));
         }
-        *record = checked(next, op.config)?;
-        Ok(record.clone())
+        let next = checked(next, op.config)?;
+        records.put(next.clone())?;
+        Ok(next)
     })
 }
 
 /// Gives a key a new secret; the old one is refused from the next request. The id, settings,
 /// usage history and rate-limit bucket stay with the key.
 pub fn regenerate(op: Op<'_>, id: &str) -> Result<(KeyRecord, String), KeyError> {
-    transact(op.store, |file| {
-        let record = find(file, id)?;
-        not_revoked(record)?;
+    transact(op.store, |records| {
+        let record = find(records, id)?;
+        not_revoked(&record)?;
         let prefix = prefix_for(op.config, &record.namespace, &record.environment);
         let (secret, hash) = new_secret(&prefix)?;
         let mut next = record.clone();
@@ -585,8 +572,9 @@ pub fn regenerate(op: Op<'_>, id: &str) -> Result<(KeyRecord, String), KeyError>
         next.imported = false;
         next.regenerated_at = Some(rfc3339(op.now));
         next.updated_at = next.regenerated_at.clone();
-        *record = checked(next, op.config)?;
-        Ok((record.clone(), secret))
+        let next = checked(next, op.config)?;
+        records.put(next.clone())?;
+        Ok((next, secret))
     })
 }
 
@@ -599,17 +587,9 @@ pub fn rotate(
     grace_secs: u64,
 ) -> Result<(KeyRecord, String, KeyRecord), KeyError> {
     check_grace(grace_secs)?;
-    transact(op.store, |file| {
-        let at = file
-            .keys
-            .iter()
-            .position(|r| r.id == id)
-            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
-        let old = file
-            .keys
-            .get(at)
-            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
-        not_revoked(old)?;
+    transact(op.store, |records| {
+        let old = find(records, id)?;
+        not_revoked(&old)?;
         if let Some(next) = &old.rotated_to {
             if old.effective_status(op.now) != "expired" {
                 return Err(KeyError::Rotating {
@@ -620,7 +600,7 @@ pub fn rotate(
         }
         let prefix = prefix_for(op.config, &old.namespace, &old.environment);
         let (secret, hash) = new_secret(&prefix)?;
-        let new_id = unique_id(&hash, id_taken(file));
+        let new_id = unique_id(&hash, records)?;
         // The new key gets the old one's lifetime, counted from now.
         let lifetime = old
             .expires_at_unix()
@@ -654,10 +634,8 @@ pub fn rotate(
         retiring.rotated_to = Some(new_id);
         retiring.updated_at = Some(rfc3339(op.now));
         let retiring = checked(retiring, op.config)?;
-        if let Some(slot) = file.keys.get_mut(at) {
-            *slot = retiring.clone();
-        }
-        file.keys.push(new.clone());
+        records.put(retiring.clone())?;
+        records.put(new.clone())?;
         Ok((new, secret, retiring))
     })
 }
@@ -665,10 +643,11 @@ pub fn rotate(
 /// Changes a key's name, scopes, CIDRs, limits, expiry or note.
 pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyError> {
     patch.check(op.now)?;
-    transact(op.store, |file| {
-        let record = find(file, id)?;
-        patch.apply(record, op.config, op.now)?;
-        Ok(record.clone())
+    transact(op.store, |records| {
+        let mut record = find(records, id)?;
+        patch.apply(&mut record, op.config, op.now)?;
+        records.put(record.clone())?;
+        Ok(record)
     })
 }
 
@@ -778,20 +757,17 @@ pub fn import(
             entry.scopes,
         ));
     }
-    transact(op.store, |file| {
-        ensure_capacity(&op, file, namespace, prepared.len())?;
-        let mut hashes: HashSet<String> = file.keys.iter().map(|r| r.hash.clone()).collect();
-        let mut ids: HashSet<String> = file.keys.iter().map(|r| r.id.clone()).collect();
+    transact(op.store, |records| {
+        ensure_capacity(&op, records, namespace, prepared.len())?;
         let mut added = Vec::with_capacity(prepared.len());
         for (line, hash, prefix, imported, name, scopes) in prepared {
             let hash_text = format!("sha256:{hash}");
-            if !hashes.insert(hash_text.clone()) {
+            if records.hash_owner(&hash_text)?.is_some() {
                 return Err(KeyError::Import(format!(
                     "line {line}: this key is already in the store or earlier in the file"
                 )));
             }
-            let id = unique_id(&hash, |id| ids.contains(id));
-            ids.insert(id.clone());
+            let id = unique_id(&hash, records)?;
             let record = KeyRecord {
                 id,
                 hash: hash_text,
@@ -816,12 +792,11 @@ pub fn import(
                 rotated_to: None,
                 imported,
             };
-            added.push(
-                checked(record, op.config)
-                    .map_err(|e| KeyError::Import(format!("line {line}: {e}")))?,
-            );
+            let record = checked(record, op.config)
+                .map_err(|e| KeyError::Import(format!("line {line}: {e}")))?;
+            records.put(record.clone())?;
+            added.push(record);
         }
-        file.keys.extend(added.iter().cloned());
         Ok(added)
     })
 }
@@ -846,8 +821,11 @@ mod tests {
     #[test]
     fn ids_lengthen_only_on_collision() {
         let hash = "0123456789abcdef".repeat(4);
-        assert_eq!(unique_id(&hash, |_| false), "01234567");
-        assert_eq!(unique_id(&hash, |id| id == "01234567"), "012345678");
+        let mut file = StoreFile::default();
+        let mut records = super::super::records::DocumentRecords::new(&mut file);
+        assert_eq!(unique_id(&hash, &mut records).unwrap(), "01234567");
+        records.put(crate::keys::tests::record("01234567")).unwrap();
+        assert_eq!(unique_id(&hash, &mut records).unwrap(), "012345678");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 pub mod check;
 pub mod format;
 pub mod lifecycle;
+pub mod records;
 pub mod redis_store;
+pub mod sqlite_store;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +17,7 @@ pub use lifecycle::{
     create, export, import, load, parse_import, regenerate, rotate, set_status, update,
     ImportEntry, KeyPatch, Loaded, NewKey,
 };
-pub use store::{Store, StoreFile};
+pub use store::{ListQuery, Store, StoreFile};
 
 /// A key's stored status. `expired` is not stored: it follows from `expires_at`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,7 +215,8 @@ pub enum KeyError {
     Io(#[from] std::io::Error),
     #[error("the OS random source failed: {0}")]
     Random(String),
-    /// The store is in Redis, and Redis cannot be reached.
+    /// The store is in Redis and Redis cannot be reached, or the database cannot be used
+    /// (unreadable, corrupt, or locked by another writer past the busy timeout).
     #[error("{0}")]
     Unavailable(String),
 }

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::records::{DocumentRecords, Records};
 use super::{KeyError, KeyRecord};
 use crate::keys::store::StoreFile;
 
@@ -205,7 +206,7 @@ impl RedisStore {
     /// the records it changed are written, with the version bump, in one script.
     pub fn transact<T>(
         &self,
-        change: impl FnOnce(&mut StoreFile) -> Result<T, KeyError>,
+        change: impl FnOnce(&mut dyn Records) -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
         let mut con = self.connect().map_err(KeyError::Unavailable)?;
         let token = lock_token();
@@ -252,7 +253,7 @@ impl RedisStore {
         &self,
         con: &mut redis::Connection,
         token: &str,
-        change: impl FnOnce(&mut StoreFile) -> Result<T, KeyError>,
+        change: impl FnOnce(&mut dyn Records) -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
         let (records, _) = self.read(con).map_err(KeyError::Unavailable)?;
         let before: HashMap<String, String> = records
@@ -263,7 +264,7 @@ impl RedisStore {
             keys: records,
             ..StoreFile::default()
         };
-        let out = change(&mut file)?;
+        let out = change(&mut DocumentRecords::new(&mut file))?;
         let apply = redis::Script::new(APPLY);
         let mut script = apply.prepare_invoke();
         script

@@ -1,9 +1,11 @@
-//! The key store on disk: a YAML file with one key per line (each a JSON-style flow mapping,
-//! which is valid YAML), so diffs and greps read well and an editor can change it by hand.
+//! The key store, whatever its kind: the YAML file (below), Redis ([`super::redis_store`]) or
+//! SQLite ([`super::sqlite_store`]).
 //!
-//! Writes are atomic (temp file in the same folder, fsync, rename, fsync the folder), so a
-//! reader sees the old store or the new one, never half of one. Writers hold an advisory lock
-//! on `<store>.lock` for the whole read-modify-write, so two `keys create` at once both land.
+//! The file store is a YAML file with one key per line (each a JSON-style flow mapping, which
+//! is valid YAML), so diffs and greps read well and an editor can change it by hand. Writes
+//! are atomic (temp file in the same folder, fsync, rename, fsync the folder), so a reader
+//! sees the old store or the new one, never half of one. Writers hold an advisory lock on
+//! `<store>.lock` for the whole read-modify-write, so two `keys create` at once both land.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -12,7 +14,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::KeyRecord;
+use super::records::{DocumentRecords, Records};
+use super::redis_store::RedisStore;
+use super::sqlite_store::SqliteStore;
+use super::{KeyError, KeyRecord};
 use crate::config::{parse_yaml, Config, ConfigError, StoreKind};
 
 /// The store's document.
@@ -39,11 +44,37 @@ fn current_version() -> u32 {
     1
 }
 
-/// A key store: a file at a path, or records in Redis (`store.kind: redis`).
+/// One listing request (`GET /v1/api-keys`, `keygate keys list`).
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// `active`, `inactive`, `expired`, `revoked` or `all`.
+    pub status: String,
+    pub namespace: Option<String>,
+    /// Lowercase: a part of the name, or the start of the id.
+    pub search: Option<String>,
+    pub limit: usize,
+    /// The sort position of the last key already shown: `(created_at, id)`.
+    pub after: Option<(String, String)>,
+    pub now: i64,
+}
+
+impl ListQuery {
+    /// Whether `r` belongs in the listing (before the cursor and limit).
+    pub fn matches(&self, r: &KeyRecord) -> bool {
+        (self.status == "all" || r.effective_status(self.now) == self.status)
+            && self.namespace.as_ref().is_none_or(|ns| &r.namespace == ns)
+            && self.search.as_ref().is_none_or(|s| {
+                r.name.to_lowercase().contains(s.as_str()) || r.id.starts_with(s.as_str())
+            })
+    }
+}
+
+/// A key store: a file at a path, records in Redis (`store.kind: redis`), or a SQLite
+/// database (`store.kind: sqlite`).
 #[derive(Debug, Clone)]
 pub struct Store {
     path: PathBuf,
-    redis: Option<std::sync::Arc<super::redis_store::RedisStore>>,
+    backend: Backend,
     /// Set by [`Store::witnessed`]: where a file write notes what it saw.
     witness: Option<Arc<Mutex<Option<Written>>>>,
     /// Set by [`Store::remembering`]: the document as the last write through this handle
@@ -84,12 +115,21 @@ impl FileStamp {
     }
 }
 
-/// What one write to the file store saw, under the writers' lock: the file's stamp before
-/// it was read and after it was replaced.
+#[derive(Debug, Clone)]
+enum Backend {
+    File,
+    Redis(Arc<RedisStore>),
+    Sqlite(Arc<SqliteStore>),
+}
+
+/// What one write saw of the store, under the writers' lock: whether it started from the
+/// store a snapshot was read from, and what the store is after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Written {
-    pub before: FileStamp,
-    pub after: FileStamp,
+pub enum Written {
+    /// The file's stamp before it was read and after it was replaced.
+    File { before: FileStamp, after: FileStamp },
+    /// A SQLite store's change feed number before the transaction and after it.
+    Feed { before: u64, after: u64 },
 }
 
 /// Held while a writer reads, changes and writes the store; dropping it unlocks.
@@ -103,22 +143,32 @@ impl Store {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Store {
             path: path.into(),
-            redis: None,
+            backend: Backend::File,
             witness: None,
             memo: None,
         }
     }
 
-    /// The store a config names: its file, or its Redis.
+    /// The SQLite store at `path`.
+    pub fn sqlite(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        Store {
+            backend: Backend::Sqlite(Arc::new(SqliteStore::new(path.clone()))),
+            ..Store::new(path)
+        }
+    }
+
+    /// The store a config names: its file, its Redis or its database.
     pub fn for_config(config: &Config, config_path: &Path) -> Result<Store, ConfigError> {
         match (config.store.kind, config.store.url.as_deref()) {
             (StoreKind::File, _) => Ok(Store::new(config.keys_path(config_path))),
+            (StoreKind::Sqlite, _) => Ok(Store::sqlite(config.keys_path(config_path))),
             (StoreKind::Redis, Some(url)) => {
-                let redis = super::redis_store::RedisStore::new(url, config.store.prefix())
+                let redis = RedisStore::new(url, config.store.prefix())
                     .map_err(|e| ConfigError::at(config_path, "store.url", e))?;
                 Ok(Store {
                     path: PathBuf::from(redis.shown()),
-                    redis: Some(Arc::new(redis)),
+                    backend: Backend::Redis(Arc::new(redis)),
                     witness: None,
                     memo: None,
                 })
@@ -165,35 +215,108 @@ impl Store {
     }
 
     /// The Redis store, when the keys live in Redis.
-    pub fn redis(&self) -> Option<&super::redis_store::RedisStore> {
-        self.redis.as_deref()
-    }
-
-    /// Reads the store, with its version for Redis (how many writes it has seen).
-    pub fn load_versioned(&self) -> Result<(StoreFile, String, Option<u64>), Vec<ConfigError>> {
-        match &self.redis {
-            Some(redis) => {
-                let (keys, version) = redis
-                    .load()
-                    .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?;
-                let file = StoreFile {
-                    keys,
-                    ..StoreFile::default()
-                };
-                Ok((file, String::new(), Some(version)))
-            }
-            None => self.load().map(|(file, src)| (file, src, None)),
+    pub fn redis(&self) -> Option<&RedisStore> {
+        match &self.backend {
+            Backend::Redis(redis) => Some(redis),
+            _ => None,
         }
     }
 
-    /// One read-modify-write under the writers' lock, written atomically.
+    /// The SQLite store, when the keys live in a database.
+    pub fn database(&self) -> Option<&SqliteStore> {
+        match &self.backend {
+            Backend::Sqlite(db) => Some(db),
+            _ => None,
+        }
+    }
+
+    /// Whether the keys live in a file (and a file watch sees their changes).
+    pub fn is_file(&self) -> bool {
+        matches!(self.backend, Backend::File)
+    }
+
+    /// Reads the store, with its version for Redis (how many writes it has seen) and SQLite
+    /// (its change feed's number).
+    pub fn load_versioned(&self) -> Result<(StoreFile, String, Option<u64>), Vec<ConfigError>> {
+        let (keys, version) = match &self.backend {
+            Backend::File => return self.load().map(|(file, src)| (file, src, None)),
+            Backend::Redis(redis) => redis
+                .load()
+                .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?,
+            Backend::Sqlite(db) => db.load()?,
+        };
+        let file = StoreFile {
+            keys,
+            ..StoreFile::default()
+        };
+        Ok((file, String::new(), Some(version)))
+    }
+
+    /// One read-modify-write under the writers' lock: all of it is written, or none.
     pub fn transact<T>(
         &self,
-        change: impl FnOnce(&mut StoreFile) -> Result<T, super::KeyError>,
-    ) -> Result<T, super::KeyError> {
-        if let Some(redis) = &self.redis {
-            return redis.transact(change);
+        change: impl FnOnce(&mut dyn Records) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        let db = match &self.backend {
+            Backend::Redis(redis) => return redis.transact(change),
+            Backend::Sqlite(db) => db,
+            Backend::File => return self.transact_file(change),
+        };
+        let (out, before, after) = db.transact(change)?;
+        self.witness_write(Written::Feed { before, after });
+        Ok(out)
+    }
+
+    fn witness_write(&self, written: Written) {
+        if let Some(cell) = &self.witness {
+            *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(written);
         }
+    }
+
+    /// One page of the listing: a query with indexes in a database, a filter over every
+    /// record otherwise. Also says whether more follow.
+    pub fn list(&self, q: &ListQuery) -> Result<(Vec<KeyRecord>, bool), KeyError> {
+        if let Some(db) = self.database() {
+            return db.list(q).map_err(KeyError::Unavailable);
+        }
+        let (file, _) = self.load().map_err(KeyError::Store)?;
+        let mut keys: Vec<KeyRecord> = file
+            .keys
+            .into_iter()
+            .filter(|r| {
+                q.matches(r)
+                    && q.after.as_ref().is_none_or(|(at, id)| {
+                        r.created_at.as_str() < at.as_str()
+                            || (&r.created_at == at && r.id.as_str() > id.as_str())
+                    })
+            })
+            .collect();
+        keys.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        let more = keys.len() > q.limit;
+        keys.truncate(q.limit);
+        Ok((keys, more))
+    }
+
+    /// The record with this id.
+    pub fn get(&self, id: &str) -> Result<Option<KeyRecord>, KeyError> {
+        if let Some(db) = self.database() {
+            let records = db
+                .records(&[id.to_string()])
+                .map_err(KeyError::Unavailable)?;
+            return Ok(records.and_then(|r| r.into_iter().next()));
+        }
+        let (file, _) = self.load().map_err(KeyError::Store)?;
+        Ok(file.keys.into_iter().find(|r| r.id == id))
+    }
+
+    fn transact_file<T>(
+        &self,
+        change: impl FnOnce(&mut dyn Records) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
         let lock = self.lock()?;
         let before = FileStamp::of(&self.path);
         // Taken out: a change that fails part-way, or a failed write, leaves no memo behind.
@@ -203,14 +326,12 @@ impl Store {
         });
         let mut file = match remembered {
             Some(file) => file,
-            None => self.load().map_err(super::KeyError::Store)?.0,
+            None => self.load().map_err(KeyError::Store)?.0,
         };
-        let out = change(&mut file)?;
+        let out = change(&mut DocumentRecords::new(&mut file))?;
         self.save(&file, &lock)?;
         let after = FileStamp::of(&self.path);
-        if let Some(cell) = &self.witness {
-            *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(Written { before, after });
-        }
+        self.witness_write(Written::File { before, after });
         if let Some(m) = &self.memo {
             *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(Memo { stamp: after, file });
         }
@@ -220,7 +341,7 @@ impl Store {
     /// Reads the store. A missing file is an empty store. Also returns the text read, so
     /// that later validation errors can be located in it.
     pub fn load(&self) -> Result<(StoreFile, String), Vec<ConfigError>> {
-        if self.redis.is_some() {
+        if !self.is_file() {
             return self.load_versioned().map(|(file, src, _)| (file, src));
         }
         let src = match fs::read_to_string(&self.path) {

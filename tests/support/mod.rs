@@ -264,7 +264,7 @@ impl TestGateway {
 
     pub fn store(&self) -> Store {
         let config = Config::load(&self.config_path).unwrap();
-        Store::new(config.keys_path(&self.config_path))
+        Store::for_config(&config, &self.config_path).unwrap()
     }
 
     pub fn keys_path(&self) -> PathBuf {
