@@ -536,19 +536,23 @@ async fn usage_adds_up_across_nodes() {
     b.stop().await;
 }
 
-/// file → Redis → file: `keys export` from a file store holding every key state, `keys load`
-/// into Redis, exported again from Redis, loaded into a new file store: the same bytes at
-/// every step.
+/// file → SQLite → Redis → file: `keys export` from a file store holding every key state,
+/// `keys load` into a SQLite store, exported from it and loaded into Redis, exported again and
+/// loaded into a new file store: the same bytes at every step.
 #[test]
-fn a_store_moves_from_file_to_redis_and_back_byte_for_byte() {
+fn a_store_moves_from_file_to_sqlite_to_redis_and_back_byte_for_byte() {
     let redis = RedisServer::start();
     let routes = route("/", "127.0.0.1:9".parse().unwrap(), "production", "");
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let redis_store = format!(
         "store: {{kind: redis, url: \"{}\", prefix: kgmove}}\n",
         redis.url()
     );
-    for (dir, extra) in dirs.iter().zip(["", redis_store.as_str(), ""]) {
+    let sqlite_store = "store: {kind: sqlite, path: keys.db}\n";
+    for (dir, extra) in dirs
+        .iter()
+        .zip(["", sqlite_store, redis_store.as_str(), ""])
+    {
         write(
             &dir.path().join("keygate.yaml"),
             &config_yaml(&routes, extra),
