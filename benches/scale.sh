@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# What a key change costs at scale. For each key count in SIZES (default "100000 1000000"):
-# import that many keys with `keygate keys import`, start the gateway (`workers: 1`), then make
-# CREATES keys (default 5) through the admin API one after another, each followed by a proxied
-# request with the new key, and reload once. Prints, per size: import time, store size, start
-# until listening, resident memory after start and after the creates, each create's time until
-# it answered 201 (and their median), whether the next request with the new key was accepted,
-# how the change was applied (delta or reload), and `POST /v1/reload`.
+# What a key change costs at scale. For each store kind in STORES (default "file sqlite") and
+# each key count in SIZES (default "100000 1000000"): import that many keys with `keygate keys
+# import`, start the gateway (`workers: 1`), then make CREATES keys (default 5) through the
+# admin API one after another, each followed by a proxied request with the new key, time list
+# pages, make CHANGES more changes (default 1000 for sqlite, 0 for the file store, which
+# rewrites itself whole on each), and reload once. Prints, per store and size: import time,
+# store size, start until listening, resident memory after start, after the creates and after
+# the changes, each create's time until it answered 201 (and their median), whether the next
+# request with the new key was accepted, how the changes were applied (delta or reload), list
+# page times (median of 5), proxied traffic's p99 under wrk alone and while the admin API takes
+# 100 creates a second (LOAD_SECS, default 10; skipped without wrk), and `POST /v1/reload`.
 #
 #   cargo build --release && benches/scale.sh
-#   SIZES=100000 CREATES=9 benches/scale.sh
+#   STORES=sqlite SIZES=100000 CREATES=9 benches/scale.sh
 #   BIN=/path/to/other/keygate benches/scale.sh      (another build, for a same-day comparison)
 #
 # Needs nginx (the upstream) and curl; loopback only; every process is stopped by its own PID.
-# The file store only: it is the one store kind that exists today (see PERFORMANCE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-"100000 1000000"}
+STORES=${STORES:-"file sqlite"}
 CREATES=${CREATES:-5}
 BIN=${BIN:-target/release/keygate}
 PROXY=127.0.0.1:18183
@@ -47,12 +51,25 @@ counter() {
     awk -v n="$1" '$1 == n { print $2 }'
 }
 
+# Milliseconds of one admin GET, the median of 5.
+get_ms() {
+  for _ in 1 2 3 4 5; do
+    curl -s -o /dev/null -w '%{time_total}\n' -H "Authorization: Bearer $KEYGATE_ADMIN_TOKEN" "http://$ADMIN$1"
+  done | awk '{ printf "%.1f\n", $1 * 1000 }' | median
+}
+
+for kind in $STORES; do
 for n in $SIZES; do
-  dir="$WORK/$n"
+  dir="$WORK/$kind-$n"
   mkdir -p "$dir"
+  case $kind in
+    file) store_line="store: {kind: file, path: keys.yaml}"; store_file=keys.yaml; changes=${CHANGES:-0} ;;
+    sqlite) store_line="store: {kind: sqlite, path: keys.db}"; store_file=keys.db; changes=${CHANGES:-1000} ;;
+    *) echo "unknown store kind $kind" >&2; exit 2 ;;
+  esac
   cat > "$dir/keygate.yaml" <<YAML
 listen: {proxy: $PROXY, admin: $ADMIN}
-keys_file: keys.yaml
+$store_line
 workers: 1
 usage: {flush_interval: 1h}
 routes:
@@ -63,7 +80,7 @@ YAML
   t0=$(now_ms)
   "$BIN" keys import --config "$dir/keygate.yaml" --namespace acme --environment production "$dir/plain.txt" >/dev/null
   import_ms=$(( $(now_ms) - t0 ))
-  store_mb=$(awk -v b="$(stat -c %s "$dir/keys.yaml")" 'BEGIN { printf "%.1f", b / 1e6 }')
+  store_mb=$(du -cb "$dir/$store_file"* | awk 'END { printf "%.1f", $1 / 1e6 }')
   old_key=$(head -1 "$dir/plain.txt")
 
   t0=$(now_ms)
@@ -92,21 +109,56 @@ YAML
     [[ $status == 200 ]] && accepted=$((accepted + 1))
   done
   rss_creates=$(rss_mib "$gw")
+  list_ms=$(get_ms "/v1/api-keys?limit=50")
+  list_page2_ms=$(get_ms "/v1/api-keys?limit=50&cursor=$(curl -s -H "Authorization: Bearer $KEYGATE_ADMIN_TOKEN" "http://$ADMIN/v1/api-keys?limit=50" | sed -n 's/.*"next_cursor":"\([^"]*\)".*/\1/p')")
+  search_id_ms=$(get_ms "/v1/api-keys?limit=50&search=0a")
+  search_none_ms=$(get_ms "/v1/api-keys?limit=50&search=no-such-name")
+  last_id=$(head -1 <<<"$out" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+  t0=$(now_ms)
+  for i in $(seq "$changes"); do
+    curl -s -o /dev/null -X PATCH -H "Authorization: Bearer $KEYGATE_ADMIN_TOKEN" \
+      -H 'content-type: application/json' -d "{\"note\":\"change $i\"}" "http://$ADMIN/v1/api-keys/$last_id"
+  done
+  changes_ms=$(( $(now_ms) - t0 ))
+  rss_changes=$(rss_mib "$gw")
+  # Proxied traffic's p99 alone, then while the admin API takes 100 creates a second.
+  p99_steady=- p99_churn=-
+  if command -v wrk >/dev/null && (( ${LOAD_SECS:-10} > 0 )); then
+    wrk_p99() {
+      wrk -t1 -c16 -d"${LOAD_SECS:-10}s" --latency -H "Authorization: Bearer $old_key" "http://$PROXY/v1/ping" |
+        awk '$1 == "99%" { print $2 }'
+    }
+    p99_steady=$(wrk_p99)
+    creates_url="http://$ADMIN/v1/api-keys"
+    urls=()
+    for _ in $(seq $(( ${LOAD_SECS:-10} * 100 ))); do urls+=("$creates_url"); done
+    curl -s -o /dev/null --rate 100/s -X POST -H "Authorization: Bearer $KEYGATE_ADMIN_TOKEN" \
+      -H 'content-type: application/json' -d '{"namespace":"acme","environment":"production"}' "${urls[@]}" >/dev/null &
+    churn=$!
+    PIDS+=($churn)
+    p99_churn=$(wrk_p99)
+    kill "$churn" 2>/dev/null || true
+    wait "$churn" 2>/dev/null || true
+  fi
   deltas=$(counter keygate_key_changes_applied_total)
   reloads=$(counter keygate_reloads_total)
   reload_s=$(curl -s -o /dev/null -w '%{time_total}' -X POST -H "Authorization: Bearer $KEYGATE_ADMIN_TOKEN" "http://$ADMIN/v1/reload")
   kill "$gw"
   wait "$gw" 2>/dev/null || true
 
-  echo "== $n keys (file store)"
+  echo "== $n keys ($kind store)"
   echo "import:                        ${import_ms} ms"
-  echo "store file:                    ${store_mb} MB"
+  echo "store on disk:                 ${store_mb} MB"
   echo "start until listening:         ${start_ms} ms"
   echo "resident memory after start:   ${rss_start} MiB"
   echo "resident memory after creates: ${rss_creates} MiB"
+  echo "after $changes more changes:     ${rss_changes} MiB (the changes took ${changes_ms} ms)"
   echo "admin creates, ms:             $(paste -sd' ' "$dir/creates") (median $(median < "$dir/creates"))"
   echo "new key accepted next request: $accepted of $CREATES"
   echo "applied as deltas / reloads:   $deltas / $reloads"
+  echo "list page, ms (median of 5):   first ${list_ms}, second ${list_page2_ms}, search by id ${search_id_ms}, search matching none ${search_none_ms}"
+  echo "proxied p99, steady / during 100 creates/s: $p99_steady / $p99_churn"
   awk -v s="$reload_s" 'BEGIN { printf "POST /v1/reload:               %.0f ms\n", s * 1000 }'
   rm -rf "$dir"
+done
 done

@@ -154,10 +154,7 @@ pub async fn apply_key_changes(
             }
             if current.store_version != Some(before) {
                 drop(_one_at_a_time);
-                catch_up(gw)
-                    .await
-                    .map_err(|e| vec![ConfigError::whole_file(current.store.path(), e)])?;
-                return Ok(outcome_of(&gw.snapshot.load()));
+                return feed_past(gw, after).await;
             }
         }
         let follows = match &written {
@@ -189,6 +186,22 @@ pub async fn apply_key_changes(
         }
     }
     reload(gw, Trigger::KeyChange(actor)).await
+}
+
+/// Catches the snapshot up with a SQLite store's change feed until it holds the feed number
+/// `after` (the follower may be applying changes at the same time), then reads the whole
+/// store if it still does not.
+async fn feed_past(gw: &Arc<Gateway>, after: u64) -> Result<ReloadOutcome, Vec<ConfigError>> {
+    for _ in 0..5 {
+        let current = gw.snapshot.load_full();
+        if current.store_version.is_some_and(|v| v >= after) {
+            return Ok(outcome_of(&current));
+        }
+        if let Err(e) = catch_up(gw).await {
+            return Err(vec![ConfigError::whole_file(current.store.path(), e)]);
+        }
+    }
+    reload(gw, Trigger::StoreChange).await
 }
 
 /// One publication from the Redis store's change stream. The very next version, with the ids
@@ -224,31 +237,40 @@ async fn apply_store_delta(
     let Some(from) = version.checked_sub(1) else {
         return false;
     };
-    apply_fetched(gw, read, from, version, ids).await
+    apply_fetched(gw, read, from, version, ids).await == Fetched::Applied
+}
+
+/// What became of records read for a store change.
+#[derive(Debug, PartialEq, Eq)]
+enum Fetched {
+    Applied,
+    /// The snapshot moved on meanwhile (another change was applied first).
+    Stale,
+    /// They could not all be read, or the delta was refused: only a whole read is exact.
+    Failed,
 }
 
 /// Applies records read for a store change to the snapshot in force, if it is still at the
-/// store version `from`, making it `to`. False if that cannot be done exactly: the records
-/// could not all be read, another change came in between, or the delta is refused.
+/// store version `from`, making it `to`.
 async fn apply_fetched(
     gw: &Arc<Gateway>,
     read: Result<Result<Option<Vec<KeyRecord>>, String>, tokio::task::JoinError>,
     from: u64,
     to: u64,
     ids: &[String],
-) -> bool {
+) -> Fetched {
     let records = match read {
         Ok(Ok(Some(records))) => records,
         Ok(Err(error)) => {
             tracing::warn!(%error, "could not read the changed keys; reading the whole set");
-            return false;
+            return Fetched::Failed;
         }
-        _ => return false,
+        _ => return Fetched::Failed,
     };
     let _one_at_a_time = gw.reload_lock.lock().await;
     let current = gw.snapshot.load_full();
     if current.store_version != Some(from) {
-        return false;
+        return Fetched::Stale;
     }
     match gw.next_with_key_changes(&current, &records, None) {
         Ok(mut next) => {
@@ -262,13 +284,13 @@ async fn apply_fetched(
                 changed = ids.len(),
                 "key change from the store applied"
             );
-            true
+            Fetched::Applied
         }
         Err(errors) => {
             for e in &errors {
                 tracing::warn!(error = %e, "key change from the store not applied as a delta; reading the whole set");
             }
-            false
+            Fetched::Failed
         }
     }
 }
@@ -327,14 +349,16 @@ async fn catch_up(gw: &Arc<Gateway>) -> Result<(), String> {
     })
     .await
     .map_err(|e| e.to_string())?;
-    let delta = match read? {
+    let fetched = match read? {
         (Feed::Current, _) => return Ok(()),
         (Feed::Keys { to, ids }, records) => {
             apply_fetched(gw, Ok(Ok(records)), held, to, &ids).await
         }
-        (Feed::Everything, _) => false,
+        (Feed::Everything, _) => Fetched::Failed,
     };
-    if !delta {
+    // A snapshot that moved on meanwhile (the admin API applied its own write) catches up
+    // at the next read of the feed.
+    if fetched == Fetched::Failed {
         let _ = reload(gw, Trigger::StoreChange).await;
     }
     Ok(())

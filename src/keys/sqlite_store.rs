@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS keys (
 CREATE INDEX IF NOT EXISTS keys_by_created ON keys (created_at DESC, id);
 CREATE INDEX IF NOT EXISTS keys_by_namespace ON keys (namespace, created_at DESC, id);
 CREATE INDEX IF NOT EXISTS keys_counted ON keys (namespace, status, expires_unix);
+CREATE VIRTUAL TABLE IF NOT EXISTS key_names USING fts5 (name, tokenize = 'trigram');
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     key_id TEXT
@@ -257,13 +258,34 @@ impl SqliteStore {
         if q.namespace.is_some() {
             sql.push_str(" AND namespace = ?3");
         }
-        if q.search.is_some() {
-            sql.push_str(" AND (instr(name_lower, ?4) > 0 OR substr(id, 1, length(?4)) = ?4)");
+        // A search of three characters or more is looked up in the names' trigram index and
+        // the id index, and only the keys found are sorted; a shorter one matches so many keys
+        // that reading in creation order finds a page soon.
+        let phrase = q
+            .search
+            .as_ref()
+            .filter(|s| s.chars().count() >= 3)
+            .map(|s| format!("\"{}\"", s.replace('"', "\"\"")));
+        match (&q.search, &phrase) {
+            (Some(_), Some(_)) => sql.push_str(
+                " AND rowid IN (SELECT rowid FROM key_names WHERE key_names MATCH ?8
+                   UNION SELECT rowid FROM keys WHERE id >= ?4 AND id < ?4 || char(1114111))",
+            ),
+            // `?8` is NULL here, and named only so that every query takes the same parameters.
+            (Some(_), None) => sql.push_str(
+                " AND (instr(name_lower, ?4) > 0 OR substr(id, 1, length(?4)) = ?4) AND ?8 IS NULL",
+            ),
+            (None, _) => sql.push_str(" AND ?8 IS NULL"),
         }
         if q.after.is_some() {
             sql.push_str(" AND (created_at < ?5 OR (created_at = ?5 AND id > ?6))");
         }
-        sql.push_str(" ORDER BY created_at DESC, id LIMIT ?7");
+        // Unary `+` keeps an indexed search from walking the creation-time index instead.
+        sql.push_str(if phrase.is_some() {
+            " ORDER BY +created_at DESC, +id LIMIT ?7"
+        } else {
+            " ORDER BY created_at DESC, id LIMIT ?7"
+        });
         let (after_at, after_id) = q.after.clone().unwrap_or_default();
         let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
         let mut con = self.connection()?;
@@ -279,7 +301,8 @@ impl SqliteStore {
                         q.search,
                         after_at,
                         after_id,
-                        limit
+                        limit,
+                        phrase
                     ],
                     |r| r.get::<_, String>(0),
                 )?
@@ -497,6 +520,22 @@ impl Records for TxRecords<'_> {
                 ])
             })
             .map_err(|e| self.fail(e))?;
+        let names = (|| {
+            let rowid: i64 = self
+                .tx
+                .prepare_cached("SELECT rowid FROM keys WHERE id = ?1")?
+                .query_row([&record.id], |r| r.get(0))?;
+            self.tx
+                .prepare_cached("DELETE FROM key_names WHERE rowid = ?1")?
+                .execute([rowid])?;
+            if !record.name.is_empty() {
+                self.tx
+                    .prepare_cached("INSERT INTO key_names (rowid, name) VALUES (?1, ?2)")?
+                    .execute(params![rowid, record.name])?;
+            }
+            Ok(())
+        })();
+        names.map_err(|e| self.fail(e))?;
         self.changed.push(record.id);
         Ok(())
     }
@@ -624,7 +663,7 @@ mod tests {
             .unwrap();
         let now = crate::clock::parse_rfc3339("2026-02-01T00:00:00Z").unwrap();
         for status in ["active", "inactive", "expired", "revoked", "all"] {
-            for search in [None, Some("ci b"), Some("0000000")] {
+            for search in [None, Some("ci b"), Some("0000000"), Some("we"), Some("0"), Some("i\"b")] {
                 let mut q = ListQuery {
                     status: status.into(),
                     search: search.map(String::from),
