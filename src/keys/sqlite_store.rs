@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS keys (
     name_lower TEXT NOT NULL,
     record TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS keys_by_created ON keys (created_at DESC, id);
+CREATE INDEX IF NOT EXISTS keys_by_created ON keys (created_at DESC, id, name_lower);
 CREATE INDEX IF NOT EXISTS keys_by_namespace ON keys (namespace, created_at DESC, id);
 CREATE INDEX IF NOT EXISTS keys_counted ON keys (namespace, status, expires_unix);
 CREATE VIRTUAL TABLE IF NOT EXISTS key_names USING fts5 (name, tokenize = 'trigram');
@@ -259,8 +259,8 @@ impl SqliteStore {
             sql.push_str(" AND namespace = ?3");
         }
         // A search of three characters or more is looked up in the names' trigram index and
-        // the id index, and only the keys found are sorted; a shorter one matches so many keys
-        // that reading in creation order finds a page soon.
+        // the id index, and only the keys found are sorted. A shorter one matches many keys:
+        // the creation-time index, which holds the names, is read until a page is found.
         let phrase = q
             .search
             .as_ref()
@@ -663,7 +663,14 @@ mod tests {
             .unwrap();
         let now = crate::clock::parse_rfc3339("2026-02-01T00:00:00Z").unwrap();
         for status in ["active", "inactive", "expired", "revoked", "all"] {
-            for search in [None, Some("ci b"), Some("0000000"), Some("we"), Some("0"), Some("i\"b")] {
+            for search in [
+                None,
+                Some("ci b"),
+                Some("0000000"),
+                Some("we"),
+                Some("0"),
+                Some("i\"b"),
+            ] {
                 let mut q = ListQuery {
                     status: status.into(),
                     search: search.map(String::from),
