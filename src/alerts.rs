@@ -203,7 +203,7 @@ impl AlertRules {
 
 impl Rule {
     fn applies_to(&self, key: &KeyEntry) -> bool {
-        self.key.as_ref().is_none_or(|k| *k == key.id)
+        self.key.as_ref().is_none_or(|k| key.id == *k)
             && self
                 .namespace
                 .as_ref()
@@ -244,7 +244,7 @@ impl Rule {
                 Some((rate, rate > *percent))
             }
             Condition::QuotaUsed(percent) => {
-                let quota = key.quota?;
+                let quota = key.quota()?;
                 let (period, _) = quota.window(now);
                 let used = 100.0 * key.quota_used(period) as f64 / quota.limit as f64;
                 Some((used, used >= *percent))
@@ -307,13 +307,13 @@ impl AlertState {
                 let Some((value, breaks)) = rule.measure(key, now) else {
                     continue;
                 };
-                let pair = (rule.name.clone(), key.id.clone());
+                let pair = (rule.name.clone(), key.id.to_string());
                 let was = firing.contains_key(&pair);
                 let event = |event| AlertEvent {
                     event,
                     rule: rule.name.clone(),
                     condition: rule.describe(),
-                    key_id: key.id.clone(),
+                    key_id: key.id.to_string(),
                     namespace: key.namespace.to_string(),
                     value: (value * 100.0).round() / 100.0,
                     threshold: rule.threshold(),
@@ -489,7 +489,7 @@ mod tests {
         let (s, _usage) = world("    - {name: quota, quota_percent: 80}\n");
         let key = s.keys().next().unwrap();
         let state = AlertState::default();
-        let quota = key.quota.unwrap();
+        let quota = key.quota().unwrap();
         key.usage().quota_used(quota.window(T).0);
         for _ in 0..7 {
             key.usage().quota_spend();

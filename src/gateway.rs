@@ -233,7 +233,12 @@ impl Gateway {
                 .keys()
                 .map(|k| {
                     let r = k.usage_report(now);
-                    (k.id.clone(), k.namespace.to_string(), r.accepted, r.refused)
+                    (
+                        k.id.to_string(),
+                        k.namespace.to_string(),
+                        r.accepted,
+                        r.refused,
+                    )
                 })
                 .collect()
         } else {

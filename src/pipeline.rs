@@ -320,10 +320,10 @@ pub fn admit<'s, B>(
 /// Stages 6 and 7: the quota (checked first, counted last) and the rate limit, so that a
 /// refused request spends neither.
 fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>, Rejection> {
-    let Some(policy) = &key.limits_header else {
+    let Some(policy) = key.limits_header() else {
         return Ok(None);
     };
-    let quota = key.quota.map(|q| {
+    let quota = key.quota().map(|q| {
         let (period, end) = q.window(now);
         (q, period, end.saturating_sub(now).max(1).unsigned_abs())
     });

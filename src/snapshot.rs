@@ -5,10 +5,8 @@
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-
-use http::HeaderValue;
 
 use crate::alerts::AlertRules;
 use crate::config::ranges::{self, size_in, within};
@@ -17,7 +15,7 @@ use crate::config::{
     parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, LimitBackend, Problems,
 };
 use crate::keys::check::{check_record, CheckedRecord};
-use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, Store};
+use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, RecordSink, Store};
 use crate::metrics::Metrics;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
 use crate::pipeline::lockout::LockoutPolicy;
@@ -34,7 +32,7 @@ use crate::tls::CertSet;
 pub use crate::keys::store::{FileStamp, Written};
 
 mod key_index;
-pub use key_index::{Clash, DigestHasher, KeyEntry, KeyHash, KeyIndex};
+pub use key_index::{Clash, DigestHasher, KeyEntry, KeyHash, KeyId, KeyIndex, Limits};
 
 /// An admin token: who it is, and the SHA-256 of the token.
 #[derive(Debug, Clone)]
@@ -164,7 +162,7 @@ impl Snapshot {
     pub fn limiters(&self) -> impl Iterator<Item = (String, Arc<KeyLimiter>)> + '_ {
         self.keys
             .iter()
-            .filter_map(|k| k.limiter.clone().map(|l| (k.id.clone(), l)))
+            .filter_map(|k| k.limiter.clone().map(|l| (k.id.to_string(), l)))
     }
 
     /// Reads, parses and validates the config and its key store, reporting every problem.
@@ -179,18 +177,20 @@ impl Snapshot {
         if let Some(first) = fingerprint.0.first_mut() {
             *first = config_stamp;
         }
-        let store = Store::for_config(&config, ctx.config_path)
-            .map_err(|e| {
-                let mut p = Problems::default();
-                p.push(e.path, e.message);
-                p.locate(ctx.config_path, &config_src)
-            })?
-            .load_versioned();
-        let (records, store_src, store_version, mut errors) = match store {
-            Ok((file, src, version)) => (file.keys, src, version, Vec::new()),
-            Err(e) => (Vec::new(), String::new(), None, e),
+        let store = Store::for_config(&config, ctx.config_path).map_err(|e| {
+            let mut p = Problems::default();
+            p.push(e.path, e.message);
+            p.locate(ctx.config_path, &config_src)
+        })?;
+        // Each record is compiled as it is read, and dropped: a million keys' records are
+        // never all in memory at once.
+        let mut build = KeyBuild::new(&config, ctx);
+        let (store_src, store_version, mut errors) = match store.load_each(&mut build) {
+            Ok((src, version)) => (src, version, Vec::new()),
+            Err(e) => (String::new(), None, e),
         };
-        match Self::assemble(ctx, config, &records) {
+        let keys = build.finish();
+        match Self::assemble(ctx, config, keys) {
             Ok(snapshot) if errors.is_empty() => Ok(Snapshot {
                 fingerprint,
                 files,
@@ -215,7 +215,10 @@ impl Snapshot {
         records: &[KeyRecord],
     ) -> Result<Snapshot, Vec<ConfigError>> {
         let keys_path = config.keys_path(ctx.config_path);
-        Self::assemble(ctx, config, records).map_err(|(c, k)| {
+        let mut build = KeyBuild::new(&config, ctx);
+        records.iter().for_each(|r| build.compile(r));
+        let keys = build.finish();
+        Self::assemble(ctx, config, keys).map_err(|(c, k)| {
             let mut all = c.locate(ctx.config_path, "");
             all.extend(k.locate(&keys_path, ""));
             all
@@ -260,8 +263,8 @@ impl Snapshot {
         let mut p = Problems::default();
         for r in records {
             match compile_entry(r, &self.config, ctx, &next.keys) {
-                Ok((hash, entry)) => {
-                    if next.keys.upsert(hash, entry).is_err() {
+                Ok(entry) => {
+                    if next.keys.upsert(entry).is_err() {
                         p.push(
                             format!("keys.{}.hash", r.id),
                             "another key has the same hash",
@@ -282,15 +285,14 @@ impl Snapshot {
         Ok(next)
     }
 
+    /// The snapshot of a config and its compiled keys, or the problems of each.
     fn assemble(
         ctx: &BuildContext<'_>,
         config: Config,
-        records: &[KeyRecord],
+        (keys, key_problems): (KeyIndex, Problems),
     ) -> Result<Snapshot, (Problems, Problems)> {
         let mut config_problems = Problems::default();
-        let mut key_problems = Problems::default();
         let compiled = compile_config(&config, ctx, &mut config_problems);
-        let keys = compile_keys(records, &config, ctx, &mut key_problems);
         let compiled = match compiled {
             Some(c) if key_problems.is_empty() => c,
             _ => return Err((config_problems, key_problems)),
@@ -679,34 +681,64 @@ fn compile_config(
     })
 }
 
-fn compile_keys(
-    records: &[KeyRecord],
-    config: &Config,
-    ctx: &BuildContext<'_>,
-    p: &mut Problems,
-) -> KeyIndex {
-    let mut keys = KeyIndex::default();
-    for (i, r) in records.iter().enumerate() {
+/// A whole build's key index, made a record at a time.
+struct KeyBuild<'a> {
+    config: &'a Config,
+    ctx: &'a BuildContext<'a>,
+    keys: KeyIndex,
+    problems: Problems,
+    /// The next record's place in the store.
+    at: usize,
+}
+
+impl<'a> KeyBuild<'a> {
+    fn new(config: &'a Config, ctx: &'a BuildContext<'a>) -> Self {
+        KeyBuild {
+            config,
+            ctx,
+            keys: KeyIndex::default(),
+            problems: Problems::default(),
+            at: 0,
+        }
+    }
+
+    fn compile(&mut self, r: &KeyRecord) {
+        let i = self.at;
+        self.at = self.at.saturating_add(1);
+        let problems = &mut self.problems;
         let mut problem = |field: &str, message: &str| {
-            p.push(
+            problems.push(
                 format!("keys[{i}].{field}"),
                 format!("key `{}`: {message}", r.id),
             )
         };
-        match compile_entry(r, config, ctx, &keys) {
-            Ok((hash, entry)) => match keys.insert(hash, entry) {
+        match compile_entry(r, self.config, self.ctx, &self.keys) {
+            Ok(entry) => match self.keys.insert(entry) {
                 Ok(()) => {}
                 Err(Clash::Id) => problem("id", "another key has the same id"),
                 Err(Clash::Hash) => problem("hash", "another key has the same hash"),
             },
-            Err(problems) => {
-                for (field, message) in problems {
+            Err(found) => {
+                for (field, message) in found {
                     problem(&field, &message);
                 }
             }
         }
     }
-    keys
+
+    fn finish(self) -> (KeyIndex, Problems) {
+        (self.keys, self.problems)
+    }
+}
+
+impl RecordSink for KeyBuild<'_> {
+    fn expect(&mut self, count: usize) {
+        self.keys.reserve(count);
+    }
+
+    fn add(&mut self, record: KeyRecord) {
+        self.compile(&record);
+    }
 }
 
 /// One stored key, checked and compiled for the request path; or each problem with its
@@ -716,7 +748,7 @@ fn compile_entry(
     config: &Config,
     ctx: &BuildContext<'_>,
     interner: &KeyIndex,
-) -> Result<(KeyHash, KeyEntry), Vec<(String, String)>> {
+) -> Result<KeyEntry, Vec<(String, String)>> {
     // With shared limits, how many nodes share them (at least 1); 0 when limits are local.
     let shared_nodes = match config.rate_limit.backend {
         LimitBackend::Redis => config.rate_limit.nodes.clamp(1, *ranges::NODES.end()),
@@ -728,17 +760,14 @@ fn compile_entry(
             .map(|bad| (bad.path(), bad.message))
             .collect::<Vec<_>>()
     })?;
-    let (id_header, namespace, environment) = interner.intern(|i| {
-        (
-            HeaderValue::from_str(&r.id).ok(),
-            i.label(&r.namespace),
-            i.label(&r.environment),
-        )
-    });
-    let (Some(id_header), Some(namespace), Some(environment)) = (id_header, namespace, environment)
-    else {
-        // The check allows only hex, a-z, 0-9, `_` and `-` in these.
-        return Err(vec![("id".into(), "cannot be sent as a header".into())]);
+    let (namespace, environment) =
+        interner.intern(|i| (i.label(&r.namespace), i.label(&r.environment)));
+    let (Some(namespace), Some(environment)) = (namespace, environment) else {
+        // The check allows only a-z, 0-9, `_` and `-` in these.
+        return Err(vec![(
+            "namespace".into(),
+            "cannot be sent as a header".into(),
+        )]);
     };
     let CheckedRecord {
         hash,
@@ -750,49 +779,55 @@ fn compile_entry(
         ..
     } = checked;
     let quota = quota.or_else(|| tier_quota(config, &r.namespace));
-    let limits_header = policy_header(policy, quota.as_ref());
-    let shared =
-        (shared_nodes > 0 && (policy.is_some() || quota.is_some())).then(|| SharedPolicy {
+    let share = NonZeroU32::new(shared_nodes);
+    let limits = || {
+        let shared = share.map(|_| SharedPolicy {
             emission_us: policy.map_or(0, |p| {
                 u64::try_from(p.interval().as_micros()).unwrap_or(u64::MAX)
             }),
             burst: policy.map_or(0, |p| p.burst),
             quota,
         });
-    let (policy, quota) = match NonZeroU32::new(shared_nodes) {
-        Some(n) if n.get() > 1 => (
-            policy.map(|p| node_share(p, n)),
-            quota.map(|q| Quota {
-                limit: (q.limit / NonZeroU64::from(n)).max(1),
-                ..q
-            }),
-        ),
-        _ => (policy, quota),
+        Limits {
+            header: policy_header(policy, quota.as_ref()),
+            quota: match share {
+                Some(n) if n.get() > 1 => quota.map(|q| Quota {
+                    limit: (q.limit / NonZeroU64::from(n)).max(1),
+                    ..q
+                }),
+                _ => quota,
+            },
+            shared,
+        }
+    };
+    let written = policy;
+    let policy = match share {
+        Some(n) if n.get() > 1 => policy.map(|p| node_share(p, n)),
+        _ => policy,
     };
     let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
-    let (scopes, allowed_cidrs) = interner.intern(|i| {
+    let (scopes, allowed_cidrs, limits) = interner.intern(|i| {
         (
             i.scopes(&r.scopes, || ScopeSet::new(scopes)),
             i.cidrs(&r.allowed_cidrs, || allowed_cidrs),
+            i.limits(written, quota, limits),
         )
     });
-    let entry = KeyEntry {
-        id: r.id.clone(),
+    Ok(KeyEntry {
+        hash: KeyHash(hash),
+        id: KeyId::new(&r.id),
         namespace,
         environment,
         status: r.status,
+        imported: r.imported,
         expires_at,
         scopes,
         allowed_cidrs,
         limiter,
-        quota,
-        limits_header,
-        shared,
-        usage: ctx.usage.cell_for(&r.id),
-        id_header,
-        imported: r.imported,
-    };
-    Ok((KeyHash(hash), entry))
+        limits,
+        cells: ctx.usage.cells(),
+        in_use: OnceLock::new(),
+    })
 }
 
 /// The shared limiter `rate_limit` asks for, reused from the snapshot in force when its

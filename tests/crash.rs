@@ -151,6 +151,9 @@ fn cli_writers_killed(kind: Kind) {
     // Kills counted only when the child died of SIGKILL; a signal sent to a child that had
     // already exited does nothing, and is not counted.
     let (mut ops, mut kills, mut in_write, mut too_late, mut aimed) = (0, 0, 0, 0, 0);
+    // How long an unsignalled writer runs (a moving average), so that the random kills land
+    // within a run on a fast machine as on a slow one.
+    let mut run_us: u64 = 15_000;
     let started = Instant::now();
     while ops < 600 && started.elapsed() < Duration::from_secs(120) {
         ops += 1;
@@ -177,7 +180,8 @@ fn cli_writers_killed(kind: Kind) {
             .spawn()
             .unwrap();
         let pid = child.id();
-        let signalled = rng.below(4) == 0;
+        let spawned = Instant::now();
+        let signalled = rng.below(3) == 0;
         if signalled && kind == Kind::File && rng.below(3) == 0 {
             // Aimed: killed as soon as its temporary file appears (or after 50 ms), so some
             // kills land inside the write even where writes are quick.
@@ -190,7 +194,7 @@ fn cli_writers_killed(kind: Kind) {
             let _ = child.kill();
         } else if signalled {
             // Somewhere between start and finish.
-            std::thread::sleep(Duration::from_micros(rng.below(15_000)));
+            std::thread::sleep(Duration::from_micros(rng.below(run_us * 9 / 10 + 1)));
             let _ = child.kill();
         }
         let out = child.wait_with_output().unwrap();
@@ -211,6 +215,10 @@ fn cli_writers_killed(kind: Kind) {
             Some(other) => panic!("keygate keys {what} died of signal {other}"),
             None if out.status.success() => {
                 too_late += usize::from(signalled);
+                if !signalled {
+                    let took = u64::try_from(spawned.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    run_us = (run_us * 7 + took.min(1_000_000)) / 8;
+                }
                 match target {
                     Some(id) => {
                         active.retain(|a| *a != id);

@@ -639,7 +639,7 @@ fn usage_json(
     set_member(&mut v, "key_id", id);
     set_member(&mut v, "namespace", namespace);
     if let Some(key) = snapshot.key_by_id(id) {
-        if let Some(quota) = key.quota {
+        if let Some(quota) = key.quota() {
             let (period, end) = quota.window(now);
             let used = key.quota_used(period);
             set_member(
@@ -719,7 +719,7 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
         org.add(&r);
         by_ns.entry(key.namespace.to_string()).or_default().add(&r);
         per_key.push((
-            key.id.clone(),
+            key.id.to_string(),
             key.namespace.to_string(),
             r.requests(),
             r.error_rate(),

@@ -52,7 +52,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub const MAX_RATE: u32 = 1_000_000;
 
 /// A request rate: `count` requests per `per`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
     pub count: u32,
     pub per: Duration,

@@ -17,7 +17,7 @@ pub use lifecycle::{
     create, export, import, load, parse_import, regenerate, rotate, set_status, update,
     ImportEntry, KeyPatch, Loaded, NewKey,
 };
-pub use store::{ListQuery, Store, StoreFile};
+pub use store::{ListQuery, RecordSink, Store, StoreFile};
 
 /// A key's stored status. `expired` is not stored: it follows from `expires_at`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,14 +308,24 @@ pub fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
             text.len()
         )
     };
-    // from_str_radix alone would take a sign (`+f`) as part of a number.
-    if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+    // A digit's value, or `None` for anything else (a sign included).
+    let digit = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    if hex_part.len() != 64 {
         return Err(bad());
     }
     let mut out = [0u8; 32];
-    for (byte, chunk) in out.iter_mut().zip(hex_part.as_bytes().chunks(2)) {
-        let s = std::str::from_utf8(chunk).map_err(|_| bad())?;
-        *byte = u8::from_str_radix(s, 16).map_err(|_| bad())?;
+    for (byte, pair) in out.iter_mut().zip(hex_part.as_bytes().chunks_exact(2)) {
+        let [hi, lo] = pair else {
+            return Err(bad());
+        };
+        *byte = match (digit(*hi), digit(*lo)) {
+            (Some(hi), Some(lo)) => hi << 4 | lo,
+            _ => return Err(bad()),
+        };
     }
     Ok(out)
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::records::Records;
-use super::store::ListQuery;
+use super::store::{ListQuery, RecordSink};
 use super::{KeyError, KeyRecord, Status};
 use crate::config::ConfigError;
 
@@ -153,39 +153,40 @@ impl SqliteStore {
         Ok(con)
     }
 
-    /// Every record, and the feed's sequence number they were read at, in one read.
-    pub fn load(&self) -> Result<(Vec<KeyRecord>, u64), Vec<ConfigError>> {
+    /// Reads every record into `sink`, parsing each row as it is read, and returns the change
+    /// feed's number the records are current to. Every unreadable row is reported, with its id.
+    pub fn load_each(&self, sink: &mut dyn RecordSink) -> Result<u64, Vec<ConfigError>> {
         let whole = |e: String| vec![ConfigError::whole_file(&self.path, e)];
         let mut con = self.connection().map_err(whole)?;
+        let mut errors = Vec::new();
         let read = (|| {
             let tx = con.get()?.transaction()?;
             let seq = last_seq(&tx)?;
-            let mut rows = Vec::new();
+            // Keys are never deleted, so the last rowid is their count, read without a scan.
+            let last: Option<i64> =
+                tx.query_row("SELECT max(rowid) FROM keys", [], |r| r.get(0))?;
+            sink.expect(last.and_then(|n| usize::try_from(n).ok()).unwrap_or(0));
             {
                 let mut stmt = tx.prepare("SELECT id, record FROM keys ORDER BY rowid")?;
                 let mut cursor = stmt.query([])?;
                 while let Some(row) = cursor.next()? {
-                    rows.push((row.get::<_, String>(0)?, row.get::<_, String>(1)?));
+                    let json = row.get_ref(1)?.as_str()?;
+                    match serde_json::from_str::<KeyRecord>(json) {
+                        Ok(r) => sink.add(r),
+                        Err(e) => errors.push(ConfigError::at(
+                            &self.path,
+                            &format!("keys.{}", row.get_ref(0)?.as_str()?),
+                            format!("the stored record cannot be read: {e}"),
+                        )),
+                    }
                 }
             }
             tx.commit()?;
-            Ok::<_, rusqlite::Error>((rows, seq))
+            Ok::<_, rusqlite::Error>(seq)
         })();
-        let (rows, seq) = read.map_err(|e| con.failed(self, e)).map_err(whole)?;
-        let mut records = Vec::with_capacity(rows.len());
-        let mut errors = Vec::new();
-        for (id, json) in rows {
-            match serde_json::from_str::<KeyRecord>(&json) {
-                Ok(r) => records.push(r),
-                Err(e) => errors.push(ConfigError::at(
-                    &self.path,
-                    &format!("keys.{id}"),
-                    format!("the stored record cannot be read: {e}"),
-                )),
-            }
-        }
+        let seq = read.map_err(|e| con.failed(self, e)).map_err(whole)?;
         if errors.is_empty() {
-            Ok((records, seq))
+            Ok(seq)
         } else {
             Err(errors)
         }
@@ -544,6 +545,12 @@ impl Records for TxRecords<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(store: &SqliteStore) -> Result<(Vec<KeyRecord>, u64), Vec<ConfigError>> {
+        let mut records = Vec::new();
+        let seq = store.load_each(&mut records)?;
+        Ok((records, seq))
+    }
     use crate::keys::tests::record;
 
     fn hashed(id: &str, n: u8) -> KeyRecord {
@@ -589,7 +596,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(store.changes_since(3).unwrap(), Feed::Everything);
-        let (records, seq) = store.load().unwrap();
+        let (records, seq) = load(&store).unwrap();
         assert_eq!(records.len(), MAX_LISTED + 3);
         assert_eq!(seq, 4);
     }
@@ -605,7 +612,7 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, KeyError::NotFound(_)));
-        assert_eq!(store.load().unwrap(), (vec![], 0));
+        assert_eq!(load(&store).unwrap(), (vec![], 0));
         // Two keys with one hash: the commit refuses, and nothing lands.
         let err = store
             .transact(|r| {
@@ -614,7 +621,7 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("hash"), "{err}");
-        assert_eq!(store.load().unwrap().0.len(), 0);
+        assert_eq!(load(&store).unwrap().0.len(), 0);
     }
 
     #[test]
@@ -623,7 +630,7 @@ mod tests {
         let path = dir.path().join("keys.db");
         std::fs::write(&path, "version: 1\nkeys: []\n".repeat(100)).unwrap();
         let store = SqliteStore::new(&path);
-        let errors = store.load().unwrap_err();
+        let errors = load(&store).unwrap_err();
         let text = errors[0].to_string();
         assert!(
             text.contains("keys.db") && text.contains("not a database"),

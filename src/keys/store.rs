@@ -138,6 +138,23 @@ pub struct StoreLock {
     _file: File,
 }
 
+/// Where a store's records go as they are read.
+pub trait RecordSink {
+    /// About how many records follow (a database's estimate), for sizing what holds them.
+    fn expect(&mut self, _count: usize) {}
+    fn add(&mut self, record: KeyRecord);
+}
+
+impl RecordSink for Vec<KeyRecord> {
+    fn expect(&mut self, count: usize) {
+        self.reserve(count);
+    }
+
+    fn add(&mut self, record: KeyRecord) {
+        self.push(record);
+    }
+}
+
 impl Store {
     /// The file store at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -238,18 +255,38 @@ impl Store {
     /// Reads the store, with its version for Redis (how many writes it has seen) and SQLite
     /// (its change feed's number).
     pub fn load_versioned(&self) -> Result<(StoreFile, String, Option<u64>), Vec<ConfigError>> {
-        let (keys, version) = match &self.backend {
-            Backend::File => return self.load().map(|(file, src)| (file, src, None)),
-            Backend::Redis(redis) => redis
-                .load()
-                .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?,
-            Backend::Sqlite(db) => db.load()?,
-        };
+        let mut keys = Vec::new();
+        let (src, version) = self.load_each(&mut keys)?;
         let file = StoreFile {
             keys,
             ..StoreFile::default()
         };
-        Ok((file, String::new(), Some(version)))
+        Ok((file, src, version))
+    }
+
+    /// Reads the store into `sink`, a record at a time, and returns the file store's source
+    /// text (for locating problems) and the store's version. A database hands over each row
+    /// as it is read, so a whole build never holds all records at once.
+    pub fn load_each(
+        &self,
+        sink: &mut dyn RecordSink,
+    ) -> Result<(String, Option<u64>), Vec<ConfigError>> {
+        let (keys, src, version) = match &self.backend {
+            Backend::File => {
+                let (file, src) = self.load()?;
+                (file.keys, src, None)
+            }
+            Backend::Redis(redis) => {
+                let (keys, version) = redis
+                    .load()
+                    .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?;
+                (keys, String::new(), Some(version))
+            }
+            Backend::Sqlite(db) => return Ok((String::new(), Some(db.load_each(sink)?))),
+        };
+        sink.expect(keys.len());
+        keys.into_iter().for_each(|r| sink.add(r));
+        Ok((src, version))
     }
 
     /// One read-modify-write under the writers' lock: all of it is written, or none.

@@ -212,7 +212,7 @@ pub async fn forward(
     if !route.keep_authorization {
         h.remove(AUTHORIZATION);
     }
-    h.insert(X_KEYGATE_KEY_ID, f.key.id_header.clone());
+    h.insert(X_KEYGATE_KEY_ID, f.key.id_header().clone());
     h.insert(X_KEYGATE_NAMESPACE, f.key.namespace.header().clone());
     h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment.header().clone());
     set_forwarded_for(h, f.peer_header, f.peer_trusted);

@@ -132,7 +132,7 @@ impl SharedLimiter {
         key: &KeyEntry,
         clock: &Clock,
     ) -> Result<Option<RateHeaders>, Rejection> {
-        let Some(policy) = key.shared else {
+        let Some(policy) = key.shared() else {
             return Ok(None);
         };
         let now = clock.unix_secs();
@@ -250,8 +250,8 @@ fn decide(
     now: i64,
 ) -> Result<Option<RateHeaders>, Rejection> {
     let header = key
-        .limits_header
-        .clone()
+        .limits_header()
+        .cloned()
         .unwrap_or(http::HeaderValue::from_static(""));
     // Redis's numbers are counts and durations: a negative one counts as 0.
     let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);

@@ -478,29 +478,25 @@ struct UsageFile {
 /// The cells of the keys that have been used, by key id.
 type Registry = Mutex<HashMap<String, Arc<KeyUsage>>>;
 
-/// A key's usage cell in the snapshot, made on the key's first use rather than at load: a
-/// key that is never used costs a pointer here and nothing in the book.
-#[derive(Debug)]
-pub struct UsageCell {
-    cell: OnceLock<Arc<KeyUsage>>,
-    book: Arc<Registry>,
-}
+/// The book's cells as each snapshot entry holds them: a key's cell is found or made on its
+/// first use rather than at load, so a key that is never used costs a pointer here and
+/// nothing in the book.
+#[derive(Debug, Clone)]
+pub struct Cells(Arc<Registry>);
 
-impl UsageCell {
-    /// The key's cell, made (and entered in the book) the first time.
-    pub fn get(&self, id: &str) -> &KeyUsage {
-        self.cell.get_or_init(|| {
-            let mut map = self.book.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(map.entry(id.to_string()).or_default())
-        })
+impl Cells {
+    /// The key's cell, made (and entered in the book) if it has none.
+    pub fn get_or_make(&self, id: &str) -> Arc<KeyUsage> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = map.get(id) {
+            return Arc::clone(u);
+        }
+        Arc::clone(map.entry(id.to_string()).or_default())
     }
 
     /// The key's cell if it was ever used: for reports, which must not make cells.
     pub fn used(&self, id: &str) -> Option<Arc<KeyUsage>> {
-        if let Some(cell) = self.cell.get() {
-            return Some(Arc::clone(cell));
-        }
-        self.book
+        self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
@@ -550,17 +546,9 @@ impl UsageBook {
         }
     }
 
-    /// A cell for a key in a snapshot: the key's cell if it has one (usage from an earlier
-    /// run, or a use under an earlier snapshot), else one made on first use.
-    pub fn cell_for(&self, id: &str) -> UsageCell {
-        let cell = OnceLock::new();
-        if let Some(used) = self.get(id) {
-            let _ = cell.set(used);
-        }
-        UsageCell {
-            cell,
-            book: Arc::clone(&self.by_id),
-        }
+    /// The cells, for the entries of a snapshot.
+    pub fn cells(&self) -> Cells {
+        Cells(Arc::clone(&self.by_id))
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<KeyUsage>> {
@@ -729,12 +717,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.json");
         let book = UsageBook::open(path.clone());
-        let cell = book.cell_for("k1");
+        let cells = book.cells();
         assert!(
-            book.get("k1").is_none(),
+            cells.used("k1").is_none() && book.get("k1").is_none(),
             "a cell is made on first use, not before"
         );
-        let u = cell.get("k1");
+        let u = cells.get_or_make("k1");
+        assert!(Arc::ptr_eq(&u, &cells.get_or_make("k1")));
         book.tick(T0);
         u.seen(T0, "10.1.2.3".parse().unwrap());
         u.accepted();

@@ -5,7 +5,7 @@
 //! number of requests in flight at the instant it is reached.
 
 /// How often a quota resets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Period {
     /// At 00:00 UTC.
     Day,
@@ -14,7 +14,7 @@ pub enum Period {
 }
 
 /// A quota: `limit` requests per `period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Quota {
     pub limit: u64,
     pub period: Period,

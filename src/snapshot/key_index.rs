@@ -7,21 +7,26 @@
 //! million keys a shard holds about 250 entries. Every other shard, and every entry in it,
 //! is shared with the snapshot before.
 //!
-//! What many keys share is held once: each namespace and environment (with its header
-//! value), each distinct scope set and CIDR set, interned through the index's [`Interner`].
+//! An entry is one allocation, and both maps hold only a pointer to it: each finds its key
+//! (the hash, the id) inside the entry. What many keys share is held once: each namespace and
+//! environment (with its header value), each distinct scope set, CIDR set and set of limits,
+//! interned through the index's [`Interner`]. What only a used key needs (its usage cell, its
+//! id as a header) is made on its first use.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::HeaderValue;
 
 use crate::keys::Status;
 use crate::pipeline::rate_limit::KeyLimiter;
 use crate::pipeline::shared_limit::SharedPolicy;
-use crate::pipeline::usage::{KeyUsage, UsageCell, UsageReport};
+use crate::pipeline::usage::{Cells, KeyUsage, UsageReport};
 use crate::policy::net::CidrSet;
 use crate::policy::quota::Quota;
+use crate::policy::rate::RatePolicy;
 use crate::policy::scope::ScopeSet;
 
 /// Shards per map. A power of two, so a byte of a digest picks one evenly.
@@ -73,6 +78,19 @@ impl PartialEq<String> for Label {
     }
 }
 
+/// What a key's rate limit and quota compile to, beside its limiter: shared by every key
+/// with the same ones (a tier's quota, a common rate).
+#[derive(Debug, PartialEq)]
+pub struct Limits {
+    /// The key's own quota, or its tier's (this node's share, with shared limits).
+    pub quota: Option<Quota>,
+    /// `RateLimit-Policy` for the key's rate limit and quota.
+    pub header: Option<HeaderValue>,
+    /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then the
+    /// limiter and `quota` are this node's share, for `fail_mode: local`.
+    pub shared: Option<SharedPolicy>,
+}
+
 /// The shared values of a key index's entries. A whole build starts a new one; key changes
 /// add to the one they share, so what a value costs is paid once per build, not per key.
 #[derive(Debug, Default)]
@@ -80,6 +98,7 @@ pub struct Interner {
     labels: HashMap<Box<str>, Arc<Label>>,
     scopes: HashMap<Vec<String>, Arc<ScopeSet>>,
     cidrs: HashMap<Vec<String>, Arc<CidrSet>>,
+    limits: HashMap<(Option<RatePolicy>, Option<Quota>), Arc<Limits>>,
 }
 
 impl Interner {
@@ -112,53 +131,188 @@ impl Interner {
         self.cidrs.insert(text.to_vec(), Arc::clone(&c));
         c
     }
+
+    /// The limits a key's rate and quota (as written, before any node share) compile to,
+    /// made by `make` the first time; `None` for a key with neither.
+    pub fn limits(
+        &mut self,
+        rate: Option<RatePolicy>,
+        quota: Option<Quota>,
+        make: impl FnOnce() -> Limits,
+    ) -> Option<Arc<Limits>> {
+        if rate.is_none() && quota.is_none() {
+            return None;
+        }
+        let l = self
+            .limits
+            .entry((rate, quota))
+            .or_insert_with(|| Arc::new(make()));
+        Some(Arc::clone(l))
+    }
 }
 
-impl KeyEntry {
-    /// The key's usage cell, made on its first use.
-    pub fn usage(&self) -> &KeyUsage {
-        self.usage.get(&self.id)
+/// A key id: 1 to 64 hex digits, 8 to 10 for nearly every key keygate makes. Up to
+/// [`KeyId::INLINE`] bytes are held in place, so a million ids cost no allocation.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeyId {
+    Inline { len: u8, bytes: [u8; KeyId::INLINE] },
+    Heap(Box<str>),
+}
+
+impl KeyId {
+    pub const INLINE: usize = 22;
+
+    pub fn new(id: &str) -> KeyId {
+        let mut bytes = [0; KeyId::INLINE];
+        match (bytes.get_mut(..id.len()), u8::try_from(id.len())) {
+            (Some(place), Ok(len)) => {
+                place.copy_from_slice(id.as_bytes());
+                KeyId::Inline { len, bytes }
+            }
+            _ => KeyId::Heap(id.into()),
+        }
     }
 
-    /// The key's usage as reported, without making a cell for a key never used.
-    pub fn usage_report(&self, now: i64) -> UsageReport {
-        self.usage
-            .used(&self.id)
-            .map(|u| u.report(now))
-            .unwrap_or_default()
+    /// The id's bytes, without the UTF-8 check of [`KeyId::as_str`]: the id map's key.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            KeyId::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
+            KeyId::Heap(id) => id.as_bytes(),
+        }
     }
 
-    /// How much of the quota period `period` the key has used, without making a cell.
-    pub fn quota_used(&self, period: i64) -> u64 {
-        self.usage
-            .used(&self.id)
-            .map_or(0, |u| u.quota_used(period))
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Made from a `str` cut at its end, so always whole UTF-8.
+            KeyId::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or_default(),
+            KeyId::Heap(id) => id,
+        }
     }
+}
+
+impl std::ops::Deref for KeyId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for KeyId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for KeyId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for KeyId {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// What a key needs once it is used, made on its first use.
+#[derive(Debug)]
+pub struct InUse {
+    usage: Arc<KeyUsage>,
+    id_header: HeaderValue,
 }
 
 /// One key, compiled for the request path.
 #[derive(Debug)]
 pub struct KeyEntry {
-    pub id: String,
+    pub hash: KeyHash,
+    pub id: KeyId,
     pub namespace: Arc<Label>,
     pub environment: Arc<Label>,
     pub status: Status,
+    /// The key was imported (its secret was not made by keygate).
+    pub imported: bool,
     /// Unix seconds.
     pub expires_at: Option<i64>,
     pub scopes: Arc<ScopeSet>,
     pub allowed_cidrs: Arc<CidrSet>,
     pub limiter: Option<Arc<KeyLimiter>>,
+    /// The key's quota, `RateLimit-Policy` and shared limits, if it has a rate or a quota.
+    pub limits: Option<Arc<Limits>>,
+    /// The usage book's cells, where this key's is found or made on its first use.
+    pub cells: Cells,
+    pub in_use: OnceLock<Box<InUse>>,
+}
+
+impl KeyEntry {
+    fn in_use(&self) -> &InUse {
+        self.in_use.get_or_init(|| {
+            Box::new(InUse {
+                usage: self.cells.get_or_make(&self.id),
+                // Hex digits: always a header value.
+                id_header: HeaderValue::from_str(&self.id)
+                    .unwrap_or_else(|_| HeaderValue::from_static("")),
+            })
+        })
+    }
+
+    /// The key's usage cell, made on its first use.
+    pub fn usage(&self) -> &KeyUsage {
+        &self.in_use().usage
+    }
+
+    /// The key's id as a header value, for `X-Keygate-Key-Id`.
+    pub fn id_header(&self) -> &HeaderValue {
+        &self.in_use().id_header
+    }
+
+    /// The key's usage cell if it was ever used: for reports, which must not make cells.
+    fn used(&self) -> Option<Arc<KeyUsage>> {
+        match self.in_use.get() {
+            Some(u) => Some(Arc::clone(&u.usage)),
+            None => self.cells.used(&self.id),
+        }
+    }
+
+    /// The key's usage as reported, without making a cell for a key never used.
+    pub fn usage_report(&self, now: i64) -> UsageReport {
+        self.used().map(|u| u.report(now)).unwrap_or_default()
+    }
+
+    /// How much of the quota period `period` the key has used, without making a cell.
+    pub fn quota_used(&self, period: i64) -> u64 {
+        self.used().map_or(0, |u| u.quota_used(period))
+    }
+
     /// The key's own quota, or its tier's.
-    pub quota: Option<Quota>,
+    pub fn quota(&self) -> Option<Quota> {
+        self.limits.as_ref().and_then(|l| l.quota)
+    }
+
     /// `RateLimit-Policy` for the key's rate limit and quota, if it has either.
-    pub limits_header: Option<HeaderValue>,
-    /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then
-    /// `limiter` and `quota` above are this node's share, for `fail_mode: local`.
-    pub shared: Option<SharedPolicy>,
-    pub usage: UsageCell,
-    pub id_header: HeaderValue,
-    /// The key was imported (its secret was not made by keygate).
-    pub imported: bool,
+    pub fn limits_header(&self) -> Option<&HeaderValue> {
+        self.limits.as_ref().and_then(|l| l.header.as_ref())
+    }
+
+    /// The key's whole limits, with `rate_limit.backend: redis`.
+    pub fn shared(&self) -> Option<SharedPolicy> {
+        self.limits.as_ref().and_then(|l| l.shared)
+    }
 }
 
 /// A SHA-256 digest as a map key.
@@ -202,12 +356,86 @@ impl Hasher for DigestHasher {
     }
 }
 
-type HashShard = HashMap<KeyHash, Arc<KeyEntry>, BuildHasherDefault<DigestHasher>>;
-type IdShard = HashMap<Box<str>, KeyHash>;
+/// An entry in the hash map: equal to, and hashed as, its key's hash.
+#[derive(Debug, Clone)]
+struct ByHash(Arc<KeyEntry>);
 
-/// The shard an id lives in (FNV-1a of its bytes; ids are not chosen by clients).
-fn id_shard(id: &str) -> usize {
-    let h = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+impl Borrow<KeyHash> for ByHash {
+    fn borrow(&self) -> &KeyHash {
+        &self.0.hash
+    }
+}
+
+impl PartialEq for ByHash {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.hash == other.0.hash
+    }
+}
+
+impl Eq for ByHash {}
+
+impl Hash for ByHash {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash.hash(state);
+    }
+}
+
+/// An entry in the id map: equal to, and hashed as, its key's id.
+#[derive(Debug, Clone)]
+struct ById(Arc<KeyEntry>);
+
+impl Borrow<[u8]> for ById {
+    fn borrow(&self) -> &[u8] {
+        self.0.id.as_bytes()
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id.as_bytes() == other.0.id.as_bytes()
+    }
+}
+
+impl Eq for ById {}
+
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, so that a lookup by bytes finds it.
+        self.0.id.as_bytes().hash(state);
+    }
+}
+
+/// FNV-1a, for ids: short, made by keygate or its operators (never by a client), so a fast
+/// hash that an attacker could collide costs nothing here.
+#[derive(Debug)]
+pub struct IdHasher(u64);
+
+impl Default for IdHasher {
+    fn default() -> Self {
+        IdHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        // Folded and multiplied, so the map's control bits (the top 7) see every byte.
+        (self.0 ^ (self.0 >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+type HashShard = HashSet<ByHash, BuildHasherDefault<DigestHasher>>;
+type IdShard = HashSet<ById, BuildHasherDefault<IdHasher>>;
+
+/// The shard an id lives in: its 32-bit FNV-1a, apart from the 64-bit one the map inside
+/// uses, so the two never correlate.
+fn id_shard(id: &[u8]) -> usize {
+    let h = id.iter().fold(0x811c_9dc5_u32, |h, &b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
     usize::try_from(h).unwrap_or(0) % SHARDS
@@ -253,12 +481,12 @@ impl KeyIndex {
     /// The key with this SHA-256: the request path's one lookup.
     pub fn by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
         let hash = KeyHash(*hash);
-        self.by_hash.get(hash.shard())?.get(&hash).map(|e| &**e)
+        self.by_hash.get(hash.shard())?.get(&hash).map(|e| &*e.0)
     }
 
     pub fn by_id(&self, id: &str) -> Option<&KeyEntry> {
-        let hash = self.by_id.get(id_shard(id))?.get(id)?;
-        self.by_hash(&hash.0)
+        let id = id.as_bytes();
+        self.by_id.get(id_shard(id))?.get(id).map(|e| &*e.0)
     }
 
     pub fn len(&self) -> usize {
@@ -277,51 +505,75 @@ impl KeyIndex {
     pub fn iter(&self) -> impl Iterator<Item = &KeyEntry> + Clone {
         self.by_hash
             .iter()
-            .flat_map(|shard| shard.values())
-            .map(|e| &**e)
+            .flat_map(|shard| shard.iter())
+            .map(|e| &*e.0)
     }
 
-    /// Adds a key that is not in the index yet (a build from the whole store).
-    pub fn insert(&mut self, hash: KeyHash, entry: KeyEntry) -> Result<(), Clash> {
-        if self.by_id(&entry.id).is_some() {
+    /// Makes room for about `count` keys in all, spread over the shards, so that a whole
+    /// build does not grow each shard's table by doubling.
+    pub fn reserve(&mut self, count: usize) {
+        if count < SHARDS * 8 {
+            // A small store: the shards grow from nothing at little cost.
+            return;
+        }
+        let each = count.div_ceil(SHARDS).saturating_add(count / SHARDS / 8);
+        for shard in &mut self.by_hash {
+            Arc::make_mut(shard).reserve(each);
+        }
+        for shard in &mut self.by_id {
+            Arc::make_mut(shard).reserve(each);
+        }
+    }
+
+    /// Adds a key that is not in the index yet (a build from the whole store): one probe of
+    /// each map, undone if the second finds a clash.
+    pub fn insert(&mut self, entry: KeyEntry) -> Result<(), Clash> {
+        let entry = Arc::new(entry);
+        let (Some(ids), Some(hashes)) = (
+            self.by_id.get_mut(id_shard(entry.id.as_bytes())),
+            self.by_hash.get_mut(entry.hash.shard()),
+        ) else {
+            return Err(Clash::Id);
+        };
+        if !Arc::make_mut(ids).insert(ById(Arc::clone(&entry))) {
             return Err(Clash::Id);
         }
-        if self.by_hash(&hash.0).is_some() {
+        if !Arc::make_mut(hashes).insert(ByHash(Arc::clone(&entry))) {
+            Arc::make_mut(ids).remove(entry.id.as_bytes());
             return Err(Clash::Hash);
         }
-        self.put(hash, entry);
+        self.len = self.len.saturating_add(1);
+        if entry.imported {
+            self.imported = self.imported.saturating_add(1);
+        }
         Ok(())
     }
 
     /// Adds a key, or replaces the one with the same id (a regenerated key gets a new hash).
     /// Only the shards the two touch are copied, and only if another snapshot shares them.
-    pub fn upsert(&mut self, hash: KeyHash, entry: KeyEntry) -> Result<(), Clash> {
-        let old = self
-            .by_id
-            .get(id_shard(&entry.id))
-            .and_then(|s| s.get(entry.id.as_str()))
-            .copied();
-        if let Some(holder) = self.by_hash(&hash.0) {
+    pub fn upsert(&mut self, entry: KeyEntry) -> Result<(), Clash> {
+        if let Some(holder) = self.by_hash(&entry.hash.0) {
             if holder.id != entry.id {
                 return Err(Clash::Hash);
             }
         }
+        let old = self.by_id(&entry.id).map(|e| e.hash);
         if let Some(old) = old {
             self.remove(old);
         }
-        self.put(hash, entry);
+        self.put(Arc::new(entry));
         Ok(())
     }
 
-    fn put(&mut self, hash: KeyHash, entry: KeyEntry) {
+    fn put(&mut self, entry: Arc<KeyEntry>) {
         if entry.imported {
             self.imported = self.imported.saturating_add(1);
         }
-        if let Some(shard) = self.by_id.get_mut(id_shard(&entry.id)) {
-            Arc::make_mut(shard).insert(entry.id.as_str().into(), hash);
+        if let Some(shard) = self.by_id.get_mut(id_shard(entry.id.as_bytes())) {
+            Arc::make_mut(shard).replace(ById(Arc::clone(&entry)));
         }
-        if let Some(shard) = self.by_hash.get_mut(hash.shard()) {
-            if Arc::make_mut(shard).insert(hash, Arc::new(entry)).is_none() {
+        if let Some(shard) = self.by_hash.get_mut(entry.hash.shard()) {
+            if Arc::make_mut(shard).replace(ByHash(entry)).is_none() {
                 self.len = self.len.saturating_add(1);
             }
         }
@@ -331,15 +583,15 @@ impl KeyIndex {
         let Some(shard) = self.by_hash.get_mut(hash.shard()) else {
             return;
         };
-        let Some(entry) = Arc::make_mut(shard).remove(&hash) else {
+        let Some(ByHash(entry)) = Arc::make_mut(shard).take(&hash) else {
             return;
         };
         self.len = self.len.saturating_sub(1);
         if entry.imported {
             self.imported = self.imported.saturating_sub(1);
         }
-        if let Some(shard) = self.by_id.get_mut(id_shard(&entry.id)) {
-            Arc::make_mut(shard).remove(entry.id.as_str());
+        if let Some(shard) = self.by_id.get_mut(id_shard(entry.id.as_bytes())) {
+            Arc::make_mut(shard).remove(entry.id.as_bytes());
         }
     }
 
@@ -362,22 +614,21 @@ impl KeyIndex {
 mod tests {
     use super::*;
 
-    fn entry(id: &str, imported: bool) -> KeyEntry {
+    fn entry(n: u32, id: &str, imported: bool) -> KeyEntry {
         KeyEntry {
-            id: id.into(),
+            hash: digest(n),
+            id: KeyId::new(id),
             namespace: Arc::new(Label::new("acme").unwrap()),
             environment: Arc::new(Label::new("production").unwrap()),
             status: Status::Active,
+            imported,
             expires_at: None,
             scopes: Arc::new(ScopeSet::new(Vec::new())),
             allowed_cidrs: Arc::default(),
             limiter: None,
-            quota: None,
-            limits_header: None,
-            shared: None,
-            usage: crate::pipeline::usage::UsageBook::in_memory().cell_for(id),
-            id_header: HeaderValue::from_static("x"),
-            imported,
+            limits: None,
+            cells: crate::pipeline::usage::UsageBook::in_memory().cells(),
+            in_use: OnceLock::new(),
         }
     }
 
@@ -389,22 +640,20 @@ mod tests {
     fn a_change_copies_only_the_shards_it_touches() {
         let mut index = KeyIndex::default();
         for n in 0..10_000 {
-            index
-                .insert(digest(n), entry(&format!("id{n}"), false))
-                .unwrap();
+            index.insert(entry(n, &format!("id{n}"), false)).unwrap();
         }
         let before = index.clone();
         assert_eq!(index.unshared_shards(&before), 0);
 
         // A new key: one hash shard and one id shard.
-        index.upsert(digest(10_000), entry("new", false)).unwrap();
+        index.upsert(entry(10_000, "new", false)).unwrap();
         assert_eq!(index.unshared_shards(&before), 2);
         assert_eq!((index.len(), before.len()), (10_001, 10_000));
         assert!(index.by_id("new").is_some() && before.by_id("new").is_none());
 
         // A regenerated key: its old hash is gone, its new one found, under the same id.
         let mut next = index.clone();
-        next.upsert(digest(20_000), entry("id7", false)).unwrap();
+        next.upsert(entry(20_000, "id7", false)).unwrap();
         assert!(next.by_hash(&digest(7).0).is_none());
         assert_eq!(next.by_hash(&digest(20_000).0).unwrap().id, "id7");
         assert_eq!(next.by_id("id7").unwrap().id, "id7");
@@ -417,10 +666,10 @@ mod tests {
     #[test]
     fn clashes_are_refused_and_change_nothing() {
         let mut index = KeyIndex::default();
-        index.insert(digest(1), entry("a", false)).unwrap();
-        assert_eq!(index.insert(digest(2), entry("a", false)), Err(Clash::Id));
-        assert_eq!(index.insert(digest(1), entry("b", false)), Err(Clash::Hash));
-        assert_eq!(index.upsert(digest(1), entry("b", false)), Err(Clash::Hash));
+        index.insert(entry(1, "a", false)).unwrap();
+        assert_eq!(index.insert(entry(2, "a", false)), Err(Clash::Id));
+        assert_eq!(index.insert(entry(1, "b", false)), Err(Clash::Hash));
+        assert_eq!(index.upsert(entry(1, "b", false)), Err(Clash::Hash));
         assert_eq!(index.len(), 1);
         assert!(index.by_id("b").is_none());
     }
@@ -428,11 +677,65 @@ mod tests {
     #[test]
     fn imported_keys_are_counted_through_changes() {
         let mut index = KeyIndex::default();
-        index.insert(digest(1), entry("a", true)).unwrap();
+        index.insert(entry(1, "a", true)).unwrap();
         assert!(index.any_imported());
         // Regenerated: keygate made the new secret.
-        index.upsert(digest(2), entry("a", false)).unwrap();
+        index.upsert(entry(2, "a", false)).unwrap();
         assert!(!index.any_imported());
         assert_eq!(index.iter().count(), 1);
+    }
+
+    #[test]
+    fn ids_are_held_in_place_up_to_22_bytes() {
+        for id in ["a", "0123abcd", "0123456789abcdef012345"] {
+            let k = KeyId::new(id);
+            assert!(matches!(k, KeyId::Inline { .. }), "{id}");
+            assert_eq!(k.as_str(), id);
+        }
+        let long = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let k = KeyId::new(long);
+        assert!(matches!(k, KeyId::Heap(_)));
+        assert_eq!((k.as_str(), KeyId::new("")), (long, KeyId::new("")));
+        assert_eq!(std::mem::size_of::<KeyId>(), 24);
+    }
+
+    #[test]
+    fn an_entry_is_small_and_its_usage_is_made_on_first_use() {
+        // One allocation of this size per key, plus a pointer in each map: the budget of
+        // 300 bytes a key at a million keys depends on it.
+        assert!(std::mem::size_of::<KeyEntry>() <= 160);
+        let e = entry(1, "a", false);
+        assert!(e.in_use.get().is_none());
+        assert_eq!(e.usage_report(0).accepted, 0);
+        assert!(e.in_use.get().is_none(), "a report makes no cell");
+        e.usage().accepted();
+        assert_eq!(e.id_header(), "a");
+        assert_eq!(e.usage_report(0).accepted, 1);
+    }
+
+    #[test]
+    fn keys_with_the_same_limits_share_them() {
+        let index = KeyIndex::default();
+        let rate = Some(RatePolicy {
+            rate: crate::config::units::Rate {
+                count: 10,
+                per: std::time::Duration::from_secs(1),
+            },
+            burst: 10,
+        });
+        let make = || Limits {
+            quota: None,
+            header: None,
+            shared: None,
+        };
+        let (a, b, none) = index.intern(|i| {
+            (
+                i.limits(rate, None, make),
+                i.limits(rate, None, make),
+                i.limits(None, None, make),
+            )
+        });
+        assert!(Arc::ptr_eq(&a.unwrap(), &b.unwrap()));
+        assert!(none.is_none());
     }
 }
