@@ -17,8 +17,9 @@ use dashmap::DashMap;
 use governor::{Quota, RateLimiter};
 use keygate::clock::Clock;
 use keygate::config::units::Rate;
-use keygate::pipeline::rate_limit::{admit, Limiters};
+use keygate::pipeline::rate_limit::admit;
 use keygate::policy::rate::RatePolicy;
+use keygate::state::limiters::Limiters;
 
 const KEYS: usize = 10_000;
 

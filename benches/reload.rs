@@ -12,9 +12,9 @@ use keygate::clock::Clock;
 use keygate::config::{Config, RouteConfig};
 use keygate::keys::{format, hex, KeyRecord, Status, Store, StoreFile};
 use keygate::metrics::Metrics;
-use keygate::pipeline::rate_limit::Limiters;
-use keygate::pipeline::usage::UsageBook;
 use keygate::snapshot::{BuildContext, Snapshot};
+use keygate::state::limiters::Limiters;
+use keygate::state::usage::UsageBook;
 
 fn record(i: usize) -> KeyRecord {
     let hash = hex(&format::hash(&format!("bench-key-{i}")));

@@ -370,10 +370,10 @@ mod tests {
     use super::*;
     use crate::config::{parse_yaml, Config};
     use crate::metrics::Metrics;
-    use crate::pipeline::rate_limit::Limiters;
-    use crate::pipeline::usage::UsageBook;
     use crate::rejection::Rejection;
     use crate::snapshot::{BuildContext, Snapshot};
+    use crate::state::limiters::Limiters;
+    use crate::state::usage::UsageBook;
     use std::path::Path;
 
     /// 2026-12-01T00:00:00Z: a day's and a minute's start.

@@ -11,10 +11,10 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::keys::lifecycle::Op;
 use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status, Store};
-use crate::pipeline::rate_limit::Limiters;
-use crate::pipeline::usage::UsageBook;
-use crate::pipeline::usage::UsageReport;
 use crate::snapshot::{BuildContext, Snapshot};
+use crate::state::limiters::Limiters;
+use crate::state::usage::UsageBook;
+use crate::state::usage::UsageReport;
 
 /// keygate: an API-key gateway.
 #[derive(Debug, Parser)]
@@ -325,7 +325,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
         actor: &actor,
         now,
     };
-    let usage = crate::pipeline::usage::read_file(&config.usage_path(config_path), now);
+    let usage = crate::state::usage::read_file(&config.usage_path(config_path), now);
     let quiet = config.quiet_period_secs();
     let view = |r: &KeyRecord| {
         let report = usage.get(&r.id);

@@ -15,9 +15,9 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::{Gauges, Metrics};
 use crate::pipeline::forward::{RequestIds, Tunnels};
 use crate::pipeline::lockout::Lockouts;
-use crate::pipeline::rate_limit::Limiters;
-use crate::pipeline::usage::UsageBook;
 use crate::snapshot::{BuildContext, Snapshot};
+use crate::state::limiters::Limiters;
+use crate::state::usage::UsageBook;
 use crate::tls::CertResolver;
 
 /// Everything the listeners share: the snapshot in force, the clock, and the state that

@@ -22,16 +22,19 @@
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
 //!   [`pipeline::lockout`], [`pipeline::authorize`], [`pipeline::rate_limit`] (or
-//!   [`pipeline::shared_limit`], through Redis), [`pipeline::usage`] (with the quota count),
-//!   [`pipeline::forward`] (with its upstream pool).
+//!   [`pipeline::shared_limit`], through Redis), [`pipeline::forward`] (with its upstream
+//!   pool). Usage is counted on the key's own cell at the end of the spine.
 //! - [`policy`]: the values the stages decide with ([`policy::scope`], [`policy::net`],
 //!   [`policy::rate`], [`policy::quota`]), below the keys, the snapshot and the stages.
+//! - [`state`]: what lives between snapshots and across restarts, below the snapshot and
+//!   the stages: [`state::limiters`] (each key's limiter) and [`state::usage`] (counters,
+//!   the quota count, the usage book and its file).
 //! - [`headers`]: the header names keygate sets.
 //! - [`rejection`]: every refusal and its one mapping to a response.
 //! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.
 //! - [`config`]: documented config types, YAML loading, located errors.
 //! - [`reload`]: file watch and reload, and following a Redis store's changes.
-//! - [`keys`]: key format, key records, the atomic key store (a file, or Redis), lifecycle
+//! - [`keys`]: key format, key records, the key store (a file, SQLite or Redis), lifecycle
 //!   operations.
 //! - [`shared_usage`]: usage summed over nodes through Redis.
 //! - [`admin`]: the admin listener and its key-management API.
@@ -82,4 +85,5 @@ pub mod reload;
 pub mod server;
 pub mod shared_usage;
 pub mod snapshot;
+pub mod state;
 pub mod tls;

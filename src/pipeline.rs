@@ -12,7 +12,6 @@ pub mod lockout;
 pub mod rate_limit;
 pub mod route;
 pub mod shared_limit;
-pub mod usage;
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};

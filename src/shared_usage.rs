@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::gateway::Gateway;
 use crate::keys::redis_store::RedisStore;
 use crate::keys::LastUse;
-use crate::pipeline::usage::{UsageReport, SLOTS};
+use crate::state::usage::{UsageReport, SLOTS};
 
 const LATEST: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])

@@ -19,14 +19,14 @@ use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, RecordSin
 use crate::metrics::Metrics;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
 use crate::pipeline::lockout::LockoutPolicy;
-use crate::pipeline::rate_limit::{KeyLimiter, Limiters};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
-use crate::pipeline::shared_limit::{SharedLimiter, SharedPolicy, SharedSettings};
-use crate::pipeline::usage::UsageBook;
+use crate::pipeline::shared_limit::{SharedLimiter, SharedSettings};
 use crate::policy::net::CidrSet;
 use crate::policy::quota::Quota;
-use crate::policy::rate::{policy_header, RatePolicy};
+use crate::policy::rate::{policy_header, RatePolicy, SharedPolicy};
 use crate::policy::scope::ScopeSet;
+use crate::state::limiters::{KeyLimiter, Limiters};
+use crate::state::usage::UsageBook;
 use crate::tls::CertSet;
 
 pub use crate::keys::store::{FileStamp, Written};

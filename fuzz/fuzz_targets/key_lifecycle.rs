@@ -19,8 +19,8 @@ use keygate::keys::store::{parse, render};
 use keygate::keys::StoreFile;
 use keygate::metrics::Metrics;
 use keygate::pipeline::lockout::Lockouts;
-use keygate::pipeline::rate_limit::Limiters;
-use keygate::pipeline::usage::UsageBook;
+use keygate::state::limiters::Limiters;
+use keygate::state::usage::UsageBook;
 use keygate::snapshot::{BuildContext, Snapshot};
 use libfuzzer_sys::fuzz_target;
 

@@ -16,8 +16,8 @@ use crate::body::ResponseBody;
 use crate::clock::rfc3339;
 use crate::keys::lifecycle::Op;
 use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, ListQuery, NewKey, Status};
-use crate::pipeline::usage::UsageReport;
 use crate::rejection::Rejection;
+use crate::state::usage::UsageReport;
 
 type Answer = Result<Response<ResponseBody>, Rejection>;
 
@@ -673,12 +673,12 @@ pub(crate) async fn key_usage(call: &Call<'_>) -> Answer {
 /// Today's sums over some keys, and how many of them were used.
 #[derive(Default)]
 struct Totals {
-    counts: crate::pipeline::usage::UsageReport,
+    counts: crate::state::usage::UsageReport,
     keys_used: u64,
 }
 
 impl Totals {
-    fn add(&mut self, r: &crate::pipeline::usage::UsageReport) {
+    fn add(&mut self, r: &crate::state::usage::UsageReport) {
         self.counts.add_counts(r);
         self.keys_used = self.keys_used.saturating_add(1);
     }

@@ -22,7 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::clock::Clock;
 use crate::config::FailMode;
 use crate::policy::quota::Quota;
-use crate::policy::rate::{Budget, RateHeaders};
+use crate::policy::rate::{Budget, RateHeaders, SharedPolicy};
 use crate::rejection::Rejection;
 use crate::snapshot::KeyEntry;
 
@@ -76,15 +76,6 @@ pub struct SharedSettings {
     pub fail_mode: FailMode,
     pub nodes: u32,
     pub timeout: Duration,
-}
-
-/// A key's whole (cluster-wide) limits, for the script.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SharedPolicy {
-    /// Microseconds between requests at the sustained rate; 0 when the key has no rate.
-    pub emission_us: u64,
-    pub burst: u32,
-    pub quota: Option<Quota>,
 }
 
 /// The shared limiter of one Redis.

@@ -13,6 +13,15 @@ use crate::config::units::Rate;
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
+/// A key's whole (cluster-wide) limits, counted in Redis by every node (`rate_limit.backend: redis`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedPolicy {
+    /// Microseconds between requests at the sustained rate; 0 when the key has no rate.
+    pub emission_us: u64,
+    pub burst: u32,
+    pub quota: Option<crate::policy::quota::Quota>,
+}
+
 /// A key's limit: `rate`, with up to `burst` requests at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RatePolicy {

@@ -21,13 +21,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use http::HeaderValue;
 
 use crate::keys::Status;
-use crate::pipeline::rate_limit::KeyLimiter;
-use crate::pipeline::shared_limit::SharedPolicy;
-use crate::pipeline::usage::{Cells, KeyUsage, UsageReport};
 use crate::policy::net::CidrSet;
 use crate::policy::quota::Quota;
 use crate::policy::rate::RatePolicy;
+use crate::policy::rate::SharedPolicy;
 use crate::policy::scope::ScopeSet;
+use crate::state::limiters::KeyLimiter;
+use crate::state::usage::{Cells, KeyUsage, UsageReport};
 
 /// Shards per map. A power of two, so a byte of a digest picks one evenly.
 pub const SHARDS: usize = 4096;
@@ -627,7 +627,7 @@ mod tests {
             allowed_cidrs: Arc::default(),
             limiter: None,
             limits: None,
-            cells: crate::pipeline::usage::UsageBook::in_memory().cells(),
+            cells: crate::state::usage::UsageBook::in_memory().cells(),
             in_use: OnceLock::new(),
         }
     }

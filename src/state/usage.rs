@@ -1,6 +1,6 @@
-//! The last stage: account for what a key did. On the request path this is a handful of
-//! atomic increments on the key's own cell, and a lock that is only ever tried, never waited
-//! on. "Today", the per-minute series and persistence are derived off the request path by
+//! What a key did: its usage cell, counted at the end of the request spine. On the request
+//! path this is a handful of atomic increments on the key's own cell, and a lock that is
+//! only ever tried, never waited on. "Today", the per-minute series and persistence are derived off the request path by
 //! [`UsageBook::tick`], which the gateway's housekeeping calls every few seconds: it records
 //! each counter's value at the start of the day and of the minute, and the deltas.
 //!
