@@ -89,6 +89,15 @@ async fn changes_from_another_process_are_live_within_a_second_and_the_apis_at_o
     assert_eq!(found["keys"].as_array().unwrap().len(), 1, "{found}");
     let one = admin(&gw, "GET", &format!("/v1/api-keys/{cli_id}"), None).await;
     assert_eq!(one.json()["status"], "revoked");
+    // Namespaces count from the database: the revoked key is not in use.
+    let spaces = admin(&gw, "GET", "/v1/namespaces", None).await.json();
+    let acme = spaces["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "acme")
+        .unwrap_or_else(|| panic!("{spaces}"));
+    assert_eq!(acme["keys_in_use"], 1, "{spaces}");
     assert_eq!(
         admin(&gw, "GET", "/v1/api-keys/ffffffff", None)
             .await

@@ -184,16 +184,6 @@ async fn record(call: &Call<'_>) -> Result<KeyRecord, Rejection> {
         .ok_or(Rejection::KeyNotFound)
 }
 
-/// Reads the whole store on a blocking thread.
-async fn records(call: &Call<'_>) -> Result<Vec<KeyRecord>, Rejection> {
-    let store = call.gw.snapshot.load().store.clone();
-    tokio::task::spawn_blocking(move || store.load())
-        .await
-        .map_err(|_| Rejection::Internal)?
-        .map(|(file, _)| file.keys)
-        .map_err(Rejection::StoreInvalid)
-}
-
 /// With a Redis store: today's usage of `ids` summed over every node. Empty otherwise, or
 /// when Redis cannot be reached (then each view shows this node's own counts).
 async fn shared_usage(call: &Call<'_>, ids: Vec<String>) -> HashMap<String, UsageReport> {
@@ -563,9 +553,12 @@ pub(crate) async fn namespaces(call: &Call<'_>) -> Answer {
     let snapshot = call.gw.snapshot.load_full();
     let config = &snapshot.config;
     let now = call.gw.clock.unix_secs();
-    let keys = records(call).await?;
+    let store = snapshot.store.clone();
+    let counts = tokio::task::spawn_blocking(move || store.namespace_counts(now))
+        .await
+        .map_err(|_| Rejection::Internal)??;
     let mut names: Vec<&str> = config.namespaces.keys().map(String::as_str).collect();
-    names.extend(keys.iter().map(|r| r.namespace.as_str()));
+    names.extend(counts.keys().map(String::as_str));
     names.sort_unstable();
     names.dedup();
     let list: Vec<_> = names
@@ -577,10 +570,7 @@ pub(crate) async fn namespaces(call: &Call<'_>) -> Answer {
                 .as_ref()
                 .and_then(|t| config.tiers.get(t))
                 .and_then(|t| t.max_keys);
-            let in_use = keys
-                .iter()
-                .filter(|r| r.namespace == name && r.counts_toward_limit(now))
-                .count();
+            let in_use = counts.get(name).copied().unwrap_or(0);
             serde_json::json!({
                 "name": name,
                 "declared": declared.is_some(),

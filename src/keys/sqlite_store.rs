@@ -12,6 +12,7 @@
 //!   gateway keeps the number its snapshot was read at, and applies just the keys changed
 //!   since (see `reload::follow_feed`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -321,6 +322,31 @@ impl SqliteStore {
             })
             .collect::<Result<Vec<KeyRecord>, _>>()?;
         Ok((records, more))
+    }
+
+    /// Every namespace that holds a key, with how many of its keys count toward a tier's
+    /// limit at `now` (active or inactive, and not expired): one pass over the namespace
+    /// index, without reading a record.
+    pub fn namespace_counts(&self, now: i64) -> Result<BTreeMap<String, usize>, String> {
+        let mut con = self.connection()?;
+        let read = (|| {
+            let c = con.get()?;
+            let mut stmt = c.prepare_cached(
+                "SELECT namespace, sum(status IN ('active', 'inactive')
+                   AND (expires_unix IS NULL OR expires_unix > ?1)) FROM keys GROUP BY namespace",
+            )?;
+            let rows = stmt
+                .query_map(params![now], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, rusqlite::Error>(rows)
+        })();
+        let rows = read.map_err(|e| con.failed(self, e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(ns, n)| (ns, usize::try_from(n).unwrap_or(0)))
+            .collect())
     }
 
     /// One lifecycle operation in one transaction, committed before it returns. Also returns
@@ -703,5 +729,18 @@ mod tests {
                 assert_eq!(got, want, "{status} {search:?}");
             }
         }
+        // The namespaces' counts agree with the records' own rule, revoked and expired keys
+        // left out but their namespace still listed.
+        let mut other = hashed("99999999", 99);
+        other.namespace = "globex".into();
+        other.status = Status::Revoked;
+        store.transact(move |r| r.put(other)).unwrap();
+        let counts = store.namespace_counts(now).unwrap();
+        let acme = all.iter().filter(|r| r.counts_toward_limit(now)).count();
+        assert_eq!(acme, 5);
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            [("acme".to_string(), acme), ("globex".to_string(), 0)]
+        );
     }
 }

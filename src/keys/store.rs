@@ -7,6 +7,7 @@
 //! sees the old store or the new one, never half of one. Writers hold an advisory lock on
 //! `<store>.lock` for the whole read-modify-write, so two `keys create` at once both land.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -308,6 +309,21 @@ impl Store {
         if let Some(cell) = &self.witness {
             *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(written);
         }
+    }
+
+    /// Every namespace that holds a key, with how many of its keys count toward a tier's
+    /// limit at `now`: a grouped count in a database, a pass over every record otherwise.
+    pub fn namespace_counts(&self, now: i64) -> Result<BTreeMap<String, usize>, KeyError> {
+        if let Some(db) = self.database() {
+            return db.namespace_counts(now).map_err(KeyError::Unavailable);
+        }
+        let (file, _) = self.load().map_err(KeyError::Store)?;
+        let mut counts = BTreeMap::new();
+        for r in &file.keys {
+            let n: &mut usize = counts.entry(r.namespace.clone()).or_default();
+            *n = n.saturating_add(usize::from(r.counts_toward_limit(now)));
+        }
+        Ok(counts)
     }
 
     /// One page of the listing: a query with indexes in a database, a filter over every
