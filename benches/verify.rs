@@ -15,7 +15,7 @@ use keygate::clock::Clock;
 use keygate::config::{Config, RouteConfig};
 use keygate::keys::{format, hex, KeyRecord, Status};
 use keygate::metrics::Metrics;
-use keygate::pipeline::{admit, lockout::Lockouts};
+use keygate::pipeline::{admit, lockout::Lockouts, Ask, Client};
 use keygate::snapshot::{BuildContext, Snapshot};
 use keygate::state::{limiters::Limiters, usage::UsageBook};
 
@@ -75,7 +75,7 @@ fn verify(c: &mut Criterion) {
     let limiters = Limiters::new(clock.clone());
     let usage = UsageBook::in_memory();
     let lockouts = Lockouts::default();
-    let peer: IpAddr = "127.0.0.1".parse().unwrap();
+    let peer = Client::Known("127.0.0.1".parse::<IpAddr>().unwrap());
     let mut group = c.benchmark_group("verify");
     group.throughput(Throughput::Elements(1));
     for n in [1_000usize, 100_000, 1_000_000] {
@@ -94,7 +94,8 @@ fn verify(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % requests.len();
                 let admission =
-                    admit(&snapshot, &clock, &requests[i], peer, &lockouts).expect("admitted");
+                    admit(&snapshot, &clock, Ask::of(&requests[i], false), peer, &lockouts)
+                        .expect("admitted");
                 black_box(admission.key.id.len())
             })
         });
@@ -113,7 +114,9 @@ fn verify(c: &mut Criterion) {
         .unwrap();
     let (snapshot, _) = snapshot_with(1_000, &limiters, &usage);
     stages.bench_function("refuse_unknown_key", |b| {
-        b.iter(|| admit(&snapshot, &clock, black_box(&unknown), peer, &lockouts).is_err())
+        b.iter(|| {
+            admit(&snapshot, &clock, Ask::of(black_box(&unknown), false), peer, &lockouts).is_err()
+        })
     });
     stages.finish();
 }

@@ -86,6 +86,9 @@ pub struct Config {
     /// TLS on the listeners.
     #[serde(default)]
     pub tls: crate::tls::TlsConfig,
+    /// The auth listener's reading of forwarded requests.
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// Brute-force protection.
@@ -355,6 +358,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             alerts: crate::alerts::AlertsConfig::default(),
             tls: crate::tls::TlsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -373,6 +377,10 @@ pub struct Listen {
     /// The admin API listener. Default `127.0.0.1:9090`.
     #[serde(default = "default_admin_addr")]
     pub admin: String,
+    /// The auth listener, where an ingress (nginx `auth_request`, Traefik `ForwardAuth`,
+    /// Caddy `forward_auth`, Envoy `ext_authz`) asks about its requests. Off unless set.
+    #[serde(default)]
+    pub auth: Option<String>,
 }
 
 impl Default for Listen {
@@ -380,8 +388,20 @@ impl Default for Listen {
         Listen {
             proxy: default_proxy_addr(),
             admin: default_admin_addr(),
+            auth: None,
         }
     }
+}
+
+/// How the auth listener reads the request it is asked about.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Envoy's `ext_authz` HTTP service sends the original path under its `path_prefix`:
+    /// requests under this prefix (for example `/envoy`) ask about the rest of the path,
+    /// with their own method. Default: none.
+    #[serde(default)]
+    pub envoy_path_prefix: Option<String>,
 }
 
 fn default_proxy_addr() -> String {
@@ -391,12 +411,24 @@ fn default_admin_addr() -> String {
     "127.0.0.1:9090".into()
 }
 
-/// One admin token: a bare hash, or a named one (the name is recorded as the actor).
+/// One admin token: a bare hash, or a named one (the name is recorded as the actor) with an
+/// optional role: `admin` (the default), `read` or `verify`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum AdminTokenConfig {
     Hash(String),
-    Named { name: String, hash: String },
+    Named(NamedToken),
+}
+
+/// A named admin token.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToken {
+    pub name: String,
+    pub hash: String,
+    /// `admin` (the default), `read` or `verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// A route: which requests it takes, where they go, and which keys may use it.

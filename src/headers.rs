@@ -9,3 +9,7 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 pub const X_KEYGATE_NAMESPACE: HeaderName = HeaderName::from_static("x-keygate-namespace");
 pub const X_KEYGATE_ENVIRONMENT: HeaderName = HeaderName::from_static("x-keygate-environment");
+/// On the auth listener's refusals: the refusal's code, and its problem body again, for an
+/// ingress that keeps only an auth answer's headers (nginx `auth_request`).
+pub const X_KEYGATE_CODE: HeaderName = HeaderName::from_static("x-keygate-code");
+pub const X_KEYGATE_PROBLEM: HeaderName = HeaderName::from_static("x-keygate-problem");

@@ -19,6 +19,8 @@
 //! - [`gateway`]: the shared [`gateway::Gateway`] state every stage, admin route and reload
 //!   reads, low in the tree.
 //! - [`server`]: listeners, accept loops, connection limits, draining; it serves the gateway.
+//! - [`auth_listener`]: the auth listener, where an ingress asks for the pipeline's decision
+//!   ([`pipeline::decide`]) without the forwarding; the verify API asks it in [`admin`].
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
 //!   [`pipeline::lockout`], [`pipeline::authorize`], [`pipeline::rate_limit`] (or
@@ -69,6 +71,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod audit;
+pub mod auth_listener;
 pub mod body;
 pub mod cli;
 pub mod clock;

@@ -62,6 +62,57 @@ fn bump(counter: Option<&AtomicU64>) {
     }
 }
 
+/// Where a decision without forwarding was asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum AskedBy {
+    /// The auth listener (forward auth from an ingress).
+    Auth,
+    /// `POST /v1/keys/verify`.
+    Verify,
+}
+
+/// Decisions of the auth listener and the verify API: allowed (slot 0), or refused by code
+/// (slot 1 + the code's index).
+#[derive(Debug)]
+pub struct Decisions([[AtomicU64; CODES.len() + 1]; 2]);
+
+impl Default for Decisions {
+    fn default() -> Self {
+        Decisions(std::array::from_fn(|_| {
+            std::array::from_fn(|_| AtomicU64::new(0))
+        }))
+    }
+}
+
+impl Decisions {
+    /// Counts one decision: `None` is allowed, else the refusal.
+    pub fn count(&self, by: AskedBy, refused: Option<&Rejection>) {
+        let slot = refused.map_or(0, |r| r.index().saturating_add(1));
+        bump(self.0.get(by as usize).and_then(|s| s.get(slot)));
+    }
+
+    fn render(&self, out: &mut String) {
+        header(
+            out,
+            "keygate_auth_decisions_total",
+            "counter",
+            "Decisions made without forwarding, by where they were asked (auth: the auth listener; verify: POST /v1/keys/verify) and code (allowed, or the refusal code).",
+        );
+        for (source, slots) in ["auth", "verify"].iter().zip(&self.0) {
+            let codes = std::iter::once("allowed").chain(CODES.iter().copied());
+            for (code, n) in codes.zip(slots.iter()) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "keygate_auth_decisions_total{{source=\"{source}\",code=\"{code}\"}} {n}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Upper bounds of the duration histograms, in seconds.
 const BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -128,6 +179,8 @@ pub struct Metrics {
     pub lockouts: AtomicU64,
     pub alerts_fired: AtomicU64,
     pub webhook_failures: AtomicU64,
+    /// The auth listener's and the verify API's decisions.
+    pub decisions: Decisions,
 }
 
 /// Gauges read from the rest of the gateway when rendering.
@@ -198,6 +251,7 @@ impl Metrics {
                     .fold(0, u64::saturating_add)
             })
         };
+        self.decisions.render(&mut out);
         counter(
             &mut out,
             "keygate_rate_limited_total",

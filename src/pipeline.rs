@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use http::header::HOST;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -48,44 +48,42 @@ pub async fn handle(
         .flatten()
         .unwrap_or_else(|| gw.request_ids.next());
     let span = tracing::debug_span!("request", id = ?request_id, method = %req.method());
-    let entered = span.enter();
 
-    let client = client_ip::resolve(peer_ip, req.headers(), &snapshot.trusted_proxies);
-    let mut admission = match admit(&snapshot, &gw.clock, &req, client, &gw.lockouts) {
-        Ok(a) => a,
-        Err(refused) => {
-            account_refusal(gw, &snapshot, &refused, client);
+    let client = Client::Known(client_ip::resolve(
+        peer_ip,
+        req.headers(),
+        &snapshot.trusted_proxies,
+    ));
+    let ask = Ask::of(&req, snapshot.x_api_key);
+    let decided = decide(gw, &snapshot, ask, client)
+        .instrument(span.clone())
+        .await;
+    let admission = match decided {
+        Ok(Admission {
+            route: Some(route),
+            key,
+            normalized_path,
+            rate,
+        }) => (route, key, normalized_path, rate),
+        Ok(_) => {
+            tracing::warn!("a proxied request was admitted without a route");
+            return Rejection::Internal.into_response(Some(request_id));
+        }
+        Err(rejection) => {
             gw.metrics.gateway_time.observe(started.elapsed());
-            return refused.rejection.into_response(Some(request_id));
+            return rejection.into_response(Some(request_id));
         }
     };
-    drop(entered);
-    if let Some(shared) = &snapshot.shared_limits {
-        match shared.admit(admission.key, &gw.clock).await {
-            Ok(rate) => admission.rate = rate,
-            Err(rejection) => {
-                let refused = Refused {
-                    rejection,
-                    route: Some(admission.route),
-                    key: Some(admission.key),
-                };
-                account_refusal(gw, &snapshot, &refused, client);
-                gw.metrics.gateway_time.observe(started.elapsed());
-                return refused.rejection.into_response(Some(request_id));
-            }
-        }
-    }
-    let (route, key) = (admission.route, admission.key);
-    key.usage().accepted();
+    let (route, key, normalized_path, rate) = admission;
     let decision = forward::Forward {
         route,
         key,
         peer_header: &conn.peer_header,
         peer_trusted,
         tls: conn.tls,
-        normalized_path: admission.normalized_path.as_deref(),
+        normalized_path: normalized_path.as_deref(),
         request_id: request_id.clone(),
-        rate: admission.rate,
+        rate,
         tunnels: &gw.tunnels,
         tunnel_idle: snapshot.listeners.tunnel_idle,
     };
@@ -128,12 +126,110 @@ pub async fn handle(
     }
 }
 
+/// The request a decision is about: the proxied request itself, or the original request that
+/// an ingress (the auth listener) or a service (the verify API) describes.
+#[derive(Debug)]
+pub struct Ask<'r> {
+    pub method: &'r Method,
+    /// The request target's path, without the query. `None` for a verify call that names no
+    /// path: only the key itself is judged then, not a route's environment, namespace and
+    /// scopes.
+    pub path: Option<&'r str>,
+    pub host: Option<&'r str>,
+    /// The presented credential, or why there is none. A missing key is refused only after
+    /// the route is found, so an unknown path is `no_route` with or without a key.
+    pub token: Result<&'r str, Rejection>,
+}
+
+impl<'r> Ask<'r> {
+    /// What a request asks about itself.
+    pub fn of<B>(req: &'r Request<B>, allow_x_api_key: bool) -> Ask<'r> {
+        Ask {
+            method: req.method(),
+            path: Some(req.uri().path()),
+            host: host_of(req),
+            token: credential::extract(req.headers(), allow_x_api_key),
+        }
+    }
+}
+
+/// The request's `Host`, or its URI's authority (HTTP/2).
+pub fn host_of<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+}
+
+/// Whose request a decision is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Client {
+    /// The client's own address: address rules and lockouts apply to it.
+    Known(IpAddr),
+    /// A verify call that named no address. Keys bound to addresses are refused, since no
+    /// address can be shown to be in their rules; lockouts do not apply, since the caller is
+    /// not the client. The caller's own address is recorded as the key's last user.
+    Unnamed { caller: IpAddr },
+}
+
+impl Client {
+    /// The address recorded in usage and the audit log.
+    pub fn ip(self) -> IpAddr {
+        match self {
+            Client::Known(ip) | Client::Unnamed { caller: ip } => ip,
+        }
+    }
+
+    /// The address lockouts count against, if any.
+    fn lockable(self) -> Option<IpAddr> {
+        match self {
+            Client::Known(ip) => Some(ip),
+            Client::Unnamed { .. } => None,
+        }
+    }
+}
+
+/// The whole decision, as the proxy, the auth listener and the verify API make it: the
+/// synchronous checks, then the shared limits (Redis) when configured. A refusal is counted
+/// and audited here; an admission counts as accepted. Only the forwarding is left to the
+/// caller.
+pub async fn decide<'s>(
+    gw: &Gateway,
+    snapshot: &'s Snapshot,
+    ask: Ask<'_>,
+    client: Client,
+) -> Result<Admission<'s>, Rejection> {
+    let mut admission = match admit(snapshot, &gw.clock, ask, client, &gw.lockouts) {
+        Ok(a) => a,
+        Err(refused) => {
+            account_refusal(gw, snapshot, &refused, client);
+            return Err(refused.rejection);
+        }
+    };
+    if let Some(shared) = &snapshot.shared_limits {
+        match shared.admit(admission.key, &gw.clock).await {
+            Ok(rate) => admission.rate = rate,
+            Err(rejection) => {
+                let refused = Refused {
+                    rejection,
+                    route: admission.route,
+                    key: Some(admission.key),
+                };
+                account_refusal(gw, snapshot, &refused, client);
+                return Err(refused.rejection);
+            }
+        }
+    }
+    admission.key.usage().accepted();
+    Ok(admission)
+}
+
 /// Counts a refusal where it belongs (route, key or the anonymous cell), audits failed
 /// authentications, and locks out addresses that keep guessing.
-fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, client: IpAddr) {
+fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, client: Client) {
     let rejection = &refused.rejection;
     let key_id = refused.key.map(|k| k.id.as_str());
-    tracing::debug!(code = rejection.code(), client = %client, key_id, "refused");
+    tracing::debug!(code = rejection.code(), client = %client.ip(), key_id, "refused");
     refused
         .route
         .map_or(&gw.metrics.unrouted, |r| &r.counters)
@@ -146,24 +242,21 @@ fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, cli
         return;
     }
     let now = gw.clock.unix_secs();
-    gw.audit.auth_failed(now, client, rejection.code(), key_id);
-    if let Some(policy) = snapshot
-        .lockout
-        .as_ref()
-        .filter(|_| lockout::counts_as_guess(rejection))
-    {
-        if gw.lockouts.failure(client, now, policy) {
-            gw.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client = %client, cooldown_secs = policy.cooldown, "address locked out for failed authentications");
-            gw.audit.record(
-                &AuditEvent::new(now, "gateway", "auth.locked_out")
-                    .ip(Some(client))
-                    .failed(format!(
-                        "{} failed authentications within {}s; locked out for {}s",
-                        policy.max_failures, policy.window, policy.cooldown
-                    )),
-            );
-        }
+    gw.audit.auth_failed(now, client.ip(), rejection.code(), key_id);
+    let (Some(policy), Some(ip)) = (snapshot.lockout.as_ref(), client.lockable()) else {
+        return;
+    };
+    if lockout::counts_as_guess(rejection) && gw.lockouts.failure(ip, now, policy) {
+        gw.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(client = %ip, cooldown_secs = policy.cooldown, "address locked out for failed authentications");
+        gw.audit.record(
+            &AuditEvent::new(now, "gateway", "auth.locked_out")
+                .ip(Some(ip))
+                .failed(format!(
+                    "{} failed authentications within {}s; locked out for {}s",
+                    policy.max_failures, policy.window, policy.cooldown
+                )),
+        );
     }
 }
 
@@ -234,7 +327,8 @@ impl Drop for Busy<'_> {
 /// A request that passed every check.
 #[derive(Debug)]
 pub struct Admission<'s> {
-    pub route: &'s Route,
+    /// The route the request takes; `None` only for a verify call that named no path.
+    pub route: Option<&'s Route>,
     pub key: &'s KeyEntry,
     /// Set when normalisation changed the path.
     pub normalized_path: Option<String>,
@@ -262,45 +356,54 @@ impl From<Rejection> for Refused<'_> {
 /// Decides whether a request from `client` may go upstream, in the contract's order.
 /// Synchronous and free of I/O, so it can be tested and benchmarked on its own. With
 /// `rate_limit.backend: redis` it leaves the limits to [`shared_limit`].
-pub fn admit<'s, B>(
+pub fn admit<'s>(
     snapshot: &'s Snapshot,
     clock: &Clock,
-    req: &Request<B>,
-    client: IpAddr,
+    ask: Ask<'_>,
+    client: Client,
     lockouts: &Lockouts,
 ) -> Result<Admission<'s>, Refused<'s>> {
     let now = clock.unix_secs();
-    if snapshot.lockout.is_some() {
-        lockouts.check(client, now)?;
+    if let (Some(_), Some(ip)) = (&snapshot.lockout, client.lockable()) {
+        lockouts.check(ip, now)?;
     }
-    let route::NormalPath { path, with_params } = route::normalize_path(req.uri().path())?;
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host());
-    let route = snapshot
-        .routes
-        .select(host, &path)
-        .ok_or(Rejection::NoRoute)?;
+    let target = match ask.path {
+        Some(path) => {
+            let route::NormalPath { path, with_params } = route::normalize_path(path)?;
+            let route = snapshot
+                .routes
+                .select(ask.host, &path)
+                .ok_or(Rejection::NoRoute)?;
+            if with_params.is_some() && !route.allow_path_parameters {
+                return Err(Refused {
+                    rejection: Rejection::InvalidPath,
+                    route: Some(route),
+                    key: None,
+                });
+            }
+            Some((route, path, with_params))
+        }
+        None => None,
+    };
+    let route = target.as_ref().map(|(route, ..)| *route);
     let on_route = |rejection| Refused {
         rejection,
-        route: Some(route),
+        route,
         key: None,
     };
-    if with_params.is_some() && !route.allow_path_parameters {
-        return Err(on_route(Rejection::InvalidPath));
-    }
-    let token = credential::extract(req.headers(), snapshot.x_api_key).map_err(on_route)?;
+    let token = ask.token.map_err(on_route)?;
     let key = credential::identify(snapshot, token).map_err(on_route)?;
-    key.usage().seen(now, client);
+    key.usage().seen(now, client.ip());
     let refused = |rejection| Refused {
         rejection,
-        route: Some(route),
+        route,
         key: Some(key),
     };
-    authorize::authorize(key, route, client, req.method(), &path, now).map_err(refused)?;
-    // Shared limits are counted in Redis by `handle`, after this synchronous part.
+    let on = target
+        .as_ref()
+        .map(|(route, path, _)| (*route, ask.method, path.as_ref()));
+    authorize::authorize(key, on, client, now).map_err(refused)?;
+    // Shared limits are counted in Redis by `decide`, after this synchronous part.
     let rate = match snapshot.shared_limits {
         Some(_) => None,
         None => limits(key, clock, now).map_err(refused)?,
@@ -308,10 +411,10 @@ pub fn admit<'s, B>(
     Ok(Admission {
         route,
         key,
-        normalized_path: match (with_params, path) {
+        normalized_path: target.and_then(|(_, path, with_params)| match (with_params, path) {
             (Some(p), _) | (None, Cow::Owned(p)) => Some(p),
             (None, Cow::Borrowed(_)) => None,
-        },
+        }),
         rate,
     })
 }
@@ -329,6 +432,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
     let quota_budget = |used: u64| {
         quota.map(|(q, _, reset)| Budget {
             name: "quota",
+            limit: q.limit,
             remaining: q.limit.saturating_sub(used),
             reset,
         })
@@ -353,6 +457,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
                     budgets: [
                         Some(Budget {
                             name: "key",
+                            limit: u64::from(limiter.policy.burst),
                             remaining: 0,
                             reset,
                         }),

@@ -42,6 +42,8 @@ pub enum Rejection {
     UpstreamTimeout,
     // The admin API.
     AdminUnauthorized,
+    /// The admin token's role does not allow this call.
+    InsufficientRole,
     NotFound,
     MethodNotAllowed,
     ReloadFailed(Vec<ConfigError>),
@@ -70,7 +72,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 31] = [
+pub const CODES: [&str; 32] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -102,6 +104,7 @@ pub const CODES: [&str; 31] = [
     "limiter_unavailable",
     "store_unavailable",
     "request_timeout",
+    "insufficient_role",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -172,6 +175,7 @@ impl Rejection {
             LimiterUnavailable => 28,
             StoreUnavailable(_) => 29,
             RequestTimeout => 30,
+            InsufficientRole => 31,
         }
     }
 
@@ -203,6 +207,7 @@ impl Rejection {
             UpstreamUnavailable => (S::BAD_GATEWAY, "upstream_unavailable", problem!(502, "Bad Gateway", "upstream_unavailable", "The upstream could not be reached.")),
             UpstreamTimeout => (S::GATEWAY_TIMEOUT, "upstream_timeout", problem!(504, "Gateway Timeout", "upstream_timeout", "The upstream did not answer in time.")),
             AdminUnauthorized => (S::UNAUTHORIZED, "invalid_admin_token", problem!(401, "Unauthorized", "invalid_admin_token", "Send a valid admin token as `Authorization: Bearer <token>`.")),
+            InsufficientRole => (S::FORBIDDEN, "insufficient_role", problem!(403, "Forbidden", "insufficient_role", "The admin token's role does not allow this call: read tokens may only read, verify tokens may only verify keys.")),
             NotFound => (S::NOT_FOUND, "not_found", problem!(404, "Not Found", "not_found", "There is nothing at this path.")),
             MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", problem!(405, "Method Not Allowed", "method_not_allowed", "This path does not take this method.")),
             ReloadFailed(_) | StoreInvalid(_) => (S::UNPROCESSABLE_ENTITY, "invalid_config", ""),
@@ -357,6 +362,7 @@ mod tests {
             UpstreamUnavailable,
             UpstreamTimeout,
             AdminUnauthorized,
+            InsufficientRole,
             NotFound,
             MethodNotAllowed,
             Internal,

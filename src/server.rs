@@ -64,11 +64,16 @@ async fn housekeeping(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duratio
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The auth listener's address, when `listen.auth` is set.
+    pub auth_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     stop_proxy: watch::Sender<Option<Duration>>,
     stop_rest: watch::Sender<Option<Duration>>,
     proxy_task: JoinHandle<()>,
+    /// The admin listener, housekeeping, the auth listener when there is one (the first
+    /// `watched`), then the store followers and the file watch.
     rest: Vec<JoinHandle<()>>,
+    watched: usize,
 }
 
 /// Binds both listeners (the config's addresses; port 0 picks a free one) and starts serving.
@@ -79,8 +84,13 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
     raise_fd_limit(&snapshot);
     let proxy = bind(settings.proxy, "proxy").await?;
     let admin = bind(settings.admin, "admin").await?;
+    let auth = match settings.auth {
+        Some(addr) => Some(bind(addr, "auth").await?),
+        None => None,
+    };
     let proxy_addr = proxy.local_addr()?;
     let admin_addr = admin.local_addr()?;
+    let auth_addr = auth.as_ref().map(TcpListener::local_addr).transpose()?;
     let acceptor = |resolver: &Option<Arc<CertResolver>>| -> io::Result<_> {
         resolver
             .clone()
@@ -100,8 +110,9 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         settings,
         Listener::Proxy,
         proxy_tls,
-        proxy_stop,
+        proxy_stop.clone(),
     ));
+    let mut watched = 2;
     let mut rest = vec![
         tokio::spawn(accept_loop(
             admin,
@@ -113,6 +124,18 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         )),
         tokio::spawn(housekeeping(gateway.clone(), rest_stop.clone())),
     ];
+    // The auth listener stops with the proxy: both answer clients' requests, and drain alike.
+    if let Some(auth) = auth {
+        rest.push(tokio::spawn(accept_loop(
+            auth,
+            gateway.clone(),
+            settings,
+            Listener::Auth,
+            None,
+            proxy_stop,
+        )));
+        watched += 1;
+    }
     if snapshot.store.database().is_some() {
         rest.push(tokio::spawn(crate::reload::follow_feed(
             gateway.clone(),
@@ -140,6 +163,7 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
     tracing::info!(
         proxy = %proxy_addr,
         admin = %admin_addr,
+        auth = %auth_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         proxy_tls = settings.proxy_tls,
         admin_tls = settings.admin_tls,
         generation = snapshot.generation,
@@ -149,11 +173,13 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
     Ok(Running {
         proxy_addr,
         admin_addr,
+        auth_addr,
         gateway,
         stop_proxy,
         stop_rest,
         proxy_task,
         rest,
+        watched,
     })
 }
 
@@ -247,7 +273,8 @@ impl Running {
         let what = match task {
             0 => "the proxy listener",
             1 => "the admin listener",
-            _ => "housekeeping",
+            2 => "housekeeping",
+            _ => "the auth listener",
         };
         tracing::error!(
             task = what,
@@ -281,7 +308,7 @@ impl Running {
                 }
                 _ = term.recv() => break None,
                 _ = int.recv() => break None,
-                ended = first_task_to_end(&mut self.proxy_task, self.rest.get_mut(..2).unwrap_or_default()) => break Some(ended),
+                ended = first_task_to_end(&mut self.proxy_task, self.rest.get_mut(..self.watched).unwrap_or_default()) => break Some(ended),
             }
         };
         if let Some(ended) = ended {
@@ -297,8 +324,8 @@ impl Running {
     }
 }
 
-/// Resolves when the proxy's accept loop or one of `rest` (the admin listener's and
-/// housekeeping) ends, which before a shutdown only a bug can make it do (a panic unwinds
+/// Resolves when the proxy's accept loop or one of `rest` (the admin listener's,
+/// housekeeping and the auth listener's) ends, which before a shutdown only a bug can make it do (a panic unwinds
 /// that task alone). Says which (0 is the proxy, then `rest` in order), and whether it
 /// panicked. The store followers and the file watch may end on their own, and are not here.
 async fn first_task_to_end(
@@ -321,6 +348,7 @@ async fn first_task_to_end(
 enum Listener {
     Proxy,
     Admin,
+    Auth,
 }
 
 async fn accept_loop(
@@ -391,6 +419,7 @@ async fn accept_loop(
                 Ok::<_, Infallible>(match kind {
                     Listener::Proxy => crate::pipeline::handle(&gw, req, &client).await,
                     Listener::Admin => crate::admin::handle(&gw, req, client.peer).await,
+                    Listener::Auth => crate::auth_listener::handle(&gw, req, &client).await,
                 })
             }
         });

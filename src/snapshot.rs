@@ -34,11 +34,42 @@ pub use crate::keys::store::{FileStamp, Written};
 mod key_index;
 pub use key_index::{Clash, DigestHasher, KeyEntry, KeyHash, KeyId, KeyIndex, Limits};
 
-/// An admin token: who it is, and the SHA-256 of the token.
+/// An admin token: who it is, the SHA-256 of the token, and what it may do.
 #[derive(Debug, Clone)]
 pub struct AdminToken {
     pub name: String,
     pub hash: [u8; 32],
+    pub role: Role,
+}
+
+/// What an admin token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything: the default.
+    Admin,
+    /// The GET routes, usage and audit: nothing that changes a key or counts a request.
+    Read,
+    /// `POST /v1/keys/verify`, and nothing else.
+    Verify,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "admin" => Some(Role::Admin),
+            "read" => Some(Role::Read),
+            "verify" => Some(Role::Verify),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Read => "read",
+            Role::Verify => "verify",
+        }
+    }
 }
 
 /// Listener settings, read at start (a reload does not rebind listeners).
@@ -46,6 +77,8 @@ pub struct AdminToken {
 pub struct ListenerSettings {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The auth listener, when `listen.auth` is set.
+    pub auth: Option<SocketAddr>,
     pub header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
     pub idle_timeout: Duration,
@@ -84,6 +117,8 @@ pub struct Snapshot {
     pub accepts_unformatted: bool,
     pub prefix_bases: Vec<String>,
     pub admin_tokens: Vec<AdminToken>,
+    /// `auth.envoy_path_prefix`: under it, the auth listener reads the original path.
+    pub envoy_path_prefix: Option<String>,
 
     pub listeners: ListenerSettings,
     pub config: Config,
@@ -313,6 +348,7 @@ impl Snapshot {
             alerts: compiled.alerts,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
+            envoy_path_prefix: compiled.envoy_path_prefix,
 
             listeners: compiled.listeners,
             store: compiled.store,
@@ -328,6 +364,7 @@ struct CompiledConfig {
     routes: RouteTable,
     trusted_proxies: CidrSet,
     admin_tokens: Vec<AdminToken>,
+    envoy_path_prefix: Option<String>,
     clients: Vec<UpstreamClient>,
     proxy_certs: Option<Arc<CertSet>>,
     admin_certs: Option<Arc<CertSet>>,
@@ -356,6 +393,21 @@ fn compile_config(
     };
     let proxy = addr(&config.listen.proxy, "listen.proxy", p);
     let admin = addr(&config.listen.admin, "listen.admin", p);
+    let auth = match &config.listen.auth {
+        Some(text) => addr(text, "listen.auth", p).map(Some),
+        None => Some(None),
+    };
+    let envoy_path_prefix = config
+        .auth
+        .envoy_path_prefix
+        .as_deref()
+        .and_then(|prefix| match check_envoy_prefix(prefix) {
+            Ok(()) => Some(prefix.to_string()),
+            Err(e) => {
+                p.push("auth.envoy_path_prefix", e);
+                None
+            }
+        });
     let duration = |text: &str, path: &str, (min, max): (Duration, Duration), p: &mut Problems| {
         parse_duration_in(text, min, max)
             .map_err(|e| p.push(path, e))
@@ -445,14 +497,34 @@ fn compile_config(
 
     let mut admin_tokens = Vec::new();
     for (i, token) in config.admin_tokens.iter().enumerate() {
-        let (name, hash, path) = match token {
-            AdminTokenConfig::Hash(h) => (format!("token{i}"), h, format!("admin_tokens[{i}]")),
-            AdminTokenConfig::Named { name, hash } => {
-                (name.clone(), hash, format!("admin_tokens[{i}].hash"))
+        let (name, hash, path, role) = match token {
+            AdminTokenConfig::Hash(h) => (
+                format!("token{i}"),
+                h,
+                format!("admin_tokens[{i}]"),
+                Role::Admin,
+            ),
+            AdminTokenConfig::Named(named) => {
+                let role = match named.role.as_deref() {
+                    None => Role::Admin,
+                    Some(text) => Role::parse(text).unwrap_or_else(|| {
+                        p.push(
+                            format!("admin_tokens[{i}].role"),
+                            format!("`{text}` is not a role: use admin, read or verify"),
+                        );
+                        Role::Admin
+                    }),
+                };
+                (
+                    named.name.clone(),
+                    &named.hash,
+                    format!("admin_tokens[{i}].hash"),
+                    role,
+                )
             }
         };
         match parse_sha256(hash) {
-            Ok(hash) => admin_tokens.push(AdminToken { name, hash }),
+            Ok(hash) => admin_tokens.push(AdminToken { name, hash, role }),
             Err(e) => p.push(
                 path,
                 format!("{e}; store the SHA-256 of the token, never the token"),
@@ -463,6 +535,7 @@ fn compile_config(
         admin_tokens.push(AdminToken {
             name: "env".into(),
             hash,
+            role: Role::Admin,
         });
     }
 
@@ -657,6 +730,7 @@ fn compile_config(
         routes: RouteTable::new(routes),
         trusted_proxies,
         admin_tokens,
+        envoy_path_prefix,
         clients,
         proxy_certs,
         admin_certs,
@@ -667,6 +741,7 @@ fn compile_config(
         listeners: ListenerSettings {
             proxy: proxy?,
             admin: admin?,
+            auth: auth?,
             header_read_timeout: header_read_timeout?,
             idle_timeout: idle_timeout?,
             max_header_size: usize::try_from(max_header_size?).ok()?,
@@ -679,6 +754,26 @@ fn compile_config(
             admin_tls: config.tls.admin.is_some(),
         },
     })
+}
+
+/// `auth.envoy_path_prefix`: one or more path segments, `/envoy` or `/authz/check`, of at
+/// most 256 bytes, without a trailing slash, dot segments or percent-encoding.
+fn check_envoy_prefix(prefix: &str) -> Result<(), String> {
+    let segments_ok = prefix.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/').all(|s| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        })
+    });
+    if prefix.len() > 256 || !segments_ok {
+        return Err(format!(
+            "`{prefix}` is not a path prefix such as /envoy: segments of letters, digits and -._~, at most 256 bytes, no trailing slash"
+        ));
+    }
+    Ok(())
 }
 
 /// A whole build's key index, made a record at a time.

@@ -140,13 +140,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let key = &read.keys[0];
-    match keygate::pipeline::admit(&snapshot, &w.clock, &req, client, &Lockouts::default()) {
+    let ask = keygate::pipeline::Ask::of(&req, false);
+    match keygate::pipeline::admit(&snapshot, &w.clock, ask, keygate::pipeline::Client::Known(client), &Lockouts::default()) {
         Ok(admitted) => {
             assert_eq!(admitted.key.id, key.id);
-            assert_eq!(admitted.route.environment, key.environment);
+            let route = admitted.route.expect("a request with a path has a route");
+            assert_eq!(route.environment, key.environment);
             assert!(key.status == keygate::keys::Status::Active);
             assert!(admitted.key.allowed_cidrs.is_empty() || admitted.key.allowed_cidrs.contains(client));
-            assert!(admitted.route.namespaces.is_empty() || admitted.route.namespaces.contains(&key.namespace));
+            assert!(route.namespaces.is_empty() || route.namespaces.contains(&key.namespace));
         }
         Err(refused) => {
             let status = refused.rejection.status();

@@ -5,6 +5,7 @@
 
 mod console;
 mod keys;
+mod verify;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -27,7 +28,7 @@ use crate::keys::lifecycle::{check_grace, CheckedKey, CheckedPatch};
 use crate::keys::{KeyPatch, NewKey};
 use crate::rejection::Rejection;
 use crate::reload::Trigger;
-use crate::snapshot::AdminToken;
+use crate::snapshot::{AdminToken, Role};
 
 /// Every admin endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,23 @@ pub enum Endpoint {
     Metrics,
     Usage,
     KeyUsage,
+    Verify,
+}
+
+impl Endpoint {
+    /// Whether a token of `role` may call this endpoint. The probes and the OpenAPI document
+    /// need no token at all.
+    pub fn allowed_for(self, role: Role) -> bool {
+        use Endpoint::*;
+        match role {
+            Role::Admin => true,
+            Role::Verify => self == Verify,
+            Role::Read => matches!(
+                self,
+                ListKeys | GetKey | Namespaces | Audit | Metrics | Usage | KeyUsage
+            ),
+        }
+    }
 }
 
 /// The routing table: method, path template, endpoint. The OpenAPI document is checked
@@ -77,6 +95,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/metrics", Endpoint::Metrics),
     ("GET", "/v1/usage", Endpoint::Usage),
     ("GET", "/v1/api-keys/{id}/usage", Endpoint::KeyUsage),
+    ("POST", "/v1/keys/verify", Endpoint::Verify),
 ];
 
 /// The OpenAPI 3.1 document for this API, kept in the repository.
@@ -185,14 +204,27 @@ async fn route(
         }
         _ => {}
     }
-    let actor = match authenticate(&gw.snapshot.load().admin_tokens, &req) {
-        Ok(actor) => actor,
+    let (actor, role) = match authenticate(&gw.snapshot.load().admin_tokens, &req) {
+        Ok(found) => found,
         Err(rejection) => {
             gw.audit
                 .auth_failed(gw.clock.unix_secs(), peer, "invalid_admin_token", None);
             return Err(rejection);
         }
     };
+    if !endpoint.allowed_for(role) {
+        gw.audit.record(
+            &AuditEvent::new(gw.clock.unix_secs(), &actor, "admin.denied")
+                .ip(Some(peer))
+                .failed(format!(
+                    "a {} token may not call {} {}",
+                    role.as_str(),
+                    req.method(),
+                    req.uri().path()
+                )),
+        );
+        return Err(Rejection::InsufficientRole);
+    }
     let call = Call {
         gw,
         actor,
@@ -219,6 +251,7 @@ async fn route(
         Endpoint::Audit => keys::audit(&call, &query).await,
         Endpoint::Usage => keys::org_usage(&call, &query).await,
         Endpoint::KeyUsage => keys::key_usage(&call).await,
+        Endpoint::Verify => verify::verify(&call, read_json(req, within).await?).await,
         Endpoint::Metrics => {
             let gw = call.gw.clone();
             let text = tokio::task::spawn_blocking(move || gw.render_metrics())
@@ -405,9 +438,9 @@ fn whole_numbers(value: &mut serde_json::Value) {
     }
 }
 
-/// The name of the admin token presented, or a refusal. Every configured token is compared,
-/// in constant time, so timing says nothing about which token came close.
-fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<String, Rejection> {
+/// The name and role of the admin token presented, or a refusal. Every configured token is
+/// compared, in constant time, so timing says nothing about which token came close.
+fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<(String, Role), Rejection> {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
@@ -426,7 +459,7 @@ fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<String, Re
         }
     }
     found
-        .map(|t| t.name.clone())
+        .map(|t| (t.name.clone(), t.role))
         .ok_or(Rejection::AdminUnauthorized)
 }
 
@@ -457,10 +490,12 @@ mod tests {
             AdminToken {
                 name: "ops".into(),
                 hash: format::hash("s3cret"),
+                role: Role::Admin,
             },
             AdminToken {
                 name: "ci".into(),
                 hash: format::hash("other"),
+                role: Role::Verify,
             },
         ];
         let req = |auth: &str| {
@@ -469,11 +504,35 @@ mod tests {
                 .body(())
                 .unwrap()
         };
-        assert_eq!(authenticate(&tokens, &req("Bearer s3cret")).unwrap(), "ops");
-        assert_eq!(authenticate(&tokens, &req("bearer other")).unwrap(), "ci");
+        assert_eq!(
+            authenticate(&tokens, &req("Bearer s3cret")).unwrap(),
+            ("ops".to_string(), Role::Admin)
+        );
+        assert_eq!(
+            authenticate(&tokens, &req("bearer other")).unwrap(),
+            ("ci".to_string(), Role::Verify)
+        );
         assert!(authenticate(&tokens, &req("Bearer s3cre")).is_err());
         assert!(authenticate(&tokens, &req("Basic s3cret")).is_err());
         assert!(authenticate(&[], &req("Bearer s3cret")).is_err());
+    }
+
+    #[test]
+    fn roles_allow_what_they_say() {
+        for &(_, _, endpoint) in ROUTES {
+            assert!(endpoint.allowed_for(Role::Admin));
+            assert_eq!(
+                endpoint.allowed_for(Role::Verify),
+                endpoint == Endpoint::Verify
+            );
+        }
+        let read: Vec<_> = ROUTES
+            .iter()
+            .filter(|(_, _, e)| e.allowed_for(Role::Read))
+            .map(|(m, ..)| *m)
+            .collect();
+        assert!(!read.is_empty() && read.iter().all(|m| *m == "GET"));
+        assert!(!Endpoint::Verify.allowed_for(Role::Read));
     }
 
     #[test]

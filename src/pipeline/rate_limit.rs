@@ -17,6 +17,7 @@ pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<Budget, (u64, u64)> 
             let missing = limiter.policy.burst.saturating_sub(remaining);
             Ok(Budget {
                 name: "key",
+                limit: u64::from(limiter.policy.burst),
                 remaining: u64::from(remaining),
                 reset: ceil_secs(interval.saturating_mul(missing)),
             })
@@ -79,6 +80,7 @@ mod tests {
                 Some(budget),
                 Some(Budget {
                     name: "quota",
+                    limit: 1000,
                     remaining: 999,
                     reset: 3600,
                 }),

@@ -251,6 +251,7 @@ fn decide(
     let quota_budget = |used: i64| {
         policy.quota.map(|q| Budget {
             name: "quota",
+            limit: q.limit,
             remaining: q.limit.saturating_sub(unsigned(used)),
             reset: reset_secs(&q),
         })
@@ -259,6 +260,7 @@ fn decide(
     let rate_budget = |remaining: i64, reset_us: i64| {
         (policy.emission_us > 0).then(|| Budget {
             name: "key",
+            limit: u64::from(policy.burst),
             remaining: unsigned(remaining),
             reset: secs(reset_us),
         })

@@ -52,6 +52,8 @@ impl RatePolicy {
 pub struct Budget {
     /// The policy's name: `key` (the rate limit) or `quota`.
     pub name: &'static str,
+    /// The budget when whole: the rate limit's burst, or the quota.
+    pub limit: u64,
     pub remaining: u64,
     /// Seconds until the budget is whole again.
     pub reset: u64,

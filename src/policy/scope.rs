@@ -39,6 +39,8 @@ pub struct Scope {
     segments: Vec<Segment>,
     /// Ends in `**`: any remainder matches.
     open: bool,
+    /// The scope as written.
+    text: Box<str>,
 }
 
 impl Scope {
@@ -61,6 +63,7 @@ impl Scope {
                 action,
                 segments: Vec::new(),
                 open: true,
+                text: text.into(),
             });
         }
         let rest = filter.strip_prefix('/').ok_or_else(|| {
@@ -90,7 +93,13 @@ impl Scope {
             action,
             segments,
             open,
+            text: text.into(),
         })
+    }
+
+    /// The scope as written.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// Whether this scope lets `action` reach `path` (normalised, without the query).
@@ -126,6 +135,11 @@ impl ScopeSet {
         }
         let action = Action::required_for(method);
         self.0.iter().any(|s| s.allows(action, path))
+    }
+
+    /// The scopes as written.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(Scope::text)
     }
 }
 
