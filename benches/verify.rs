@@ -93,9 +93,14 @@ fn verify(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % requests.len();
-                let admission =
-                    admit(&snapshot, &clock, Ask::of(&requests[i], false), peer, &lockouts)
-                        .expect("admitted");
+                let admission = admit(
+                    &snapshot,
+                    &clock,
+                    Ask::of(&requests[i], false),
+                    peer,
+                    &lockouts,
+                )
+                .expect("admitted");
                 black_box(admission.key.id.len())
             })
         });
@@ -115,7 +120,14 @@ fn verify(c: &mut Criterion) {
     let (snapshot, _) = snapshot_with(1_000, &limiters, &usage);
     stages.bench_function("refuse_unknown_key", |b| {
         b.iter(|| {
-            admit(&snapshot, &clock, Ask::of(black_box(&unknown), false), peer, &lockouts).is_err()
+            admit(
+                &snapshot,
+                &clock,
+                Ask::of(black_box(&unknown), false),
+                peer,
+                &lockouts,
+            )
+            .is_err()
         })
     });
     stages.finish();

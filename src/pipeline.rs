@@ -242,7 +242,8 @@ fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, cli
         return;
     }
     let now = gw.clock.unix_secs();
-    gw.audit.auth_failed(now, client.ip(), rejection.code(), key_id);
+    gw.audit
+        .auth_failed(now, client.ip(), rejection.code(), key_id);
     let (Some(policy), Some(ip)) = (snapshot.lockout.as_ref(), client.lockable()) else {
         return;
     };

@@ -397,17 +397,15 @@ fn compile_config(
         Some(text) => addr(text, "listen.auth", p).map(Some),
         None => Some(None),
     };
-    let envoy_path_prefix = config
-        .auth
-        .envoy_path_prefix
-        .as_deref()
-        .and_then(|prefix| match check_envoy_prefix(prefix) {
+    let envoy_path_prefix = config.auth.envoy_path_prefix.as_deref().and_then(|prefix| {
+        match check_envoy_prefix(prefix) {
             Ok(()) => Some(prefix.to_string()),
             Err(e) => {
                 p.push("auth.envoy_path_prefix", e);
                 None
             }
-        });
+        }
+    });
     let duration = |text: &str, path: &str, (min, max): (Duration, Duration), p: &mut Problems| {
         parse_duration_in(text, min, max)
             .map_err(|e| p.push(path, e))

@@ -76,7 +76,11 @@ impl VerifyBody {
             None => None,
             Some(p) if p.starts_with('/') && p.len() <= MAX_PATH_LEN => {
                 // The query plays no part in a decision.
-                Some(p.split_once('?').map_or(p.as_str(), |(path, _)| path).to_string())
+                Some(
+                    p.split_once('?')
+                        .map_or(p.as_str(), |(path, _)| path)
+                        .to_string(),
+                )
             }
             Some(_) => {
                 return Err(invalid(
@@ -148,15 +152,15 @@ pub(super) async fn verify(
             }
         }
         Err(rejection) => {
-            gw.metrics.decisions.count(AskedBy::Verify, Some(&rejection));
+            gw.metrics
+                .decisions
+                .count(AskedBy::Verify, Some(&rejection));
             // The key is named only when the lookup found it.
             let key = crate::pipeline::credential::identify(&snapshot, &body.key)
                 .ok()
                 .filter(|_| !matches!(rejection, Rejection::TooManyFailedAttempts { .. }));
             let rate = match &rejection {
-                Rejection::RateLimited(rate) | Rejection::QuotaExceeded(rate) => {
-                    RateView::of(rate)
-                }
+                Rejection::RateLimited(rate) | Rejection::QuotaExceeded(rate) => RateView::of(rate),
                 _ => None,
             };
             Answer {

@@ -5,8 +5,8 @@
 use http::Method;
 
 use crate::keys::Status;
-use crate::pipeline::Client;
 use crate::pipeline::route::Route;
+use crate::pipeline::Client;
 use crate::rejection::Rejection;
 use crate::snapshot::KeyEntry;
 
@@ -47,9 +47,7 @@ pub fn authorize(
         }
     }
     match on {
-        Some((_, method, path)) if !key.scopes.allows(method, path) => {
-            Err(Rejection::ScopeDenied)
-        }
+        Some((_, method, path)) if !key.scopes.allows(method, path) => Err(Rejection::ScopeDenied),
         _ => Ok(()),
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod ingress;
 pub mod ledger;
 pub mod process;
 pub mod redis;
@@ -210,6 +211,7 @@ pub struct TestGateway {
     pub running: Option<Running>,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    pub auth: Option<SocketAddr>,
     pub admin_token: String,
 }
 
@@ -250,6 +252,7 @@ impl TestGateway {
         TestGateway {
             proxy: running.proxy_addr,
             admin: running.admin_addr,
+            auth: running.auth_addr,
             dir,
             config_path,
             clock,
