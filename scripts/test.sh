@@ -9,12 +9,16 @@ log() { printf '\n==> %s\n' "$*"; }
 # Debian packages the suites need, by the command each provides.
 need_apt=()
 # The console's end-to-end tests drive Debian's chromium through chromedriver.
-# The scale-out tests start a private redis-server.
+# The scale-out tests start a private redis-server. The forward-auth tests put a real nginx
+# and a real Caddy in front of keygate; the deployment test verifies the systemd unit.
 for pair in "curl:curl" "pkg-config:pkg-config" "chromium:chromium" "chromedriver:chromium-driver" \
-  "redis-server:redis-server"; do
+  "redis-server:redis-server" "nginx:nginx" "caddy:caddy" "systemd-analyze:systemd"; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
+# The nginx example removes client-sent X-Keygate-* headers with the headers-more module.
+[[ -e /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ]] ||
+  need_apt+=(libnginx-mod-http-headers-more-filter)
 # The API conformance run (schemathesis, from PyPI) needs Python with venv.
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)

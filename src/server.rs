@@ -112,7 +112,6 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         proxy_tls,
         proxy_stop.clone(),
     ));
-    let mut watched = 2;
     let mut rest = vec![
         tokio::spawn(accept_loop(
             admin,
@@ -124,6 +123,7 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
         )),
         tokio::spawn(housekeeping(gateway.clone(), rest_stop.clone())),
     ];
+    let watched = if auth.is_some() { 3 } else { 2 };
     // The auth listener stops with the proxy: both answer clients' requests, and drain alike.
     if let Some(auth) = auth {
         rest.push(tokio::spawn(accept_loop(
@@ -134,7 +134,6 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
             None,
             proxy_stop,
         )));
-        watched += 1;
     }
     if snapshot.store.database().is_some() {
         rest.push(tokio::spawn(crate::reload::follow_feed(
