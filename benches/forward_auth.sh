@@ -10,6 +10,9 @@
 #
 #   benches/forward_auth.sh                  # 5 rounds of 8 s
 #   ROUNDS=3 SECS=5 benches/forward_auth.sh  # quicker
+#   NGINX_EXAMPLE=my.conf benches/forward_auth.sh
+#                                            # another nginx config in the shipped one's place
+#                                            # (the same addresses: 9091 keygate, 3000 the API)
 #
 # Every gateway runs one worker on CPU 1 (nginx+keygate: both processes there); wrk and the
 # upstream share CPU 0. `user us/req` is the user CPU time per request of the gateway's
@@ -80,7 +83,7 @@ nginx_conf nginx "map_hash_max_size 65536;" "map_hash_bucket_size 256;" \
 sed -e "s/127.0.0.1:9091/127.0.0.1:$AUTH/; s/127.0.0.1:3000/127.0.0.1:$UP/" \
     -e "s/listen 8000;/listen 127.0.0.1:$NGINX_AUTH backlog=4096;/" \
     -e "s/keepalive 128;/keepalive 128; keepalive_requests 100000000;/" \
-    examples/nginx/keygate.conf > "$WORK/example.conf"
+    "${NGINX_EXAMPLE:-examples/nginx/keygate.conf}" > "$WORK/example.conf"
 nginx_conf nginx-auth "include $WORK/example.conf;"
 sed -i "1i load_module $HEADERS_MORE;" "$WORK/nginx-auth.conf"
 
@@ -105,19 +108,22 @@ PID_OF[nginx]=$(pgrep -P "${PID_OF[nginx]}" | head -1)
 PID_OF[nginx+keygate]="$(pgrep -P "${PID_OF[nginx+keygate]}" | head -1) $KEYGATE_PID"
 
 user_ticks() { local sum=0 p; for p in $1; do sum=$((sum + $(awk '{ print $14 }' "/proc/$p/stat"))); done; echo $sum; }
+all_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
-echo "target round rps p50_us p99_us user_us_per_req" > "$WORK/results"
+echo "target round rps p50_us p99_us user_us_per_req keygate_user_us_per_req keygate_cpu_us_per_req" > "$WORK/results"
 run() {  # target round
-  local before after line
+  local before after kg_before kg_after kc_before kc_after line
   before=$(user_ticks "${PID_OF[$1]}")
+  kg_before=$(user_ticks "$KEYGATE_PID") kc_before=$(all_ticks "$KEYGATE_PID")
   line=$(timeout $((SECS + 20)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --timeout 5s \
          -s benches/wrk_keys.lua "http://127.0.0.1:${PORT[$1]}/v1/ping" -- "$KEYS" | grep '^RESULT' || true)
   after=$(user_ticks "${PID_OF[$1]}")
+  kg_after=$(user_ticks "$KEYGATE_PID") kc_after=$(all_ticks "$KEYGATE_PID")
   [[ -n $line ]] || { echo "no result for $1 round $2" >&2; return; }
-  awk -v t="$1" -v r="$2" -v d=$((after - before)) -v hz="$HZ" '{
+  awk -v t="$1" -v r="$2" -v d=$((after - before)) -v k=$((kg_after - kg_before)) -v kc=$((kc_after - kc_before)) -v hz="$HZ" '{
     for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
     if (v["non2xx"] > 0) { print "refusals in " t " round " r ": " v["non2xx"] > "/dev/stderr" }
-    printf "%s %s %.0f %d %d %.2f\n", t, r, v["rps"], v["p50_us"], v["p99_us"], d / hz * 1e6 / v["requests"]
+    printf "%s %s %.0f %d %d %.2f %.2f %.2f\n", t, r, v["rps"], v["p50_us"], v["p99_us"], d / hz * 1e6 / v["requests"], k / hz * 1e6 / v["requests"], kc / hz * 1e6 / v["requests"]
   }' <<<"$line" >> "$WORK/results"
   echo "  $1 round $2: $(tail -1 "$WORK/results" | cut -d' ' -f3-)" >&2
 }
@@ -130,7 +136,7 @@ done
 echo
 echo "# $(date -Is) keygate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $ROUNDS rounds x ${SECS}s, wrk -c$CONNS, 10,000 keys; medians"
 awk 'NR > 1 {
-  n[$1]++; rps[$1, n[$1]] = $3; p50[$1, n[$1]] = $4; p99[$1, n[$1]] = $5; cpu[$1, n[$1]] = $6
+  n[$1]++; rps[$1, n[$1]] = $3; p50[$1, n[$1]] = $4; p99[$1, n[$1]] = $5; cpu[$1, n[$1]] = $6; kg[$1, n[$1]] = $7; kc[$1, n[$1]] = $8
   r_rps[$1, $2] = $3; r_cpu[$1, $2] = $6; rounds[$2] = 1
 } function median(a, k, m,   i, j, t, x) {
   for (i = 1; i <= m; i++) x[i] = a[k, i]
@@ -141,14 +147,16 @@ awk 'NR > 1 {
   for (round in rounds) if ((num, round) in a && (den, round) in a && a[den, round] > 0) r["x", ++m] = a[num, round] / a[den, round]
   return m ? median(r, "x", m) : 0
 } END {
-  printf "%-14s %9s %8s %8s %14s\n", "target", "req/s", "p50 us", "p99 us", "user us/req"
+  printf "%-14s %9s %8s %8s %12s %14s %14s\n", "target", "req/s", "p50 us", "p99 us", "user us/req", "keygate user", "keygate cpu"
   split("nginx keygate keygate-auth nginx+keygate", order, " ")
   for (o = 1; o in order; o++) {
     t = order[o]; if (!(t in n)) continue
-    printf "%-14s %9.0f %8.0f %8.0f %14.2f\n", t, median(rps, t, n[t]), median(p50, t, n[t]), median(p99, t, n[t]), median(cpu, t, n[t])
+    printf "%-14s %9.0f %8.0f %8.0f %12.2f %14.2f %14.2f\n", t, median(rps, t, n[t]), median(p50, t, n[t]), median(p99, t, n[t]), median(cpu, t, n[t]), median(kg, t, n[t]), median(kc, t, n[t])
   }
   print "\nsame-round ratios (median):"
   printf "  user CPU, a decision (keygate-auth) / a proxied request (keygate): %.2f  (target <= 0.5)\n", ratio(r_cpu, "keygate-auth", "keygate")
   printf "  req/s, nginx+keygate / nginx alone:                                %.2f  (target >= 0.6)\n", ratio(r_rps, "nginx+keygate", "nginx")
   printf "  user CPU, nginx+keygate / nginx alone:                             %.2f\n", ratio(r_cpu, "nginx+keygate", "nginx")
+  print "\n(user us/req: all of the target processes; keygate user and cpu: the keygate process alone,"
+  print " user and user+system time per request: for nginx+keygate, what keygate adds to nginx)"
 }' "$WORK/results"
