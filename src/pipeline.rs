@@ -3,6 +3,10 @@
 //!
 //! client address → lockout → route → credential → lookup → policy → quota → rate limit
 //! → usage → forward
+//!
+//! [`decide`] is everything before the forwarding, and the proxy ([`handle`]), the auth
+//! listener ([`crate::auth_listener`]) and the verify API all call it, so the three cannot
+//! decide differently.
 
 pub mod authorize;
 pub mod client_ip;
@@ -58,13 +62,14 @@ pub async fn handle(
     let decided = decide(gw, &snapshot, ask, client)
         .instrument(span.clone())
         .await;
-    let admission = match decided {
+    let (route, key, normalized_path, rate) = match decided {
         Ok(Admission {
             route: Some(route),
             key,
             normalized_path,
             rate,
         }) => (route, key, normalized_path, rate),
+        // A request that names its path always gets a route or a refusal.
         Ok(_) => {
             tracing::warn!("a proxied request was admitted without a route");
             return Rejection::Internal.into_response(Some(request_id));
@@ -74,7 +79,6 @@ pub async fn handle(
             return rejection.into_response(Some(request_id));
         }
     };
-    let (route, key, normalized_path, rate) = admission;
     let decision = forward::Forward {
         route,
         key,
