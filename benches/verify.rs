@@ -15,8 +15,9 @@ use keygate::clock::Clock;
 use keygate::config::{Config, RouteConfig};
 use keygate::keys::{format, hex, KeyRecord, Status};
 use keygate::metrics::Metrics;
-use keygate::pipeline::{admit, lockout::Lockouts, Ask, Client};
+use keygate::pipeline::{admit, Ask, Client};
 use keygate::snapshot::{BuildContext, Snapshot};
+use keygate::state::lockouts::Lockouts;
 use keygate::state::{limiters::Limiters, usage::UsageBook};
 
 fn config() -> Config {

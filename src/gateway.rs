@@ -14,9 +14,9 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Gauges, Metrics};
 use crate::pipeline::forward::{RequestIds, Tunnels};
-use crate::pipeline::lockout::Lockouts;
 use crate::snapshot::{BuildContext, Snapshot};
 use crate::state::limiters::Limiters;
+use crate::state::lockouts::Lockouts;
 use crate::state::usage::UsageBook;
 use crate::tls::CertResolver;
 

@@ -23,14 +23,16 @@
 //!   ([`pipeline::decide`]) without the forwarding; the verify API asks it in [`admin`].
 //! - [`pipeline`]: the spine, [`pipeline::handle`], and one module per stage:
 //!   [`pipeline::client_ip`], [`pipeline::route`], [`pipeline::credential`],
-//!   [`pipeline::lockout`], [`pipeline::authorize`], [`pipeline::rate_limit`] (or
-//!   [`pipeline::shared_limit`], through Redis), [`pipeline::forward`] (with its upstream
-//!   pool). Usage is counted on the key's own cell at the end of the spine.
+//!   [`pipeline::authorize`], [`pipeline::rate_limit`] (or [`pipeline::shared_limit`],
+//!   through Redis), [`pipeline::forward`] (with its upstream pool). The lockout check comes
+//!   first, in the spine itself. Usage is counted on the key's own cell at the end.
 //! - [`policy`]: the values the stages decide with ([`policy::scope`], [`policy::net`],
-//!   [`policy::rate`], [`policy::quota`]), below the keys, the snapshot and the stages.
+//!   [`policy::rate`], [`policy::quota`], [`policy::lockout`]), below the keys, the snapshot
+//!   and the stages.
 //! - [`state`]: what lives between snapshots and across restarts, below the snapshot and
-//!   the stages: [`state::limiters`] (each key's limiter) and [`state::usage`] (counters,
-//!   the quota count, the usage book and its file).
+//!   the stages: [`state::limiters`] (each key's limiter), [`state::usage`] (counters, the
+//!   quota count, the usage book and its file), [`state::lockouts`] (failed guesses by
+//!   address) and [`state::shared_limits`] (the shared limiter's Redis client).
 //! - [`headers`]: the header names keygate sets.
 //! - [`rejection`]: every refusal and its one mapping to a response.
 //! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.

@@ -12,7 +12,6 @@ pub mod authorize;
 pub mod client_ip;
 pub mod credential;
 pub mod forward;
-pub mod lockout;
 pub mod rate_limit;
 pub mod route;
 pub mod shared_limit;
@@ -34,7 +33,7 @@ use crate::gateway::Gateway;
 use crate::policy::rate::{Budget, RateHeaders};
 use crate::rejection::Rejection;
 use crate::snapshot::{KeyEntry, Snapshot};
-use lockout::Lockouts;
+use crate::state::lockouts::{self, Lockouts};
 use route::Route;
 
 /// Handles one proxied request from start to finish.
@@ -211,7 +210,7 @@ pub async fn decide<'s>(
         }
     };
     if let Some(shared) = &snapshot.shared_limits {
-        match shared.admit(admission.key, &gw.clock).await {
+        match shared_limit::admit(shared, admission.key, &gw.clock).await {
             Ok(rate) => admission.rate = rate,
             Err(rejection) => {
                 let refused = Refused {
@@ -251,7 +250,7 @@ fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, cli
     let (Some(policy), Some(ip)) = (snapshot.lockout.as_ref(), client.lockable()) else {
         return;
     };
-    if lockout::counts_as_guess(rejection) && gw.lockouts.failure(ip, now, policy) {
+    if lockouts::counts_as_guess(rejection) && gw.lockouts.failure(ip, now, policy) {
         gw.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(client = %ip, cooldown_secs = policy.cooldown, "address locked out for failed authentications");
         gw.audit.record(

@@ -18,14 +18,14 @@ use crate::keys::check::{check_record, CheckedRecord};
 use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, RecordSink, Store};
 use crate::metrics::Metrics;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
-use crate::pipeline::lockout::LockoutPolicy;
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
-use crate::pipeline::shared_limit::{SharedLimiter, SharedSettings};
+use crate::policy::lockout::LockoutPolicy;
 use crate::policy::net::CidrSet;
 use crate::policy::quota::Quota;
 use crate::policy::rate::{policy_header, RatePolicy, SharedPolicy};
 use crate::policy::scope::ScopeSet;
 use crate::state::limiters::{KeyLimiter, Limiters};
+use crate::state::shared_limits::{SharedLimiter, SharedSettings};
 use crate::state::usage::UsageBook;
 use crate::tls::CertSet;
 

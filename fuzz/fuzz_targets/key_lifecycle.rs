@@ -18,7 +18,7 @@ use keygate::config::{parse_yaml, Config};
 use keygate::keys::store::{parse, render};
 use keygate::keys::StoreFile;
 use keygate::metrics::Metrics;
-use keygate::pipeline::lockout::Lockouts;
+use keygate::state::lockouts::Lockouts;
 use keygate::state::limiters::Limiters;
 use keygate::state::usage::UsageBook;
 use keygate::snapshot::{BuildContext, Snapshot};

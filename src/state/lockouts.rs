@@ -1,23 +1,17 @@
-//! Stage 1b: brute-force protection. Failed key guesses (`malformed_key`, `unknown_key`) are
-//! counted per client address; past `max_failures` within `window`, the address is refused
-//! with 429 `too_many_failed_attempts` for `cooldown`, before any credential is read. That
-//! closes off guessing keys at line rate. While no address is locked out, the check is one
-//! atomic load.
+//! Brute-force protection's state: failed key guesses (`malformed_key`, `unknown_key`)
+//! counted per client address, outside the snapshot. Past the policy's `max_failures`
+//! within `window` ([`LockoutPolicy`]), the address is refused with 429
+//! `too_many_failed_attempts` for `cooldown`: the pipeline checks it first, before any
+//! credential is read, which closes off guessing keys at line rate. While no address is
+//! locked out, the check is one atomic load.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
+pub use crate::policy::lockout::LockoutPolicy;
 use crate::rejection::Rejection;
-
-/// When to lock an address out, and for how long (seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockoutPolicy {
-    pub max_failures: u32,
-    pub window: i64,
-    pub cooldown: i64,
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Strikes {

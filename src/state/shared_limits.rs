@@ -1,0 +1,210 @@
+//! The shared limiter's Redis side (`rate_limit.backend: redis`): the client and its
+//! connection, the Lua script, and whether Redis is up, kept between requests and, while its
+//! settings are unchanged, between snapshots. The request stage that spends it is
+//! [`crate::pipeline::shared_limit`].
+//!
+//! One Lua script per limited request does the quota check, the GCRA and the quota count,
+//! atomically, on Redis's clock (so nodes' clocks need not agree): one round trip. Redis
+//! keeps, under the store's prefix `P`, `P:rl:<key id>` (the GCRA's theoretical arrival
+//! time, expiring once idle) and `P:quota:<key id>:<period>` (a counter expiring with its
+//! period). When Redis cannot be reached, a background probe notices it coming back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::FailMode;
+use crate::policy::rate::SharedPolicy;
+
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local quota_limit = tonumber(ARGV[3])
+local used = 0
+if quota_limit > 0 then
+  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used >= quota_limit then
+    return {2, 0, 0, used}
+  end
+end
+local emission = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local remaining = 0
+local reset = 0
+if emission > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < now then
+    tat = now
+  end
+  local tolerance = emission * burst
+  local new_tat = tat + emission
+  local allow_at = new_tat - tolerance
+  if allow_at > now then
+    return {1, 0, allow_at - now, used}
+  end
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  remaining = math.floor((tolerance - (new_tat - now)) / emission)
+  reset = new_tat - now
+end
+if quota_limit > 0 then
+  used = redis.call('INCR', KEYS[2])
+  if used == 1 then
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  end
+end
+return {0, remaining, reset, used}
+";
+
+/// How the shared limiter is set up; a reload with equal settings keeps the same limiter
+/// (and its connection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedSettings {
+    pub url: String,
+    /// The URL without its password, for the log.
+    pub shown: String,
+    pub prefix: String,
+    pub fail_mode: FailMode,
+    pub nodes: u32,
+    pub timeout: Duration,
+}
+
+/// The shared limiter of one Redis.
+#[derive(Debug)]
+pub struct SharedLimiter {
+    settings: SharedSettings,
+    client: redis::Client,
+    connection: tokio::sync::OnceCell<ConnectionManager>,
+    script: redis::Script,
+    up: AtomicBool,
+    probing: AtomicBool,
+    /// Limited requests decided by Redis, and by the fail mode.
+    pub decided: AtomicU64,
+    pub fallbacks: AtomicU64,
+}
+
+impl SharedLimiter {
+    pub fn new(settings: SharedSettings) -> Result<Arc<SharedLimiter>, String> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| format!("`{}`: {e}", settings.shown))?;
+        Ok(Arc::new(SharedLimiter {
+            settings,
+            client,
+            connection: tokio::sync::OnceCell::new(),
+            script: redis::Script::new(SCRIPT),
+            up: AtomicBool::new(true),
+            probing: AtomicBool::new(false),
+            decided: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn settings(&self) -> &SharedSettings {
+        &self.settings
+    }
+
+    /// Counts a request decided by Redis, or by the fail mode.
+    pub(crate) fn count(&self, by_redis: bool) {
+        let counter = if by_redis {
+            &self.decided
+        } else {
+            &self.fallbacks
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether Redis answered last time it was asked.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Runs the script for the key `id`: `[outcome, remaining, wait or reset (µs), used]`.
+    pub(crate) async fn call(
+        &self,
+        id: &str,
+        policy: &SharedPolicy,
+        now: i64,
+    ) -> redis::RedisResult<[i64; 4]> {
+        let connection = self
+            .connection
+            .get_or_try_init(|| {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(
+                        self.settings.timeout.max(Duration::from_millis(200)),
+                    ))
+                    .set_response_timeout(Some(self.settings.timeout))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.client.clone(), config)
+            })
+            .await?;
+        let prefix = &self.settings.prefix;
+        let (quota_key, limit, ttl) = match policy.quota {
+            Some(q) => {
+                let (period, end) = q.window(now);
+                (
+                    format!("{prefix}:quota:{id}:{period}"),
+                    q.limit,
+                    end.saturating_sub(now).max(1).saturating_add(60),
+                )
+            }
+            None => (format!("{prefix}:quota:{id}:none"), 0, 1),
+        };
+        let mut connection = connection.clone();
+        self.script
+            .key(format!("{prefix}:rl:{id}"))
+            .key(quota_key)
+            .arg(policy.emission_us)
+            .arg(policy.burst)
+            .arg(limit)
+            .arg(ttl)
+            .invoke_async(&mut connection)
+            .await
+    }
+
+    /// Switches to the fail mode, logging the switch once, and starts a probe that switches
+    /// back when Redis answers again.
+    pub(crate) fn went_down(self: &Arc<Self>, why: &str) {
+        if self.up.swap(false, Ordering::SeqCst) {
+            tracing::warn!(
+                redis = %self.settings.shown,
+                fail_mode = self.settings.fail_mode.as_str(),
+                error = why,
+                "shared rate limiter unavailable; limiting by the fail mode until it returns"
+            );
+        }
+        if !self.probing.swap(true, Ordering::SeqCst) {
+            tokio::spawn(probe(Arc::downgrade(self)));
+        }
+    }
+}
+
+/// Pings Redis every 250 ms until it answers, then switches the limiter back. Ends early if
+/// the limiter is dropped (a reload replaced it).
+async fn probe(limiter: Weak<SharedLimiter>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(l) = limiter.upgrade() else { return };
+        // Through the limiter's own connection when it has one: a ping on a broken one makes
+        // it reconnect, so the first request after the switch back finds it ready.
+        let ping = async {
+            match l.connection.get() {
+                Some(c) => {
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut c.clone())
+                        .await
+                }
+                None => {
+                    let mut c = l.client.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                }
+            }
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
+            l.probing.store(false, Ordering::SeqCst);
+            l.up.store(true, Ordering::SeqCst);
+            tracing::info!(redis = %l.settings.shown, "shared rate limiter available again");
+            return;
+        }
+    }
+}
