@@ -58,9 +58,19 @@ pub async fn handle(
         &snapshot.trusted_proxies,
     ));
     let ask = Ask::of(&req, snapshot.x_api_key);
-    let decided = decide(gw, &snapshot, ask, client)
-        .instrument(span.clone())
-        .await;
+    // Without shared limits the decision is synchronous: it runs inside the request's span
+    // without wrapping a future in it, which would cost every request.
+    let decided = match snapshot.shared_limits {
+        None => {
+            let _entered = span.enter();
+            decide_locally(gw, &snapshot, ask, client)
+        }
+        Some(_) => {
+            decide(gw, &snapshot, ask, client)
+                .instrument(span.clone())
+                .await
+        }
+    };
     let (route, key, normalized_path, rate) = match decided {
         Ok(Admission {
             route: Some(route),
@@ -202,6 +212,9 @@ pub async fn decide<'s>(
     ask: Ask<'_>,
     client: Client,
 ) -> Result<Admission<'s>, Rejection> {
+    let Some(shared) = &snapshot.shared_limits else {
+        return decide_locally(gw, snapshot, ask, client);
+    };
     let mut admission = match admit(snapshot, &gw.clock, ask, client, &gw.lockouts) {
         Ok(a) => a,
         Err(refused) => {
@@ -209,22 +222,39 @@ pub async fn decide<'s>(
             return Err(refused.rejection);
         }
     };
-    if let Some(shared) = &snapshot.shared_limits {
-        match shared_limit::admit(shared, admission.key, &gw.clock).await {
-            Ok(rate) => admission.rate = rate,
-            Err(rejection) => {
-                let refused = Refused {
-                    rejection,
-                    route: admission.route,
-                    key: Some(admission.key),
-                };
-                account_refusal(gw, snapshot, &refused, client);
-                return Err(refused.rejection);
-            }
+    match shared_limit::admit(shared, admission.key, &gw.clock).await {
+        Ok(rate) => admission.rate = rate,
+        Err(rejection) => {
+            let refused = Refused {
+                rejection,
+                route: admission.route,
+                key: Some(admission.key),
+            };
+            account_refusal(gw, snapshot, &refused, client);
+            return Err(refused.rejection);
         }
     }
     admission.key.usage().accepted();
     Ok(admission)
+}
+
+/// [`decide`] when every limit is counted on this node: synchronous.
+fn decide_locally<'s>(
+    gw: &Gateway,
+    snapshot: &'s Snapshot,
+    ask: Ask<'_>,
+    client: Client,
+) -> Result<Admission<'s>, Rejection> {
+    match admit(snapshot, &gw.clock, ask, client, &gw.lockouts) {
+        Ok(admission) => {
+            admission.key.usage().accepted();
+            Ok(admission)
+        }
+        Err(refused) => {
+            account_refusal(gw, snapshot, &refused, client);
+            Err(refused.rejection)
+        }
+    }
 }
 
 /// Counts a refusal where it belongs (route, key or the anonymous cell), audits failed
