@@ -81,7 +81,6 @@ impl Gateway {
             previous: None,
             env_admin_token,
         })?;
-        limiters.commit(snapshot.limiters());
         let resolver = |set: &Option<Arc<crate::tls::CertSet>>| {
             set.clone().map(|s| Arc::new(CertResolver::new(s)))
         };
@@ -157,7 +156,8 @@ impl Gateway {
                 ),
             }
         }
-        self.limiters.commit(snapshot.limiters());
+        self.limiters
+            .retain(|id| snapshot.key_by_id(id).and_then(|k| k.rate()));
         self.usage.retain(|id| snapshot.has_key_id(id));
         self.metrics
             .retain_routes(|name| snapshot.routes.has_name(name));
@@ -167,10 +167,9 @@ impl Gateway {
     /// Puts in force a snapshot that differs from the one in force only in the keys `ids`:
     /// only their bookkeeping is touched, so the cost does not grow with the key count.
     pub(crate) fn install_key_changes(&self, snapshot: Snapshot, ids: &[String]) {
-        self.limiters.keep(
-            ids.iter()
-                .map(|id| (id, snapshot.key_by_id(id).and_then(|k| k.limiter.clone()))),
-        );
+        self.limiters.recheck(ids.iter(), |id| {
+            snapshot.key_by_id(id).and_then(|k| k.rate())
+        });
         self.put_in_force(snapshot);
     }
 

@@ -481,7 +481,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
             })));
         }
     }
-    let rate = match &key.limiter {
+    let rate = match key.limiter() {
         Some(limiter) => match rate_limit::admit(limiter, clock) {
             Ok(budget) => Some(budget),
             Err((wait, reset)) => {

@@ -24,7 +24,7 @@ use crate::policy::net::CidrSet;
 use crate::policy::quota::Quota;
 use crate::policy::rate::{policy_header, RatePolicy, SharedPolicy};
 use crate::policy::scope::ScopeSet;
-use crate::state::limiters::{KeyLimiter, Limiters};
+use crate::state::limiters::Limiters;
 use crate::state::shared_limits::{SharedLimiter, SharedSettings};
 use crate::state::usage::UsageBook;
 use crate::tls::CertSet;
@@ -191,13 +191,6 @@ impl Snapshot {
     /// The key index, for comparing what a change copied.
     pub fn key_index(&self) -> &KeyIndex {
         &self.keys
-    }
-
-    /// Every key's limiter, for [`Limiters::commit`].
-    pub fn limiters(&self) -> impl Iterator<Item = (String, Arc<KeyLimiter>)> + '_ {
-        self.keys
-            .iter()
-            .filter_map(|k| k.limiter.clone().map(|l| (k.id.to_string(), l)))
     }
 
     /// Reads, parses and validates the config and its key store, reporting every problem.
@@ -882,6 +875,11 @@ fn compile_entry(
             quota,
         });
         Limits {
+            rate: match share {
+                Some(n) if n.get() > 1 => policy.map(|p| node_share(p, n)),
+                _ => policy,
+            },
+            limiters: ctx.limiters.clone(),
             header: policy_header(policy, quota.as_ref()),
             quota: match share {
                 Some(n) if n.get() > 1 => quota.map(|q| Quota {
@@ -894,11 +892,6 @@ fn compile_entry(
         }
     };
     let written = policy;
-    let policy = match share {
-        Some(n) if n.get() > 1 => policy.map(|p| node_share(p, n)),
-        _ => policy,
-    };
-    let limiter = policy.map(|policy| ctx.limiters.limiter_for(&r.id, policy));
     let (scopes, allowed_cidrs, limits) = interner.intern(|i| {
         (
             i.scopes(&r.scopes, || ScopeSet::new(scopes)),
@@ -916,7 +909,6 @@ fn compile_entry(
         expires_at,
         scopes,
         allowed_cidrs,
-        limiter,
         limits,
         cells: ctx.usage.cells(),
         in_use: OnceLock::new(),

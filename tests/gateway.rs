@@ -321,6 +321,53 @@ async fn the_limiter_refills_on_the_clock_and_survives_reloads() {
 }
 
 #[tokio::test]
+async fn a_keys_limiter_is_made_on_its_first_request_and_forgotten_with_its_policy() {
+    let (_up, gw) = setup("", "").await;
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(
+            gw.create_key(NewKey {
+                rate_limit: Some("1/m".into()),
+                ..new_key("acme", "production")
+            })
+            .await,
+        );
+    }
+    let limiters = || gw.gateway().limiters.len();
+    assert_eq!(
+        limiters(),
+        0,
+        "no key has a limiter before its first request"
+    );
+    let get = |key: &str| send(Req::get(gw.proxy, "/x").bearer(key));
+    assert_eq!(get(&keys[0].1).await.status, 200);
+    assert_eq!(limiters(), 1);
+    assert_eq!(get(&keys[0].1).await.status, 429);
+    // A whole rebuild keeps the used key's bucket, and makes none for the others.
+    let (status, body) = gw.reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(limiters(), 1);
+    assert_eq!(get(&keys[0].1).await.status, 429, "the bucket survived");
+    // A new policy forgets the old bucket: the key starts full.
+    gw.with_op(|op| {
+        keygate::keys::update(
+            op,
+            &keys[0].0.id,
+            keygate::keys::KeyPatch {
+                rate_limit: Some(Some("2/m".into())),
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    let (status, body) = gw.reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(limiters(), 0);
+    assert_eq!(get(&keys[0].1).await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn expiry_follows_the_clock() {
     let (_up, gw) = setup("", "").await;
     let (_, key) = gw

@@ -26,7 +26,7 @@ use crate::policy::quota::Quota;
 use crate::policy::rate::RatePolicy;
 use crate::policy::rate::SharedPolicy;
 use crate::policy::scope::ScopeSet;
-use crate::state::limiters::KeyLimiter;
+use crate::state::limiters::{KeyLimiter, Limiters};
 use crate::state::usage::{Cells, KeyUsage, UsageReport};
 
 /// Shards per map. A power of two, so a byte of a digest picks one evenly.
@@ -78,16 +78,20 @@ impl PartialEq<String> for Label {
     }
 }
 
-/// What a key's rate limit and quota compile to, beside its limiter: shared by every key
-/// with the same ones (a tier's quota, a common rate).
+/// What a key's rate limit and quota compile to: shared by every key with the same ones (a
+/// tier's quota, a common rate).
 #[derive(Debug, PartialEq)]
 pub struct Limits {
+    /// The key's own rate limit (this node's share, with shared limits); its limiter is
+    /// made on the key's first request, from `limiters`.
+    pub rate: Option<RatePolicy>,
+    pub limiters: Limiters,
     /// The key's own quota, or its tier's (this node's share, with shared limits).
     pub quota: Option<Quota>,
     /// `RateLimit-Policy` for the key's rate limit and quota.
     pub header: Option<HeaderValue>,
-    /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then the
-    /// limiter and `quota` are this node's share, for `fail_mode: local`.
+    /// With `rate_limit.backend: redis`: the key's whole limits, counted in Redis. Then
+    /// `rate` and `quota` are this node's share, for `fail_mode: local`.
     pub shared: Option<SharedPolicy>,
 }
 
@@ -235,6 +239,8 @@ impl PartialEq<String> for KeyId {
 pub struct InUse {
     usage: Arc<KeyUsage>,
     id_header: HeaderValue,
+    /// The key's rate limiter, made on its first rate-limited request.
+    limiter: OnceLock<Arc<KeyLimiter>>,
 }
 
 /// One key, compiled for the request path.
@@ -251,8 +257,7 @@ pub struct KeyEntry {
     pub expires_at: Option<i64>,
     pub scopes: Arc<ScopeSet>,
     pub allowed_cidrs: Arc<CidrSet>,
-    pub limiter: Option<Arc<KeyLimiter>>,
-    /// The key's quota, `RateLimit-Policy` and shared limits, if it has a rate or a quota.
+    /// The key's rate, quota, `RateLimit-Policy` and shared limits, if it has a rate or a quota.
     pub limits: Option<Arc<Limits>>,
     /// The usage book's cells, where this key's is found or made on its first use.
     pub cells: Cells,
@@ -267,6 +272,7 @@ impl KeyEntry {
                 // Hex digits: always a header value.
                 id_header: HeaderValue::from_str(&self.id)
                     .unwrap_or_else(|_| HeaderValue::from_static("")),
+                limiter: OnceLock::new(),
             })
         })
     }
@@ -302,6 +308,23 @@ impl KeyEntry {
     /// The key's own quota, or its tier's.
     pub fn quota(&self) -> Option<Quota> {
         self.limits.as_ref().and_then(|l| l.quota)
+    }
+
+    /// The key's own rate limit (this node's share, with shared limits).
+    pub fn rate(&self) -> Option<RatePolicy> {
+        self.limits.as_ref().and_then(|l| l.rate)
+    }
+
+    /// The key's rate limiter, if it has a rate: the one the registry holds for its id and
+    /// policy, or a new one, made on the key's first rate-limited request.
+    pub fn limiter(&self) -> Option<&KeyLimiter> {
+        let limits = self.limits.as_ref()?;
+        let policy = limits.rate?;
+        Some(
+            self.in_use()
+                .limiter
+                .get_or_init(|| limits.limiters.limiter_for(&self.id, policy)),
+        )
     }
 
     /// `RateLimit-Policy` for the key's rate limit and quota, if it has either.
@@ -625,7 +648,6 @@ mod tests {
             expires_at: None,
             scopes: Arc::new(ScopeSet::new(Vec::new())),
             allowed_cidrs: Arc::default(),
-            limiter: None,
             limits: None,
             cells: crate::state::usage::UsageBook::in_memory().cells(),
             in_use: OnceLock::new(),
@@ -723,7 +745,10 @@ mod tests {
             },
             burst: 10,
         });
+        let limiters = Limiters::new(crate::clock::Clock::real());
         let make = || Limits {
+            rate,
+            limiters: limiters.clone(),
             quota: None,
             header: None,
             shared: None,

@@ -43,49 +43,75 @@ impl KeyLimiter {
 }
 
 /// Every key's limiter, by key id.
+/// Every key's limiter that has been used, by key id, outside any snapshot. A limiter is made
+/// on its key's first request, not at load; a snapshot's entry asks for it here, so a new
+/// snapshot gets the same limiter (and bucket) for an unchanged policy. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct Limiters(Arc<Registry>);
+
 #[derive(Debug)]
-pub struct Limiters {
+struct Registry {
     clock: Clock,
     by_id: Mutex<HashMap<String, Arc<KeyLimiter>>>,
 }
 
+/// One registry is one registry: what the interned limits that hold a handle compare by.
+impl PartialEq for Limiters {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl Limiters {
     pub fn new(clock: Clock) -> Self {
-        Limiters {
+        Limiters(Arc::new(Registry {
             clock,
             by_id: Mutex::new(HashMap::new()),
-        }
+        }))
     }
 
-    /// The limiter for a key: its current one when the policy is unchanged, else a fresh
-    /// one. Nothing is recorded until [`Limiters::commit`], so a failed reload changes nothing.
+    /// The key's limiter for `policy`: the one in use if its policy is the same, else a new
+    /// one (full), which is kept for the snapshots to come.
     pub fn limiter_for(&self, id: &str, policy: RatePolicy) -> Arc<KeyLimiter> {
-        let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(id) {
             Some(l) if l.policy == policy => l.clone(),
-            _ => Arc::new(KeyLimiter::new(policy, &self.clock)),
-        }
-    }
-
-    /// Records the limiters of keys a change put in force (`None`: the key has none now).
-    pub fn keep<'a>(&self, changed: impl Iterator<Item = (&'a String, Option<Arc<KeyLimiter>>)>) {
-        let mut map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, limiter) in changed {
-            match limiter {
-                Some(l) => {
-                    map.insert(id.clone(), l);
-                }
-                None => {
-                    map.remove(id);
-                }
+            _ => {
+                let made = Arc::new(KeyLimiter::new(policy, &self.0.clock));
+                map.insert(id.to_string(), made.clone());
+                made
             }
         }
     }
 
-    /// Records the limiters of the snapshot now in force, forgetting the keys it dropped.
-    pub fn commit(&self, in_force: impl Iterator<Item = (String, Arc<KeyLimiter>)>) {
-        let mut map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        *map = in_force.collect();
+    /// Keeps the limiters whose key still has the same policy (`rate_of` the id): after a
+    /// whole rebuild. Costs one pass over the keys ever used, not over every key.
+    pub fn retain(&self, rate_of: impl Fn(&str) -> Option<RatePolicy>) {
+        let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|id, l| rate_of(id) == Some(l.policy));
+    }
+
+    /// The same for the keys `ids` alone: after a key-change delta.
+    pub fn recheck<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a String>,
+        rate_of: impl Fn(&str) -> Option<RatePolicy>,
+    ) {
+        let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if map.get(id).is_some_and(|l| rate_of(id) != Some(l.policy)) {
+                map.remove(id);
+            }
+        }
+    }
+
+    /// How many limiters exist: one per key used since its policy last changed.
+    pub fn len(&self) -> usize {
+        self.0.by_id.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -111,11 +137,24 @@ mod tests {
         let clock = Clock::fake(SystemTime::UNIX_EPOCH);
         let limiters = Limiters::new(clock);
         let a = limiters.limiter_for("k1", policy(1, 60, 1));
-        limiters.commit([("k1".to_string(), a.clone())].into_iter());
+        let b = limiters.limiter_for("k2", policy(1, 60, 1));
         assert!(Arc::ptr_eq(
             &a,
             &limiters.limiter_for("k1", policy(1, 60, 1))
         ));
+        // A rebuild keeps k1 with its policy, and forgets k2, which is gone.
+        limiters.retain(|id| (id == "k1").then(|| policy(1, 60, 1)));
+        assert_eq!(limiters.len(), 1);
+        assert!(Arc::ptr_eq(
+            &a,
+            &limiters.limiter_for("k1", policy(1, 60, 1))
+        ));
+        assert!(!Arc::ptr_eq(
+            &b,
+            &limiters.limiter_for("k2", policy(1, 60, 1))
+        ));
+        // A delta that changes k1's policy starts it afresh.
+        limiters.recheck(["k1".to_string()].iter(), |_| Some(policy(2, 60, 2)));
         assert!(!Arc::ptr_eq(
             &a,
             &limiters.limiter_for("k1", policy(2, 60, 2))
