@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use keygate::keys::{self, NewKey, Status};
+use keygate::keys::{self, NewKey};
 use support::*;
 
 async fn setup(extra_routes: &str, extra: &str) -> (Upstream, TestGateway) {
@@ -90,39 +90,16 @@ async fn every_refusal_code_is_answered_before_the_upstream() {
     ]
     .concat();
     let gw = TestGateway::start(&config_yaml(&routes, "")).await;
-    let (_, good) = gw.create_key(new_key("acme", "production")).await;
-    let (revoked, revoked_secret) = gw.create_key(new_key("acme", "production")).await;
-    let (disabled, disabled_secret) = gw.create_key(new_key("acme", "production")).await;
-    gw.with_op(|op| keys::set_status(op, &revoked.id, Status::Revoked))
-        .unwrap();
-    gw.with_op(|op| keys::set_status(op, &disabled.id, Status::Inactive))
-        .unwrap();
-    let (_, expiring) = gw
-        .create_key(NewKey {
-            expires: Some("1h".into()),
-            ..new_key("acme", "production")
-        })
-        .await;
-    let (_, walled) = gw
-        .create_key(NewKey {
-            allowed_cidrs: vec!["10.0.0.0/8".into()],
-            ..new_key("acme", "production")
-        })
-        .await;
-    let (_, reader) = gw
-        .create_key(NewKey {
-            scopes: vec!["read:/v1/**".into()],
-            ..new_key("acme", "production")
-        })
-        .await;
-    let (_, limited) = gw
-        .create_key(NewKey {
-            rate_limit: Some("1/m".into()),
-            ..new_key("acme", "production")
-        })
-        .await;
-    gw.reload().await;
-    gw.clock.advance(Duration::from_secs(7200));
+    let RefusalKeys {
+        good: (_, good),
+        revoked: revoked_secret,
+        disabled: disabled_secret,
+        expired: expiring,
+        walled,
+        reader,
+        limited,
+        ..
+    } = gw.refusal_keys("10.0.0.0/8").await;
     let unknown = keys::format::generate("kg_live").unwrap();
     let mut typo = good.clone();
     typo.replace_range(10..11, if &good[10..11] == "A" { "B" } else { "A" });

@@ -3,9 +3,7 @@
 //! verify API. One gateway per run, with the auth listener on, keys in every state, and
 //! routes whose refusals cover every code a request can get before the upstream.
 
-use std::time::Duration;
-
-use keygate::keys::{self, NewKey, Status};
+use keygate::keys;
 
 use super::*;
 
@@ -63,45 +61,16 @@ pub async fn fixture(extra: &str) -> Fixture {
     );
     let gw = TestGateway::start_with(&config, false).await;
     let auth = gw.auth.expect("the auth listener is on");
-    let (good_record, good) = gw.create_key(new_key("acme", "production")).await;
-    let (revoked, revoked_secret) = gw.create_key(new_key("acme", "production")).await;
-    let (disabled, disabled_secret) = gw.create_key(new_key("acme", "production")).await;
-    gw.with_op(|op| keys::set_status(op, &revoked.id, Status::Revoked))
-        .unwrap();
-    gw.with_op(|op| keys::set_status(op, &disabled.id, Status::Inactive))
-        .unwrap();
-    let (_, expiring) = gw
-        .create_key(NewKey {
-            expires: Some("1h".into()),
-            ..new_key("acme", "production")
-        })
-        .await;
-    let (_, walled) = gw
-        .create_key(NewKey {
-            allowed_cidrs: vec!["127.0.0.2/32".into()],
-            ..new_key("acme", "production")
-        })
-        .await;
-    let (_, reader) = gw
-        .create_key(NewKey {
-            scopes: vec!["read:/v1/**".into()],
-            ..new_key("acme", "production")
-        })
-        .await;
-    let (_, limited) = gw
-        .create_key(NewKey {
-            rate_limit: Some("1/m".into()),
-            ..new_key("acme", "production")
-        })
-        .await;
-    let (_, quota) = gw
-        .create_key(NewKey {
-            quota: Some("1/day".into()),
-            ..new_key("acme", "production")
-        })
-        .await;
-    gw.reload().await;
-    gw.clock.advance(Duration::from_secs(7200));
+    let RefusalKeys {
+        good: (good_record, good),
+        revoked: revoked_secret,
+        disabled: disabled_secret,
+        expired: expiring,
+        walled,
+        reader,
+        limited,
+        quota,
+    } = gw.refusal_keys("127.0.0.2/32").await;
     let unknown = keys::format::generate("kg_live").unwrap();
     super::ledger::secret(&unknown);
     let bearer = |k: &str| Some(format!("Bearer {k}"));

@@ -317,6 +317,74 @@ impl Drop for TestGateway {
     }
 }
 
+/// A key in each state a request can be refused for, all in `acme`/`production`: the record
+/// of `good`, and the secrets of the rest.
+pub struct RefusalKeys {
+    pub good: (KeyRecord, String),
+    pub revoked: String,
+    pub disabled: String,
+    /// Made to expire in an hour; expired once [`TestGateway::refusal_keys`] returns.
+    pub expired: String,
+    /// Usable only from the addresses it was made for.
+    pub walled: String,
+    /// Only `read:/v1/**`.
+    pub reader: String,
+    /// One request a minute.
+    pub limited: String,
+    /// One request a day.
+    pub quota: String,
+}
+
+impl TestGateway {
+    /// Makes [`RefusalKeys`] the way the CLI does (`walled` bound to `cidr`), reloads, and
+    /// moves the fake clock two hours on, so that the expiring key has expired.
+    pub async fn refusal_keys(&self, cidr: &str) -> RefusalKeys {
+        let key = |change: fn(&mut NewKey)| {
+            let mut new = new_key("acme", "production");
+            change(&mut new);
+            new
+        };
+        let good = self.create_key(new_key("acme", "production")).await;
+        let (revoked, revoked_secret) = self.create_key(new_key("acme", "production")).await;
+        let (disabled, disabled_secret) = self.create_key(new_key("acme", "production")).await;
+        self.with_op(|op| keys::set_status(op, &revoked.id, keys::Status::Revoked))
+            .unwrap();
+        self.with_op(|op| keys::set_status(op, &disabled.id, keys::Status::Inactive))
+            .unwrap();
+        let expiring = self
+            .create_key(key(|k| k.expires = Some("1h".into())))
+            .await
+            .1;
+        let mut walled = new_key("acme", "production");
+        walled.allowed_cidrs = vec![cidr.to_string()];
+        let walled = self.create_key(walled).await.1;
+        let reader = self
+            .create_key(key(|k| k.scopes = vec!["read:/v1/**".into()]))
+            .await
+            .1;
+        let limited = self
+            .create_key(key(|k| k.rate_limit = Some("1/m".into())))
+            .await
+            .1;
+        let quota = self
+            .create_key(key(|k| k.quota = Some("1/day".into())))
+            .await
+            .1;
+        self.reload().await;
+        self.clock.advance(Duration::from_secs(7200));
+        RefusalKeys {
+            good,
+            revoked: revoked_secret,
+            disabled: disabled_secret,
+            expired: expiring,
+            walled,
+            reader,
+            limited,
+            quota,
+        }
+    }
+}
+
 pub fn new_key(namespace: &str, environment: &str) -> NewKey {
     NewKey {
         namespace: namespace.into(),
