@@ -84,8 +84,19 @@ async fn call(
     token: &str,
     body: &str,
 ) -> Option<(u16, String, serde_json::Value)> {
-    let answer = try_send(addr, method, path, token, body).await?;
-    Some((answer.status.as_u16(), answer.code(), answer.json()))
+    call_or_why(addr, method, path, token, body).await.ok()
+}
+
+/// As [`call`], but says why no answer came.
+async fn call_or_why(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> Result<(u16, String, serde_json::Value), String> {
+    let answer = send_or_why(addr, method, path, token, body).await?;
+    Ok((answer.status.as_u16(), answer.code(), answer.json()))
 }
 
 /// How many reloads the audit log records as made by SIGHUP.
@@ -176,25 +187,27 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
                     .clone()
                     .unwrap_or_else(|| stable[n % stable.len()].clone());
                 let was_unsettled = unsettled.load(Ordering::SeqCst);
-                let answer = call(proxy, "GET", "/v1/x", &key, "").await;
+                let answer = call_or_why(proxy, "GET", "/v1/x", &key, "").await;
                 let unsettled = was_unsettled || unsettled.load(Ordering::SeqCst);
                 sent.fetch_add(1, Ordering::Relaxed);
                 let label = match &answer {
-                    Some((200, _, _)) => "200".to_string(),
-                    Some((s, code, _)) => format!("{s} {code}"),
-                    None => "no answer".to_string(),
+                    Ok((200, _, _)) => "200".to_string(),
+                    Ok((s, code, _)) => format!("{s} {code}"),
+                    Err(_) => "no answer".to_string(),
                 };
                 let expected = match &answer {
-                    Some((200, _, _)) => true,
-                    Some((502, code, _)) => unsettled && code == "upstream_unavailable",
-                    Some((401, code, _)) => churned.is_some() && code == "revoked_key",
+                    Ok((200, _, _)) => true,
+                    Ok((502, code, _)) => unsettled && code == "upstream_unavailable",
+                    Ok((401, code, _)) => churned.is_some() && code == "revoked_key",
                     _ => false,
                 };
                 *outcomes.lock().unwrap().entry(label.clone()).or_default() += 1;
                 if !expected {
-                    lost.lock()
-                        .unwrap()
-                        .push(format!("{label} (churned key: {})", churned.is_some()));
+                    let why = answer.err().unwrap_or_default();
+                    lost.lock().unwrap().push(format!(
+                        "{label} (churned key: {}, unsettled upstream: {unsettled}) {why}",
+                        churned.is_some()
+                    ));
                 }
             }
         }));

@@ -589,3 +589,123 @@ fn a_store_moves_from_file_to_sqlite_to_redis_and_back_byte_for_byte() {
         .values()
         .all(|v| secrets.iter().all(|s| !v.contains(s.as_str()))));
 }
+
+/// A write to Redis reads only what it touches: the hash and tier indexes answer for the whole
+/// set, they follow every write (an expiry, a revocation, a load), and they are rebuilt when
+/// a write they did not see came in between, as an older keygate's would.
+#[test]
+fn a_write_reads_through_the_indexes_and_they_follow_every_write() {
+    use keygate::keys::lifecycle::{self, Op};
+    use keygate::keys::{KeyError, NewKey, Store};
+
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("keygate.yaml");
+    let extra = format!(
+        "store: {{kind: redis, url: \"{}\", prefix: kgidx}}\ntiers:\n  tiny: {{max_keys: 3}}\nnamespaces:\n  small: {{tier: tiny}}\n",
+        redis.url()
+    );
+    write(
+        &config_path,
+        &config_yaml(
+            &route("/", "127.0.0.1:9".parse().unwrap(), "production", ""),
+            &extra,
+        ),
+    );
+    // A set with a key in every state beside the tier's namespace.
+    every_key_state(&config_path);
+    let config = keygate::config::Config::load(&config_path).unwrap();
+    let store = Store::for_config(&config, &config_path).unwrap();
+    let now = keygate::clock::Clock::real().unix_secs();
+    let op = |now| Op {
+        store: &store,
+        config: &config,
+        actor: "test",
+        now,
+    };
+    let create = |now, expires: Option<&str>| {
+        let new = NewKey {
+            expires: expires.map(str::to_string),
+            ..new_key("small", "production")
+        };
+        lifecycle::create(op(now), new).map(|(record, secret)| {
+            ledger::secret(&secret);
+            record.id
+        })
+    };
+    let full = |r: Result<String, KeyError>| match r {
+        Err(KeyError::LimitReached { active, .. }) => active,
+        other => panic!("the tier is full, got {other:?}"),
+    };
+    create(now, Some("1d")).unwrap();
+    let second = create(now, None).unwrap();
+    create(now, None).unwrap();
+    assert_eq!(full(create(now, None)), 3);
+    // Two days on, the first has expired and no longer counts; a revoked key neither.
+    let later = now + 2 * 86_400;
+    create(later, None).unwrap();
+    assert_eq!(full(create(later, None)), 3);
+    lifecycle::set_status(op(later), &second, keygate::keys::Status::Revoked).unwrap();
+    let fourth = create(later, None).unwrap();
+    assert_eq!(full(create(later, None)), 3);
+
+    // A write the indexes did not see: a record set straight into Redis and the version
+    // bumped, as a keygate before the indexes wrote.
+    let mut con = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let json: String = ::redis::cmd("HGET")
+        .arg("kgidx:keys")
+        .arg(&fourth)
+        .query(&mut con)
+        .unwrap();
+    let mut record: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let hash = format!(
+        "sha256:{}",
+        keygate::keys::hex(&keygate::keys::format::hash("written by an older keygate"))
+    );
+    record["id"] = "01d0000".into();
+    record["hash"] = hash.as_str().into();
+    let _: i64 = ::redis::cmd("HSET")
+        .arg("kgidx:keys")
+        .arg("01d0000")
+        .arg(record.to_string())
+        .query(&mut con)
+        .unwrap();
+    let _: i64 = ::redis::cmd("INCR")
+        .arg("kgidx:version")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(
+        full(create(later, None)),
+        4,
+        "the key written around the indexes counts, beside the three"
+    );
+    // Its hash is known too: a load that gives it to another id is refused.
+    let clash = format!(
+        "version: 1\nkeys:\n- {}\n",
+        serde_json::json!({"id": "0abc0000", "hash": hash, "prefix": "kg_live",
+            "namespace": "acme", "environment": "production", "status": "active",
+            "created_at": "2026-01-01T00:00:00Z"})
+    );
+    match lifecycle::load(op(later), serde_yaml::from_str(&clash).unwrap()) {
+        Err(KeyError::Import(e)) => assert!(e.contains("hash of another key"), "{e}"),
+        other => panic!("a shared hash is refused, got {other:?}"),
+    }
+
+    // One change reads no whole set: Redis counts its commands.
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut con)
+        .unwrap();
+    lifecycle::create(op(later), new_key("acme", "production"))
+        .map(|(_, secret)| ledger::secret(&secret))
+        .unwrap();
+    let stats: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .unwrap();
+    assert!(stats.contains("cmdstat_evalsha") || stats.contains("cmdstat_eval"));
+    assert!(!stats.contains("cmdstat_hgetall"), "{stats}");
+}

@@ -5,25 +5,32 @@
 //! - `P:version`: a counter, one more after every write;
 //! - `P:changes`: a pub/sub channel on which every write publishes the new version, followed
 //!   by the ids of the records it set (space-separated) when there are at most
-//!   [`MAX_LISTED`] of them and none was deleted;
-//! - `P:lock`: the writers' lock, held for one read-modify-write (like the file store's).
+//!   [`MAX_LISTED`] of them;
+//! - `P:lock`: the writers' lock, held for one read-modify-write (like the file store's);
+//! - the writers' indexes, so that a write reads only the records it touches: `P:hashes`
+//!   (each key's hash to its id), `P:counted:<namespace>` (a sorted set of the keys that count
+//!   toward the namespace's tier, neither revoked nor expired, scored by their expiry),
+//!   `P:counted_namespaces` (the namespaces that have such a set), and `P:indexed`, the
+//!   version at which the indexes were last brought up to date. A writer that finds
+//!   `P:indexed` behind `P:version` (the first write after an upgrade, or a write by an older
+//!   keygate) rebuilds them from the records first, under the lock.
 //!
-//! A write runs as one Lua script: it checks the writer still holds the lock, sets or deletes
-//! the changed records, bumps the version and publishes it, atomically. It is acknowledged
-//! only after Redis has run it; how durable that is depends on Redis's own settings (see the
-//! README: `appendonly yes`, `appendfsync always` for no loss on power failure).
+//! A write runs as one Lua script: it checks the writer still holds the lock, sets the
+//! changed records and their index entries, bumps the version and publishes it, atomically.
+//! It is acknowledged only after Redis has run it; how durable that is depends on Redis's
+//! own settings (see the README: `appendonly yes`, `appendfsync always` for no loss on power
+//! failure).
 //!
 //! Nodes never read Redis on the request path: each holds the whole set in its snapshot.
 //! When the next version is published with its ids, a node reads only those records and
-//! applies them to its snapshot as a delta; otherwise (a version missed, a bulk write, a
-//! deletion) it reads the whole set again, as it does after a reconnect.
+//! applies them to its snapshot as a delta; otherwise (a version missed, a bulk write) it
+//! reads the whole set again, as it does after a reconnect.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::records::{DocumentRecords, Records};
-use super::{KeyError, KeyRecord};
-use crate::keys::store::StoreFile;
+use super::records::Records;
+use super::{KeyError, KeyRecord, Status};
 
 /// How long a writer may hold the lock before another may take it over.
 const LOCK_TTL: Duration = Duration::from_secs(30);
@@ -32,20 +39,35 @@ const LOCK_WAIT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Sets records with their index entries. KEYS: the records, the version, the lock, the
+/// hash index, the indexed version, the counted namespaces. ARGV: the lock token, the
+/// channel, `listed` or `version`, the counted sets' key prefix, then seven per record: id,
+/// JSON, hash, the hash before (or empty), namespace, the namespace before (or empty), and
+/// the expiry score if the key counts toward its tier (or empty).
 const APPLY: &str = r"
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return redis.error_reply('the store lock was lost')
 end
 local ids = {}
-for i = 4, #ARGV, 2 do
-  if ARGV[i + 1] == '' then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  else
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+for i = 5, #ARGV, 7 do
+  local id, hash, old_hash = ARGV[i], ARGV[i + 2], ARGV[i + 3]
+  local ns, old_ns, score = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  redis.call('HSET', KEYS[1], id, ARGV[i + 1])
+  if old_hash ~= '' and old_hash ~= hash and redis.call('HGET', KEYS[4], old_hash) == id then
+    redis.call('HDEL', KEYS[4], old_hash)
   end
-  ids[#ids + 1] = ARGV[i]
+  redis.call('HSET', KEYS[4], hash, id)
+  if old_ns ~= '' then
+    redis.call('ZREM', ARGV[4] .. old_ns, id)
+  end
+  if score ~= '' then
+    redis.call('ZADD', ARGV[4] .. ns, score, id)
+    redis.call('SADD', KEYS[6], ns)
+  end
+  ids[#ids + 1] = id
 end
 local v = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[5], v)
 if ARGV[3] == 'listed' then
   redis.call('PUBLISH', ARGV[2], v .. ' ' .. table.concat(ids, ' '))
 else
@@ -101,6 +123,11 @@ pub struct RedisStore {
     version: String,
     lock: String,
     changes: String,
+    hashes: String,
+    /// The prefix of the counted sets, `P:counted:`, which the namespace completes.
+    counted: String,
+    counted_namespaces: String,
+    indexed: String,
 }
 
 impl RedisStore {
@@ -116,6 +143,10 @@ impl RedisStore {
             version: format!("{prefix}:version"),
             lock: format!("{prefix}:lock"),
             changes: format!("{prefix}:changes"),
+            hashes: format!("{prefix}:hashes"),
+            counted: format!("{prefix}:counted:"),
+            counted_namespaces: format!("{prefix}:counted_namespaces"),
+            indexed: format!("{prefix}:indexed"),
         })
     }
 
@@ -173,14 +204,16 @@ impl RedisStore {
             .map_err(|e| self.unreachable(&e))?;
         let mut records = Vec::with_capacity(entries.len());
         for (id, json) in entries {
-            let record: KeyRecord = serde_json::from_str(&json).map_err(|e| {
-                format!("{}: the record of key `{id}` is not valid: {e}", self.keys)
-            })?;
-            records.push(record);
+            records.push(self.parse(&id, &json)?);
         }
         // The hash has no order: the file store's order is creation order.
         records.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok((records, version.unwrap_or(0)))
+    }
+
+    fn parse(&self, id: &str, json: &str) -> Result<KeyRecord, String> {
+        serde_json::from_str(json)
+            .map_err(|e| format!("{}: the record of key `{id}` is not valid: {e}", self.keys))
     }
 
     /// The records with these ids, as they are now; `None` if any of them is gone.
@@ -194,16 +227,15 @@ impl RedisStore {
         let mut records = Vec::with_capacity(found.len());
         for (id, json) in ids.iter().zip(found) {
             let Some(json) = json else { return Ok(None) };
-            let record: KeyRecord = serde_json::from_str(&json).map_err(|e| {
-                format!("{}: the record of key `{id}` is not valid: {e}", self.keys)
-            })?;
-            records.push(record);
+            records.push(self.parse(id, &json)?);
         }
         Ok(Some(records))
     }
 
-    /// One read-modify-write under the writers' lock: `change` edits the whole set, and only
-    /// the records it changed are written, with the version bump, in one script.
+    /// One read-modify-write under the writers' lock: `change` reads the records it needs
+    /// (through the indexes, so a change to one key reads a few entries whatever the key
+    /// count), and only the records it changed are written, with the version bump, in one
+    /// script.
     pub fn transact<T>(
         &self,
         change: impl FnOnce(&mut dyn Records) -> Result<T, KeyError>,
@@ -211,7 +243,9 @@ impl RedisStore {
         let mut con = self.connect().map_err(KeyError::Unavailable)?;
         let token = lock_token();
         self.acquire(&mut con, &token)?;
-        let result = self.apply(&mut con, &token, change);
+        let result = self
+            .index(&mut con)
+            .and_then(|()| self.apply(&mut con, &token, change));
         let released: Result<i64, _> = redis::Script::new(UNLOCK)
             .key(&self.lock)
             .arg(&token)
@@ -249,63 +283,288 @@ impl RedisStore {
         }
     }
 
+    /// Brings the writers' indexes up to date with the records, if a write they did not see
+    /// came in between (an older keygate's, or any before the indexes existed): one whole
+    /// read, then the indexes made anew in one transaction. Runs under the lock.
+    fn index(&self, con: &mut redis::Connection) -> Result<(), KeyError> {
+        let unavailable = |e: redis::RedisError| KeyError::Unavailable(self.unreachable(&e));
+        let (version, indexed): (Option<u64>, Option<u64>) = redis::cmd("MGET")
+            .arg(&self.version)
+            .arg(&self.indexed)
+            .query(con)
+            .map_err(unavailable)?;
+        if version == indexed {
+            return Ok(());
+        }
+        let (records, version) = self.read(con).map_err(KeyError::Unavailable)?;
+        let stale: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.counted_namespaces)
+            .query(con)
+            .map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(&self.hashes)
+            .del(&self.counted_namespaces);
+        for ns in &stale {
+            pipe.del(format!("{}{ns}", self.counted));
+        }
+        for chunk in records.chunks(1_000) {
+            let owners: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|r| (r.hash.as_str(), r.id.as_str()))
+                .collect();
+            pipe.hset_multiple(&self.hashes, &owners);
+        }
+        for r in &records {
+            if let Some(score) = counted_score(r) {
+                pipe.zadd(format!("{}{}", self.counted, r.namespace), &r.id, score)
+                    .sadd(&self.counted_namespaces, &r.namespace);
+            }
+        }
+        pipe.set(&self.indexed, version);
+        pipe.query::<()>(con).map_err(unavailable)?;
+        tracing::info!(
+            keys = records.len(),
+            version,
+            "the Redis store's write indexes were rebuilt"
+        );
+        Ok(())
+    }
+
     fn apply<T>(
         &self,
         con: &mut redis::Connection,
         token: &str,
         change: impl FnOnce(&mut dyn Records) -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
-        let (records, _) = self.read(con).map_err(KeyError::Unavailable)?;
-        let before: HashMap<String, String> = records
-            .iter()
-            .map(|r| Ok((r.id.clone(), json(r)?)))
-            .collect::<Result<_, KeyError>>()?;
-        let mut file = StoreFile {
-            keys: records,
-            ..StoreFile::default()
+        let mut records = RedisRecords {
+            store: self,
+            con,
+            before: HashMap::new(),
+            owners: HashMap::new(),
+            whole: false,
+            single_reads: 0,
+            written: Vec::new(),
+            written_at: HashMap::new(),
+            written_owners: HashMap::new(),
         };
-        let out = change(&mut DocumentRecords::new(&mut file))?;
+        let out = change(&mut records)?;
         let apply = redis::Script::new(APPLY);
         let mut script = apply.prepare_invoke();
         script
             .key(&self.keys)
             .key(&self.version)
             .key(&self.lock)
+            .key(&self.hashes)
+            .key(&self.indexed)
+            .key(&self.counted_namespaces)
             .arg(token)
             .arg(&self.changes);
         let mut set = Vec::new();
-        let mut after = std::collections::HashSet::new();
-        for r in &file.keys {
-            after.insert(r.id.as_str());
+        for r in &records.written {
+            let before = records.before.get(&r.id).and_then(Option::as_ref);
             let now = json(r)?;
-            if before.get(&r.id) != Some(&now) {
-                set.push((r.id.as_str(), now));
+            if before.map(json).transpose()?.as_ref() == Some(&now) {
+                continue;
             }
+            set.push((r, before, now));
         }
-        let deleted: Vec<&String> = before
-            .keys()
-            .filter(|id| !after.contains(id.as_str()))
-            .collect();
-        // Listed only when a follower can apply the ids as they are: a few set records, each
-        // id one word.
-        let listed = deleted.is_empty()
-            && set.len() <= MAX_LISTED
+        // Listed only when a follower can apply the ids as they are: a few records, each id
+        // one word.
+        let listed = set.len() <= MAX_LISTED
             && set
                 .iter()
-                .all(|(id, _)| !id.is_empty() && !id.contains(' '));
-        script.arg(if listed { "listed" } else { "version" });
-        for (id, now) in &set {
-            script.arg(*id).arg(now);
+                .all(|(r, ..)| !r.id.is_empty() && !r.id.contains(' '));
+        script
+            .arg(if listed { "listed" } else { "version" })
+            .arg(&self.counted);
+        for (r, before, now) in &set {
+            script
+                .arg(&r.id)
+                .arg(now)
+                .arg(&r.hash)
+                .arg(before.map_or("", |b| b.hash.as_str()))
+                .arg(&r.namespace)
+                .arg(before.map_or("", |b| b.namespace.as_str()))
+                .arg(counted_score(r).unwrap_or_default());
         }
-        for id in &deleted {
-            script.arg(*id).arg("");
-        }
-        if !set.is_empty() || !deleted.is_empty() {
+        if !set.is_empty() {
             let _version: u64 = script
-                .invoke(con)
+                .invoke(records.con)
                 .map_err(|e| KeyError::Unavailable(self.unreachable(&e)))?;
         }
         Ok(out)
+    }
+}
+
+/// A key's score in its namespace's counted set: its expiry (Unix seconds, or `+inf`), if it
+/// counts toward the tier when not expired, that is, unless it is revoked.
+fn counted_score(record: &KeyRecord) -> Option<String> {
+    if record.status == Status::Revoked {
+        return None;
+    }
+    Some(
+        record
+            .expires_at_unix()
+            .map_or_else(|| "+inf".to_string(), |t| t.to_string()),
+    )
+}
+
+/// After this many single reads, a write reads the whole set once instead: a bulk write
+/// (`keys load`, an import) touches every record, and one `HGETALL` beats a million `HGET`s.
+const SINGLE_READS: usize = 64;
+
+/// [`Records`] for one write to Redis: single records and hash owners are read through the
+/// indexes as the lifecycle asks for them, and what it writes is kept here until the
+/// transaction's script sets it.
+struct RedisRecords<'s, 'c> {
+    store: &'s RedisStore,
+    con: &'c mut redis::Connection,
+    /// Records as Redis holds them, by id, as far as they were read (`None`: no such key).
+    before: HashMap<String, Option<KeyRecord>>,
+    /// Hash owners as Redis holds them, as far as they were read.
+    owners: HashMap<String, Option<String>>,
+    /// Every record and owner has been read: what is not in the maps is not in Redis.
+    whole: bool,
+    single_reads: usize,
+    /// What this transaction wrote, in the order it first wrote each id.
+    written: Vec<KeyRecord>,
+    written_at: HashMap<String, usize>,
+    /// The hash of each record written, to its id.
+    written_owners: HashMap<String, String>,
+}
+
+impl RedisRecords<'_, '_> {
+    fn unavailable(&self, e: &redis::RedisError) -> KeyError {
+        KeyError::Unavailable(self.store.unreachable(e))
+    }
+
+    /// Counts a single read; past [`SINGLE_READS`], reads everything at once.
+    fn single_read(&mut self) -> Result<bool, KeyError> {
+        if self.whole {
+            return Ok(false);
+        }
+        self.single_reads = self.single_reads.saturating_add(1);
+        if self.single_reads <= SINGLE_READS {
+            return Ok(true);
+        }
+        let (records, _) = self.store.read(self.con).map_err(KeyError::Unavailable)?;
+        for r in records {
+            self.owners.insert(r.hash.clone(), Some(r.id.clone()));
+            self.before.entry(r.id.clone()).or_insert(Some(r));
+        }
+        self.whole = true;
+        Ok(false)
+    }
+
+    /// The record with this id as Redis holds it.
+    fn before(&mut self, id: &str) -> Result<Option<KeyRecord>, KeyError> {
+        if let Some(r) = self.before.get(id) {
+            return Ok(r.clone());
+        }
+        if !self.single_read()? {
+            return Ok(self.before.get(id).cloned().flatten());
+        }
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(&self.store.keys)
+            .arg(id)
+            .query(self.con)
+            .map_err(|e| self.unavailable(&e))?;
+        let record = json
+            .map(|j| self.store.parse(id, &j))
+            .transpose()
+            .map_err(KeyError::Unavailable)?;
+        self.before.insert(id.to_string(), record.clone());
+        Ok(record)
+    }
+
+    /// The id whose hash this is, as Redis holds it.
+    fn owner_before(&mut self, hash: &str) -> Result<Option<String>, KeyError> {
+        if let Some(owner) = self.owners.get(hash) {
+            return Ok(owner.clone());
+        }
+        if !self.single_read()? {
+            return Ok(self.owners.get(hash).cloned().flatten());
+        }
+        let owner: Option<String> = redis::cmd("HGET")
+            .arg(&self.store.hashes)
+            .arg(hash)
+            .query(self.con)
+            .map_err(|e| self.unavailable(&e))?;
+        self.owners.insert(hash.to_string(), owner.clone());
+        Ok(owner)
+    }
+}
+
+impl Records for RedisRecords<'_, '_> {
+    fn get(&mut self, id: &str) -> Result<Option<KeyRecord>, KeyError> {
+        match self.written_at.get(id).and_then(|&i| self.written.get(i)) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.before(id),
+        }
+    }
+
+    fn hash_owner(&mut self, hash: &str) -> Result<Option<String>, KeyError> {
+        if let Some(id) = self.written_owners.get(hash) {
+            return Ok(Some(id.clone()));
+        }
+        // A key this transaction wrote holds the hash it was given, not the one Redis has.
+        Ok(self
+            .owner_before(hash)?
+            .filter(|id| !self.written_at.contains_key(id)))
+    }
+
+    fn counted(&mut self, namespace: &str, now: i64) -> Result<usize, KeyError> {
+        let counts = |r: &KeyRecord| r.namespace == namespace && r.counts_toward_limit(now);
+        let in_redis = if self.whole {
+            self.before.values().flatten().filter(|r| counts(r)).count()
+        } else {
+            let n: u64 = redis::cmd("ZCOUNT")
+                .arg(format!("{}{namespace}", self.store.counted))
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .query(self.con)
+                .map_err(|e| self.unavailable(&e))?;
+            usize::try_from(n).unwrap_or(usize::MAX)
+        };
+        // Redis counts the records as they were; this transaction's writes replace them.
+        let (mut gone, mut added) = (0usize, 0usize);
+        for r in &self.written {
+            if self
+                .before
+                .get(&r.id)
+                .and_then(Option::as_ref)
+                .is_some_and(counts)
+            {
+                gone = gone.saturating_add(1);
+            }
+            if counts(r) {
+                added = added.saturating_add(1);
+            }
+        }
+        Ok(in_redis.saturating_sub(gone).saturating_add(added))
+    }
+
+    fn put(&mut self, record: KeyRecord) -> Result<(), KeyError> {
+        // The record as Redis holds it must be known, to count and to replace its entries.
+        self.before(&record.id)?;
+        if let Some(&i) = self.written_at.get(&record.id) {
+            if let Some(old) = self.written.get_mut(i) {
+                if self.written_owners.get(&old.hash) == Some(&old.id) {
+                    self.written_owners.remove(&old.hash);
+                }
+                self.written_owners
+                    .insert(record.hash.clone(), record.id.clone());
+                *old = record;
+            }
+            return Ok(());
+        }
+        self.written_owners
+            .insert(record.hash.clone(), record.id.clone());
+        self.written_at
+            .insert(record.id.clone(), self.written.len());
+        self.written.push(record);
+        Ok(())
     }
 }
 

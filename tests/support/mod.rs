@@ -567,6 +567,18 @@ pub async fn try_send(
     token: &str,
     body: &str,
 ) -> Option<Answer> {
+    send_or_why(addr, method, path, token, body).await.ok()
+}
+
+/// As [`try_send`], but says why no answer came: the time-out, or the client's error with
+/// its causes (refused, reset, closed before the answer).
+pub async fn send_or_why(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> Result<Answer, String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let req = Request::builder()
         .method(method)
@@ -574,25 +586,37 @@ pub async fn try_send(
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
-        .ok()?;
+        .map_err(|e| format!("request: {e}"))?;
     let response = tokio::time::timeout(Duration::from_secs(5), client.request(req))
         .await
-        .ok()?
-        .ok()?;
+        .map_err(|_| "no answer head within 5 s".to_string())?
+        .map_err(|e| format!("client error: {}", error_chain(&e)))?;
     let version = response.version();
     let (parts, body) = response.into_parts();
     let body = tokio::time::timeout(Duration::from_secs(5), body.collect())
         .await
-        .ok()?
-        .ok()?
+        .map_err(|_| format!("{}: no whole body within 5 s", parts.status))?
+        .map_err(|e| format!("{}: body error: {}", parts.status, error_chain(&e)))?
         .to_bytes();
     ledger::answer(method, path, parts.status.as_u16(), &parts.headers, &body);
-    Some(Answer {
+    Ok(Answer {
         status: parts.status,
         headers: parts.headers,
         body,
         version,
     })
+}
+
+/// An error with each of its sources, for a message that says what really failed.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// A call to the admin API of `gw` with the test's admin token, and a JSON body if given.
