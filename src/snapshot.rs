@@ -31,8 +31,9 @@ use crate::tls::CertSet;
 
 pub use crate::keys::store::{FileStamp, Written};
 
+mod hash_shard;
 mod key_index;
-pub use key_index::{Clash, DigestHasher, KeyEntry, KeyHash, KeyId, KeyIndex, Limits};
+pub use key_index::{Clash, KeyEntry, KeyHash, KeyId, KeyIndex, Limits};
 
 /// An admin token: who it is, the SHA-256 of the token, and what it may do.
 #[derive(Debug, Clone)]
@@ -911,7 +912,8 @@ fn compile_entry(
         allowed_cidrs,
         limits,
         cells: ctx.usage.cells(),
-        in_use: OnceLock::new(),
+        usage: OnceLock::new(),
+        limiter: OnceLock::new(),
     })
 }
 

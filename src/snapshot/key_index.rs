@@ -29,6 +29,8 @@ use crate::policy::scope::ScopeSet;
 use crate::state::limiters::{KeyLimiter, Limiters};
 use crate::state::usage::{Cells, KeyUsage, UsageReport};
 
+use super::hash_shard::HashShard;
+
 /// Shards per map. A power of two, so a byte of a digest picks one evenly.
 pub const SHARDS: usize = 4096;
 
@@ -234,15 +236,6 @@ impl PartialEq<String> for KeyId {
     }
 }
 
-/// What a key needs once it is used, made on its first use.
-#[derive(Debug)]
-pub struct InUse {
-    usage: Arc<KeyUsage>,
-    id_header: HeaderValue,
-    /// The key's rate limiter, made on its first rate-limited request.
-    limiter: OnceLock<Arc<KeyLimiter>>,
-}
-
 /// One key, compiled for the request path.
 #[derive(Debug)]
 pub struct KeyEntry {
@@ -261,36 +254,27 @@ pub struct KeyEntry {
     pub limits: Option<Arc<Limits>>,
     /// The usage book's cells, where this key's is found or made on its first use.
     pub cells: Cells,
-    pub in_use: OnceLock<Box<InUse>>,
+    /// The key's usage cell, held here from its first use on.
+    pub usage: OnceLock<Arc<KeyUsage>>,
+    /// The key's rate limiter, made on its first rate-limited request.
+    pub limiter: OnceLock<Arc<KeyLimiter>>,
 }
 
 impl KeyEntry {
-    fn in_use(&self) -> &InUse {
-        self.in_use.get_or_init(|| {
-            Box::new(InUse {
-                usage: self.cells.get_or_make(&self.id),
-                // Hex digits: always a header value.
-                id_header: HeaderValue::from_str(&self.id)
-                    .unwrap_or_else(|_| HeaderValue::from_static("")),
-                limiter: OnceLock::new(),
-            })
-        })
-    }
-
     /// The key's usage cell, made on its first use.
     pub fn usage(&self) -> &KeyUsage {
-        &self.in_use().usage
+        self.usage.get_or_init(|| self.cells.get_or_make(&self.id))
     }
 
     /// The key's id as a header value, for `X-Keygate-Key-Id`.
     pub fn id_header(&self) -> &HeaderValue {
-        &self.in_use().id_header
+        self.usage().id_header()
     }
 
     /// The key's usage cell if it was ever used: for reports, which must not make cells.
     fn used(&self) -> Option<Arc<KeyUsage>> {
-        match self.in_use.get() {
-            Some(u) => Some(Arc::clone(&u.usage)),
+        match self.usage.get() {
+            Some(u) => Some(Arc::clone(u)),
             None => self.cells.used(&self.id),
         }
     }
@@ -321,8 +305,7 @@ impl KeyEntry {
         let limits = self.limits.as_ref()?;
         let policy = limits.rate?;
         Some(
-            self.in_use()
-                .limiter
+            self.limiter
                 .get_or_init(|| limits.limiters.limiter_for(&self.id, policy)),
         )
     }
@@ -343,63 +326,11 @@ impl KeyEntry {
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
-    /// The shard a digest lives in: the low 12 bits of its last two bytes. The map inside
-    /// hashes the first eight, so the two never correlate.
+    /// The shard a digest lives in: the low 12 bits of its last two bytes. The shard's table
+    /// indexes by the first eight, so the two never correlate.
     fn shard(&self) -> usize {
         let [.., a, b] = self.0;
         usize::from(u16::from_le_bytes([a, b])) % SHARDS
-    }
-}
-
-impl Hash for KeyHash {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // The digest is already uniform: its first 8 bytes are as good a hash as any.
-        let [b0, b1, b2, b3, b4, b5, b6, b7, ..] = self.0;
-        state.write_u64(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
-    }
-}
-
-/// Passes a [`KeyHash`]'s own bits through instead of hashing them again.
-#[derive(Debug, Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// An entry in the hash map: equal to, and hashed as, its key's hash.
-#[derive(Debug, Clone)]
-struct ByHash(Arc<KeyEntry>);
-
-impl Borrow<KeyHash> for ByHash {
-    fn borrow(&self) -> &KeyHash {
-        &self.0.hash
-    }
-}
-
-impl PartialEq for ByHash {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.hash == other.0.hash
-    }
-}
-
-impl Eq for ByHash {}
-
-impl Hash for ByHash {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.hash.hash(state);
     }
 }
 
@@ -452,7 +383,6 @@ impl Hasher for IdHasher {
     }
 }
 
-type HashShard = HashSet<ByHash, BuildHasherDefault<DigestHasher>>;
 type IdShard = HashSet<ById, BuildHasherDefault<IdHasher>>;
 
 /// The shard an id lives in: its 32-bit FNV-1a, apart from the 64-bit one the map inside
@@ -473,26 +403,67 @@ pub enum Clash {
     Hash,
 }
 
-/// Every key of a snapshot. Cloning shares every shard.
+/// Shards in a group.
+const GROUP: usize = 64;
+
+/// [`SHARDS`] shards, in groups of [`GROUP`] that each sit behind their own `Arc`. A clone
+/// copies the list of groups, and a change to one shard copies its group (pointers) and
+/// then the shard: about a hundred pointers either way, where one flat list of shards would
+/// make every change touch thousands (each a reference count, in a line of its own).
 #[derive(Debug, Clone)]
+struct Sharded<T> {
+    groups: Vec<Arc<[T]>>,
+}
+
+impl<T: Default> Default for Sharded<T> {
+    fn default() -> Self {
+        Sharded {
+            groups: (0..SHARDS / GROUP)
+                .map(|_| (0..GROUP).map(|_| T::default()).collect())
+                .collect(),
+        }
+    }
+}
+
+impl<T: Clone> Sharded<T> {
+    fn get(&self, shard: usize) -> Option<&T> {
+        self.groups.get(shard / GROUP)?.get(shard % GROUP)
+    }
+
+    /// The shard, its group copied first if another snapshot shares it.
+    fn get_mut(&mut self, shard: usize) -> Option<&mut T> {
+        Arc::make_mut(self.groups.get_mut(shard / GROUP)?).get_mut(shard % GROUP)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> + Clone {
+        self.groups.iter().flat_map(|g| g.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.groups
+            .iter_mut()
+            .flat_map(|g| Arc::make_mut(g).iter_mut())
+    }
+
+    /// How many shards differ from `other`'s, by `same`.
+    fn unshared(&self, other: &Sharded<T>, same: impl Fn(&T, &T) -> bool) -> usize {
+        self.groups
+            .iter()
+            .zip(&other.groups)
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .map(|(a, b)| a.iter().zip(b.iter()).filter(|(x, y)| !same(x, y)).count())
+            .sum()
+    }
+}
+
+/// Every key of a snapshot. Cloning shares every shard.
+#[derive(Debug, Clone, Default)]
 pub struct KeyIndex {
-    by_hash: Vec<Arc<HashShard>>,
-    by_id: Vec<Arc<IdShard>>,
+    by_hash: Sharded<HashShard>,
+    by_id: Sharded<Arc<IdShard>>,
     len: usize,
     imported: usize,
     interner: Arc<Mutex<Interner>>,
-}
-
-impl Default for KeyIndex {
-    fn default() -> Self {
-        KeyIndex {
-            by_hash: (0..SHARDS).map(|_| Arc::default()).collect(),
-            by_id: (0..SHARDS).map(|_| Arc::default()).collect(),
-            len: 0,
-            imported: 0,
-            interner: Arc::default(),
-        }
-    }
 }
 
 impl KeyIndex {
@@ -504,7 +475,7 @@ impl KeyIndex {
     /// The key with this SHA-256: the request path's one lookup.
     pub fn by_hash(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
         let hash = KeyHash(*hash);
-        self.by_hash.get(hash.shard())?.get(&hash).map(|e| &*e.0)
+        self.by_hash.get(hash.shard())?.get(&hash).map(|e| &**e)
     }
 
     pub fn by_id(&self, id: &str) -> Option<&KeyEntry> {
@@ -529,7 +500,7 @@ impl KeyIndex {
         self.by_hash
             .iter()
             .flat_map(|shard| shard.iter())
-            .map(|e| &*e.0)
+            .map(|e| &**e)
     }
 
     /// Makes room for about `count` keys in all, spread over the shards, so that a whole
@@ -540,10 +511,10 @@ impl KeyIndex {
             return;
         }
         let each = count.div_ceil(SHARDS).saturating_add(count / SHARDS / 8);
-        for shard in &mut self.by_hash {
-            Arc::make_mut(shard).reserve(each);
+        for shard in self.by_hash.iter_mut() {
+            shard.reserve(each);
         }
-        for shard in &mut self.by_id {
+        for shard in self.by_id.iter_mut() {
             Arc::make_mut(shard).reserve(each);
         }
     }
@@ -561,10 +532,11 @@ impl KeyIndex {
         if !Arc::make_mut(ids).insert(ById(Arc::clone(&entry))) {
             return Err(Clash::Id);
         }
-        if !Arc::make_mut(hashes).insert(ByHash(Arc::clone(&entry))) {
+        if hashes.get(&entry.hash).is_some() {
             Arc::make_mut(ids).remove(entry.id.as_bytes());
             return Err(Clash::Hash);
         }
+        hashes.replace(Arc::clone(&entry));
         self.len = self.len.saturating_add(1);
         if entry.imported {
             self.imported = self.imported.saturating_add(1);
@@ -596,7 +568,7 @@ impl KeyIndex {
             Arc::make_mut(shard).replace(ById(Arc::clone(&entry)));
         }
         if let Some(shard) = self.by_hash.get_mut(entry.hash.shard()) {
-            if Arc::make_mut(shard).replace(ByHash(entry)).is_none() {
+            if shard.replace(entry).is_none() {
                 self.len = self.len.saturating_add(1);
             }
         }
@@ -606,7 +578,7 @@ impl KeyIndex {
         let Some(shard) = self.by_hash.get_mut(hash.shard()) else {
             return;
         };
-        let Some(ByHash(entry)) = Arc::make_mut(shard).take(&hash) else {
+        let Some(entry) = shard.take(&hash) else {
             return;
         };
         self.len = self.len.saturating_sub(1);
@@ -620,24 +592,19 @@ impl KeyIndex {
 
     /// How many shards of `self` are not shared with `other`: what a change copied.
     pub fn unshared_shards(&self, other: &KeyIndex) -> usize {
-        let count = |a: &[Arc<HashShard>], b: &[Arc<HashShard>]| {
-            a.iter().zip(b).filter(|(x, y)| !Arc::ptr_eq(x, y)).count()
-        };
-        let ids = self
-            .by_id
-            .iter()
-            .zip(&other.by_id)
-            .filter(|(x, y)| !Arc::ptr_eq(x, y))
-            .count();
-        count(&self.by_hash, &other.by_hash).saturating_add(ids)
+        let hashes = self
+            .by_hash
+            .unshared(&other.by_hash, HashShard::shares_with);
+        let ids = self.by_id.unshared(&other.by_id, Arc::ptr_eq);
+        hashes.saturating_add(ids)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry(n: u32, id: &str, imported: bool) -> KeyEntry {
+    pub(crate) fn entry(n: u32, id: &str, imported: bool) -> KeyEntry {
         KeyEntry {
             hash: digest(n),
             id: KeyId::new(id),
@@ -650,7 +617,8 @@ mod tests {
             allowed_cidrs: Arc::default(),
             limits: None,
             cells: crate::state::usage::UsageBook::in_memory().cells(),
-            in_use: OnceLock::new(),
+            usage: OnceLock::new(),
+            limiter: OnceLock::new(),
         }
     }
 
@@ -727,9 +695,9 @@ mod tests {
         // 300 bytes a key at a million keys depends on it.
         assert!(std::mem::size_of::<KeyEntry>() <= 160);
         let e = entry(1, "a", false);
-        assert!(e.in_use.get().is_none());
+        assert!(e.usage.get().is_none());
         assert_eq!(e.usage_report(0).accepted, 0);
-        assert!(e.in_use.get().is_none(), "a report makes no cell");
+        assert!(e.usage.get().is_none(), "a report makes no cell");
         e.usage().accepted();
         assert_eq!(e.id_header(), "a");
         assert_eq!(e.usage_report(0).accepted, 1);

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use http::HeaderValue;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::rfc3339;
@@ -35,8 +36,11 @@ const SERIES_MINUTES: i64 = 24 * 60;
 pub const ANONYMOUS: &str = "*";
 
 /// One key's usage.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KeyUsage {
+    /// The key's id as a header value (`X-Keygate-Key-Id`), made with the cell on the key's
+    /// first use, so that forwarding never allocates it.
+    id_header: HeaderValue,
     /// Unix seconds; 0 for never.
     last_used: AtomicI64,
     last_ip: Mutex<Option<IpAddr>>,
@@ -93,7 +97,31 @@ impl Minute {
     }
 }
 
+impl Default for KeyUsage {
+    fn default() -> Self {
+        KeyUsage::for_key("")
+    }
+}
+
 impl KeyUsage {
+    /// A new cell for the key with this id.
+    pub fn for_key(id: &str) -> Self {
+        KeyUsage {
+            // Ids are hex digits: always a header value.
+            id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
+            last_used: AtomicI64::new(0),
+            last_ip: Mutex::new(None),
+            quota_period: AtomicI64::new(0),
+            quota_used: AtomicU64::new(0),
+            counts: OnceLock::new(),
+        }
+    }
+
+    /// The key's id as a header value.
+    pub fn id_header(&self) -> &HeaderValue {
+        &self.id_header
+    }
+
     /// Notes that the key was presented from `ip` at `now`. A key is "used" whenever it is
     /// presented and identified, even if a later check refuses the request.
     pub fn seen(&self, now: i64, ip: IpAddr) {
@@ -297,13 +325,13 @@ impl KeyUsage {
         })
     }
 
-    fn restore(saved: SavedUsage) -> Self {
+    fn restore(id: &str, saved: SavedUsage) -> Self {
         let usage = KeyUsage {
             last_used: AtomicI64::new(saved.last_used_at.unwrap_or(0)),
             last_ip: Mutex::new(saved.last_used_ip.as_deref().and_then(|s| s.parse().ok())),
             quota_period: AtomicI64::new(saved.quota_period),
             quota_used: AtomicU64::new(saved.quota_used),
-            counts: OnceLock::new(),
+            ..KeyUsage::for_key(id)
         };
         // A file from a build that knew fewer refusal codes has fewer slots: new codes are
         // appended to the list, so its counts are a prefix of ours.
@@ -491,7 +519,10 @@ impl Cells {
         if let Some(u) = map.get(id) {
             return Arc::clone(u);
         }
-        Arc::clone(map.entry(id.to_string()).or_default())
+        Arc::clone(
+            map.entry(id.to_string())
+                .or_insert_with(|| Arc::new(KeyUsage::for_key(id))),
+        )
     }
 
     /// The key's cell if it was ever used: for reports, which must not make cells.
@@ -532,11 +563,14 @@ impl UsageBook {
         let mut saved = read_saved(&path);
         let anonymous = saved
             .remove(ANONYMOUS)
-            .map(KeyUsage::restore)
+            .map(|s| KeyUsage::restore("", s))
             .unwrap_or_default();
         let by_id = saved
             .into_iter()
-            .map(|(id, s)| (id, Arc::new(KeyUsage::restore(s))))
+            .map(|(id, s)| {
+                let usage = Arc::new(KeyUsage::restore(&id, s));
+                (id, usage)
+            })
             .collect();
         UsageBook {
             path: Some(path),
@@ -634,7 +668,10 @@ pub fn read_file(path: &Path, now: i64) -> BTreeMap<String, UsageReport> {
     read_saved(path)
         .into_iter()
         .filter(|(id, _)| id != ANONYMOUS)
-        .map(|(id, s)| (id, KeyUsage::restore(s).report(now)))
+        .map(|(id, s)| {
+            let report = KeyUsage::restore(&id, s).report(now);
+            (id, report)
+        })
         .collect()
 }
 
