@@ -7,6 +7,11 @@
 #                  forwarding (the cost of a forward-auth decision)
 #   nginx+keygate  nginx with the shipped examples/nginx/keygate.conf: auth_request to
 #                  keygate's auth listener, then the upstream
+#   nginx+static   the same nginx config asking a stand-in that answers every question
+#                  200 with fixed identity headers (a second nginx's `return 200`, on the
+#                  same CPU): no decision at all, so its throughput is the ceiling of the
+#                  auth_request placement for any auth service, keygate included. It does
+#                  not do the job (it admits unknown keys) and is not checked for it.
 #
 #   benches/forward_auth.sh                  # 5 rounds of 8 s
 #   ROUNDS=3 SECS=5 benches/forward_auth.sh  # quicker
@@ -28,7 +33,7 @@ SECS=${SECS:-8}
 CONNS=${CONNS:-64}
 GATEWAY_CPU=${GATEWAY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
-UP=18080 NGINX=18081 KEYGATE=18083 AUTH=18085 NGINX_AUTH=18086
+UP=18080 NGINX=18081 KEYGATE=18083 AUTH=18085 NGINX_AUTH=18086 STATIC=18087 NGINX_STATIC=18088
 HEADERS_MORE=/usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so
 
 missing=()
@@ -50,7 +55,7 @@ stop_all() {
   rm -rf "$WORK"
 }
 trap stop_all EXIT
-( sleep $(( 120 + ROUNDS * 6 * (SECS + 5) )); echo "forward_auth.sh: time limit reached" >&2; kill -TERM $$ ) &
+( sleep $(( 120 + ROUNDS * 7 * (SECS + 5) )); echo "forward_auth.sh: time limit reached" >&2; kill -TERM $$ ) &
 PIDS+=($!)
 
 target/release/examples/perf_setup "$WORK/kg" 10000 >/dev/null
@@ -86,12 +91,24 @@ sed -e "s/127.0.0.1:9091/127.0.0.1:$AUTH/; s/127.0.0.1:3000/127.0.0.1:$UP/" \
     "${NGINX_EXAMPLE:-examples/nginx/keygate.conf}" > "$WORK/example.conf"
 nginx_conf nginx-auth "include $WORK/example.conf;"
 sed -i "1i load_module $HEADERS_MORE;" "$WORK/nginx-auth.conf"
+# The ceiling: the same example asking the stand-in instead of keygate.
+sed -e "s/127.0.0.1:$AUTH/127.0.0.1:$STATIC/; s/listen 127.0.0.1:$NGINX_AUTH /listen 127.0.0.1:$NGINX_STATIC /" \
+    -e "s/upstream keygate_auth/upstream static_auth/; s#http://keygate_auth#http://static_auth#" \
+    -e "s/upstream api /upstream api_static /; s#http://api;#http://api_static;#" \
+    "$WORK/example.conf" > "$WORK/example-static.conf"
+nginx_conf nginx-static "include $WORK/example-static.conf;"
+sed -i "1i load_module $HEADERS_MORE;" "$WORK/nginx-static.conf"
+nginx_conf static-auth "server { listen 127.0.0.1:$STATIC backlog=4096; location / {
+     add_header X-Keygate-Key-Id 0a1b2c3d; add_header X-Keygate-Namespace acme;
+     add_header X-Keygate-Environment production; return 200; } }"
 
-declare -A PID_OF PORT=([nginx]=$NGINX [keygate]=$KEYGATE [keygate-auth]=$AUTH [nginx+keygate]=$NGINX_AUTH)
-TARGETS=(nginx keygate keygate-auth nginx+keygate)
+declare -A PID_OF PORT=([nginx]=$NGINX [keygate]=$KEYGATE [keygate-auth]=$AUTH [nginx+keygate]=$NGINX_AUTH [nginx+static]=$NGINX_STATIC)
+TARGETS=(nginx keygate keygate-auth nginx+keygate nginx+static)
 taskset -c "$LOAD_CPU" nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' & PIDS+=($!)
 taskset -c "$GATEWAY_CPU" nginx -p "$WORK/" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!); PID_OF[nginx]=$!
 taskset -c "$GATEWAY_CPU" nginx -p "$WORK/" -c "$WORK/nginx-auth.conf" -g 'daemon off;' & PIDS+=($!); PID_OF[nginx+keygate]=$!
+taskset -c "$GATEWAY_CPU" nginx -p "$WORK/" -c "$WORK/nginx-static.conf" -g 'daemon off;' & PIDS+=($!); PID_OF[nginx+static]=$!
+taskset -c "$GATEWAY_CPU" nginx -p "$WORK/" -c "$WORK/static-auth.conf" -g 'daemon off;' & PIDS+=($!); STATIC_PID=$!
 taskset -c "$GATEWAY_CPU" target/release/keygate serve --config "$WORK/kg/keygate.yaml" 2>"$WORK/keygate.log" & PIDS+=($!)
 PID_OF[keygate]=$! PID_OF[keygate-auth]=$!
 KEYGATE_PID=$!
@@ -101,11 +118,13 @@ for t in "${TARGETS[@]}"; do
   got="$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "http://127.0.0.1:${PORT[$t]}/v1/ping")"
   got+=" $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$t]}/v1/ping")"
   got+=" $(curl -s -o /dev/null -w '%{http_code}' --interface 127.0.0.2 -H "Authorization: Bearer $key" "http://127.0.0.1:${PORT[$t]}/v1/ping")"
-  [[ $got == "200 401 403" ]] || { echo "$t does not do the job: got '$got', want '200 401 403'" >&2; exit 3; }
+  want="200 401 403"; [[ $t == nginx+static ]] && want="200 200 200"
+  [[ $got == "$want" ]] || { echo "$t does not do what it should: got '$got', want '$want'" >&2; exit 3; }
 done
 # The nginx workers are the processes whose CPU counts.
 PID_OF[nginx]=$(pgrep -P "${PID_OF[nginx]}" | head -1)
 PID_OF[nginx+keygate]="$(pgrep -P "${PID_OF[nginx+keygate]}" | head -1) $KEYGATE_PID"
+PID_OF[nginx+static]="$(pgrep -P "${PID_OF[nginx+static]}" | head -1) $(pgrep -P "$STATIC_PID" | head -1)"
 
 user_ticks() { local sum=0 p; for p in $1; do sum=$((sum + $(awk '{ print $14 }' "/proc/$p/stat"))); done; echo $sum; }
 all_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -148,7 +167,7 @@ awk 'NR > 1 {
   return m ? median(r, "x", m) : 0
 } END {
   printf "%-14s %9s %8s %8s %12s %14s %14s\n", "target", "req/s", "p50 us", "p99 us", "user us/req", "keygate user", "keygate cpu"
-  split("nginx keygate keygate-auth nginx+keygate", order, " ")
+  split("nginx keygate keygate-auth nginx+keygate nginx+static", order, " ")
   for (o = 1; o in order; o++) {
     t = order[o]; if (!(t in n)) continue
     printf "%-14s %9.0f %8.0f %8.0f %12.2f %14.2f %14.2f\n", t, median(rps, t, n[t]), median(p50, t, n[t]), median(p99, t, n[t]), median(cpu, t, n[t]), median(kg, t, n[t]), median(kc, t, n[t])
@@ -157,6 +176,8 @@ awk 'NR > 1 {
   printf "  user CPU, a decision (keygate-auth) / a proxied request (keygate): %.2f  (target <= 0.5)\n", ratio(r_cpu, "keygate-auth", "keygate")
   printf "  req/s, nginx+keygate / nginx alone:                                %.2f  (target >= 0.6)\n", ratio(r_rps, "nginx+keygate", "nginx")
   printf "  user CPU, nginx+keygate / nginx alone:                             %.2f\n", ratio(r_cpu, "nginx+keygate", "nginx")
+  printf "  req/s, nginx+static / nginx alone (the placement'"'"'s ceiling):       %.2f\n", ratio(r_rps, "nginx+static", "nginx")
+  printf "  req/s, nginx+keygate / nginx+static (keygate against no decision):  %.2f\n", ratio(r_rps, "nginx+keygate", "nginx+static")
   print "\n(user us/req: all of the target processes; keygate user and cpu: the keygate process alone,"
   print " user and user+system time per request: for nginx+keygate, what keygate adds to nginx)"
 }' "$WORK/results"

@@ -9,7 +9,8 @@
 # the changes, each create's time until it answered 201 (and their median), whether the next
 # request with the new key was accepted, how the changes were applied (delta or reload), list
 # page times (median of 5), proxied traffic's p99 under wrk alone and while the admin API takes
-# 100 creates a second (LOAD_SECS, default 10; skipped without wrk), and `POST /v1/reload`.
+# 100 creates a second (LOAD_SECS each, default 10, in P99_ROUNDS alternating pairs, default 3,
+# with the median ratio; skipped without wrk), and `POST /v1/reload`.
 #
 #   cargo build --release && benches/scale.sh
 #   STORES=sqlite SIZES=100000 CREATES=9 benches/scale.sh
@@ -121,24 +122,33 @@ YAML
   done
   changes_ms=$(( $(now_ms) - t0 ))
   rss_changes=$(rss_mib "$gw")
-  # Proxied traffic's p99 alone, then while the admin API takes 100 creates a second.
-  p99_steady=- p99_churn=-
+  # Proxied traffic's p99 alone, then while the admin API takes 100 creates a second, in
+  # P99_ROUNDS alternating pairs (default 3): one pair moves with the machine by a third.
+  p99_pairs="" p99_ratio=-
   if command -v wrk >/dev/null && (( ${LOAD_SECS:-10} > 0 )); then
-    wrk_p99() {
+    wrk_p99_us() {
       wrk -t1 -c16 -d"${LOAD_SECS:-10}s" --latency -H "Authorization: Bearer $old_key" "http://$PROXY/v1/ping" |
-        awk '$1 == "99%" { print $2 }'
+        awk '$1 == "99%" { v = $2; u = 1;
+          if (v ~ /us$/) { u = 1 } else if (v ~ /ms$/) { u = 1000 } else if (v ~ /s$/) { u = 1000000 }
+          sub(/[a-z]+$/, "", v); printf "%.0f\n", v * u }'
     }
-    p99_steady=$(wrk_p99)
     creates_url="http://$ADMIN/v1/api-keys"
     urls=()
     for _ in $(seq $(( ${LOAD_SECS:-10} * 100 ))); do urls+=("$creates_url"); done
-    curl -s -o /dev/null --rate 100/s -X POST -H "Authorization: Bearer $KEYGATE_ADMIN_TOKEN" \
-      -H 'content-type: application/json' -d '{"namespace":"acme","environment":"production"}' "${urls[@]}" >/dev/null &
-    churn=$!
-    PIDS+=($churn)
-    p99_churn=$(wrk_p99)
-    kill "$churn" 2>/dev/null || true
-    wait "$churn" 2>/dev/null || true
+    ratios=()
+    for _ in $(seq "${P99_ROUNDS:-3}"); do
+      steady=$(wrk_p99_us)
+      curl -s -o /dev/null --rate 100/s -X POST -H "Authorization: Bearer $KEYGATE_ADMIN_TOKEN" \
+        -H 'content-type: application/json' -d '{"namespace":"acme","environment":"production"}' "${urls[@]}" >/dev/null &
+      churn=$!
+      PIDS+=($churn)
+      during=$(wrk_p99_us)
+      kill "$churn" 2>/dev/null || true
+      wait "$churn" 2>/dev/null || true
+      p99_pairs+="${steady}/${during} "
+      ratios+=("$(awk -v a="$steady" -v b="$during" 'BEGIN { printf "%.2f", b / a }')")
+    done
+    p99_ratio=$(printf '%s\n' "${ratios[@]}" | median)
   fi
   deltas=$(counter keygate_key_changes_applied_total)
   reloads=$(counter keygate_reloads_total)
@@ -157,7 +167,7 @@ YAML
   echo "new key accepted next request: $accepted of $CREATES"
   echo "applied as deltas / reloads:   $deltas / $reloads"
   echo "list page, ms (median of 5):   first ${list_ms}, second ${list_page2_ms}, search by id ${search_id_ms}, search matching none ${search_none_ms}"
-  echo "proxied p99, steady / during 100 creates/s: $p99_steady / $p99_churn"
+  echo "proxied p99 µs, steady / during 100 creates/s, by round: ${p99_pairs:--} (median ratio $p99_ratio)"
   awk -v s="$reload_s" 'BEGIN { printf "POST /v1/reload:               %.0f ms\n", s * 1000 }'
   rm -rf "$dir"
 done
