@@ -53,6 +53,11 @@ pub struct Config {
     /// Declared namespaces, with their tier and optional key prefix.
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// Environments keys may be made for beyond those the routes serve, such as one a route
+    /// will serve after the next deploy. Each 1 to 32 of `a-z0-9`. New keys must name an
+    /// environment a route serves or one listed here.
+    #[serde(default)]
+    pub environments: Vec<String>,
     /// When true, keys may only belong to declared namespaces. Default `false`.
     #[serde(default)]
     pub strict: bool,
@@ -334,6 +339,22 @@ fn default_grace() -> String {
     "24h".into()
 }
 
+impl Config {
+    /// The environments new keys may name: those the routes serve and those declared in
+    /// `environments`, sorted. Empty only when there are neither.
+    pub fn environments(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self
+            .routes
+            .iter()
+            .map(|r| r.environment.as_str())
+            .chain(self.environments.iter().map(String::as_str))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -347,6 +368,7 @@ impl Default for Config {
             routes: Vec::new(),
             tiers: BTreeMap::new(),
             namespaces: BTreeMap::new(),
+            environments: Vec::new(),
             strict: false,
             limits: Limits::default(),
             upstream: UpstreamConfig::default(),

@@ -554,6 +554,12 @@ fn compile_config(
         }
     }
 
+    for (i, name) in config.environments.iter().enumerate() {
+        if let Err(e) = crate::keys::validate_environment(name) {
+            p.push(format!("environments[{i}]"), e);
+        }
+    }
+
     for (name, tier) in &config.tiers {
         if let Some(q) = &tier.quota {
             if let Err(e) = Quota::parse(q) {

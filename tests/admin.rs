@@ -10,9 +10,14 @@ use support::process::{create_key_json, keygate_ok};
 use support::*;
 
 /// A gateway with one production route, and tiers: `tiny` allows 2 keys (namespace `small`).
+/// Two more environments are declared: `staging`, and one whose prefix is too long for a key.
 async fn setup() -> (Upstream, TestGateway) {
     let up = Upstream::start().await;
-    let extra = "tiers:\n  tiny: {max_keys: 2}\n  unlimited: {}\nnamespaces:\n  small: {tier: tiny}\n  acme: {tier: unlimited}\nrotation:\n  quiet_period: 10m\n";
+    let extra = format!(
+        "tiers:\n  tiny: {{max_keys: 2}}\n  unlimited: {{}}\nnamespaces:\n  small: {{tier: tiny}}\n  acme: {{tier: unlimited}}\nrotation:\n  quiet_period: 10m\nenvironments: [staging, {}]\n",
+        "e".repeat(31)
+    );
+    let extra = extra.as_str();
     let gw = TestGateway::start(&config_yaml(&route("/", up.addr, "production", ""), extra)).await;
     (up, gw)
 }
@@ -96,6 +101,11 @@ async fn bad_bodies_name_the_field() {
             "colour",
         ),
         (json!({"environment": "production"}), "namespace"),
+        // A typo: no route serves it, so the key could never be used.
+        (
+            json!({"namespace": "acme", "environment": "prodution"}),
+            "environment",
+        ),
     ] {
         let r = admin(&gw, "POST", "/v1/api-keys", Some(body.clone())).await;
         assert_eq!(
@@ -961,4 +971,40 @@ async fn conformance_findings_stay_fixed() {
         assert_eq!(r.status, 400, "{path}");
     }
     gw.stop().await;
+}
+
+/// An environment no route serves (a typo such as `prodution`) would make a key that every
+/// route refuses: the API answers 400 naming the environments that exist, accepts one the
+/// config declares, and lists them all for forms.
+#[tokio::test]
+async fn a_key_for_an_environment_nothing_serves_is_refused_naming_those_that_exist() {
+    let (_up, gw) = setup().await;
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"namespace": "acme", "environment": "prodution"})),
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["field"].as_str()),
+        (400, Some("environment"))
+    );
+    let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
+    for named in ["`prodution`", "`production`", "`staging`"] {
+        assert!(detail.contains(named), "{detail}");
+    }
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"namespace": "acme", "environment": "staging"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "a declared environment is accepted");
+    let r = admin(&gw, "GET", "/v1/namespaces", None).await;
+    assert_eq!(
+        r.json()["environments"],
+        json!(["e".repeat(31), "production", "staging"])
+    );
 }

@@ -12,7 +12,7 @@ fn setup() -> tempfile::TempDir {
     let routes = route("/", "127.0.0.1:9".parse().unwrap(), "production", "");
     write(
         &dir.path().join("keygate.yaml"),
-        &config_yaml(&routes, "tiers:\n  pro: {max_keys: 10}\n  enterprise: {}\nnamespaces:\n  acme: {tier: enterprise}\n  globex: {prefix: globex}"),
+        &config_yaml(&routes, "tiers:\n  pro: {max_keys: 10}\n  enterprise: {}\nnamespaces:\n  acme: {tier: enterprise}\n  globex: {prefix: globex}\nenvironments: [staging]"),
     );
     dir
 }
@@ -85,6 +85,24 @@ fn create_prints_the_secret_once_and_stores_only_its_hash() {
     assert_eq!(code, 0);
     assert!(out.contains("globex_test_"), "{out}");
     assert!(out.contains("only time"), "{out}");
+    // A typo names the environments that exist, on one line, and makes nothing.
+    let (code, out, err) = keygate(
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--namespace",
+            "acme",
+            "--environment",
+            "prodution",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("`prodution`") && err.contains("`production`, `staging`"),
+        "{err}"
+    );
 }
 
 #[test]

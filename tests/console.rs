@@ -129,6 +129,12 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
     // Create, with every field checked in place.
     b.click("#empty-create").await;
     b.find("#key-form[open]").await;
+    // The form offers the environments the routes serve, and nothing else.
+    assert_eq!(
+        b.eval("return [...document.querySelectorAll('#f-environment option')].map(o => o.value).join(' ')")
+            .await,
+        "production"
+    );
     b.click("#key-form-submit").await;
     assert!(b.text("#e-name").await.contains("name"));
     assert_eq!(

@@ -15,9 +15,11 @@ use keygate::policy::quota::Quota;
 use libfuzzer_sys::fuzz_target;
 
 /// A namespace with a long prefix of its own, so long environment names reach the format's
-/// prefix limit; and one without.
+/// prefix limit; and one without. New keys must name an environment a route serves or the
+/// config declares: a long one is declared.
 const CONFIG: &str = "\
 listen: {proxy: 127.0.0.1:0, admin: 127.0.0.1:0}
+environments: [staging, development, longenvironmentname0123456789abc]
 namespaces:
   acme: {}
   longprefix: {prefix: abcdefghijklmnopqrstu}

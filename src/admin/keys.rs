@@ -583,7 +583,7 @@ pub(crate) async fn namespaces(call: &Call<'_>) -> Answer {
         .collect();
     Ok(json(
         StatusCode::OK,
-        &serde_json::json!({"namespaces": list}),
+        &serde_json::json!({"namespaces": list, "environments": config.environments()}),
     ))
 }
 

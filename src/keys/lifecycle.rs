@@ -371,7 +371,29 @@ fn check_namespace(config: &Config, namespace: &str, environment: &str) -> Resul
             format!("`{namespace}` is not declared in the config, which is strict"),
         ));
     }
-    validate_environment(environment).map_err(|e| invalid("environment", e))
+    validate_environment(environment).map_err(|e| invalid("environment", e))?;
+    check_served(config, environment)
+}
+
+/// A new key's environment must be one a route serves or the config declares: a key for any
+/// other (a typo such as `prodution`) would be refused everywhere with `wrong_environment`.
+/// A config with no routes and no `environments` has nothing to check against.
+fn check_served(config: &Config, environment: &str) -> Result<(), KeyError> {
+    let served = config.environments();
+    if served.is_empty() || served.contains(&environment) {
+        return Ok(());
+    }
+    let list = served
+        .iter()
+        .map(|e| format!("`{e}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(invalid(
+        "environment",
+        format!(
+            "`{environment}` is not an environment any route serves; choose one of {list} (or declare it under `environments` in the config)"
+        ),
+    ))
 }
 
 /// Refuses to add `adding` keys to a namespace whose tier is full.

@@ -140,10 +140,13 @@ async function signIn(event) {
 }
 
 let namespaces = [];
+// The environments new keys may name: those the routes serve and those the config declares.
+let environments = [];
 
 async function start() {
   const data = await api("GET", "/v1/namespaces");
   namespaces = data.namespaces || [];
+  environments = data.environments || [];
   $("signin").hidden = true;
   $("app").hidden = false;
   await render();
@@ -170,7 +173,9 @@ function renderNamespaces() {
 }
 
 async function refreshNamespaces() {
-  namespaces = (await api("GET", "/v1/namespaces")).namespaces || [];
+  const data = await api("GET", "/v1/namespaces");
+  namespaces = data.namespaces || [];
+  environments = data.environments || [];
   renderNamespaces();
 }
 
@@ -384,7 +389,9 @@ function openKeyForm(key) {
     $("f-expires").value = key.expires_at ? key.expires_at.slice(0, 16) : "";
     $("f-note").value = key.note || "";
   } else {
-    $("f-environment").value = "production";
+    const choices = environments.length ? environments : ["production"];
+    $("f-environment").replaceChildren(...choices.map((e) => el("option", { value: e, text: e })));
+    $("f-environment").value = choices.includes("production") ? "production" : choices[0];
   }
   cidrWarning();
   $("key-form").showModal();
@@ -423,7 +430,7 @@ function readForm() {
   const name = $("f-name").value.trim();
   if (!name) problems.push(["name", "Give the key a name, so it can be found and understood later."]);
   const environment = $("f-environment").value.trim();
-  if (!editing && !/^[a-z0-9][a-z0-9_-]*$/i.test(environment)) problems.push(["environment", "Choose an environment, such as production."]);
+  if (!editing && !environment) problems.push(["environment", "Choose the environment the key is for."]);
   const scopes = [];
   for (const row of $("scopes").children) {
     const action = row.querySelector("select").value;
