@@ -34,6 +34,9 @@ pub struct AuditEvent {
     /// `success` or `failure`.
     pub outcome: String,
     pub reason: Option<String>,
+    /// For `key.created` by a rotation: the key it replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<String>,
 }
 
 impl AuditEvent {
@@ -47,7 +50,13 @@ impl AuditEvent {
             ip: None,
             outcome: "success".into(),
             reason: None,
+            rotated_from: None,
         }
+    }
+
+    pub fn rotated_from(mut self, id: &str) -> Self {
+        self.rotated_from = Some(id.to_string());
+        self
     }
 
     pub fn key(mut self, record: &KeyRecord) -> Self {

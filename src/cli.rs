@@ -405,6 +405,11 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             let (new, secret, old) = keys::rotate(op, &id, grace.as_secs()).map_err(flag_error)?;
             let until = old.expires_at.clone().unwrap_or_default();
             audit(
+                AuditEvent::new(now, &actor, "key.created")
+                    .key(&new)
+                    .rotated_from(&old.id),
+            );
+            audit(
                 AuditEvent::new(now, &actor, "key.rotated")
                     .key(&old)
                     .reason(format!(
@@ -472,12 +477,23 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 expires: args.expires.map(|e| (e != "never").then_some(e)),
                 note: args.note,
             };
-            let record = keys::update(op, &id, patch).map_err(flag_error)?;
-            audit(AuditEvent::new(now, &actor, "key.updated").key(&record));
+            let (record, changes) = keys::update(op, &id, patch).map_err(flag_error)?;
+            if !changes.is_empty() {
+                audit(
+                    AuditEvent::new(now, &actor, "key.updated")
+                        .key(&record)
+                        .reason(changes.join("; ")),
+                );
+            }
             if json {
                 print_json(&view(&record));
+            } else if changes.is_empty() {
+                println!(
+                    "Key {} already had these settings; nothing changed.",
+                    record.id
+                );
             } else {
-                println!("Key {} updated.", record.id);
+                println!("Key {} updated: {}.", record.id, changes.join("; "));
                 if risky {
                     println!("The new settings apply from the next request: calls that passed before may start failing.");
                 }

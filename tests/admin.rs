@@ -863,6 +863,63 @@ async fn the_audit_log_records_who_did_what_and_never_a_secret() {
     assert_eq!(by_key["events"].as_array().unwrap().len(), 1);
     assert_eq!(by_key["events"][0]["actor"], "tests");
     assert_eq!(by_key["events"][0]["ip"], "127.0.0.1");
+    // The key a rotation made has its own `key.created`, naming the key it replaces.
+    let new_id = rotated["id"].as_str().unwrap();
+    let made = admin(
+        &gw,
+        "GET",
+        &format!("/v1/audit?key_id={new_id}&action=key.created"),
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(made["events"][0]["rotated_from"], id.as_str(), "{made}");
+    // An update records what really changed, old → new; one that changes nothing, nothing.
+    let before = admin(
+        &gw,
+        "GET",
+        &format!("/v1/audit?key_id={id}&action=key.updated"),
+        None,
+    )
+    .await
+    .json()["events"]
+        .as_array()
+        .unwrap()
+        .len();
+    let current = admin(&gw, "GET", &format!("/v1/api-keys/{id}"), None)
+        .await
+        .json();
+    let r = admin(
+        &gw,
+        "PATCH",
+        &format!("/v1/api-keys/{id}"),
+        Some(json!({"name": current["name"], "note": "y"})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = admin(
+        &gw,
+        "PATCH",
+        &format!("/v1/api-keys/{id}"),
+        Some(json!({"note": "y"})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let updates = admin(
+        &gw,
+        "GET",
+        &format!("/v1/audit?key_id={id}&action=key.updated"),
+        None,
+    )
+    .await
+    .json();
+    let updates = updates["events"].as_array().unwrap();
+    assert_eq!(
+        updates.len(),
+        before + 1,
+        "the unchanged PATCH is not an update"
+    );
+    assert_eq!(updates[0]["reason"], r#"note: "x" → "y""#);
     // No secret anywhere on disk.
     gw.gateway().housekeeping();
     for file in ["audit.log", "keys.yaml", "usage.json", "keygate.yaml"] {

@@ -431,6 +431,11 @@ async fn the_console_is_served_without_a_token_and_with_a_strict_policy() {
         let csp = r.header("content-security-policy");
         assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"));
         assert_eq!(r.header("x-content-type-options"), "nosniff");
+        // HEAD answers as GET does, without the body.
+        let head = send(Req::get(gw.admin, path).method("HEAD")).await;
+        assert_eq!(head.status, 200, "HEAD {path}");
+        assert_eq!(head.header("content-type"), r.header("content-type"));
+        assert!(head.body.is_empty());
     }
     // The API behind it still needs the token.
     let r = send(Req::get(gw.admin, "/v1/api-keys")).await;

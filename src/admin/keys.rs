@@ -135,6 +135,16 @@ impl Wrote for (KeyRecord, String) {
     }
 }
 
+/// An update: the record and its changes; nothing was written when there were none.
+impl Wrote for (KeyRecord, Vec<String>) {
+    fn records(&self) -> Vec<KeyRecord> {
+        if self.1.is_empty() {
+            return Vec::new();
+        }
+        vec![self.0.clone()]
+    }
+}
+
 impl Wrote for (KeyRecord, String, KeyRecord) {
     fn records(&self) -> Vec<KeyRecord> {
         vec![self.0.clone(), self.2.clone()]
@@ -163,8 +173,12 @@ async fn change<T: Wrote + Send + 'static>(
     .await
     .map_err(|_| Rejection::Internal)??;
     let mut warnings = Vec::new();
-    let live =
-        crate::reload::apply_key_changes(call.gw, &call.actor, done.records(), written).await;
+    let records = done.records();
+    if records.is_empty() {
+        // Nothing was written (an update that changed nothing): nothing to make live.
+        return Ok((done, warnings));
+    }
+    let live = crate::reload::apply_key_changes(call.gw, &call.actor, records, written).await;
     if let Err(errors) = live {
         warnings.push(format!(
             "the change is saved, but the gateway could not reload ({} problem(s) in the config or store), so it is not live yet",
@@ -444,45 +458,34 @@ pub(crate) async fn create(call: &Call<'_>, body: CreateBody) -> Answer {
 
 /// `PATCH /v1/api-keys/{id}`.
 pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
-    let mut changed = Vec::new();
-    for (name, set) in [
-        ("name", body.name.is_some()),
-        ("scopes", body.scopes.is_some()),
-        ("allowed_cidrs", body.allowed_cidrs.is_some()),
-        ("rate_limit", body.rate_limit.is_some()),
-        ("burst", body.burst.is_some()),
-        ("quota", body.quota.is_some()),
-        ("expires_at", body.expires_at.is_some()),
-        ("note", body.note.is_some()),
-    ] {
-        if set {
-            changed.push(name);
-        }
-    }
     let patch = KeyPatch::from(body);
     let id = call.id.clone();
-    let (record, mut warnings) = change(call, move |op| keys::update(op, &id, patch)).await?;
-    if changed.iter().any(|f| {
-        [
-            "scopes",
-            "allowed_cidrs",
-            "rate_limit",
-            "burst",
-            "quota",
-            "expires_at",
-        ]
-        .contains(f)
-    }) {
+    let ((record, changes), mut warnings) =
+        change(call, move |op| keys::update(op, &id, patch)).await?;
+    let takes_effect = [
+        "scopes",
+        "allowed_cidrs",
+        "rate_limit",
+        "burst",
+        "quota",
+        "expires_at",
+    ];
+    if changes
+        .iter()
+        .any(|c| takes_effect.iter().any(|f| c.starts_with(&format!("{f}:"))))
+    {
         warnings.insert(
             0,
             "the new scopes, addresses, limits or expiry apply from the next request: calls that passed before may start failing".into(),
         );
     }
-    call.audit(
-        AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.updated")
-            .key(&record)
-            .reason(format!("changed {}", changed.join(", "))),
-    );
+    if !changes.is_empty() {
+        call.audit(
+            AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.updated")
+                .key(&record)
+                .reason(changes.join("; ")),
+        );
+    }
     Ok(json(
         StatusCode::OK,
         &with_warnings(view(call, &record), warnings),
@@ -534,6 +537,11 @@ pub(crate) async fn rotate(call: &Call<'_>, body: RotateBody) -> Answer {
     let id = call.id.clone();
     let ((new, secret, old), warnings) =
         change(call, move |op| keys::rotate(op, &id, grace)).await?;
+    call.audit(
+        AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.created")
+            .key(&new)
+            .rotated_from(&old.id),
+    );
     call.audit(
         AuditEvent::new(call.gw.clock.unix_secs(), &call.actor, "key.rotated")
             .key(&old)

@@ -162,7 +162,8 @@ async fn route(
     req: Request<Incoming>,
     peer: IpAddr,
 ) -> Result<Response<ResponseBody>, Rejection> {
-    if req.method() == Method::GET {
+    // HEAD answers as GET does; the server sends the headers without the body.
+    if req.method() == Method::GET || req.method() == Method::HEAD {
         if let Some(page) = console::serve(req.uri().path()) {
             return Ok(page);
         }

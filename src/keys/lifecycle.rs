@@ -663,14 +663,62 @@ pub fn rotate(
 }
 
 /// Changes a key's name, scopes, CIDRs, limits, expiry or note.
-pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<KeyRecord, KeyError> {
+/// Applies `patch` to the key; returns the key and what really changed (a field sent with
+/// the value it already had is not a change), each as `field: old → new`. Nothing is
+/// written when nothing changed.
+pub fn update(op: Op<'_>, id: &str, patch: KeyPatch) -> Result<(KeyRecord, Vec<String>), KeyError> {
     patch.check(op.now)?;
     transact(op.store, |records| {
-        let mut record = find(records, id)?;
+        let before = find(records, id)?;
+        let mut record = before.clone();
         patch.apply(&mut record, op.config, op.now)?;
+        let changes = changes(&before, &record);
+        if changes.is_empty() {
+            return Ok((before, changes));
+        }
         records.put(record.clone())?;
-        Ok(record)
+        Ok((record, changes))
     })
+}
+
+/// The fields a patch can change that differ between `before` and `after`, each as
+/// `field: old → new`, values in JSON and cut to 80 characters. Records hold no secret, so
+/// neither does this.
+pub fn changes(before: &KeyRecord, after: &KeyRecord) -> Vec<String> {
+    fn shown<T: serde::Serialize>(value: &T) -> String {
+        let text = serde_json::to_string(value).unwrap_or_default();
+        match text.char_indices().nth(80) {
+            Some((cut, _)) => format!("{}…", text.get(..cut).unwrap_or_default()),
+            None => text,
+        }
+    }
+    let mut out = Vec::new();
+    let mut field = |name: &str, old: String, new: String| {
+        if old != new {
+            out.push(format!("{name}: {old} → {new}"));
+        }
+    };
+    field("name", shown(&before.name), shown(&after.name));
+    field("scopes", shown(&before.scopes), shown(&after.scopes));
+    field(
+        "allowed_cidrs",
+        shown(&before.allowed_cidrs),
+        shown(&after.allowed_cidrs),
+    );
+    field(
+        "rate_limit",
+        shown(&before.rate_limit),
+        shown(&after.rate_limit),
+    );
+    field("burst", shown(&before.burst), shown(&after.burst));
+    field("quota", shown(&before.quota), shown(&after.quota));
+    field(
+        "expires_at",
+        shown(&before.expires_at),
+        shown(&after.expires_at),
+    );
+    field("note", shown(&before.note), shown(&after.note));
+    out
 }
 
 /// Reads an import file: one plaintext key per line, or CSV `key,name,scopes` (scopes

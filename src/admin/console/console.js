@@ -332,13 +332,21 @@ function chart(series) {
   return [peakLabel, root, axis];
 }
 
+// What an event says beyond its action: why it failed, what changed, what it replaced.
+function auditDetail(e) {
+  const parts = [];
+  if (e.rotated_from) parts.push(`replaces ${e.rotated_from}`);
+  if (e.reason || e.detail) parts.push(e.reason || e.detail);
+  return parts.join("; ");
+}
+
 function auditRows(events, withKey) {
-  if (!events?.length) return [el("tr", {}, el("td", { colspan: withKey ? 7 : 5, class: "muted", text: "No events." }))];
+  if (!events?.length) return [el("tr", {}, el("td", { colspan: withKey ? 7 : 6, class: "muted", text: "No events." }))];
   return events.map((e) => el("tr", {},
     el("td", {}, time(e.time)), el("td", {}, el("code", { text: e.action })), el("td", { text: e.actor || "" }),
     withKey ? el("td", {}, e.key_id ? el("code", { text: e.key_id }) : "") : null,
     el("td", { text: e.ip || "" }), el("td", { text: e.outcome || "" }),
-    withKey ? el("td", { class: "scopes", text: e.reason || e.detail || "" }) : null));
+    el("td", { class: "scopes", text: auditDetail(e) })));
 }
 
 async function renderAudit() {
