@@ -50,12 +50,68 @@ async fn sign_in(b: &Browser, token: &str) {
     b.click("#signin-form button[type=submit]").await;
 }
 
+/// How many dark pixels the page drew in the middle of the shown secret's first character,
+/// then of each `_`, read from a screenshot of the field: a clipped underscore draws none,
+/// and `kg_live_…` then reads as `kg live …`.
+async fn underscore_ink(b: &Browser) -> Vec<u64> {
+    b.eval("const i = document.querySelector('#secret-value'); i.setSelectionRange(0, 0); i.blur(); i.scrollLeft = 0;")
+        .await;
+    let png = b.element_screenshot("#secret-value").await;
+    let v = b
+        .eval_async(
+            r#"const [png, done] = arguments;
+            const input = document.querySelector('#secret-value');
+            const style = getComputedStyle(input);
+            const measure = document.createElement('canvas').getContext('2d');
+            measure.font = `${style.fontSize} ${style.fontFamily}`;
+            const cell = measure.measureText('M').width;
+            const left = parseFloat(style.paddingLeft) + parseFloat(style.borderLeftWidth);
+            // Decoded from bytes: the console's policy allows no data: images, rightly.
+            const bytes = Uint8Array.from(atob(png), (ch) => ch.charCodeAt(0));
+            createImageBitmap(new Blob([bytes], { type: 'image/png' })).then((img) => {
+              const canvas = document.createElement('canvas');
+              canvas.width = img.width; canvas.height = img.height;
+              const ctx = canvas.getContext('2d');
+              ctx.drawImage(img, 0, 0);
+              const scale = img.width / input.getBoundingClientRect().width;
+              const dark = (i) => {
+                const x0 = Math.round((left + (i + 0.25) * cell) * scale);
+                const x1 = Math.round((left + (i + 0.75) * cell) * scale);
+                const d = ctx.getImageData(x0, 0, Math.max(1, x1 - x0), img.height).data;
+                let n = 0;
+                for (let p = 0; p < d.length; p += 4) if (d[p] + d[p + 1] + d[p + 2] < 400) n++;
+                return n;
+              };
+              // The first character (`k`) first, which proves the columns are read right.
+              const ink = [dark(0)];
+              [...input.value].forEach((c, i) => { if (c === '_') ink.push(dark(i)); });
+              done(ink);
+            }, (e) => done(String(e)));"#,
+            vec![serde_json::Value::from(png)],
+        )
+        .await;
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .collect()
+}
+
 /// Reads the secret shown once, copies it, acknowledges, and closes the dialog.
 async fn take_secret(b: &Browser) -> String {
     b.find("#secret[open]").await;
     let secret = b.property("#secret-value", "value").await;
     let secret = secret.as_str().unwrap().to_string();
     assert!(secret.starts_with("kg_"), "{secret}");
+    // Every underscore of the secret is drawn, so that it can be copied by eye.
+    let ink = underscore_ink(b).await;
+    let (first, underscores) = ink.split_first().expect("the first character's ink");
+    assert!(*first >= 4, "the columns are found: `k` drew {first} dark pixels");
+    assert_eq!(underscores.len(), secret.matches('_').count(), "{ink:?}");
+    assert!(
+        underscores.iter().all(|&n| n >= 2),
+        "every underscore is drawn: {underscores:?}"
+    );
     assert_eq!(
         b.property("#secret-done", "disabled").await,
         true,

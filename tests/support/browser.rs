@@ -246,6 +246,27 @@ impl Browser {
         .await
     }
 
+    /// Runs a script that finishes by calling its last argument with its value, passing
+    /// `args` before it; returns that value.
+    pub async fn eval_async(&self, script: &str, args: Vec<Value>) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({"script": script, "args": args})),
+        )
+        .await
+    }
+
+    /// A PNG screenshot of the first element matching `css`, as the page drew it, in base64.
+    pub async fn element_screenshot(&self, css: &str) -> String {
+        let e = self.find(css).await;
+        self.cmd("GET", &format!("/element/{}/screenshot", e.0), None)
+            .await
+            .as_str()
+            .expect("a base64 screenshot")
+            .to_string()
+    }
+
     /// Waits up to 10 s for `script` to return true.
     pub async fn wait_until(&self, what: &str, script: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
