@@ -106,7 +106,10 @@ async fn take_secret(b: &Browser) -> String {
     // Every underscore of the secret is drawn, so that it can be copied by eye.
     let ink = underscore_ink(b).await;
     let (first, underscores) = ink.split_first().expect("the first character's ink");
-    assert!(*first >= 4, "the columns are found: `k` drew {first} dark pixels");
+    assert!(
+        *first >= 4,
+        "the columns are found: `k` drew {first} dark pixels"
+    );
     assert_eq!(underscores.len(), secret.matches('_').count(), "{ink:?}");
     assert!(
         underscores.iter().all(|&n| n >= 2),
@@ -166,7 +169,11 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
         "return !document.querySelector('#signin-error').hidden",
     )
     .await;
-    assert!(b.text("#signin-error").await.contains("refused"));
+    let refused = b.text("#signin-error").await;
+    assert!(
+        refused.contains("refused") && !refused.contains("Sign in again"),
+        "a first attempt is not told to sign in again: {refused}"
+    );
     assert_eq!(b.eval("return sessionStorage.length").await, 0);
     assert!(b.all("#app:not([hidden])").await.is_empty());
 
@@ -205,7 +212,15 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
         b.all("#e-name:not([hidden])").await.is_empty(),
         "the error goes once the field is changed"
     );
+    // An address is checked as it is typed, before any submit.
+    b.type_into("#f-cidrs", "10.0.0.300/8").await;
+    assert!(
+        b.text("#e-allowed_cidrs").await.contains("0 to 255"),
+        "{}",
+        b.text("#e-allowed_cidrs").await
+    );
     b.type_into("#f-cidrs", "127.0.0.0/8\n0.0.0.0/0").await;
+    assert!(b.all("#e-allowed_cidrs:not([hidden])").await.is_empty());
     assert!(b.text("#w-cidrs").await.contains("every IPv4 address"));
     b.type_into("#f-note", "deploys from CI").await;
     b.screenshot(&artifacts().join("create-dialog.png")).await;
@@ -217,6 +232,18 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
     b.find("#e-rate_limit:not([hidden])").await;
     let problem = b.text("#e-rate_limit").await;
     assert!(!problem.is_empty() && b.all("#secret[open]").await.is_empty());
+    // Written for a person: no backticks, a capital and a full stop.
+    assert!(
+        !problem.contains('`')
+            && problem.ends_with('.')
+            && problem.starts_with(|c: char| c.is_uppercase() || c == '“'),
+        "{problem}"
+    );
+    assert_eq!(
+        b.eval("return document.activeElement.id").await,
+        "f-rate",
+        "the refused field has the focus"
+    );
     b.type_into("#f-rate", "100/s").await;
     b.click("#key-form-submit").await;
     let secret = take_secret(&b).await;
@@ -243,6 +270,16 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
         row.contains("read:/v1/**") && row.contains("Active"),
         "{row}"
     );
+    // The list shows the rate limit, the expiry and the note.
+    assert_eq!(
+        b.text("#keys-body td[data-label='Rate limit']").await,
+        "100/s"
+    );
+    assert_eq!(b.text("#keys-body td[data-label='Expires']").await, "never");
+    assert_eq!(
+        b.text("#keys-body td[data-label='Note']").await,
+        "deploys from CI"
+    );
     assert!(row.contains("just now"), "last used: {row}");
     assert_eq!(
         b.text("#keys-body td[data-label='Requests today']").await,
@@ -264,6 +301,23 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
     b.refresh().await;
     wait_rows(&b, 2).await;
     b.screenshot(&artifacts().join("keys-table.png")).await;
+    // A key with no requests has no error rate to show.
+    assert_eq!(
+        b.text(&format!(
+            "#keys-body tr[data-key-id='{}'] td[data-label='Error rate']",
+            other.id
+        ))
+        .await,
+        "—"
+    );
+    // A search that matches nothing offers to clear itself, not to create a key.
+    b.type_into("#search", "no-such-key").await;
+    wait_rows(&b, 0).await;
+    assert!(b.text("#empty").await.contains("no-such-key"));
+    assert!(b.all("#empty-create:not([hidden])").await.is_empty());
+    b.click("#empty-clear").await;
+    wait_rows(&b, 2).await;
+    assert!(!b.url().await.contains("q="));
     b.type_into("#search", "ci-").await;
     wait_rows(&b, 1).await;
     assert!(b.url().await.contains("q=ci-"), "the search is in the URL");
@@ -320,16 +374,32 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
     let r = send(Req::get(gw.proxy, "/v1/things").bearer(&regenerated)).await;
     assert_eq!(r.status, 200);
 
-    // Revoke from the table: the confirmation names the consequence; then 401 revoked_key.
+    // The regenerate message says what happened once.
+    let said = b.text("#flash").await;
+    assert_eq!(said.matches("old secret").count(), 1, "{said}");
+
+    // Revoke from the row's menu: the confirmation names the key by name and id and the
+    // consequence; then 401 revoked_key.
     b.click("#back").await;
     wait_rows(&b, 1).await;
+    assert!(
+        b.all("#flash:not([hidden])").await.is_empty(),
+        "a message does not outlive its page"
+    );
     b.click(&format!(
-        "#keys-body tr[data-key-id='{ci_id}'] button.danger"
+        "#keys-body tr[data-key-id='{ci_id}'] details.menu summary"
+    ))
+    .await;
+    b.click(&format!(
+        "#keys-body tr[data-key-id='{ci_id}'] details.menu button.danger-text"
     ))
     .await;
     let warning = b.text("#confirm-text").await;
     assert!(
-        warning.contains("permanent") && warning.contains("401 on their next call"),
+        warning.contains("permanent")
+            && warning.contains("401 on their next call")
+            && warning.contains("ci-deploy")
+            && warning.contains(&ci_id),
         "{warning}"
     );
     b.click("#confirm-ok").await;
@@ -343,6 +413,23 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
     wait_rows(&b, 1).await;
     assert!(b.url().await.contains("status=revoked"));
     assert!(b.text("#keys-body tr").await.contains("Revoked"));
+    // A revoked key says when and by whom, not when it would have expired.
+    b.click(&format!(
+        "#keys-body tr[data-key-id='{ci_id}'] td[data-label='Name'] a"
+    ))
+    .await;
+    b.find("#view-key").await;
+    b.wait_until(
+        "the facts are shown",
+        "return document.querySelector('#key-facts').textContent.includes('Revoked')",
+    )
+    .await;
+    let facts = b.text("#key-facts").await;
+    assert!(
+        facts.contains("by tests") && !facts.contains("Expires"),
+        "{facts}"
+    );
+    b.click("#back").await;
 
     // Audit log, filtered by action.
     b.click("#nav-audit").await;

@@ -2,6 +2,8 @@
 // token held in sessionStorage (never a cookie, a URL or a log). No library, no build step.
 
 const TOKEN = "keygate.admin_token";
+// Whether this tab got past sign-in with the token it holds.
+let signedIn = false;
 const $ = (id) => document.getElementById(id);
 const PAGE = 50;
 const ACTIONS = [
@@ -35,7 +37,9 @@ async function api(method, path, body) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = { detail: text }; }
   if (res.status === 401) {
-    signOut("The admin token was refused. Sign in again.");
+    signOut(signedIn
+      ? "The admin token was refused: it may have been revoked or changed. Sign in again."
+      : "That admin token was refused. Check it and try again.");
     throw new ApiError(401, data);
   }
   if (!res.ok) throw new ApiError(res.status, data);
@@ -80,6 +84,18 @@ function time(iso) {
 const STATUS_LABEL = { active: "Active", inactive: "Inactive", expired: "Expired", revoked: "Revoked" };
 const badge = (status) => el("span", { class: `badge ${status}`, text: STATUS_LABEL[status] || status });
 const percent = (rate) => `${(100 * (rate || 0)).toFixed(rate && rate < 0.01 ? 2 : 1)}%`;
+// An error rate over no requests is not 0 %: there is nothing to rate.
+const errorRate = (rate, requests) => (requests ? percent(rate) : "—");
+const plural = (n, one, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+// A key as people name it: its name and id, or its id.
+const who = (k) => (k.name ? `“${k.name}” (${k.id})` : k.id);
+
+/** A server message for a person: `quoted` names in curly quotes, a capital, a full stop. */
+function humanize(text) {
+  const t = String(text || "").replace(/`([^`]*)`/g, "“$1”").trim();
+  if (!t) return "The gateway refused the change.";
+  return `${t[0].toUpperCase()}${t.slice(1)}${/[.!?]$/.test(t) ? "" : "."}`;
+}
 const scopeChips = (scopes) => scopes?.length
   ? scopes.map((s) => el("span", { class: "chip", text: s }))
   : [el("span", { class: "muted", text: "full access" })];
@@ -97,7 +113,9 @@ function params() {
   return new URLSearchParams(location.search);
 }
 
-function go(changes, push = true) {
+/** Moves to another view. A message about what was just done stays only if `keep`. */
+function go(changes, push = true, keep = false) {
+  if (!keep) flash("");
   const p = params();
   for (const [k, v] of Object.entries(changes)) {
     if (v === undefined || v === null || v === "") p.delete(k); else p.set(k, v);
@@ -110,6 +128,7 @@ function go(changes, push = true) {
 // ---- sign in and out --------------------------------------------------------------------
 
 function signOut(message) {
+  signedIn = false;
   sessionStorage.removeItem(TOKEN);
   $("app").hidden = true;
   $("signin").hidden = false;
@@ -145,6 +164,7 @@ let environments = [];
 
 async function start() {
   const data = await api("GET", "/v1/namespaces");
+  signedIn = true;
   namespaces = data.namespaces || [];
   environments = data.environments || [];
   $("signin").hidden = true;
@@ -168,8 +188,16 @@ function renderNamespaces() {
   const used = info?.keys_in_use ?? 0;
   const tier = info?.tier ? `, ${info.tier[0].toUpperCase()}${info.tier.slice(1)}` : "";
   $("ns-usage").textContent = info?.max_keys != null
-    ? `${used} of ${info.max_keys} keys${tier}`
-    : `${used} key${used === 1 ? "" : "s"}${tier}`;
+    ? `${used} of ${plural(info.max_keys, "key")}${tier}`
+    : `${plural(used, "key")}${tier}`;
+  // At the tier's cap, creating is refused: say so before anyone fills in the form.
+  const full = info?.max_keys != null && used >= info.max_keys;
+  for (const b of [$("create"), $("empty-create")]) b.disabled = full;
+  $("cap").hidden = !full;
+  if (full) {
+    $("cap-text").textContent = `${ns} has ${used} of the ${plural(info.max_keys, "key")} its ${info.tier} tier allows, so no key can be created. Revoke a key it no longer uses to make room.`;
+    $("cap-link").href = `?${new URLSearchParams({ ns, view: "keys" })}`;
+  }
 }
 
 async function refreshNamespaces() {
@@ -211,20 +239,63 @@ async function renderKeys(append = false) {
   if (append && cursor) query.set("cursor", cursor);
   const data = await api("GET", `/v1/api-keys?${query}`);
   cursor = data.next_cursor;
+  if (!append) listed.clear();
+  for (const k of data.keys) listed.set(k.id, k);
   const rows = data.keys.map(keyRow);
   if (append) $("keys-body").append(...rows); else $("keys-body").replaceChildren(...rows);
   const none = $("keys-body").children.length === 0;
   $("keys-table").parentElement.hidden = none;
   $("empty").hidden = !none;
-  $("empty-text").textContent = search || status !== "active"
-    ? "No keys match this filter."
-    : `No active API keys in ${currentNamespace()} yet.`;
+  const filtered = Boolean(search) || status !== "active";
+  $("empty-text").textContent = search
+    ? `No keys in ${currentNamespace()} match “${search}”.`
+    : status !== "active"
+      ? `No ${status === "all" ? "" : `${status} `}keys in ${currentNamespace()}.`
+      : `No active API keys in ${currentNamespace()} yet.`;
+  // A search or filter that finds nothing offers to undo itself, not to create a key.
+  $("empty-create").hidden = filtered;
+  $("empty-clear").hidden = !filtered;
+  $("empty-clear").textContent = search ? "Clear search" : "Show active keys";
   $("more").hidden = !cursor;
+}
+
+// The keys listed so far, by id: a row being rotated out names its successor.
+const listed = new Map();
+
+/** The status cell: a rotation's old key is "Rotating out" until it expires, with its successor. */
+function statusCell(k) {
+  const link = (id) => el("a", { href: `?view=key&id=${encodeURIComponent(id)}`,
+    onclick: (e) => { e.preventDefault(); go({ view: "key", id }); } }, el("code", { text: id }));
+  if (k.rotated_to && (k.status === "active" || k.status === "inactive")) {
+    return [el("span", { class: "badge rotating", text: "Rotating out" }),
+      el("span", { class: "sub" }, `expires ${relative(k.expires_at)}, replaced by `, link(k.rotated_to))];
+  }
+  const old = k.rotated_from && listed.get(k.rotated_from);
+  if (old && old.rotated_to === k.id && (old.status === "active" || old.status === "inactive")) {
+    return [badge(k.status), el("span", { class: "sub" }, "replaces ", link(old.id))];
+  }
+  return [badge(k.status)];
+}
+
+/** The row's menu: the actions that change a key, destructive ones last and in red. */
+function rowMenu(k) {
+  if (k.status === "revoked") return "";
+  const menu = el("details", { class: "menu" });
+  const item = (text, action, cls) => el("button", { type: "button", role: "menuitem", class: cls, text,
+    onclick: () => { menu.open = false; confirmAction(action, k); } });
+  menu.append(
+    el("summary", { "aria-label": `Actions for ${k.name || k.id}`, text: "⋮" }),
+    el("div", { class: "items", role: "menu" },
+      k.status === "active" ? item("Disable…", "disable") : null,
+      k.status === "inactive" ? item("Enable…", "enable") : null,
+      item("Revoke…", "revoke", "danger-text")));
+  return menu;
 }
 
 function keyRow(k) {
   const open = () => go({ view: "key", id: k.id });
   const cell = (label, content, cls) => el("td", { "data-label": label, class: cls }, content);
+  const note = k.note || "";
   return el("tr", { "data-key-id": k.id },
     cell("Key ID", el("code", { text: k.id })),
     cell("Name", el("a", { href: `?${new URLSearchParams({ ...Object.fromEntries(params()), view: "key", id: k.id })}`,
@@ -232,15 +303,15 @@ function keyRow(k) {
     cell("Prefix", el("code", { text: `${k.prefix}…` })),
     cell("Environment", k.environment),
     cell("Scopes", scopeChips(k.scopes), "scopes"),
+    cell("Rate limit", k.rate_limit ? `${k.rate_limit}${k.burst ? `, burst ${k.burst}` : ""}` : "—"),
+    cell("Expires", k.expires_at ? time(k.expires_at) : "never"),
     cell("Created", time(k.created_at)),
     cell("Last used", time(k.last_used_at)),
     cell("Requests today", String(k.requests_today ?? 0), "num"),
-    cell("Error rate", percent(k.error_rate), "num"),
-    cell("Status", badge(k.status)),
-    cell("Actions", k.status === "revoked" ? "" : el("button", {
-      type: "button", class: "danger", text: "Revoke", "aria-label": `Revoke ${k.name || k.id}`,
-      onclick: () => confirmAction("revoke", k),
-    })),
+    cell("Error rate", errorRate(k.error_rate, k.requests_today), "num"),
+    cell("Status", statusCell(k)),
+    el("td", { "data-label": "Note", class: "note", title: note || null, text: note.length > 60 ? `${note.slice(0, 60)}…` : note }),
+    cell("Actions", rowMenu(k)),
   );
 }
 
@@ -260,15 +331,24 @@ async function renderKey(id) {
     rotate: live && !k.rotated_to, regenerate: live, revoke: live };
   for (const b of $("key-actions").querySelectorAll("button")) b.hidden = !show[b.dataset.action];
 
+  const link = (other) => el("a", { href: `?view=key&id=${encodeURIComponent(other)}`,
+    onclick: (e) => { e.preventDefault(); go({ view: "key", id: other }); } }, el("code", { text: other }));
+  // A revoked key no longer expires: it says when it was revoked, by whom, and what replaced it.
+  const revokedBy = audit.events.find((e) => e.action === "key.revoked")?.actor;
+  const ending = k.status === "revoked"
+    ? [["Revoked", el("span", {}, k.revoked_at ? time(k.revoked_at) : "yes", revokedBy ? ` by ${revokedBy}` : "")]]
+    : [["Expires", k.expires_at ? time(k.expires_at) : "never"]];
   const facts = [
     ["Key ID", el("code", { text: k.id })], ["Prefix", el("code", { text: `${k.prefix}…` })],
     ["Namespace", k.namespace], ["Environment", k.environment], ["Scopes", scopeChips(k.scopes)],
     ["Allowed IPs", k.allowed_cidrs?.length ? k.allowed_cidrs.join(", ") : "every address"],
     ["Rate limit", k.rate_limit ? `${k.rate_limit}${k.burst ? `, burst ${k.burst}` : ""}` : "none"],
-    ["Quota", k.quota || "none"], ["Expires", k.expires_at ? time(k.expires_at) : "never"],
+    ["Quota", k.quota || "none"], ...ending,
+    ...(k.rotated_to ? [["Replaced by", link(k.rotated_to)]] : []),
+    ...(k.rotated_from ? [["Replaces", link(k.rotated_from)]] : []),
     ["Created", el("span", {}, time(k.created_at), k.created_by ? ` by ${k.created_by}` : "")],
     ["Last used", el("span", {}, time(usage.last_used_at), usage.last_used_ip ? ` from ${usage.last_used_ip}` : "")],
-    ["Requests today", String(usage.requests_today)], ["Error rate", percent(usage.error_rate)],
+    ["Requests today", String(usage.requests_today)], ["Error rate", errorRate(usage.error_rate, usage.requests_today)],
     ["Note", k.note || "—"],
   ];
   $("key-facts").replaceChildren(...facts.flatMap(([dt, dd]) => [el("dt", { text: dt }), el("dd", {}, dd)]));
@@ -314,6 +394,7 @@ function chart(series) {
   const points = series.map((m) => ({ at: Math.floor(new Date(m.minute).getTime() / 60000), a: m.accepted, r: m.refused }))
     .filter((m) => m.at >= start && m.at <= nowMin);
   const accepted = points.reduce((s, m) => s + m.a, 0), refused = points.reduce((s, m) => s + m.r, 0);
+  if (!points.length) return [el("p", { class: "nothing", text: "No requests in the last 24 hours." })];
   const peak = Math.max(1, ...points.map((m) => m.a + m.r));
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
     "data-accepted": accepted, "data-refused": refused,
@@ -370,13 +451,22 @@ let editing = null;
 function scopeRow(scope = "read:*") {
   const i = scope.indexOf(":");
   const [action, resource] = i < 0 ? [scope, "*"] : [scope.slice(0, i), scope.slice(i + 1)];
-  const n = $("scopes").children.length + 1;
-  const select = el("select", { "aria-label": `Scope ${n} action` },
+  const select = el("select", {},
     ...["read", "write", "admin", "*"].map((a) => el("option", { value: a, text: a === "*" ? "* (any)" : a, selected: a === action })));
-  const input = el("input", { "aria-label": `Scope ${n} resource filter`, value: resource, placeholder: "* (every resource)" });
+  const input = el("input", { value: resource, placeholder: "* (every resource)" });
   const row = el("div", { class: "scope" }, select, input,
-    el("button", { type: "button", text: "Remove", "aria-label": `Remove scope ${n}`, onclick: () => row.remove() }));
+    el("button", { type: "button", text: "Remove", onclick: () => { row.remove(); numberScopes(); } }));
   return row;
+}
+
+/** Labels each scope row by its place, after rows are added or removed. */
+function numberScopes() {
+  [...$("scopes").children].forEach((row, i) => {
+    const n = i + 1;
+    row.querySelector("select").setAttribute("aria-label", `Scope ${n} action`);
+    row.querySelector("input").setAttribute("aria-label", `Scope ${n} resource filter`);
+    row.querySelector("button").setAttribute("aria-label", `Remove scope ${n}`);
+  });
 }
 
 function openKeyForm(key) {
@@ -389,6 +479,7 @@ function openKeyForm(key) {
   $("edit-warning").hidden = !key;
   $("env-field").hidden = !!key;
   $("scopes").replaceChildren(...(key?.scopes || []).map(scopeRow));
+  numberScopes();
   if (key) {
     $("f-name").value = key.name || "";
     $("f-cidrs").value = (key.allowed_cidrs || []).join("\n");
@@ -407,17 +498,65 @@ function openKeyForm(key) {
 }
 
 function clearErrors() {
-  for (const e of $("key-form").querySelectorAll(".error")) { e.textContent = ""; e.hidden = true; }
+  for (const e of $("key-form").querySelectorAll(".error, .callout")) { e.textContent = ""; e.hidden = true; }
   for (const i of $("key-form").querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
 }
 
+/** Shows `message` beside `field`'s input and moves focus there; without one, at the top. */
 function fieldError(field, message) {
   const box = $(`e-${field}`) || $("e-form");
   box.textContent = message;
   box.hidden = false;
-  const input = $("key-form").querySelector(`[name="${field}"]`);
+  const input = box.id === "e-form" ? null : $("key-form").querySelector(`[name="${field}"]`);
   if (input) input.setAttribute("aria-invalid", "true");
-  (input || box).focus?.();
+  const target = input || box;
+  target.focus?.();
+  target.scrollIntoView?.({ block: "nearest" });
+}
+
+/** A refusal from the API as a sentence for the person filling in the form. */
+function refusalText(e) {
+  const code = e.problem?.code;
+  if (code === "key_limit_reached") {
+    const info = namespaces.find((n) => n.name === currentNamespace());
+    const max = info?.max_keys;
+    return max != null
+      ? `${currentNamespace()} already has the ${plural(max, "key")} its ${info.tier} tier allows. Revoke a key it no longer uses, then create this one.`
+      : humanize(e.message);
+  }
+  if (code === "store_unavailable") return "The key store cannot be reached right now, so nothing was saved. Try again in a moment.";
+  return humanize(e.message);
+}
+
+/** Why `text` is not an IPv4 or IPv6 address or CIDR range, or "" if it is one. */
+function cidrProblem(text) {
+  const [addr, bits, extra] = text.split("/");
+  if (extra !== undefined) return `“${text}” has more than one “/”.`;
+  const v4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(addr);
+  let max;
+  if (v4) {
+    if (v4.slice(1).some((o) => Number(o) > 255)) return `“${text}”: each part of an IPv4 address is 0 to 255.`;
+    max = 32;
+  } else if (addr.includes(":")) {
+    try { new URL(`http://[${addr}]/`); } catch { return `“${text}” is not an IPv6 address.`; }
+    max = 128;
+  } else {
+    return `“${text}” is not an IP address or CIDR range, such as 10.0.0.0/8 or 2001:db8::/32.`;
+  }
+  if (bits !== undefined && !(/^\d{1,3}$/.test(bits) && Number(bits) <= max)) {
+    return `“${text}”: the prefix length after “/” is 0 to ${max}.`;
+  }
+  return "";
+}
+
+/** Checks the CIDR box as it is typed, not only on submit. */
+function checkCidrs() {
+  const box = $("e-allowed_cidrs");
+  const problem = $("f-cidrs").value.split(/[\s,]+/).filter(Boolean).map(cidrProblem).find(Boolean) || "";
+  box.textContent = problem;
+  box.hidden = !problem;
+  if (problem) $("f-cidrs").setAttribute("aria-invalid", "true"); else $("f-cidrs").removeAttribute("aria-invalid");
+  return problem;
 }
 
 const WILDCARDS = { "0.0.0.0/0": "every IPv4 address", "::/0": "every IPv6 address" };
@@ -447,8 +586,8 @@ function readForm() {
     scopes.push(`${action}:${resource}`);
   }
   const cidrs = $("f-cidrs").value.split(/[\s,]+/).filter(Boolean);
-  const bad = cidrs.find((c) => !/^([0-9.]+|[0-9a-f:.]*:[0-9a-f:.]*)(\/\d{1,3})?$/i.test(c));
-  if (bad) problems.push(["allowed_cidrs", `“${bad}” is not an IP address or CIDR range.`]);
+  const bad = cidrs.map(cidrProblem).find(Boolean);
+  if (bad) problems.push(["allowed_cidrs", bad]);
   const rate = $("f-rate").value.trim();
   if (rate && !/^\d+\s*\/\s*[a-z]+$/i.test(rate)) problems.push(["rate_limit", "Write a rate as a count per unit, such as 100/s or 6000/min."]);
   const burstText = $("f-burst").value.trim();
@@ -497,7 +636,7 @@ async function submitKeyForm(event) {
   } catch (e) {
     if (e.status === 401) return;
     const field = e.problem.field;
-    fieldError(field && $(`e-${field}`) ? field : "form", e.message);
+    fieldError(field && $(`e-${field}`) ? field : "form", refusalText(e));
   } finally {
     submit.disabled = false;
   }
@@ -518,6 +657,8 @@ let releaseSecret = null;
 function showSecret(answer, message, oldKey) {
   const secret = answer.key;
   delete answer.key;
+  $("secret-title").textContent = `Copy the API key for ${answer.name || answer.id}`;
+  $("secret-for").textContent = `Key ID ${answer.id} · ${answer.namespace} · ${answer.environment}`;
   $("secret-value").value = secret;
   $("ack").checked = false;
   $("secret-done").disabled = true;
@@ -555,10 +696,10 @@ async function copySecret() {
 // ---- per-key actions ----------------------------------------------------------------------
 
 const CONFIRM = {
-  revoke: (k) => ["Revoke this key?", `Revoking ${k.name || k.id} is permanent: clients using it get 401 on their next call. It cannot be undone.`, "Revoke key"],
-  disable: (k) => ["Disable this key?", `Clients using ${k.name || k.id} get 401 until it is enabled again.`, "Disable key"],
-  enable: (k) => ["Enable this key?", `${k.name || k.id} will be accepted again at once.`, "Enable key"],
-  regenerate: (k) => ["Regenerate the secret?", `${k.name || k.id} keeps its ID and settings, but the old secret stops working immediately. Clients get 401 until they have the new one.`, "Regenerate"],
+  revoke: (k) => [`Revoke ${k.name || k.id}?`, `Revoking ${who(k)} is permanent: clients using it get 401 on their next call. It cannot be undone.`, "Revoke key"],
+  disable: (k) => [`Disable ${k.name || k.id}?`, `Clients using ${who(k)} get 401 until it is enabled again.`, "Disable key"],
+  enable: (k) => [`Enable ${k.name || k.id}?`, `${who(k)} will be accepted again at once.`, "Enable key"],
+  regenerate: (k) => ["Regenerate the secret?", `${who(k)} keeps its ID and settings, but the old secret stops working immediately. Clients get 401 until they have the new one.`, "Regenerate"],
   rotate: (k) => ["Rotate this key?", `A new key with the same settings is made. The old one keeps working for the grace period, so clients can move over without an outage; then it expires.`, "Rotate"],
 };
 
@@ -578,7 +719,7 @@ function confirmAction(action, key) {
       await perform(action, key);
     } catch (e) {
       if (e.status !== 401) {
-        $("confirm-error").textContent = e.message;
+        $("confirm-error").textContent = humanize(e.message);
         $("confirm-error").hidden = false;
       }
     } finally {
@@ -602,13 +743,13 @@ async function perform(action, key) {
   } else if (action === "regenerate") {
     const v = await api("POST", `${path}/regenerate`);
     $("confirm").close();
-    await showSecret(v, `Regenerated ${v.name || v.id}; the old secret no longer works.`);
+    await showSecret(v, `Regenerated ${v.name || v.id}.`);
   } else if (action === "rotate") {
     const v = await api("POST", `${path}/rotate`, { grace_seconds: Number($("grace").value) });
     $("confirm").close();
     await showSecret(v, `Rotated ${key.name || key.id}.`, v.previous_key);
     await refreshNamespaces();
-    return go({ view: "key", id: v.id });
+    return go({ view: "key", id: v.id }, true, true);
   }
   await refreshNamespaces();
   await render();
@@ -633,11 +774,28 @@ function wire() {
   $("more").addEventListener("click", () => renderKeys(true).catch((e) => flash(e.message, true)));
   $("create").addEventListener("click", () => openKeyForm());
   $("empty-create").addEventListener("click", () => openKeyForm());
-  $("add-scope").addEventListener("click", () => { const r = scopeRow(); $("scopes").append(r); r.querySelector("input").focus(); });
-  $("f-cidrs").addEventListener("input", cidrWarning);
+  $("empty-clear").addEventListener("click", () => { $("search").value = ""; go({ q: null, status: null }, false); });
+  $("cap-link").addEventListener("click", (e) => { e.preventDefault(); go({ view: "keys", id: null, q: null, status: null }); });
+  // An open row menu closes on Escape or a click elsewhere.
+  document.addEventListener("click", (e) => {
+    for (const m of document.querySelectorAll("details.menu[open]")) if (!m.contains(e.target)) m.open = false;
+  });
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape") return;
+    const m = document.querySelector("details.menu[open]");
+    if (m) { m.open = false; m.querySelector("summary").focus(); }
+  });
+  // Leaving the page while a secret is shown loses it for good: ask first.
+  window.addEventListener("beforeunload", (e) => {
+    if (releaseSecret) { e.preventDefault(); e.returnValue = ""; }
+  });
+  $("add-scope").addEventListener("click", () => { const r = scopeRow(); $("scopes").append(r); numberScopes(); r.querySelector("input").focus(); });
+  $("f-cidrs").addEventListener("input", () => { cidrWarning(); checkCidrs(); });
   // A field's error goes once the field is changed.
   $("key-form-form").addEventListener("input", (e) => {
     const field = e.target.name || (e.target.closest("#scopes") ? "scopes" : "");
+    // The CIDR box is checked as it is typed (checkCidrs).
+    if (field === "allowed_cidrs") return;
     const box = field && $(`e-${field}`);
     if (box) { box.hidden = true; box.textContent = ""; }
     e.target.removeAttribute("aria-invalid");
@@ -668,7 +826,7 @@ function wire() {
   $("audit-action").append(...ACTIONS.map((a) => el("option", { value: a, text: a })));
   $("audit-action").addEventListener("change", (e) => go({ action: e.target.value }, false));
   $("audit-key").addEventListener("input", debounce((e) => go({ key: e.target.value.trim() }, false), 250));
-  window.addEventListener("popstate", render);
+  window.addEventListener("popstate", () => { flash(""); render(); });
 }
 
 wire();
