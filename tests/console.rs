@@ -17,7 +17,7 @@ fn artifacts() -> PathBuf {
 async fn setup() -> (Upstream, TestGateway) {
     let up = Upstream::start().await;
     let routes = route("/", up.addr, "production", "");
-    let extra = "tiers:\n  pro: {max_keys: 10}\nnamespaces:\n  acme: {tier: pro}\n  globex: {}\n";
+    let extra = "tiers:\n  pro: {max_keys: 10}\n  one: {max_keys: 1}\nnamespaces:\n  acme: {tier: pro}\n  globex: {}\n  solo: {tier: one}\n";
     let gw = TestGateway::start(&config_yaml(&routes, extra)).await;
     (up, gw)
 }
@@ -481,6 +481,7 @@ async fn rotation_shows_both_keys_and_the_page_fits_a_phone() {
     let (old, old_secret) = gw
         .create_key(keygate::keys::NewKey {
             name: "billing-sync".into(),
+            scopes: vec!["read:/v1/**".into(), "write:/v1/orders/*".into()],
             ..new_key("acme", "production")
         })
         .await;
@@ -497,7 +498,20 @@ async fn rotation_shows_both_keys_and_the_page_fits_a_phone() {
     b.click("#confirm-ok").await;
     b.find("#secret-old:not([hidden])").await;
     assert!(b.text("#secret-old").await.contains(&old.id));
+    assert!(b.text("#secret-title").await.contains("billing-sync"));
+    // Leaving the page while the secret is shown asks first.
+    assert_eq!(
+        b.eval("const e = new Event('beforeunload', {cancelable: true}); window.dispatchEvent(e); return e.defaultPrevented")
+            .await,
+        true
+    );
     let new_secret = take_secret(&b).await;
+    assert_eq!(
+        b.eval("const e = new Event('beforeunload', {cancelable: true}); window.dispatchEvent(e); return e.defaultPrevented")
+            .await,
+        false,
+        "once it is copied, leaving is free"
+    );
 
     // Both keys work during the grace period; the page shows the old key's last use.
     for secret in [&old_secret, &new_secret] {
@@ -519,6 +533,12 @@ async fn rotation_shows_both_keys_and_the_page_fits_a_phone() {
     assert_ne!(new_id, old.id);
     b.click("#key-actions button[data-action=edit]").await;
     assert!(b.text("#edit-warning").await.contains("may start failing"));
+    // Each pre-filled scope row is labelled by its place.
+    assert_eq!(
+        b.eval("return [...document.querySelectorAll('#scopes .scope button')].map(x => x.getAttribute('aria-label')).join(', ')")
+            .await,
+        "Remove scope 1, Remove scope 2"
+    );
     b.type_into("#f-rate", "1/min").await;
     b.click("#key-form-submit").await;
     b.wait_until(
@@ -548,9 +568,31 @@ async fn rotation_shows_both_keys_and_the_page_fits_a_phone() {
     let r = send(Req::get(gw.proxy, "/v1/x").bearer(&new_secret)).await;
     assert_eq!(r.status, 200);
 
-    // At 400 px nothing scrolls sideways.
+    // At 400 px nothing scrolls sideways. The list marks the old key as rotating out, with
+    // its successor, and the new key as its replacement.
     b.click("#back").await;
     wait_rows(&b, 2).await;
+    let old_status = b
+        .text(&format!(
+            "#keys-body tr[data-key-id='{}'] td[data-label='Status']",
+            old.id
+        ))
+        .await;
+    assert!(
+        old_status.contains("Rotating out")
+            && old_status.contains("expires in")
+            && old_status.contains(&new_id),
+        "{old_status}"
+    );
+    let new_status = b
+        .text(&format!(
+            "#keys-body tr[data-key-id='{new_id}'] td[data-label='Status']"
+        ))
+        .await;
+    assert!(
+        new_status.contains("Active") && new_status.contains(&format!("replaces {}", old.id)),
+        "{new_status}"
+    );
     let fits = b
         .eval("return document.documentElement.scrollWidth <= window.innerWidth")
         .await;
@@ -585,5 +627,124 @@ async fn the_console_is_served_without_a_token_and_with_a_strict_policy() {
     assert_eq!(r.status, 401);
     let r = send(Req::get(gw.admin, "/console/../v1/api-keys")).await;
     assert_ne!(r.status, 200);
+    gw.stop().await;
+}
+
+/// A namespace at its tier's cap: the count says so in the singular, "Create API key" waits,
+/// and the page says why, with the way to the keys that could be revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tier_is_explained_before_the_form() {
+    let (_up, gw) = setup().await;
+    let b = Browser::start(1440, 900).await;
+    b.goto(&format!("http://{}/console?ns=solo", gw.admin)).await;
+    sign_in(&b, ADMIN_TOKEN).await;
+    b.find("#view-keys").await;
+    assert_eq!(b.text("#ns-usage").await, "0 of 1 key, One");
+    assert_eq!(b.property("#empty-create", "disabled").await, false);
+    gw.create_key(keygate::keys::NewKey {
+        name: "only-one".into(),
+        ..new_key("solo", "production")
+    })
+    .await;
+    b.refresh().await;
+    wait_rows(&b, 1).await;
+    assert_eq!(b.text("#ns-usage").await, "1 of 1 key, One");
+    assert_eq!(b.property("#create", "disabled").await, true);
+    let cap = b.text("#cap").await;
+    assert!(
+        cap.contains("solo has 1 of the 1 key its one tier allows") && cap.contains("Revoke"),
+        "{cap}"
+    );
+    assert_eq!(
+        b.eval("return document.querySelector('#create').getAttribute('aria-describedby')")
+            .await,
+        "cap"
+    );
+    // Another namespace is not held back.
+    b.eval("const s = document.querySelector('#namespace'); s.value = 'acme'; s.dispatchEvent(new Event('change')); return true")
+        .await;
+    b.wait_until(
+        "acme is shown",
+        "return document.querySelector('#ns-usage').textContent.startsWith('0 of 10')",
+    )
+    .await;
+    assert_eq!(b.property("#create", "disabled").await, false);
+    assert!(b.all("#cap:not([hidden])").await.is_empty());
+    drop(b);
+    gw.stop().await;
+}
+
+const TAB: &str = "\u{E004}";
+const ENTER: &str = "\u{E007}";
+
+/// Presses Tab until the focused element matches `css` (at most 60 times).
+async fn tab_to(b: &Browser, css: &str) {
+    let script = format!(
+        "return document.activeElement?.matches({}) === true",
+        serde_json::Value::from(css)
+    );
+    for _ in 0..60 {
+        if b.eval(&script).await == true {
+            return;
+        }
+        b.press(TAB).await;
+    }
+    panic!("Tab never reached {css}");
+}
+
+/// The main workflow by keyboard alone: sign in, create a key, take its secret, and revoke
+/// it from the row's menu.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_from_the_keyboard_alone() {
+    let (_up, gw) = setup().await;
+    let b = Browser::start(1440, 900).await;
+    b.goto(&format!("http://{}/console", gw.admin)).await;
+    b.find("#token").await;
+    assert_eq!(b.eval("return document.activeElement.id").await, "token");
+    b.press(&format!("{ADMIN_TOKEN}{ENTER}")).await;
+    b.find("#view-keys").await;
+
+    tab_to(&b, "#empty-create").await;
+    b.press(ENTER).await;
+    b.find("#key-form[open]").await;
+    assert_eq!(b.eval("return document.activeElement.id").await, "f-name");
+    b.press("by-keyboard").await;
+    tab_to(&b, "#key-form-submit").await;
+    b.press(ENTER).await;
+    b.find("#secret[open]").await;
+    let secret = b.property("#secret-value", "value").await;
+    let secret = secret.as_str().unwrap_or_default().to_string();
+    support::ledger::secret(&secret);
+    tab_to(&b, "#ack").await;
+    b.press(" ").await;
+    tab_to(&b, "#secret-done").await;
+    b.press(ENTER).await;
+    b.wait_until(
+        "the secret dialog closes",
+        "return !document.querySelector('#secret').open",
+    )
+    .await;
+    wait_rows(&b, 1).await;
+    let r = send(Req::get(gw.proxy, "/v1/x").bearer(&secret)).await;
+    assert_eq!(r.status, 200);
+
+    // The row's menu opens with Enter, and its Revoke asks first.
+    tab_to(&b, "#keys-body details.menu summary").await;
+    b.press(ENTER).await;
+    b.find("#keys-body details.menu[open] button.danger-text").await;
+    tab_to(&b, "#keys-body details.menu[open] button.danger-text").await;
+    b.press(ENTER).await;
+    b.find("#confirm[open]").await;
+    assert_eq!(
+        b.eval("return document.activeElement.id").await,
+        "confirm-cancel",
+        "the safe choice has the focus"
+    );
+    tab_to(&b, "#confirm-ok").await;
+    b.press(ENTER).await;
+    wait_rows(&b, 0).await;
+    let r = send(Req::get(gw.proxy, "/v1/x").bearer(&secret)).await;
+    assert_eq!(r.code(), "revoked_key");
+    drop(b);
     gw.stop().await;
 }
