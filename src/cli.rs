@@ -285,10 +285,10 @@ fn check(config_path: &Path) -> Result<(), String> {
     match Snapshot::load(&ctx) {
         Ok(s) => {
             println!(
-                "{}: ok ({} routes, {} keys in {})",
+                "{}: ok ({}, {} in {})",
                 config_path.display(),
-                s.routes.len(),
-                s.key_count(),
+                crate::keys::counted(s.routes.len(), "route"),
+                crate::keys::counted(s.key_count(), "key"),
                 s.store.path().display()
             );
             Ok(())

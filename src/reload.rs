@@ -110,8 +110,10 @@ pub async fn reload(
             if !matches!(trigger, Trigger::KeyChange(_) | Trigger::StoreChange) {
                 gw.audit.record(
                     &AuditEvent::new(now, actor, "config.reloaded").reason(format!(
-                        "generation {}: {} keys, {} routes",
-                        outcome.generation, outcome.keys, outcome.routes
+                        "generation {}: {}, {}",
+                        outcome.generation,
+                        crate::keys::counted(outcome.keys, "key"),
+                        crate::keys::counted(outcome.routes, "route")
                     )),
                 );
             }

@@ -220,7 +220,7 @@ fn check_lists_every_error_and_exits_one() {
     create_key_json(dir.path(), &[]);
     let (code, out, _) = keygate(dir.path(), &["check"]);
     assert_eq!(code, 0);
-    assert!(out.contains("1 routes, 1 keys"), "{out}");
+    assert!(out.contains("1 route, 1 key"), "{out}");
     let store_path = dir.path().join("keys.yaml");
     let store = std::fs::read_to_string(&store_path).unwrap();
     write(

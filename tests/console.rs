@@ -636,7 +636,8 @@ async fn the_console_is_served_without_a_token_and_with_a_strict_policy() {
 async fn a_full_tier_is_explained_before_the_form() {
     let (_up, gw) = setup().await;
     let b = Browser::start(1440, 900).await;
-    b.goto(&format!("http://{}/console?ns=solo", gw.admin)).await;
+    b.goto(&format!("http://{}/console?ns=solo", gw.admin))
+        .await;
     sign_in(&b, ADMIN_TOKEN).await;
     b.find("#view-keys").await;
     assert_eq!(b.text("#ns-usage").await, "0 of 1 key, One");
@@ -731,7 +732,8 @@ async fn the_console_works_from_the_keyboard_alone() {
     // The row's menu opens with Enter, and its Revoke asks first.
     tab_to(&b, "#keys-body details.menu summary").await;
     b.press(ENTER).await;
-    b.find("#keys-body details.menu[open] button.danger-text").await;
+    b.find("#keys-body details.menu[open] button.danger-text")
+        .await;
     tab_to(&b, "#keys-body details.menu[open] button.danger-text").await;
     b.press(ENTER).await;
     b.find("#confirm[open]").await;
@@ -746,5 +748,94 @@ async fn the_console_works_from_the_keyboard_alone() {
     let r = send(Req::get(gw.proxy, "/v1/x").bearer(&secret)).await;
     assert_eq!(r.code(), "revoked_key");
     drop(b);
+    gw.stop().await;
+}
+
+/// The pictures README shows, at 1440 and 400 px: the list, the list during a rotation,
+/// create with a server refusal, the secret, a key's detail and the audit log. They go to
+/// `target/console/docs/`; the ones in `docs/` were copied from there and looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn screenshots_for_the_readme() {
+    let (_up, gw) = setup().await;
+    let (billing, billing_secret) = gw
+        .create_key(keygate::keys::NewKey {
+            name: "billing-sync".into(),
+            scopes: vec!["read:/v1/**".into(), "write:/v1/orders/*".into()],
+            rate_limit: Some("100/s".into()),
+            note: "nightly invoice export".into(),
+            ..new_key("acme", "production")
+        })
+        .await;
+    gw.create_key(keygate::keys::NewKey {
+        name: "analytics".into(),
+        allowed_cidrs: vec!["10.0.0.0/8".into()],
+        ..new_key("acme", "production")
+    })
+    .await;
+    for path in ["/v1/x", "/v1/y", "/admin/z"] {
+        send(Req::get(gw.proxy, path).bearer(&billing_secret)).await;
+    }
+    gw.gateway().housekeeping();
+    let out = artifacts().join("docs");
+    for (width, height) in [(1440u32, 900u32), (400, 860)] {
+        let shot = |name: &str| out.join(format!("console-{name}-{width}.png"));
+        let b = Browser::start(width, height).await;
+        b.goto(&format!("http://{}/console", gw.admin)).await;
+        sign_in(&b, ADMIN_TOKEN).await;
+        wait_rows(&b, 2 + usize::from(width == 400)).await;
+        b.screenshot(&shot("keys")).await;
+
+        b.click(&format!(
+            "#keys-body tr[data-key-id='{}'] td[data-label='Name'] a",
+            billing.id
+        ))
+        .await;
+        b.find("#view-key").await;
+        b.wait_until(
+            "the chart is drawn",
+            "return document.querySelector('#chart svg') !== null",
+        )
+        .await;
+        b.screenshot(&shot("key-detail")).await;
+
+        if width == 1440 {
+            // Rotate once: the 400 px pass then shows the rotation too.
+            b.click("#key-actions button[data-action=rotate]").await;
+            b.click("#confirm-ok").await;
+        } else {
+            b.click("#key-actions button[data-action=regenerate]").await;
+            b.click("#confirm-ok").await;
+        }
+        b.find("#secret[open]").await;
+        let secret = b.property("#secret-value", "value").await;
+        support::ledger::secret(secret.as_str().unwrap_or_default());
+        b.eval("document.querySelector('#secret-value').setSelectionRange(0, 0); return true")
+            .await;
+        b.screenshot(&shot("secret")).await;
+        b.click("#ack").await;
+        b.click("#secret-done").await;
+        b.click("#back").await;
+        wait_rows(&b, 3).await;
+        b.screenshot(&shot("keys-rotation")).await;
+
+        b.click("#create").await;
+        b.find("#key-form[open]").await;
+        b.type_into("#f-name", "reports").await;
+        b.type_into("#f-rate", "5/fortnight").await;
+        b.click("#key-form-submit").await;
+        b.find("#e-rate_limit:not([hidden])").await;
+        b.screenshot(&shot("create-refused")).await;
+        b.click("#key-form-cancel").await;
+
+        b.click("#nav-audit").await;
+        b.find("#view-audit").await;
+        b.wait_until(
+            "events are listed",
+            "return document.querySelectorAll('#audit-body tr').length > 3",
+        )
+        .await;
+        b.screenshot(&shot("audit")).await;
+        drop(b);
+    }
     gw.stop().await;
 }

@@ -237,6 +237,15 @@ pub fn validate_environment(env: &str) -> Result<(), String> {
     }
 }
 
+/// `n` and a noun in English: "1 key", "2 keys".
+pub fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// A namespace name: 1 to 63 of `a-z 0-9 _ -`, starting with a letter or digit.
 pub fn validate_namespace(ns: &str) -> Result<(), String> {
     let ok = ns.len() <= 63

@@ -297,10 +297,9 @@ function keyRow(k) {
   const cell = (label, content, cls) => el("td", { "data-label": label, class: cls }, content);
   const note = k.note || "";
   return el("tr", { "data-key-id": k.id },
-    cell("Key ID", el("code", { text: k.id })),
+    cell("Key ID", [el("code", { text: k.id }), el("code", { class: "sub", text: `${k.prefix}…` })]),
     cell("Name", el("a", { href: `?${new URLSearchParams({ ...Object.fromEntries(params()), view: "key", id: k.id })}`,
       text: k.name || "(unnamed)", onclick: (e) => { e.preventDefault(); open(); } })),
-    cell("Prefix", el("code", { text: `${k.prefix}…` })),
     cell("Environment", k.environment),
     cell("Scopes", scopeChips(k.scopes), "scopes"),
     cell("Rate limit", k.rate_limit ? `${k.rate_limit}${k.burst ? `, burst ${k.burst}` : ""}` : "—"),
