@@ -360,6 +360,30 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
     assert!(b.text("#key-audit").await.contains("key.created"));
     b.screenshot(&artifacts().join("key-detail.png")).await;
 
+    // Org-wide usage: today's totals, the chart, the namespace, the codes and the top keys.
+    b.click("#nav-usage").await;
+    b.find("#view-usage").await;
+    b.wait_until(
+        "the usage is drawn",
+        "return document.querySelector('#usage-chart svg') !== null",
+    )
+    .await;
+    let tiles = b.text("#usage-tiles").await;
+    assert!(
+        tiles.contains("4\nrequests") || tiles.contains("4 requests"),
+        "{tiles}"
+    );
+    assert_eq!(
+        b.eval("return document.querySelector('#usage-chart svg').dataset.accepted")
+            .await,
+        "3"
+    );
+    assert!(b.text("#usage-namespaces").await.contains("acme"));
+    assert!(b.text("#usage-codes").await.contains("scope_denied"));
+    assert!(b.text("#usage-top").await.contains(&ci_id));
+    b.click(&format!("#usage-top a[href*='{ci_id}']")).await;
+    b.find("#view-key").await;
+
     // Regenerate: same key id, new secret once, the old one stops at once.
     b.click("#key-actions button[data-action=regenerate]").await;
     assert!(b
@@ -826,6 +850,14 @@ async fn screenshots_for_the_readme() {
         b.find("#e-rate_limit:not([hidden])").await;
         b.screenshot(&shot("create-refused")).await;
         b.click("#key-form-cancel").await;
+
+        b.click("#nav-usage").await;
+        b.wait_until(
+            "the usage is drawn",
+            "return document.querySelector('#usage-chart svg') !== null",
+        )
+        .await;
+        b.screenshot(&shot("usage")).await;
 
         b.click("#nav-audit").await;
         b.find("#view-audit").await;

@@ -84,6 +84,29 @@ async fn usage_counts_match_a_known_sequence_exactly() {
     assert_eq!(org["namespaces"][0]["namespace"], "acme");
     assert_eq!(org["top_by_requests"][0]["key_id"], record.id.as_str());
     assert_eq!(org["unidentified_refusals_today"]["missing_key"], 1);
+    // The codes and the per-minute series, summed over the keys.
+    assert_eq!(
+        org["by_code_today"],
+        serde_json::json!({"rate_limited": 1, "scope_denied": 1})
+    );
+    assert_eq!(
+        org["series"], u["series"],
+        "one key: the org's minutes are its own"
+    );
+    // A second key's traffic in the same minute adds to the same minute.
+    let (_, other) = gw.create_key(new_key("acme", "production")).await;
+    assert_eq!(
+        send(Req::get(gw.proxy, "/v1/a").bearer(&other))
+            .await
+            .status,
+        200
+    );
+    gw.gateway().housekeeping();
+    let org = admin_get(&gw, "/v1/usage").await.json();
+    let minutes = org["series"].as_array().unwrap();
+    assert_eq!(minutes.len(), 1, "{org}");
+    assert_eq!(minutes[0]["accepted"], 5);
+    assert_eq!(org["totals"]["keys_used_today"], 2);
 
     // The CLI reads what the gateway flushed.
     let shown = keygate_ok(gw.dir.path(), &["keys", "show", &record.id]);

@@ -706,11 +706,15 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
     let mut org = Totals::default();
     let mut by_ns: BTreeMap<String, Totals> = BTreeMap::new();
     let mut per_key = Vec::new();
-    for key in snapshot
-        .keys()
-        .filter(|k| only.is_none_or(|ns| k.namespace.as_str() == ns.as_str()))
-    {
-        let r = key.usage_report(now);
+    // Only keys that were ever used have a cell: the report costs what the traffic made, not
+    // what the key count is.
+    let cells = call.gw.usage.in_use();
+    for (key, cell) in cells.iter().filter_map(|(id, cell)| {
+        let key = snapshot.key_by_id(id)?;
+        only.is_none_or(|ns| key.namespace.as_str() == ns.as_str())
+            .then_some((key, cell))
+    }) {
+        let r = cell.report(now);
         if r.requests() == 0 {
             continue;
         }
@@ -753,6 +757,8 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
             "namespaces": namespaces,
             "top_by_requests": by_traffic,
             "top_by_error_rate": by_errors,
+            "by_code_today": org.counts.by_code.iter().filter(|(_, n)| **n > 0).collect::<BTreeMap<_, _>>(),
+            "series": org.counts.series_json(),
             "unidentified_refusals_today": call.gw.usage.anonymous.report(now).by_code,
         }),
     ))

@@ -431,14 +431,18 @@ impl UsageReport {
         }
     }
 
+    /// The per-minute series as JSON, oldest first.
+    pub fn series_json(&self) -> serde_json::Value {
+        self.series
+            .iter()
+            .map(|m| serde_json::json!({"minute": rfc3339(m.minute.saturating_mul(60)), "accepted": m.accepted, "refused": m.refused, "errors": m.errors}))
+            .collect()
+    }
+
     /// The contract's usage JSON.
     pub fn to_json(&self, now: i64) -> serde_json::Value {
         let mut v = self.counts_json();
-        let series: Vec<_> = self
-            .series
-            .iter()
-            .map(|m| serde_json::json!({"minute": rfc3339(m.minute.saturating_mul(60)), "accepted": m.accepted, "refused": m.refused, "errors": m.errors}))
-            .collect();
+        let series = self.series_json();
         if let Some(o) = v.as_object_mut() {
             o.insert("date".into(), crate::clock::date(now).into());
             o.insert("by_code_today".into(), serde_json::json!(self.by_code));
@@ -450,7 +454,7 @@ impl UsageReport {
                 "last_used_ip".into(),
                 self.last_use.as_ref().and_then(|u| u.ip.clone()).into(),
             );
-            o.insert("series".into(), series.into());
+            o.insert("series".into(), series);
         }
         v
     }
@@ -469,7 +473,8 @@ impl UsageReport {
         })
     }
 
-    /// Adds another report's counts to this one (for sums over keys).
+    /// Adds another report's counts to this one (for sums over keys): the totals, the codes
+    /// and the per-minute series (minute by minute).
     pub fn add_counts(&mut self, other: &UsageReport) {
         self.accepted = self.accepted.saturating_add(other.accepted);
         self.refused = self.refused.saturating_add(other.refused);
@@ -477,6 +482,27 @@ impl UsageReport {
         self.upstream_5xx = self.upstream_5xx.saturating_add(other.upstream_5xx);
         self.failed = self.failed.saturating_add(other.failed);
         self.upstream_errors = self.upstream_errors.saturating_add(other.upstream_errors);
+        for (code, n) in &other.by_code {
+            let sum = self.by_code.entry(code).or_default();
+            *sum = sum.saturating_add(*n);
+        }
+        if other.series.is_empty() {
+            return;
+        }
+        let mut minutes: BTreeMap<i64, Minute> =
+            self.series.drain(..).map(|m| (m.minute, m)).collect();
+        for m in &other.series {
+            let sum = minutes.entry(m.minute).or_insert(Minute {
+                minute: m.minute,
+                accepted: 0,
+                refused: 0,
+                errors: 0,
+            });
+            sum.accepted = sum.accepted.saturating_add(m.accepted);
+            sum.refused = sum.refused.saturating_add(m.refused);
+            sum.errors = sum.errors.saturating_add(m.errors);
+        }
+        self.series = minutes.into_values().collect();
     }
 }
 
@@ -583,6 +609,17 @@ impl UsageBook {
     /// The cells, for the entries of a snapshot.
     pub fn cells(&self) -> Cells {
         Cells(Arc::clone(&self.by_id))
+    }
+
+    /// Every cell made so far, by key id: the keys that were ever used, whatever the key
+    /// count, for reports that need only them.
+    pub fn in_use(&self) -> Vec<(String, Arc<KeyUsage>)> {
+        self.by_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, u)| (id.clone(), Arc::clone(u)))
+            .collect()
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<KeyUsage>> {

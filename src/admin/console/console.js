@@ -213,13 +213,15 @@ async function render() {
   if (!sessionStorage.getItem(TOKEN)) return signOut();
   const view = params().get("view") || "keys";
   renderNamespaces();
-  for (const v of ["keys", "key", "audit"]) $(`view-${v}`).hidden = v !== view;
-  const [here, there] = view === "audit" ? ["nav-audit", "nav-keys"] : ["nav-keys", "nav-audit"];
-  $(here).setAttribute("aria-current", "page");
-  $(there).removeAttribute("aria-current");
+  for (const v of ["keys", "key", "usage", "audit"]) $(`view-${v}`).hidden = v !== view;
+  const here = view === "audit" ? "nav-audit" : view === "usage" ? "nav-usage" : "nav-keys";
+  for (const nav of ["nav-keys", "nav-usage", "nav-audit"]) {
+    if (nav === here) $(nav).setAttribute("aria-current", "page"); else $(nav).removeAttribute("aria-current");
+  }
   try {
     if (view === "key") await renderKey(params().get("id"));
     else if (view === "audit") await renderAudit();
+    else if (view === "usage") await renderUsage();
     else await renderKeys();
   } catch (e) {
     if (e.status !== 401) flash(e.message, true);
@@ -427,6 +429,41 @@ function auditRows(events, withKey) {
     withKey ? el("td", {}, e.key_id ? el("code", { text: e.key_id }) : "") : null,
     el("td", { text: e.ip || "" }), el("td", { text: e.outcome || "" }),
     el("td", { class: "scopes", text: auditDetail(e) })));
+}
+
+/** Today's usage over every namespace: totals, the chart, namespaces, codes and top keys. */
+async function renderUsage() {
+  const u = await api("GET", "/v1/usage?top=10");
+  const t = u.totals;
+  $("usage-date").textContent = u.date;
+  const tile = (n, what) => el("div", { class: "tile" }, el("span", { class: "n", text: n }), el("span", { class: "what", text: what }));
+  $("usage-tiles").replaceChildren(
+    tile(String(t.requests_today), "requests"), tile(String(t.accepted_today), "accepted"),
+    tile(String(t.refused_today), "refused"), tile(errorRate(t.error_rate, t.requests_today), "error rate"),
+    tile(String(t.keys_used_today), "keys used"));
+  $("usage-chart").replaceChildren(...chart(u.series || []));
+  const none = (cols, text) => [el("tr", {}, el("td", { colspan: cols, class: "muted", text }))];
+  const num = (n) => el("td", { class: "num", text: String(n) });
+  const keyLink = (k) => el("td", {}, el("a", {
+    href: `?${new URLSearchParams({ ns: k.namespace, view: "key", id: k.key_id })}`,
+    onclick: (e) => { e.preventDefault(); go({ ns: k.namespace, view: "key", id: k.key_id }); },
+  }, el("code", { text: k.key_id })));
+  $("usage-namespaces").replaceChildren(...(u.namespaces.length ? u.namespaces.map((n) => el("tr", {},
+    el("td", { text: n.namespace }), num(n.requests_today), num(n.refused_today),
+    el("td", { class: "num", text: errorRate(n.error_rate, n.requests_today) }), num(n.keys_used_today)))
+    : none(5, "No requests today.")));
+  const codes = [
+    ...Object.entries(u.by_code_today || {}),
+    ...Object.entries(u.unidentified_refusals_today || {}),
+  ].sort((a, b) => b[1] - a[1]);
+  $("usage-codes").replaceChildren(...(codes.length
+    ? codes.map(([code, n]) => el("tr", {}, el("td", {}, el("code", { text: code })), num(n)))
+    : none(2, "No refusals today.")));
+  const keyRows = (list, empty) => (list.length ? list.map((k) => el("tr", {}, keyLink(k),
+    el("td", { text: k.namespace }), num(k.requests_today),
+    el("td", { class: "num", text: errorRate(k.error_rate, k.requests_today) }))) : none(4, empty));
+  $("usage-top").replaceChildren(...keyRows(u.top_by_requests, "No requests today."));
+  $("usage-errors").replaceChildren(...keyRows(u.top_by_error_rate, "No key with 10 or more requests had errors today."));
 }
 
 async function renderAudit() {
@@ -767,6 +804,7 @@ function wire() {
   $("namespace").addEventListener("change", (e) => go({ ns: e.target.value, view: "keys", id: null }));
   $("nav-keys").addEventListener("click", (e) => { e.preventDefault(); go({ view: "keys", id: null }); });
   $("nav-audit").addEventListener("click", (e) => { e.preventDefault(); go({ view: "audit", id: null }); });
+  $("nav-usage").addEventListener("click", (e) => { e.preventDefault(); go({ view: "usage", id: null }); });
   $("back").addEventListener("click", (e) => { e.preventDefault(); go({ view: "keys", id: null }); });
   $("status").addEventListener("change", (e) => go({ status: e.target.value === "active" ? null : e.target.value }, false));
   $("search").addEventListener("input", debounce((e) => go({ q: e.target.value.trim() }, false), 250));
