@@ -35,6 +35,15 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy 2>/dev/null || true
 
+# The alert-email test talks to a real SMTP server: aiosmtpd, from PyPI, in a virtualenv.
+PYTOOLS=target/pytools
+if ! "$PYTOOLS/bin/python" -c 'import aiosmtpd' >/dev/null 2>&1; then
+  log "installing aiosmtpd into $PYTOOLS"
+  python3 -m venv "$PYTOOLS"
+  "$PYTOOLS/bin/pip" install --quiet "aiosmtpd==1.4.6"
+fi
+export KEYGATE_TEST_PYTHON="$PWD/$PYTOOLS/bin/python"
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -1,8 +1,11 @@
 //! Alerts: rules over keys' traffic, evaluated by housekeeping every few seconds, never on
 //! the request path. When a rule's condition starts to hold for a key, `alert.fired` goes to
-//! the audit log and a JSON payload is POSTed to the webhook (with a timeout and retries);
-//! when it stops holding, `alert.resolved` does the same. Rules reload with the config;
-//! firing state lives outside the snapshot, by rule name and key id.
+//! the audit log, a JSON payload is POSTed to the webhook (with a timeout and retries), and
+//! the rule's `email` recipients get a message ([`email`]); when it stops holding,
+//! `alert.resolved` does the same. Rules reload with the config; firing state lives outside
+//! the snapshot, by rule name and key id.
+
+pub mod email;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +22,8 @@ use crate::clock::rfc3339;
 use crate::config::units::parse_duration;
 use crate::config::Problems;
 use crate::snapshot::KeyEntry;
+use email::{Smtp, SmtpConfig};
+use lettre::message::Mailbox;
 
 /// The `alerts` section of the config.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -27,6 +32,9 @@ pub struct AlertsConfig {
     /// Where alert payloads are POSTed. Without one, alerts go to the audit log only.
     #[serde(default)]
     pub webhook: Option<WebhookConfig>,
+    /// The SMTP server for rules with `email` recipients.
+    #[serde(default)]
+    pub smtp: Option<SmtpConfig>,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
 }
@@ -78,6 +86,10 @@ pub struct RuleConfig {
     /// Fires when a key has used this share of its quota.
     #[serde(default)]
     pub quota_percent: Option<f64>,
+    /// Addresses that get an email when the rule fires and when it resolves (needs
+    /// `alerts.smtp`), such as `ops@example.com` or `On call <oncall@example.com>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub email: Vec<String>,
 }
 
 /// A compiled condition.
@@ -99,6 +111,8 @@ pub struct Rule {
     pub key: Option<String>,
     pub namespace: Option<String>,
     pub condition: Condition,
+    /// Who is emailed when it fires or resolves.
+    pub email: Vec<Mailbox>,
 }
 
 /// A compiled webhook.
@@ -114,10 +128,13 @@ pub struct Webhook {
 pub struct AlertRules {
     pub rules: Vec<Rule>,
     pub webhook: Option<Webhook>,
+    pub smtp: Option<Smtp>,
 }
 
 impl AlertRules {
-    pub fn compile(cfg: &AlertsConfig, p: &mut Problems) -> AlertRules {
+    /// Compiles `cfg`; `base` is the config file's folder, for `alerts.smtp.ca_file`.
+    pub fn compile(cfg: &AlertsConfig, base: &std::path::Path, p: &mut Problems) -> AlertRules {
+        let smtp = cfg.smtp.as_ref().and_then(|s| Smtp::compile(s, base, p));
         let webhook = cfg.webhook.as_ref().and_then(|w| {
             let url = match w.url.parse::<http::Uri>() {
                 Ok(u)
@@ -194,10 +211,18 @@ impl AlertRules {
                     percent_ok(percent, "quota_percent", p);
                     Condition::QuotaUsed(percent)
                 };
-                Some(Rule { name: r.name.clone(), key: r.key.clone(), namespace: r.namespace.clone(), condition })
+                let email = email::recipients(&r.email, &format!("{path}.email"), p);
+                if !r.email.is_empty() && cfg.smtp.is_none() {
+                    p.push(format!("{path}.email"), "emailing an alert needs alerts.smtp");
+                }
+                Some(Rule { name: r.name.clone(), key: r.key.clone(), namespace: r.namespace.clone(), condition, email })
             })
             .collect();
-        AlertRules { rules, webhook }
+        AlertRules {
+            rules,
+            webhook,
+            smtp,
+        }
     }
 }
 
@@ -283,6 +308,9 @@ pub struct AlertEvent {
     pub value: f64,
     pub threshold: f64,
     pub time: String,
+    /// The rule's email recipients: where to send it, not part of the webhook's payload.
+    #[serde(skip)]
+    pub email: Vec<Mailbox>,
 }
 
 /// Which (rule, key) pairs are firing now.
@@ -318,6 +346,7 @@ impl AlertState {
                     value: (value * 100.0).round() / 100.0,
                     threshold: rule.threshold(),
                     time: rfc3339(now),
+                    email: rule.email.clone(),
                 };
                 if breaks && !was {
                     firing.insert(pair.clone(), value);
@@ -521,7 +550,7 @@ mod tests {
         )
         .unwrap();
         let mut p = Problems::default();
-        AlertRules::compile(&cfg, &mut p);
+        AlertRules::compile(&cfg, Path::new("."), &mut p);
         let paths: Vec<String> = p
             .locate(Path::new("x"), "")
             .into_iter()

@@ -179,6 +179,7 @@ pub struct Metrics {
     pub lockouts: AtomicU64,
     pub alerts_fired: AtomicU64,
     pub webhook_failures: AtomicU64,
+    pub email_failures: AtomicU64,
     /// The auth listener's and the verify API's decisions.
     pub decisions: Decisions,
 }
@@ -373,6 +374,12 @@ impl Metrics {
             "keygate_alert_webhook_failures_total",
             "Alert deliveries that failed after every retry.",
             self.webhook_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "keygate_alert_email_failures_total",
+            "Alert emails that failed after every retry.",
+            self.email_failures.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

@@ -23,7 +23,7 @@ use crate::tls::CertResolver;
 use tokio_rustls::TlsAcceptor;
 
 /// Runs [`Gateway::housekeeping`] every `usage.flush_interval`, and once more at shutdown;
-/// delivers the alerts it reports to the webhook, off the request path.
+/// delivers the alerts it reports to the webhook and by email, off the request path.
 async fn housekeeping(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>) {
     let every =
         crate::config::units::parse_duration(&gw.snapshot.load().config.usage.flush_interval)
@@ -39,17 +39,28 @@ async fn housekeeping(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duratio
         let Ok(events) = tokio::task::spawn_blocking(move || g.housekeeping()).await else {
             continue;
         };
-        let Some(webhook) = gw.snapshot.load().alerts.webhook.clone() else {
-            continue;
-        };
+        let snapshot = gw.snapshot.load_full();
+        let (webhook, smtp) = (&snapshot.alerts.webhook, &snapshot.alerts.smtp);
         for event in events {
-            let (g, webhook) = (gw.clone(), webhook.clone());
-            tokio::spawn(async move {
-                if !crate::alerts::deliver(&webhook, &event).await {
-                    g.metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(rule = %event.rule, "alert not delivered after every retry");
-                }
-            });
+            if let Some(webhook) = webhook.clone() {
+                let (g, event) = (gw.clone(), event.clone());
+                tokio::spawn(async move {
+                    if !crate::alerts::deliver(&webhook, &event).await {
+                        g.metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(rule = %event.rule, "alert not delivered after every retry");
+                    }
+                });
+            }
+            if let (Some(smtp), false) = (smtp.clone(), event.email.is_empty()) {
+                let g = gw.clone();
+                tokio::spawn(async move {
+                    let to = event.email.clone();
+                    if !crate::alerts::email::send(&smtp, &to, &event, 3).await {
+                        g.metrics.email_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(rule = %event.rule, "alert email not sent after every retry");
+                    }
+                });
+            }
         }
     }
     let g = gw.clone();

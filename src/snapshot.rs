@@ -599,8 +599,8 @@ fn compile_config(
         }),
         _ => None,
     };
-    let alerts = AlertRules::compile(&config.alerts, p);
     let base = ctx.config_path.parent().unwrap_or(Path::new("."));
+    let alerts = AlertRules::compile(&config.alerts, base, p);
     let proxy_certs = config
         .tls
         .proxy

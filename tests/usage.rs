@@ -566,3 +566,121 @@ async fn per_key_metrics_only_when_turned_on() {
     );
     gw.stop().await;
 }
+
+/// An alert rule with email recipients, under real traffic through the proxy: the message
+/// reaches a real SMTP server (STARTTLS and AUTH required) with the key id and the figure,
+/// and nothing secret.
+#[tokio::test]
+async fn alerts_are_emailed_through_a_real_smtp_server() {
+    let smtp = support::smtp::SmtpServer::start();
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("smtp-ca.pem");
+    std::fs::write(&ca, &smtp.ca_pem).unwrap();
+    let var = format!("KEYGATE_TEST_SMTP_PASSWORD_{}", smtp.port);
+    // Read once, when the config is loaded: never written into it.
+    std::env::set_var(&var, &smtp.password);
+    let extra = format!(
+        "usage:\n  flush_interval: 100ms\nalerts:\n  smtp: {{url: \"smtp://127.0.0.1:{port}\", from: \"keygate <keygate@example.test>\", username: {user}, password_env: {var}, ca_file: \"{ca}\", timeout: 5s}}\n  rules:\n    - {{name: hot, namespace: acme, requests_per_minute: 3, email: [\"On call <oncall@example.test>\"]}}\n",
+        port = smtp.port,
+        user = support::smtp::USER,
+        ca = ca.display(),
+    );
+    let gw = TestGateway::start(&config_yaml(&route("/", up.addr, "production", ""), &extra)).await;
+    let (record, key) = gw.create_key(new_key("acme", "production")).await;
+    for _ in 0..5 {
+        assert_eq!(
+            send(Req::get(gw.proxy, "/x").bearer(&key)).await.status,
+            200
+        );
+    }
+    let usage_path = format!("/v1/api-keys/{}/usage", record.id);
+    let seen = eventually(Duration::from_secs(10), async || {
+        let r = send(Req::get(gw.admin, &usage_path).bearer(ADMIN_TOKEN)).await;
+        r.json()["series"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|m| m["accepted"] == 5))
+    })
+    .await;
+    assert!(seen, "housekeeping recorded the minute's traffic");
+    gw.clock.advance(Duration::from_secs(60));
+    let arrived = eventually(Duration::from_secs(15), async || {
+        !smtp.received().is_empty()
+    })
+    .await;
+    assert!(arrived, "the alert email reached the SMTP server");
+    let (envelope, message) = smtp.received().remove(0);
+    assert_eq!(
+        envelope["rcpt_tos"],
+        serde_json::json!(["oncall@example.test"])
+    );
+    assert_eq!(envelope["mail_from"], "keygate@example.test");
+    assert_eq!(
+        (
+            envelope["tls"].as_bool(),
+            envelope["authenticated"].as_bool()
+        ),
+        (Some(true), Some(true)),
+        "sent over STARTTLS, after AUTH"
+    );
+    let subject = format!("Subject: [keygate] hot fired: key {}", record.id);
+    assert!(message.contains(&subject), "{message}");
+    assert!(message.contains("Value:      5"), "{message}");
+    assert!(message.contains("Threshold:  3"), "{message}");
+    assert!(!message.contains(&key), "no secret in the message");
+    assert!(
+        !message.contains(&smtp.password),
+        "no password in the message"
+    );
+    // A quiet minute resolves it: a second message.
+    gw.clock.advance(Duration::from_secs(60));
+    let resolved = eventually(Duration::from_secs(15), async || {
+        smtp.received()
+            .iter()
+            .any(|(_, m)| m.contains("hot resolved"))
+    })
+    .await;
+    assert!(resolved, "the resolution is emailed too");
+    assert_eq!(
+        counter(gw.admin, "keygate_alert_email_failures_total").await,
+        0
+    );
+    gw.stop().await;
+}
+
+/// Bad SMTP settings are config errors at load, each naming its field: a lost alert later
+/// would be worse.
+#[test]
+fn bad_smtp_settings_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.yaml");
+    for (alerts, field) in [
+        ("smtp: {url: \"http://mail\", from: a@b.c}", "alerts.smtp.url"),
+        ("smtp: {url: \"smtp://mail\", from: \"not an address\"}", "alerts.smtp.from"),
+        ("smtp: {url: \"smtp://mail\", from: a@b.c, starttls: maybe}", "alerts.smtp.starttls"),
+        (
+            "smtp: {url: \"smtp://mail\", from: a@b.c, username: u, password_env: KEYGATE_NO_SUCH_VAR_EVER}",
+            "alerts.smtp.password_env",
+        ),
+        ("smtp: {url: \"smtp://mail\", from: a@b.c, ca_file: missing.pem}", "alerts.smtp.ca_file"),
+        (
+            "rules: [{name: r, requests_per_minute: 1, email: [ops@example.test]}]",
+            "alerts.rules[0].email",
+        ),
+        (
+            "smtp: {url: \"smtp://mail\", from: a@b.c}\n  rules: [{name: r, requests_per_minute: 1, email: [\"not an address\"]}]",
+            "alerts.rules[0].email[0]",
+        ),
+    ] {
+        write(
+            &path,
+            &config_yaml(
+                &route("/", "127.0.0.1:9".parse().unwrap(), "production", ""),
+                &format!("alerts:\n  {alerts}\n"),
+            ),
+        );
+        let (code, _, err) = support::process::run(&["--config", "keygate.yaml", "check"], dir.path());
+        assert_eq!(code, 1, "{alerts}");
+        assert!(err.contains(field), "{alerts}: {err}");
+    }
+}

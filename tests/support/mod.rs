@@ -7,6 +7,7 @@ pub mod ingress;
 pub mod ledger;
 pub mod process;
 pub mod redis;
+pub mod smtp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
