@@ -44,7 +44,15 @@ fn reload(c: &mut Criterion) {
     let keys: Vec<KeyRecord> = (0..100_000).map(record).collect();
     let store = Store::new(dir.path().join("keys.yaml"));
     let lock = store.lock().unwrap();
-    store.save(&StoreFile { version: 1, keys }, &lock).unwrap();
+    store
+        .save(
+            &StoreFile {
+                keys,
+                ..StoreFile::default()
+            },
+            &lock,
+        )
+        .unwrap();
     drop(lock);
 
     let (limiters, usage, metrics) = (

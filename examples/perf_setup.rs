@@ -59,7 +59,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let store = Store::new(dir.join("keys.yaml"));
     let lock = store.lock()?;
-    store.save(&StoreFile { version: 1, keys }, &lock)?;
+    store.save(
+        &StoreFile {
+            keys,
+            ..StoreFile::default()
+        },
+        &lock,
+    )?;
     std::fs::write(dir.join("keys.txt"), secrets)?;
     std::fs::write(dir.join("nginx-keys.conf"), nginx)?;
     std::fs::write(dir.join("haproxy-keys.map"), haproxy)?;

@@ -60,31 +60,32 @@ fn default_retries() -> u32 {
     3
 }
 
-/// One rule: a scope (a key, a namespace's keys, or every key) and one condition.
+/// One rule: a scope (a key, a namespace's keys, or every key) and one condition. The same
+/// shape in the config, in the key store (rules made through `/v1/alerts`) and in the API.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub name: String,
     /// Only this key.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// Only this namespace's keys, each on its own.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Fires when a key's requests in the last complete minute exceed this.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u64>,
     /// Fires when the share of a key's requests that failed over `over` exceeds this.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_rate_percent: Option<f64>,
     /// The window of `error_rate_percent`. Default `5m`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over: Option<String>,
     /// Requests needed in the window before the error rate counts. Default `10`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_requests: Option<u64>,
     /// Fires when a key has used this share of its quota.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_percent: Option<f64>,
     /// Addresses that get an email when the rule fires and when it resolves (needs
     /// `alerts.smtp`), such as `ops@example.com` or `On call <oncall@example.com>`.
@@ -113,6 +114,10 @@ pub struct Rule {
     pub condition: Condition,
     /// Who is emailed when it fires or resolves.
     pub email: Vec<Mailbox>,
+    /// The rule as written, for the API.
+    pub source: RuleConfig,
+    /// Made through the API and kept in the key store, not written in the config.
+    pub stored: bool,
 }
 
 /// A compiled webhook.
@@ -167,62 +172,115 @@ impl AlertRules {
             })
         });
         let mut names = std::collections::HashSet::new();
-        let rules = cfg
-            .rules
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                let path = format!("alerts.rules[{i}]");
-                if r.name.trim().is_empty() || !names.insert(r.name.clone()) {
-                    p.push(format!("{path}.name"), "every rule needs a name of its own");
-                }
-                if r.key.is_some() && r.namespace.is_some() {
-                    p.push(&path, "a rule names a key or a namespace, not both");
-                }
-                let given = [r.requests_per_minute.is_some(), r.error_rate_percent.is_some(), r.quota_percent.is_some()];
-                if given.iter().filter(|g| **g).count() != 1 {
-                    p.push(&path, "a rule needs exactly one of requests_per_minute, error_rate_percent, quota_percent");
-                    return None;
-                }
-                let percent_ok = |v: f64, field: &str, p: &mut Problems| {
-                    if !(0.0..=100.0).contains(&v) {
-                        p.push(format!("{path}.{field}"), "must be between 0 and 100");
-                    }
-                };
-                let condition = if let Some(n) = r.requests_per_minute {
-                    Condition::RequestsPerMinute(n)
-                } else if let Some(percent) = r.error_rate_percent {
-                    percent_ok(percent, "error_rate_percent", p);
-                    let over = r.over.as_deref().unwrap_or("5m");
-                    let minutes = match parse_duration(over)
-                        .ok()
-                        .filter(|d| (60..=86_400).contains(&d.as_secs()))
-                        .and_then(|d| i64::try_from(d.as_secs() / 60).ok())
-                    {
-                        Some(minutes) => minutes,
-                        None => {
-                            p.push(format!("{path}.over"), format!("`{over}` must be a duration from 1m to 24h"));
-                            5
-                        }
-                    };
-                    Condition::ErrorRate { percent, minutes, min_requests: r.min_requests.unwrap_or(10) }
-                } else {
-                    let percent = r.quota_percent.unwrap_or_default();
-                    percent_ok(percent, "quota_percent", p);
-                    Condition::QuotaUsed(percent)
-                };
-                let email = email::recipients(&r.email, &format!("{path}.email"), p);
-                if !r.email.is_empty() && cfg.smtp.is_none() {
-                    p.push(format!("{path}.email"), "emailing an alert needs alerts.smtp");
-                }
-                Some(Rule { name: r.name.clone(), key: r.key.clone(), namespace: r.namespace.clone(), condition, email })
-            })
-            .collect();
+        let rules = compile_rules(
+            &cfg.rules,
+            "alerts.rules",
+            cfg.smtp.is_some(),
+            false,
+            &mut names,
+            p,
+        );
         AlertRules {
             rules,
             webhook,
             smtp,
         }
+    }
+}
+
+/// Compiles `rules` (found at `path[i]`), each name unused in `names`.
+fn compile_rules(
+    rules: &[RuleConfig],
+    path: &str,
+    has_smtp: bool,
+    stored: bool,
+    names: &mut std::collections::HashSet<String>,
+    p: &mut Problems,
+) -> Vec<Rule> {
+    rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let path = format!("{path}[{i}]");
+            if r.name.trim().is_empty() || !names.insert(r.name.clone()) {
+                p.push(format!("{path}.name"), "every rule needs a name of its own");
+            }
+            if r.key.is_some() && r.namespace.is_some() {
+                p.push(&path, "a rule names a key or a namespace, not both");
+            }
+            let given = [r.requests_per_minute.is_some(), r.error_rate_percent.is_some(), r.quota_percent.is_some()];
+            if given.iter().filter(|g| **g).count() != 1 {
+                p.push(&path, "a rule needs exactly one of requests_per_minute, error_rate_percent, quota_percent");
+                return None;
+            }
+            let percent_ok = |v: f64, field: &str, p: &mut Problems| {
+                if !(0.0..=100.0).contains(&v) {
+                    p.push(format!("{path}.{field}"), "must be between 0 and 100");
+                }
+            };
+            let condition = if let Some(n) = r.requests_per_minute {
+                Condition::RequestsPerMinute(n)
+            } else if let Some(percent) = r.error_rate_percent {
+                percent_ok(percent, "error_rate_percent", p);
+                let over = r.over.as_deref().unwrap_or("5m");
+                let minutes = match parse_duration(over)
+                    .ok()
+                    .filter(|d| (60..=86_400).contains(&d.as_secs()))
+                    .and_then(|d| i64::try_from(d.as_secs() / 60).ok())
+                {
+                    Some(minutes) => minutes,
+                    None => {
+                        p.push(format!("{path}.over"), format!("`{over}` must be a duration from 1m to 24h"));
+                        5
+                    }
+                };
+                Condition::ErrorRate { percent, minutes, min_requests: r.min_requests.unwrap_or(10) }
+            } else {
+                let percent = r.quota_percent.unwrap_or_default();
+                percent_ok(percent, "quota_percent", p);
+                Condition::QuotaUsed(percent)
+            };
+            let email = email::recipients(&r.email, &format!("{path}.email"), p);
+            if !r.email.is_empty() && !has_smtp {
+                p.push(format!("{path}.email"), "emailing an alert needs alerts.smtp");
+            }
+            Some(Rule {
+                name: r.name.clone(),
+                key: r.key.clone(),
+                namespace: r.namespace.clone(),
+                condition,
+                email,
+                source: r.clone(),
+                stored,
+            })
+        })
+        .collect()
+}
+
+impl AlertRules {
+    /// Adds the rules kept in the key store (made through the API) after the config's, each
+    /// checked as a config rule is. Problems are reported at `alerts[i]`.
+    pub fn add_stored(&mut self, stored: &[serde_json::Value], p: &mut Problems) {
+        let mut names: std::collections::HashSet<String> =
+            self.rules.iter().map(|r| r.name.clone()).collect();
+        let parsed: Vec<RuleConfig> = stored
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                serde_json::from_value(v.clone())
+                    .map_err(|e| p.push(format!("alerts[{i}]"), format!("not an alert rule: {e}")))
+                    .ok()
+            })
+            .collect();
+        let has_smtp = self.smtp.is_some();
+        self.rules.extend(compile_rules(
+            &parsed, "alerts", has_smtp, true, &mut names, p,
+        ));
+    }
+
+    /// The rule named `name`.
+    pub fn get(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
     }
 }
 

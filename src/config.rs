@@ -860,6 +860,11 @@ impl Problems {
         self.items.is_empty()
     }
 
+    /// The first problem found, as its path and message: for an API that answers one.
+    pub fn located_first(self) -> Option<(String, String)> {
+        self.items.into_iter().next()
+    }
+
     /// Turns the collected problems into located errors against `src`, the text of `file`.
     pub fn locate(self, file: &Path, src: &str) -> Vec<ConfigError> {
         let mut wanted: Vec<&str> = self.items.iter().flat_map(|(p, _)| ancestors(p)).collect();

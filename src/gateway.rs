@@ -128,6 +128,22 @@ impl Gateway {
         current.with_key_changes(&self.context(current), records, written)
     }
 
+    /// The snapshot in force with the store's alert rules now `stored` (see
+    /// [`Snapshot::with_alert_rules`]); put in force with [`Gateway::put_alert_rules`].
+    pub(crate) fn next_with_alert_rules(
+        &self,
+        current: &Snapshot,
+        stored: Vec<serde_json::Value>,
+        written: Option<&crate::snapshot::Written>,
+    ) -> Result<Snapshot, Vec<ConfigError>> {
+        current.with_alert_rules(&self.context(current), stored, written)
+    }
+
+    /// Puts in force a snapshot that differs from the one in force only in its alert rules.
+    pub(crate) fn put_alert_rules(&self, snapshot: Snapshot) {
+        self.put_in_force(snapshot);
+    }
+
     fn context<'a>(&'a self, current: &'a Snapshot) -> BuildContext<'a> {
         BuildContext {
             config_path: &self.config_path,

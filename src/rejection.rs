@@ -58,6 +58,12 @@ pub enum Rejection {
     KeyRevoked,
     KeyLimitReached(String),
     KeyRotating,
+    /// No alert rule has this name.
+    AlertNotFound,
+    /// The alert rule is written in the config file: change it there.
+    AlertInConfig,
+    /// An alert rule with this name exists already.
+    AlertExists,
     /// The shared rate limiter (Redis) cannot be reached and `rate_limit.fail_mode` is
     /// `closed`.
     LimiterUnavailable,
@@ -72,7 +78,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 32] = [
+pub const CODES: [&str; 35] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -105,6 +111,9 @@ pub const CODES: [&str; 32] = [
     "store_unavailable",
     "request_timeout",
     "insufficient_role",
+    "alert_not_found",
+    "alert_in_config",
+    "alert_exists",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -176,6 +185,9 @@ impl Rejection {
             StoreUnavailable(_) => 29,
             RequestTimeout => 30,
             InsufficientRole => 31,
+            AlertNotFound => 32,
+            AlertInConfig => 33,
+            AlertExists => 34,
         }
     }
 
@@ -216,6 +228,9 @@ impl Rejection {
             KeyRevoked => (S::CONFLICT, "key_revoked", problem!(409, "Conflict", "key_revoked", "The key is revoked, and a revoked key cannot be changed or enabled again.")),
             KeyLimitReached(_) => (S::CONFLICT, "key_limit_reached", ""),
             KeyRotating => (S::CONFLICT, "key_rotating", problem!(409, "Conflict", "key_rotating", "The key is already being rotated: rotate its replacement, or wait for the grace to end.")),
+            AlertNotFound => (S::NOT_FOUND, "alert_not_found", problem!(404, "Not Found", "alert_not_found", "No alert rule has this name.")),
+            AlertInConfig => (S::CONFLICT, "alert_in_config", problem!(409, "Conflict", "alert_in_config", "This alert rule is written in the config file: change or remove it there.")),
+            AlertExists => (S::CONFLICT, "alert_exists", problem!(409, "Conflict", "alert_exists", "An alert rule with this name exists already: choose another name, or change that rule.")),
             LimiterUnavailable => (S::SERVICE_UNAVAILABLE, "limiter_unavailable", problem!(503, "Service Unavailable", "limiter_unavailable", "The shared rate limiter cannot be reached, and this gateway is set to refuse rather than guess; retry after the time in Retry-After.")),
             StoreUnavailable(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", ""),
             RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout", problem!(408, "Request Timeout", "request_timeout", "The request body did not arrive in time.")),
@@ -369,6 +384,9 @@ mod tests {
             KeyNotFound,
             KeyRevoked,
             KeyRotating,
+            AlertNotFound,
+            AlertInConfig,
+            AlertExists,
             RequestTimeout,
             TooManyFailedAttempts { retry_after: 1 },
         ] {

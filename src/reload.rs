@@ -186,6 +186,47 @@ pub async fn apply_key_changes(
     reload(gw, Trigger::KeyChange(actor)).await
 }
 
+/// Puts the store's alert rules in force after the admin API wrote them (`stored`, through
+/// `written`): as a change to the snapshot in force when the write started from the store it
+/// was read from, otherwise by reading everything again.
+pub async fn apply_alert_rules(
+    gw: &Arc<Gateway>,
+    actor: &str,
+    stored: Vec<serde_json::Value>,
+    written: Option<Written>,
+) -> Result<ReloadOutcome, Vec<ConfigError>> {
+    {
+        let _one_at_a_time = gw.reload_lock.lock().await;
+        let current = gw.snapshot.load_full();
+        if written.as_ref().is_some_and(|w| current.follows(w)) {
+            let builder = gw.clone();
+            let path = current.store.path().to_path_buf();
+            let applied = tokio::task::spawn_blocking(move || {
+                let next = builder.next_with_alert_rules(&current, stored, written.as_ref())?;
+                let outcome = outcome_of(&next);
+                builder.put_alert_rules(next);
+                Ok(outcome)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(vec![ConfigError::whole_file(
+                    &path,
+                    format!("alert rule task failed: {e}"),
+                )])
+            });
+            match applied {
+                Ok(outcome) => return Ok(outcome),
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::warn!(actor, error = %e, "alert rules not applied as a change; reading the whole store");
+                    }
+                }
+            }
+        }
+    }
+    reload(gw, Trigger::KeyChange(actor)).await
+}
+
 /// Builds the snapshot after a change to `records` and puts it in force, on a blocking
 /// thread: copying the touched shards and the bookkeeping take a fraction of a millisecond
 /// at a million keys, which must not stall a request thread. With `version`, the new

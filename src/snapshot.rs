@@ -112,7 +112,10 @@ pub struct Snapshot {
     pub trusted_proxies: CidrSet,
     pub x_api_key: bool,
     pub lockout: Option<LockoutPolicy>,
+    /// The config's alert rules, then those kept in the key store.
     pub alerts: AlertRules,
+    /// The alert rules kept in the key store, as stored.
+    pub stored_alerts: Vec<serde_json::Value>,
     /// Some keys were imported: a token that is not in keygate's format may still be one,
     /// unless it starts like a keygate key (`prefix_bases`).
     pub accepts_unformatted: bool,
@@ -314,14 +317,50 @@ impl Snapshot {
         Ok(next)
     }
 
+    /// The next snapshot after the store's alert rules became `stored` through `written`:
+    /// everything else is shared with `self`. A rule that does not compile changes nothing.
+    pub fn with_alert_rules(
+        &self,
+        ctx: &BuildContext<'_>,
+        stored: Vec<serde_json::Value>,
+        written: Option<&Written>,
+    ) -> Result<Snapshot, Vec<ConfigError>> {
+        let mut next = self.clone();
+        next.generation = ctx.generation;
+        match written {
+            Some(Written::File { after, .. }) if self.store.is_file() => {
+                if let Some(slot) = next.fingerprint.0.get_mut(1) {
+                    *slot = *after;
+                }
+            }
+            Some(Written::Feed { after, .. }) => next.store_version = Some(*after),
+            _ => {}
+        }
+        let mut p = Problems::default();
+        let base = self.config_path.parent().unwrap_or(Path::new("."));
+        let mut alerts = AlertRules::compile(&self.config.alerts, base, &mut p);
+        alerts.add_stored(&stored, &mut p);
+        if !p.is_empty() {
+            return Err(p.locate(self.store.path(), ""));
+        }
+        next.alerts = alerts;
+        next.stored_alerts = stored;
+        Ok(next)
+    }
+
     /// The snapshot of a config and its compiled keys, or the problems of each.
     fn assemble(
         ctx: &BuildContext<'_>,
         config: Config,
-        (keys, key_problems): (KeyIndex, Problems),
+        (keys, mut key_problems, stored_alerts): (KeyIndex, Problems, Vec<serde_json::Value>),
     ) -> Result<Snapshot, (Problems, Problems)> {
         let mut config_problems = Problems::default();
-        let compiled = compile_config(&config, ctx, &mut config_problems);
+        let mut compiled = compile_config(&config, ctx, &mut config_problems);
+        // The store's alert rules join the config's, checked the same way, and located in
+        // the store.
+        if let Some(c) = &mut compiled {
+            c.alerts.add_stored(&stored_alerts, &mut key_problems);
+        }
         let compiled = match compiled {
             Some(c) if key_problems.is_empty() => c,
             _ => return Err((config_problems, key_problems)),
@@ -340,6 +379,7 @@ impl Snapshot {
             x_api_key: config.x_api_key,
             lockout: compiled.lockout,
             alerts: compiled.alerts,
+            stored_alerts,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
             envoy_path_prefix: compiled.envoy_path_prefix,
@@ -782,6 +822,8 @@ struct KeyBuild<'a> {
     problems: Problems,
     /// The next record's place in the store.
     at: usize,
+    /// The alert rules kept in the store.
+    alerts: Vec<serde_json::Value>,
 }
 
 impl<'a> KeyBuild<'a> {
@@ -792,6 +834,7 @@ impl<'a> KeyBuild<'a> {
             keys: KeyIndex::default(),
             problems: Problems::default(),
             at: 0,
+            alerts: Vec::new(),
         }
     }
 
@@ -819,8 +862,8 @@ impl<'a> KeyBuild<'a> {
         }
     }
 
-    fn finish(self) -> (KeyIndex, Problems) {
-        (self.keys, self.problems)
+    fn finish(self) -> (KeyIndex, Problems, Vec<serde_json::Value>) {
+        (self.keys, self.problems, self.alerts)
     }
 }
 
@@ -831,6 +874,10 @@ impl RecordSink for KeyBuild<'_> {
 
     fn add(&mut self, record: KeyRecord) {
         self.compile(&record);
+    }
+
+    fn alert_rules(&mut self, rules: Vec<serde_json::Value>) {
+        self.alerts = rules;
     }
 }
 

@@ -19,7 +19,7 @@ use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, ListQuery, Ne
 use crate::rejection::Rejection;
 use crate::state::usage::UsageReport;
 
-type Answer = Result<Response<ResponseBody>, Rejection>;
+pub(crate) type Answer = Result<Response<ResponseBody>, Rejection>;
 
 /// `POST /v1/api-keys`.
 #[derive(Debug, Deserialize)]
@@ -297,7 +297,7 @@ fn with_warnings(mut v: serde_json::Value, warnings: Vec<String>) -> serde_json:
     v
 }
 
-fn created(v: &serde_json::Value) -> Response<ResponseBody> {
+pub(crate) fn created(v: &serde_json::Value) -> Response<ResponseBody> {
     let mut response = json(StatusCode::CREATED, v);
     if let Some(location) = v
         .get("id")
@@ -321,7 +321,7 @@ fn query_params(query: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn decode(s: &str) -> String {
+pub(crate) fn decode(s: &str) -> String {
     let mut out = Vec::with_capacity(s.len());
     let mut rest = s.as_bytes();
     while let Some((&b, tail)) = rest.split_first() {

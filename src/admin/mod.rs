@@ -3,6 +3,7 @@
 //! in constant time against the SHA-256 of each configured token. The token's name is the
 //! actor in the audit log.
 
+mod alerts;
 mod console;
 mod keys;
 mod verify;
@@ -52,6 +53,11 @@ pub enum Endpoint {
     Usage,
     KeyUsage,
     Verify,
+    ListAlerts,
+    CreateAlert,
+    GetAlert,
+    UpdateAlert,
+    DeleteAlert,
 }
 
 impl Endpoint {
@@ -64,7 +70,15 @@ impl Endpoint {
             Role::Verify => self == Verify,
             Role::Read => matches!(
                 self,
-                ListKeys | GetKey | Namespaces | Audit | Metrics | Usage | KeyUsage
+                ListKeys
+                    | GetKey
+                    | Namespaces
+                    | Audit
+                    | Metrics
+                    | Usage
+                    | KeyUsage
+                    | ListAlerts
+                    | GetAlert
             ),
         }
     }
@@ -96,6 +110,11 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/v1/usage", Endpoint::Usage),
     ("GET", "/v1/api-keys/{id}/usage", Endpoint::KeyUsage),
     ("POST", "/v1/keys/verify", Endpoint::Verify),
+    ("GET", "/v1/alerts", Endpoint::ListAlerts),
+    ("POST", "/v1/alerts", Endpoint::CreateAlert),
+    ("GET", "/v1/alerts/{id}", Endpoint::GetAlert),
+    ("PATCH", "/v1/alerts/{id}", Endpoint::UpdateAlert),
+    ("DELETE", "/v1/alerts/{id}", Endpoint::DeleteAlert),
 ];
 
 /// The OpenAPI 3.1 document for this API, kept in the repository.
@@ -253,6 +272,11 @@ async fn route(
         Endpoint::Usage => keys::org_usage(&call, &query).await,
         Endpoint::KeyUsage => keys::key_usage(&call).await,
         Endpoint::Verify => verify::verify(&call, read_json(req, within).await?).await,
+        Endpoint::ListAlerts => alerts::list(&call).await,
+        Endpoint::GetAlert => alerts::get(&call).await,
+        Endpoint::CreateAlert => alerts::create(&call, read_json(req, within).await?).await,
+        Endpoint::UpdateAlert => alerts::update(&call, read_json(req, within).await?).await,
+        Endpoint::DeleteAlert => alerts::delete(&call).await,
         Endpoint::Metrics => {
             let gw = call.gw.clone();
             let text = tokio::task::spawn_blocking(move || gw.render_metrics())
@@ -325,7 +349,7 @@ async fn read_body(req: Request<Incoming>, within: Duration) -> Result<Bytes, Re
 /// read a struct from an array, by position), and a whole number written with a fraction of
 /// zero (`30.0`) reads as the integer it is, as JSON Schema's `integer` says.
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
-    let mut value: serde_json::Value =
+    let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidRequest {
             field: None,
             detail: format!("invalid JSON body: {e}"),
@@ -336,6 +360,13 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Rejection> {
             detail: "the body must be a JSON object".into(),
         });
     }
+    read_value(value)
+}
+
+/// Reads a JSON object already parsed into `T`, as [`parse_json`] does.
+pub(crate) fn read_value<T: DeserializeOwned>(
+    mut value: serde_json::Value,
+) -> Result<T, Rejection> {
     whole_numbers(&mut value);
     serde_json::from_value::<T>(value.clone()).map_err(|e| {
         let detail = e.to_string();

@@ -462,7 +462,8 @@ pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
             return Err(at("another record in the file has this id".into()));
         }
     }
-    transact(op.store, |records| {
+    let alerts = incoming.alerts;
+    let loaded = transact(op.store, |records| {
         let mut done = Loaded {
             added: 0,
             replaced: 0,
@@ -485,7 +486,21 @@ pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
             records.put(r)?;
         }
         Ok(done)
-    })
+    })?;
+    // The file's alert rules replace the store's rules of the same names, and join it
+    // otherwise: in a second write, after the keys.
+    if !alerts.is_empty() {
+        op.store.change_alert_rules(|rules| {
+            for rule in alerts {
+                match rules.iter_mut().find(|r| r.get("name") == rule.get("name")) {
+                    Some(slot) => *slot = rule,
+                    None => rules.push(rule),
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(loaded)
 }
 
 /// One locked read-modify-write of the store: all of it is written, or none.

@@ -76,6 +76,24 @@ end
 return v
 ";
 
+/// Replaces the alert rules. KEYS: the rules, the version, the lock, the indexed version.
+/// ARGV: the lock token, the channel, the rules as a JSON array. The indexes cover keys
+/// only, so they stay current when they were.
+const SET_ALERTS: &str = r"
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  return redis.error_reply('the store lock was lost')
+end
+redis.call('SET', KEYS[1], ARGV[3])
+local before = redis.call('GET', KEYS[2])
+local indexed = redis.call('GET', KEYS[4])
+local v = redis.call('INCR', KEYS[2])
+if indexed and indexed == before then
+  redis.call('SET', KEYS[4], v)
+end
+redis.call('PUBLISH', ARGV[2], v)
+return v
+";
+
 const UNLOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -128,6 +146,7 @@ pub struct RedisStore {
     counted: String,
     counted_namespaces: String,
     indexed: String,
+    alerts: String,
 }
 
 impl RedisStore {
@@ -147,6 +166,7 @@ impl RedisStore {
             counted: format!("{prefix}:counted:"),
             counted_namespaces: format!("{prefix}:counted_namespaces"),
             indexed: format!("{prefix}:indexed"),
+            alerts: format!("{prefix}:alerts"),
         })
     }
 
@@ -214,6 +234,82 @@ impl RedisStore {
     fn parse(&self, id: &str, json: &str) -> Result<KeyRecord, String> {
         serde_json::from_str(json)
             .map_err(|e| format!("{}: the record of key `{id}` is not valid: {e}", self.keys))
+    }
+
+    /// Every record, the alert rules and the version they are at, read atomically.
+    pub fn load_with_alerts(
+        &self,
+    ) -> Result<(Vec<KeyRecord>, Vec<serde_json::Value>, u64), String> {
+        let mut con = self.connect()?;
+        let (version, entries, alerts): (Option<u64>, HashMap<String, String>, Option<String>) =
+            redis::pipe()
+                .atomic()
+                .get(&self.version)
+                .hgetall(&self.keys)
+                .get(&self.alerts)
+                .query(&mut con)
+                .map_err(|e| self.unreachable(&e))?;
+        let mut records = Vec::with_capacity(entries.len());
+        for (id, json) in entries {
+            records.push(self.parse(&id, &json)?);
+        }
+        records.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok((
+            records,
+            self.parse_alerts(alerts.as_deref())?,
+            version.unwrap_or(0),
+        ))
+    }
+
+    fn parse_alerts(&self, text: Option<&str>) -> Result<Vec<serde_json::Value>, String> {
+        text.map_or(Ok(Vec::new()), |t| {
+            serde_json::from_str(t)
+                .map_err(|e| format!("{}: the alert rules cannot be read: {e}", self.alerts))
+        })
+    }
+
+    /// One read-modify-write of the alert rules under the writers' lock. Bumps and publishes
+    /// the version, so every node reads the store again; returns the result and the
+    /// versions before and after.
+    pub fn change_alert_rules<T>(
+        &self,
+        change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, KeyError>,
+    ) -> Result<(T, u64, u64), KeyError> {
+        let mut con = self.connect().map_err(KeyError::Unavailable)?;
+        let token = lock_token();
+        self.acquire(&mut con, &token)?;
+        let unavailable = |e: redis::RedisError| KeyError::Unavailable(self.unreachable(&e));
+        let result = (|| {
+            let (before, text): (Option<u64>, Option<String>) = redis::pipe()
+                .atomic()
+                .get(&self.version)
+                .get(&self.alerts)
+                .query(&mut con)
+                .map_err(unavailable)?;
+            let mut rules = self
+                .parse_alerts(text.as_deref())
+                .map_err(KeyError::Unavailable)?;
+            let out = change(&mut rules)?;
+            let after: u64 = redis::Script::new(SET_ALERTS)
+                .key(&self.alerts)
+                .key(&self.version)
+                .key(&self.lock)
+                .key(&self.indexed)
+                .arg(&token)
+                .arg(&self.changes)
+                .arg(serde_json::Value::from(rules).to_string())
+                .invoke(&mut con)
+                .map_err(unavailable)?;
+            Ok((out, before.unwrap_or(0), after))
+        })();
+        let released: Result<i64, _> = redis::Script::new(UNLOCK)
+            .key(&self.lock)
+            .arg(&token)
+            .invoke(&mut con);
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "could not release the store lock; it expires by itself");
+        }
+        result
     }
 
     /// The records with these ids, as they are now; `None` if any of them is gone.

@@ -34,8 +34,17 @@ pub const MAX_LISTED: usize = 1_000;
 /// Feed rows kept; a follower further behind than this reads the whole store.
 const FEED_KEPT: i64 = 100_000;
 
-/// The schema this build reads and writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this build reads and writes (`PRAGMA user_version`). Version 2 adds the
+/// alert rules made through the admin API; a version 1 database is brought up to it.
+const SCHEMA_VERSION: i64 = 2;
+
+/// What version 2 adds to version 1.
+const ALERT_RULES: &str = "
+CREATE TABLE IF NOT EXISTS alert_rules (
+    position INTEGER PRIMARY KEY NOT NULL,
+    rule TEXT NOT NULL
+);
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -139,7 +148,12 @@ impl SqliteStore {
             SCHEMA_VERSION => {}
             0 => {
                 con.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN IMMEDIATE; {SCHEMA} {ALERT_RULES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))?;
+            }
+            1 => {
+                con.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {ALERT_RULES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             other => {
@@ -167,6 +181,10 @@ impl SqliteStore {
             let last: Option<i64> =
                 tx.query_row("SELECT max(rowid) FROM keys", [], |r| r.get(0))?;
             sink.expect(last.and_then(|n| usize::try_from(n).ok()).unwrap_or(0));
+            match read_alert_rules(&tx) {
+                Ok(rules) => sink.alert_rules(rules),
+                Err(e) => errors.push(ConfigError::at(&self.path, "alert_rules", e)),
+            }
             {
                 let mut stmt = tx.prepare("SELECT id, record FROM keys ORDER BY rowid")?;
                 let mut cursor = stmt.query([])?;
@@ -394,6 +412,62 @@ impl SqliteStore {
         })();
         done.map_err(|e| KeyError::Unavailable(con.failed(self, e)))?
     }
+}
+
+impl SqliteStore {
+    /// One transaction over the alert rules: `change` edits the whole list, which then
+    /// replaces the stored one. Returns its result and the change feed's number, which an
+    /// alert rule does not move (followers read rules only with a whole build).
+    pub fn change_alert_rules<T>(
+        &self,
+        change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, KeyError>,
+    ) -> Result<(T, u64), KeyError> {
+        let mut con = self.connection().map_err(KeyError::Unavailable)?;
+        let done = (|| {
+            let tx = con
+                .get()?
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let seq = last_seq(&tx)?;
+            let mut rules = match read_alert_rules(&tx) {
+                Ok(rules) => rules,
+                Err(e) => return Ok(Err(KeyError::Unavailable(self.fail(e)))),
+            };
+            let out = match change(&mut rules) {
+                Ok(out) => out,
+                Err(e) => return Ok(Err(e)),
+            };
+            tx.execute("DELETE FROM alert_rules", [])?;
+            {
+                let mut insert =
+                    tx.prepare_cached("INSERT INTO alert_rules (position, rule) VALUES (?1, ?2)")?;
+                for (position, rule) in (0i64..).zip(&rules) {
+                    insert.execute(params![position, rule.to_string()])?;
+                }
+            }
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(Ok((out, seq)))
+        })();
+        done.map_err(|e| KeyError::Unavailable(con.failed(self, e)))?
+    }
+}
+
+/// The stored alert rules, in order.
+fn read_alert_rules(tx: &rusqlite::Transaction<'_>) -> Result<Vec<serde_json::Value>, String> {
+    let mut stmt = tx
+        .prepare_cached("SELECT rule FROM alert_rules ORDER BY position")
+        .map_err(|e| e.to_string())?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(|e| e.to_string())?;
+    let mut rules = Vec::new();
+    for row in rows {
+        let text = row.map_err(|e| e.to_string())?;
+        rules.push(
+            serde_json::from_str(&text)
+                .map_err(|e| format!("a stored alert rule cannot be read: {e}"))?,
+        );
+    }
+    Ok(rules)
 }
 
 /// This process's connection, held for one operation.

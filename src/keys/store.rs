@@ -30,6 +30,10 @@ pub struct StoreFile {
     pub version: u32,
     #[serde(default)]
     pub keys: Vec<KeyRecord>,
+    /// Alert rules made through the admin API (`/v1/alerts`), each as its JSON object,
+    /// beside those in the config. The alerts module reads them; the store only keeps them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<serde_json::Value>,
 }
 
 impl Default for StoreFile {
@@ -37,6 +41,7 @@ impl Default for StoreFile {
         StoreFile {
             version: current_version(),
             keys: Vec::new(),
+            alerts: Vec::new(),
         }
     }
 }
@@ -144,6 +149,23 @@ pub trait RecordSink {
     /// About how many records follow (a database's estimate), for sizing what holds them.
     fn expect(&mut self, _count: usize) {}
     fn add(&mut self, record: KeyRecord);
+    /// The alert rules kept in the store, read with the records.
+    fn alert_rules(&mut self, _rules: Vec<serde_json::Value>) {}
+}
+
+/// A whole store document, gathered from any kind of store.
+impl RecordSink for StoreFile {
+    fn expect(&mut self, count: usize) {
+        self.keys.reserve(count);
+    }
+
+    fn add(&mut self, record: KeyRecord) {
+        self.keys.push(record);
+    }
+
+    fn alert_rules(&mut self, rules: Vec<serde_json::Value>) {
+        self.alerts = rules;
+    }
 }
 
 impl RecordSink for Vec<KeyRecord> {
@@ -256,12 +278,8 @@ impl Store {
     /// Reads the store, with its version for Redis (how many writes it has seen) and SQLite
     /// (its change feed's number).
     pub fn load_versioned(&self) -> Result<(StoreFile, String, Option<u64>), Vec<ConfigError>> {
-        let mut keys = Vec::new();
-        let (src, version) = self.load_each(&mut keys)?;
-        let file = StoreFile {
-            keys,
-            ..StoreFile::default()
-        };
+        let mut file = StoreFile::default();
+        let (src, version) = self.load_each(&mut file)?;
         Ok((file, src, version))
     }
 
@@ -275,12 +293,14 @@ impl Store {
         let (keys, src, version) = match &self.backend {
             Backend::File => {
                 let (file, src) = self.load()?;
+                sink.alert_rules(file.alerts);
                 (file.keys, src, None)
             }
             Backend::Redis(redis) => {
-                let (keys, version) = redis
-                    .load()
+                let (keys, alerts, version) = redis
+                    .load_with_alerts()
                     .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?;
+                sink.alert_rules(alerts);
                 (keys, String::new(), Some(version))
             }
             Backend::Sqlite(db) => return Ok((String::new(), Some(db.load_each(sink)?))),
@@ -303,6 +323,50 @@ impl Store {
         let (out, before, after) = db.transact(change)?;
         self.witness_write(Written::Feed { before, after });
         Ok(out)
+    }
+
+    /// One locked read-modify-write of the alert rules kept in the store: `change` edits the
+    /// whole list (rules are few), and all of it is written, or none. Keys are untouched.
+    pub fn change_alert_rules<T>(
+        &self,
+        change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        match &self.backend {
+            Backend::Redis(redis) => {
+                let (out, before, after) = redis.change_alert_rules(change)?;
+                self.witness_write(Written::Feed { before, after });
+                Ok(out)
+            }
+            Backend::Sqlite(db) => {
+                let (out, seq) = db.change_alert_rules(change)?;
+                self.witness_write(Written::Feed {
+                    before: seq,
+                    after: seq,
+                });
+                Ok(out)
+            }
+            Backend::File => {
+                let lock = self.lock()?;
+                let before = FileStamp::of(&self.path);
+                let remembered = self.memo.as_ref().and_then(|m| {
+                    let memo = m.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+                    (memo.stamp == before).then_some(memo.file)
+                });
+                let mut file = match remembered {
+                    Some(file) => file,
+                    None => self.load().map_err(KeyError::Store)?.0,
+                };
+                let out = change(&mut file.alerts)?;
+                self.save(&file, &lock)?;
+                let after = FileStamp::of(&self.path);
+                self.witness_write(Written::File { before, after });
+                if let Some(m) = &self.memo {
+                    *m.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Memo { stamp: after, file });
+                }
+                Ok(out)
+            }
+        }
     }
 
     fn witness_write(&self, written: Written) {
@@ -484,22 +548,30 @@ pub fn parse(path: &Path, src: &str) -> Result<StoreFile, Vec<ConfigError>> {
 /// style, a syntax error) returns `None`, and the YAML parser reads the file and locates
 /// any error.
 fn parse_lines(src: &str) -> Option<StoreFile> {
+    #[derive(PartialEq)]
+    enum In {
+        Head,
+        Keys,
+        Alerts,
+    }
     let mut file = StoreFile::default();
-    let mut in_keys = false;
+    let mut section = In::Head;
     for line in src.lines() {
         let line = line.trim_end();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if in_keys {
-            let record = line.strip_prefix("- ").filter(|r| r.starts_with('{'))?;
-            file.keys.push(serde_json::from_str(record).ok()?);
-        } else if let Some(v) = line.strip_prefix("version: ") {
-            file.version = v.trim().parse().ok()?;
-        } else if line == "keys:" {
-            in_keys = true;
-        } else if line != "keys: []" {
-            return None;
+        let item = line.strip_prefix("- ").filter(|r| r.starts_with('{'));
+        match (&section, item) {
+            (In::Keys, Some(record)) => file.keys.push(serde_json::from_str(record).ok()?),
+            (In::Alerts, Some(rule)) => file.alerts.push(serde_json::from_str(rule).ok()?),
+            _ if line == "keys:" && section == In::Head => section = In::Keys,
+            _ if line == "keys: []" && section == In::Head => {}
+            _ if line == "alerts:" && section != In::Alerts => section = In::Alerts,
+            (In::Head, None) => {
+                file.version = line.strip_prefix("version: ")?.trim().parse().ok()?
+            }
+            _ => return None,
         }
     }
     Some(file)
@@ -515,13 +587,21 @@ pub fn render(file: &StoreFile) -> io::Result<String> {
     out.push_str(&format!("version: {}\n", file.version));
     if file.keys.is_empty() {
         out.push_str("keys: []\n");
-        return Ok(out);
+    } else {
+        out.push_str("keys:\n");
     }
-    out.push_str("keys:\n");
     for record in &file.keys {
         out.push_str("- ");
         out.push_str(&serde_json::to_string(record).map_err(io::Error::other)?);
         out.push('\n');
+    }
+    if !file.alerts.is_empty() {
+        out.push_str("alerts:\n");
+        for rule in &file.alerts {
+            out.push_str("- ");
+            out.push_str(&serde_json::to_string(rule).map_err(io::Error::other)?);
+            out.push('\n');
+        }
     }
     Ok(out)
 }
@@ -535,14 +615,28 @@ mod tests {
         let mut record = crate::keys::tests::record("abcd1234");
         record.scopes = vec!["read:/v1/**".into()];
         record.note = "quote \" and unicode é".into();
-        let file = StoreFile {
+        let mut file = StoreFile {
             version: 1,
             keys: vec![record.clone(), crate::keys::tests::record("ef567890")],
+            alerts: Vec::new(),
         };
         let text = render(&file).unwrap();
         assert_eq!(parse_lines(&text).unwrap(), file);
         let via_yaml: StoreFile = parse_yaml(Path::new("k.yaml"), &text).unwrap();
         assert_eq!(via_yaml, file);
+        // Alert rules follow the keys, one per line, and read back both ways.
+        file.alerts = vec![
+            serde_json::json!({"name": "hot", "requests_per_minute": 10}),
+            serde_json::json!({"name": "quota", "quota_percent": 90.5, "email": ["a@b.c"]}),
+        ];
+        let text = render(&file).unwrap();
+        assert!(text.contains("\nalerts:\n- {\"name\":\"hot\""), "{text}");
+        assert_eq!(parse_lines(&text).unwrap(), file);
+        let via_yaml: StoreFile = parse_yaml(Path::new("k.yaml"), &text).unwrap();
+        assert_eq!(via_yaml, file);
+        file.keys.clear();
+        let text = render(&file).unwrap();
+        assert_eq!(parse_lines(&text).unwrap(), file, "{text}");
         assert_eq!(
             parse_lines(&render(&StoreFile::default()).unwrap()).unwrap(),
             StoreFile::default()

@@ -262,6 +262,25 @@ impl TestGateway {
         }
     }
 
+    /// Another gateway on this one's config and store, as after a restart: its `dir` is an
+    /// empty folder of its own, and its files are this gateway's.
+    pub async fn beside(&self) -> TestGateway {
+        let clock = Clock::fake(SystemTime::now());
+        let gateway = Gateway::new(&self.config_path, clock.clone())
+            .unwrap_or_else(|e| panic!("config: {e:?}"));
+        let running = server::start(gateway, false).await.unwrap();
+        TestGateway {
+            proxy: running.proxy_addr,
+            admin: running.admin_addr,
+            auth: running.auth_addr,
+            dir: tempfile::tempdir().unwrap(),
+            config_path: self.config_path.clone(),
+            clock,
+            running: Some(running),
+            admin_token: ADMIN_TOKEN.to_string(),
+        }
+    }
+
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.running.as_ref().unwrap().gateway
     }
