@@ -871,3 +871,127 @@ async fn screenshots_for_the_readme() {
     }
     gw.stop().await;
 }
+
+/// Alert rules from the console: the config's listed read-only, a rule made, refused with a
+/// reason beside its field, edited and deleted, each step visible through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_are_managed_from_the_console() {
+    let up = Upstream::start().await;
+    let routes = route("/", up.addr, "production", "");
+    let extra = "alerts:\n  rules:\n    - {name: everything-hot, requests_per_minute: 5000}\n";
+    let gw = TestGateway::start(&config_yaml(&routes, extra)).await;
+    let b = Browser::start(1440, 900).await;
+    b.goto(&format!("http://{}/console?view=alerts", gw.admin))
+        .await;
+    sign_in(&b, ADMIN_TOKEN).await;
+    b.find("#view-alerts").await;
+    b.wait_until(
+        "the config's rule is listed",
+        "return document.querySelector('#alerts-body tr[data-alert=\"everything-hot\"]') !== null",
+    )
+    .await;
+    let row = b.text("#alerts-body tr[data-alert='everything-hot']").await;
+    assert!(
+        row.contains("more than 5000 requests in a minute") && row.contains("edit in the config"),
+        "{row}"
+    );
+    assert!(b
+        .text("#alert-delivery")
+        .await
+        .contains("Email is not set up"));
+
+    // Made from the form.
+    b.click("#alert-new").await;
+    b.find("#alert-form[open]").await;
+    b.type_into("#a-name", "acme-errors").await;
+    b.eval("const s = document.querySelector('#a-scope'); s.value = 'namespace'; s.dispatchEvent(new Event('change')); \
+            const c = document.querySelector('#a-condition'); c.value = 'error_rate_percent'; c.dispatchEvent(new Event('change')); return true")
+        .await;
+    b.type_into("#a-target", "acme").await;
+    b.type_into("#a-threshold", "250").await;
+    b.click("#alert-form-submit").await;
+    assert!(
+        b.text("#ae-threshold").await.contains("0 to 100"),
+        "checked in place"
+    );
+    b.type_into("#a-threshold", "25").await;
+    b.eval("const o = document.querySelector('#a-over'); o.value = '15m'; return true")
+        .await;
+    b.click("#alert-form-submit").await;
+    b.wait_until(
+        "the rule is listed",
+        "return document.querySelector('#alerts-body tr[data-alert=\"acme-errors\"]') !== null",
+    )
+    .await;
+    let made = admin(&gw, "GET", "/v1/alerts/acme-errors", None)
+        .await
+        .json();
+    assert_eq!(
+        (
+            made["namespace"].as_str(),
+            made["error_rate_percent"].as_f64(),
+            made["over"].as_str()
+        ),
+        (Some("acme"), Some(25.0), Some("15m"))
+    );
+    b.screenshot(&artifacts().join("docs/console-alerts-1440.png"))
+        .await;
+
+    // The server's refusal, beside the field it names: a name in use.
+    b.click("#alert-new").await;
+    b.type_into("#a-name", "everything-hot").await;
+    b.type_into("#a-threshold", "10").await;
+    b.click("#alert-form-submit").await;
+    b.find("#ae-form:not([hidden])").await;
+    assert!(b.text("#ae-form").await.contains("exists already"));
+    b.click("#alert-form-cancel").await;
+
+    // Edited: the name stays, the threshold changes.
+    b.click("#alerts-body tr[data-alert='acme-errors'] details.menu summary")
+        .await;
+    b.click("#alerts-body tr[data-alert='acme-errors'] details.menu button:not(.danger-text)")
+        .await;
+    b.find("#alert-form[open]").await;
+    assert_eq!(b.property("#a-name", "disabled").await, true);
+    b.type_into("#a-threshold", "40").await;
+    b.click("#alert-form-submit").await;
+    b.wait_until(
+        "the change is listed",
+        "return document.querySelector('#alerts-body tr[data-alert=\"acme-errors\"]').textContent.includes('40%')",
+    )
+    .await;
+    let changed = admin(&gw, "GET", "/v1/alerts/acme-errors", None)
+        .await
+        .json();
+    assert_eq!(
+        (
+            changed["error_rate_percent"].as_f64(),
+            changed["over"].as_str()
+        ),
+        (Some(40.0), Some("15m"))
+    );
+
+    // Deleted, after a confirmation that says what stops.
+    b.click("#alerts-body tr[data-alert='acme-errors'] details.menu summary")
+        .await;
+    b.click("#alerts-body tr[data-alert='acme-errors'] details.menu button.danger-text")
+        .await;
+    assert!(b
+        .text("#confirm-text")
+        .await
+        .contains("stops being evaluated"));
+    b.click("#confirm-ok").await;
+    b.wait_until(
+        "the rule is gone",
+        "return document.querySelector('#alerts-body tr[data-alert=\"acme-errors\"]') === null",
+    )
+    .await;
+    assert_eq!(
+        admin(&gw, "GET", "/v1/alerts/acme-errors", None)
+            .await
+            .code(),
+        "alert_not_found"
+    );
+    drop(b);
+    gw.stop().await;
+}

@@ -9,7 +9,8 @@ const PAGE = 50;
 const ACTIONS = [
   "key.created", "key.revoked", "key.disabled", "key.enabled", "key.regenerated", "key.rotated",
   "key.updated", "key.imported", "auth.failed", "auth.locked_out", "config.reloaded",
-  "config.reload_failed", "alert.fired", "alert.resolved",
+  "config.reload_failed", "alert.fired", "alert.resolved", "alert.created", "alert.updated",
+  "alert.deleted",
 ];
 
 /** A refusal from the admin API, carrying its problem+json. */
@@ -213,15 +214,16 @@ async function render() {
   if (!sessionStorage.getItem(TOKEN)) return signOut();
   const view = params().get("view") || "keys";
   renderNamespaces();
-  for (const v of ["keys", "key", "usage", "audit"]) $(`view-${v}`).hidden = v !== view;
-  const here = view === "audit" ? "nav-audit" : view === "usage" ? "nav-usage" : "nav-keys";
-  for (const nav of ["nav-keys", "nav-usage", "nav-audit"]) {
+  for (const v of ["keys", "key", "usage", "alerts", "audit"]) $(`view-${v}`).hidden = v !== view;
+  const here = ["audit", "usage", "alerts"].includes(view) ? `nav-${view}` : "nav-keys";
+  for (const nav of ["nav-keys", "nav-usage", "nav-alerts", "nav-audit"]) {
     if (nav === here) $(nav).setAttribute("aria-current", "page"); else $(nav).removeAttribute("aria-current");
   }
   try {
     if (view === "key") await renderKey(params().get("id"));
     else if (view === "audit") await renderAudit();
     else if (view === "usage") await renderUsage();
+    else if (view === "alerts") await renderAlerts();
     else await renderKeys();
   } catch (e) {
     if (e.status !== 401) flash(e.message, true);
@@ -464,6 +466,169 @@ async function renderUsage() {
     el("td", { class: "num", text: errorRate(k.error_rate, k.requests_today) }))) : none(4, empty));
   $("usage-top").replaceChildren(...keyRows(u.top_by_requests, "No requests today."));
   $("usage-errors").replaceChildren(...keyRows(u.top_by_error_rate, "No key with 10 or more requests had errors today."));
+}
+
+// ---- alert rules ----------------------------------------------------------------------------
+
+let alertSetup = { webhook: false, email: false };
+
+/** A rule's condition in words. */
+function condition(r) {
+  if (r.requests_per_minute != null) return `more than ${r.requests_per_minute} requests in a minute`;
+  if (r.error_rate_percent != null) return `error rate over ${r.error_rate_percent}% in ${r.over || "5m"}`;
+  if (r.quota_percent != null) return `${r.quota_percent}% of its quota used`;
+  return "—";
+}
+
+async function renderAlerts() {
+  const data = await api("GET", "/v1/alerts");
+  alertSetup = { webhook: data.webhook, email: data.email };
+  const ways = ["the audit log", ...(data.webhook ? ["the webhook"] : []), ...(data.email ? ["email, to each rule's addresses"] : [])];
+  $("alert-delivery").textContent = `Alerts go to ${ways.join(", ")}.${data.email ? "" : " Email is not set up: add alerts.smtp to the config to email alerts."}`;
+  $("alerts-body").replaceChildren(...(data.rules.length ? data.rules.map(alertRow)
+    : [el("tr", {}, el("td", { colspan: 6, class: "muted", text: "No alert rules yet." }))]));
+}
+
+function alertRow(r) {
+  const scope = r.key ? el("span", {}, "key ", el("code", { text: r.key }))
+    : r.namespace ? `each key of ${r.namespace}` : "every key";
+  let actions = el("span", { class: "muted", text: "edit in the config" });
+  if (r.source === "api") {
+    const menu = el("details", { class: "menu" });
+    const item = (text, onclick, cls) => el("button", { type: "button", role: "menuitem", class: cls, text,
+      onclick: () => { menu.open = false; onclick(); } });
+    menu.append(el("summary", { "aria-label": `Actions for ${r.name}`, text: "⋮" }),
+      el("div", { class: "items", role: "menu" },
+        item("Edit…", () => openAlertForm(r)),
+        item("Delete…", () => confirmDeleteAlert(r), "danger-text")));
+    actions = menu;
+  }
+  return el("tr", { "data-alert": r.name },
+    el("td", {}, el("strong", { text: r.name })), el("td", {}, scope), el("td", { text: condition(r) }),
+    el("td", { class: "scopes", text: (r.email || []).join(", ") || "—" }),
+    el("td", { text: r.source === "api" ? "key store" : "config file" }), el("td", {}, actions));
+}
+
+let editingAlert = null;
+
+function openAlertForm(rule) {
+  editingAlert = rule || null;
+  $("alert-form-form").reset();
+  for (const e of $("alert-form").querySelectorAll(".error, .callout")) { e.textContent = ""; e.hidden = true; }
+  for (const i of $("alert-form").querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
+  $("alert-form-title").textContent = rule ? `Edit ${rule.name}` : "New alert rule";
+  $("alert-form-submit").textContent = rule ? "Save changes" : "Create rule";
+  $("a-name").value = rule?.name || "";
+  $("a-name").disabled = !!rule;
+  $("a-scope").value = rule?.key ? "key" : rule?.namespace ? "namespace" : "all";
+  $("a-target").value = rule?.key || rule?.namespace || "";
+  const cond = ["requests_per_minute", "error_rate_percent", "quota_percent"].find((c) => rule?.[c] != null) || "requests_per_minute";
+  $("a-condition").value = cond;
+  $("a-threshold").value = rule?.[cond] ?? "";
+  $("a-over").value = rule?.over || "5m";
+  $("a-email").value = (rule?.email || []).join("\n");
+  $("a-email").disabled = !alertSetup.email;
+  $("a-email-hint").textContent = alertSetup.email
+    ? "They get a message when the rule fires and when it resolves."
+    : "Email is not set up on this gateway (alerts.smtp in the config).";
+  alertFormShape();
+  $("alert-form").showModal();
+  (rule ? $("a-threshold") : $("a-name")).focus();
+}
+
+/** Shows the fields the chosen scope and condition need. */
+function alertFormShape() {
+  const scope = $("a-scope").value;
+  $("a-target-field").hidden = scope === "all";
+  $("a-target-label").textContent = scope === "key" ? "Key ID" : "Namespace";
+  $("a-over-field").hidden = $("a-condition").value !== "error_rate_percent";
+}
+
+function alertError(field, message) {
+  const box = $(`ae-${field}`) || $("ae-form");
+  box.textContent = message;
+  box.hidden = false;
+  const input = { name: "a-name", target: "a-target", threshold: "a-threshold", email: "a-email" }[field];
+  if (input && box.id !== "ae-form") $(input).setAttribute("aria-invalid", "true");
+  (input && box.id !== "ae-form" ? $(input) : box).focus();
+}
+
+/** The rule the form describes, or null after showing what is wrong. */
+function readAlertForm() {
+  for (const e of $("alert-form").querySelectorAll(".error, .callout")) { e.textContent = ""; e.hidden = true; }
+  const name = $("a-name").value.trim();
+  const scope = $("a-scope").value;
+  const target = $("a-target").value.trim();
+  const cond = $("a-condition").value;
+  const threshold = Number($("a-threshold").value.trim());
+  const email = $("a-email").value.split(/[\n,]+/).map((a) => a.trim()).filter(Boolean);
+  const problems = [];
+  if (!editingAlert && !/^[A-Za-z0-9._-]{1,64}$/.test(name)) problems.push(["name", "Give the rule a name of letters, digits, “.”, “_” or “-”, such as hot-keys."]);
+  if (scope !== "all" && !target) problems.push(["target", scope === "key" ? "Which key? Give its ID." : "Which namespace?"]);
+  const percent = cond !== "requests_per_minute";
+  if (!$("a-threshold").value.trim() || !Number.isFinite(threshold) || threshold < 0 || (percent && threshold > 100)
+    || (!percent && !Number.isInteger(threshold))) {
+    problems.push(["threshold", percent ? "A percentage, from 0 to 100." : "A whole number of requests, such as 1000."]);
+  }
+  for (const [field, message] of problems.reverse()) alertError(field, message);
+  if (problems.length) return null;
+  const rule = { name: editingAlert?.name || name, [cond]: threshold };
+  if (scope === "key") rule.key = target;
+  if (scope === "namespace") rule.namespace = target;
+  if (cond === "error_rate_percent") rule.over = $("a-over").value;
+  if (email.length) rule.email = email;
+  return rule;
+}
+
+async function submitAlertForm(event) {
+  event.preventDefault();
+  const rule = readAlertForm();
+  if (!rule) return;
+  $("alert-form-submit").disabled = true;
+  try {
+    if (editingAlert) {
+      // A merge patch: what the form leaves out is removed.
+      const patch = { key: null, namespace: null, requests_per_minute: null, error_rate_percent: null, over: null,
+        quota_percent: null, email: null, ...rule };
+      delete patch.name;
+      await api("PATCH", `/v1/alerts/${encodeURIComponent(editingAlert.name)}`, patch);
+      flash(`Saved the rule ${rule.name}.`);
+    } else {
+      await api("POST", "/v1/alerts", rule);
+      flash(`Created the rule ${rule.name}. It is in force now.`);
+    }
+    $("alert-form").close();
+    await renderAlerts();
+  } catch (e) {
+    if (e.status === 401) return;
+    const field = { key: "target", namespace: "target", requests_per_minute: "threshold", error_rate_percent: "threshold",
+      quota_percent: "threshold", over: "threshold" }[e.problem.field] || e.problem.field;
+    alertError($(`ae-${field}`) ? field : "form", humanize(e.message));
+  } finally {
+    $("alert-form-submit").disabled = false;
+  }
+}
+
+function confirmDeleteAlert(rule) {
+  $("confirm-title").textContent = `Delete the rule ${rule.name}?`;
+  $("confirm-text").textContent = `The rule stops being evaluated at once; an alert of it that is firing resolves quietly. It fires when there are ${condition(rule)}.`;
+  $("confirm-ok").textContent = "Delete rule";
+  $("confirm-ok").className = "danger";
+  $("grace-field").hidden = true;
+  $("confirm-error").hidden = true;
+  $("confirm").onsubmit = async (event) => {
+    event.preventDefault();
+    try {
+      await api("DELETE", `/v1/alerts/${encodeURIComponent(rule.name)}`);
+      $("confirm").close();
+      flash(`Deleted the rule ${rule.name}.`);
+      await renderAlerts();
+    } catch (e) {
+      if (e.status !== 401) { $("confirm-error").textContent = humanize(e.message); $("confirm-error").hidden = false; }
+    }
+  };
+  $("confirm").showModal();
+  $("confirm-cancel").focus();
 }
 
 async function renderAudit() {
@@ -805,6 +970,12 @@ function wire() {
   $("nav-keys").addEventListener("click", (e) => { e.preventDefault(); go({ view: "keys", id: null }); });
   $("nav-audit").addEventListener("click", (e) => { e.preventDefault(); go({ view: "audit", id: null }); });
   $("nav-usage").addEventListener("click", (e) => { e.preventDefault(); go({ view: "usage", id: null }); });
+  $("nav-alerts").addEventListener("click", (e) => { e.preventDefault(); go({ view: "alerts", id: null }); });
+  $("alert-new").addEventListener("click", () => openAlertForm());
+  $("alert-form-cancel").addEventListener("click", () => $("alert-form").close());
+  $("alert-form-form").addEventListener("submit", submitAlertForm);
+  $("a-scope").addEventListener("change", alertFormShape);
+  $("a-condition").addEventListener("change", alertFormShape);
   $("back").addEventListener("click", (e) => { e.preventDefault(); go({ view: "keys", id: null }); });
   $("status").addEventListener("change", (e) => go({ status: e.target.value === "active" ? null : e.target.value }, false));
   $("search").addEventListener("input", debounce((e) => go({ q: e.target.value.trim() }, false), 250));
