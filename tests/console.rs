@@ -799,6 +799,15 @@ async fn screenshots_for_the_readme() {
     for path in ["/v1/x", "/v1/y", "/admin/z"] {
         send(Req::get(gw.proxy, path).bearer(&billing_secret)).await;
     }
+    for rule in [
+        serde_json::json!({"name": "acme-hot", "namespace": "acme", "requests_per_minute": 1000}),
+        serde_json::json!({"name": "billing-errors", "key": billing.id, "error_rate_percent": 5, "over": "15m"}),
+    ] {
+        assert_eq!(
+            admin(&gw, "POST", "/v1/alerts", Some(rule)).await.status,
+            201
+        );
+    }
     gw.gateway().housekeeping();
     let out = artifacts().join("docs");
     for (width, height) in [(1440u32, 900u32), (400, 860)] {
@@ -858,6 +867,14 @@ async fn screenshots_for_the_readme() {
         )
         .await;
         b.screenshot(&shot("usage")).await;
+
+        b.click("#nav-alerts").await;
+        b.wait_until(
+            "the rules are listed",
+            "return document.querySelectorAll('#alerts-body tr[data-alert]').length === 2",
+        )
+        .await;
+        b.screenshot(&shot("alerts")).await;
 
         b.click("#nav-audit").await;
         b.find("#view-audit").await;
@@ -934,8 +951,6 @@ async fn alert_rules_are_managed_from_the_console() {
         ),
         (Some("acme"), Some(25.0), Some("15m"))
     );
-    b.screenshot(&artifacts().join("docs/console-alerts-1440.png"))
-        .await;
 
     // The server's refusal, beside the field it names: a name in use.
     b.click("#alert-new").await;
