@@ -503,10 +503,11 @@ function alertRow(r) {
         item("Delete…", () => confirmDeleteAlert(r), "danger-text")));
     actions = menu;
   }
+  const cell = (label, content, cls) => el("td", { "data-label": label, class: cls }, content);
   return el("tr", { "data-alert": r.name },
-    el("td", {}, el("strong", { text: r.name })), el("td", {}, scope), el("td", { text: condition(r) }),
-    el("td", { class: "scopes", text: (r.email || []).join(", ") || "—" }),
-    el("td", { text: r.source === "api" ? "key store" : "config file" }), el("td", {}, actions));
+    cell("Name", el("strong", { text: r.name })), cell("Applies to", scope), cell("Fires when", condition(r)),
+    cell("Email", (r.email || []).join(", ") || "—", "scopes"),
+    cell("Kept in", r.source === "api" ? "key store" : "config file"), cell("Actions", actions));
 }
 
 let editingAlert = null;
