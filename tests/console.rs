@@ -858,6 +858,16 @@ async fn screenshots_for_the_readme() {
         b.click("#key-form-submit").await;
         b.find("#e-rate_limit:not([hidden])").await;
         b.screenshot(&shot("create-refused")).await;
+        // The refusal does not stretch the burst field beside it, and Cancel and Create stay
+        // in view on a long form.
+        let layout = b
+            .eval(
+                "const h = (id) => document.getElementById(id).getBoundingClientRect().height; \
+                 const ok = document.querySelector('#key-form-submit').getBoundingClientRect(); \
+                 return [Math.abs(h('f-burst') - h('f-name')) < 1, ok.bottom <= window.innerHeight && ok.top >= 0]",
+            )
+            .await;
+        assert_eq!(layout, serde_json::json!([true, true]), "{width} px");
         b.click("#key-form-cancel").await;
 
         b.click("#nav-usage").await;
