@@ -66,13 +66,18 @@ pub async fn handle(
         token: credential::extract(req.headers(), snapshot.x_api_key),
     };
     match pipeline::decide(gw, &snapshot, ask, client).await {
-        Ok(Admission { key, rate, .. }) => {
+        Ok(Admission {
+            key, rate, route, ..
+        }) => {
             gw.metrics.decisions.count(AskedBy::Auth, None);
             let mut response = Response::new(ResponseBody::empty());
             let headers = response.headers_mut();
             headers.insert(X_KEYGATE_KEY_ID, key.id_header().clone());
             headers.insert(X_KEYGATE_NAMESPACE, key.namespace.header().clone());
             headers.insert(X_KEYGATE_ENVIRONMENT, key.environment.header().clone());
+            if let Some(route) = route {
+                crate::pipeline::forward::insert_meta(headers, route, key);
+            }
             headers.insert(X_REQUEST_ID, request_id);
             if let Some(rate) = rate {
                 rate.write(headers, false);

@@ -58,7 +58,7 @@ pub struct DemoArgs {
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create a key and print its secret, once.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List keys (all but revoked ones unless --status says otherwise).
     List {
         #[arg(long, value_enum)]
@@ -94,7 +94,7 @@ pub enum KeysCommand {
         json: bool,
     },
     /// Change a key's name, scopes, addresses, limits, expiry or note.
-    Update(UpdateArgs),
+    Update(Box<UpdateArgs>),
     /// Print the whole store in the file store's format (hashes only, every field and
     /// state): a backup, or the way to move to another store kind.
     Export,
@@ -148,6 +148,9 @@ pub struct CreateArgs {
     pub expires: Option<String>,
     #[arg(long, default_value = "")]
     pub note: String,
+    /// A member of the key's metadata, `NAME=VALUE` (the value as text); repeatable.
+    #[arg(long = "meta", value_name = "NAME=VALUE")]
+    pub meta: Vec<String>,
     /// Print the key and its record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +193,16 @@ pub struct UpdateArgs {
     pub expires: Option<String>,
     #[arg(long)]
     pub note: Option<String>,
+    /// Replaces the metadata with these members, `NAME=VALUE`; repeatable.
+    #[arg(
+        long = "meta",
+        value_name = "NAME=VALUE",
+        conflicts_with = "clear_meta"
+    )]
+    pub meta: Vec<String>,
+    /// No metadata.
+    #[arg(long)]
+    pub clear_meta: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -353,6 +366,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 quota: args.quota,
                 expires: args.expires,
                 note: args.note,
+                meta: meta_flags(&args.meta)?,
             };
             let (record, secret) = keys::create(op, new).map_err(flag_error)?;
             audit(AuditEvent::new(now, &actor, "key.created").key(&record));
@@ -476,6 +490,11 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 },
                 expires: args.expires.map(|e| (e != "never").then_some(e)),
                 note: args.note,
+                meta: if args.clear_meta {
+                    Some(None)
+                } else {
+                    meta_flags(&args.meta)?.map(Some)
+                },
             };
             let (record, changes) = keys::update(op, &id, patch).map_err(flag_error)?;
             if !changes.is_empty() {
@@ -624,6 +643,23 @@ fn change_status(
 }
 
 /// Names the command-line flag behind a field error.
+/// `--meta NAME=VALUE` flags as a metadata object (each value text); none given: `None`.
+fn meta_flags(
+    flags: &[String],
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    let mut meta = serde_json::Map::new();
+    for flag in flags {
+        let Some((name, value)) = flag.split_once('=').filter(|(n, _)| !n.is_empty()) else {
+            return Err(format!("--meta: `{flag}` is not NAME=VALUE"));
+        };
+        meta.insert(name.to_string(), value.into());
+    }
+    Ok(Some(meta))
+}
+
 fn flag_error(e: KeyError) -> String {
     match e {
         KeyError::Invalid { field, message } => {
@@ -638,6 +674,7 @@ fn flag_error(e: KeyError) -> String {
                 "quota" => "--quota",
                 "name" => "--name",
                 "note" => "--note",
+                "meta" => "--meta",
                 "grace_seconds" => "--grace",
                 other => other,
             };

@@ -511,6 +511,10 @@ pub struct RouteConfig {
     /// Default `false`.
     #[serde(default)]
     pub http2: bool,
+    /// Members of the key's `meta` to send upstream, each as `X-Keygate-Meta-<Name>` (`_`
+    /// written `-`): at most 20 names of 1 to 64 of `A-Za-z0-9_-`. Default: none.
+    #[serde(default)]
+    pub forward_meta: Vec<String>,
 }
 
 impl RouteConfig {
@@ -532,6 +536,7 @@ impl RouteConfig {
             max_request_body: None,
             ca_file: None,
             http2: false,
+            forward_meta: Vec::new(),
         }
     }
 }

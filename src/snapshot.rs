@@ -960,13 +960,34 @@ fn compile_entry(
         environment,
         status: r.status,
         imported: r.imported,
-        expires_at,
+        expires: expires_at.unwrap_or(key_index::NEVER),
         scopes,
         allowed_cidrs,
         limits,
         cells: ctx.usage.cells(),
         usage: OnceLock::new(),
         limiter: OnceLock::new(),
+        meta: r.meta.as_ref().map(|m| key_meta(m, config)),
+    })
+}
+
+/// A key's metadata, with the members any route forwards made into header values.
+fn key_meta(
+    meta: &serde_json::Map<String, serde_json::Value>,
+    config: &Config,
+) -> Box<key_index::KeyMeta> {
+    let mut forwarded: Vec<(Box<str>, http::HeaderValue)> = Vec::new();
+    for field in config.routes.iter().flat_map(|r| &r.forward_meta) {
+        if let (Some(value), false) = (
+            meta.get(field),
+            forwarded.iter().any(|(f, _)| &**f == field.as_str()),
+        ) {
+            forwarded.push((field.as_str().into(), crate::headers::meta_value(value)));
+        }
+    }
+    Box::new(key_index::KeyMeta {
+        json: serde_json::Value::Object(meta.clone()).to_string().into(),
+        forwarded: forwarded.into(),
     })
 }
 

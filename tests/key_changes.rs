@@ -145,13 +145,13 @@ async fn every_admin_change_is_a_delta_live_on_the_next_request() {
             (
                 &w.namespace,
                 w.status,
-                w.expires_at,
+                w.expires_at(),
                 format!("{:?}", w.scopes)
             ),
             (
                 &k.namespace,
                 k.status,
-                k.expires_at,
+                k.expires_at(),
                 format!("{:?}", k.scopes)
             ),
             "key {}",

@@ -45,6 +45,9 @@ pub(crate) struct CreateBody {
     expires_at: Option<String>,
     #[serde(default)]
     note: String,
+    /// A JSON object, at most 4 KiB as JSON.
+    #[serde(default)]
+    meta: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `PATCH /v1/api-keys/{id}`: absent fields stay, `null` clears an optional one.
@@ -67,6 +70,8 @@ pub(crate) struct PatchBody {
     expires_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     note: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    meta: Option<Option<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl From<CreateBody> for NewKey {
@@ -82,6 +87,7 @@ impl From<CreateBody> for NewKey {
             quota: body.quota,
             expires: body.expires_at,
             note: body.note,
+            meta: body.meta,
         }
     }
 }
@@ -98,6 +104,7 @@ impl From<PatchBody> for KeyPatch {
             quota: body.quota,
             expires: body.expires_at,
             note: body.note.map(Option::unwrap_or_default),
+            meta: body.meta,
         }
     }
 }

@@ -196,6 +196,8 @@ struct KeyView {
     scopes: Vec<String>,
     allowed_cidrs_set: bool,
     expires_at: Option<String>,
+    /// The key's metadata, or `null`.
+    meta: Option<serde_json::Value>,
 }
 
 impl KeyView {
@@ -207,7 +209,11 @@ impl KeyView {
             status: key.status,
             scopes: key.scopes.texts().map(String::from).collect(),
             allowed_cidrs_set: !key.allowed_cidrs.is_empty(),
-            expires_at: key.expires_at.map(crate::clock::rfc3339),
+            expires_at: key.expires_at().map(crate::clock::rfc3339),
+            meta: key
+                .meta
+                .as_ref()
+                .and_then(|m| serde_json::from_str(&m.json).ok()),
         }
     }
 }

@@ -69,6 +69,17 @@ pub struct CheckedRecord {
     pub expires_at: Option<i64>,
 }
 
+/// The largest `meta`, as compact JSON.
+pub const MAX_META_BYTES: usize = 4096;
+
+/// Why `meta` cannot be kept, if it cannot: larger than [`MAX_META_BYTES`] as JSON.
+pub fn meta_problem(meta: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let size = serde_json::to_vec(meta).map_or(usize::MAX, |v| v.len());
+    (size > MAX_META_BYTES).then(|| {
+        format!("a JSON object of at most {MAX_META_BYTES} bytes as JSON; this one is {size}")
+    })
+}
+
 /// Checks every field of `r` under `config`, reporting every problem at once.
 pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec<Problem>> {
     let mut problems = Vec::new();
@@ -110,6 +121,9 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
     }
     if let Err(e) = check_text(&r.note, MAX_NOTE_CHARS, true) {
         bad("note", e);
+    }
+    if let Some(e) = r.meta.as_ref().and_then(meta_problem) {
+        bad("meta", e);
     }
     for (field, id) in [
         ("rotated_from", &r.rotated_from),

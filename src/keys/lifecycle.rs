@@ -40,6 +40,8 @@ pub struct NewKey {
     /// RFC 3339 time, or a duration from now such as `30d`; `never` or empty for none.
     pub expires: Option<String>,
     pub note: String,
+    /// The operator's own data about the key; at most 4 KiB as JSON.
+    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// What `keys update` (and `PATCH /v1/api-keys/{id}`) changes. `None` leaves a field alone;
@@ -54,6 +56,8 @@ pub struct KeyPatch {
     pub quota: Option<Option<String>>,
     pub expires: Option<Option<String>>,
     pub note: Option<String>,
+    /// `Some(None)` removes the key's meta; `Some(Some(m))` replaces it whole.
+    pub meta: Option<Option<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// A create's fields, checked against the config: the prefix its key gets, the rate and
@@ -76,6 +80,7 @@ impl NewKey {
         let quota = check_quota(self.quota.as_deref())?;
         check_name(&self.name)?;
         check_note(&self.note)?;
+        check_meta(self.meta.as_ref())?;
         let expires_at = check_expiry(self.expires.as_deref(), now)?;
         let prefix = prefix_for(config, &self.namespace, &self.environment);
         check_prefix(&prefix)?;
@@ -127,6 +132,7 @@ impl NewKey {
                 rotated_from: None,
                 rotated_to: None,
                 imported: false,
+                meta: self.meta,
             },
             config,
         )
@@ -174,6 +180,7 @@ impl KeyPatch {
             && self.quota.is_none()
             && self.expires.is_none()
             && self.note.is_none()
+            && self.meta.is_none()
     }
 
     /// Checks every field that does not depend on the key at `now`. The rate and burst are
@@ -190,6 +197,9 @@ impl KeyPatch {
         }
         if let Some(cidrs) = &self.allowed_cidrs {
             check_cidrs(cidrs)?;
+        }
+        if let Some(meta) = &self.meta {
+            check_meta(meta.as_ref())?;
         }
         if let Some(Some(rate)) = &self.rate_limit {
             check_rate(Some(rate), None)?;
@@ -252,6 +262,9 @@ impl KeyPatch {
         if let Some(note) = self.note {
             next.note = note;
         }
+        if let Some(meta) = self.meta {
+            next.meta = meta;
+        }
         if let Some(expires_at) = expires_at {
             next.expires_at = expires_at.map(rfc3339);
         }
@@ -292,6 +305,13 @@ fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
     KeyError::Invalid {
         field,
         message: message.into(),
+    }
+}
+
+fn check_meta(meta: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<(), KeyError> {
+    match meta.and_then(super::check::meta_problem) {
+        Some(e) => Err(invalid("meta", e)),
+        None => Ok(()),
     }
 }
 
@@ -733,6 +753,7 @@ pub fn changes(before: &KeyRecord, after: &KeyRecord) -> Vec<String> {
         shown(&after.expires_at),
     );
     field("note", shown(&before.note), shown(&after.note));
+    field("meta", shown(&before.meta), shown(&after.meta));
     out
 }
 
@@ -873,6 +894,7 @@ pub fn import(
                 updated_at: None,
                 revoked_at: None,
                 regenerated_at: None,
+                meta: None,
                 rotated_from: None,
                 rotated_to: None,
                 imported,

@@ -90,6 +90,10 @@ pub struct KeyRecord {
     /// checksum pre-check.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub imported: bool,
+    /// The operator's own data about the key (a plan, a customer id): a JSON object of at
+    /// most [`check::MAX_META_BYTES`] as JSON. Routes may forward chosen members upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// When and from where a key was last presented.
@@ -150,6 +154,7 @@ impl KeyRecord {
             "last_used_at": last_use.map(|u| rfc3339(u.at)),
             "last_used_ip": last_use.and_then(|u| u.ip.clone()),
             "note": self.note,
+            "meta": self.meta,
         });
         let optional = [
             (
@@ -367,6 +372,7 @@ pub(crate) mod tests {
             rotated_from: None,
             rotated_to: None,
             imported: false,
+            meta: None,
         }
     }
 

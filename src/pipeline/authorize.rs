@@ -24,7 +24,7 @@ pub fn authorize(
         Status::Inactive => return Err(Rejection::InactiveKey),
         Status::Active => {}
     }
-    if key.expires_at.is_some_and(|t| t <= now) {
+    if key.expires_at().is_some_and(|t| t <= now) {
         return Err(Rejection::ExpiredKey);
     }
     if let Some((route, ..)) = on {

@@ -153,6 +153,18 @@ pub struct Forward<'a> {
 }
 
 /// Sends the request to the route's upstream and returns its streamed response. An upgrade
+/// The key's `meta` members the route forwards, each as `X-Keygate-Meta-<Name>`.
+pub fn insert_meta(h: &mut http::HeaderMap, route: &Route, key: &KeyEntry) {
+    let Some(meta) = &key.meta else {
+        return;
+    };
+    for (field, header) in &route.forward_meta {
+        if let Some(value) = meta.header(field) {
+            h.insert(header.clone(), value.clone());
+        }
+    }
+}
+
 /// (WebSocket or any other protocol) that the upstream accepts with 101 is spliced through.
 pub async fn forward(
     client: &UpstreamClient,
@@ -215,6 +227,7 @@ pub async fn forward(
     h.insert(X_KEYGATE_KEY_ID, f.key.id_header().clone());
     h.insert(X_KEYGATE_NAMESPACE, f.key.namespace.header().clone());
     h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment.header().clone());
+    insert_meta(h, route, f.key);
     set_forwarded_for(h, f.peer_header, f.peer_trusted);
     if !(f.peer_trusted && h.contains_key(X_FORWARDED_PROTO)) {
         h.insert(

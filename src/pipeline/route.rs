@@ -28,6 +28,8 @@ pub struct Route {
     pub allow_path_parameters: bool,
     pub response_timeout: Duration,
     pub max_request_body: u64,
+    /// The key's `meta` members this route sends upstream, with their header names.
+    pub forward_meta: Vec<(String, http::HeaderName)>,
     /// This route's request counters, shared across snapshots by route name.
     pub counters: std::sync::Arc<crate::metrics::RouteCounters>,
     /// The snapshot's upstream pool this route uses.
@@ -239,6 +241,27 @@ impl Route {
                 defaults.max_request_body
             }
         };
+        if raw.forward_meta.len() > MAX_FORWARD_META {
+            bad(
+                "forward_meta",
+                format!("at most {MAX_FORWARD_META} members"),
+            );
+        }
+        let forward_meta = raw
+            .forward_meta
+            .iter()
+            .enumerate()
+            .filter_map(|(i, field)| match meta_header(field) {
+                Some(header) => Some((field.clone(), header)),
+                None => {
+                    bad(
+                        &format!("forward_meta[{i}]"),
+                        format!("`{field}` must be 1 to 64 of A-Za-z0-9_-"),
+                    );
+                    None
+                }
+            })
+            .collect();
         if !ok {
             return None;
         }
@@ -260,10 +283,32 @@ impl Route {
             allow_path_parameters: raw.allow_path_parameters,
             response_timeout,
             max_request_body,
+            forward_meta,
             counters: Default::default(),
             client: 0,
         })
     }
+}
+
+/// Most `meta` members one route forwards.
+const MAX_FORWARD_META: usize = 20;
+
+/// The header a forwarded `meta` member goes in: `X-Keygate-Meta-<field>`, lowercased, with
+/// `_` written `-` (nginx drops header names with underscores). `None` for a field name
+/// that is not 1 to 64 of `A-Za-z0-9_-`.
+pub fn meta_header(field: &str) -> Option<http::HeaderName> {
+    let ok = (1..=64).contains(&field.len())
+        && field
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        return None;
+    }
+    let name = format!(
+        "x-keygate-meta-{}",
+        field.to_ascii_lowercase().replace('_', "-")
+    );
+    http::HeaderName::from_bytes(name.as_bytes()).ok()
 }
 
 /// Route settings that fall back to the config's global values.

@@ -246,8 +246,9 @@ pub struct KeyEntry {
     pub status: Status,
     /// The key was imported (its secret was not made by keygate).
     pub imported: bool,
-    /// Unix seconds.
-    pub expires_at: Option<i64>,
+    /// Unix seconds; [`NEVER`] for a key that does not expire (one word, not an `Option`'s
+    /// two, to keep the entry small).
+    pub expires: i64,
     pub scopes: Arc<ScopeSet>,
     pub allowed_cidrs: Arc<CidrSet>,
     /// The key's rate, quota, `RateLimit-Policy` and shared limits, if it has a rate or a quota.
@@ -258,9 +259,38 @@ pub struct KeyEntry {
     pub usage: OnceLock<Arc<KeyUsage>>,
     /// The key's rate limiter, made on its first rate-limited request.
     pub limiter: OnceLock<Arc<KeyLimiter>>,
+    /// The key's metadata, if it has any.
+    pub meta: Option<Box<KeyMeta>>,
+}
+
+/// [`KeyEntry::expires`] of a key that never expires.
+pub const NEVER: i64 = i64::MAX;
+
+/// A key's metadata as the request path and the verify API use it.
+#[derive(Debug)]
+pub struct KeyMeta {
+    /// The whole object, as compact JSON.
+    pub json: Box<str>,
+    /// The members some route forwards, each as its header value.
+    pub forwarded: Box<[(Box<str>, HeaderValue)]>,
+}
+
+impl KeyMeta {
+    /// The header value of member `field`, if a route forwards it and the key has it.
+    pub fn header(&self, field: &str) -> Option<&HeaderValue> {
+        self.forwarded
+            .iter()
+            .find(|(f, _)| &**f == field)
+            .map(|(_, v)| v)
+    }
 }
 
 impl KeyEntry {
+    /// When the key expires (Unix seconds), if it does.
+    pub fn expires_at(&self) -> Option<i64> {
+        (self.expires != NEVER).then_some(self.expires)
+    }
+
     /// The key's usage cell, made on its first use.
     pub fn usage(&self) -> &KeyUsage {
         self.usage.get_or_init(|| self.cells.get_or_make(&self.id))
@@ -612,13 +642,14 @@ pub(crate) mod tests {
             environment: Arc::new(Label::new("production").unwrap()),
             status: Status::Active,
             imported,
-            expires_at: None,
+            expires: NEVER,
             scopes: Arc::new(ScopeSet::new(Vec::new())),
             allowed_cidrs: Arc::default(),
             limits: None,
             cells: crate::state::usage::UsageBook::in_memory().cells(),
             usage: OnceLock::new(),
             limiter: OnceLock::new(),
+            meta: None,
         }
     }
 
