@@ -65,7 +65,7 @@ async fn chosen_members_reach_the_upstream_and_no_value_can_inject_a_header() {
         ["cus_1%0D%0AX-Evil:%201"]
     );
     assert_eq!(values("x-keygate-meta-region"), ["Z%C3%BCrich%20100%25"]);
-    assert_eq!(values("x-keygate-meta-big"), [big.clone()]);
+    assert_eq!(values("x-keygate-meta-big"), std::slice::from_ref(&big));
     assert!(
         seen.headers.get("x-evil").is_none(),
         "no header was injected"
