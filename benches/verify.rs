@@ -24,8 +24,9 @@ use keygate::clock::Clock;
 use keygate::config::{Config, RouteConfig};
 use keygate::keys::{format, hex, KeyRecord, Status};
 use keygate::metrics::Metrics;
-use keygate::pipeline::{admit, Ask, Client};
+use keygate::pipeline::{admit, Ask, Client, State};
 use keygate::snapshot::{BuildContext, Snapshot};
+use keygate::state::credits::CreditBook;
 use keygate::state::lockouts::Lockouts;
 use keygate::state::{limiters::Limiters, usage::UsageBook};
 
@@ -93,6 +94,11 @@ fn verify(c: &mut Criterion) {
     let limiters = Limiters::new(clock.clone());
     let usage = UsageBook::in_memory();
     let lockouts = Lockouts::default();
+    let credits = CreditBook::in_memory();
+    let state = State {
+        lockouts: &lockouts,
+        credits: &credits,
+    };
     let peer = Client::Known("127.0.0.1".parse::<IpAddr>().unwrap());
     let mut run = |group: &str, n: usize, present: &dyn Fn(usize) -> bool| {
         let (snapshot, secrets) = snapshot_with(n, present, &limiters, &usage);
@@ -111,14 +117,8 @@ fn verify(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % requests.len();
-                let admission = admit(
-                    &snapshot,
-                    &clock,
-                    Ask::of(&requests[i], false),
-                    peer,
-                    &lockouts,
-                )
-                .expect("admitted");
+                let admission = admit(&snapshot, &clock, Ask::of(&requests[i], false), peer, state)
+                    .expect("admitted");
                 black_box(admission.key.id.len())
             })
         });
@@ -153,7 +153,7 @@ fn verify(c: &mut Criterion) {
                 &clock,
                 Ask::of(black_box(&unknown), false),
                 peer,
-                &lockouts,
+                state,
             )
             .is_err()
         })

@@ -95,6 +95,18 @@ pub enum KeysCommand {
     },
     /// Change a key's name, scopes, addresses, limits, expiry or note.
     Update(Box<UpdateArgs>),
+    /// Top up a limited-use key's credits (--add) or set them anew (--set).
+    Credits {
+        id: String,
+        /// Credits to add to what is left.
+        #[arg(long, conflicts_with = "set", required_unless_present = "set")]
+        add: Option<u64>,
+        /// The balance, from now.
+        #[arg(long)]
+        set: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the whole store in the file store's format (hashes only, every field and
     /// state): a backup, or the way to move to another store kind.
     Export,
@@ -151,6 +163,13 @@ pub struct CreateArgs {
     /// A member of the key's metadata, `NAME=VALUE` (the value as text); repeatable.
     #[arg(long = "meta", value_name = "NAME=VALUE")]
     pub meta: Vec<String>,
+    /// A limited-use key: this many credits, 0 to 10^12.
+    #[arg(long)]
+    pub credits: Option<u64>,
+    /// The credits come back to N on the calendar: `N/day` (00:00 UTC) or `N/month`
+    /// (the 1st, or `N/month@15` for the 15th). Needs --credits.
+    #[arg(long, requires = "credits")]
+    pub refill: Option<String>,
     /// Print the key and its record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -203,6 +222,15 @@ pub struct UpdateArgs {
     /// No metadata.
     #[arg(long)]
     pub clear_meta: bool,
+    /// Sets the key's credits anew, from now; 0 to 10^12.
+    #[arg(long, conflicts_with = "clear_credits")]
+    pub credits: Option<u64>,
+    /// With --credits: the refill, `N/day`, `N/month` or `N/month@DAY`.
+    #[arg(long, requires = "credits")]
+    pub refill: Option<String>,
+    /// An unlimited key again: no credits.
+    #[arg(long)]
+    pub clear_credits: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -340,11 +368,28 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
     };
     let usage = crate::state::usage::read_file(&config.usage_path(config_path), now);
     let quiet = config.quiet_period_secs();
+    // What the gateway's journal holds as spent: every credit it leased counts, so what the
+    // CLI shows as left is never more than the gateway would admit.
+    let journal = crate::state::credits::CreditBook::open(crate::state::credits::journal_path(
+        &config.usage_path(config_path),
+    ));
     let view = |r: &KeyRecord| {
         let report = usage.get(&r.id);
         let mut v = r.view(now, report.and_then(|u| u.last_use.as_ref()), quiet);
         if let Some(report) = report {
             crate::keys::set_member(&mut v, "usage", report.to_json(now));
+        }
+        if let Some(credits) = r
+            .credits
+            .as_ref()
+            .and_then(|c| crate::keys::check::check_credits(c).ok())
+        {
+            let stored = v.get("credits").cloned().unwrap_or_default();
+            crate::keys::set_member(
+                &mut v,
+                "credits",
+                journal.show(&r.id, &stored, &credits, now),
+            );
         }
         v
     };
@@ -367,6 +412,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 expires: args.expires,
                 note: args.note,
                 meta: meta_flags(&args.meta)?,
+                credits: credit_flags(args.credits, args.refill.as_deref())?,
             };
             let (record, secret) = keys::create(op, new).map_err(flag_error)?;
             audit(AuditEvent::new(now, &actor, "key.created").key(&record));
@@ -403,6 +449,33 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
         KeysCommand::Revoke { id } => change_status(op, &id, Status::Revoked, &audit),
         KeysCommand::Disable { id } => change_status(op, &id, Status::Inactive, &audit),
         KeysCommand::Enable { id } => change_status(op, &id, Status::Active, &audit),
+        KeysCommand::Credits { id, add, set, json } => {
+            let how = match (add, set) {
+                (Some(n), _) => keys::TopUp::Add(n),
+                (None, n) => keys::TopUp::Set(n.unwrap_or(0)),
+            };
+            let (record, before) = keys::top_up(op, &id, how, |r| credits_left(&journal, r, now))
+                .map_err(flag_error)?;
+            let said = match how {
+                keys::TopUp::Add(n) => format!("added {n}"),
+                keys::TopUp::Set(n) => format!("set to {n}"),
+            };
+            audit(
+                AuditEvent::new(now, &actor, "key.credits_set")
+                    .key(&record)
+                    .reason(format!(
+                        "{said}; the balance as set was {}",
+                        before.map_or(0, |c| c.remaining)
+                    )),
+            );
+            if json {
+                print_json(&view(&record));
+            } else {
+                let left = credits_left(&journal, &record, now);
+                println!("Key {}: {left} credits left.", record.id);
+            }
+            Ok(())
+        }
         KeysCommand::Regenerate { id, json } => {
             let (record, secret) = keys::regenerate(op, &id).map_err(flag_error)?;
             audit(AuditEvent::new(now, &actor, "key.regenerated").key(&record));
@@ -494,6 +567,11 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                     Some(None)
                 } else {
                     meta_flags(&args.meta)?.map(Some)
+                },
+                credits: if args.clear_credits {
+                    Some(None)
+                } else {
+                    credit_flags(args.credits, args.refill.as_deref())?.map(Some)
                 },
             };
             let (record, changes) = keys::update(op, &id, patch).map_err(flag_error)?;
@@ -643,6 +721,51 @@ fn change_status(
 }
 
 /// Names the command-line flag behind a field error.
+/// What is left of a record's credits at `now`, by the journal.
+fn credits_left(journal: &crate::state::credits::CreditBook, r: &KeyRecord, now: i64) -> u64 {
+    r.credits
+        .as_ref()
+        .and_then(|c| crate::keys::check::check_credits(c).ok())
+        .map_or(0, |c| journal.left(&r.id, &c, now))
+}
+
+/// `--credits N [--refill N/day|N/month[@DAY]]` as the credits they set.
+fn credit_flags(
+    credits: Option<u64>,
+    refill: Option<&str>,
+) -> Result<Option<crate::keys::CreditsRecord>, String> {
+    let Some(remaining) = credits else {
+        return Ok(None);
+    };
+    let refill = refill
+        .map(|text| {
+            let bad = || format!("--refill: `{text}` is not N/day, N/month or N/month@DAY");
+            let (amount, per) = text.split_once('/').ok_or_else(bad)?;
+            let amount: u64 = amount.trim().parse().map_err(|_| bad())?;
+            let (interval, day) = match per.split_once('@') {
+                Some((p, d)) => (p, Some(d.trim().parse::<u32>().map_err(|_| bad())?)),
+                None => (per, None),
+            };
+            let interval = match interval.trim() {
+                "day" | "daily" => "daily",
+                "month" | "monthly" => "monthly",
+                _ => return Err(bad()),
+            };
+            Ok(crate::keys::RefillRecord {
+                amount,
+                interval: interval.into(),
+                day_of_month: day,
+            })
+        })
+        .transpose()?;
+    Ok(Some(crate::keys::CreditsRecord {
+        remaining,
+        refill,
+        set_at: None,
+        version: 0,
+    }))
+}
+
 /// `--meta NAME=VALUE` flags as a metadata object (each value text); none given: `None`.
 fn meta_flags(
     flags: &[String],
@@ -675,6 +798,7 @@ fn flag_error(e: KeyError) -> String {
                 "name" => "--name",
                 "note" => "--note",
                 "meta" => "--meta",
+                "credits" => "--credits",
                 "grace_seconds" => "--grace",
                 other => other,
             };

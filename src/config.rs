@@ -515,6 +515,13 @@ pub struct RouteConfig {
     /// written `-`): at most 20 names of 1 to 64 of `A-Za-z0-9_-`. Default: none.
     #[serde(default)]
     pub forward_meta: Vec<String>,
+    /// Credits a request here spends from a limited-use key, 0 to 1,000,000. Default `1`.
+    #[serde(default = "default_cost")]
+    pub cost: u64,
+}
+
+fn default_cost() -> u64 {
+    1
 }
 
 impl RouteConfig {
@@ -537,6 +544,7 @@ impl RouteConfig {
             ca_file: None,
             http2: false,
             forward_meta: Vec::new(),
+            cost: 1,
         }
     }
 }

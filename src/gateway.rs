@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::{Gauges, Metrics};
 use crate::pipeline::forward::{RequestIds, Tunnels};
 use crate::snapshot::{BuildContext, Snapshot};
+use crate::state::credits::CreditBook;
 use crate::state::limiters::Limiters;
 use crate::state::lockouts::Lockouts;
 use crate::state::usage::UsageBook;
@@ -28,6 +29,8 @@ pub struct Gateway {
     pub clock: Clock,
     pub limiters: Limiters,
     pub usage: UsageBook,
+    /// What limited-use keys have spent, with its journal.
+    pub credits: CreditBook,
     pub audit: Audit,
     pub lockouts: Lockouts,
     pub metrics: Metrics,
@@ -70,6 +73,9 @@ impl Gateway {
                 )]
             })?;
         let usage = UsageBook::open(config.usage_path(config_path));
+        let credits = CreditBook::open(crate::state::credits::journal_path(
+            &config.usage_path(config_path),
+        ));
         let limiters = Limiters::new(clock.clone());
         let metrics = Metrics::default();
         let snapshot = Snapshot::load(&BuildContext {
@@ -93,6 +99,7 @@ impl Gateway {
             clock,
             limiters,
             usage,
+            credits,
             audit,
             lockouts: Lockouts::default(),
             metrics,
@@ -227,6 +234,9 @@ impl Gateway {
                 .key_id(&e.key_id)
                 .reason(format!("{}: {} (value {})", e.rule, e.condition, e.value));
             self.audit.record(&event);
+        }
+        if let Err(e) = self.credits.compact() {
+            tracing::warn!(error = %e, "the credits journal could not be compacted; will retry");
         }
         if let Err(e) = self.usage.flush() {
             tracing::warn!(error = %e, "usage flush failed; will retry");

@@ -33,6 +33,7 @@ use crate::gateway::Gateway;
 use crate::policy::rate::{Budget, RateHeaders};
 use crate::rejection::Rejection;
 use crate::snapshot::{KeyEntry, Snapshot};
+use crate::state::credits::{CreditBook, Refused as CreditsRefused};
 use crate::state::lockouts::{self, Lockouts};
 use route::Route;
 
@@ -77,6 +78,7 @@ pub async fn handle(
             key,
             normalized_path,
             rate,
+            ..
         }) => (route, key, normalized_path, rate),
         // A request that names its path always gets a route or a refusal.
         Ok(_) => {
@@ -215,7 +217,7 @@ pub async fn decide<'s>(
     let Some(shared) = &snapshot.shared_limits else {
         return decide_locally(gw, snapshot, ask, client);
     };
-    let mut admission = match admit(snapshot, &gw.clock, ask, client, &gw.lockouts) {
+    let mut admission = match admit(snapshot, &gw.clock, ask, client, State::of(gw)) {
         Ok(a) => a,
         Err(refused) => {
             account_refusal(gw, snapshot, &refused, client);
@@ -225,6 +227,10 @@ pub async fn decide<'s>(
     match shared_limit::admit(shared, admission.key, &gw.clock).await {
         Ok(rate) => admission.rate = rate,
         Err(rejection) => {
+            if admission.credits_left.is_some() {
+                let cost = admission.route.map_or(1, |r| r.cost);
+                gw.credits.refund(&admission.key.id, cost);
+            }
             let refused = Refused {
                 rejection,
                 route: admission.route,
@@ -245,7 +251,7 @@ fn decide_locally<'s>(
     ask: Ask<'_>,
     client: Client,
 ) -> Result<Admission<'s>, Rejection> {
-    match admit(snapshot, &gw.clock, ask, client, &gw.lockouts) {
+    match admit(snapshot, &gw.clock, ask, client, State::of(gw)) {
         Ok(admission) => {
             admission.key.usage().accepted();
             Ok(admission)
@@ -367,6 +373,24 @@ pub struct Admission<'s> {
     /// Set when normalisation changed the path.
     pub normalized_path: Option<String>,
     pub rate: Option<RateHeaders>,
+    /// A limited-use key's credits left after this request; `None` for a key without.
+    pub credits_left: Option<u64>,
+}
+
+/// The state a decision reads and spends, outside the snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct State<'g> {
+    pub lockouts: &'g Lockouts,
+    pub credits: &'g CreditBook,
+}
+
+impl<'g> State<'g> {
+    pub fn of(gw: &'g Gateway) -> Self {
+        State {
+            lockouts: &gw.lockouts,
+            credits: &gw.credits,
+        }
+    }
 }
 
 /// A refused request, with the route and key when the refusal came after they were found.
@@ -395,8 +419,9 @@ pub fn admit<'s>(
     clock: &Clock,
     ask: Ask<'_>,
     client: Client,
-    lockouts: &Lockouts,
+    state: State<'_>,
 ) -> Result<Admission<'s>, Refused<'s>> {
+    let State { lockouts, credits } = state;
     let now = clock.unix_secs();
     if let (Some(_), Some(ip)) = (&snapshot.lockout, client.lockable()) {
         lockouts.check(ip, now)?;
@@ -437,20 +462,53 @@ pub fn admit<'s>(
         .as_ref()
         .map(|(route, path, _)| (*route, ask.method, path.as_ref()));
     authorize::authorize(key, on, client, now).map_err(refused)?;
+    // Credits are spent first: a later refusal gives them back, which a rate limiter's
+    // bucket cannot do.
+    let cost = route.map_or(1, |r| r.cost);
+    let credits_left = spend_credits(credits, key, cost, now).map_err(refused)?;
     // Shared limits are counted in Redis by `decide`, after this synchronous part.
     let rate = match snapshot.shared_limits {
         Some(_) => None,
-        None => limits(key, clock, now).map_err(refused)?,
+        None => match limits(key, clock, now) {
+            Ok(rate) => rate,
+            Err(rejection) => {
+                if credits_left.is_some() {
+                    credits.refund(&key.id, cost);
+                }
+                return Err(refused(rejection));
+            }
+        },
     };
     Ok(Admission {
         route,
         key,
+        credits_left,
         normalized_path: target.and_then(|(_, path, with_params)| match (with_params, path) {
             (Some(p), _) | (None, Cow::Owned(p)) => Some(p),
             (None, Cow::Borrowed(_)) => None,
         }),
         rate,
     })
+}
+
+/// Spends `cost` of a limited-use key's credits: what is left, or `None` for a key without
+/// credits.
+fn spend_credits(
+    book: &CreditBook,
+    key: &KeyEntry,
+    cost: u64,
+    now: i64,
+) -> Result<Option<u64>, Rejection> {
+    let Some(credits) = key.credits() else {
+        return Ok(None);
+    };
+    match book.spend(&key.id, credits, cost, now) {
+        Ok(left) => Ok(Some(left)),
+        Err(CreditsRefused::Exhausted { next_refill }) => Err(Rejection::CreditsExhausted {
+            retry_after: next_refill.map(|t| t.saturating_sub(now).max(1).unsigned_abs()),
+        }),
+        Err(CreditsRefused::Unavailable) => Err(Rejection::Internal),
+    }
 }
 
 /// Stages 6 and 7: the quota (checked first, counted last) and the rate limit, so that a

@@ -4,6 +4,7 @@
 //! them, and the request stages in [`crate::pipeline`] only decide with them, so this layer
 //! sits below all three and imports none of them.
 
+pub mod credits;
 pub mod lockout;
 pub mod net;
 pub mod quota;

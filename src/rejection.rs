@@ -34,6 +34,11 @@ pub enum Rejection {
     TooManyFailedAttempts {
         retry_after: u64,
     },
+    /// The key's credits are used up; `retry_after` is the time to the next refill, when it
+    /// has one.
+    CreditsExhausted {
+        retry_after: Option<u64>,
+    },
     // The request itself, and the way upstream.
     InvalidPath,
     NoRoute,
@@ -78,7 +83,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 35] = [
+pub const CODES: [&str; 36] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -114,6 +119,7 @@ pub const CODES: [&str; 35] = [
     "alert_not_found",
     "alert_in_config",
     "alert_exists",
+    "credits_exhausted",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -188,6 +194,7 @@ impl Rejection {
             AlertNotFound => 32,
             AlertInConfig => 33,
             AlertExists => 34,
+            CreditsExhausted { .. } => 35,
         }
     }
 
@@ -212,6 +219,7 @@ impl Rejection {
             NamespaceDenied => (S::FORBIDDEN, "namespace_denied", problem!(403, "Forbidden", "namespace_denied", "The API key's namespace may not use this route.")),
             RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited", problem!(429, "Too Many Requests", "rate_limited", "The API key's rate limit is exhausted; retry after the time in Retry-After.")),
             QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "quota_exceeded", problem!(429, "Too Many Requests", "quota_exceeded", "The API key's quota for this period is used up; it resets at the time in Retry-After.")),
+            CreditsExhausted { .. } => (S::TOO_MANY_REQUESTS, "credits_exhausted", problem!(429, "Too Many Requests", "credits_exhausted", "The API key has no credits left; they come back at the refill in Retry-After, if the key has one.")),
             TooManyFailedAttempts { .. } => (S::TOO_MANY_REQUESTS, "too_many_failed_attempts", problem!(429, "Too Many Requests", "too_many_failed_attempts", "Too many failed authentications from this address; retry after the time in Retry-After.")),
             InvalidPath => (S::BAD_REQUEST, "invalid_path", problem!(400, "Bad Request", "invalid_path", "The request path is not a valid origin-form path, holds an encoded slash, backslash, semicolon or NUL, or has path parameters (`;`) that this route does not allow.")),
             NoRoute => (S::NOT_FOUND, "no_route", problem!(404, "Not Found", "no_route", "No route matches this host and path.")),
@@ -278,7 +286,10 @@ impl Rejection {
             Rejection::LimiterUnavailable | Rejection::StoreUnavailable(_) => {
                 headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            Rejection::TooManyFailedAttempts { retry_after } => {
+            Rejection::TooManyFailedAttempts { retry_after }
+            | Rejection::CreditsExhausted {
+                retry_after: Some(retry_after),
+            } => {
                 headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             Rejection::AdminUnauthorized => {
@@ -389,6 +400,7 @@ mod tests {
             AlertExists,
             RequestTimeout,
             TooManyFailedAttempts { retry_after: 1 },
+            CreditsExhausted { retry_after: None },
         ] {
             assert_eq!(CODES[r.index()], r.code());
             let (status, code, body) = r.parts();

@@ -967,7 +967,13 @@ fn compile_entry(
         cells: ctx.usage.cells(),
         usage: OnceLock::new(),
         limiter: OnceLock::new(),
-        meta: r.meta.as_ref().map(|m| key_meta(m, config)),
+        extra: match (&r.meta, checked.credits) {
+            (None, None) => None,
+            (meta, credits) => Some(Box::new(key_index::Extra {
+                meta: meta.as_ref().map(|m| key_meta(m, config)),
+                credits,
+            })),
+        },
     })
 }
 
@@ -975,7 +981,7 @@ fn compile_entry(
 fn key_meta(
     meta: &serde_json::Map<String, serde_json::Value>,
     config: &Config,
-) -> Box<key_index::KeyMeta> {
+) -> key_index::KeyMeta {
     let mut forwarded: Vec<(Box<str>, http::HeaderValue)> = Vec::new();
     for field in config.routes.iter().flat_map(|r| &r.forward_meta) {
         if let (Some(value), false) = (
@@ -985,10 +991,10 @@ fn key_meta(
             forwarded.push((field.as_str().into(), crate::headers::meta_value(value)));
         }
     }
-    Box::new(key_index::KeyMeta {
+    key_index::KeyMeta {
         json: serde_json::Value::Object(meta.clone()).to_string().into(),
         forwarded: forwarded.into(),
-    })
+    }
 }
 
 /// The shared limiter `rate_limit` asks for, reused from the snapshot in force when its

@@ -4,6 +4,7 @@
 //! limiter's Redis client. The stages only read and spend these; housekeeping flushes and
 //! sweeps them.
 
+pub mod credits;
 pub mod limiters;
 pub mod lockouts;
 pub mod shared_limits;

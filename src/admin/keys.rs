@@ -48,6 +48,28 @@ pub(crate) struct CreateBody {
     /// A JSON object, at most 4 KiB as JSON.
     #[serde(default)]
     meta: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    credits: Option<CreditsBody>,
+}
+
+/// Credits as a body gives them: the balance, and the refill.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreditsBody {
+    remaining: u64,
+    #[serde(default)]
+    refill: Option<crate::keys::RefillRecord>,
+}
+
+impl From<CreditsBody> for crate::keys::CreditsRecord {
+    fn from(body: CreditsBody) -> Self {
+        crate::keys::CreditsRecord {
+            remaining: body.remaining,
+            refill: body.refill,
+            set_at: None,
+            version: 0,
+        }
+    }
 }
 
 /// `PATCH /v1/api-keys/{id}`: absent fields stay, `null` clears an optional one.
@@ -72,6 +94,8 @@ pub(crate) struct PatchBody {
     note: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     meta: Option<Option<serde_json::Map<String, serde_json::Value>>>,
+    #[serde(default, deserialize_with = "present")]
+    credits: Option<Option<CreditsBody>>,
 }
 
 impl From<CreateBody> for NewKey {
@@ -88,6 +112,7 @@ impl From<CreateBody> for NewKey {
             expires: body.expires_at,
             note: body.note,
             meta: body.meta,
+            credits: body.credits.map(Into::into),
         }
     }
 }
@@ -105,6 +130,7 @@ impl From<PatchBody> for KeyPatch {
             expires: body.expires_at,
             note: body.note.map(Option::unwrap_or_default),
             meta: body.meta,
+            credits: body.credits.map(|c| c.map(Into::into)),
         }
     }
 }
@@ -137,6 +163,13 @@ impl Wrote for KeyRecord {
 }
 
 impl Wrote for (KeyRecord, String) {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.0.clone()]
+    }
+}
+
+/// A top-up: the record as written, and its credits before.
+impl Wrote for (KeyRecord, Option<crate::keys::CreditsRecord>) {
     fn records(&self) -> Vec<KeyRecord> {
         vec![self.0.clone()]
     }
@@ -285,6 +318,13 @@ fn view(call: &Call<'_>, record: &KeyRecord) -> serde_json::Value {
     let now = call.gw.clock.unix_secs();
     let mut v = record.view(now, call.gw.usage.last_use(&record.id).as_ref(), quiet);
     copy_counts(&mut v, &local_usage(call, &record.id, now).counts_json());
+    if let Some(c) = record.credits.as_ref() {
+        if let Ok(credits) = crate::keys::check::check_credits(c) {
+            let stored = v.get("credits").cloned().unwrap_or_default();
+            let shown = call.gw.credits.show(&record.id, &stored, &credits, now);
+            set_member(&mut v, "credits", shown);
+        }
+    }
     v
 }
 
@@ -493,6 +533,58 @@ pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
                 .reason(changes.join("; ")),
         );
     }
+    Ok(json(
+        StatusCode::OK,
+        &with_warnings(view(call, &record), warnings),
+    ))
+}
+
+/// `POST /v1/api-keys/{id}/credits`: `{"add": N}` or `{"set": N}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreditsTopUp {
+    #[serde(default)]
+    add: Option<u64>,
+    #[serde(default)]
+    set: Option<u64>,
+}
+
+/// `POST /v1/api-keys/{id}/credits`: tops a key's credits up (`add`) or sets them (`set`);
+/// the key, with what it has left.
+pub(crate) async fn top_up(call: &Call<'_>, body: CreditsTopUp) -> Answer {
+    use crate::keys::lifecycle::TopUp;
+    let how = match (body.add, body.set) {
+        (Some(n), None) => TopUp::Add(n),
+        (None, Some(n)) => TopUp::Set(n),
+        _ => {
+            return Err(Rejection::InvalidRequest {
+                field: Some("body".into()),
+                detail: "give exactly one of add and set".into(),
+            })
+        }
+    };
+    let id = call.id.clone();
+    let gw = call.gw.clone();
+    let now = call.gw.clock.unix_secs();
+    let ((record, before), warnings) = change(call, move |op| {
+        keys::top_up(op, &id, how, |r| {
+            r.credits
+                .as_ref()
+                .and_then(|c| crate::keys::check::check_credits(c).ok())
+                .map_or(0, |c| gw.credits.left(&r.id, &c, now))
+        })
+    })
+    .await?;
+    let said = match how {
+        TopUp::Add(n) => format!("added {n}"),
+        TopUp::Set(n) => format!("set to {n}"),
+    };
+    let was = before.map_or(0, |c| c.remaining);
+    call.audit(
+        AuditEvent::new(now, &call.actor, "key.credits_set")
+            .key(&record)
+            .reason(format!("{said}; the balance as set was {was}")),
+    );
     Ok(json(
         StatusCode::OK,
         &with_warnings(view(call, &record), warnings),

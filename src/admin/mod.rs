@@ -53,6 +53,7 @@ pub enum Endpoint {
     Usage,
     KeyUsage,
     Verify,
+    TopUpCredits,
     ListAlerts,
     CreateAlert,
     GetAlert,
@@ -104,6 +105,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("POST", "/v1/api-keys/{id}/rotate", Endpoint::RotateKey),
     ("POST", "/v1/api-keys/{id}/disable", Endpoint::DisableKey),
     ("POST", "/v1/api-keys/{id}/enable", Endpoint::EnableKey),
+    ("POST", "/v1/api-keys/{id}/credits", Endpoint::TopUpCredits),
     ("GET", "/v1/namespaces", Endpoint::Namespaces),
     ("GET", "/v1/audit", Endpoint::Audit),
     ("GET", "/metrics", Endpoint::Metrics),
@@ -272,6 +274,7 @@ async fn route(
         Endpoint::Usage => keys::org_usage(&call, &query).await,
         Endpoint::KeyUsage => keys::key_usage(&call).await,
         Endpoint::Verify => verify::verify(&call, read_json(req, within).await?).await,
+        Endpoint::TopUpCredits => keys::top_up(&call, read_json(req, within).await?).await,
         Endpoint::ListAlerts => alerts::list(&call).await,
         Endpoint::GetAlert => alerts::get(&call).await,
         Endpoint::CreateAlert => alerts::create(&call, read_json(req, within).await?).await,
@@ -370,12 +373,17 @@ pub(crate) fn read_value<T: DeserializeOwned>(
     whole_numbers(&mut value);
     serde_json::from_value::<T>(value.clone()).map_err(|e| {
         let detail = e.to_string();
-        let field = detail
-            .split('`')
-            .nth(1)
-            .filter(|_| detail.starts_with("unknown field") || detail.starts_with("missing field"))
-            .map(String::from)
-            .or_else(|| field_at_fault::<T>(&value));
+        // The top-level member at fault first: a member missing inside `credits` names
+        // `credits`. Then the one serde names, for a member missing at the top.
+        let field = field_at_fault::<T>(&value).or_else(|| {
+            detail
+                .split('`')
+                .nth(1)
+                .filter(|_| {
+                    detail.starts_with("unknown field") || detail.starts_with("missing field")
+                })
+                .map(String::from)
+        });
         Rejection::InvalidRequest {
             field,
             detail: format!("invalid JSON body: {detail}"),

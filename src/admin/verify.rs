@@ -210,10 +210,7 @@ impl KeyView {
             scopes: key.scopes.texts().map(String::from).collect(),
             allowed_cidrs_set: !key.allowed_cidrs.is_empty(),
             expires_at: key.expires_at().map(crate::clock::rfc3339),
-            meta: key
-                .meta
-                .as_ref()
-                .and_then(|m| serde_json::from_str(&m.json).ok()),
+            meta: key.meta().and_then(|m| serde_json::from_str(&m.json).ok()),
         }
     }
 }

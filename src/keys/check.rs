@@ -67,6 +67,7 @@ pub struct CheckedRecord {
     pub quota: Option<Quota>,
     /// Unix seconds.
     pub expires_at: Option<i64>,
+    pub credits: Option<crate::policy::credits::Credits>,
 }
 
 /// The largest `meta`, as compact JSON.
@@ -211,6 +212,13 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
         }));
         CidrSet::default()
     });
+    let credits = match r.credits.as_ref().map(check_credits).transpose() {
+        Ok(c) => c,
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+    };
     match hash {
         Some(hash) if problems.is_empty() => Ok(CheckedRecord {
             hash,
@@ -219,9 +227,50 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
             rate,
             quota,
             expires_at,
+            credits,
         }),
         _ => Err(problems),
     }
+}
+
+/// The credits a stored record holds: the balance up to [`MAX_CREDITS`], a refill of 1 to
+/// [`MAX_CREDITS`] daily or monthly, and when it was set.
+pub fn check_credits(c: &super::CreditsRecord) -> Result<crate::policy::credits::Credits, Problem> {
+    use crate::policy::credits::{interval, Refill, MAX_CREDITS};
+    if c.remaining > MAX_CREDITS {
+        return Err(Problem::new(
+            "credits",
+            format!("remaining must be from 0 to {MAX_CREDITS}"),
+        ));
+    }
+    let refill = match &c.refill {
+        None => None,
+        Some(r) => {
+            if !(1..=MAX_CREDITS).contains(&r.amount) {
+                return Err(Problem::new(
+                    "credits",
+                    format!("refill.amount must be from 1 to {MAX_CREDITS}"),
+                ));
+            }
+            let interval = interval(&r.interval, r.day_of_month)
+                .map_err(|e| Problem::new("credits", format!("refill: {e}")))?;
+            Some(Refill {
+                amount: r.amount,
+                interval,
+            })
+        }
+    };
+    let set_at = match c.set_at.as_deref().map(parse_rfc3339) {
+        None => 0,
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return Err(Problem::new("credits", format!("set_at: {e}"))),
+    };
+    Ok(crate::policy::credits::Credits {
+        remaining: c.remaining,
+        set_at,
+        version: c.version,
+        refill,
+    })
 }
 
 /// The rate policy a rate text and burst make: the burst defaults to the rate's N and

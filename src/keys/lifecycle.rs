@@ -42,6 +42,8 @@ pub struct NewKey {
     pub note: String,
     /// The operator's own data about the key; at most 4 KiB as JSON.
     pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Credits for a limited-use key; set at the create (`set_at` is ignored).
+    pub credits: Option<super::CreditsRecord>,
 }
 
 /// What `keys update` (and `PATCH /v1/api-keys/{id}`) changes. `None` leaves a field alone;
@@ -58,6 +60,9 @@ pub struct KeyPatch {
     pub note: Option<String>,
     /// `Some(None)` removes the key's meta; `Some(Some(m))` replaces it whole.
     pub meta: Option<Option<serde_json::Map<String, serde_json::Value>>>,
+    /// `Some(None)` makes the key unlimited again; `Some(Some(c))` sets its credits anew,
+    /// from now (what was spent before no longer counts).
+    pub credits: Option<Option<super::CreditsRecord>>,
 }
 
 /// A create's fields, checked against the config: the prefix its key gets, the rate and
@@ -81,6 +86,9 @@ impl NewKey {
         check_name(&self.name)?;
         check_note(&self.note)?;
         check_meta(self.meta.as_ref())?;
+        if let Some(c) = &self.credits {
+            super::check::check_credits(c).map_err(|p| invalid("credits", p.message))?;
+        }
         let expires_at = check_expiry(self.expires.as_deref(), now)?;
         let prefix = prefix_for(config, &self.namespace, &self.environment);
         check_prefix(&prefix)?;
@@ -133,6 +141,7 @@ impl NewKey {
                 rotated_to: None,
                 imported: false,
                 meta: self.meta,
+                credits: self.credits.map(|c| set_now(c, now)),
             },
             config,
         )
@@ -181,6 +190,7 @@ impl KeyPatch {
             && self.expires.is_none()
             && self.note.is_none()
             && self.meta.is_none()
+            && self.credits.is_none()
     }
 
     /// Checks every field that does not depend on the key at `now`. The rate and burst are
@@ -200,6 +210,9 @@ impl KeyPatch {
         }
         if let Some(meta) = &self.meta {
             check_meta(meta.as_ref())?;
+        }
+        if let Some(Some(c)) = &self.credits {
+            super::check::check_credits(c).map_err(|p| invalid("credits", p.message))?;
         }
         if let Some(Some(rate)) = &self.rate_limit {
             check_rate(Some(rate), None)?;
@@ -265,6 +278,20 @@ impl KeyPatch {
         if let Some(meta) = self.meta {
             next.meta = meta;
         }
+        if let Some(credits) = self.credits {
+            // A new setting of the balance: the version after the key's last.
+            let last = record.credits.as_ref().map_or(0, |c| c.version);
+            next.credits = credits.map(|c| {
+                set_now(
+                    super::CreditsRecord {
+                        version: last,
+                        set_at: None,
+                        ..c
+                    },
+                    now,
+                )
+            });
+        }
         if let Some(expires_at) = expires_at {
             next.expires_at = expires_at.map(rfc3339);
         }
@@ -306,6 +333,93 @@ fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
         field,
         message: message.into(),
     }
+}
+
+/// Credits as set now: spending counts from this instant, unless the writer keeps the
+/// instant they were set at (a top-up within the same period, which must not forget what
+/// was spent). No body of the API or flag of the CLI can give `set_at`.
+fn set_now(c: super::CreditsRecord, now: i64) -> super::CreditsRecord {
+    match c.set_at {
+        Some(_) => c,
+        None => super::CreditsRecord {
+            set_at: Some(rfc3339(now)),
+            version: c.version.saturating_add(1),
+            ..c
+        },
+    }
+}
+
+/// Tops up a key's credits in one write of the store; `left` says what is left of the
+/// credits a record holds now (the gateway's count, or the journal's for the CLI). Returns
+/// the key as written and its credits before.
+pub fn top_up(
+    op: Op<'_>,
+    id: &str,
+    how: TopUp,
+    left: impl FnOnce(&KeyRecord) -> u64,
+) -> Result<(KeyRecord, Option<super::CreditsRecord>), KeyError> {
+    transact(op.store, |records| {
+        let mut record = find(records, id)?;
+        not_revoked(&record)?;
+        let before = record.credits.clone();
+        let now_left = left(&record);
+        record.credits = Some(topped_up(&record, how, now_left, op.now)?);
+        record.updated_at = Some(rfc3339(op.now));
+        let record = checked(record, op.config)?;
+        records.put(record.clone())?;
+        Ok((record, before))
+    })
+}
+
+/// How a top-up changes a key's credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopUp {
+    /// To exactly this many, from now.
+    Set(u64),
+    /// This many more than are left.
+    Add(u64),
+}
+
+/// The key's credits after `top_up`, given what is `left` of them now: an addition within
+/// the period they were set in raises the balance as set and keeps what was spent; after a
+/// refill, or for a set, the balance starts anew from now.
+pub fn topped_up(
+    record: &KeyRecord,
+    top_up: TopUp,
+    left: u64,
+    now: i64,
+) -> Result<super::CreditsRecord, KeyError> {
+    let Some(current) = &record.credits else {
+        return Err(invalid(
+            "credits",
+            "the key has no credits to top up: set them first",
+        ));
+    };
+    let policy = super::check::check_credits(current).map_err(|p| invalid("credits", p.message))?;
+    let same_period = policy.balance(now).period == policy.balance(policy.set_at).period;
+    let next = match top_up {
+        TopUp::Set(n) => super::CreditsRecord {
+            remaining: n,
+            set_at: None,
+            ..current.clone()
+        },
+        TopUp::Add(n) if same_period => super::CreditsRecord {
+            remaining: current.remaining.saturating_add(n),
+            ..current.clone()
+        },
+        TopUp::Add(n) => super::CreditsRecord {
+            remaining: left.saturating_add(n),
+            set_at: None,
+            ..current.clone()
+        },
+    };
+    if next.remaining > crate::policy::credits::MAX_CREDITS {
+        return Err(invalid(
+            "credits",
+            format!("at most {} credits", crate::policy::credits::MAX_CREDITS),
+        ));
+    }
+    Ok(set_now(next, now))
 }
 
 fn check_meta(meta: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<(), KeyError> {
@@ -754,6 +868,7 @@ pub fn changes(before: &KeyRecord, after: &KeyRecord) -> Vec<String> {
     );
     field("note", shown(&before.note), shown(&after.note));
     field("meta", shown(&before.meta), shown(&after.meta));
+    field("credits", shown(&before.credits), shown(&after.credits));
     out
 }
 
@@ -895,6 +1010,7 @@ pub fn import(
                 revoked_at: None,
                 regenerated_at: None,
                 meta: None,
+                credits: None,
                 rotated_from: None,
                 rotated_to: None,
                 imported,

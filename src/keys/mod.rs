@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::config::Config;
 pub use lifecycle::{
-    create, export, import, load, parse_import, regenerate, rotate, set_status, update,
-    ImportEntry, KeyPatch, Loaded, NewKey,
+    create, export, import, load, parse_import, regenerate, rotate, set_status, top_up, update,
+    ImportEntry, KeyPatch, Loaded, NewKey, TopUp,
 };
 pub use store::{ListQuery, RecordSink, Store, StoreFile};
 
@@ -94,6 +94,42 @@ pub struct KeyRecord {
     /// most [`check::MAX_META_BYTES`] as JSON. Routes may forward chosen members upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The key's credits, if it is a limited-use key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsRecord>,
+}
+
+/// A key's credits as stored: the balance as set, when it was set (spending counts from
+/// then), and the refill.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsRecord {
+    pub remaining: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill: Option<RefillRecord>,
+    /// RFC 3339. Set by every writer that sets `remaining`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_at: Option<String>,
+    /// How many times the balance was set: each setting counts its spending afresh (two
+    /// settings in one second are still two).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A refill as stored and as the API takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefillRecord {
+    pub amount: u64,
+    /// `daily` or `monthly`.
+    pub interval: String,
+    /// For `monthly`: the day of the month (1 to 31; the month's last day when shorter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day_of_month: Option<u32>,
 }
 
 /// When and from where a key was last presented.
@@ -155,6 +191,7 @@ impl KeyRecord {
             "last_used_ip": last_use.and_then(|u| u.ip.clone()),
             "note": self.note,
             "meta": self.meta,
+            "credits": self.credits,
         });
         let optional = [
             (
@@ -373,6 +410,7 @@ pub(crate) mod tests {
             rotated_to: None,
             imported: false,
             meta: None,
+            credits: None,
         }
     }
 

@@ -155,7 +155,7 @@ pub struct Forward<'a> {
 /// Sends the request to the route's upstream and returns its streamed response. An upgrade
 /// The key's `meta` members the route forwards, each as `X-Keygate-Meta-<Name>`.
 pub fn insert_meta(h: &mut http::HeaderMap, route: &Route, key: &KeyEntry) {
-    let Some(meta) = &key.meta else {
+    let Some(meta) = key.meta() else {
         return;
     };
     for (field, header) in &route.forward_meta {

@@ -30,6 +30,8 @@ pub struct Route {
     pub max_request_body: u64,
     /// The key's `meta` members this route sends upstream, with their header names.
     pub forward_meta: Vec<(String, http::HeaderName)>,
+    /// Credits a request here spends from a limited-use key.
+    pub cost: u64,
     /// This route's request counters, shared across snapshots by route name.
     pub counters: std::sync::Arc<crate::metrics::RouteCounters>,
     /// The snapshot's upstream pool this route uses.
@@ -262,6 +264,9 @@ impl Route {
                 }
             })
             .collect();
+        if raw.cost > MAX_COST {
+            bad("cost", format!("must be from 0 to {MAX_COST}"));
+        }
         if !ok {
             return None;
         }
@@ -284,11 +289,15 @@ impl Route {
             response_timeout,
             max_request_body,
             forward_meta,
+            cost: raw.cost,
             counters: Default::default(),
             client: 0,
         })
     }
 }
+
+/// The most credits one request can cost.
+const MAX_COST: u64 = 1_000_000;
 
 /// Most `meta` members one route forwards.
 const MAX_FORWARD_META: usize = 20;

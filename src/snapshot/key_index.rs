@@ -259,8 +259,15 @@ pub struct KeyEntry {
     pub usage: OnceLock<Arc<KeyUsage>>,
     /// The key's rate limiter, made on its first rate-limited request.
     pub limiter: OnceLock<Arc<KeyLimiter>>,
-    /// The key's metadata, if it has any.
-    pub meta: Option<Box<KeyMeta>>,
+    /// What few keys carry (metadata, credits), out of line: a key with none costs a word.
+    pub extra: Option<Box<Extra>>,
+}
+
+/// What few keys carry.
+#[derive(Debug, Default)]
+pub struct Extra {
+    pub meta: Option<KeyMeta>,
+    pub credits: Option<crate::policy::credits::Credits>,
 }
 
 /// [`KeyEntry::expires`] of a key that never expires.
@@ -286,6 +293,16 @@ impl KeyMeta {
 }
 
 impl KeyEntry {
+    /// The key's metadata, if it has any.
+    pub fn meta(&self) -> Option<&KeyMeta> {
+        self.extra.as_ref()?.meta.as_ref()
+    }
+
+    /// The key's credits, if it is a limited-use key.
+    pub fn credits(&self) -> Option<&crate::policy::credits::Credits> {
+        self.extra.as_ref()?.credits.as_ref()
+    }
+
     /// When the key expires (Unix seconds), if it does.
     pub fn expires_at(&self) -> Option<i64> {
         (self.expires != NEVER).then_some(self.expires)
@@ -649,7 +666,7 @@ pub(crate) mod tests {
             cells: crate::state::usage::UsageBook::in_memory().cells(),
             usage: OnceLock::new(),
             limiter: OnceLock::new(),
-            meta: None,
+            extra: None,
         }
     }
 
