@@ -30,6 +30,7 @@ use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
 use crate::clock::Clock;
 use crate::gateway::Gateway;
+use crate::policy::credits::Credits;
 use crate::policy::rate::{Budget, RateHeaders};
 use crate::rejection::Rejection;
 use crate::snapshot::{KeyEntry, Snapshot};
@@ -224,13 +225,13 @@ pub async fn decide<'s>(
             return Err(refused.rejection);
         }
     };
-    match shared_limit::admit(shared, admission.key, &gw.clock).await {
-        Ok(rate) => admission.rate = rate,
+    let cost = admission.route.map_or(1, |r| r.cost);
+    match shared_limit::admit(shared, admission.key, &gw.clock, cost, &gw.credits).await {
+        Ok((rate, left)) => {
+            admission.rate = rate;
+            admission.credits_left = left;
+        }
         Err(rejection) => {
-            if admission.credits_left.is_some() {
-                let cost = admission.route.map_or(1, |r| r.cost);
-                gw.credits.refund(&admission.key.id, cost);
-            }
             let refused = Refused {
                 rejection,
                 route: admission.route,
@@ -462,32 +463,44 @@ pub fn admit<'s>(
         .as_ref()
         .map(|(route, path, _)| (*route, ask.method, path.as_ref()));
     authorize::authorize(key, on, client, now).map_err(refused)?;
+    // Shared limits and credits are counted in Redis by `decide`, after this synchronous
+    // part.
+    if snapshot.shared_limits.is_some() {
+        return Ok(Admission {
+            route,
+            key,
+            credits_left: None,
+            normalized_path: normalized(target),
+            rate: None,
+        });
+    }
     // Credits are spent first: a later refusal gives them back, which a rate limiter's
     // bucket cannot do.
     let cost = route.map_or(1, |r| r.cost);
     let credits_left = spend_credits(credits, key, cost, now).map_err(refused)?;
-    // Shared limits are counted in Redis by `decide`, after this synchronous part.
-    let rate = match snapshot.shared_limits {
-        Some(_) => None,
-        None => match limits(key, clock, now) {
-            Ok(rate) => rate,
-            Err(rejection) => {
-                if credits_left.is_some() {
-                    credits.refund(&key.id, cost);
-                }
-                return Err(refused(rejection));
+    let rate = match limits(key, clock, now) {
+        Ok(rate) => rate,
+        Err(rejection) => {
+            if credits_left.is_some() {
+                credits.refund(&key.id, cost);
             }
-        },
+            return Err(refused(rejection));
+        }
     };
     Ok(Admission {
         route,
         key,
         credits_left,
-        normalized_path: target.and_then(|(_, path, with_params)| match (with_params, path) {
-            (Some(p), _) | (None, Cow::Owned(p)) => Some(p),
-            (None, Cow::Borrowed(_)) => None,
-        }),
+        normalized_path: normalized(target),
         rate,
+    })
+}
+
+/// The path to send upstream when normalisation changed it.
+fn normalized(target: Option<(&Route, Cow<'_, str>, Option<String>)>) -> Option<String> {
+    target.and_then(|(_, path, with_params)| match (with_params, path) {
+        (Some(p), _) | (None, Cow::Owned(p)) => Some(p),
+        (None, Cow::Borrowed(_)) => None,
     })
 }
 
@@ -504,10 +517,17 @@ fn spend_credits(
     };
     match book.spend(&key.id, credits, cost, now) {
         Ok(left) => Ok(Some(left)),
-        Err(CreditsRefused::Exhausted { next_refill }) => Err(Rejection::CreditsExhausted {
-            retry_after: next_refill.map(|t| t.saturating_sub(now).max(1).unsigned_abs()),
-        }),
+        Err(CreditsRefused::Exhausted { .. }) => Err(credits_exhausted(Some(credits), now)),
         Err(CreditsRefused::Unavailable) => Err(Rejection::Internal),
+    }
+}
+
+/// 429 `credits_exhausted`, with `Retry-After` to the next refill when there is one.
+fn credits_exhausted(credits: Option<&Credits>, now: i64) -> Rejection {
+    Rejection::CreditsExhausted {
+        retry_after: credits
+            .and_then(|c| c.balance(now).next_refill)
+            .map(|t| t.saturating_sub(now).max(1).unsigned_abs()),
     }
 }
 

@@ -709,3 +709,60 @@ fn a_write_reads_through_the_indexes_and_they_follow_every_write() {
     assert!(stats.contains("cmdstat_evalsha") || stats.contains("cmdstat_eval"));
     assert!(!stats.contains("cmdstat_hgetall"), "{stats}");
 }
+
+/// Credits shared through Redis: 1,000 requests at once, split over two nodes, against 100
+/// credits admit exactly 100, and a rate limit that refuses spends no credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_spend_exactly_the_credits_a_key_has() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    // A thousand requests at once from one test process: a Redis answer may take longer
+    // than the usual 200 ms, which would fail closed; this test is about exactness.
+    let limits = "rate_limit: {backend: redis, fail_mode: closed, nodes: 2, timeout: 5s}\n";
+    let a = node(&up, &redis, limits).await;
+    let b = node(&up, &redis, limits).await;
+    let (id, secret) = create(&a, serde_json::json!({"credits": {"remaining": 100}})).await;
+    until(&b, &secret, 200, PROPAGATION).await;
+    // That request spent one.
+    let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    for i in 0..1_000 {
+        let (proxy, secret, admitted) = (
+            if i % 2 == 0 { a.proxy } else { b.proxy },
+            secret.clone(),
+            admitted.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = send(Req::get(proxy, "/v1/x").bearer(&secret)).await;
+            match (r.status.as_u16(), r.code().as_str()) {
+                (200, _) => {
+                    admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                (429, "credits_exhausted") => {}
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 100);
+    // Both nodes show what Redis counts.
+    for gw in [&a, &b] {
+        let r = send(Req::get(gw.admin, &format!("/v1/api-keys/{id}")).bearer(ADMIN_TOKEN)).await;
+        assert_eq!(r.json()["credits"]["remaining"], 0, "{:?}", r.json());
+    }
+    // A key with a rate limit too: the refused request spends no credit, in the same script.
+    let (limited_id, limited) = create(
+        &a,
+        serde_json::json!({"credits": {"remaining": 10}, "rate_limit": "1/m"}),
+    )
+    .await;
+    assert_eq!(status(&a, &limited).await.0, 200);
+    assert_eq!(status(&a, &limited).await.1, "rate_limited");
+    let r =
+        send(Req::get(a.admin, &format!("/v1/api-keys/{limited_id}")).bearer(ADMIN_TOKEN)).await;
+    assert_eq!(r.json()["credits"]["remaining"], 9);
+    a.stop().await;
+    b.stop().await;
+}

@@ -475,9 +475,13 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
         .then(|| page.last().map(|r| format!("{}~{}", r.created_at, r.id)))
         .flatten();
     let shared = shared_usage(call, page.iter().map(|r| r.id.clone()).collect()).await;
+    let left = shared_credits_left(call, &page).await;
     let views: Vec<_> = page
         .iter()
-        .map(|r| with_shared(call, view(call, r), shared.get(&r.id)))
+        .map(|r| {
+            let v = with_shared(call, view(call, r), shared.get(&r.id));
+            with_credits_left(v, left.get(&r.id).copied())
+        })
         .collect();
     Ok(json(
         StatusCode::OK,
@@ -489,10 +493,51 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
 pub(crate) async fn get(call: &Call<'_>) -> Answer {
     let record = &record(call).await?;
     let shared = shared_usage(call, vec![record.id.clone()]).await;
+    let left = shared_credits_left(call, std::slice::from_ref(record)).await;
+    let v = with_shared(call, view(call, record), shared.get(&record.id));
     Ok(json(
         StatusCode::OK,
-        &with_shared(call, view(call, record), shared.get(&record.id)),
+        &with_credits_left(v, left.get(&record.id).copied()),
     ))
+}
+
+/// With shared limits (Redis): what each record's credits have left, as Redis counts them
+/// for every node. Empty without shared limits (this node's book is the count, and `view`
+/// reads it), or when Redis cannot be reached.
+async fn shared_credits_left(call: &Call<'_>, records: &[KeyRecord]) -> HashMap<String, u64> {
+    let snapshot = call.gw.snapshot.load_full();
+    let Some(shared) = &snapshot.shared_limits else {
+        return HashMap::new();
+    };
+    let now = call.gw.clock.unix_secs();
+    let with: Vec<(String, crate::policy::credits::Credits)> = records
+        .iter()
+        .filter_map(|r| {
+            let c = crate::keys::check::check_credits(r.credits.as_ref()?).ok()?;
+            Some((r.id.clone(), c))
+        })
+        .collect();
+    let keys: Vec<(&str, &crate::policy::credits::Credits)> =
+        with.iter().map(|(id, c)| (id.as_str(), c)).collect();
+    let read = tokio::time::timeout(shared.settings().timeout, shared.credits_spent(&keys, now));
+    match read.await {
+        Ok(Ok(spent)) => with
+            .iter()
+            .zip(spent)
+            .map(|((id, c), spent)| (id.clone(), c.balance(now).budget.saturating_sub(spent)))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// `v` with `credits.remaining` set to `left`, when it is known.
+fn with_credits_left(mut v: serde_json::Value, left: Option<u64>) -> serde_json::Value {
+    if let (Some(left), Some(credits)) =
+        (left, v.get_mut("credits").and_then(|c| c.as_object_mut()))
+    {
+        credits.insert("remaining".into(), left.into());
+    }
+    v
 }
 
 /// `POST /v1/api-keys`: 201 with the record and, this once, the secret.
@@ -566,12 +611,16 @@ pub(crate) async fn top_up(call: &Call<'_>, body: CreditsTopUp) -> Answer {
     let id = call.id.clone();
     let gw = call.gw.clone();
     let now = call.gw.clock.unix_secs();
+    // With shared limits, Redis's count; else this node's.
+    let shared_left = shared_credits_left(call, std::slice::from_ref(&record(call).await?)).await;
     let ((record, before), warnings) = change(call, move |op| {
-        keys::top_up(op, &id, how, |r| {
-            r.credits
+        keys::top_up(op, &id, how, |r| match shared_left.get(&r.id) {
+            Some(left) => *left,
+            None => r
+                .credits
                 .as_ref()
                 .and_then(|c| crate::keys::check::check_credits(c).ok())
-                .map_or(0, |c| gw.credits.left(&r.id, &c, now))
+                .map_or(0, |c| gw.credits.left(&r.id, &c, now)),
         })
     })
     .await?;
@@ -585,9 +634,13 @@ pub(crate) async fn top_up(call: &Call<'_>, body: CreditsTopUp) -> Answer {
             .key(&record)
             .reason(format!("{said}; the balance as set was {was}")),
     );
+    let left = shared_credits_left(call, std::slice::from_ref(&record)).await;
     Ok(json(
         StatusCode::OK,
-        &with_warnings(view(call, &record), warnings),
+        &with_credits_left(
+            with_warnings(view(call, &record), warnings),
+            left.get(&record.id).copied(),
+        ),
     ))
 }
 

@@ -16,28 +16,59 @@ use crate::policy::quota::Quota;
 use crate::policy::rate::{Budget, RateHeaders, SharedPolicy};
 use crate::rejection::Rejection;
 use crate::snapshot::KeyEntry;
+use crate::state::credits::CreditBook;
 use crate::state::shared_limits::SharedLimiter;
 
-/// Counts one request against the key's shared limits. `Ok(None)`: the key has none.
+/// What a shared decision said: the RateLimit headers (`None`: the key has no rate or
+/// quota), and the credits left (`None`: the key has none).
+pub type Shared = (Option<RateHeaders>, Option<u64>);
+
+/// Counts one request against the key's shared limits and spends `cost` of its credits, all
+/// or nothing, in one script. `Ok((None, None))`: the key has neither.
 pub async fn admit(
     shared: &Arc<SharedLimiter>,
     key: &KeyEntry,
     clock: &Clock,
-) -> Result<Option<RateHeaders>, Rejection> {
-    let Some(policy) = key.shared() else {
-        return Ok(None);
+    cost: u64,
+    credits: &CreditBook,
+) -> Result<Shared, Rejection> {
+    let credit_policy = key.credits();
+    let policy = match (key.shared(), credit_policy) {
+        (Some(p), _) => p,
+        (None, Some(_)) => SharedPolicy {
+            emission_us: 0,
+            burst: 0,
+            quota: None,
+        },
+        (None, None) => return Ok((None, None)),
     };
     let now = clock.unix_secs();
     if shared.is_up() {
         match tokio::time::timeout(
             shared.settings().timeout,
-            shared.call(key.id.as_str(), &policy, now),
+            shared.call(
+                key.id.as_str(),
+                &policy,
+                credit_policy.map(|c| (c, cost)),
+                now,
+            ),
         )
         .await
         {
             Ok(Ok(reply)) => {
                 shared.count(true);
-                return decide(key, &policy, reply, now);
+                let left = credit_policy.map(|c| {
+                    let spent = u64::try_from(reply[4]).unwrap_or(0);
+                    c.balance(now).budget.saturating_sub(spent)
+                });
+                if reply[0] == 3 {
+                    return Err(super::credits_exhausted(credit_policy, now));
+                }
+                let rate = match key.shared() {
+                    Some(p) => decide(key, &p, reply, now)?,
+                    None => None,
+                };
+                return Ok((rate, left));
             }
             Ok(Err(e)) => shared.went_down(&e.to_string()),
             Err(_) => {
@@ -47,16 +78,28 @@ pub async fn admit(
     }
     shared.count(false);
     match shared.settings().fail_mode {
-        FailMode::Open => Ok(None),
+        FailMode::Open => Ok((None, None)),
         FailMode::Closed => Err(Rejection::LimiterUnavailable),
-        FailMode::Local => super::limits(key, clock, now),
+        // This node's own count: its share of the limits, and its own credits book.
+        FailMode::Local => {
+            let left = super::spend_credits(credits, key, cost, now)?;
+            match super::limits(key, clock, now) {
+                Ok(rate) => Ok((rate, left)),
+                Err(rejection) => {
+                    if left.is_some() {
+                        credits.refund(&key.id, cost);
+                    }
+                    Err(rejection)
+                }
+            }
+        }
     }
 }
 
 fn decide(
     key: &KeyEntry,
     policy: &SharedPolicy,
-    [outcome, remaining, wait_or_reset_us, used]: [i64; 4],
+    [outcome, remaining, wait_or_reset_us, used, _]: [i64; 5],
     now: i64,
 ) -> Result<Option<RateHeaders>, Rejection> {
     let header = key

@@ -3,11 +3,14 @@
 //! settings are unchanged, between snapshots. The request stage that spends it is
 //! [`crate::pipeline::shared_limit`].
 //!
-//! One Lua script per limited request does the quota check, the GCRA and the quota count,
-//! atomically, on Redis's clock (so nodes' clocks need not agree): one round trip. Redis
-//! keeps, under the store's prefix `P`, `P:rl:<key id>` (the GCRA's theoretical arrival
-//! time, expiring once idle) and `P:quota:<key id>:<period>` (a counter expiring with its
-//! period). When Redis cannot be reached, a background probe notices it coming back.
+//! One Lua script per limited request does the quota check, the credits check, the GCRA,
+//! and then the quota count and the credits spent, atomically, on Redis's clock (so nodes'
+//! clocks need not agree): one round trip, and all or nothing (a request the GCRA refuses
+//! spends no credit). Redis keeps, under the store's prefix `P`, `P:rl:<key id>` (the
+//! GCRA's theoretical arrival time, expiring once idle), `P:quota:<key id>:<period>` (a
+//! counter expiring with its period) and `P:credits:<key id>:<version>:<period>` (the
+//! credits spent of one setting in one refill period, expiring a day after it). When Redis
+//! cannot be reached, a background probe notices it coming back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -16,6 +19,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::FailMode;
+use crate::policy::credits::Credits;
 use crate::policy::rate::SharedPolicy;
 
 const SCRIPT: &str = r"
@@ -26,7 +30,16 @@ local used = 0
 if quota_limit > 0 then
   used = tonumber(redis.call('GET', KEYS[2]) or '0')
   if used >= quota_limit then
-    return {2, 0, 0, used}
+    return {2, 0, 0, used, 0}
+  end
+end
+local budget = tonumber(ARGV[5])
+local cost = tonumber(ARGV[6])
+local spent = 0
+if budget >= 0 then
+  spent = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if spent + cost > budget then
+    return {3, 0, 0, used, spent}
   end
 end
 local emission = tonumber(ARGV[1])
@@ -42,7 +55,7 @@ if emission > 0 then
   local new_tat = tat + emission
   local allow_at = new_tat - tolerance
   if allow_at > now then
-    return {1, 0, allow_at - now, used}
+    return {1, 0, allow_at - now, used, spent}
   end
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
   remaining = math.floor((tolerance - (new_tat - now)) / emission)
@@ -54,7 +67,13 @@ if quota_limit > 0 then
     redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
   end
 end
-return {0, remaining, reset, used}
+if budget >= 0 then
+  spent = redis.call('INCRBY', KEYS[3], cost)
+  if tonumber(ARGV[7]) > 0 then
+    redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
+  end
+end
+return {0, remaining, reset, used, spent}
 ";
 
 /// How the shared limiter is set up; a reload with equal settings keeps the same limiter
@@ -119,25 +138,16 @@ impl SharedLimiter {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Runs the script for the key `id`: `[outcome, remaining, wait or reset (µs), used]`.
+    /// Runs the script for the key `id`: `[outcome, remaining, wait or reset (µs), used,
+    /// credits spent]`; outcome 0 admits, 1 is the rate, 2 the quota, 3 the credits.
     pub(crate) async fn call(
         &self,
         id: &str,
         policy: &SharedPolicy,
+        credits: Option<(&Credits, u64)>,
         now: i64,
-    ) -> redis::RedisResult<[i64; 4]> {
-        let connection = self
-            .connection
-            .get_or_try_init(|| {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(
-                        self.settings.timeout.max(Duration::from_millis(200)),
-                    ))
-                    .set_response_timeout(Some(self.settings.timeout))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(self.client.clone(), config)
-            })
-            .await?;
+    ) -> redis::RedisResult<[i64; 5]> {
+        let connection = self.connection().await?;
         let prefix = &self.settings.prefix;
         let (quota_key, limit, ttl) = match policy.quota {
             Some(q) => {
@@ -150,15 +160,79 @@ impl SharedLimiter {
             }
             None => (format!("{prefix}:quota:{id}:none"), 0, 1),
         };
+        let (credits_key, budget, cost, credits_ttl) = match credits {
+            Some((c, cost)) => {
+                let balance = c.balance(now);
+                (
+                    self.credits_key(id, c, now),
+                    i64::try_from(balance.budget).unwrap_or(i64::MAX),
+                    cost,
+                    // A day past the refill; without one, kept.
+                    balance
+                        .next_refill
+                        .map_or(0, |t| t.saturating_sub(now).max(1).saturating_add(86_400)),
+                )
+            }
+            None => (format!("{prefix}:credits:{id}:none"), -1, 0, 0),
+        };
         let mut connection = connection.clone();
         self.script
             .key(format!("{prefix}:rl:{id}"))
             .key(quota_key)
+            .key(credits_key)
             .arg(policy.emission_us)
             .arg(policy.burst)
             .arg(limit)
             .arg(ttl)
+            .arg(budget)
+            .arg(cost)
+            .arg(credits_ttl)
             .invoke_async(&mut connection)
+            .await
+    }
+
+    /// Where Redis counts the credits key `id` spent of this setting in this period.
+    fn credits_key(&self, id: &str, c: &Credits, now: i64) -> String {
+        format!(
+            "{}:credits:{id}:{}:{}",
+            self.settings.prefix,
+            c.version,
+            c.balance(now).period
+        )
+    }
+
+    /// The credits each key of `keys` has spent now, as Redis counts them.
+    pub async fn credits_spent(
+        &self,
+        keys: &[(&str, &Credits)],
+        now: i64,
+    ) -> redis::RedisResult<Vec<u64>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection().await?.clone();
+        let names: Vec<String> = keys
+            .iter()
+            .map(|(id, c)| self.credits_key(id, c, now))
+            .collect();
+        let spent: Vec<Option<u64>> = redis::cmd("MGET")
+            .arg(names)
+            .query_async(&mut connection)
+            .await?;
+        Ok(spent.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn connection(&self) -> redis::RedisResult<&ConnectionManager> {
+        self.connection
+            .get_or_try_init(|| {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(
+                        self.settings.timeout.max(Duration::from_millis(200)),
+                    ))
+                    .set_response_timeout(Some(self.settings.timeout))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.client.clone(), config)
+            })
             .await
     }
 
