@@ -374,6 +374,7 @@ mod tests {
         assert_eq!(book.spend("k", &c, 2, 86_400), Ok(3));
         let reset = Credits {
             set_at: 86_401,
+            version: 2,
             remaining: 7,
             ..c
         };
