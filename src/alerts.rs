@@ -422,8 +422,25 @@ impl AlertState {
     }
 }
 
+/// What a delivery names in its log lines.
+pub trait HasRule {
+    fn rule(&self) -> &str;
+}
+
+impl HasRule for AlertEvent {
+    fn rule(&self) -> &str {
+        &self.rule
+    }
+}
+
+impl HasRule for serde_json::Value {
+    fn rule(&self) -> &str {
+        self.get("event").and_then(|e| e.as_str()).unwrap_or("")
+    }
+}
+
 /// POSTs an alert to the webhook, retrying with backoff; returns whether it was delivered.
-pub async fn deliver(webhook: &Webhook, event: &AlertEvent) -> bool {
+pub async fn deliver(webhook: &Webhook, event: &(impl Serialize + HasRule)) -> bool {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let body = Bytes::from(serde_json::to_vec(event).unwrap_or_default());
@@ -437,12 +454,12 @@ pub async fn deliver(webhook: &Webhook, event: &AlertEvent) -> bool {
         match tokio::time::timeout(webhook.timeout, client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => return true,
             Ok(Ok(resp)) => {
-                tracing::warn!(attempt, status = %resp.status(), rule = %event.rule, "alert webhook refused")
+                tracing::warn!(attempt, status = %resp.status(), rule = event.rule(), "alert webhook refused")
             }
             Ok(Err(e)) => {
-                tracing::warn!(attempt, error = %e, rule = %event.rule, "alert webhook unreachable")
+                tracing::warn!(attempt, error = %e, rule = event.rule(), "alert webhook unreachable")
             }
-            Err(_) => tracing::warn!(attempt, rule = %event.rule, "alert webhook timed out"),
+            Err(_) => tracing::warn!(attempt, rule = event.rule(), "alert webhook timed out"),
         }
         if attempt < webhook.retries {
             tokio::time::sleep(backoff).await;

@@ -107,6 +107,20 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Report leaked keys: each that keygate issued is marked leaked and revoked (or
+    /// --action), audited and sent to the alert webhook; other tokens change nothing.
+    Leaked {
+        /// One key per line, or the JSON of gitleaks or TruffleHog; `-` for standard input.
+        file: PathBuf,
+        /// `revoke` (the default), `disable`, or `report` (only mark and tell).
+        #[arg(long, default_value = "revoke")]
+        action: String,
+        /// Where the keys were found (a URL or the scanner's name), kept on each key.
+        #[arg(long, default_value = "")]
+        source: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the whole store in the file store's format (hashes only, every field and
     /// state): a backup, or the way to move to another store kind.
     Export,
@@ -476,6 +490,44 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             }
             Ok(())
         }
+        KeysCommand::Leaked {
+            file,
+            action,
+            source,
+            json,
+        } => {
+            let action = keys::LeakAction::parse(&action).map_err(|e| format!("--action: {e}"))?;
+            crate::keys::check::check_text(&source, crate::keys::check::MAX_LEAK_URL_CHARS, false)
+                .map_err(|e| format!("--source {e}"))?;
+            let tokens = crate::scanning::tokens_in(&read_input(&file)?);
+            if tokens.is_empty() {
+                return Err(format!("{}: no keys in it", file.display()));
+            }
+            let found = keys::leaked(op, &tokens, action, &source).map_err(flag_error)?;
+            let mut alerts = Vec::new();
+            for record in found.iter().filter_map(|f| f.key.as_ref()) {
+                let (event, alert) = crate::scanning::notice(now, &actor, record, &source, action);
+                audit(event);
+                alerts.push(alert);
+            }
+            send_alerts(&config, config_path, &alerts);
+            if json {
+                print_json(&crate::scanning::answer(&found, action));
+            } else {
+                for f in &found {
+                    match &f.key {
+                        Some(k) => println!(
+                            "true_positive   key {} ({}): {}",
+                            k.id,
+                            k.namespace,
+                            action.as_str()
+                        ),
+                        None => println!("false_positive  sha256:{}", f.token_hash),
+                    }
+                }
+            }
+            Ok(())
+        }
         KeysCommand::Regenerate { id, json } => {
             let (record, secret) = keys::regenerate(op, &id).map_err(flag_error)?;
             audit(AuditEvent::new(now, &actor, "key.regenerated").key(&record));
@@ -664,6 +716,31 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
 }
 
 /// A file's text, or standard input's for `-`.
+/// Sends alerts to the configured webhook, from the CLI's own short-lived runtime; a
+/// failed delivery is a warning, as the change is already saved.
+fn send_alerts(config: &Config, config_path: &Path, alerts: &[serde_json::Value]) {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let mut problems = crate::config::Problems::default();
+    let rules = crate::alerts::AlertRules::compile(&config.alerts, base, &mut problems);
+    let Some(webhook) = rules.webhook.filter(|_| !alerts.is_empty()) else {
+        return;
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return eprintln!("keygate: warning: the alert webhook was not called: {e}"),
+    };
+    for alert in alerts {
+        if !runtime.block_on(crate::alerts::deliver(&webhook, alert)) {
+            eprintln!(
+                "keygate: warning: the change is saved, but the alert webhook did not take it"
+            );
+        }
+    }
+}
+
 fn read_input(file: &Path) -> Result<String, String> {
     if file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())

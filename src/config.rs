@@ -94,6 +94,9 @@ pub struct Config {
     /// The auth listener's reading of forwarded requests.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Leaked keys reported by secret scanners.
+    #[serde(default)]
+    pub secret_scanning: crate::scanning::SecretScanningConfig,
 }
 
 /// Brute-force protection.
@@ -381,6 +384,7 @@ impl Default for Config {
             alerts: crate::alerts::AlertsConfig::default(),
             tls: crate::tls::TlsConfig::default(),
             auth: AuthConfig::default(),
+            secret_scanning: crate::scanning::SecretScanningConfig::default(),
         }
     }
 }

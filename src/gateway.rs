@@ -35,6 +35,8 @@ pub struct Gateway {
     pub lockouts: Lockouts,
     pub metrics: Metrics,
     pub alert_state: AlertState,
+    /// GitHub's secret-scanning keys, as last fetched.
+    pub github_keys: crate::scanning::GithubKeys,
     /// Upgraded connections (WebSocket) in flight, for the drain.
     pub tunnels: Arc<Tunnels>,
     /// The listeners' certificate resolvers, when they speak TLS; reloads swap their sets.
@@ -104,6 +106,7 @@ impl Gateway {
             lockouts: Lockouts::default(),
             metrics,
             alert_state: AlertState::default(),
+            github_keys: crate::scanning::GithubKeys::default(),
             tunnels: Arc::default(),
             proxy_certs,
             admin_certs,

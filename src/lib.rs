@@ -87,6 +87,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod rejection;
 pub mod reload;
+pub mod scanning;
 pub mod server;
 pub mod shared_usage;
 pub mod snapshot;

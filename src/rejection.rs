@@ -63,6 +63,8 @@ pub enum Rejection {
     KeyRevoked,
     KeyLimitReached(String),
     KeyRotating,
+    /// A secret-scanning report whose signature does not verify.
+    InvalidSignature,
     /// No alert rule has this name.
     AlertNotFound,
     /// The alert rule is written in the config file: change it there.
@@ -83,7 +85,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 36] = [
+pub const CODES: [&str; 37] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -120,6 +122,7 @@ pub const CODES: [&str; 36] = [
     "alert_in_config",
     "alert_exists",
     "credits_exhausted",
+    "invalid_signature",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -195,6 +198,7 @@ impl Rejection {
             AlertInConfig => 33,
             AlertExists => 34,
             CreditsExhausted { .. } => 35,
+            InvalidSignature => 36,
         }
     }
 
@@ -236,6 +240,7 @@ impl Rejection {
             KeyRevoked => (S::CONFLICT, "key_revoked", problem!(409, "Conflict", "key_revoked", "The key is revoked, and a revoked key cannot be changed or enabled again.")),
             KeyLimitReached(_) => (S::CONFLICT, "key_limit_reached", ""),
             KeyRotating => (S::CONFLICT, "key_rotating", problem!(409, "Conflict", "key_rotating", "The key is already being rotated: rotate its replacement, or wait for the grace to end.")),
+            InvalidSignature => (S::UNAUTHORIZED, "invalid_signature", problem!(401, "Unauthorized", "invalid_signature", "The report's signature does not verify against the scanner's published keys; nothing was changed.")),
             AlertNotFound => (S::NOT_FOUND, "alert_not_found", problem!(404, "Not Found", "alert_not_found", "No alert rule has this name.")),
             AlertInConfig => (S::CONFLICT, "alert_in_config", problem!(409, "Conflict", "alert_in_config", "This alert rule is written in the config file: change or remove it there.")),
             AlertExists => (S::CONFLICT, "alert_exists", problem!(409, "Conflict", "alert_exists", "An alert rule with this name exists already: choose another name, or change that rule.")),
@@ -398,6 +403,7 @@ mod tests {
             AlertNotFound,
             AlertInConfig,
             AlertExists,
+            InvalidSignature,
             RequestTimeout,
             TooManyFailedAttempts { retry_after: 1 },
             CreditsExhausted { retry_after: None },

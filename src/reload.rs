@@ -16,9 +16,11 @@ use tokio::task::JoinHandle;
 use crate::audit::AuditEvent;
 use crate::config::ConfigError;
 use crate::gateway::Gateway;
+use crate::keys::lifecycle::Op;
 use crate::keys::redis_store::{Change, RedisStore};
 use crate::keys::sqlite_store::Feed;
-use crate::keys::KeyRecord;
+use crate::keys::{KeyError, KeyRecord};
+use crate::rejection::Rejection;
 use crate::snapshot::{Fingerprint, Snapshot, Written};
 
 /// What a successful reload put in force.
@@ -131,6 +133,91 @@ pub async fn reload(
             );
             Err(errors)
         }
+    }
+}
+
+/// What a lifecycle operation wrote: the records to make live.
+pub trait Wrote {
+    fn records(&self) -> Vec<KeyRecord>;
+}
+
+impl Wrote for KeyRecord {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.clone()]
+    }
+}
+
+impl Wrote for (KeyRecord, String) {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.0.clone()]
+    }
+}
+
+/// A top-up: the record as written, and its credits before.
+impl Wrote for (KeyRecord, Option<crate::keys::CreditsRecord>) {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.0.clone()]
+    }
+}
+
+/// An update: the record and its changes; nothing was written when there were none.
+impl Wrote for (KeyRecord, Vec<String>) {
+    fn records(&self) -> Vec<KeyRecord> {
+        if self.1.is_empty() {
+            return Vec::new();
+        }
+        vec![self.0.clone()]
+    }
+}
+
+impl Wrote for (KeyRecord, String, KeyRecord) {
+    fn records(&self) -> Vec<KeyRecord> {
+        vec![self.0.clone(), self.2.clone()]
+    }
+}
+
+/// Runs a lifecycle operation on a blocking thread, then makes what it wrote live. Returns
+/// its result and any warning for the caller.
+pub async fn change_keys<T: Wrote + Send + 'static>(
+    gw: &Arc<Gateway>,
+    actor: &str,
+    operation: impl FnOnce(Op<'_>) -> Result<T, KeyError> + Send + 'static,
+) -> Result<(T, Vec<String>), Rejection> {
+    let snapshot = gw.snapshot.load_full();
+    let actor_owned = actor.to_string();
+    let now = gw.clock.unix_secs();
+    let (done, written) = tokio::task::spawn_blocking(move || {
+        let store = snapshot.store.witnessed();
+        let done = operation(Op {
+            store: &store,
+            config: &snapshot.config,
+            actor: &actor_owned,
+            now,
+        });
+        done.map(|d| (d, store.written()))
+    })
+    .await
+    .map_err(|_| Rejection::Internal)??;
+    let mut warnings = Vec::new();
+    let records = done.records();
+    if records.is_empty() {
+        // Nothing was written (an update that changed nothing): nothing to make live.
+        return Ok((done, warnings));
+    }
+    let live = apply_key_changes(gw, actor, records, written).await;
+    if let Err(errors) = live {
+        warnings.push(format!(
+            "the change is saved, but the gateway could not reload ({} problem(s) in the config or store), so it is not live yet",
+            errors.len()
+        ));
+    }
+    Ok((done, warnings))
+}
+
+/// A leak report: the keys it found.
+impl Wrote for Vec<crate::keys::LeakFound> {
+    fn records(&self) -> Vec<KeyRecord> {
+        self.iter().filter_map(|f| f.key.clone()).collect()
     }
 }
 

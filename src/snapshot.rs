@@ -114,6 +114,8 @@ pub struct Snapshot {
     pub lockout: Option<LockoutPolicy>,
     /// The config's alert rules, then those kept in the key store.
     pub alerts: AlertRules,
+    /// GitHub's secret-scanning endpoint on the proxy listener, when configured.
+    pub github: Option<crate::scanning::Github>,
     /// The alert rules kept in the key store, as stored.
     pub stored_alerts: Vec<serde_json::Value>,
     /// Some keys were imported: a token that is not in keygate's format may still be one,
@@ -379,6 +381,7 @@ impl Snapshot {
             x_api_key: config.x_api_key,
             lockout: compiled.lockout,
             alerts: compiled.alerts,
+            github: compiled.github,
             stored_alerts,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
@@ -406,6 +409,7 @@ struct CompiledConfig {
     listeners: ListenerSettings,
     lockout: Option<LockoutPolicy>,
     alerts: AlertRules,
+    github: Option<crate::scanning::Github>,
     store: Store,
     shared_limits: Option<Arc<SharedLimiter>>,
 }
@@ -641,6 +645,7 @@ fn compile_config(
     };
     let base = ctx.config_path.parent().unwrap_or(Path::new("."));
     let alerts = AlertRules::compile(&config.alerts, base, p);
+    let github = crate::scanning::Github::compile(&config.secret_scanning, p);
     let proxy_certs = config
         .tls
         .proxy
@@ -774,6 +779,7 @@ fn compile_config(
         admin_certs,
         lockout,
         alerts,
+        github,
         store: store?.remembering(),
         shared_limits: shared_limits?,
         listeners: ListenerSettings {

@@ -1020,3 +1020,69 @@ async fn alert_rules_are_managed_from_the_console() {
     drop(b);
     gw.stop().await;
 }
+
+/// A key reported leaked is marked "Leaked" in the list and on its page, with where it was
+/// found: a link for a web address, plain text for anything else (never a `javascript:`
+/// link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_key_is_marked_with_where_it_was_found() {
+    let (_up, gw) = setup().await;
+    let (found, found_key) = gw.create_key(new_key("acme", "production")).await;
+    let (odd, odd_key) = gw.create_key(new_key("acme", "production")).await;
+    let (_, _) = gw.create_key(new_key("acme", "production")).await;
+    let url = "https://github.com/acme/app/blob/0a1b/.env";
+    for (key, source) in [(&found_key, url), (&odd_key, "javascript:alert(1)")] {
+        let r = admin(
+            &gw,
+            "POST",
+            "/v1/api-keys/leaked",
+            Some(serde_json::json!({"keys": [key], "action": "report", "source": source})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+    let b = Browser::start(1440, 900).await;
+    b.goto(&format!("http://{}/console?ns=acme", gw.admin))
+        .await;
+    sign_in(&b, ADMIN_TOKEN).await;
+    wait_rows(&b, 3).await;
+    let marks = b
+        .eval(
+            "return [...document.querySelectorAll('#keys-body tr')].map(r => [r.dataset.keyId, \
+             r.querySelector('.badge.leaked')?.textContent ?? null, \
+             r.querySelector('td[data-label=Status] a')?.getAttribute('href') ?? null])",
+        )
+        .await;
+    let marks: Vec<(String, Option<String>, Option<String>)> =
+        serde_json::from_value(marks).unwrap();
+    for (id, badge, link) in &marks {
+        if *id == found.id {
+            assert_eq!(
+                (badge.as_deref(), link.as_deref()),
+                (Some("Leaked"), Some(url))
+            );
+        } else if *id == odd.id {
+            assert_eq!((badge.as_deref(), link.as_deref()), (Some("Leaked"), None));
+        } else {
+            assert_eq!(badge, &None, "a key never reported");
+        }
+    }
+    assert!(b
+        .text(&format!("tr[data-key-id='{}']", odd.id))
+        .await
+        .contains("javascript:alert(1)"));
+    b.goto(&format!(
+        "http://{}/console?ns=acme&view=key&id={}",
+        gw.admin, found.id
+    ))
+    .await;
+    b.wait_until(
+        "the key's page says it leaked",
+        "return [...document.querySelectorAll('#key-facts dt')].some(d => d.textContent === 'Leaked')",
+    )
+    .await;
+    assert!(b.text("#key-facts").await.contains(url));
+    assert!(b.errors().await.is_empty(), "{:?}", b.errors().await);
+    drop(b);
+    gw.stop().await;
+}

@@ -249,6 +249,18 @@ fn out_of_range_config_numbers_are_located_errors() {
             "alerts.webhook.timeout",
             "alerts:\n  webhook: {url: \"http://127.0.0.1:9/\", timeout: 1h}\n",
         ),
+        (
+            "secret_scanning.github.public_keys_url",
+            "secret_scanning:\n  github: {public_keys_url: \"ftp://keys\"}\n",
+        ),
+        (
+            "secret_scanning.github.action",
+            "secret_scanning:\n  github: {public_keys_url: \"http://127.0.0.1:9/k\", action: delete}\n",
+        ),
+        (
+            "secret_scanning.github.path",
+            "secret_scanning:\n  github: {public_keys_url: \"http://127.0.0.1:9/k\", path: \"no-slash\"}\n",
+        ),
     ];
     for (path, yaml) in bad {
         let config = format!(

@@ -17,6 +17,7 @@ use crate::clock::rfc3339;
 use crate::keys::lifecycle::Op;
 use crate::keys::{self, set_member, KeyError, KeyPatch, KeyRecord, ListQuery, NewKey, Status};
 use crate::rejection::Rejection;
+use crate::reload::Wrote;
 use crate::state::usage::UsageReport;
 
 pub(crate) type Answer = Result<Response<ResponseBody>, Rejection>;
@@ -151,81 +152,12 @@ pub(crate) struct RotateBody {
     pub(crate) grace_seconds: Option<u64>,
 }
 
-/// What a lifecycle operation wrote: the records to make live.
-trait Wrote {
-    fn records(&self) -> Vec<KeyRecord>;
-}
-
-impl Wrote for KeyRecord {
-    fn records(&self) -> Vec<KeyRecord> {
-        vec![self.clone()]
-    }
-}
-
-impl Wrote for (KeyRecord, String) {
-    fn records(&self) -> Vec<KeyRecord> {
-        vec![self.0.clone()]
-    }
-}
-
-/// A top-up: the record as written, and its credits before.
-impl Wrote for (KeyRecord, Option<crate::keys::CreditsRecord>) {
-    fn records(&self) -> Vec<KeyRecord> {
-        vec![self.0.clone()]
-    }
-}
-
-/// An update: the record and its changes; nothing was written when there were none.
-impl Wrote for (KeyRecord, Vec<String>) {
-    fn records(&self) -> Vec<KeyRecord> {
-        if self.1.is_empty() {
-            return Vec::new();
-        }
-        vec![self.0.clone()]
-    }
-}
-
-impl Wrote for (KeyRecord, String, KeyRecord) {
-    fn records(&self) -> Vec<KeyRecord> {
-        vec![self.0.clone(), self.2.clone()]
-    }
-}
-
-/// Runs a lifecycle operation on a blocking thread, then makes what it wrote live. Returns
-/// its result and any warning for the caller.
+/// Runs a lifecycle operation for the call and makes what it wrote live.
 async fn change<T: Wrote + Send + 'static>(
     call: &Call<'_>,
     operation: impl FnOnce(Op<'_>) -> Result<T, KeyError> + Send + 'static,
 ) -> Result<(T, Vec<String>), Rejection> {
-    let snapshot = call.gw.snapshot.load_full();
-    let actor = call.actor.clone();
-    let now = call.gw.clock.unix_secs();
-    let (done, written) = tokio::task::spawn_blocking(move || {
-        let store = snapshot.store.witnessed();
-        let done = operation(Op {
-            store: &store,
-            config: &snapshot.config,
-            actor: &actor,
-            now,
-        });
-        done.map(|d| (d, store.written()))
-    })
-    .await
-    .map_err(|_| Rejection::Internal)??;
-    let mut warnings = Vec::new();
-    let records = done.records();
-    if records.is_empty() {
-        // Nothing was written (an update that changed nothing): nothing to make live.
-        return Ok((done, warnings));
-    }
-    let live = crate::reload::apply_key_changes(call.gw, &call.actor, records, written).await;
-    if let Err(errors) = live {
-        warnings.push(format!(
-            "the change is saved, but the gateway could not reload ({} problem(s) in the config or store), so it is not live yet",
-            errors.len()
-        ));
-    }
-    Ok((done, warnings))
+    crate::reload::change_keys(call.gw, &call.actor, operation).await
 }
 
 /// Reads the key the call names from the store, on a blocking thread.
@@ -641,6 +573,50 @@ pub(crate) async fn top_up(call: &Call<'_>, body: CreditsTopUp) -> Answer {
             with_warnings(view(call, &record), warnings),
             left.get(&record.id).copied(),
         ),
+    ))
+}
+
+/// The most tokens one report may carry.
+const MAX_LEAKED_TOKENS: usize = 10_000;
+/// The longest token looked at: far past any key's length.
+const MAX_LEAKED_TOKEN_BYTES: usize = 1024;
+
+/// `POST /v1/api-keys/leaked`: `{"keys": [...], "action"?, "source"?}`. Each token that is
+/// one of keygate's keys is marked leaked and revoked (or disabled, or only reported), as the
+/// GitHub endpoint does; the answer labels each by its hash, never the token.
+pub(crate) async fn leaked(call: &Call<'_>, body: crate::scanning::ReportBody) -> Answer {
+    let invalid = |field: &str, detail: String| Rejection::InvalidRequest {
+        field: Some(field.into()),
+        detail,
+    };
+    if body.keys.is_empty() || body.keys.len() > MAX_LEAKED_TOKENS {
+        return Err(invalid(
+            "keys",
+            format!(
+                "give 1 to {MAX_LEAKED_TOKENS} keys; this has {}",
+                body.keys.len()
+            ),
+        ));
+    }
+    if body.keys.iter().any(|k| k.len() > MAX_LEAKED_TOKEN_BYTES) {
+        return Err(invalid(
+            "keys",
+            format!("each key is at most {MAX_LEAKED_TOKEN_BYTES} bytes"),
+        ));
+    }
+    let action = match body.action.as_deref() {
+        None => keys::LeakAction::Revoke,
+        Some(a) => keys::LeakAction::parse(a).map_err(|e| invalid("action", e))?,
+    };
+    let source = body.source.unwrap_or_default();
+    if let Err(e) = keys::check::check_text(&source, keys::check::MAX_LEAK_URL_CHARS, false) {
+        return Err(invalid("source", e));
+    }
+    let (found, warnings) =
+        crate::scanning::report(call.gw, body.keys, action, &source, &call.actor).await?;
+    Ok(json(
+        StatusCode::OK,
+        &with_warnings(crate::scanning::answer(&found, action), warnings),
     ))
 }
 

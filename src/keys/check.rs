@@ -70,6 +70,9 @@ pub struct CheckedRecord {
     pub credits: Option<crate::policy::credits::Credits>,
 }
 
+/// The longest `leak_url` kept.
+pub const MAX_LEAK_URL_CHARS: usize = 2_048;
+
 /// The largest `meta`, as compact JSON.
 pub const MAX_META_BYTES: usize = 4096;
 
@@ -125,6 +128,16 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
     }
     if let Some(e) = r.meta.as_ref().and_then(meta_problem) {
         bad("meta", e);
+    }
+    if let Some(Err(e)) = r.leaked_at.as_deref().map(parse_rfc3339) {
+        bad("leaked_at", e);
+    }
+    if let Some(Err(e)) = r
+        .leak_url
+        .as_deref()
+        .map(|u| check_text(u, MAX_LEAK_URL_CHARS, false))
+    {
+        bad("leak_url", e);
     }
     for (field, id) in [
         ("rotated_from", &r.rotated_from),
@@ -316,7 +329,7 @@ pub fn check_text(text: &str, max: usize, multiline: bool) -> Result<(), String>
 
 /// The Unicode bidirectional overrides and isolates, which make text display in another
 /// order than it is stored.
-fn is_bidi_control(c: char) -> bool {
+pub(crate) fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 

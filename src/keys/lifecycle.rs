@@ -142,6 +142,8 @@ impl NewKey {
                 imported: false,
                 meta: self.meta,
                 credits: self.credits.map(|c| set_now(c, now)),
+                leaked_at: None,
+                leak_url: None,
             },
             config,
         )
@@ -729,6 +731,95 @@ pub fn set_status(op: Op<'_>, id: &str, status: Status) -> Result<KeyRecord, Key
     })
 }
 
+/// What to do with a key reported leaked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeakAction {
+    /// Revoke it: refused for good from the next request (the default).
+    Revoke,
+    /// Disable it: refused until an operator enables it.
+    Disable,
+    /// Only mark it leaked, and tell (audit, alert).
+    Report,
+}
+
+impl LeakAction {
+    pub fn parse(text: &str) -> Result<LeakAction, String> {
+        match text {
+            "revoke" => Ok(LeakAction::Revoke),
+            "disable" => Ok(LeakAction::Disable),
+            "report" => Ok(LeakAction::Report),
+            other => Err(format!(
+                "`{other}` is not an action: revoke, disable or report"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakAction::Revoke => "revoke",
+            LeakAction::Disable => "disable",
+            LeakAction::Report => "report",
+        }
+    }
+}
+
+/// One reported token: its SHA-256 (hex), and the key it is, if keygate issued it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeakFound {
+    pub token_hash: String,
+    /// The key as written after the action; `None` for a token that is not one of ours.
+    pub key: Option<KeyRecord>,
+}
+
+/// Marks each of `tokens` that is one of the store's keys as leaked at `url`, and takes
+/// `action` on it, in one write of the store. Tokens that are no key of ours (another
+/// vendor's, made up, or a typo that fails the checksum) change nothing. The tokens
+/// themselves are only hashed, never kept or returned.
+pub fn leaked(
+    op: Op<'_>,
+    tokens: &[String],
+    action: LeakAction,
+    url: &str,
+) -> Result<Vec<LeakFound>, KeyError> {
+    // A scanner's URL is kept as far as a record can hold it, not refused: the leak matters
+    // more than its address.
+    let url: String = url
+        .chars()
+        .filter(|&c| !c.is_control() && !super::check::is_bidi_control(c))
+        .take(super::check::MAX_LEAK_URL_CHARS)
+        .collect();
+    transact(op.store, |records| {
+        let mut found = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            // The hash decides: only a key keygate stores has it (a typo or another
+            // vendor's token cannot).
+            let token_hash = hex(&format::hash(token));
+            let key = match records.hash_owner(&format!("sha256:{token_hash}"))? {
+                None => None,
+                Some(id) => {
+                    let mut next = find(records, &id)?;
+                    next.leaked_at = Some(rfc3339(op.now));
+                    next.leak_url = (!url.is_empty()).then(|| url.clone());
+                    next.updated_at = Some(rfc3339(op.now));
+                    match (action, next.status) {
+                        (_, Status::Revoked) | (LeakAction::Report, _) => {}
+                        (LeakAction::Revoke, _) => {
+                            next.status = Status::Revoked;
+                            next.revoked_at = Some(rfc3339(op.now));
+                        }
+                        (LeakAction::Disable, _) => next.status = Status::Inactive,
+                    }
+                    let next = checked(next, op.config)?;
+                    records.put(next.clone())?;
+                    Some(next)
+                }
+            };
+            found.push(LeakFound { token_hash, key });
+        }
+        Ok(found)
+    })
+}
+
 /// Gives a key a new secret; the old one is refused from the next request. The id, settings,
 /// usage history and rate-limit bucket stay with the key.
 pub fn regenerate(op: Op<'_>, id: &str) -> Result<(KeyRecord, String), KeyError> {
@@ -1011,6 +1102,8 @@ pub fn import(
                 regenerated_at: None,
                 meta: None,
                 credits: None,
+                leaked_at: None,
+                leak_url: None,
                 rotated_from: None,
                 rotated_to: None,
                 imported,

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::config::Config;
 pub use lifecycle::{
-    create, export, import, load, parse_import, regenerate, rotate, set_status, top_up, update,
-    ImportEntry, KeyPatch, Loaded, NewKey, TopUp,
+    create, export, import, leaked, load, parse_import, regenerate, rotate, set_status, top_up,
+    update, ImportEntry, KeyPatch, LeakAction, LeakFound, Loaded, NewKey, TopUp,
 };
 pub use store::{ListQuery, RecordSink, Store, StoreFile};
 
@@ -97,6 +97,12 @@ pub struct KeyRecord {
     /// The key's credits, if it is a limited-use key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<CreditsRecord>,
+    /// RFC 3339: when the key was reported leaked (a secret scanner, the report route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaked_at: Option<String>,
+    /// Where it was found, as the report said (a URL, or the scanner's source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leak_url: Option<String>,
 }
 
 /// A key's credits as stored: the balance as set, when it was set (spending counts from
@@ -205,6 +211,8 @@ impl KeyRecord {
             ("rotated_from", self.rotated_from.clone().map(Into::into)),
             ("rotated_to", self.rotated_to.clone().map(Into::into)),
             ("imported", self.imported.then_some(true.into())),
+            ("leaked_at", self.leaked_at.clone().map(Into::into)),
+            ("leak_url", self.leak_url.clone().map(Into::into)),
             (
                 "safe_to_revoke",
                 self.rotated_to
@@ -411,6 +419,8 @@ pub(crate) mod tests {
             imported: false,
             meta: None,
             credits: None,
+            leaked_at: None,
+            leak_url: None,
         }
     }
 

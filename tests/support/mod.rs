@@ -719,3 +719,70 @@ pub fn keygate_bin() -> &'static str {
 pub fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
+
+/// A small HTTP server on loopback that answers every request with the status and body it
+/// holds now, and keeps what each request sent: a webhook receiver, or a document server
+/// whose answer a test can turn into a failure.
+#[derive(Clone)]
+pub struct Recorder {
+    pub addr: SocketAddr,
+    answer: Arc<Mutex<(u16, String)>>,
+    received: Arc<Mutex<Vec<(String, Bytes)>>>,
+}
+
+impl Recorder {
+    pub async fn start(status: u16, body: &str) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let recorder = Recorder {
+            addr: listener.local_addr().unwrap(),
+            answer: Arc::new(Mutex::new((status, body.to_string()))),
+            received: Arc::default(),
+        };
+        let r = recorder.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let r = r.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            let body = body.unwrap_or_default();
+                            ledger::output("what a test server received", &body);
+                            r.received.lock().unwrap().push((path, body));
+                            let (status, text) = r.answer.lock().unwrap().clone();
+                            let mut response = Response::new(Full::new(Bytes::from(text)));
+                            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        recorder
+    }
+
+    /// Answers from now on with `status` and `body`.
+    pub fn answer(&self, status: u16, body: &str) {
+        *self.answer.lock().unwrap() = (status, body.to_string());
+    }
+
+    /// How many requests came.
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Each request's body, parsed as JSON.
+    pub fn json_bodies(&self) -> Vec<serde_json::Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, b)| serde_json::from_slice(b).ok())
+            .collect()
+    }
+}

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const PAGE = 50;
 const ACTIONS = [
   "key.created", "key.revoked", "key.disabled", "key.enabled", "key.regenerated", "key.rotated",
-  "key.updated", "key.imported", "auth.failed", "auth.locked_out", "config.reloaded",
+  "key.updated", "key.imported", "key.credits_set", "key.leaked", "auth.failed", "auth.locked_out", "config.reloaded",
   "config.reload_failed", "alert.fired", "alert.resolved", "alert.created", "alert.updated",
   "alert.deleted",
 ];
@@ -266,8 +266,24 @@ async function renderKeys(append = false) {
 // The keys listed so far, by id: a row being rotated out names its successor.
 const listed = new Map();
 
-/** The status cell: a rotation's old key is "Rotating out" until it expires, with its successor. */
+/** Where a leaked key was found: a link when it is a web address, else the text. */
+function leakSource(k) {
+  const url = k.leak_url || "";
+  return /^https?:\/\//i.test(url)
+    ? el("a", { href: url, rel: "noopener noreferrer", target: "_blank", text: url })
+    : el("span", { text: url || "no source given" });
+}
+
+/** The "Leaked" mark: when it was found and where. */
+function leakedMark(k) {
+  return [el("span", { class: "badge leaked", text: "Leaked", title: `reported ${k.leaked_at}` }),
+    el("span", { class: "sub" }, "found at ", leakSource(k))];
+}
+
+/** The status cell: a leaked key says so first; a rotation's old key is "Rotating out" until
+ * it expires, with its successor. */
 function statusCell(k) {
+  if (k.leaked_at) return [badge(k.status), ...leakedMark(k)];
   const link = (id) => el("a", { href: `?view=key&id=${encodeURIComponent(id)}`,
     onclick: (e) => { e.preventDefault(); go({ view: "key", id }); } }, el("code", { text: id }));
   if (k.rotated_to && (k.status === "active" || k.status === "inactive")) {
@@ -349,6 +365,7 @@ async function renderKey(id) {
     ["Quota", k.quota || "none"], ...ending,
     ...(k.rotated_to ? [["Replaced by", link(k.rotated_to)]] : []),
     ...(k.rotated_from ? [["Replaces", link(k.rotated_from)]] : []),
+    ...(k.leaked_at ? [["Leaked", el("span", {}, ...leakedMark(k), ` ${time(k.leaked_at)}`)]] : []),
     ["Created", el("span", {}, time(k.created_at), k.created_by ? ` by ${k.created_by}` : "")],
     ["Last used", el("span", {}, time(usage.last_used_at), usage.last_used_ip ? ` from ${usage.last_used_ip}` : "")],
     ["Requests today", String(usage.requests_today)], ["Error rate", errorRate(usage.error_rate, usage.requests_today)],
