@@ -576,10 +576,10 @@ pub(crate) async fn top_up(call: &Call<'_>, body: CreditsTopUp) -> Answer {
     ))
 }
 
-/// The most tokens one report may carry.
-const MAX_LEAKED_TOKENS: usize = 10_000;
-/// The longest token looked at: far past any key's length.
-const MAX_LEAKED_TOKEN_BYTES: usize = 1024;
+/// The most tokens one report may carry: a full report fits the 1 MiB body.
+const MAX_LEAKED_TOKENS: usize = 1_000;
+/// The longest token looked at, in characters: keygate's keys have at most 72.
+const MAX_LEAKED_TOKEN_CHARS: usize = 128;
 
 /// `POST /v1/api-keys/leaked`: `{"keys": [...], "action"?, "source"?}`. Each token that is
 /// one of keygate's keys is marked leaked and revoked (or disabled, or only reported), as the
@@ -598,10 +598,14 @@ pub(crate) async fn leaked(call: &Call<'_>, body: crate::scanning::ReportBody) -
             ),
         ));
     }
-    if body.keys.iter().any(|k| k.len() > MAX_LEAKED_TOKEN_BYTES) {
+    if body
+        .keys
+        .iter()
+        .any(|k| k.chars().count() > MAX_LEAKED_TOKEN_CHARS)
+    {
         return Err(invalid(
             "keys",
-            format!("each key is at most {MAX_LEAKED_TOKEN_BYTES} bytes"),
+            format!("each key is at most {MAX_LEAKED_TOKEN_CHARS} characters"),
         ));
     }
     let action = match body.action.as_deref() {
