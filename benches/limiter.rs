@@ -39,7 +39,7 @@ fn limiters(c: &mut Criterion) {
     let registry = Limiters::new(clock.clone());
     let ours: Vec<_> = ids
         .iter()
-        .map(|id| registry.limiter_for(id, policy))
+        .map(|id| registry.limiter_for(id, (Some(policy), &[])))
         .collect();
     let mut i = 0;
     group.bench_function("ours", |b| {

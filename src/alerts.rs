@@ -571,6 +571,7 @@ mod tests {
         for _ in 0..8 {
             key.usage().refused(&Rejection::RateLimited(Box::new(
                 crate::policy::rate::RateHeaders {
+                    more: Vec::new(),
                     policy: http::HeaderValue::from_static("x"),
                     budgets: [None, None],
                     retry_after: None,

@@ -166,6 +166,10 @@ pub struct CreateArgs {
     /// Requests allowed at once, 1 to 1000000 (default: the rate's N).
     #[arg(long, allow_negative_numbers = true)]
     pub burst: Option<u32>,
+    /// A named rate limit beside --rate-limit, `NAME=N/s|N/m|N/h[:BURST]`; repeatable. All
+    /// of a key's limits are spent together or not at all.
+    #[arg(long = "limit", value_name = "NAME=RATE[:BURST]")]
+    pub limits: Vec<String>,
     /// `N/day` or `N/month` (default: the tier's quota, if any).
     #[arg(long)]
     pub quota: Option<String>,
@@ -215,6 +219,16 @@ pub struct UpdateArgs {
     /// No per-key rate limit.
     #[arg(long)]
     pub clear_rate_limit: bool,
+    /// Replaces the named rate limits, `NAME=N/s|N/m|N/h[:BURST]`; repeatable.
+    #[arg(
+        long = "limit",
+        value_name = "NAME=RATE[:BURST]",
+        conflicts_with = "clear_limits"
+    )]
+    pub limits: Vec<String>,
+    /// No named rate limits.
+    #[arg(long)]
+    pub clear_limits: bool,
     /// `N/day` or `N/month`.
     #[arg(long, conflicts_with = "clear_quota")]
     pub quota: Option<String>,
@@ -422,6 +436,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 allowed_cidrs: args.allow_cidrs,
                 rate_limit: args.rate_limit,
                 burst: args.burst,
+                rate_limits: limit_flags(&args.limits)?,
                 quota: args.quota,
                 expires: args.expires,
                 note: args.note,
@@ -590,6 +605,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 || args.rate_limit.is_some()
                 || args.burst.is_some()
                 || args.clear_rate_limit
+                || !args.limits.is_empty()
                 || args.quota.is_some()
                 || args.clear_quota
                 || args.expires.is_some();
@@ -608,6 +624,9 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 } else {
                     args.burst.map(Some)
                 },
+                rate_limits: (args.clear_limits || !args.limits.is_empty())
+                    .then(|| limit_flags(&args.limits))
+                    .transpose()?,
                 quota: if args.clear_quota {
                     Some(None)
                 } else {
@@ -860,6 +879,26 @@ fn meta_flags(
     Ok(Some(meta))
 }
 
+/// `--limit NAME=RATE[:BURST]` flags as named limits.
+fn limit_flags(flags: &[String]) -> Result<Vec<keys::NamedLimitRecord>, String> {
+    flags
+        .iter()
+        .map(|flag| {
+            let bad = || format!("--limit: `{flag}` is not NAME=RATE or NAME=RATE:BURST");
+            let (name, spec) = flag.split_once('=').ok_or_else(bad)?;
+            let (limit, burst) = match spec.split_once(':') {
+                Some((limit, burst)) => (limit, Some(burst.parse::<u32>().map_err(|_| bad())?)),
+                None => (spec, None),
+            };
+            Ok(keys::NamedLimitRecord {
+                name: name.to_string(),
+                limit: limit.to_string(),
+                burst,
+            })
+        })
+        .collect()
+}
+
 fn flag_error(e: KeyError) -> String {
     match e {
         KeyError::Invalid { field, message } => {
@@ -867,6 +906,7 @@ fn flag_error(e: KeyError) -> String {
                 "scopes" => "--scope",
                 "allowed_cidrs" => "--allow-cidr",
                 "rate_limit" => "--rate-limit",
+                "rate_limits" => "--limit",
                 "expires_at" => "--expires",
                 "namespace" => "--namespace",
                 "environment" => "--environment",

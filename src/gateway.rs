@@ -183,7 +183,7 @@ impl Gateway {
             }
         }
         self.limiters
-            .retain(|id| snapshot.key_by_id(id).and_then(|k| k.rate()));
+            .retain(|id| snapshot.key_by_id(id).and_then(|k| k.rate_limits()));
         self.usage.retain(|id| snapshot.has_key_id(id));
         self.metrics
             .retain_routes(|name| snapshot.routes.has_name(name));
@@ -194,7 +194,7 @@ impl Gateway {
     /// only their bookkeeping is touched, so the cost does not grow with the key count.
     pub(crate) fn install_key_changes(&self, snapshot: Snapshot, ids: &[String]) {
         self.limiters.recheck(ids.iter(), |id| {
-            snapshot.key_by_id(id).and_then(|k| k.rate())
+            snapshot.key_by_id(id).and_then(|k| k.rate_limits())
         });
         self.put_in_force(snapshot);
     }

@@ -32,7 +32,7 @@ use crate::body::ResponseBody;
 use crate::clock::Clock;
 use crate::gateway::Gateway;
 use crate::policy::credits::Credits;
-use crate::policy::rate::{Budget, RateHeaders};
+use crate::policy::rate::{Budget, Name, RateHeaders};
 use crate::rejection::Rejection;
 use crate::snapshot::{KeyEntry, Snapshot};
 use crate::state::credits::{CreditBook, Refused as CreditsRefused};
@@ -550,7 +550,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
     });
     let quota_budget = |used: u64| {
         quota.map(|(q, _, reset)| Budget {
-            name: "quota",
+            name: Name::Quota,
             limit: q.limit,
             remaining: q.limit.saturating_sub(used),
             reset,
@@ -562,31 +562,25 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
             return Err(Rejection::QuotaExceeded(Box::new(RateHeaders {
                 policy: policy.clone(),
                 budgets: [None, quota_budget(used)],
+                more: Vec::new(),
                 retry_after: Some(reset),
             })));
         }
     }
-    let rate = match key.limiter() {
+    let (rate, more) = match key.limiter() {
         Some(limiter) => match rate_limit::admit(limiter, clock) {
-            Ok(budget) => Some(budget),
-            Err((wait, reset)) => {
+            Ok(spent) => spent,
+            Err((wait, refused)) => {
                 let used = quota.map_or(0, |(_, period, _)| key.usage().quota_used(period));
                 return Err(Rejection::RateLimited(Box::new(RateHeaders {
                     policy: policy.clone(),
-                    budgets: [
-                        Some(Budget {
-                            name: "key",
-                            limit: u64::from(limiter.policy.burst),
-                            remaining: 0,
-                            reset,
-                        }),
-                        quota_budget(used),
-                    ],
+                    budgets: [Some(refused), quota_budget(used)],
+                    more: Vec::new(),
                     retry_after: Some(wait),
                 })));
             }
         },
-        None => None,
+        None => (None, Vec::new()),
     };
     let used = if quota.is_some() {
         key.usage().quota_spend()
@@ -596,6 +590,7 @@ fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>
     Ok(Some(RateHeaders {
         policy: policy.clone(),
         budgets: [rate, quota_budget(used)],
+        more,
         retry_after: None,
     }))
 }

@@ -920,6 +920,7 @@ fn compile_entry(
         scopes,
         allowed_cidrs,
         rate: policy,
+        named,
         quota,
         expires_at,
         ..
@@ -934,13 +935,24 @@ fn compile_entry(
             burst: policy.map_or(0, |p| p.burst),
             quota,
         });
+        let named: Box<[(Arc<str>, RatePolicy)]> = named
+            .iter()
+            .map(|(n, p)| (Arc::from(n.as_str()), *p))
+            .collect();
         Limits {
             rate: match share {
                 Some(n) if n.get() > 1 => policy.map(|p| node_share(p, n)),
                 _ => policy,
             },
+            header: policy_header(policy, &named, quota.as_ref()),
+            named: match share {
+                Some(n) if n.get() > 1 => named
+                    .iter()
+                    .map(|(name, p)| (Arc::clone(name), node_share(*p, n)))
+                    .collect(),
+                _ => named,
+            },
             limiters: ctx.limiters.clone(),
-            header: policy_header(policy, quota.as_ref()),
             quota: match share {
                 Some(n) if n.get() > 1 => quota.map(|q| Quota {
                     limit: (q.limit / NonZeroU64::from(n)).max(1),
@@ -956,7 +968,7 @@ fn compile_entry(
         (
             i.scopes(&r.scopes, || ScopeSet::new(scopes)),
             i.cidrs(&r.allowed_cidrs, || allowed_cidrs),
-            i.limits(written, quota, limits),
+            i.limits((written, named.clone(), quota), limits),
         )
     });
     Ok(KeyEntry {

@@ -38,6 +38,9 @@ pub(crate) struct CreateBody {
     rate_limit: Option<String>,
     #[serde(default)]
     burst: Option<u32>,
+    /// Named limits beside `rate_limit`, all spent together or not at all.
+    #[serde(default)]
+    rate_limits: Vec<crate::keys::NamedLimitRecord>,
     /// `N/day` or `N/month`.
     #[serde(default)]
     quota: Option<String>,
@@ -88,6 +91,8 @@ pub(crate) struct PatchBody {
     #[serde(default, deserialize_with = "present")]
     burst: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
+    rate_limits: Option<Option<Vec<crate::keys::NamedLimitRecord>>>,
+    #[serde(default, deserialize_with = "present")]
     quota: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     expires_at: Option<Option<String>>,
@@ -109,6 +114,7 @@ impl From<CreateBody> for NewKey {
             allowed_cidrs: body.allowed_cidrs,
             rate_limit: body.rate_limit,
             burst: body.burst,
+            rate_limits: body.rate_limits,
             quota: body.quota,
             expires: body.expires_at,
             note: body.note,
@@ -127,6 +133,7 @@ impl From<PatchBody> for KeyPatch {
             allowed_cidrs: body.allowed_cidrs.map(Option::unwrap_or_default),
             rate_limit: body.rate_limit,
             burst: body.burst,
+            rate_limits: body.rate_limits.map(Option::unwrap_or_default),
             quota: body.quota,
             expires: body.expires_at,
             note: body.note.map(Option::unwrap_or_default),

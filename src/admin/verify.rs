@@ -215,10 +215,10 @@ impl KeyView {
     }
 }
 
-/// The budget nearest to running out: the rate limit (`key`) or the quota.
+/// The budget nearest to running out: the rate limit (`key`), a named limit, or the quota.
 #[derive(Debug, serde::Serialize)]
 struct RateView {
-    policy: &'static str,
+    policy: String,
     limit: u64,
     remaining: u64,
     /// Seconds until the budget is whole again.
@@ -232,9 +232,10 @@ impl RateView {
         rate.budgets
             .iter()
             .flatten()
+            .chain(&rate.more)
             .min_by_key(|b| b.remaining)
             .map(|b| RateView {
-                policy: b.name,
+                policy: b.name.as_str().to_string(),
                 limit: b.limit,
                 remaining: b.remaining,
                 reset: b.reset,

@@ -28,6 +28,10 @@ pub const MAX_SCOPE_CHARS: usize = 1024;
 pub const MAX_CIDRS: usize = 100;
 /// The largest burst: a million requests at once.
 pub const MAX_BURST: u32 = 1_000_000;
+/// Named rate limits a key may carry beside `rate_limit`.
+pub const MAX_NAMED_LIMITS: usize = 10;
+/// Characters in a named limit's name.
+pub const MAX_LIMIT_NAME_CHARS: usize = 32;
 
 /// One thing wrong with a record: the field (as the API and the store name it), the item of
 /// a list field, and why.
@@ -63,6 +67,8 @@ pub struct CheckedRecord {
     pub scopes: Vec<Scope>,
     pub allowed_cidrs: CidrSet,
     pub rate: Option<RatePolicy>,
+    /// The named rate limits, in order.
+    pub named: Vec<(String, RatePolicy)>,
     /// The key's own quota (a tier's is added by the snapshot).
     pub quota: Option<Quota>,
     /// Unix seconds.
@@ -181,6 +187,13 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
             None
         }
     };
+    let named = match check_named_limits(&r.rate_limits) {
+        Ok(named) => named,
+        Err(p) => {
+            problems.push(p);
+            Vec::new()
+        }
+    };
     let quota = match r.quota.as_deref().map(Quota::parse) {
         None => None,
         Some(Ok(q)) => Some(q),
@@ -238,6 +251,7 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
             scopes,
             allowed_cidrs,
             rate,
+            named,
             quota,
             expires_at,
             credits,
@@ -304,6 +318,56 @@ pub fn check_rate(rate: Option<&str>, burst: Option<u32>) -> Result<Option<RateP
             burst: burst.unwrap_or(rate.count),
         })),
     }
+}
+
+/// The policies of a key's named rate limits, in order; the first problem names its item
+/// (`rate_limits[1]`).
+pub fn check_named_limits(
+    limits: &[super::NamedLimitRecord],
+) -> Result<Vec<(String, RatePolicy)>, Problem> {
+    if limits.len() > MAX_NAMED_LIMITS {
+        return Err(Problem::new(
+            "rate_limits",
+            format!(
+                "at most {MAX_NAMED_LIMITS} named limits, not {}",
+                limits.len()
+            ),
+        ));
+    }
+    let mut named: Vec<(String, RatePolicy)> = Vec::with_capacity(limits.len());
+    for (i, l) in limits.iter().enumerate() {
+        let problem = |message: String| Problem {
+            field: "rate_limits",
+            index: Some(i),
+            message,
+        };
+        let valid_name = (1..=MAX_LIMIT_NAME_CHARS).contains(&l.name.len())
+            && l.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(problem(format!(
+                "`{}` is not a limit name: 1 to {MAX_LIMIT_NAME_CHARS} of a-z, 0-9, `_` and `-`",
+                l.name.escape_debug()
+            )));
+        }
+        if matches!(l.name.as_str(), "key" | "quota") {
+            return Err(problem(format!(
+                "`{}` names the short form's limit or the quota in the RateLimit headers: choose another name",
+                l.name
+            )));
+        }
+        if named.iter().any(|(n, _)| *n == l.name) {
+            return Err(problem(format!("`{}` is named twice", l.name)));
+        }
+        let rate = parse_rate(&l.limit).map_err(&problem)?;
+        let burst = l.burst.unwrap_or(rate.count);
+        if !(1..=MAX_BURST).contains(&burst) {
+            return Err(problem(format!("burst must be from 1 to {MAX_BURST}")));
+        }
+        named.push((l.name.clone(), RatePolicy { rate, burst }));
+    }
+    Ok(named)
 }
 
 /// A name or note: at most `max` characters, and no control characters but, where

@@ -35,6 +35,8 @@ pub struct NewKey {
     pub allowed_cidrs: Vec<String>,
     pub rate_limit: Option<String>,
     pub burst: Option<u32>,
+    /// Named rate limits beside `rate_limit`.
+    pub rate_limits: Vec<super::NamedLimitRecord>,
     /// `N/day` or `N/month`.
     pub quota: Option<String>,
     /// RFC 3339 time, or a duration from now such as `30d`; `never` or empty for none.
@@ -55,6 +57,8 @@ pub struct KeyPatch {
     pub allowed_cidrs: Option<Vec<String>>,
     pub rate_limit: Option<Option<String>>,
     pub burst: Option<Option<u32>>,
+    /// Replaces the named rate limits whole (empty: none).
+    pub rate_limits: Option<Vec<super::NamedLimitRecord>>,
     pub quota: Option<Option<String>>,
     pub expires: Option<Option<String>>,
     pub note: Option<String>,
@@ -128,6 +132,7 @@ impl NewKey {
                 allowed_cidrs: self.allowed_cidrs,
                 rate_limit,
                 burst: self.burst,
+                rate_limits: self.rate_limits,
                 quota,
                 expires_at: expires_at.map(rfc3339),
                 status: Status::Active,
@@ -188,6 +193,7 @@ impl KeyPatch {
             && self.allowed_cidrs.is_none()
             && self.rate_limit.is_none()
             && self.burst.is_none()
+            && self.rate_limits.is_none()
             && self.quota.is_none()
             && self.expires.is_none()
             && self.note.is_none()
@@ -273,6 +279,9 @@ impl KeyPatch {
         }
         if let Some(cidrs) = self.allowed_cidrs {
             next.allowed_cidrs = cidrs;
+        }
+        if let Some(limits) = self.rate_limits {
+            next.rate_limits = limits;
         }
         if let Some(note) = self.note {
             next.note = note;
@@ -951,6 +960,11 @@ pub fn changes(before: &KeyRecord, after: &KeyRecord) -> Vec<String> {
         shown(&after.rate_limit),
     );
     field("burst", shown(&before.burst), shown(&after.burst));
+    field(
+        "rate_limits",
+        shown(&before.rate_limits),
+        shown(&after.rate_limits),
+    );
     field("quota", shown(&before.quota), shown(&after.quota));
     field(
         "expires_at",
@@ -1091,6 +1105,7 @@ pub fn import(
                 allowed_cidrs: Vec::new(),
                 rate_limit: None,
                 burst: None,
+                rate_limits: Vec::new(),
                 quota: None,
                 expires_at: None,
                 status: Status::Active,

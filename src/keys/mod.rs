@@ -57,6 +57,9 @@ pub struct KeyRecord {
     /// Requests allowed at once; defaults to the rate's N.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// Named rate limits beside `rate_limit`, all spent together or not at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<NamedLimitRecord>,
     /// `N/day` or `N/month`; none means the tier's quota, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<String>,
@@ -103,6 +106,20 @@ pub struct KeyRecord {
     /// Where it was found, as the report said (a URL, or the scanner's source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leak_url: Option<String>,
+}
+
+/// One of a key's named rate limits: `{name, limit, burst?}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedLimitRecord {
+    /// 1 to 32 of `a-z`, `0-9`, `_` and `-`; not `key` or `quota`, which name the short
+    /// form and the quota in the `RateLimit` headers.
+    pub name: String,
+    /// `N/s`, `N/m` or `N/h`.
+    pub limit: String,
+    /// Requests allowed at once; defaults to the rate's N.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
 }
 
 /// A key's credits as stored: the balance as set, when it was set (spending counts from
@@ -211,6 +228,11 @@ impl KeyRecord {
             ("rotated_from", self.rotated_from.clone().map(Into::into)),
             ("rotated_to", self.rotated_to.clone().map(Into::into)),
             ("imported", self.imported.then_some(true.into())),
+            (
+                "rate_limits",
+                (!self.rate_limits.is_empty())
+                    .then(|| serde_json::to_value(&self.rate_limits).unwrap_or_default()),
+            ),
             ("leaked_at", self.leaked_at.clone().map(Into::into)),
             ("leak_url", self.leak_url.clone().map(Into::into)),
             (
@@ -405,6 +427,7 @@ pub(crate) mod tests {
             allowed_cidrs: vec![],
             rate_limit: None,
             burst: None,
+            rate_limits: Vec::new(),
             quota: None,
             expires_at: None,
             status: Status::Active,

@@ -8,25 +8,44 @@ use crate::clock::Clock;
 use crate::policy::rate::{ceil_secs, Budget};
 use crate::state::limiters::KeyLimiter;
 
-/// Spends one unit of the key's rate budget, or says how long to wait: `Err((wait, reset))`.
-pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<Budget, (u64, u64)> {
-    let interval = limiter.policy.interval();
-    match limiter.gcra.check() {
-        Ok(state) => {
-            let remaining = state.remaining_burst_capacity();
-            let missing = limiter.policy.burst.saturating_sub(remaining);
-            Ok(Budget {
-                name: "key",
-                limit: u64::from(limiter.policy.burst),
-                remaining: u64::from(remaining),
-                reset: ceil_secs(interval.saturating_mul(missing)),
-            })
+/// Spends one request from each of the key's limits, all or none. `Ok` holds the first
+/// limit's budget after, and the others' (none for a key with one limit, so the common case
+/// allocates nothing); `Err` holds how long to wait, and the refusing limit's budget.
+pub fn admit(
+    limiter: &KeyLimiter,
+    clock: &Clock,
+) -> Result<(Option<Budget>, Vec<Budget>), (u64, Budget)> {
+    let mut first = None;
+    let mut more = Vec::new();
+    let spent = limiter.admit_all(|limit, state| {
+        let remaining = state.remaining_burst_capacity();
+        let missing = limit.policy.burst.saturating_sub(remaining);
+        let budget = Budget {
+            name: limit.name.clone(),
+            limit: u64::from(limit.policy.burst),
+            remaining: u64::from(remaining),
+            reset: ceil_secs(limit.policy.interval().saturating_mul(missing)),
+        };
+        if first.is_none() {
+            first = Some(budget);
+        } else {
+            more.push(budget);
         }
-        Err(not_until) => {
+    });
+    match spent {
+        Ok(()) => Ok((first, more)),
+        Err((limit, not_until)) => {
             let wait = not_until.wait_time_from(clock.now());
-            let reset =
-                ceil_secs(interval.saturating_mul(limiter.policy.burst)).max(ceil_secs(wait));
-            Err((ceil_secs(wait).max(1), reset))
+            let full = limit.policy.interval().saturating_mul(limit.policy.burst);
+            Err((
+                ceil_secs(wait).max(1),
+                Budget {
+                    name: limit.name.clone(),
+                    limit: u64::from(limit.policy.burst),
+                    remaining: 0,
+                    reset: ceil_secs(full).max(ceil_secs(wait)),
+                },
+            ))
         }
     }
 }
@@ -34,6 +53,7 @@ pub fn admit(limiter: &KeyLimiter, clock: &Clock) -> Result<Budget, (u64, u64)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     use http::header::RETRY_AFTER;
@@ -41,7 +61,7 @@ mod tests {
 
     use crate::config::units::Rate;
     use crate::policy::rate::{
-        policy_header, RateHeaders, RatePolicy, RATELIMIT, RATELIMIT_POLICY,
+        policy_header, Name, RateHeaders, RatePolicy, RATELIMIT, RATELIMIT_POLICY,
     };
 
     fn policy(count: u32, per: u64, burst: u32) -> RatePolicy {
@@ -54,46 +74,102 @@ mod tests {
         }
     }
 
+    fn one(p: RatePolicy, clock: &Clock) -> KeyLimiter {
+        KeyLimiter::new((Some(p), &[]), clock)
+    }
+
+    fn remaining(spent: &(Option<Budget>, Vec<Budget>)) -> Vec<(String, u64)> {
+        spent
+            .0
+            .iter()
+            .chain(&spent.1)
+            .map(|b| (b.name.as_str().to_string(), b.remaining))
+            .collect()
+    }
+
     #[test]
     fn burst_then_refusal_then_refill_on_the_fake_clock() {
         let clock = Clock::fake(UNIX_EPOCH + Duration::from_secs(1_000));
-        let limiter = KeyLimiter::new(policy(2, 1, 2), &clock);
-        assert_eq!(admit(&limiter, &clock).unwrap().remaining, 1);
+        let limiter = one(policy(2, 1, 2), &clock);
+        let first = admit(&limiter, &clock).unwrap();
+        assert_eq!(remaining(&first), [("key".to_string(), 1)]);
+        assert!(first.1.is_empty(), "one limit: nothing allocated for more");
         admit(&limiter, &clock).unwrap();
-        let (retry_after, _) =
+        let (retry_after, refused) =
             admit(&limiter, &clock).expect_err("third request in the same instant");
-        assert_eq!(retry_after, 1);
+        assert_eq!((retry_after, refused.name), (1, Name::Key));
         clock.advance(Duration::from_millis(500));
         assert!(admit(&limiter, &clock).is_ok());
         assert!(admit(&limiter, &clock).is_err());
     }
 
+    /// A later limit refusing leaves the earlier ones as they were: over 50 requests that
+    /// the second limit (3 at once) mostly refuses, the first (10 at once) is charged only
+    /// for the 3 admitted.
+    #[test]
+    fn a_refusing_limit_leaves_the_earlier_ones_uncharged() {
+        let clock = Clock::fake(UNIX_EPOCH + Duration::from_secs(1_000));
+        let named: Vec<(Arc<str>, RatePolicy)> = vec![
+            ("second".into(), policy(10, 3600, 10)),
+            ("hour".into(), policy(3, 3600, 3)),
+        ];
+        let limiter = KeyLimiter::new((None, &named), &clock);
+        let mut admitted = 0;
+        for _ in 0..50 {
+            match admit(&limiter, &clock) {
+                Ok(spent) => {
+                    admitted += 1;
+                    assert_eq!(
+                        remaining(&spent),
+                        [
+                            ("second".to_string(), 10 - admitted),
+                            ("hour".to_string(), 3 - admitted)
+                        ]
+                    );
+                }
+                Err((_, refused)) => assert_eq!(refused.name.as_str(), "hour"),
+            }
+        }
+        assert_eq!(admitted, 3);
+        // The first limit was charged for the 3 admitted only: 7 left, 6 after this probe.
+        let left = limiter
+            .limits
+            .first()
+            .map(|l| l.gcra.check().unwrap().remaining_burst_capacity());
+        assert_eq!(left, Some(6));
+    }
+
     #[test]
     fn headers_follow_the_draft_syntax() {
         let clock = Clock::fake(SystemTime::UNIX_EPOCH);
-        let limiter = KeyLimiter::new(policy(100, 1, 200), &clock);
-        let budget = admit(&limiter, &clock).unwrap();
+        let named: Vec<(Arc<str>, RatePolicy)> = vec![("daily".into(), policy(1000, 3600, 1000))];
+        let limiter = KeyLimiter::new((Some(policy(100, 1, 200)), &named), &clock);
+        let (rate, more) = admit(&limiter, &clock).unwrap();
         let quota = crate::policy::quota::Quota::parse("1000/day").unwrap();
         let headers = RateHeaders {
-            policy: policy_header(Some(limiter.policy()), Some(&quota)).unwrap(),
+            policy: policy_header(Some(policy(100, 1, 200)), &named, Some(&quota)).unwrap(),
             budgets: [
-                Some(budget),
+                rate,
                 Some(Budget {
-                    name: "quota",
+                    name: Name::Quota,
                     limit: 1000,
                     remaining: 999,
                     reset: 3600,
                 }),
             ],
+            more,
             retry_after: None,
         };
         let mut h = HeaderMap::new();
         headers.write(&mut h, false);
         assert_eq!(
             h[RATELIMIT_POLICY],
-            "\"key\";q=200;w=2, \"quota\";q=1000;w=86400"
+            "\"key\";q=200;w=2, \"daily\";q=1000;w=3600, \"quota\";q=1000;w=86400"
         );
-        assert_eq!(h[RATELIMIT], "\"key\";r=199;t=1, \"quota\";r=999;t=3600");
+        assert_eq!(
+            h[RATELIMIT],
+            "\"key\";r=199;t=1, \"daily\";r=999;t=4, \"quota\";r=999;t=3600"
+        );
         assert!(h.get(RETRY_AFTER).is_none());
     }
 
@@ -105,12 +181,12 @@ mod tests {
             (1, 3600, 1_000_000),
             (1, 3600, 1),
         ] {
-            let limiter = KeyLimiter::new(policy(count, per, burst), &clock);
+            let limiter = one(policy(count, per, burst), &clock);
             assert!(admit(&limiter, &clock).is_ok());
-            assert!(policy_header(Some(limiter.policy()), None).is_some());
+            assert!(policy_header(Some(policy(count, per, burst)), &[], None).is_some());
         }
         // Past the checked range the limiter still builds rather than abort.
-        let limiter = KeyLimiter::new(policy(u32::MAX, 1, u32::MAX), &clock);
+        let limiter = one(policy(u32::MAX, 1, u32::MAX), &clock);
         assert!(admit(&limiter, &clock).is_ok());
     }
 }

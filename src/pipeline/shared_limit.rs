@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::config::FailMode;
 use crate::policy::quota::Quota;
-use crate::policy::rate::{Budget, RateHeaders, SharedPolicy};
+use crate::policy::rate::{Budget, Name, RateHeaders, SharedPolicy};
 use crate::rejection::Rejection;
 use crate::snapshot::KeyEntry;
 use crate::state::credits::CreditBook;
@@ -112,7 +112,7 @@ fn decide(
     let reset_secs = |q: &Quota| q.window(now).1.saturating_sub(now).max(1).unsigned_abs();
     let quota_budget = |used: i64| {
         policy.quota.map(|q| Budget {
-            name: "quota",
+            name: Name::Quota,
             limit: q.limit,
             remaining: q.limit.saturating_sub(unsigned(used)),
             reset: reset_secs(&q),
@@ -121,7 +121,7 @@ fn decide(
     let full_reset = policy.emission_us.saturating_mul(u64::from(policy.burst));
     let rate_budget = |remaining: i64, reset_us: i64| {
         (policy.emission_us > 0).then(|| Budget {
-            name: "key",
+            name: Name::Key,
             limit: u64::from(policy.burst),
             remaining: unsigned(remaining),
             reset: secs(reset_us),
@@ -130,11 +130,13 @@ fn decide(
     match outcome {
         0 => Ok(Some(RateHeaders {
             policy: header,
+            more: Vec::new(),
             budgets: [rate_budget(remaining, wait_or_reset_us), quota_budget(used)],
             retry_after: None,
         })),
         1 => Err(Rejection::RateLimited(Box::new(RateHeaders {
             policy: header,
+            more: Vec::new(),
             budgets: [
                 rate_budget(0, i64::try_from(full_reset).unwrap_or(i64::MAX)),
                 quota_budget(used),
@@ -145,6 +147,7 @@ fn decide(
             let reset = policy.quota.as_ref().map_or(1, reset_secs);
             Err(Rejection::QuotaExceeded(Box::new(RateHeaders {
                 policy: header,
+                more: Vec::new(),
                 budgets: [None, quota_budget(used)],
                 retry_after: Some(reset),
             })))

@@ -47,11 +47,36 @@ impl RatePolicy {
     }
 }
 
+/// A policy's name in the `RateLimit` headers: `key` for the rate limit, a named limit's
+/// own name, or `quota`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Name {
+    Key,
+    Named(std::sync::Arc<str>),
+    Quota,
+}
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Name::Key => "key",
+            Name::Named(n) => n,
+            Name::Quota => "quota",
+        }
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
 /// One budget's state for the `RateLimit` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
-    /// The policy's name: `key` (the rate limit) or `quota`.
-    pub name: &'static str,
+    /// The policy's name.
+    pub name: Name,
     /// The budget when whole: the rate limit's burst, or the quota.
     pub limit: u64,
     pub remaining: u64,
@@ -64,7 +89,10 @@ pub struct Budget {
 pub struct RateHeaders {
     /// `RateLimit-Policy`, precomputed per key.
     pub policy: HeaderValue,
+    /// The first rate limit's budget and the quota's.
     pub budgets: [Option<Budget>; 2],
+    /// The budgets of a key's other limits, in order (named limits after the first).
+    pub more: Vec<Budget>,
     /// Seconds until the next request would be admitted; set on refusal.
     pub retry_after: Option<u64>,
 }
@@ -74,11 +102,18 @@ impl RateHeaders {
     pub fn write(&self, headers: &mut HeaderMap, refused: bool) {
         headers.insert(RATELIMIT_POLICY, self.policy.clone());
         let mut value = String::with_capacity(48);
-        for b in self.budgets.iter().flatten() {
+        let [rate, quota] = &self.budgets;
+        for b in rate.iter().chain(&self.more).chain(quota) {
             if !value.is_empty() {
                 value.push_str(", ");
             }
-            let _ = write!(value, "\"{}\";r={};t={}", b.name, b.remaining, b.reset);
+            let _ = write!(
+                value,
+                "\"{}\";r={};t={}",
+                b.name.as_str(),
+                b.remaining,
+                b.reset
+            );
         }
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(RATELIMIT, v);
@@ -91,23 +126,28 @@ impl RateHeaders {
     }
 
     /// The named budget's state.
-    pub fn budget(&self, name: &str) -> Option<Budget> {
+    pub fn budget(&self, name: &str) -> Option<&Budget> {
         self.budgets
             .iter()
             .flatten()
-            .find(|b| b.name == name)
-            .copied()
+            .chain(&self.more)
+            .find(|b| b.name == *name)
     }
 }
 
-/// `RateLimit-Policy` for a key with a rate limit, a quota, or both.
+/// `RateLimit-Policy` for a key with a rate limit, named limits, a quota, or any of them.
 pub fn policy_header(
     rate: Option<RatePolicy>,
+    named: &[(std::sync::Arc<str>, RatePolicy)],
     quota: Option<&crate::policy::quota::Quota>,
 ) -> Option<HeaderValue> {
     let mut parts = Vec::new();
-    if let Some(p) = rate {
-        parts.push(format!("\"key\";q={};w={}", p.burst, p.window_secs()));
+    for (name, p) in rate
+        .iter()
+        .map(|p| ("key", p))
+        .chain(named.iter().map(|(n, p)| (&**n, p)))
+    {
+        parts.push(format!("\"{name}\";q={};w={}", p.burst, p.window_secs()));
     }
     if let Some(q) = quota {
         parts.push(format!("\"quota\";q={};w={}", q.limit, q.window_secs()));

@@ -26,7 +26,7 @@ use crate::policy::quota::Quota;
 use crate::policy::rate::RatePolicy;
 use crate::policy::rate::SharedPolicy;
 use crate::policy::scope::ScopeSet;
-use crate::state::limiters::{KeyLimiter, Limiters};
+use crate::state::limiters::{KeyLimiter, Limiters, Policies};
 use crate::state::usage::{Cells, KeyUsage, UsageReport};
 
 use super::hash_shard::HashShard;
@@ -87,6 +87,8 @@ pub struct Limits {
     /// The key's own rate limit (this node's share, with shared limits); its limiter is
     /// made on the key's first request, from `limiters`.
     pub rate: Option<RatePolicy>,
+    /// The key's named limits, in order (this node's share, with shared limits).
+    pub named: Box<[(Arc<str>, RatePolicy)]>,
     pub limiters: Limiters,
     /// The key's own quota, or its tier's (this node's share, with shared limits).
     pub quota: Option<Quota>,
@@ -97,6 +99,9 @@ pub struct Limits {
     pub shared: Option<SharedPolicy>,
 }
 
+/// A key's limits as written, before any node share: its rate, named limits and quota.
+type LimitsKey = (Option<RatePolicy>, Vec<(String, RatePolicy)>, Option<Quota>);
+
 /// The shared values of a key index's entries. A whole build starts a new one; key changes
 /// add to the one they share, so what a value costs is paid once per build, not per key.
 #[derive(Debug, Default)]
@@ -104,7 +109,7 @@ pub struct Interner {
     labels: HashMap<Box<str>, Arc<Label>>,
     scopes: HashMap<Vec<String>, Arc<ScopeSet>>,
     cidrs: HashMap<Vec<String>, Arc<CidrSet>>,
-    limits: HashMap<(Option<RatePolicy>, Option<Quota>), Arc<Limits>>,
+    limits: HashMap<LimitsKey, Arc<Limits>>,
 }
 
 impl Interner {
@@ -138,20 +143,19 @@ impl Interner {
         c
     }
 
-    /// The limits a key's rate and quota (as written, before any node share) compile to,
-    /// made by `make` the first time; `None` for a key with neither.
+    /// The limits a key's rate, named limits and quota (as written, before any node share)
+    /// compile to, made by `make` the first time; `None` for a key with none.
     pub fn limits(
         &mut self,
-        rate: Option<RatePolicy>,
-        quota: Option<Quota>,
+        written: LimitsKey,
         make: impl FnOnce() -> Limits,
     ) -> Option<Arc<Limits>> {
-        if rate.is_none() && quota.is_none() {
+        if written.0.is_none() && written.1.is_empty() && written.2.is_none() {
             return None;
         }
         let l = self
             .limits
-            .entry((rate, quota))
+            .entry(written)
             .or_insert_with(|| Arc::new(make()));
         Some(Arc::clone(l))
     }
@@ -341,19 +345,22 @@ impl KeyEntry {
         self.limits.as_ref().and_then(|l| l.quota)
     }
 
-    /// The key's own rate limit (this node's share, with shared limits).
-    pub fn rate(&self) -> Option<RatePolicy> {
-        self.limits.as_ref().and_then(|l| l.rate)
+    /// The key's rate limit and named limits (this node's share, with shared limits), if
+    /// it has any.
+    pub fn rate_limits(&self) -> Option<Policies<'_>> {
+        let limits = self.limits.as_ref()?;
+        (limits.rate.is_some() || !limits.named.is_empty()).then_some((limits.rate, &limits.named))
     }
 
-    /// The key's rate limiter, if it has a rate: the one the registry holds for its id and
-    /// policy, or a new one, made on the key's first rate-limited request.
+    /// The key's rate limiters, if it has a rate limit or named limits: the ones the
+    /// registry holds for its id and policies, or new ones, made on the key's first
+    /// rate-limited request.
     pub fn limiter(&self) -> Option<&KeyLimiter> {
+        let policies = self.rate_limits()?;
         let limits = self.limits.as_ref()?;
-        let policy = limits.rate?;
         Some(
             self.limiter
-                .get_or_init(|| limits.limiters.limiter_for(&self.id, policy)),
+                .get_or_init(|| limits.limiters.limiter_for(&self.id, policies)),
         )
     }
 
@@ -764,6 +771,7 @@ pub(crate) mod tests {
         let limiters = Limiters::new(crate::clock::Clock::real());
         let make = || Limits {
             rate,
+            named: Box::default(),
             limiters: limiters.clone(),
             quota: None,
             header: None,
@@ -771,9 +779,9 @@ pub(crate) mod tests {
         };
         let (a, b, none) = index.intern(|i| {
             (
-                i.limits(rate, None, make),
-                i.limits(rate, None, make),
-                i.limits(None, None, make),
+                i.limits((rate, Vec::new(), None), make),
+                i.limits((rate, Vec::new(), None), make),
+                i.limits((None, Vec::new(), None), make),
             )
         });
         assert!(Arc::ptr_eq(&a.unwrap(), &b.unwrap()));

@@ -5,40 +5,150 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::nanos::Nanos;
+use governor::state::{NotKeyed, StateStore};
+use governor::{NotUntil, Quota, RateLimiter};
 
 use crate::clock::Clock;
-use crate::policy::rate::RatePolicy;
+use crate::policy::rate::{Name, RatePolicy};
 
-pub(crate) type Gcra = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+pub(crate) type Gcra = RateLimiter<NotKeyed, Tat, Clock, StateInformationMiddleware>;
+type Instant = <Clock as governor::clock::Clock>::Instant;
 
-/// One key's limiter.
-#[derive(Debug)]
-pub struct KeyLimiter {
-    pub(crate) policy: RatePolicy,
-    pub(crate) gcra: Gcra,
+/// A GCRA's one number, its theoretical arrival time (nanoseconds since the limiter began;
+/// 0 before the first request), shared with the [`Limit`] that can put it back.
+#[derive(Debug, Clone, Default)]
+pub struct Tat(Arc<AtomicU64>);
+
+/// What governor's own in-memory state does, compare-and-swap on one word, with the word
+/// kept where [`KeyLimiter::admit_all`] can read it before and restore it after.
+impl StateStore for Tat {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut prev = self.0.load(Ordering::Acquire);
+        loop {
+            let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
+            match self.0.compare_exchange_weak(
+                prev,
+                next.as_u64(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(result),
+                Err(now) => prev = now,
+            }
+        }
+    }
 }
 
-impl KeyLimiter {
-    pub(crate) fn new(policy: RatePolicy, clock: &Clock) -> Self {
+/// One of a key's limits: its name in the `RateLimit` headers, its policy and its GCRA.
+#[derive(Debug)]
+pub struct Limit {
+    pub(crate) name: Name,
+    pub(crate) policy: RatePolicy,
+    pub(crate) gcra: Gcra,
+    tat: Tat,
+}
+
+impl Limit {
+    fn new(name: Name, policy: RatePolicy, clock: &Clock) -> Self {
         let burst = NonZeroU32::new(policy.burst).unwrap_or(NonZeroU32::MIN);
         // `interval` is never zero, so the fallback is never taken; it keeps this total.
         let quota = Quota::with_period(policy.interval())
             .unwrap_or_else(|| Quota::per_hour(NonZeroU32::MIN))
             .allow_burst(burst);
-        KeyLimiter {
+        let tat = Tat::default();
+        Limit {
+            name,
             policy,
-            gcra: RateLimiter::direct_with_clock(quota, clock.clone())
-                .with_middleware::<StateInformationMiddleware>(),
+            gcra: Gcra::new(quota, tat.clone(), clock.clone()),
+            tat,
+        }
+    }
+}
+
+/// One key's limiters: its rate limit (`key`) and its named limits, in order.
+#[derive(Debug)]
+pub struct KeyLimiter {
+    pub(crate) limits: Box<[Limit]>,
+    /// Held while a key with several limits spends them, so that when a later one refuses,
+    /// the earlier ones are put back exactly as they were.
+    serial: Mutex<()>,
+}
+
+/// The limits a key has: its rate limit, named `key`, then its named limits.
+pub type Policies<'a> = (Option<RatePolicy>, &'a [(Arc<str>, RatePolicy)]);
+
+impl KeyLimiter {
+    pub(crate) fn new((rate, named): Policies<'_>, clock: &Clock) -> Self {
+        let limits = rate
+            .map(|p| Limit::new(Name::Key, p, clock))
+            .into_iter()
+            .chain(
+                named
+                    .iter()
+                    .map(|(n, p)| Limit::new(Name::Named(Arc::clone(n)), *p, clock)),
+            )
+            .collect();
+        KeyLimiter {
+            limits,
+            serial: Mutex::new(()),
         }
     }
 
-    pub fn policy(&self) -> RatePolicy {
-        self.policy
+    /// Whether this limiter counts exactly `policies`.
+    fn counts(&self, (rate, named): Policies<'_>) -> bool {
+        let ours = self.limits.iter().map(|l| (l.name.as_str(), l.policy));
+        let theirs = rate
+            .map(|p| ("key", p))
+            .into_iter()
+            .chain(named.iter().map(|(n, p)| (&**n, *p)));
+        ours.eq(theirs)
+    }
+
+    /// Spends one request from every limit, or from none: `spent` hears each limit's state
+    /// after, in order, once all have admitted; `Err` names the first limit that refused,
+    /// and when it would admit one. A single limit needs no lock; several are spent under
+    /// the key's lock, and a refusal puts the earlier ones back as they were.
+    pub(crate) fn admit_all(
+        &self,
+        mut spent: impl FnMut(&Limit, StateSnapshot),
+    ) -> Result<(), (&Limit, NotUntil<Instant>)> {
+        if let [only] = &*self.limits {
+            return match only.gcra.check() {
+                Ok(state) => {
+                    spent(only, state);
+                    Ok(())
+                }
+                Err(not_until) => Err((only, not_until)),
+            };
+        }
+        let _serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let mut states = Vec::with_capacity(self.limits.len());
+        for limit in self.limits.iter() {
+            let before = limit.tat.0.load(Ordering::Acquire);
+            match limit.gcra.check() {
+                Ok(state) => states.push((before, state)),
+                Err(not_until) => {
+                    for (l, (before, _)) in self.limits.iter().zip(&states) {
+                        l.tat.0.store(*before, Ordering::Release);
+                    }
+                    return Err((limit, not_until));
+                }
+            }
+        }
+        for (limit, (_, state)) in self.limits.iter().zip(states) {
+            spent(limit, state);
+        }
+        Ok(())
     }
 }
 
@@ -70,36 +180,39 @@ impl Limiters {
         }))
     }
 
-    /// The key's limiter for `policy`: the one in use if its policy is the same, else a new
-    /// one (full), which is kept for the snapshots to come.
-    pub fn limiter_for(&self, id: &str, policy: RatePolicy) -> Arc<KeyLimiter> {
+    /// The key's limiter for `policies`: the one in use if it counts the same limits, else
+    /// a new one (full), which is kept for the snapshots to come.
+    pub fn limiter_for(&self, id: &str, policies: Policies<'_>) -> Arc<KeyLimiter> {
         let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(id) {
-            Some(l) if l.policy == policy => l.clone(),
+            Some(l) if l.counts(policies) => l.clone(),
             _ => {
-                let made = Arc::new(KeyLimiter::new(policy, &self.0.clock));
+                let made = Arc::new(KeyLimiter::new(policies, &self.0.clock));
                 map.insert(id.to_string(), made.clone());
                 made
             }
         }
     }
 
-    /// Keeps the limiters whose key still has the same policy (`rate_of` the id): after a
-    /// whole rebuild. Costs one pass over the keys ever used, not over every key.
-    pub fn retain(&self, rate_of: impl Fn(&str) -> Option<RatePolicy>) {
+    /// Keeps the limiters whose key still has the same limits (`limits_of` the id): after
+    /// a whole rebuild. Costs one pass over the keys ever used, not over every key.
+    pub fn retain<'s>(&self, limits_of: impl Fn(&str) -> Option<Policies<'s>>) {
         let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|id, l| rate_of(id) == Some(l.policy));
+        map.retain(|id, l| limits_of(id).is_some_and(|p| l.counts(p)));
     }
 
     /// The same for the keys `ids` alone: after a key-change delta.
-    pub fn recheck<'a>(
+    pub fn recheck<'a, 's>(
         &self,
         ids: impl Iterator<Item = &'a String>,
-        rate_of: impl Fn(&str) -> Option<RatePolicy>,
+        limits_of: impl Fn(&str) -> Option<Policies<'s>>,
     ) {
         let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
         for id in ids {
-            if map.get(id).is_some_and(|l| rate_of(id) != Some(l.policy)) {
+            if map
+                .get(id)
+                .is_some_and(|l| !limits_of(id).is_some_and(|p| l.counts(p)))
+            {
                 map.remove(id);
             }
         }
@@ -136,28 +249,30 @@ mod tests {
     fn limiters_survive_only_unchanged_policies() {
         let clock = Clock::fake(SystemTime::UNIX_EPOCH);
         let limiters = Limiters::new(clock);
-        let a = limiters.limiter_for("k1", policy(1, 60, 1));
-        let b = limiters.limiter_for("k2", policy(1, 60, 1));
+        let a = limiters.limiter_for("k1", (Some(policy(1, 60, 1)), &[]));
+        let b = limiters.limiter_for("k2", (Some(policy(1, 60, 1)), &[]));
         assert!(Arc::ptr_eq(
             &a,
-            &limiters.limiter_for("k1", policy(1, 60, 1))
+            &limiters.limiter_for("k1", (Some(policy(1, 60, 1)), &[]))
         ));
         // A rebuild keeps k1 with its policy, and forgets k2, which is gone.
-        limiters.retain(|id| (id == "k1").then(|| policy(1, 60, 1)));
+        limiters.retain(|id| (id == "k1").then_some((Some(policy(1, 60, 1)), &[][..])));
         assert_eq!(limiters.len(), 1);
         assert!(Arc::ptr_eq(
             &a,
-            &limiters.limiter_for("k1", policy(1, 60, 1))
+            &limiters.limiter_for("k1", (Some(policy(1, 60, 1)), &[]))
         ));
         assert!(!Arc::ptr_eq(
             &b,
-            &limiters.limiter_for("k2", policy(1, 60, 1))
+            &limiters.limiter_for("k2", (Some(policy(1, 60, 1)), &[]))
         ));
         // A delta that changes k1's policy starts it afresh.
-        limiters.recheck(["k1".to_string()].iter(), |_| Some(policy(2, 60, 2)));
+        limiters.recheck(["k1".to_string()].iter(), |_| {
+            Some((Some(policy(2, 60, 2)), &[][..]))
+        });
         assert!(!Arc::ptr_eq(
             &a,
-            &limiters.limiter_for("k1", policy(2, 60, 2))
+            &limiters.limiter_for("k1", (Some(policy(2, 60, 2)), &[]))
         ));
     }
 }
