@@ -22,7 +22,7 @@ use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
 use crate::policy::lockout::LockoutPolicy;
 use crate::policy::net::CidrSet;
 use crate::policy::quota::Quota;
-use crate::policy::rate::{policy_header, RatePolicy, SharedPolicy};
+use crate::policy::rate::{policy_header, Name, RatePolicy, SharedPolicy, SharedRate};
 use crate::policy::scope::ScopeSet;
 use crate::state::limiters::Limiters;
 use crate::state::shared_limits::{SharedLimiter, SharedSettings};
@@ -928,17 +928,22 @@ fn compile_entry(
     let quota = quota.or_else(|| tier_quota(config, &r.namespace));
     let share = NonZeroU32::new(shared_nodes);
     let limits = || {
-        let shared = share.map(|_| SharedPolicy {
-            emission_us: policy.map_or(0, |p| {
-                u64::try_from(p.interval().as_micros()).unwrap_or(u64::MAX)
-            }),
-            burst: policy.map_or(0, |p| p.burst),
-            quota,
-        });
         let named: Box<[(Arc<str>, RatePolicy)]> = named
             .iter()
             .map(|(n, p)| (Arc::from(n.as_str()), *p))
             .collect();
+        let shared = share.map(|_| SharedPolicy {
+            rates: policy
+                .map(|p| SharedRate::new(Name::Key, p))
+                .into_iter()
+                .chain(
+                    named
+                        .iter()
+                        .map(|(n, p)| SharedRate::new(Name::Named(Arc::clone(n)), *p)),
+                )
+                .collect(),
+            quota,
+        });
         Limits {
             rate: match share {
                 Some(n) if n.get() > 1 => policy.map(|p| node_share(p, n)),

@@ -766,3 +766,59 @@ async fn two_nodes_spend_exactly_the_credits_a_key_has() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Named limits are counted in Redis: two nodes share each of them, and a request one
+/// limit refuses charges none of the others. The wide limit, kept when the narrow one is
+/// removed, shows it was charged for the admitted requests only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_named_limits_all_or_nothing() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let limits = "rate_limit: {backend: redis, fail_mode: closed, nodes: 2, timeout: 5s}\n";
+    let a = node(&up, &redis, limits).await;
+    let b = node(&up, &redis, limits).await;
+    let (id, secret) = create(
+        &a,
+        serde_json::json!({"rate_limits": [
+            {"name": "wide", "limit": "10/h"},
+            {"name": "narrow", "limit": "3/h"},
+        ]}),
+    )
+    .await;
+    until(&b, &secret, 200, PROPAGATION).await;
+    let mut admitted = 1;
+    for i in 0..20 {
+        match status(if i % 2 == 0 { &a } else { &b }, &secret).await {
+            (200, _) => admitted += 1,
+            (429, code) => assert_eq!(code, "rate_limited"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(admitted, 3, "the narrow limit, counted once for both nodes");
+    let r = send(
+        Req::get(a.admin, &format!("/v1/api-keys/{id}"))
+            .method("PATCH")
+            .bearer(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(
+                serde_json::json!({"rate_limits": [{"name": "wide", "limit": "10/h"}]}).to_string(),
+            ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let seen = eventually(PROPAGATION, async || {
+        let r = send(Req::get(b.admin, &format!("/v1/api-keys/{id}")).bearer(ADMIN_TOKEN)).await;
+        r.json()["rate_limits"].as_array().map(Vec::len) == Some(1)
+    })
+    .await;
+    assert!(seen, "node b sees the change");
+    let next = send(Req::get(b.proxy, "/v1/x").bearer(&secret)).await;
+    assert_eq!(next.status, 200);
+    assert!(
+        next.header("ratelimit").starts_with("\"wide\";r=6;"),
+        "10 less the 3 admitted and this one: {}",
+        next.header("ratelimit")
+    );
+    a.stop().await;
+    b.stop().await;
+}

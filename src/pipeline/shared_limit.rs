@@ -33,13 +33,10 @@ pub async fn admit(
     credits: &CreditBook,
 ) -> Result<Shared, Rejection> {
     let credit_policy = key.credits();
+    let unlimited = SharedPolicy::default();
     let policy = match (key.shared(), credit_policy) {
         (Some(p), _) => p,
-        (None, Some(_)) => SharedPolicy {
-            emission_us: 0,
-            burst: 0,
-            quota: None,
-        },
+        (None, Some(_)) => &unlimited,
         (None, None) => return Ok((None, None)),
     };
     let now = clock.unix_secs();
@@ -48,7 +45,7 @@ pub async fn admit(
             shared.settings().timeout,
             shared.call(
                 key.id.as_str(),
-                &policy,
+                policy,
                 credit_policy.map(|c| (c, cost)),
                 now,
             ),
@@ -58,14 +55,14 @@ pub async fn admit(
             Ok(Ok(reply)) => {
                 shared.count(true);
                 let left = credit_policy.map(|c| {
-                    let spent = u64::try_from(reply[4]).unwrap_or(0);
+                    let spent = u64::try_from(reply.get(4).copied().unwrap_or(0)).unwrap_or(0);
                     c.balance(now).budget.saturating_sub(spent)
                 });
-                if reply[0] == 3 {
+                if reply.first() == Some(&3) {
                     return Err(super::credits_exhausted(credit_policy, now));
                 }
                 let rate = match key.shared() {
-                    Some(p) => decide(key, &p, reply, now)?,
+                    Some(p) => decide(key, p, &reply, now)?,
                     None => None,
                 };
                 return Ok((rate, left));
@@ -99,17 +96,19 @@ pub async fn admit(
 fn decide(
     key: &KeyEntry,
     policy: &SharedPolicy,
-    [outcome, remaining, wait_or_reset_us, used, _]: [i64; 5],
+    reply: &[i64],
     now: i64,
 ) -> Result<Option<RateHeaders>, Rejection> {
     let header = key
         .limits_header()
         .cloned()
         .unwrap_or(http::HeaderValue::from_static(""));
-    // Redis's numbers are counts and durations: a negative one counts as 0.
+    // Redis's numbers are counts and durations: a negative one, or one missing, counts as 0.
+    let at = |i: usize| reply.get(i).copied().unwrap_or(0);
     let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
     let secs = |us: i64| unsigned(us).div_ceil(1_000_000);
     let reset_secs = |q: &Quota| q.window(now).1.saturating_sub(now).max(1).unsigned_abs();
+    let (outcome, which, wait_us, used) = (at(0), at(1), at(2), at(3));
     let quota_budget = |used: i64| {
         policy.quota.map(|q| Budget {
             name: Name::Quota,
@@ -118,31 +117,46 @@ fn decide(
             reset: reset_secs(&q),
         })
     };
-    let full_reset = policy.emission_us.saturating_mul(u64::from(policy.burst));
-    let rate_budget = |remaining: i64, reset_us: i64| {
-        (policy.emission_us > 0).then(|| Budget {
-            name: Name::Key,
-            limit: u64::from(policy.burst),
-            remaining: unsigned(remaining),
-            reset: secs(reset_us),
-        })
-    };
     match outcome {
-        0 => Ok(Some(RateHeaders {
-            policy: header,
-            more: Vec::new(),
-            budgets: [rate_budget(remaining, wait_or_reset_us), quota_budget(used)],
-            retry_after: None,
-        })),
-        1 => Err(Rejection::RateLimited(Box::new(RateHeaders {
-            policy: header,
-            more: Vec::new(),
-            budgets: [
-                rate_budget(0, i64::try_from(full_reset).unwrap_or(i64::MAX)),
-                quota_budget(used),
-            ],
-            retry_after: Some(secs(wait_or_reset_us).max(1)),
-        }))),
+        0 => {
+            // Each rate's remaining and reset follow the first five numbers, in order.
+            let pairs = reply.get(5..).unwrap_or_default().chunks(2);
+            let mut budgets = policy.rates.iter().zip(pairs).map(|(rate, pair)| Budget {
+                name: rate.name.clone(),
+                limit: u64::from(rate.burst),
+                remaining: unsigned(pair.first().copied().unwrap_or(0)),
+                reset: secs(pair.get(1).copied().unwrap_or(0)),
+            });
+            let first = budgets.next();
+            Ok(Some(RateHeaders {
+                policy: header,
+                budgets: [first, quota_budget(used)],
+                more: budgets.collect(),
+                retry_after: None,
+            }))
+        }
+        1 => {
+            let refused = usize::try_from(which)
+                .ok()
+                .and_then(|j| policy.rates.get(j.checked_sub(1)?));
+            Err(Rejection::RateLimited(Box::new(RateHeaders {
+                policy: header,
+                budgets: [
+                    refused.map(|rate| Budget {
+                        name: rate.name.clone(),
+                        limit: u64::from(rate.burst),
+                        remaining: 0,
+                        reset: secs(
+                            i64::try_from(rate.emission_us.saturating_mul(u64::from(rate.burst)))
+                                .unwrap_or(i64::MAX),
+                        ),
+                    }),
+                    quota_budget(used),
+                ],
+                more: Vec::new(),
+                retry_after: Some(secs(wait_us).max(1)),
+            })))
+        }
         _ => {
             let reset = policy.quota.as_ref().map_or(1, reset_secs);
             Err(Rejection::QuotaExceeded(Box::new(RateHeaders {

@@ -14,12 +14,32 @@ pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-poli
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// A key's whole (cluster-wide) limits, counted in Redis by every node (`rate_limit.backend: redis`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SharedPolicy {
-    /// Microseconds between requests at the sustained rate; 0 when the key has no rate.
+    /// The rate limit (`key`) and the named limits, in order.
+    pub rates: Box<[SharedRate]>,
+    pub quota: Option<crate::policy::quota::Quota>,
+}
+
+/// One of a key's rate limits as Redis counts it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedRate {
+    pub name: Name,
+    /// Microseconds between requests at the sustained rate.
     pub emission_us: u64,
     pub burst: u32,
-    pub quota: Option<crate::policy::quota::Quota>,
+}
+
+impl SharedRate {
+    pub fn new(name: Name, policy: RatePolicy) -> Self {
+        SharedRate {
+            name,
+            emission_us: u64::try_from(policy.interval().as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            burst: policy.burst,
+        }
+    }
 }
 
 /// A key's limit: `rate`, with up to `burst` requests at once.

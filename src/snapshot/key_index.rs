@@ -370,8 +370,8 @@ impl KeyEntry {
     }
 
     /// The key's whole limits, with `rate_limit.backend: redis`.
-    pub fn shared(&self) -> Option<SharedPolicy> {
-        self.limits.as_ref().and_then(|l| l.shared)
+    pub fn shared(&self) -> Option<&SharedPolicy> {
+        self.limits.as_ref().and_then(|l| l.shared.as_ref())
     }
 }
 

@@ -78,7 +78,7 @@ impl Limit {
 /// One key's limiters: its rate limit (`key`) and its named limits, in order.
 #[derive(Debug)]
 pub struct KeyLimiter {
-    pub(crate) limits: Box<[Limit]>,
+    pub(crate) limits: Box<[Arc<Limit>]>,
     /// Held while a key with several limits spends them, so that when a later one refuses,
     /// the earlier ones are put back exactly as they were.
     serial: Mutex<()>,
@@ -88,15 +88,30 @@ pub struct KeyLimiter {
 pub type Policies<'a> = (Option<RatePolicy>, &'a [(Arc<str>, RatePolicy)]);
 
 impl KeyLimiter {
-    pub(crate) fn new((rate, named): Policies<'_>, clock: &Clock) -> Self {
+    /// Fresh limiters for `policies` (the registry makes them through [`Limiters`]).
+    #[cfg(test)]
+    pub(crate) fn new(policies: Policies<'_>, clock: &Clock) -> Self {
+        Self::after(None, policies, clock)
+    }
+
+    /// The limiters for `policies`, keeping each limit of `before` whose name and policy
+    /// stay (with its count), so that changing one named limit leaves the others' buckets
+    /// as they were.
+    fn after(before: Option<&KeyLimiter>, (rate, named): Policies<'_>, clock: &Clock) -> Self {
+        let kept = |name: &str, policy: RatePolicy| {
+            before?
+                .limits
+                .iter()
+                .find(|l| l.name.as_str() == name && l.policy == policy)
+                .cloned()
+        };
         let limits = rate
-            .map(|p| Limit::new(Name::Key, p, clock))
+            .map(|p| kept("key", p).unwrap_or_else(|| Arc::new(Limit::new(Name::Key, p, clock))))
             .into_iter()
-            .chain(
-                named
-                    .iter()
-                    .map(|(n, p)| Limit::new(Name::Named(Arc::clone(n)), *p, clock)),
-            )
+            .chain(named.iter().map(|(n, p)| {
+                kept(n, *p)
+                    .unwrap_or_else(|| Arc::new(Limit::new(Name::Named(Arc::clone(n)), *p, clock)))
+            }))
             .collect();
         KeyLimiter {
             limits,
@@ -186,19 +201,33 @@ impl Limiters {
         let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(id) {
             Some(l) if l.counts(policies) => l.clone(),
-            _ => {
-                let made = Arc::new(KeyLimiter::new(policies, &self.0.clock));
+            before => {
+                let made = Arc::new(KeyLimiter::after(
+                    before.map(|l| &**l),
+                    policies,
+                    &self.0.clock,
+                ));
                 map.insert(id.to_string(), made.clone());
                 made
             }
         }
     }
 
-    /// Keeps the limiters whose key still has the same limits (`limits_of` the id): after
-    /// a whole rebuild. Costs one pass over the keys ever used, not over every key.
+    /// Brings the limiters up to the keys' limits (`limits_of` an id) after a whole
+    /// rebuild: a key gone, or left with no rate limit, loses its limiters; a key whose
+    /// limits changed keeps the counts of those that stayed. Costs one pass over the keys
+    /// ever used, not over every key.
     pub fn retain<'s>(&self, limits_of: impl Fn(&str) -> Option<Policies<'s>>) {
         let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|id, l| limits_of(id).is_some_and(|p| l.counts(p)));
+        let clock = &self.0.clock;
+        map.retain(|id, l| match limits_of(id) {
+            None => false,
+            Some(p) if l.counts(p) => true,
+            Some(p) => {
+                *l = Arc::new(KeyLimiter::after(Some(l), p, clock));
+                true
+            }
+        });
     }
 
     /// The same for the keys `ids` alone: after a key-change delta.
@@ -209,11 +238,16 @@ impl Limiters {
     ) {
         let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
         for id in ids {
-            if map
-                .get(id)
-                .is_some_and(|l| !limits_of(id).is_some_and(|p| l.counts(p)))
-            {
-                map.remove(id);
+            let Some(l) = map.get(id) else { continue };
+            match limits_of(id) {
+                None => {
+                    map.remove(id);
+                }
+                Some(p) if l.counts(p) => {}
+                Some(p) => {
+                    let next = Arc::new(KeyLimiter::after(Some(l), p, &self.0.clock));
+                    map.insert(id.clone(), next);
+                }
             }
         }
     }
@@ -274,5 +308,23 @@ mod tests {
             &a,
             &limiters.limiter_for("k1", (Some(policy(2, 60, 2)), &[]))
         ));
+    }
+
+    /// Changing one of a key's limits keeps the others' counts: the named limit that stays
+    /// is the same limit, the rate that changed is a new one.
+    #[test]
+    fn a_changed_limit_leaves_the_others_counts() {
+        let clock = Clock::fake(SystemTime::UNIX_EPOCH);
+        let limiters = Limiters::new(clock);
+        let daily: Vec<(Arc<str>, RatePolicy)> = vec![("daily".into(), policy(100, 3600, 100))];
+        let before = limiters.limiter_for("k1", (Some(policy(1, 60, 1)), &daily));
+        let changed = (Some(policy(5, 60, 5)), &daily[..]);
+        limiters.recheck(["k1".to_string()].iter(), |_| Some(changed));
+        let after = limiters.limiter_for("k1", changed);
+        let same = |i: usize| Arc::ptr_eq(&before.limits[i], &after.limits[i]);
+        assert_eq!((same(0), same(1)), (false, true));
+        // A key left with no rate limit at all loses its limiters.
+        limiters.retain(|_| None);
+        assert!(limiters.is_empty());
     }
 }

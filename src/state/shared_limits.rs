@@ -6,8 +6,9 @@
 //! One Lua script per limited request does the quota check, the credits check, the GCRA,
 //! and then the quota count and the credits spent, atomically, on Redis's clock (so nodes'
 //! clocks need not agree): one round trip, and all or nothing (a request the GCRA refuses
-//! spends no credit). Redis keeps, under the store's prefix `P`, `P:rl:<key id>` (the
-//! GCRA's theoretical arrival time, expiring once idle), `P:quota:<key id>:<period>` (a
+//! spends no credit, and a request one rate limit refuses charges none of the key's other
+//! limits). Redis keeps, under the store's prefix `P`, `P:rl:<key id>` and
+//! `P:rl:<key id>:<limit name>` (each GCRA's theoretical arrival time, expiring once idle), `P:quota:<key id>:<period>` (a
 //! counter expiring with its period) and `P:credits:<key id>:<version>:<period>` (the
 //! credits spent of one setting in one refill period, expiring a day after it). When Redis
 //! cannot be reached, a background probe notices it coming back.
@@ -20,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::FailMode;
 use crate::policy::credits::Credits;
-use crate::policy::rate::SharedPolicy;
+use crate::policy::rate::{Name, SharedPolicy};
 
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -28,7 +29,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local quota_limit = tonumber(ARGV[3])
 local used = 0
 if quota_limit > 0 then
-  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  used = tonumber(redis.call('GET', KEYS[1]) or '0')
   if used >= quota_limit then
     return {2, 0, 0, used, 0}
   end
@@ -37,17 +38,18 @@ local budget = tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
 local spent = 0
 if budget >= 0 then
-  spent = tonumber(redis.call('GET', KEYS[3]) or '0')
+  spent = tonumber(redis.call('GET', KEYS[2]) or '0')
   if spent + cost > budget then
     return {3, 0, 0, used, spent}
   end
 end
-local emission = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local remaining = 0
-local reset = 0
-if emission > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local rates = tonumber(ARGV[1])
+local reply = {0, 0, 0, used, spent}
+local tats = {}
+for j = 1, rates do
+  local emission = tonumber(ARGV[5 + 2 * j])
+  local burst = tonumber(ARGV[6 + 2 * j])
+  local tat = tonumber(redis.call('GET', KEYS[2 + j]) or '0')
   if tat < now then
     tat = now
   end
@@ -55,25 +57,30 @@ if emission > 0 then
   local new_tat = tat + emission
   local allow_at = new_tat - tolerance
   if allow_at > now then
-    return {1, 0, allow_at - now, used, spent}
+    return {1, j, allow_at - now, used, spent}
   end
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-  remaining = math.floor((tolerance - (new_tat - now)) / emission)
-  reset = new_tat - now
+  tats[j] = new_tat
+  reply[4 + 2 * j] = math.floor((tolerance - (new_tat - now)) / emission)
+  reply[5 + 2 * j] = new_tat - now
+end
+for j = 1, rates do
+  redis.call('SET', KEYS[2 + j], string.format('%.0f', tats[j]), 'PX', math.ceil((tats[j] - now) / 1000) + 1000)
 end
 if quota_limit > 0 then
-  used = redis.call('INCR', KEYS[2])
+  used = redis.call('INCR', KEYS[1])
   if used == 1 then
-    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   end
+  reply[4] = used
 end
 if budget >= 0 then
-  spent = redis.call('INCRBY', KEYS[3], cost)
-  if tonumber(ARGV[7]) > 0 then
-    redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
+  spent = redis.call('INCRBY', KEYS[2], cost)
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
   end
+  reply[5] = spent
 end
-return {0, remaining, reset, used, spent}
+return reply
 ";
 
 /// How the shared limiter is set up; a reload with equal settings keeps the same limiter
@@ -138,15 +145,18 @@ impl SharedLimiter {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Runs the script for the key `id`: `[outcome, remaining, wait or reset (µs), used,
-    /// credits spent]`; outcome 0 admits, 1 is the rate, 2 the quota, 3 the credits.
+    /// Runs the script for the key `id`: `[outcome, which, wait (µs), used, credits spent,
+    /// then each rate's remaining and reset (µs)]`. Outcome 0 admits (and the pairs follow,
+    /// one per rate of `policy`, in order), 1 is the rate limit numbered `which` (from 1),
+    /// 2 the quota, 3 the credits. Every rate is checked before any is spent, so a refusal
+    /// charges none.
     pub(crate) async fn call(
         &self,
         id: &str,
         policy: &SharedPolicy,
         credits: Option<(&Credits, u64)>,
         now: i64,
-    ) -> redis::RedisResult<[i64; 5]> {
+    ) -> redis::RedisResult<Vec<i64>> {
         let connection = self.connection().await?;
         let prefix = &self.settings.prefix;
         let (quota_key, limit, ttl) = match policy.quota {
@@ -176,19 +186,24 @@ impl SharedLimiter {
             None => (format!("{prefix}:credits:{id}:none"), -1, 0, 0),
         };
         let mut connection = connection.clone();
-        self.script
-            .key(format!("{prefix}:rl:{id}"))
-            .key(quota_key)
+        let mut call = self.script.prepare_invoke();
+        call.key(quota_key)
             .key(credits_key)
-            .arg(policy.emission_us)
-            .arg(policy.burst)
+            .arg(policy.rates.len())
+            .arg(credits_ttl)
             .arg(limit)
             .arg(ttl)
             .arg(budget)
-            .arg(cost)
-            .arg(credits_ttl)
-            .invoke_async(&mut connection)
-            .await
+            .arg(cost);
+        for rate in policy.rates.iter() {
+            // The rate limit's count keeps the name it always had; a named one adds its name.
+            call.key(match &rate.name {
+                Name::Named(name) => format!("{prefix}:rl:{id}:{name}"),
+                _ => format!("{prefix}:rl:{id}"),
+            });
+            call.arg(rate.emission_us).arg(rate.burst);
+        }
+        call.invoke_async(&mut connection).await
     }
 
     /// Where Redis counts the credits key `id` spent of this setting in this period.

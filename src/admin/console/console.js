@@ -312,6 +312,15 @@ function rowMenu(k) {
   return menu;
 }
 
+/** A key's rate limits in a line: the short form, then each named limit by its name. */
+function limitsText(k) {
+  const burst = (b) => (b ? `, burst ${b}` : "");
+  return [
+    ...(k.rate_limit ? [`${k.rate_limit}${burst(k.burst)}`] : []),
+    ...(k.rate_limits || []).map((l) => `${l.name}: ${l.limit}${burst(l.burst)}`),
+  ].join("; ");
+}
+
 function keyRow(k) {
   const open = () => go({ view: "key", id: k.id });
   const cell = (label, content, cls) => el("td", { "data-label": label, class: cls }, content);
@@ -322,7 +331,7 @@ function keyRow(k) {
       text: k.name || "(unnamed)", onclick: (e) => { e.preventDefault(); open(); } })),
     cell("Environment", k.environment),
     cell("Scopes", scopeChips(k.scopes), "scopes"),
-    cell("Rate limit", k.rate_limit ? `${k.rate_limit}${k.burst ? `, burst ${k.burst}` : ""}` : "—"),
+    cell("Rate limit", limitsText(k) || "—"),
     cell("Expires", k.expires_at ? time(k.expires_at) : "never"),
     cell("Created", time(k.created_at)),
     cell("Last used", time(k.last_used_at)),
@@ -361,7 +370,7 @@ async function renderKey(id) {
     ["Key ID", el("code", { text: k.id })], ["Prefix", el("code", { text: `${k.prefix}…` })],
     ["Namespace", k.namespace], ["Environment", k.environment], ["Scopes", scopeChips(k.scopes)],
     ["Allowed IPs", k.allowed_cidrs?.length ? k.allowed_cidrs.join(", ") : "every address"],
-    ["Rate limit", k.rate_limit ? `${k.rate_limit}${k.burst ? `, burst ${k.burst}` : ""}` : "none"],
+    ["Rate limit", limitsText(k) || "none"],
     ["Quota", k.quota || "none"], ...ending,
     ...(k.rotated_to ? [["Replaced by", link(k.rotated_to)]] : []),
     ...(k.rotated_from ? [["Replaces", link(k.rotated_from)]] : []),
