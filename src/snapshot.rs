@@ -15,7 +15,7 @@ use crate::config::{
     parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, LimitBackend, Problems,
 };
 use crate::keys::check::{check_record, CheckedRecord};
-use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, RecordSink, Store};
+use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, RecordSink, Side, Store};
 use crate::metrics::Metrics;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
@@ -830,6 +830,8 @@ struct KeyBuild<'a> {
     at: usize,
     /// The alert rules kept in the store.
     alerts: Vec<serde_json::Value>,
+    /// The identities kept in the store.
+    identities: Vec<serde_json::Value>,
 }
 
 impl<'a> KeyBuild<'a> {
@@ -841,6 +843,7 @@ impl<'a> KeyBuild<'a> {
             problems: Problems::default(),
             at: 0,
             alerts: Vec::new(),
+            identities: Vec::new(),
         }
     }
 
@@ -882,8 +885,11 @@ impl RecordSink for KeyBuild<'_> {
         self.compile(&record);
     }
 
-    fn alert_rules(&mut self, rules: Vec<serde_json::Value>) {
-        self.alerts = rules;
+    fn side(&mut self, side: Side, docs: Vec<serde_json::Value>) {
+        match side {
+            Side::Alerts => self.alerts = docs,
+            Side::Identities => self.identities = docs,
+        }
     }
 }
 

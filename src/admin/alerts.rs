@@ -108,7 +108,7 @@ async fn write<T: Send + 'static>(
     let (out, stored, written) = tokio::task::spawn_blocking(move || {
         let store = snapshot.store.witnessed();
         let mut after = Vec::new();
-        let out = store.change_alert_rules(|rules| {
+        let out = store.change_side(crate::keys::Side::Alerts, |rules| {
             let out = change(rules)?;
             after = rules.clone();
             Ok(out)

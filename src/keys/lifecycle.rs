@@ -607,7 +607,10 @@ pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
             return Err(at("another record in the file has this id".into()));
         }
     }
-    let alerts = incoming.alerts;
+    let sides = [
+        (super::Side::Alerts, "name", incoming.alerts),
+        (super::Side::Identities, "id", incoming.identities),
+    ];
     let loaded = transact(op.store, |records| {
         let mut done = Loaded {
             added: 0,
@@ -632,14 +635,17 @@ pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
         }
         Ok(done)
     })?;
-    // The file's alert rules replace the store's rules of the same names, and join it
-    // otherwise: in a second write, after the keys.
-    if !alerts.is_empty() {
-        op.store.change_alert_rules(|rules| {
-            for rule in alerts {
-                match rules.iter_mut().find(|r| r.get("name") == rule.get("name")) {
-                    Some(slot) => *slot = rule,
-                    None => rules.push(rule),
+    // The file's alert rules and identities replace the store's of the same name (or id),
+    // and join them otherwise: in a write of their own each, after the keys.
+    for (side, name, docs) in sides {
+        if docs.is_empty() {
+            continue;
+        }
+        op.store.change_side(side, |stored| {
+            for doc in docs {
+                match stored.iter_mut().find(|d| d.get(name) == doc.get(name)) {
+                    Some(slot) => *slot = doc,
+                    None => stored.push(doc),
                 }
             }
             Ok(())

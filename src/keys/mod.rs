@@ -17,7 +17,7 @@ pub use lifecycle::{
     create, export, import, leaked, load, parse_import, regenerate, rotate, set_status, top_up,
     update, ImportEntry, KeyPatch, LeakAction, LeakFound, Loaded, NewKey, TopUp,
 };
-pub use store::{ListQuery, RecordSink, Store, StoreFile};
+pub use store::{ListQuery, RecordSink, Side, Store, StoreFile};
 
 /// A key's stored status. `expired` is not stored: it follows from `expires_at`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

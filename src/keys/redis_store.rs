@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::records::Records;
-use super::{KeyError, KeyRecord, Status};
+use super::{KeyError, KeyRecord, Side, Status};
 
 /// How long a writer may hold the lock before another may take it over.
 const LOCK_TTL: Duration = Duration::from_secs(30);
@@ -76,10 +76,10 @@ end
 return v
 ";
 
-/// Replaces the alert rules. KEYS: the rules, the version, the lock, the indexed version.
-/// ARGV: the lock token, the channel, the rules as a JSON array. The indexes cover keys
-/// only, so they stay current when they were.
-const SET_ALERTS: &str = r"
+/// Replaces a side collection (alert rules, identities). KEYS: the collection, the version,
+/// the lock, the indexed version. ARGV: the lock token, the channel, the collection as a
+/// JSON array. The indexes cover keys only, so they stay current when they were.
+const SET_SIDE: &str = r"
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return redis.error_reply('the store lock was lost')
 end
@@ -147,6 +147,7 @@ pub struct RedisStore {
     counted_namespaces: String,
     indexed: String,
     alerts: String,
+    identities: String,
 }
 
 impl RedisStore {
@@ -167,6 +168,7 @@ impl RedisStore {
             counted_namespaces: format!("{prefix}:counted_namespaces"),
             indexed: format!("{prefix}:indexed"),
             alerts: format!("{prefix}:alerts"),
+            identities: format!("{prefix}:identities"),
         })
     }
 
@@ -236,19 +238,26 @@ impl RedisStore {
             .map_err(|e| format!("{}: the record of key `{id}` is not valid: {e}", self.keys))
     }
 
-    /// Every record, the alert rules and the version they are at, read atomically.
-    pub fn load_with_alerts(
+    /// Every record, the side collections (alert rules, identities) and the version they
+    /// are at, read atomically.
+    #[allow(clippy::type_complexity)]
+    pub fn load_with_sides(
         &self,
-    ) -> Result<(Vec<KeyRecord>, Vec<serde_json::Value>, u64), String> {
+    ) -> Result<(Vec<KeyRecord>, [Vec<serde_json::Value>; 2], u64), String> {
         let mut con = self.connect()?;
-        let (version, entries, alerts): (Option<u64>, HashMap<String, String>, Option<String>) =
-            redis::pipe()
-                .atomic()
-                .get(&self.version)
-                .hgetall(&self.keys)
-                .get(&self.alerts)
-                .query(&mut con)
-                .map_err(|e| self.unreachable(&e))?;
+        let (version, entries, alerts, identities): (
+            Option<u64>,
+            HashMap<String, String>,
+            Option<String>,
+            Option<String>,
+        ) = redis::pipe()
+            .atomic()
+            .get(&self.version)
+            .hgetall(&self.keys)
+            .get(&self.alerts)
+            .get(&self.identities)
+            .query(&mut con)
+            .map_err(|e| self.unreachable(&e))?;
         let mut records = Vec::with_capacity(entries.len());
         for (id, json) in entries {
             records.push(self.parse(&id, &json)?);
@@ -256,23 +265,35 @@ impl RedisStore {
         records.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok((
             records,
-            self.parse_alerts(alerts.as_deref())?,
+            [
+                self.parse_side(Side::Alerts, alerts.as_deref())?,
+                self.parse_side(Side::Identities, identities.as_deref())?,
+            ],
             version.unwrap_or(0),
         ))
     }
 
-    fn parse_alerts(&self, text: Option<&str>) -> Result<Vec<serde_json::Value>, String> {
+    /// The Redis key a side collection is kept under, as one JSON array.
+    fn side_key(&self, side: Side) -> &str {
+        match side {
+            Side::Alerts => &self.alerts,
+            Side::Identities => &self.identities,
+        }
+    }
+
+    fn parse_side(&self, side: Side, text: Option<&str>) -> Result<Vec<serde_json::Value>, String> {
         text.map_or(Ok(Vec::new()), |t| {
             serde_json::from_str(t)
-                .map_err(|e| format!("{}: the alert rules cannot be read: {e}", self.alerts))
+                .map_err(|e| format!("{}: cannot be read: {e}", self.side_key(side)))
         })
     }
 
     /// One read-modify-write of the alert rules under the writers' lock. Bumps and publishes
     /// the version, so every node reads the store again; returns the result and the
     /// versions before and after.
-    pub fn change_alert_rules<T>(
+    pub fn change_side<T>(
         &self,
+        side: Side,
         change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, KeyError>,
     ) -> Result<(T, u64, u64), KeyError> {
         let mut con = self.connect().map_err(KeyError::Unavailable)?;
@@ -283,15 +304,15 @@ impl RedisStore {
             let (before, text): (Option<u64>, Option<String>) = redis::pipe()
                 .atomic()
                 .get(&self.version)
-                .get(&self.alerts)
+                .get(self.side_key(side))
                 .query(&mut con)
                 .map_err(unavailable)?;
             let mut rules = self
-                .parse_alerts(text.as_deref())
+                .parse_side(side, text.as_deref())
                 .map_err(KeyError::Unavailable)?;
             let out = change(&mut rules)?;
-            let after: u64 = redis::Script::new(SET_ALERTS)
-                .key(&self.alerts)
+            let after: u64 = redis::Script::new(SET_SIDE)
+                .key(self.side_key(side))
                 .key(&self.version)
                 .key(&self.lock)
                 .key(&self.indexed)

@@ -20,7 +20,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::records::Records;
-use super::store::{ListQuery, RecordSink};
+use super::store::{ListQuery, RecordSink, Side};
 use super::{KeyError, KeyRecord, Status};
 use crate::config::ConfigError;
 
@@ -35,8 +35,17 @@ pub const MAX_LISTED: usize = 1_000;
 const FEED_KEPT: i64 = 100_000;
 
 /// The schema this build reads and writes (`PRAGMA user_version`). Version 2 adds the
-/// alert rules made through the admin API; a version 1 database is brought up to it.
-const SCHEMA_VERSION: i64 = 2;
+/// alert rules made through the admin API, version 3 the identities; an older database is
+/// brought up to it when opened, with no step from the operator.
+const SCHEMA_VERSION: i64 = 3;
+
+/// What version 3 adds to version 2.
+const IDENTITIES: &str = "
+CREATE TABLE IF NOT EXISTS identities (
+    position INTEGER PRIMARY KEY NOT NULL,
+    doc TEXT NOT NULL
+);
+";
 
 /// What version 2 adds to version 1.
 const ALERT_RULES: &str = "
@@ -148,12 +157,17 @@ impl SqliteStore {
             SCHEMA_VERSION => {}
             0 => {
                 con.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {SCHEMA} {ALERT_RULES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN IMMEDIATE; {SCHEMA} {ALERT_RULES} {IDENTITIES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             1 => {
                 con.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {ALERT_RULES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN IMMEDIATE; {ALERT_RULES} {IDENTITIES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))?;
+            }
+            2 => {
+                con.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {IDENTITIES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             other => {
@@ -181,9 +195,11 @@ impl SqliteStore {
             let last: Option<i64> =
                 tx.query_row("SELECT max(rowid) FROM keys", [], |r| r.get(0))?;
             sink.expect(last.and_then(|n| usize::try_from(n).ok()).unwrap_or(0));
-            match read_alert_rules(&tx) {
-                Ok(rules) => sink.alert_rules(rules),
-                Err(e) => errors.push(ConfigError::at(&self.path, "alert_rules", e)),
+            for side in [Side::Alerts, Side::Identities] {
+                match read_side(&tx, side) {
+                    Ok(docs) => sink.side(side, docs),
+                    Err(e) => errors.push(ConfigError::at(&self.path, side_table(side).0, e)),
+                }
             }
             {
                 let mut stmt = tx.prepare("SELECT id, record FROM keys ORDER BY rowid")?;
@@ -415,59 +431,75 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// One transaction over the alert rules: `change` edits the whole list, which then
-    /// replaces the stored one. Returns its result and the change feed's number, which an
-    /// alert rule does not move (followers read rules only with a whole build).
-    pub fn change_alert_rules<T>(
+    /// One transaction over a side collection: `change` edits the whole list, which then
+    /// replaces the stored one. Returns its result and the change feed's numbers before and
+    /// after: alert rules do not move the feed; identities write one "everything" row, so
+    /// that other processes following this database read it whole again.
+    pub fn change_side<T>(
         &self,
+        side: Side,
         change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, KeyError>,
-    ) -> Result<(T, u64), KeyError> {
+    ) -> Result<(T, u64, u64), KeyError> {
         let mut con = self.connection().map_err(KeyError::Unavailable)?;
+        let (table, column) = side_table(side);
         let done = (|| {
             let tx = con
                 .get()?
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let seq = last_seq(&tx)?;
-            let mut rules = match read_alert_rules(&tx) {
-                Ok(rules) => rules,
+            let before = last_seq(&tx)?;
+            let mut docs = match read_side(&tx, side) {
+                Ok(docs) => docs,
                 Err(e) => return Ok(Err(KeyError::Unavailable(self.fail(e)))),
             };
-            let out = match change(&mut rules) {
+            let out = match change(&mut docs) {
                 Ok(out) => out,
                 Err(e) => return Ok(Err(e)),
             };
-            tx.execute("DELETE FROM alert_rules", [])?;
+            tx.execute(&format!("DELETE FROM {table}"), [])?;
             {
-                let mut insert =
-                    tx.prepare_cached("INSERT INTO alert_rules (position, rule) VALUES (?1, ?2)")?;
-                for (position, rule) in (0i64..).zip(&rules) {
-                    insert.execute(params![position, rule.to_string()])?;
+                let mut insert = tx.prepare_cached(&format!(
+                    "INSERT INTO {table} (position, {column}) VALUES (?1, ?2)"
+                ))?;
+                for (position, doc) in (0i64..).zip(&docs) {
+                    insert.execute(params![position, doc.to_string()])?;
                 }
             }
+            if side == Side::Identities {
+                tx.execute("INSERT INTO changes (key_id) VALUES (NULL)", [])?;
+            }
+            let after = last_seq(&tx)?;
             tx.commit()?;
-            Ok::<_, rusqlite::Error>(Ok((out, seq)))
+            Ok::<_, rusqlite::Error>(Ok((out, before, after)))
         })();
         done.map_err(|e| KeyError::Unavailable(con.failed(self, e)))?
     }
 }
 
-/// The stored alert rules, in order.
-fn read_alert_rules(tx: &rusqlite::Transaction<'_>) -> Result<Vec<serde_json::Value>, String> {
+/// The table and column a side collection lives in.
+fn side_table(side: Side) -> (&'static str, &'static str) {
+    match side {
+        Side::Alerts => ("alert_rules", "rule"),
+        Side::Identities => ("identities", "doc"),
+    }
+}
+
+/// The stored documents of a side collection, in order.
+fn read_side(tx: &rusqlite::Transaction<'_>, side: Side) -> Result<Vec<serde_json::Value>, String> {
+    let (table, column) = side_table(side);
     let mut stmt = tx
-        .prepare_cached("SELECT rule FROM alert_rules ORDER BY position")
+        .prepare_cached(&format!("SELECT {column} FROM {table} ORDER BY position"))
         .map_err(|e| e.to_string())?;
     let rows = stmt
         .query_map([], |r| r.get::<_, String>(0))
         .map_err(|e| e.to_string())?;
-    let mut rules = Vec::new();
+    let mut docs = Vec::new();
     for row in rows {
         let text = row.map_err(|e| e.to_string())?;
-        rules.push(
-            serde_json::from_str(&text)
-                .map_err(|e| format!("a stored alert rule cannot be read: {e}"))?,
-        );
+        docs.push(serde_json::from_str(&text).map_err(|e| {
+            format!("a stored member of {} cannot be read: {e}", side.name())
+        })?);
     }
-    Ok(rules)
+    Ok(docs)
 }
 
 /// This process's connection, held for one operation.

@@ -34,6 +34,38 @@ pub struct StoreFile {
     /// beside those in the config. The alerts module reads them; the store only keeps them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<serde_json::Value>,
+    /// Identities (`/v1/identities`): the limits, credits and metadata a customer's keys
+    /// share, each as its JSON object. The identities module reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<serde_json::Value>,
+}
+
+/// A collection of JSON documents the store keeps beside the keys, read with them and
+/// written whole: the alert rules made through the API, and the identities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Alerts,
+    Identities,
+}
+
+impl Side {
+    /// The collection's name: its section of the file store, its Redis key's last part.
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Alerts => "alerts",
+            Side::Identities => "identities",
+        }
+    }
+}
+
+impl StoreFile {
+    /// The documents of `side`.
+    pub fn side_mut(&mut self, side: Side) -> &mut Vec<serde_json::Value> {
+        match side {
+            Side::Alerts => &mut self.alerts,
+            Side::Identities => &mut self.identities,
+        }
+    }
 }
 
 impl Default for StoreFile {
@@ -42,6 +74,7 @@ impl Default for StoreFile {
             version: current_version(),
             keys: Vec::new(),
             alerts: Vec::new(),
+            identities: Vec::new(),
         }
     }
 }
@@ -149,8 +182,8 @@ pub trait RecordSink {
     /// About how many records follow (a database's estimate), for sizing what holds them.
     fn expect(&mut self, _count: usize) {}
     fn add(&mut self, record: KeyRecord);
-    /// The alert rules kept in the store, read with the records.
-    fn alert_rules(&mut self, _rules: Vec<serde_json::Value>) {}
+    /// A side collection kept in the store (alert rules, identities), read with the records.
+    fn side(&mut self, _side: Side, _docs: Vec<serde_json::Value>) {}
 }
 
 /// A whole store document, gathered from any kind of store.
@@ -163,8 +196,8 @@ impl RecordSink for StoreFile {
         self.keys.push(record);
     }
 
-    fn alert_rules(&mut self, rules: Vec<serde_json::Value>) {
-        self.alerts = rules;
+    fn side(&mut self, side: Side, docs: Vec<serde_json::Value>) {
+        *self.side_mut(side) = docs;
     }
 }
 
@@ -293,14 +326,16 @@ impl Store {
         let (keys, src, version) = match &self.backend {
             Backend::File => {
                 let (file, src) = self.load()?;
-                sink.alert_rules(file.alerts);
+                sink.side(Side::Alerts, file.alerts);
+                sink.side(Side::Identities, file.identities);
                 (file.keys, src, None)
             }
             Backend::Redis(redis) => {
-                let (keys, alerts, version) = redis
-                    .load_with_alerts()
+                let (keys, [alerts, identities], version) = redis
+                    .load_with_sides()
                     .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?;
-                sink.alert_rules(alerts);
+                sink.side(Side::Alerts, alerts);
+                sink.side(Side::Identities, identities);
                 (keys, String::new(), Some(version))
             }
             Backend::Sqlite(db) => return Ok((String::new(), Some(db.load_each(sink)?))),
@@ -325,24 +360,22 @@ impl Store {
         Ok(out)
     }
 
-    /// One locked read-modify-write of the alert rules kept in the store: `change` edits the
-    /// whole list (rules are few), and all of it is written, or none. Keys are untouched.
-    pub fn change_alert_rules<T>(
+    /// One locked read-modify-write of a side collection kept in the store: `change` edits
+    /// the whole list, and all of it is written, or none. Keys are untouched.
+    pub fn change_side<T>(
         &self,
+        side: Side,
         change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
         match &self.backend {
             Backend::Redis(redis) => {
-                let (out, before, after) = redis.change_alert_rules(change)?;
+                let (out, before, after) = redis.change_side(side, change)?;
                 self.witness_write(Written::Feed { before, after });
                 Ok(out)
             }
             Backend::Sqlite(db) => {
-                let (out, seq) = db.change_alert_rules(change)?;
-                self.witness_write(Written::Feed {
-                    before: seq,
-                    after: seq,
-                });
+                let (out, before, after) = db.change_side(side, change)?;
+                self.witness_write(Written::Feed { before, after });
                 Ok(out)
             }
             Backend::File => {
@@ -356,7 +389,7 @@ impl Store {
                     Some(file) => file,
                     None => self.load().map_err(KeyError::Store)?.0,
                 };
-                let out = change(&mut file.alerts)?;
+                let out = change(file.side_mut(side))?;
                 self.save(&file, &lock)?;
                 let after = FileStamp::of(&self.path);
                 self.witness_write(Written::File { before, after });
@@ -552,7 +585,7 @@ fn parse_lines(src: &str) -> Option<StoreFile> {
     enum In {
         Head,
         Keys,
-        Alerts,
+        Side(Side),
     }
     let mut file = StoreFile::default();
     let mut section = In::Head;
@@ -564,10 +597,15 @@ fn parse_lines(src: &str) -> Option<StoreFile> {
         let item = line.strip_prefix("- ").filter(|r| r.starts_with('{'));
         match (&section, item) {
             (In::Keys, Some(record)) => file.keys.push(serde_json::from_str(record).ok()?),
-            (In::Alerts, Some(rule)) => file.alerts.push(serde_json::from_str(rule).ok()?),
+            (In::Side(side), Some(doc)) => file.side_mut(*side).push(serde_json::from_str(doc).ok()?),
             _ if line == "keys:" && section == In::Head => section = In::Keys,
             _ if line == "keys: []" && section == In::Head => {}
-            _ if line == "alerts:" && section != In::Alerts => section = In::Alerts,
+            _ if line == "alerts:" && section != In::Side(Side::Alerts) => {
+                section = In::Side(Side::Alerts)
+            }
+            _ if line == "identities:" && section != In::Side(Side::Identities) => {
+                section = In::Side(Side::Identities)
+            }
             (In::Head, None) => {
                 file.version = line.strip_prefix("version: ")?.trim().parse().ok()?
             }
@@ -595,11 +633,18 @@ pub fn render(file: &StoreFile) -> io::Result<String> {
         out.push_str(&serde_json::to_string(record).map_err(io::Error::other)?);
         out.push('\n');
     }
-    if !file.alerts.is_empty() {
-        out.push_str("alerts:\n");
-        for rule in &file.alerts {
+    for (side, docs) in [
+        (Side::Alerts, &file.alerts),
+        (Side::Identities, &file.identities),
+    ] {
+        if docs.is_empty() {
+            continue;
+        }
+        out.push_str(side.name());
+        out.push_str(":\n");
+        for doc in docs {
             out.push_str("- ");
-            out.push_str(&serde_json::to_string(rule).map_err(io::Error::other)?);
+            out.push_str(&serde_json::to_string(doc).map_err(io::Error::other)?);
             out.push('\n');
         }
     }
@@ -619,6 +664,7 @@ mod tests {
             version: 1,
             keys: vec![record.clone(), crate::keys::tests::record("ef567890")],
             alerts: Vec::new(),
+            identities: Vec::new(),
         };
         let text = render(&file).unwrap();
         assert_eq!(parse_lines(&text).unwrap(), file);
