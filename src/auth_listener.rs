@@ -67,7 +67,11 @@ pub async fn handle(
     };
     match pipeline::decide(gw, &snapshot, ask, client).await {
         Ok(Admission {
-            key, rate, route, ..
+            key,
+            identity,
+            rate,
+            route,
+            ..
         }) => {
             gw.metrics.decisions.count(AskedBy::Auth, None);
             let mut response = Response::new(ResponseBody::empty());
@@ -75,9 +79,7 @@ pub async fn handle(
             headers.insert(X_KEYGATE_KEY_ID, key.id_header().clone());
             headers.insert(X_KEYGATE_NAMESPACE, key.namespace.header().clone());
             headers.insert(X_KEYGATE_ENVIRONMENT, key.environment.header().clone());
-            if let Some(route) = route {
-                crate::pipeline::forward::insert_meta(headers, route, key);
-            }
+            crate::pipeline::forward::insert_identity_and_meta(headers, route, key, identity);
             headers.insert(X_REQUEST_ID, request_id);
             if let Some(rate) = rate {
                 rate.write(headers, false);

@@ -170,6 +170,10 @@ pub struct CreateArgs {
     /// of a key's limits are spent together or not at all.
     #[arg(long = "limit", value_name = "NAME=RATE[:BURST]")]
     pub limits: Vec<String>,
+    /// The customer the key belongs to (an identity id, up to 255 bytes): the identity's
+    /// limits, quota and credits apply too.
+    #[arg(long)]
+    pub identity: Option<String>,
     /// `N/day` or `N/month` (default: the tier's quota, if any).
     #[arg(long)]
     pub quota: Option<String>,
@@ -229,6 +233,12 @@ pub struct UpdateArgs {
     /// No named rate limits.
     #[arg(long)]
     pub clear_limits: bool,
+    /// Moves the key to this identity.
+    #[arg(long, conflicts_with = "clear_identity")]
+    pub identity: Option<String>,
+    /// Takes the key out of its identity.
+    #[arg(long)]
+    pub clear_identity: bool,
     /// `N/day` or `N/month`.
     #[arg(long, conflicts_with = "clear_quota")]
     pub quota: Option<String>,
@@ -437,6 +447,7 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 rate_limit: args.rate_limit,
                 burst: args.burst,
                 rate_limits: limit_flags(&args.limits)?,
+                identity: args.identity,
                 quota: args.quota,
                 expires: args.expires,
                 note: args.note,
@@ -606,6 +617,8 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 || args.burst.is_some()
                 || args.clear_rate_limit
                 || !args.limits.is_empty()
+                || args.identity.is_some()
+                || args.clear_identity
                 || args.quota.is_some()
                 || args.clear_quota
                 || args.expires.is_some();
@@ -627,6 +640,11 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 rate_limits: (args.clear_limits || !args.limits.is_empty())
                     .then(|| limit_flags(&args.limits))
                     .transpose()?,
+                identity: if args.clear_identity {
+                    Some(None)
+                } else {
+                    args.identity.map(Some)
+                },
                 quota: if args.clear_quota {
                     Some(None)
                 } else {
@@ -907,6 +925,7 @@ fn flag_error(e: KeyError) -> String {
                 "allowed_cidrs" => "--allow-cidr",
                 "rate_limit" => "--rate-limit",
                 "rate_limits" => "--limit",
+                "identity" => "--identity",
                 "expires_at" => "--expires",
                 "namespace" => "--namespace",
                 "environment" => "--environment",

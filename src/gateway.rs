@@ -138,20 +138,37 @@ impl Gateway {
         current.with_key_changes(&self.context(current), records, written)
     }
 
-    /// The snapshot in force with the store's alert rules now `stored` (see
-    /// [`Snapshot::with_alert_rules`]); put in force with [`Gateway::put_alert_rules`].
-    pub(crate) fn next_with_alert_rules(
+    /// The snapshot in force with a side collection of the store now `stored` (see
+    /// [`Snapshot::with_side`]); put in force with [`Gateway::put_side`].
+    pub(crate) fn next_with_side(
         &self,
         current: &Snapshot,
+        side: crate::keys::Side,
         stored: Vec<serde_json::Value>,
         written: Option<&crate::snapshot::Written>,
     ) -> Result<Snapshot, Vec<ConfigError>> {
-        current.with_alert_rules(&self.context(current), stored, written)
+        current.with_side(&self.context(current), side, stored, written)
     }
 
-    /// Puts in force a snapshot that differs from the one in force only in its alert rules.
-    pub(crate) fn put_alert_rules(&self, snapshot: Snapshot) {
+    /// Puts in force a snapshot that differs from the one in force only in a side
+    /// collection (alert rules, identities).
+    pub(crate) fn put_side(&self, snapshot: Snapshot) {
+        self.retain_counts(&snapshot);
         self.put_in_force(snapshot);
+    }
+
+    /// Keeps the limiters and usage cells of the keys and identities (`@<id>`) `snapshot`
+    /// still has, brought up to their limits now.
+    fn retain_counts(&self, snapshot: &Snapshot) {
+        self.limiters.retain(|id| match id.strip_prefix('@') {
+            Some(_) => snapshot
+                .identities
+                .counted_as(id)
+                .and_then(|i| i.rate_limits()),
+            None => snapshot.key_by_id(id).and_then(|k| k.rate_limits()),
+        });
+        self.usage
+            .retain(|id| snapshot.has_key_id(id) || snapshot.identities.counted_as(id).is_some());
     }
 
     fn context<'a>(&'a self, current: &'a Snapshot) -> BuildContext<'a> {
@@ -182,9 +199,7 @@ impl Gateway {
                 ),
             }
         }
-        self.limiters
-            .retain(|id| snapshot.key_by_id(id).and_then(|k| k.rate_limits()));
-        self.usage.retain(|id| snapshot.has_key_id(id));
+        self.retain_counts(&snapshot);
         self.metrics
             .retain_routes(|name| snapshot.routes.has_name(name));
         self.put_in_force(snapshot);

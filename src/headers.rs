@@ -9,6 +9,8 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 pub const X_KEYGATE_NAMESPACE: HeaderName = HeaderName::from_static("x-keygate-namespace");
 pub const X_KEYGATE_ENVIRONMENT: HeaderName = HeaderName::from_static("x-keygate-environment");
+/// The key's identity (the operator's customer id), percent-encoded as metadata is.
+pub const X_KEYGATE_IDENTITY: HeaderName = HeaderName::from_static("x-keygate-identity");
 /// On the auth listener's refusals: the refusal's code, and its problem body again, for an
 /// ingress that keeps only an auth answer's headers (nginx `auth_request`).
 pub const X_KEYGATE_CODE: HeaderName = HeaderName::from_static("x-keygate-code");

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::HOST;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -34,6 +34,7 @@ use crate::gateway::Gateway;
 use crate::policy::credits::Credits;
 use crate::policy::rate::{Budget, Name, RateHeaders};
 use crate::rejection::Rejection;
+use crate::snapshot::identities::Identity;
 use crate::snapshot::{KeyEntry, Snapshot};
 use crate::state::credits::{CreditBook, Refused as CreditsRefused};
 use crate::state::lockouts::{self, Lockouts};
@@ -80,14 +81,15 @@ pub async fn handle(
                 .await
         }
     };
-    let (route, key, normalized_path, rate) = match decided {
+    let (route, key, identity, normalized_path, rate) = match decided {
         Ok(Admission {
             route: Some(route),
             key,
+            identity,
             normalized_path,
             rate,
             ..
-        }) => (route, key, normalized_path, rate),
+        }) => (route, key, identity, normalized_path, rate),
         // A request that names its path always gets a route or a refusal.
         Ok(_) => {
             tracing::warn!("a proxied request was admitted without a route");
@@ -101,6 +103,7 @@ pub async fn handle(
     let decision = forward::Forward {
         route,
         key,
+        identity,
         peer_header: &conn.peer_header,
         peer_trusted,
         tls: conn.tls,
@@ -137,12 +140,18 @@ pub async fn handle(
         Ok(response) => {
             let status = response.status().as_u16();
             key.usage().outcome(status, None);
+            if let Some(i) = identity {
+                i.usage().outcome(status, None);
+            }
             route.counters.upstream(status);
             response
         }
         Err(rejection) => {
             tracing::debug!(code = rejection.code(), key_id = %key.id, "upstream failed");
             key.usage().outcome(0, Some(&rejection));
+            if let Some(i) = identity {
+                i.usage().outcome(0, Some(&rejection));
+            }
             route.counters.failed(&rejection);
             rejection.into_response(Some(request_id))
         }
@@ -233,7 +242,16 @@ pub async fn decide<'s>(
         }
     };
     let cost = admission.route.map_or(1, |r| r.cost);
-    match shared_limit::admit(shared, admission.key, &gw.clock, cost, &gw.credits).await {
+    match shared_limit::admit(
+        shared,
+        admission.key,
+        admission.identity,
+        &gw.clock,
+        cost,
+        &gw.credits,
+    )
+    .await
+    {
         Ok((rate, left)) => {
             admission.rate = rate;
             admission.credits_left = left;
@@ -248,7 +266,7 @@ pub async fn decide<'s>(
             return Err(refused.rejection);
         }
     }
-    admission.key.usage().accepted();
+    admission.accepted();
     Ok(admission)
 }
 
@@ -261,7 +279,7 @@ fn decide_locally<'s>(
 ) -> Result<Admission<'s>, Rejection> {
     match admit(snapshot, &gw.clock, ask, client, State::of(gw)) {
         Ok(admission) => {
-            admission.key.usage().accepted();
+            admission.accepted();
             Ok(admission)
         }
         Err(refused) => {
@@ -282,7 +300,12 @@ fn account_refusal(gw: &Gateway, snapshot: &Snapshot, refused: &Refused<'_>, cli
         .map_or(&gw.metrics.unrouted, |r| &r.counters)
         .refused(rejection);
     match refused.key {
-        Some(key) => key.usage().refused(rejection),
+        Some(key) => {
+            key.usage().refused(rejection);
+            if let Some(i) = identity_of(snapshot, key) {
+                i.usage().refused(rejection);
+            }
+        }
         None => gw.usage.anonymous.refused(rejection),
     }
     if rejection.status() != StatusCode::UNAUTHORIZED {
@@ -378,11 +401,28 @@ pub struct Admission<'s> {
     /// The route the request takes; `None` only for a verify call that named no path.
     pub route: Option<&'s Route>,
     pub key: &'s KeyEntry,
+    /// The key's identity, when it names one that has a record.
+    pub identity: Option<&'s Identity>,
     /// Set when normalisation changed the path.
     pub normalized_path: Option<String>,
     pub rate: Option<RateHeaders>,
     /// A limited-use key's credits left after this request; `None` for a key without.
     pub credits_left: Option<u64>,
+}
+
+impl Admission<'_> {
+    /// Counts the admission in the key's usage and its identity's.
+    fn accepted(&self) {
+        self.key.usage().accepted();
+        if let Some(i) = self.identity {
+            i.usage().accepted();
+        }
+    }
+}
+
+/// The identity `key` names, if it has a record.
+pub fn identity_of<'s>(snapshot: &'s Snapshot, key: &KeyEntry) -> Option<&'s Identity> {
+    snapshot.identities.get(key.identity_id()?)
 }
 
 /// The state a decision reads and spends, outside the snapshot.
@@ -470,12 +510,17 @@ pub fn admit<'s>(
         .as_ref()
         .map(|(route, path, _)| (*route, ask.method, path.as_ref()));
     authorize::authorize(key, on, client, now).map_err(refused)?;
+    let identity = identity_of(snapshot, key);
+    if let Some(i) = identity {
+        i.usage().seen(now, client.ip());
+    }
     // Shared limits and credits are counted in Redis by `decide`, after this synchronous
     // part.
     if snapshot.shared_limits.is_some() {
         return Ok(Admission {
             route,
             key,
+            identity,
             credits_left: None,
             normalized_path: normalized(target),
             rate: None,
@@ -484,19 +529,18 @@ pub fn admit<'s>(
     // Credits are spent first: a later refusal gives them back, which a rate limiter's
     // bucket cannot do.
     let cost = route.map_or(1, |r| r.cost);
-    let credits_left = spend_credits(credits, key, cost, now).map_err(refused)?;
-    let rate = match limits(key, clock, now) {
+    let credits_left = spend_credits(credits, key, identity, cost, now).map_err(refused)?;
+    let rate = match limits(key, identity, clock, now) {
         Ok(rate) => rate,
         Err(rejection) => {
-            if credits_left.is_some() {
-                credits.refund(&key.id, cost);
-            }
+            refund_credits(credits, key, identity, cost);
             return Err(refused(rejection));
         }
     };
     Ok(Admission {
         route,
         key,
+        identity,
         credits_left,
         normalized_path: normalized(target),
         rate,
@@ -511,21 +555,47 @@ fn normalized(target: Option<(&Route, Cow<'_, str>, Option<String>)>) -> Option<
     })
 }
 
-/// Spends `cost` of a limited-use key's credits: what is left, or `None` for a key without
-/// credits.
+/// Spends `cost` of a limited-use key's credits and of its identity's: what is left of
+/// the scarcer, or `None` when neither has credits. Both or neither: when the identity's
+/// are exhausted, the key's are given back.
 fn spend_credits(
     book: &CreditBook,
     key: &KeyEntry,
+    identity: Option<&Identity>,
     cost: u64,
     now: i64,
 ) -> Result<Option<u64>, Rejection> {
-    let Some(credits) = key.credits() else {
-        return Ok(None);
-    };
-    match book.spend(&key.id, credits, cost, now) {
-        Ok(left) => Ok(Some(left)),
+    let spend = |id: &str, credits: &Credits| match book.spend(id, credits, cost, now) {
+        Ok(left) => Ok(left),
         Err(CreditsRefused::Exhausted { .. }) => Err(credits_exhausted(Some(credits), now)),
         Err(CreditsRefused::Unavailable) => Err(Rejection::Internal),
+    };
+    let own = key.credits().map(|c| spend(&key.id, c)).transpose()?;
+    let shared = match identity.and_then(|i| Some((i, i.credits.as_ref()?))) {
+        None => None,
+        Some((i, c)) => match spend(&i.counted_as, c) {
+            Ok(left) => Some(left),
+            Err(rejection) => {
+                if own.is_some() {
+                    book.refund(&key.id, cost);
+                }
+                return Err(rejection);
+            }
+        },
+    };
+    Ok(match (own, shared) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
+}
+
+/// Gives back what [`spend_credits`] spent, when a later check refuses.
+fn refund_credits(book: &CreditBook, key: &KeyEntry, identity: Option<&Identity>, cost: u64) {
+    if key.credits().is_some() {
+        book.refund(&key.id, cost);
+    }
+    if let Some(i) = identity.filter(|i| i.credits.is_some()) {
+        book.refund(&i.counted_as, cost);
     }
 }
 
@@ -538,58 +608,81 @@ fn credits_exhausted(credits: Option<&Credits>, now: i64) -> Rejection {
     }
 }
 
-/// Stages 6 and 7: the quota (checked first, counted last) and the rate limit, so that a
-/// refused request spends neither.
-fn limits(key: &KeyEntry, clock: &Clock, now: i64) -> Result<Option<RateHeaders>, Rejection> {
-    let Some(policy) = key.limits_header() else {
-        return Ok(None);
+/// Stages 6 and 7: the quotas (checked first, counted last) and the rate limits, the key's
+/// and its identity's, so that a refused request spends none of them.
+fn limits(
+    key: &KeyEntry,
+    identity: Option<&Identity>,
+    clock: &Clock,
+    now: i64,
+) -> Result<Option<RateHeaders>, Rejection> {
+    let identity_header = identity.and_then(|i| i.policy_header.as_ref());
+    let policy = match (key.limits_header(), identity_header) {
+        (None, None) => return Ok(None),
+        (Some(h), None) | (None, Some(h)) => h.clone(),
+        (Some(own), Some(shared)) => {
+            let both = [own.as_bytes(), shared.as_bytes()].join(&b", "[..]);
+            HeaderValue::from_bytes(&both).unwrap_or_else(|_| own.clone())
+        }
     };
-    let quota = key.quota().map(|q| {
+    // Each quota with the cell it counts in and the name it goes by.
+    let quotas = key
+        .quota()
+        .map(|q| (q, key.usage(), Name::Quota))
+        .into_iter()
+        .chain(identity.and_then(|i| Some((i.quota?, i.usage(), i.quota_name.clone()))));
+    let mut counted = Vec::new();
+    for (q, cell, name) in quotas {
         let (period, end) = q.window(now);
-        (q, period, end.saturating_sub(now).max(1).unsigned_abs())
-    });
-    let quota_budget = |used: u64| {
-        quota.map(|(q, _, reset)| Budget {
-            name: Name::Quota,
+        let reset = end.saturating_sub(now).max(1).unsigned_abs();
+        let used = cell.quota_used(period);
+        let budget = |used: u64| Budget {
+            name: name.clone(),
             limit: q.limit,
             remaining: q.limit.saturating_sub(used),
             reset,
-        })
-    };
-    if let Some((q, period, reset)) = quota {
-        let used = key.usage().quota_used(period);
+        };
         if used >= q.limit {
             return Err(Rejection::QuotaExceeded(Box::new(RateHeaders {
-                policy: policy.clone(),
-                budgets: [None, quota_budget(used)],
+                policy,
+                budgets: [None, Some(budget(used))],
                 more: Vec::new(),
                 retry_after: Some(reset),
             })));
         }
+        counted.push((cell, budget(used)));
     }
-    let (rate, more) = match key.limiter() {
-        Some(limiter) => match rate_limit::admit(limiter, clock) {
+    let sets: Vec<_> = key
+        .limiter()
+        .into_iter()
+        .chain(identity.and_then(Identity::limiter))
+        .collect();
+    let (rate, mut more) = if sets.is_empty() {
+        (None, Vec::new())
+    } else {
+        match rate_limit::admit(&sets, clock) {
             Ok(spent) => spent,
             Err((wait, refused)) => {
-                let used = quota.map_or(0, |(_, period, _)| key.usage().quota_used(period));
                 return Err(Rejection::RateLimited(Box::new(RateHeaders {
-                    policy: policy.clone(),
-                    budgets: [Some(refused), quota_budget(used)],
+                    policy,
+                    budgets: [Some(refused), counted.first().map(|(_, b)| b.clone())],
                     more: Vec::new(),
                     retry_after: Some(wait),
                 })));
             }
-        },
-        None => (None, Vec::new()),
+        }
     };
-    let used = if quota.is_some() {
-        key.usage().quota_spend()
-    } else {
-        0
-    };
+    // The quotas count the admitted request: the first goes with the key's budgets, any
+    // other (the identity's) after the rate limits.
+    let mut quota_budgets = counted.into_iter().map(|(cell, mut budget)| {
+        budget.remaining = budget.limit.saturating_sub(cell.quota_spend());
+        budget
+    });
+    let first_quota = quota_budgets.next();
+    more.extend(quota_budgets);
     Ok(Some(RateHeaders {
-        policy: policy.clone(),
-        budgets: [rate, quota_budget(used)],
+        policy,
+        budgets: [rate, first_quota],
         more,
         retry_after: None,
     }))

@@ -65,6 +65,8 @@ pub enum Rejection {
     KeyRotating,
     /// A secret-scanning report whose signature does not verify.
     InvalidSignature,
+    /// No identity has this id.
+    IdentityNotFound,
     /// No alert rule has this name.
     AlertNotFound,
     /// The alert rule is written in the config file: change it there.
@@ -85,7 +87,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 37] = [
+pub const CODES: [&str; 38] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -123,6 +125,7 @@ pub const CODES: [&str; 37] = [
     "alert_exists",
     "credits_exhausted",
     "invalid_signature",
+    "identity_not_found",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -199,6 +202,7 @@ impl Rejection {
             AlertExists => 34,
             CreditsExhausted { .. } => 35,
             InvalidSignature => 36,
+            IdentityNotFound => 37,
         }
     }
 
@@ -241,6 +245,7 @@ impl Rejection {
             KeyLimitReached(_) => (S::CONFLICT, "key_limit_reached", ""),
             KeyRotating => (S::CONFLICT, "key_rotating", problem!(409, "Conflict", "key_rotating", "The key is already being rotated: rotate its replacement, or wait for the grace to end.")),
             InvalidSignature => (S::UNAUTHORIZED, "invalid_signature", problem!(401, "Unauthorized", "invalid_signature", "The report's signature does not verify against the scanner's published keys; nothing was changed.")),
+            IdentityNotFound => (S::NOT_FOUND, "identity_not_found", problem!(404, "Not Found", "identity_not_found", "No identity has this id.")),
             AlertNotFound => (S::NOT_FOUND, "alert_not_found", problem!(404, "Not Found", "alert_not_found", "No alert rule has this name.")),
             AlertInConfig => (S::CONFLICT, "alert_in_config", problem!(409, "Conflict", "alert_in_config", "This alert rule is written in the config file: change or remove it there.")),
             AlertExists => (S::CONFLICT, "alert_exists", problem!(409, "Conflict", "alert_exists", "An alert rule with this name exists already: choose another name, or change that rule.")),
@@ -404,6 +409,7 @@ mod tests {
             AlertInConfig,
             AlertExists,
             InvalidSignature,
+            IdentityNotFound,
             RequestTimeout,
             TooManyFailedAttempts { retry_after: 1 },
             CreditsExhausted { retry_after: None },

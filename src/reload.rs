@@ -276,9 +276,10 @@ pub async fn apply_key_changes(
 /// Puts the store's alert rules in force after the admin API wrote them (`stored`, through
 /// `written`): as a change to the snapshot in force when the write started from the store it
 /// was read from, otherwise by reading everything again.
-pub async fn apply_alert_rules(
+pub async fn apply_side(
     gw: &Arc<Gateway>,
     actor: &str,
+    side: crate::keys::Side,
     stored: Vec<serde_json::Value>,
     written: Option<Written>,
 ) -> Result<ReloadOutcome, Vec<ConfigError>> {
@@ -289,23 +290,23 @@ pub async fn apply_alert_rules(
             let builder = gw.clone();
             let path = current.store.path().to_path_buf();
             let applied = tokio::task::spawn_blocking(move || {
-                let next = builder.next_with_alert_rules(&current, stored, written.as_ref())?;
+                let next = builder.next_with_side(&current, side, stored, written.as_ref())?;
                 let outcome = outcome_of(&next);
-                builder.put_alert_rules(next);
+                builder.put_side(next);
                 Ok(outcome)
             })
             .await
             .unwrap_or_else(|e| {
                 Err(vec![ConfigError::whole_file(
                     &path,
-                    format!("alert rule task failed: {e}"),
+                    format!("{} change task failed: {e}", side.name()),
                 )])
             });
             match applied {
                 Ok(outcome) => return Ok(outcome),
                 Err(errors) => {
                     for e in &errors {
-                        tracing::warn!(actor, error = %e, "alert rules not applied as a change; reading the whole store");
+                        tracing::warn!(actor, error = %e, side = side.name(), "not applied as a change; reading the whole store");
                     }
                 }
             }

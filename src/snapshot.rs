@@ -32,6 +32,7 @@ use crate::tls::CertSet;
 pub use crate::keys::store::{FileStamp, Written};
 
 mod hash_shard;
+pub mod identities;
 mod key_index;
 pub use key_index::{Clash, KeyEntry, KeyHash, KeyId, KeyIndex, Limits};
 
@@ -118,6 +119,9 @@ pub struct Snapshot {
     pub github: Option<crate::scanning::Github>,
     /// The alert rules kept in the key store, as stored.
     pub stored_alerts: Vec<serde_json::Value>,
+    /// The identities kept in the key store, compiled; and as stored.
+    pub identities: Arc<identities::Identities>,
+    pub stored_identities: Vec<serde_json::Value>,
     /// Some keys were imported: a token that is not in keygate's format may still be one,
     /// unless it starts like a keygate key (`prefix_bases`).
     pub accepts_unformatted: bool,
@@ -319,11 +323,13 @@ impl Snapshot {
         Ok(next)
     }
 
-    /// The next snapshot after the store's alert rules became `stored` through `written`:
-    /// everything else is shared with `self`. A rule that does not compile changes nothing.
-    pub fn with_alert_rules(
+    /// The next snapshot after a side collection of the store (alert rules, identities)
+    /// became `stored` through `written`: everything else is shared with `self`. A document
+    /// that does not compile changes nothing.
+    pub fn with_side(
         &self,
         ctx: &BuildContext<'_>,
+        side: Side,
         stored: Vec<serde_json::Value>,
         written: Option<&Written>,
     ) -> Result<Snapshot, Vec<ConfigError>> {
@@ -339,14 +345,22 @@ impl Snapshot {
             _ => {}
         }
         let mut p = Problems::default();
-        let base = self.config_path.parent().unwrap_or(Path::new("."));
-        let mut alerts = AlertRules::compile(&self.config.alerts, base, &mut p);
-        alerts.add_stored(&stored, &mut p);
+        match side {
+            Side::Alerts => {
+                let base = self.config_path.parent().unwrap_or(Path::new("."));
+                let mut alerts = AlertRules::compile(&self.config.alerts, base, &mut p);
+                alerts.add_stored(&stored, &mut p);
+                next.alerts = alerts;
+                next.stored_alerts = stored;
+            }
+            Side::Identities => {
+                next.identities = Arc::new(compile_identities(&stored, &self.config, ctx, &mut p));
+                next.stored_identities = stored;
+            }
+        }
         if !p.is_empty() {
             return Err(p.locate(self.store.path(), ""));
         }
-        next.alerts = alerts;
-        next.stored_alerts = stored;
         Ok(next)
     }
 
@@ -354,8 +368,14 @@ impl Snapshot {
     fn assemble(
         ctx: &BuildContext<'_>,
         config: Config,
-        (keys, mut key_problems, stored_alerts): (KeyIndex, Problems, Vec<serde_json::Value>),
+        built: BuiltKeys,
     ) -> Result<Snapshot, (Problems, Problems)> {
+        let BuiltKeys {
+            keys,
+            problems: mut key_problems,
+            alerts: stored_alerts,
+            identities: stored_identities,
+        } = built;
         let mut config_problems = Problems::default();
         let mut compiled = compile_config(&config, ctx, &mut config_problems);
         // The store's alert rules join the config's, checked the same way, and located in
@@ -363,6 +383,7 @@ impl Snapshot {
         if let Some(c) = &mut compiled {
             c.alerts.add_stored(&stored_alerts, &mut key_problems);
         }
+        let identities = compile_identities(&stored_identities, &config, ctx, &mut key_problems);
         let compiled = match compiled {
             Some(c) if key_problems.is_empty() => c,
             _ => return Err((config_problems, key_problems)),
@@ -383,6 +404,8 @@ impl Snapshot {
             alerts: compiled.alerts,
             github: compiled.github,
             stored_alerts,
+            identities: Arc::new(identities),
+            stored_identities,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
             envoy_path_prefix: compiled.envoy_path_prefix,
@@ -871,8 +894,13 @@ impl<'a> KeyBuild<'a> {
         }
     }
 
-    fn finish(self) -> (KeyIndex, Problems, Vec<serde_json::Value>) {
-        (self.keys, self.problems, self.alerts)
+    fn finish(self) -> BuiltKeys {
+        BuiltKeys {
+            keys: self.keys,
+            problems: self.problems,
+            alerts: self.alerts,
+            identities: self.identities,
+        }
     }
 }
 
@@ -891,6 +919,44 @@ impl RecordSink for KeyBuild<'_> {
             Side::Identities => self.identities = docs,
         }
     }
+}
+
+/// What a read of the store built: the keys, their problems, and the side collections as
+/// stored.
+struct BuiltKeys {
+    keys: KeyIndex,
+    problems: Problems,
+    alerts: Vec<serde_json::Value>,
+    identities: Vec<serde_json::Value>,
+}
+
+/// How many nodes share the limits: 1 when limits are local.
+fn limit_nodes(config: &Config) -> NonZeroU32 {
+    match config.rate_limit.backend {
+        LimitBackend::Redis => NonZeroU32::new(config.rate_limit.nodes.min(*ranges::NODES.end()))
+            .unwrap_or(NonZeroU32::MIN),
+        LimitBackend::Local => NonZeroU32::MIN,
+    }
+}
+
+/// The store's identities compiled, each problem located in the store.
+fn compile_identities(
+    stored: &[serde_json::Value],
+    config: &Config,
+    ctx: &BuildContext<'_>,
+    problems: &mut Problems,
+) -> identities::Identities {
+    let (compiled, found) = identities::Identities::compile(
+        stored,
+        ctx.limiters,
+        &ctx.usage.cells(),
+        limit_nodes(config),
+        &|meta| key_meta(meta, config),
+    );
+    for (path, message) in found {
+        problems.push(path, message);
+    }
+    compiled
 }
 
 /// One stored key, checked and compiled for the request path; or each problem with its
@@ -996,11 +1062,17 @@ fn compile_entry(
         cells: ctx.usage.cells(),
         usage: OnceLock::new(),
         limiter: OnceLock::new(),
-        extra: match (&r.meta, checked.credits) {
-            (None, None) => None,
-            (meta, credits) => Some(Box::new(key_index::Extra {
+        extra: match (&r.meta, checked.credits, &r.identity) {
+            (None, None, None) => None,
+            (meta, credits, identity) => Some(Box::new(key_index::Extra {
                 meta: meta.as_ref().map(|m| key_meta(m, config)),
                 credits,
+                identity: identity.as_deref().map(|id| {
+                    (
+                        id.into(),
+                        crate::headers::meta_value(&serde_json::Value::String(id.to_string())),
+                    )
+                }),
             })),
         },
     })

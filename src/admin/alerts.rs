@@ -98,29 +98,12 @@ fn check(rule: &RuleConfig, alerts: &AlertRules) -> Result<(), Rejection> {
     }
 }
 
-/// Writes the store's rules through `change`, on a blocking thread, then puts the new rules
-/// in force. Returns what `change` returned.
+/// Writes the store's rules through `change`, then puts the new rules in force.
 async fn write<T: Send + 'static>(
     call: &Call<'_>,
     change: impl FnOnce(&mut Vec<Value>) -> Result<T, KeyError> + Send + 'static,
 ) -> Result<T, Rejection> {
-    let snapshot = call.gw.snapshot.load_full();
-    let (out, stored, written) = tokio::task::spawn_blocking(move || {
-        let store = snapshot.store.witnessed();
-        let mut after = Vec::new();
-        let out = store.change_side(crate::keys::Side::Alerts, |rules| {
-            let out = change(rules)?;
-            after = rules.clone();
-            Ok(out)
-        })?;
-        Ok::<_, KeyError>((out, after, store.written()))
-    })
-    .await
-    .map_err(|_| Rejection::Internal)??;
-    crate::reload::apply_alert_rules(call.gw, &call.actor, stored, written)
-        .await
-        .map_err(Rejection::ReloadFailed)?;
-    Ok(out)
+    super::write_side(call, crate::keys::Side::Alerts, change).await
 }
 
 /// The position of the stored rule named `name`.

@@ -41,6 +41,9 @@ pub(crate) struct CreateBody {
     /// Named limits beside `rate_limit`, all spent together or not at all.
     #[serde(default)]
     rate_limits: Vec<crate::keys::NamedLimitRecord>,
+    /// The customer the key belongs to.
+    #[serde(default)]
+    identity: Option<String>,
     /// `N/day` or `N/month`.
     #[serde(default)]
     quota: Option<String>,
@@ -93,6 +96,8 @@ pub(crate) struct PatchBody {
     #[serde(default, deserialize_with = "present")]
     rate_limits: Option<Option<Vec<crate::keys::NamedLimitRecord>>>,
     #[serde(default, deserialize_with = "present")]
+    identity: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
     quota: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     expires_at: Option<Option<String>>,
@@ -115,6 +120,7 @@ impl From<CreateBody> for NewKey {
             rate_limit: body.rate_limit,
             burst: body.burst,
             rate_limits: body.rate_limits,
+            identity: body.identity,
             quota: body.quota,
             expires: body.expires_at,
             note: body.note,
@@ -134,6 +140,7 @@ impl From<PatchBody> for KeyPatch {
             rate_limit: body.rate_limit,
             burst: body.burst,
             rate_limits: body.rate_limits.map(Option::unwrap_or_default),
+            identity: body.identity,
             quota: body.quota,
             expires: body.expires_at,
             note: body.note.map(Option::unwrap_or_default),

@@ -5,6 +5,7 @@
 
 mod alerts;
 mod console;
+mod identities;
 mod keys;
 mod verify;
 
@@ -55,6 +56,12 @@ pub enum Endpoint {
     Verify,
     TopUpCredits,
     ReportLeaked,
+    ListIdentities,
+    GetIdentity,
+    PutIdentity,
+    PatchIdentity,
+    DeleteIdentity,
+    IdentityUsage,
     ListAlerts,
     CreateAlert,
     GetAlert,
@@ -81,6 +88,9 @@ impl Endpoint {
                     | KeyUsage
                     | ListAlerts
                     | GetAlert
+                    | ListIdentities
+                    | GetIdentity
+                    | IdentityUsage
             ),
         }
     }
@@ -119,10 +129,45 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/v1/alerts/{id}", Endpoint::GetAlert),
     ("PATCH", "/v1/alerts/{id}", Endpoint::UpdateAlert),
     ("DELETE", "/v1/alerts/{id}", Endpoint::DeleteAlert),
+    ("GET", "/v1/identities", Endpoint::ListIdentities),
+    ("GET", "/v1/identities/{id}", Endpoint::GetIdentity),
+    ("PUT", "/v1/identities/{id}", Endpoint::PutIdentity),
+    ("PATCH", "/v1/identities/{id}", Endpoint::PatchIdentity),
+    ("DELETE", "/v1/identities/{id}", Endpoint::DeleteIdentity),
+    ("GET", "/v1/identities/{id}/usage", Endpoint::IdentityUsage),
 ];
 
 /// The OpenAPI 3.1 document for this API, kept in the repository.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Writes a side collection of the store (alert rules, identities) through `change`, on a
+/// blocking thread, then puts the new collection in force before the answer. Returns what
+/// `change` returned.
+pub(crate) async fn write_side<T: Send + 'static>(
+    call: &Call<'_>,
+    side: crate::keys::Side,
+    change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, crate::keys::KeyError>
+        + Send
+        + 'static,
+) -> Result<T, Rejection> {
+    let snapshot = call.gw.snapshot.load_full();
+    let (out, stored, written) = tokio::task::spawn_blocking(move || {
+        let store = snapshot.store.witnessed();
+        let mut after = Vec::new();
+        let out = store.change_side(side, |docs| {
+            let out = change(docs)?;
+            after = docs.clone();
+            Ok(out)
+        })?;
+        Ok::<_, crate::keys::KeyError>((out, after, store.written()))
+    })
+    .await
+    .map_err(|_| Rejection::Internal)??;
+    crate::reload::apply_side(call.gw, &call.actor, side, stored, written)
+        .await
+        .map_err(Rejection::ReloadFailed)?;
+    Ok(out)
+}
 
 /// Largest admin request body.
 const MAX_BODY: usize = 1 << 20;
@@ -283,6 +328,12 @@ async fn route(
         Endpoint::CreateAlert => alerts::create(&call, read_json(req, within).await?).await,
         Endpoint::UpdateAlert => alerts::update(&call, read_json(req, within).await?).await,
         Endpoint::DeleteAlert => alerts::delete(&call).await,
+        Endpoint::ListIdentities => identities::list(&call).await,
+        Endpoint::GetIdentity => identities::get(&call).await,
+        Endpoint::PutIdentity => identities::put(&call, read_json(req, within).await?).await,
+        Endpoint::PatchIdentity => identities::patch(&call, read_json(req, within).await?).await,
+        Endpoint::DeleteIdentity => identities::delete(&call).await,
+        Endpoint::IdentityUsage => identities::usage(&call).await,
         Endpoint::Metrics => {
             let gw = call.gw.clone();
             let text = tokio::task::spawn_blocking(move || gw.render_metrics())

@@ -147,7 +147,7 @@ pub(super) async fn verify(
                 valid: true,
                 code: None,
                 status: StatusCode::OK.as_u16(),
-                key: Some(KeyView::of(key)),
+                key: Some(KeyView::of(key, &snapshot)),
                 ratelimit: rate.as_ref().and_then(RateView::of),
             }
         }
@@ -167,7 +167,7 @@ pub(super) async fn verify(
                 valid: false,
                 code: Some(rejection.code()),
                 status: rejection.status().as_u16(),
-                key: key.map(KeyView::of),
+                key: key.map(|k| KeyView::of(k, &snapshot)),
                 ratelimit: rate,
             }
         }
@@ -198,10 +198,18 @@ struct KeyView {
     expires_at: Option<String>,
     /// The key's metadata, or `null`.
     meta: Option<serde_json::Value>,
+    /// The key's identity, with its metadata, or `null`.
+    identity: Option<serde_json::Value>,
 }
 
 impl KeyView {
-    fn of(key: &KeyEntry) -> KeyView {
+    fn of(key: &KeyEntry, snapshot: &crate::snapshot::Snapshot) -> KeyView {
+        let identity = key.identity_id().map(|id| {
+            let meta = crate::pipeline::identity_of(snapshot, key)
+                .and_then(|i| i.meta.as_ref())
+                .and_then(|m| serde_json::from_str::<serde_json::Value>(&m.json).ok());
+            serde_json::json!({ "id": id, "meta": meta })
+        });
         KeyView {
             id: key.id.to_string(),
             namespace: key.namespace.as_str().to_string(),
@@ -211,6 +219,7 @@ impl KeyView {
             allowed_cidrs_set: !key.allowed_cidrs.is_empty(),
             expires_at: key.expires_at().map(crate::clock::rfc3339),
             meta: key.meta().and_then(|m| serde_json::from_str(&m.json).ok()),
+            identity,
         }
     }
 }

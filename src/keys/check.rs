@@ -43,7 +43,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
         Problem {
             field,
             index: None,
@@ -187,6 +187,9 @@ pub fn check_record(r: &KeyRecord, config: &Config) -> Result<CheckedRecord, Vec
             None
         }
     };
+    if let Some(e) = r.identity.as_deref().and_then(super::identity::id_problem) {
+        problems.push(Problem::new("identity", e));
+    }
     let named = match check_named_limits(&r.rate_limits) {
         Ok(named) => named,
         Err(p) => {

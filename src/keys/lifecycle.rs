@@ -37,6 +37,8 @@ pub struct NewKey {
     pub burst: Option<u32>,
     /// Named rate limits beside `rate_limit`.
     pub rate_limits: Vec<super::NamedLimitRecord>,
+    /// The customer (identity) the key belongs to.
+    pub identity: Option<String>,
     /// `N/day` or `N/month`.
     pub quota: Option<String>,
     /// RFC 3339 time, or a duration from now such as `30d`; `never` or empty for none.
@@ -59,6 +61,8 @@ pub struct KeyPatch {
     pub burst: Option<Option<u32>>,
     /// Replaces the named rate limits whole (empty: none).
     pub rate_limits: Option<Vec<super::NamedLimitRecord>>,
+    /// `Some(None)` takes the key out of its identity.
+    pub identity: Option<Option<String>>,
     pub quota: Option<Option<String>>,
     pub expires: Option<Option<String>>,
     pub note: Option<String>,
@@ -133,6 +137,7 @@ impl NewKey {
                 rate_limit,
                 burst: self.burst,
                 rate_limits: self.rate_limits,
+                identity: self.identity,
                 quota,
                 expires_at: expires_at.map(rfc3339),
                 status: Status::Active,
@@ -194,6 +199,7 @@ impl KeyPatch {
             && self.rate_limit.is_none()
             && self.burst.is_none()
             && self.rate_limits.is_none()
+            && self.identity.is_none()
             && self.quota.is_none()
             && self.expires.is_none()
             && self.note.is_none()
@@ -282,6 +288,9 @@ impl KeyPatch {
         }
         if let Some(limits) = self.rate_limits {
             next.rate_limits = limits;
+        }
+        if let Some(identity) = self.identity {
+            next.identity = identity;
         }
         if let Some(note) = self.note {
             next.note = note;
@@ -971,6 +980,7 @@ pub fn changes(before: &KeyRecord, after: &KeyRecord) -> Vec<String> {
         shown(&before.rate_limits),
         shown(&after.rate_limits),
     );
+    field("identity", shown(&before.identity), shown(&after.identity));
     field("quota", shown(&before.quota), shown(&after.quota));
     field(
         "expires_at",
@@ -1112,6 +1122,7 @@ pub fn import(
                 rate_limit: None,
                 burst: None,
                 rate_limits: Vec::new(),
+                identity: None,
                 quota: None,
                 expires_at: None,
                 status: Status::Active,

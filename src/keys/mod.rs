@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod format;
+pub mod identity;
 pub mod lifecycle;
 pub mod records;
 pub mod redis_store;
@@ -60,6 +61,9 @@ pub struct KeyRecord {
     /// Named rate limits beside `rate_limit`, all spent together or not at all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<NamedLimitRecord>,
+    /// The operator's customer the key belongs to: its identity's limits apply too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// `N/day` or `N/month`; none means the tier's quota, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<String>,
@@ -228,6 +232,7 @@ impl KeyRecord {
             ("rotated_from", self.rotated_from.clone().map(Into::into)),
             ("rotated_to", self.rotated_to.clone().map(Into::into)),
             ("imported", self.imported.then_some(true.into())),
+            ("identity", self.identity.clone().map(Into::into)),
             (
                 "rate_limits",
                 (!self.rate_limits.is_empty())
@@ -428,6 +433,7 @@ pub(crate) mod tests {
             rate_limit: None,
             burst: None,
             rate_limits: Vec::new(),
+            identity: None,
             quota: None,
             expires_at: None,
             status: Status::Active,

@@ -495,9 +495,10 @@ fn read_side(tx: &rusqlite::Transaction<'_>, side: Side) -> Result<Vec<serde_jso
     let mut docs = Vec::new();
     for row in rows {
         let text = row.map_err(|e| e.to_string())?;
-        docs.push(serde_json::from_str(&text).map_err(|e| {
-            format!("a stored member of {} cannot be read: {e}", side.name())
-        })?);
+        docs.push(
+            serde_json::from_str(&text)
+                .map_err(|e| format!("a stored member of {} cannot be read: {e}", side.name()))?,
+        );
     }
     Ok(docs)
 }

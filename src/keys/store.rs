@@ -597,7 +597,9 @@ fn parse_lines(src: &str) -> Option<StoreFile> {
         let item = line.strip_prefix("- ").filter(|r| r.starts_with('{'));
         match (&section, item) {
             (In::Keys, Some(record)) => file.keys.push(serde_json::from_str(record).ok()?),
-            (In::Side(side), Some(doc)) => file.side_mut(*side).push(serde_json::from_str(doc).ok()?),
+            (In::Side(side), Some(doc)) => {
+                file.side_mut(*side).push(serde_json::from_str(doc).ok()?)
+            }
             _ if line == "keys:" && section == In::Head => section = In::Keys,
             _ if line == "keys: []" && section == In::Head => {}
             _ if line == "alerts:" && section != In::Side(Side::Alerts) => {

@@ -27,14 +27,15 @@ use crate::pipeline::credential::X_API_KEY;
 use crate::pipeline::route::Route;
 use crate::policy::rate::RateHeaders;
 use crate::rejection::Rejection;
+use crate::snapshot::identities::Identity;
 use crate::snapshot::KeyEntry;
 
 mod pool;
 pub use pool::{UpstreamBody, UpstreamClient};
 
 pub use crate::headers::{
-    X_FORWARDED_FOR, X_FORWARDED_PROTO, X_KEYGATE_ENVIRONMENT, X_KEYGATE_KEY_ID,
-    X_KEYGATE_NAMESPACE, X_REQUEST_ID,
+    X_FORWARDED_FOR, X_FORWARDED_PROTO, X_KEYGATE_ENVIRONMENT, X_KEYGATE_IDENTITY,
+    X_KEYGATE_KEY_ID, X_KEYGATE_NAMESPACE, X_REQUEST_ID,
 };
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -136,6 +137,7 @@ pub fn trusted_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
 pub struct Forward<'a> {
     pub route: &'a Route,
     pub key: &'a KeyEntry,
+    pub identity: Option<&'a Identity>,
     /// The peer's own address (the hop that connected to us), as a header value.
     pub peer_header: &'a HeaderValue,
     /// Whether the peer is a trusted proxy, whose forwarding headers are extended.
@@ -153,13 +155,29 @@ pub struct Forward<'a> {
 }
 
 /// Sends the request to the route's upstream and returns its streamed response. An upgrade
-/// The key's `meta` members the route forwards, each as `X-Keygate-Meta-<Name>`.
-pub fn insert_meta(h: &mut http::HeaderMap, route: &Route, key: &KeyEntry) {
-    let Some(meta) = key.meta() else {
+/// `X-Keygate-Identity` when the key names an identity, and the `meta` members the route
+/// forwards, each as `X-Keygate-Meta-<Name>`: the key's own, else its identity's.
+pub fn insert_identity_and_meta(
+    h: &mut http::HeaderMap,
+    route: Option<&Route>,
+    key: &KeyEntry,
+    identity: Option<&Identity>,
+) {
+    if let Some(v) = key.identity_header() {
+        h.insert(X_KEYGATE_IDENTITY, v.clone());
+    }
+    let (Some(route), own, shared) = (route, key.meta(), identity.and_then(|i| i.meta.as_ref()))
+    else {
         return;
     };
+    if own.is_none() && shared.is_none() {
+        return;
+    }
     for (field, header) in &route.forward_meta {
-        if let Some(value) = meta.header(field) {
+        let value = own
+            .and_then(|m| m.header(field))
+            .or_else(|| shared.and_then(|m| m.header(field)));
+        if let Some(value) = value {
             h.insert(header.clone(), value.clone());
         }
     }
@@ -227,7 +245,7 @@ pub async fn forward(
     h.insert(X_KEYGATE_KEY_ID, f.key.id_header().clone());
     h.insert(X_KEYGATE_NAMESPACE, f.key.namespace.header().clone());
     h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment.header().clone());
-    insert_meta(h, route, f.key);
+    insert_identity_and_meta(h, Some(route), f.key, f.identity);
     set_forwarded_for(h, f.peer_header, f.peer_trusted);
     if !(f.peer_trusted && h.contains_key(X_FORWARDED_PROTO)) {
         h.insert(

@@ -6,18 +6,19 @@ use governor::clock::Clock as _;
 
 use crate::clock::Clock;
 use crate::policy::rate::{ceil_secs, Budget};
-use crate::state::limiters::KeyLimiter;
+use crate::state::limiters::{admit_all, KeyLimiter};
 
-/// Spends one request from each of the key's limits, all or none. `Ok` holds the first
-/// limit's budget after, and the others' (none for a key with one limit, so the common case
-/// allocates nothing); `Err` holds how long to wait, and the refusing limit's budget.
+/// Spends one request from each limit of `sets` (the key's, then its identity's), all or
+/// none. `Ok` holds the first limit's budget after, and the others' (none for a key with
+/// one limit, so the common case allocates nothing); `Err` holds how long to wait, and the
+/// refusing limit's budget.
 pub fn admit(
-    limiter: &KeyLimiter,
+    sets: &[&KeyLimiter],
     clock: &Clock,
 ) -> Result<(Option<Budget>, Vec<Budget>), (u64, Budget)> {
     let mut first = None;
     let mut more = Vec::new();
-    let spent = limiter.admit_all(|limit, state| {
+    let spent = admit_all(sets, |limit, state| {
         let remaining = state.remaining_burst_capacity();
         let missing = limit.policy.burst.saturating_sub(remaining);
         let budget = Budget {
@@ -91,16 +92,16 @@ mod tests {
     fn burst_then_refusal_then_refill_on_the_fake_clock() {
         let clock = Clock::fake(UNIX_EPOCH + Duration::from_secs(1_000));
         let limiter = one(policy(2, 1, 2), &clock);
-        let first = admit(&limiter, &clock).unwrap();
+        let first = admit(&[&limiter], &clock).unwrap();
         assert_eq!(remaining(&first), [("key".to_string(), 1)]);
         assert!(first.1.is_empty(), "one limit: nothing allocated for more");
-        admit(&limiter, &clock).unwrap();
+        admit(&[&limiter], &clock).unwrap();
         let (retry_after, refused) =
-            admit(&limiter, &clock).expect_err("third request in the same instant");
+            admit(&[&limiter], &clock).expect_err("third request in the same instant");
         assert_eq!((retry_after, refused.name), (1, Name::Key));
         clock.advance(Duration::from_millis(500));
-        assert!(admit(&limiter, &clock).is_ok());
-        assert!(admit(&limiter, &clock).is_err());
+        assert!(admit(&[&limiter], &clock).is_ok());
+        assert!(admit(&[&limiter], &clock).is_err());
     }
 
     /// A later limit refusing leaves the earlier ones as they were: over 50 requests that
@@ -116,7 +117,7 @@ mod tests {
         let limiter = KeyLimiter::new((None, &named), &clock);
         let mut admitted = 0;
         for _ in 0..50 {
-            match admit(&limiter, &clock) {
+            match admit(&[&limiter], &clock) {
                 Ok(spent) => {
                     admitted += 1;
                     assert_eq!(
@@ -144,7 +145,7 @@ mod tests {
         let clock = Clock::fake(SystemTime::UNIX_EPOCH);
         let named: Vec<(Arc<str>, RatePolicy)> = vec![("daily".into(), policy(1000, 3600, 1000))];
         let limiter = KeyLimiter::new((Some(policy(100, 1, 200)), &named), &clock);
-        let (rate, more) = admit(&limiter, &clock).unwrap();
+        let (rate, more) = admit(&[&limiter], &clock).unwrap();
         let quota = crate::policy::quota::Quota::parse("1000/day").unwrap();
         let headers = RateHeaders {
             policy: policy_header(Some(policy(100, 1, 200)), &named, Some(&quota)).unwrap(),
@@ -182,11 +183,11 @@ mod tests {
             (1, 3600, 1),
         ] {
             let limiter = one(policy(count, per, burst), &clock);
-            assert!(admit(&limiter, &clock).is_ok());
+            assert!(admit(&[&limiter], &clock).is_ok());
             assert!(policy_header(Some(policy(count, per, burst)), &[], None).is_some());
         }
         // Past the checked range the limiter still builds rather than abort.
         let limiter = one(policy(u32::MAX, 1, u32::MAX), &clock);
-        assert!(admit(&limiter, &clock).is_ok());
+        assert!(admit(&[&limiter], &clock).is_ok());
     }
 }

@@ -15,6 +15,7 @@ use crate::config::FailMode;
 use crate::policy::quota::Quota;
 use crate::policy::rate::{Budget, Name, RateHeaders, SharedPolicy};
 use crate::rejection::Rejection;
+use crate::snapshot::identities::Identity;
 use crate::snapshot::KeyEntry;
 use crate::state::credits::CreditBook;
 use crate::state::shared_limits::SharedLimiter;
@@ -28,6 +29,7 @@ pub type Shared = (Option<RateHeaders>, Option<u64>);
 pub async fn admit(
     shared: &Arc<SharedLimiter>,
     key: &KeyEntry,
+    identity: Option<&Identity>,
     clock: &Clock,
     cost: u64,
     credits: &CreditBook,
@@ -79,13 +81,11 @@ pub async fn admit(
         FailMode::Closed => Err(Rejection::LimiterUnavailable),
         // This node's own count: its share of the limits, and its own credits book.
         FailMode::Local => {
-            let left = super::spend_credits(credits, key, cost, now)?;
-            match super::limits(key, clock, now) {
+            let left = super::spend_credits(credits, key, identity, cost, now)?;
+            match super::limits(key, identity, clock, now) {
                 Ok(rate) => Ok((rate, left)),
                 Err(rejection) => {
-                    if left.is_some() {
-                        credits.refund(&key.id, cost);
-                    }
+                    super::refund_credits(credits, key, identity, cost);
                     Err(rejection)
                 }
             }

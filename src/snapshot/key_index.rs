@@ -272,6 +272,8 @@ pub struct KeyEntry {
 pub struct Extra {
     pub meta: Option<KeyMeta>,
     pub credits: Option<crate::policy::credits::Credits>,
+    /// The identity the key belongs to, by id, and as `X-Keygate-Identity` sends it.
+    pub identity: Option<(Box<str>, HeaderValue)>,
 }
 
 /// [`KeyEntry::expires`] of a key that never expires.
@@ -300,6 +302,16 @@ impl KeyEntry {
     /// The key's metadata, if it has any.
     pub fn meta(&self) -> Option<&KeyMeta> {
         self.extra.as_ref()?.meta.as_ref()
+    }
+
+    /// The id of the identity the key belongs to, if it names one.
+    pub fn identity_id(&self) -> Option<&str> {
+        self.extra.as_ref()?.identity.as_ref().map(|(id, _)| &**id)
+    }
+
+    /// `X-Keygate-Identity` for the key, if it names an identity.
+    pub fn identity_header(&self) -> Option<&HeaderValue> {
+        self.extra.as_ref()?.identity.as_ref().map(|(_, h)| h)
     }
 
     /// The key's credits, if it is a limited-use key.

@@ -128,16 +128,22 @@ impl KeyLimiter {
             .chain(named.iter().map(|(n, p)| (&**n, *p)));
         ours.eq(theirs)
     }
+}
 
-    /// Spends one request from every limit, or from none: `spent` hears each limit's state
-    /// after, in order, once all have admitted; `Err` names the first limit that refused,
-    /// and when it would admit one. A single limit needs no lock; several are spent under
-    /// the key's lock, and a refusal puts the earlier ones back as they were.
-    pub(crate) fn admit_all(
-        &self,
-        mut spent: impl FnMut(&Limit, StateSnapshot),
-    ) -> Result<(), (&Limit, NotUntil<Instant>)> {
-        if let [only] = &*self.limits {
+/// Spends one request from every limit of `sets` (a key's, then its identity's), or from
+/// none: `spent` hears each limit's state after, in order, once all have admitted; `Err`
+/// names the first limit that refused, and when it would admit one. A single limit needs
+/// no lock; several are spent under their sets' locks, always taken in the same order (a
+/// key's before its identity's), and a refusal puts the earlier ones back as they were.
+/// Only limits before the refusing one are ever put back, and a set's limits are touched
+/// without its lock only when it has one limit and is spent alone, which is then never
+/// put back by another request.
+pub(crate) fn admit_all<'l>(
+    sets: &[&'l KeyLimiter],
+    mut spent: impl FnMut(&'l Limit, StateSnapshot),
+) -> Result<(), (&'l Limit, NotUntil<Instant>)> {
+    if let [set] = sets {
+        if let [only] = &*set.limits {
             return match only.gcra.check() {
                 Ok(state) => {
                     spent(only, state);
@@ -146,25 +152,29 @@ impl KeyLimiter {
                 Err(not_until) => Err((only, not_until)),
             };
         }
-        let _serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let mut states = Vec::with_capacity(self.limits.len());
-        for limit in self.limits.iter() {
-            let before = limit.tat.0.load(Ordering::Acquire);
-            match limit.gcra.check() {
-                Ok(state) => states.push((before, state)),
-                Err(not_until) => {
-                    for (l, (before, _)) in self.limits.iter().zip(&states) {
-                        l.tat.0.store(*before, Ordering::Release);
-                    }
-                    return Err((limit, not_until));
+    }
+    let _serial: Vec<_> = sets
+        .iter()
+        .map(|set| set.serial.lock().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let limits = || sets.iter().flat_map(|set| set.limits.iter());
+    let mut states = Vec::new();
+    for limit in limits() {
+        let before = limit.tat.0.load(Ordering::Acquire);
+        match limit.gcra.check() {
+            Ok(state) => states.push((before, state)),
+            Err(not_until) => {
+                for (l, (before, _)) in limits().zip(&states) {
+                    l.tat.0.store(*before, Ordering::Release);
                 }
+                return Err((limit, not_until));
             }
         }
-        for (limit, (_, state)) in self.limits.iter().zip(states) {
-            spent(limit, state);
-        }
-        Ok(())
     }
+    for (limit, (_, state)) in limits().zip(states) {
+        spent(limit, state);
+    }
+    Ok(())
 }
 
 /// Every key's limiter, by key id.

@@ -1,0 +1,189 @@
+//! The snapshot's identities: each stored identity compiled for the request path, found by
+//! id. A key finds its identity here on each request, so changing an identity makes a new
+//! map and shares every key. What an identity counts (its limiters, its quota's usage cell,
+//! its credits) is kept outside any snapshot under `@<id>`, which no key id can be (key ids
+//! are hex), so it survives reloads as a key's does.
+
+use std::collections::HashMap;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::sync::{Arc, OnceLock};
+
+use http::HeaderValue;
+
+use crate::keys::identity::{check_identity, IdentityRecord};
+use crate::policy::credits::Credits;
+use crate::policy::quota::Quota;
+use crate::policy::rate::{policy_header, Name, RatePolicy};
+use crate::state::limiters::{KeyLimiter, Limiters, Policies};
+use crate::state::usage::{Cells, KeyUsage};
+
+/// One identity, compiled.
+#[derive(Debug)]
+pub struct Identity {
+    pub id: Box<str>,
+    /// `X-Keygate-Identity`: the id, percent-encoded where it is not visible ASCII.
+    pub header: HeaderValue,
+    /// Where its limiters, usage and credits are counted: `@<id>`.
+    pub counted_as: Box<str>,
+    /// Its named limits, each named `identity.<name>` in the RateLimit headers (this node's
+    /// share, with shared limits).
+    pub named: Box<[(Arc<str>, RatePolicy)]>,
+    /// The same limits whole, as Redis counts them with shared limits.
+    pub whole: Box<[(Arc<str>, RatePolicy)]>,
+    pub quota: Option<Quota>,
+    /// `identity.quota`, the quota's name in the RateLimit headers.
+    pub quota_name: Name,
+    pub credits: Option<Credits>,
+    /// The metadata, with the members routes forward as header values.
+    pub meta: Option<super::key_index::KeyMeta>,
+    /// `RateLimit-Policy`'s part for the identity's limits and quota.
+    pub policy_header: Option<HeaderValue>,
+    limiters: Limiters,
+    limiter: OnceLock<Arc<KeyLimiter>>,
+    cells: Cells,
+    usage: OnceLock<Arc<KeyUsage>>,
+}
+
+impl Identity {
+    /// The identity's rate limiters, made on its first rate-limited request; `None` when it
+    /// has no rate limits.
+    pub fn limiter(&self) -> Option<&KeyLimiter> {
+        let policies = self.rate_limits()?;
+        Some(
+            self.limiter
+                .get_or_init(|| self.limiters.limiter_for(&self.counted_as, policies)),
+        )
+    }
+
+    /// The identity's named limits, if it has any.
+    pub fn rate_limits(&self) -> Option<Policies<'_>> {
+        (!self.named.is_empty()).then_some((None, &self.named))
+    }
+
+    /// The usage cell its quota counts in: every request of any of its keys.
+    pub fn usage(&self) -> &KeyUsage {
+        self.usage
+            .get_or_init(|| self.cells.get_or_make(&self.counted_as))
+    }
+}
+
+/// Every identity of a snapshot, by id.
+#[derive(Debug, Default)]
+pub struct Identities {
+    by_id: HashMap<Box<str>, Arc<Identity>>,
+}
+
+impl Identities {
+    pub fn get(&self, id: &str) -> Option<&Identity> {
+        self.by_id.get(id).map(|i| &**i)
+    }
+
+    /// The identity that counts as `counted` (`@<id>`), for the limiter and usage registries.
+    pub fn counted_as(&self, counted: &str) -> Option<&Identity> {
+        self.get(counted.strip_prefix('@')?)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// The stored identities compiled, with `nodes` sharing their limits (1 when limits are
+    /// local); each problem is named `identities[i].field`.
+    pub fn compile(
+        stored: &[serde_json::Value],
+        limiters: &Limiters,
+        cells: &Cells,
+        nodes: NonZeroU32,
+        meta_of: &dyn Fn(&serde_json::Map<String, serde_json::Value>) -> super::key_index::KeyMeta,
+    ) -> (Identities, Vec<(String, String)>) {
+        let mut by_id = HashMap::with_capacity(stored.len());
+        let mut problems = Vec::new();
+        for (i, doc) in stored.iter().enumerate() {
+            let record: IdentityRecord = match serde_json::from_value(doc.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push((format!("identities[{i}]"), e.to_string()));
+                    continue;
+                }
+            };
+            let checked = match check_identity(&record) {
+                Ok(c) => c,
+                Err(p) => {
+                    problems.push((format!("identities[{i}].{}", p.path()), p.message));
+                    continue;
+                }
+            };
+            let named: Box<[(Arc<str>, RatePolicy)]> = checked
+                .named
+                .iter()
+                .map(|(n, p)| (Arc::from(format!("identity.{n}")), share(*p, nodes)))
+                .collect();
+            let whole: Box<[(Arc<str>, RatePolicy)]> = checked
+                .named
+                .iter()
+                .map(|(n, p)| (Arc::from(format!("identity.{n}")), *p))
+                .collect();
+            let policy_header = policy_header(None, &whole, None).map(|h| match checked.quota {
+                Some(q) => identity_quota_header(&h, &q),
+                None => h,
+            });
+            let policy_header = policy_header.or_else(|| {
+                checked
+                    .quota
+                    .and_then(|q| HeaderValue::from_str(&quota_part(&q)).ok())
+            });
+            let identity = Identity {
+                header: crate::headers::meta_value(&serde_json::Value::String(record.id.clone())),
+                counted_as: format!("@{}", record.id).into(),
+                named,
+                whole,
+                quota: checked.quota.map(|q| Quota {
+                    limit: (q.limit / NonZeroU64::from(nodes)).max(1),
+                    ..q
+                }),
+                quota_name: Name::Named(Arc::from("identity.quota")),
+                credits: checked.credits,
+                meta: record.meta.as_ref().map(meta_of),
+                policy_header,
+                limiters: limiters.clone(),
+                limiter: OnceLock::new(),
+                cells: cells.clone(),
+                usage: OnceLock::new(),
+                id: record.id.into(),
+            };
+            if by_id
+                .insert(identity.id.clone(), Arc::new(identity))
+                .is_some()
+            {
+                problems.push((
+                    format!("identities[{i}].id"),
+                    "another identity has this id".into(),
+                ));
+            }
+        }
+        (Identities { by_id }, problems)
+    }
+}
+
+/// `"identity.quota";q=N;w=S`.
+fn quota_part(q: &Quota) -> String {
+    format!("\"identity.quota\";q={};w={}", q.limit, q.window_secs())
+}
+
+/// `rates` with the identity's quota after them.
+fn identity_quota_header(rates: &HeaderValue, q: &Quota) -> HeaderValue {
+    let text = format!("{}, {}", rates.to_str().unwrap_or_default(), quota_part(q));
+    HeaderValue::from_str(&text).unwrap_or_else(|_| rates.clone())
+}
+
+/// This node's share of a limit `nodes` share (the limit itself when 1).
+fn share(p: RatePolicy, nodes: NonZeroU32) -> RatePolicy {
+    match nodes.get() {
+        1 => p,
+        _ => super::node_share(p, nodes),
+    }
+}
