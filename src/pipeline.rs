@@ -37,7 +37,9 @@ use crate::rejection::Rejection;
 use crate::snapshot::identities::Identity;
 use crate::snapshot::{KeyEntry, Snapshot};
 use crate::state::credits::{CreditBook, Refused as CreditsRefused};
+use crate::state::limiters::KeyLimiter;
 use crate::state::lockouts::{self, Lockouts};
+use crate::state::usage::KeyUsage;
 use route::Route;
 
 /// Handles one proxied request from start to finish.
@@ -608,6 +610,19 @@ fn credits_exhausted(credits: Option<&Credits>, now: i64) -> Rejection {
     }
 }
 
+/// `RateLimit-Policy` for the limits of the key and of its identity, if either has any.
+fn limits_policy(key: &KeyEntry, identity: Option<&Identity>) -> Option<HeaderValue> {
+    let identity_header = identity.and_then(|i| i.policy_header.as_ref());
+    match (key.limits_header(), identity_header) {
+        (None, None) => None,
+        (Some(h), None) | (None, Some(h)) => Some(h.clone()),
+        (Some(own), Some(shared)) => {
+            let both = [own.as_bytes(), shared.as_bytes()].join(&b", "[..]);
+            Some(HeaderValue::from_bytes(&both).unwrap_or_else(|_| own.clone()))
+        }
+    }
+}
+
 /// Stages 6 and 7: the quotas (checked first, counted last) and the rate limits, the key's
 /// and its identity's, so that a refused request spends none of them.
 fn limits(
@@ -616,14 +631,8 @@ fn limits(
     clock: &Clock,
     now: i64,
 ) -> Result<Option<RateHeaders>, Rejection> {
-    let identity_header = identity.and_then(|i| i.policy_header.as_ref());
-    let policy = match (key.limits_header(), identity_header) {
-        (None, None) => return Ok(None),
-        (Some(h), None) | (None, Some(h)) => h.clone(),
-        (Some(own), Some(shared)) => {
-            let both = [own.as_bytes(), shared.as_bytes()].join(&b", "[..]);
-            HeaderValue::from_bytes(&both).unwrap_or_else(|_| own.clone())
-        }
+    let Some(policy) = limits_policy(key, identity) else {
+        return Ok(None);
     };
     // Each quota with the cell it counts in and the name it goes by.
     let quotas = key
@@ -631,8 +640,9 @@ fn limits(
         .map(|q| (q, key.usage(), Name::Quota))
         .into_iter()
         .chain(identity.and_then(|i| Some((i.quota?, i.usage(), i.quota_name.clone()))));
-    let mut counted = Vec::new();
-    for (q, cell, name) in quotas {
+    // At most two (the key's and the identity's), kept without allocating.
+    let mut counted: [Option<(&KeyUsage, Budget)>; 2] = [None, None];
+    for (slot, (q, cell, name)) in counted.iter_mut().zip(quotas) {
         let (period, end) = q.window(now);
         let reset = end.saturating_sub(now).max(1).unsigned_abs();
         let used = cell.quota_used(period);
@@ -650,22 +660,30 @@ fn limits(
                 retry_after: Some(reset),
             })));
         }
-        counted.push((cell, budget(used)));
+        *slot = Some((cell, budget(used)));
     }
-    let sets: Vec<_> = key
-        .limiter()
-        .into_iter()
-        .chain(identity.and_then(Identity::limiter))
-        .collect();
+    // The key's limiter set and its identity's, without allocating.
+    let both;
+    let sets: &[&KeyLimiter] = match (key.limiter(), identity.and_then(Identity::limiter)) {
+        (Some(own), Some(shared)) => {
+            both = [own, shared];
+            &both
+        }
+        (Some(one), None) | (None, Some(one)) => {
+            both = [one, one];
+            &both[..1]
+        }
+        (None, None) => &[],
+    };
     let (rate, mut more) = if sets.is_empty() {
         (None, Vec::new())
     } else {
-        match rate_limit::admit(&sets, clock) {
+        match rate_limit::admit(sets, clock) {
             Ok(spent) => spent,
             Err((wait, refused)) => {
                 return Err(Rejection::RateLimited(Box::new(RateHeaders {
                     policy,
-                    budgets: [Some(refused), counted.first().map(|(_, b)| b.clone())],
+                    budgets: [Some(refused), counted[0].as_ref().map(|(_, b)| b.clone())],
                     more: Vec::new(),
                     retry_after: Some(wait),
                 })));
@@ -674,7 +692,7 @@ fn limits(
     };
     // The quotas count the admitted request: the first goes with the key's budgets, any
     // other (the identity's) after the rate limits.
-    let mut quota_budgets = counted.into_iter().map(|(cell, mut budget)| {
+    let mut quota_budgets = counted.into_iter().flatten().map(|(cell, mut budget)| {
         budget.remaining = budget.limit.saturating_sub(cell.quota_spend());
         budget
     });

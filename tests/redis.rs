@@ -822,3 +822,128 @@ async fn two_nodes_share_named_limits_all_or_nothing() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Sends `body` to a node's admin API with `method`; the answer's status and JSON.
+async fn admin_call(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = send(
+        Req::get(gw.admin, path)
+            .method(method)
+            .bearer(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string()),
+    )
+    .await;
+    (r.status.as_u16(), r.json())
+}
+
+/// An identity's limits and credits are counted in Redis in the same script as its keys':
+/// two keys of one identity, used through two nodes, share them, and a request the
+/// identity refuses charges nothing of the key's own limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_an_identitys_limits_and_credits() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let limits = "rate_limit: {backend: redis, fail_mode: closed, nodes: 2, timeout: 5s}\n";
+    let a = node(&up, &redis, limits).await;
+    let b = node(&up, &redis, limits).await;
+    let body = serde_json::json!({
+        "rate_limits": [{"name": "hourly", "limit": "4/h"}],
+        "credits": {"remaining": 3},
+    });
+    let (answer, shown) = admin_call(&a, "PUT", "/v1/identities/cus_1", body).await;
+    assert_eq!(answer, 201, "{shown}");
+    let (_, one) = create(&a, serde_json::json!({"identity": "cus_1"})).await;
+    let (two_id, two) = create(
+        &a,
+        serde_json::json!({"identity": "cus_1", "rate_limit": "100/h"}),
+    )
+    .await;
+    // The first answer from node b spends one credit and one of the four.
+    until(&b, &two, 200, PROPAGATION).await;
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        answers.push(match i % 2 {
+            0 => status(&a, &one).await,
+            _ => status(&b, &two).await,
+        });
+    }
+    let codes: Vec<&str> = answers.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(
+        codes,
+        [
+            "",
+            "",
+            "credits_exhausted",
+            "credits_exhausted",
+            "credits_exhausted",
+            "credits_exhausted"
+        ],
+        "three credits over two keys and two nodes"
+    );
+    let (_, shown) = admin_call(&b, "GET", "/v1/identities/cus_1", serde_json::json!({})).await;
+    assert_eq!(shown["credits"]["remaining"], 0, "{shown}");
+
+    // Without credits the rate binds: one of the four is left.
+    let (answer, shown) = admin_call(
+        &a,
+        "PATCH",
+        "/v1/identities/cus_1",
+        serde_json::json!({"credits": null}),
+    )
+    .await;
+    assert_eq!(answer, 200, "{shown}");
+    let seen = eventually(PROPAGATION, async || {
+        let (_, v) = admin_call(&b, "GET", "/v1/identities/cus_1", serde_json::json!({})).await;
+        v.get("credits").is_none()
+    })
+    .await;
+    assert!(seen, "node b sees the change");
+    let last = send(Req::get(b.proxy, "/v1/x").bearer(&two)).await;
+    assert_eq!(last.status, 200, "{:?}", last.json());
+    assert!(
+        last.header("ratelimit")
+            .contains("\"identity.hourly\";r=0;"),
+        "{}",
+        last.header("ratelimit")
+    );
+    let refused = send(Req::get(a.proxy, "/v1/x").bearer(&one)).await;
+    assert_eq!(refused.code(), "rate_limited");
+    assert!(refused
+        .header("ratelimit")
+        .starts_with("\"identity.hourly\";r=0;"));
+    assert_eq!(status_of(&b, &two).await, "rate_limited");
+
+    // The key's own 100/h was charged for its admitted requests only: the first, one
+    // among the six, and the last (three), not for the refused ones.
+    admin_call(
+        &a,
+        "PATCH",
+        "/v1/identities/cus_1",
+        serde_json::json!({"rate_limits": null}),
+    )
+    .await;
+    let seen = eventually(PROPAGATION, async || {
+        let (_, v) = admin_call(&b, "GET", "/v1/identities/cus_1", serde_json::json!({})).await;
+        v.get("rate_limits").is_none()
+    })
+    .await;
+    assert!(seen, "node b sees the change");
+    let next = send(Req::get(b.proxy, "/v1/x").bearer(&two)).await;
+    assert_eq!(next.status, 200, "{two_id}: {:?}", next.json());
+    assert!(
+        next.header("ratelimit").starts_with("\"key\";r=96;"),
+        "100 less the three admitted and this one: {}",
+        next.header("ratelimit")
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn status_of(gw: &TestGateway, secret: &str) -> String {
+    status(gw, secret).await.1
+}

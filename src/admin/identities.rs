@@ -6,7 +6,7 @@
 use http::StatusCode;
 use serde_json::Value;
 
-use super::keys::{decode, Answer};
+use super::keys::{credits_left_in_redis, decode, with_credits_left, Answer};
 use super::{json, read_value, write_side, Call};
 use crate::audit::AuditEvent;
 use crate::keys::identity::{self, IdentityBody, IdentityRecord};
@@ -38,6 +38,26 @@ fn view(call: &Call<'_>, r: &IdentityRecord) -> Value {
     v
 }
 
+/// With shared limits (Redis): what each identity's credits have left over every node,
+/// by identity id.
+async fn shared_credits_left(
+    call: &Call<'_>,
+    records: &[IdentityRecord],
+) -> std::collections::HashMap<String, u64> {
+    let with = records
+        .iter()
+        .filter_map(|r| {
+            let c = crate::keys::check::check_credits(r.credits.as_ref()?).ok()?;
+            Some((format!("@{}", r.id), c))
+        })
+        .collect();
+    credits_left_in_redis(call, with)
+        .await
+        .into_iter()
+        .filter_map(|(at, left)| Some((at.strip_prefix('@')?.to_string(), left)))
+        .collect()
+}
+
 fn invalid(p: crate::keys::check::Problem) -> Rejection {
     Rejection::InvalidRequest {
         field: Some(p.field.into()),
@@ -64,11 +84,15 @@ fn audit(call: &Call<'_>, action: &str, reason: String) {
 /// `GET /v1/identities`: every identity, in the order they were made.
 pub(crate) async fn list(call: &Call<'_>) -> Answer {
     let snapshot = call.gw.snapshot.load_full();
-    let identities: Vec<Value> = snapshot
+    let records: Vec<IdentityRecord> = snapshot
         .stored_identities
         .iter()
         .filter_map(|d| serde_json::from_value::<IdentityRecord>(d.clone()).ok())
-        .map(|r| view(call, &r))
+        .collect();
+    let left = shared_credits_left(call, &records).await;
+    let identities: Vec<Value> = records
+        .iter()
+        .map(|r| with_credits_left(view(call, r), left.get(&r.id).copied()))
         .collect();
     Ok(json(
         StatusCode::OK,
@@ -80,7 +104,9 @@ pub(crate) async fn list(call: &Call<'_>) -> Answer {
 pub(crate) async fn get(call: &Call<'_>) -> Answer {
     let id = path_id(call)?;
     let r = stored(call, &id).ok_or(Rejection::IdentityNotFound)?;
-    Ok(json(StatusCode::OK, &view(call, &r)))
+    let left = shared_credits_left(call, std::slice::from_ref(&r)).await;
+    let v = with_credits_left(view(call, &r), left.get(&r.id).copied());
+    Ok(json(StatusCode::OK, &v))
 }
 
 /// `PUT /v1/identities/{id}`: makes the identity (201) or replaces it whole (200).

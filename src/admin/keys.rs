@@ -451,18 +451,28 @@ pub(crate) async fn get(call: &Call<'_>) -> Answer {
 /// for every node. Empty without shared limits (this node's book is the count, and `view`
 /// reads it), or when Redis cannot be reached.
 async fn shared_credits_left(call: &Call<'_>, records: &[KeyRecord]) -> HashMap<String, u64> {
-    let snapshot = call.gw.snapshot.load_full();
-    let Some(shared) = &snapshot.shared_limits else {
-        return HashMap::new();
-    };
-    let now = call.gw.clock.unix_secs();
-    let with: Vec<(String, crate::policy::credits::Credits)> = records
+    let with = records
         .iter()
         .filter_map(|r| {
             let c = crate::keys::check::check_credits(r.credits.as_ref()?).ok()?;
             Some((r.id.clone(), c))
         })
         .collect();
+    credits_left_in_redis(call, with).await
+}
+
+/// With shared limits (Redis): what the credits of each of `with` (where Redis counts
+/// them, and their setting) have left, as Redis counts them. Empty without shared limits,
+/// or when Redis cannot be reached.
+pub(super) async fn credits_left_in_redis(
+    call: &Call<'_>,
+    with: Vec<(String, crate::policy::credits::Credits)>,
+) -> HashMap<String, u64> {
+    let snapshot = call.gw.snapshot.load_full();
+    let Some(shared) = &snapshot.shared_limits else {
+        return HashMap::new();
+    };
+    let now = call.gw.clock.unix_secs();
     let keys: Vec<(&str, &crate::policy::credits::Credits)> =
         with.iter().map(|(id, c)| (id.as_str(), c)).collect();
     let read = tokio::time::timeout(shared.settings().timeout, shared.credits_spent(&keys, now));
@@ -477,7 +487,7 @@ async fn shared_credits_left(call: &Call<'_>, records: &[KeyRecord]) -> HashMap<
 }
 
 /// `v` with `credits.remaining` set to `left`, when it is known.
-fn with_credits_left(mut v: serde_json::Value, left: Option<u64>) -> serde_json::Value {
+pub(super) fn with_credits_left(mut v: serde_json::Value, left: Option<u64>) -> serde_json::Value {
     if let (Some(left), Some(credits)) =
         (left, v.get_mut("credits").and_then(|c| c.as_object_mut()))
     {

@@ -13,7 +13,7 @@ use http::HeaderValue;
 use crate::keys::identity::{check_identity, IdentityRecord};
 use crate::policy::credits::Credits;
 use crate::policy::quota::Quota;
-use crate::policy::rate::{policy_header, Name, RatePolicy};
+use crate::policy::rate::{policy_header, Name, RatePolicy, SharedPolicy, SharedRate};
 use crate::state::limiters::{KeyLimiter, Limiters, Policies};
 use crate::state::usage::{Cells, KeyUsage};
 
@@ -28,8 +28,9 @@ pub struct Identity {
     /// Its named limits, each named `identity.<name>` in the RateLimit headers (this node's
     /// share, with shared limits).
     pub named: Box<[(Arc<str>, RatePolicy)]>,
-    /// The same limits whole, as Redis counts them with shared limits.
-    pub whole: Box<[(Arc<str>, RatePolicy)]>,
+    /// Its limits and quota whole, as Redis counts them with shared limits.
+    pub shared: SharedPolicy,
+    /// Its quota (this node's share, with shared limits).
     pub quota: Option<Quota>,
     /// `identity.quota`, the quota's name in the RateLimit headers.
     pub quota_name: Name,
@@ -53,6 +54,11 @@ impl Identity {
             self.limiter
                 .get_or_init(|| self.limiters.limiter_for(&self.counted_as, policies)),
         )
+    }
+
+    /// Whether it limits its keys at all: by a rate, a quota or credits.
+    pub fn is_limited(&self) -> bool {
+        !self.named.is_empty() || self.quota.is_some() || self.credits.is_some()
     }
 
     /// The identity's named limits, if it has any.
@@ -140,7 +146,13 @@ impl Identities {
                 header: crate::headers::meta_value(&serde_json::Value::String(record.id.clone())),
                 counted_as: format!("@{}", record.id).into(),
                 named,
-                whole,
+                shared: SharedPolicy {
+                    rates: whole
+                        .iter()
+                        .map(|(n, p)| SharedRate::new(Name::Named(Arc::clone(n)), *p))
+                        .collect(),
+                    quota: checked.quota,
+                },
                 quota: checked.quota.map(|q| Quota {
                     limit: (q.limit / NonZeroU64::from(nodes)).max(1),
                     ..q

@@ -3,15 +3,16 @@
 //! settings are unchanged, between snapshots. The request stage that spends it is
 //! [`crate::pipeline::shared_limit`].
 //!
-//! One Lua script per limited request does the quota check, the credits check, the GCRA,
-//! and then the quota count and the credits spent, atomically, on Redis's clock (so nodes'
-//! clocks need not agree): one round trip, and all or nothing (a request the GCRA refuses
-//! spends no credit, and a request one rate limit refuses charges none of the key's other
-//! limits). Redis keeps, under the store's prefix `P`, `P:rl:<key id>` and
-//! `P:rl:<key id>:<limit name>` (each GCRA's theoretical arrival time, expiring once idle), `P:quota:<key id>:<period>` (a
-//! counter expiring with its period) and `P:credits:<key id>:<version>:<period>` (the
-//! credits spent of one setting in one refill period, expiring a day after it). When Redis
-//! cannot be reached, a background probe notices it coming back.
+//! One Lua script per limited request does the quota checks, the credits checks, the GCRAs,
+//! and then the quota counts and the credits spent, for the key and the identity it names,
+//! atomically, on Redis's clock (so nodes' clocks need not agree): one round trip, and all
+//! or nothing (a request one limit refuses spends no credit and charges no other limit).
+//! Redis keeps, under the store's prefix `P`, for a key id or `@<identity id>`:
+//! `P:rl:<id>` and `P:rl:<id>:<limit name>` (each GCRA's theoretical arrival time, expiring
+//! once idle), `P:quota:<id>:<period>` (a counter expiring with its period) and
+//! `P:credits:<id>:<version>:<period>` (the credits spent of one setting in one refill
+//! period, expiring a day after it). When Redis cannot be reached, a background probe
+//! notices it coming back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -21,35 +22,31 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::FailMode;
 use crate::policy::credits::Credits;
+use crate::policy::quota::Quota;
 use crate::policy::rate::{Name, SharedPolicy};
 
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local quota_limit = tonumber(ARGV[3])
-local used = 0
-if quota_limit > 0 then
-  used = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if used >= quota_limit then
-    return {2, 0, 0, used, 0}
-  end
-end
-local budget = tonumber(ARGV[5])
-local cost = tonumber(ARGV[6])
-local spent = 0
-if budget >= 0 then
-  spent = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if spent + cost > budget then
-    return {3, 0, 0, used, spent}
-  end
-end
 local rates = tonumber(ARGV[1])
-local reply = {0, 0, 0, used, spent}
+local counters = tonumber(ARGV[2])
+local reply = {0, 0, 0}
+for i = 1, counters do
+  local a = 3 * i
+  local value = tonumber(redis.call('GET', KEYS[i]) or '0')
+  reply[3 + i] = value
+  if value + tonumber(ARGV[a + 1]) > tonumber(ARGV[a]) then
+    reply[1] = 2
+    reply[2] = i
+    return reply
+  end
+end
+local base = 2 + 3 * counters
 local tats = {}
 for j = 1, rates do
-  local emission = tonumber(ARGV[5 + 2 * j])
-  local burst = tonumber(ARGV[6 + 2 * j])
-  local tat = tonumber(redis.call('GET', KEYS[2 + j]) or '0')
+  local emission = tonumber(ARGV[base + 2 * j - 1])
+  local burst = tonumber(ARGV[base + 2 * j])
+  local tat = tonumber(redis.call('GET', KEYS[counters + j]) or '0')
   if tat < now then
     tat = now
   end
@@ -57,28 +54,27 @@ for j = 1, rates do
   local new_tat = tat + emission
   local allow_at = new_tat - tolerance
   if allow_at > now then
-    return {1, j, allow_at - now, used, spent}
+    reply[1] = 1
+    reply[2] = j
+    reply[3] = allow_at - now
+    return reply
   end
   tats[j] = new_tat
-  reply[4 + 2 * j] = math.floor((tolerance - (new_tat - now)) / emission)
-  reply[5 + 2 * j] = new_tat - now
+  reply[2 + counters + 2 * j] = math.floor((tolerance - (new_tat - now)) / emission)
+  reply[3 + counters + 2 * j] = new_tat - now
 end
 for j = 1, rates do
-  redis.call('SET', KEYS[2 + j], string.format('%.0f', tats[j]), 'PX', math.ceil((tats[j] - now) / 1000) + 1000)
+  redis.call('SET', KEYS[counters + j], string.format('%.0f', tats[j]), 'PX', math.ceil((tats[j] - now) / 1000) + 1000)
 end
-if quota_limit > 0 then
-  used = redis.call('INCR', KEYS[1])
-  if used == 1 then
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+for i = 1, counters do
+  local a = 3 * i
+  local add = tonumber(ARGV[a + 1])
+  local value = redis.call('INCRBY', KEYS[i], add)
+  local ttl = tonumber(ARGV[a + 2])
+  if ttl > 0 and value == add then
+    redis.call('EXPIRE', KEYS[i], ttl)
   end
-  reply[4] = used
-end
-if budget >= 0 then
-  spent = redis.call('INCRBY', KEYS[2], cost)
-  if tonumber(ARGV[2]) > 0 then
-    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
-  end
-  reply[5] = spent
+  reply[3 + i] = value
 end
 return reply
 ";
@@ -94,6 +90,34 @@ pub struct SharedSettings {
     pub fail_mode: FailMode,
     pub nodes: u32,
     pub timeout: Duration,
+}
+
+/// One party to a shared decision: a key, or the identity it names.
+#[derive(Debug, Clone, Copy)]
+pub struct Party<'a> {
+    /// Where Redis counts it: the key's id, or `@<identity id>`.
+    pub id: &'a str,
+    pub policy: &'a SharedPolicy,
+    pub credits: Option<&'a Credits>,
+}
+
+/// What one of the script's counters counts, and for whom.
+#[derive(Debug, Clone, Copy)]
+pub enum Counted<'a> {
+    Quota(&'a Party<'a>, &'a Quota),
+    Credits(&'a Party<'a>, &'a Credits),
+}
+
+/// The script's counters for `parties`, in its order: every party's quota, then every
+/// party's credits (so a request over a quota is told so before it is told of credits).
+pub fn counters<'a>(parties: &'a [Party<'a>]) -> impl Iterator<Item = Counted<'a>> + 'a {
+    let quotas = parties
+        .iter()
+        .filter_map(|p| Some(Counted::Quota(p, p.policy.quota.as_ref()?)));
+    let credits = parties
+        .iter()
+        .filter_map(|p| Some(Counted::Credits(p, p.credits?)));
+    quotas.chain(credits)
 }
 
 /// The shared limiter of one Redis.
@@ -145,64 +169,57 @@ impl SharedLimiter {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Runs the script for the key `id`: `[outcome, which, wait (µs), used, credits spent,
-    /// then each rate's remaining and reset (µs)]`. Outcome 0 admits (and the pairs follow,
-    /// one per rate of `policy`, in order), 1 is the rate limit numbered `which` (from 1),
-    /// 2 the quota, 3 the credits. Every rate is checked before any is spent, so a refusal
-    /// charges none.
+    /// Runs the script for `parties` (a key, and the identity it names): `[outcome, which,
+    /// wait (µs), each counter's value (see [`counters`]), then each rate's remaining and
+    /// reset (µs)]`, the rates of every party in order. Outcome 0 admits; 1 is refused by
+    /// the rate numbered `which` (from 1), and 2 by the counter numbered `which` (a quota
+    /// or credits). Every limit is checked before any is spent, so a refusal charges none.
     pub(crate) async fn call(
         &self,
-        id: &str,
-        policy: &SharedPolicy,
-        credits: Option<(&Credits, u64)>,
+        parties: &[Party<'_>],
+        cost: u64,
         now: i64,
     ) -> redis::RedisResult<Vec<i64>> {
         let connection = self.connection().await?;
         let prefix = &self.settings.prefix;
-        let (quota_key, limit, ttl) = match policy.quota {
-            Some(q) => {
-                let (period, end) = q.window(now);
-                (
-                    format!("{prefix}:quota:{id}:{period}"),
-                    q.limit,
-                    end.saturating_sub(now).max(1).saturating_add(60),
-                )
-            }
-            None => (format!("{prefix}:quota:{id}:none"), 0, 1),
-        };
-        let (credits_key, budget, cost, credits_ttl) = match credits {
-            Some((c, cost)) => {
-                let balance = c.balance(now);
-                (
-                    self.credits_key(id, c, now),
-                    i64::try_from(balance.budget).unwrap_or(i64::MAX),
-                    cost,
-                    // A day past the refill; without one, kept.
-                    balance
-                        .next_refill
-                        .map_or(0, |t| t.saturating_sub(now).max(1).saturating_add(86_400)),
-                )
-            }
-            None => (format!("{prefix}:credits:{id}:none"), -1, 0, 0),
-        };
-        let mut connection = connection.clone();
         let mut call = self.script.prepare_invoke();
-        call.key(quota_key)
-            .key(credits_key)
-            .arg(policy.rates.len())
-            .arg(credits_ttl)
-            .arg(limit)
-            .arg(ttl)
-            .arg(budget)
-            .arg(cost);
-        for rate in policy.rates.iter() {
-            // The rate limit's count keeps the name it always had; a named one adds its name.
-            call.key(match &rate.name {
-                Name::Named(name) => format!("{prefix}:rl:{id}:{name}"),
-                _ => format!("{prefix}:rl:{id}"),
-            });
-            call.arg(rate.emission_us).arg(rate.burst);
+        let rates: usize = parties.iter().map(|p| p.policy.rates.len()).sum();
+        call.arg(rates).arg(counters(parties).count());
+        for counted in counters(parties) {
+            match counted {
+                Counted::Quota(party, q) => {
+                    let (period, end) = q.window(now);
+                    call.key(format!("{prefix}:quota:{}:{period}", party.id))
+                        .arg(q.limit)
+                        .arg(1)
+                        // Kept a minute past its period.
+                        .arg(end.saturating_sub(now).max(1).saturating_add(60));
+                }
+                Counted::Credits(party, c) => {
+                    let balance = c.balance(now);
+                    call.key(self.credits_key(party.id, c, now))
+                        .arg(balance.budget)
+                        .arg(cost)
+                        // A day past the refill; without one, kept.
+                        .arg(
+                            balance
+                                .next_refill
+                                .map_or(0, |t| t.saturating_sub(now).max(1).saturating_add(86_400)),
+                        );
+                }
+            }
         }
+        for party in parties {
+            for rate in party.policy.rates.iter() {
+                // A key's rate limit keeps the name it always had; a named one adds its name.
+                call.key(match &rate.name {
+                    Name::Named(name) => format!("{prefix}:rl:{}:{name}", party.id),
+                    _ => format!("{prefix}:rl:{}", party.id),
+                });
+                call.arg(rate.emission_us).arg(rate.burst);
+            }
+        }
+        let mut connection = connection.clone();
         call.invoke_async(&mut connection).await
     }
 
