@@ -10,7 +10,7 @@ use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::keys::lifecycle::Op;
-use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Status, Store};
+use crate::keys::{self, KeyError, KeyPatch, KeyRecord, NewKey, Side, Status, Store};
 use crate::snapshot::{BuildContext, Snapshot};
 use crate::state::limiters::Limiters;
 use crate::state::usage::UsageBook;
@@ -43,6 +43,53 @@ pub enum Command {
     /// Manage the key store the config names.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage identities: customers whose limits, quota, credits and metadata every key
+    /// naming them shares.
+    #[command(subcommand)]
+    Identities(IdentitiesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentitiesCommand {
+    /// Make an identity, or replace it whole (as `PUT /v1/identities/{id}`).
+    Put(Box<IdentityArgs>),
+    /// List every identity.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one identity, with what its credits have left.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an identity: its keys keep the name (still forwarded) and lose its limits.
+    Delete { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    /// The operator's own customer id: 1 to 255 bytes, no control characters.
+    pub id: String,
+    /// A rate limit every key of the identity spends, `NAME=N/s|N/m|N/h[:BURST]`;
+    /// repeatable.
+    #[arg(long = "limit", value_name = "NAME=RATE[:BURST]")]
+    pub limits: Vec<String>,
+    /// `N/day` or `N/month`, counted over all the identity's keys.
+    #[arg(long)]
+    pub quota: Option<String>,
+    /// Credits every key of the identity spends from, 0 to 10^12.
+    #[arg(long)]
+    pub credits: Option<u64>,
+    /// With --credits: the refill, `N/day`, `N/month` or `N/month@DAY`.
+    #[arg(long, requires = "credits")]
+    pub refill: Option<String>,
+    /// A member of the identity's metadata, `NAME=VALUE`; repeatable.
+    #[arg(long = "meta", value_name = "NAME=VALUE")]
+    pub meta: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +336,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo(args) => crate::demo::run(&args.proxy, &args.admin),
         Command::Check => check(&cli.config),
         Command::Keys(cmd) => run_keys(&cli.config, cmd),
+        Command::Identities(cmd) => run_identities(&cli.config, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -391,6 +439,174 @@ fn cli_actor() -> String {
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());
     format!("cli:{user}")
+}
+
+fn run_identities(config_path: &Path, cmd: IdentitiesCommand) -> Result<(), String> {
+    use crate::keys::identity::{self, IdentityBody, IdentityRecord};
+    let config = Config::load(config_path).map_err(|e| config_errors(&e))?;
+    let store = Store::for_config(&config, config_path).map_err(|e| e.to_string())?;
+    let actor = cli_actor();
+    let now = Clock::real().unix_secs();
+    let journal = crate::state::credits::CreditBook::open(crate::state::credits::journal_path(
+        &config.usage_path(config_path),
+    ));
+    // As the API shows it, with what its credits have left by this node's journal.
+    let view = |r: &IdentityRecord| {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        let checked = r.credits.as_ref().map(crate::keys::check::check_credits);
+        if let (Some(Ok(c)), Some(stored)) = (checked, v.get("credits").cloned()) {
+            let shown = journal.show(&format!("@{}", r.id), &stored, &c, now);
+            crate::keys::set_member(&mut v, "credits", shown);
+        }
+        v
+    };
+    let audit = |action: &str, reason: String| {
+        let event = AuditEvent::new(now, &actor, action).reason(reason);
+        if let Err(e) = crate::audit::append(&config.audit_path(config_path), &event) {
+            eprintln!("keygate: warning: the change is saved, but the audit log could not be written: {e}");
+        }
+    };
+    let stored = || -> Result<Vec<IdentityRecord>, String> {
+        let (file, _) = store.load().map_err(|e| config_errors(&e))?;
+        Ok(file
+            .identities
+            .into_iter()
+            .filter_map(|d| serde_json::from_value(d).ok())
+            .collect())
+    };
+    let not_found = |id: &str| format!("no identity has id `{id}`");
+    match cmd {
+        IdentitiesCommand::Put(args) => {
+            let body = IdentityBody {
+                rate_limits: limit_flags(&args.limits)?,
+                quota: args.quota,
+                credits: credit_flags(args.credits, args.refill.as_deref())?.map(|c| {
+                    identity::CreditsBody {
+                        remaining: c.remaining,
+                        refill: c.refill,
+                    }
+                }),
+                meta: meta_flags(&args.meta)?,
+            };
+            let id = args.id;
+            let (record, before, created) = store
+                .change_side(Side::Identities, |docs| {
+                    let before = identity::find(docs, &id);
+                    let record = IdentityRecord::from_body(&id, body, before.as_ref(), now)
+                        .map_err(|p| KeyError::Invalid {
+                            field: p.field,
+                            message: p.message,
+                        })?;
+                    let created = identity::put(docs, &record);
+                    Ok((record, before, created))
+                })
+                .map_err(|e| match e {
+                    KeyError::Invalid {
+                        field: "id",
+                        message,
+                    } => message,
+                    e => flag_error(e),
+                })?;
+            if created {
+                audit("identity.created", identity::describe(&record));
+            } else if before.as_ref() != Some(&record) {
+                let was = before.as_ref().map(identity::describe).unwrap_or_default();
+                audit(
+                    "identity.updated",
+                    format!("{was} → {}", identity::describe(&record)),
+                );
+            }
+            if args.json {
+                print_json(&view(&record));
+            } else {
+                let verb = if created { "Created" } else { "Replaced" };
+                println!("{verb} identity {}.", identity::describe(&record));
+                println!(
+                    "Keys naming it (--identity {}) share these limits from their next request.",
+                    record.id
+                );
+            }
+            Ok(())
+        }
+        IdentitiesCommand::List { json } => {
+            let all = stored()?;
+            if json {
+                let views: Vec<_> = all.iter().map(view).collect();
+                print_json(&serde_json::json!({ "identities": views }));
+            } else if all.is_empty() {
+                println!("No identities.");
+            } else {
+                for r in &all {
+                    println!("{}", identity::describe(r));
+                }
+            }
+            Ok(())
+        }
+        IdentitiesCommand::Show { id, json } => {
+            let all = stored()?;
+            let record = all
+                .iter()
+                .find(|r| r.id == id)
+                .ok_or_else(|| not_found(&id))?;
+            let v = view(record);
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let text = |member: &str| {
+                v.get(member).map_or("-".to_string(), |m| match m {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+            };
+            let limits: Vec<String> = record
+                .rate_limits
+                .iter()
+                .map(|l| match l.burst {
+                    Some(b) => format!("{} {} (burst {b})", l.name, l.limit),
+                    None => format!("{} {}", l.name, l.limit),
+                })
+                .collect();
+            let limits = match limits.is_empty() {
+                true => "(none)".to_string(),
+                false => limits.join(", "),
+            };
+            println!("id:          {}", record.id);
+            println!("rate limits: {limits}");
+            println!("quota:       {}", text("quota"));
+            let credits = v.get("credits").map_or("(none)".to_string(), |c| {
+                let mut said = format!("{} left", c["remaining"]);
+                if let Some(r) = c.get("refill") {
+                    let every = r["interval"].as_str().unwrap_or_default();
+                    said.push_str(&format!(", back to {} {every}", r["amount"]));
+                }
+                if let Some(next) = c["next_refill"].as_str() {
+                    said.push_str(&format!(", next at {next}"));
+                }
+                said
+            });
+            println!("credits:     {credits}");
+            println!("meta:        {}", text("meta"));
+            println!("created:     {}", record.created_at);
+            println!(
+                "updated:     {}",
+                record.updated_at.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        IdentitiesCommand::Delete { id } => {
+            let removed = store
+                .change_side(Side::Identities, |docs| Ok(identity::remove(docs, &id)))
+                .map_err(|e| e.to_string())?;
+            let removed = removed.ok_or_else(|| not_found(&id))?;
+            audit("identity.deleted", identity::describe(&removed));
+            println!(
+                "Deleted identity {}. Its keys keep the name and lose its limits.",
+                removed.id
+            );
+            Ok(())
+        }
+    }
 }
 
 fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {

@@ -216,3 +216,92 @@ async fn bad_identities_are_refused_by_field() {
     assert_eq!(r.code(), "identity_not_found");
     gw.stop().await;
 }
+
+/// `keygate identities`: put (made, then replaced, audited only when it changed), list,
+/// show and delete, kept in the store a running gateway reads; a bad value is one line
+/// naming the flag, and changes nothing.
+#[test]
+fn the_cli_manages_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("keygate.yaml"),
+        &config_yaml(
+            &route("/", "127.0.0.1:9".parse().unwrap(), "production", ""),
+            "",
+        ),
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", "keygate.yaml", "identities"];
+        all.extend_from_slice(args);
+        support::process::run(&all, dir.path())
+    };
+    let (code, out, err) = run(&[
+        "put",
+        "cus_1",
+        "--limit",
+        "hourly=100/h:10",
+        "--quota",
+        "1000/day",
+        "--credits",
+        "50",
+        "--refill",
+        "50/month",
+        "--meta",
+        "plan=pro",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let made: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        made["rate_limits"],
+        json!([{"name": "hourly", "limit": "100/h", "burst": 10}])
+    );
+    assert_eq!(made["quota"], "1000/day");
+    assert_eq!(made["credits"]["remaining"], 50);
+    assert_eq!(
+        made["credits"]["refill"],
+        json!({"amount": 50, "interval": "monthly"})
+    );
+    assert_eq!(made["meta"], json!({"plan": "pro"}));
+    let (code, out, _) = run(&["put", "cus_1", "--quota", "5/day"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("Replaced identity cus_1"), "{out}");
+    let (code, _, _) = run(&["put", "cus_1", "--quota", "5/day"]);
+    assert_eq!(code, 0);
+    let (code, out, err) = run(&["put", "cus_1", "--quota", "5/fortnight"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(
+        err.starts_with("keygate: error: --quota: ") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let (code, _, err) = run(&["put", "a\u{7}b"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("identity id"), "{err}");
+    let (code, out, _) = run(&["list", "--json"]);
+    assert_eq!(code, 0);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["identities"].as_array().map(Vec::len), Some(1));
+    assert_eq!(listed["identities"][0]["quota"], "5/day");
+    assert!(
+        listed["identities"][0].get("credits").is_none(),
+        "a put replaces whole"
+    );
+    let (code, out, _) = run(&["show", "cus_1", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["id"], "cus_1");
+    let (code, _, err) = run(&["show", "cus_2"]);
+    assert_eq!(
+        (code, err.trim()),
+        (1, "keygate: error: no identity has id `cus_2`")
+    );
+    let (code, _, _) = run(&["delete", "cus_1"]);
+    assert_eq!(code, 0);
+    let (code, _, _) = run(&["delete", "cus_1"]);
+    assert_eq!(code, 1);
+    let (_, out, _) = run(&["list"]);
+    assert_eq!(out.trim(), "No identities.");
+    assert_eq!(
+        audit_actions(dir.path()),
+        ["identity.created", "identity.updated", "identity.deleted"]
+    );
+}
