@@ -1086,3 +1086,720 @@ async fn a_leaked_key_is_marked_with_where_it_was_found() {
     drop(b);
     gw.stop().await;
 }
+
+/// Sets a select's value as a person picking it would, so its `change` handler runs.
+async fn choose(b: &Browser, css: &str, value: &str) {
+    let script = format!(
+        "const s = document.querySelector({}); s.value = {}; s.dispatchEvent(new Event('change')); return s.value",
+        serde_json::Value::from(css),
+        serde_json::Value::from(value)
+    );
+    assert_eq!(b.eval(&script).await, value, "{css} offers {value}");
+}
+
+/// Clicks `css` after scrolling it to the middle of its scroller, as a person would before
+/// clicking a control that the dialog's sticky buttons cover.
+async fn click_shown(b: &Browser, css: &str) {
+    b.find(css).await;
+    b.eval(&format!(
+        "document.querySelector({}).scrollIntoView({{block: 'center'}}); return true",
+        serde_json::Value::from(css)
+    ))
+    .await;
+    b.click(css).await;
+}
+
+/// Records every admin API call the page makes from now on, as `[method, path, body]`.
+async fn record_calls(b: &Browser) {
+    b.eval(
+        "window.sent = []; const real = window.fetch; \
+         window.fetch = (url, o = {}) => { window.sent.push([o.method || 'GET', String(url), o.body ?? null]); return real(url, o); }; \
+         return true",
+    )
+    .await;
+}
+
+/// The calls recorded since `record_calls` that changed something, bodies parsed.
+async fn changes(b: &Browser) -> Vec<(String, String, serde_json::Value)> {
+    let v = b
+        .eval("return window.sent.filter(([m]) => m !== 'GET')")
+        .await;
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let body = c[2]
+                .as_str()
+                .map(|t| serde_json::from_str(t).unwrap())
+                .unwrap_or_default();
+            (
+                c[0].as_str().unwrap().to_string(),
+                c[1].as_str().unwrap().to_string(),
+                body,
+            )
+        })
+        .collect()
+}
+
+/// A fact of the key's or identity's page (`#key-facts`, `#identity-facts`) by its term.
+async fn fact(b: &Browser, facts: &str, term: &str) -> String {
+    b.text(&format!("{facts} dd[data-fact='{term}']")).await
+}
+
+/// Identities and limited-use keys from the console. An identity is made from its form; a
+/// key is made with that identity, credits, metadata and two named limits, after a bad limit
+/// and oversized metadata are refused beside their fields; the API then holds exactly what
+/// the form said. The key's page shows the identity as a link, the credits and the metadata
+/// (as text: a `<script>` value stays text); credits are topped up and set; an edit sends
+/// only what changed; the identity's page shows what its keys spent, is edited, and is
+/// deleted after a confirmation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_credits_and_metadata_are_managed_from_the_console() {
+    let (_up, gw) = setup().await;
+    let b = Browser::start(1440, 900).await;
+    b.goto(&format!(
+        "http://{}/console?ns=acme&view=identities",
+        gw.admin
+    ))
+    .await;
+    sign_in(&b, ADMIN_TOKEN).await;
+    b.find("#view-identities").await;
+    assert_eq!(
+        b.eval("return document.querySelector('#nav-identities').getAttribute('aria-current')")
+            .await,
+        "page"
+    );
+
+    // An identity, from its form.
+    b.click("#identity-empty-new").await;
+    b.find("#identity-form[open]").await;
+    assert_eq!(b.eval("return document.activeElement.id").await, "i-id");
+    b.type_into("#i-id", "cus_123").await;
+    b.click("#i-add-limit").await;
+    b.type_into("#i-limits .limit .l-name", "hourly").await;
+    b.type_into("#i-limits .limit .l-limit", "1000/h").await;
+    b.type_into("#i-quota", "10000/day").await;
+    b.type_into("#i-credits", "500").await;
+    b.type_into("#i-refill", "500").await;
+    choose(&b, "#i-interval", "monthly").await;
+    b.type_into("#i-day", "15").await;
+    b.click("#i-add-meta").await;
+    b.type_into("#i-meta .m-name", "plan").await;
+    b.type_into("#i-meta .m-value", "enterprise").await;
+    b.click("#identity-form-submit").await;
+    b.wait_until(
+        "the identity is listed",
+        "return document.querySelector('#identities-body tr[data-identity=\"cus_123\"]') !== null",
+    )
+    .await;
+    let made = admin(&gw, "GET", "/v1/identities/cus_123", None)
+        .await
+        .json();
+    assert_eq!(
+        made["rate_limits"],
+        serde_json::json!([{"name": "hourly", "limit": "1000/h"}])
+    );
+    assert_eq!(made["quota"], "10000/day");
+    assert_eq!(made["credits"]["remaining"], 500);
+    assert_eq!(
+        made["credits"]["refill"],
+        serde_json::json!({"amount": 500, "interval": "monthly", "day_of_month": 15})
+    );
+    assert_eq!(made["meta"], serde_json::json!({"plan": "enterprise"}));
+    let row = b.text("#identities-body tr[data-identity='cus_123']").await;
+    assert!(
+        row.contains("hourly: 1000/h") && row.contains("10000/day") && row.contains("500"),
+        "{row}"
+    );
+    // Made again, it is refused beside its id, not replaced.
+    b.click("#identity-new").await;
+    b.type_into("#i-id", "cus_123").await;
+    b.click("#identity-form-submit").await;
+    assert!(b.text("#ie-id").await.contains("exists already"));
+    assert_eq!(b.eval("return document.activeElement.id").await, "i-id");
+    b.click("#identity-form-cancel").await;
+    assert_eq!(
+        admin(&gw, "GET", "/v1/identities/cus_123", None)
+            .await
+            .json()["quota"],
+        "10000/day"
+    );
+
+    // A key of that identity, with credits, metadata and two named limits.
+    b.click("#nav-keys").await;
+    b.click("#empty-create").await;
+    b.find("#key-form[open]").await;
+    b.type_into("#f-name", "billing-sync").await;
+    b.type_into("#f-identity", "cus_123").await;
+    // The identity field offers the identities there are.
+    b.wait_until(
+        "the identities are offered",
+        "return [...document.querySelectorAll('#identity-ids option')].map(o => o.value).join() === 'cus_123'",
+    )
+    .await;
+    for _ in 0..2 {
+        b.click("#add-limit").await;
+    }
+    assert_eq!(
+        b.eval("return [...document.querySelectorAll('#limits input, #limits button')].map(x => x.getAttribute('aria-label')).join(', ')")
+            .await,
+        "Limit 1 name, Limit 1 rate, Limit 1 burst, Remove limit 1, \
+         Limit 2 name, Limit 2 rate, Limit 2 burst, Remove limit 2"
+    );
+    b.type_into("#limits .limit:nth-child(1) .l-name", "burst")
+        .await;
+    b.type_into("#limits .limit:nth-child(1) .l-limit", "10/s")
+        .await;
+    b.type_into("#limits .limit:nth-child(2) .l-name", "hourly")
+        .await;
+    b.type_into("#limits .limit:nth-child(2) .l-limit", "1000/fortnight")
+        .await;
+    b.type_into("#limits .limit:nth-child(2) .l-burst", "50")
+        .await;
+    b.type_into("#f-credits", "100").await;
+    b.type_into("#f-refill", "100").await;
+    assert!(
+        b.all("#f-day-field:not([hidden])").await.is_empty(),
+        "a daily refill has no day"
+    );
+    b.click("#add-meta").await;
+    b.type_into("#meta .meta-row .m-name", "plan").await;
+    b.type_into("#meta .meta-row .m-value", "pro").await;
+    b.click("#add-meta").await;
+    b.type_into("#meta .meta-row:nth-child(2) .m-name", "note")
+        .await;
+    // Metadata larger than 4 KiB is refused beside the metadata, before anything is sent.
+    b.eval(
+        "const v = document.querySelector('#meta .meta-row:nth-child(2) .m-value'); \
+         v.value = 'x'.repeat(5000); v.dispatchEvent(new Event('input', {bubbles: true})); return true",
+    )
+    .await;
+    record_calls(&b).await;
+    b.click("#key-form-submit").await;
+    let too_large = b.text("#e-meta").await;
+    assert!(
+        too_large.contains("4,096 bytes") && too_large.ends_with('.'),
+        "{too_large}"
+    );
+    assert_eq!(
+        b.eval("return document.activeElement.matches('#meta .meta-row:nth-child(2) .m-value')")
+            .await,
+        true,
+        "the value at fault has the focus"
+    );
+    b.screenshot(&artifacts().join("key-form-meta-too-large.png"))
+        .await;
+    assert!(changes(&b).await.is_empty(), "nothing was sent");
+    // A value with markup in it is only text. The bad limit is the server's to refuse: its
+    // refusal is shown beside the named limits, with the limit at fault focused.
+    b.type_into(
+        "#meta .meta-row:nth-child(2) .m-value",
+        "<script>alert(1)</script><b>bold</b>",
+    )
+    .await;
+    assert!(
+        b.all("#e-meta:not([hidden])").await.is_empty(),
+        "the error goes once the field is changed"
+    );
+    b.click("#key-form-submit").await;
+    b.find("#e-rate_limits:not([hidden])").await;
+    let refused = b.text("#e-rate_limits").await;
+    assert!(
+        refused.contains("“1000/fortnight” is not a rate") && !refused.contains('`'),
+        "{refused}"
+    );
+    assert_eq!(
+        b.eval("return document.activeElement.matches('#limits .limit:nth-child(2) .l-limit')")
+            .await,
+        true,
+        "the limit at fault has the focus"
+    );
+    b.screenshot(&artifacts().join("key-form-limit-refused.png"))
+        .await;
+    assert!(b.all("#secret[open]").await.is_empty());
+    b.type_into("#limits .limit:nth-child(2) .l-limit", "1000/h")
+        .await;
+    b.click("#key-form-submit").await;
+    let secret = take_secret(&b).await;
+    wait_rows(&b, 1).await;
+    let id = rows(&b).await.remove(0);
+
+    // The API holds exactly what the form said.
+    let key = admin(&gw, "GET", &format!("/v1/api-keys/{id}"), None)
+        .await
+        .json();
+    assert_eq!(key["identity"], "cus_123");
+    assert_eq!(
+        key["rate_limits"],
+        serde_json::json!([
+            {"name": "burst", "limit": "10/s"},
+            {"name": "hourly", "limit": "1000/h", "burst": 50},
+        ])
+    );
+    assert_eq!(key["credits"]["remaining"], 100);
+    assert_eq!(
+        key["credits"]["refill"],
+        serde_json::json!({"amount": 100, "interval": "daily"})
+    );
+    assert_eq!(
+        key["meta"],
+        serde_json::json!({"plan": "pro", "note": "<script>alert(1)</script><b>bold</b>"})
+    );
+    for blank in ["rate_limit", "burst", "quota", "expires_at"] {
+        assert_eq!(key[blank], serde_json::Value::Null, "{blank}: {key}");
+    }
+    // The list names the key's identity under its name.
+    assert_eq!(
+        b.text("#keys-body td[data-label='Name'] .sub").await,
+        "identity cus_123"
+    );
+    // One line a limit, so that the column stays narrow.
+    assert_eq!(
+        b.text("#keys-body td[data-label='Rate limit']").await,
+        "burst: 10/s\nhourly: 1000/h, burst 50"
+    );
+
+    // Spent once: by the key and by its identity.
+    let r = send(Req::get(gw.proxy, "/v1/things").bearer(&secret)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The per-minute series is kept by housekeeping.
+    gw.gateway().housekeeping();
+
+    // The key's page: the identity as a link, the credits, and the metadata as text.
+    b.click("#keys-body td[data-label='Name'] > a").await;
+    b.find("#view-key").await;
+    b.wait_until(
+        "the facts are shown",
+        "return document.querySelector('#key-facts dd[data-fact=Credits]') !== null",
+    )
+    .await;
+    assert_eq!(fact(&b, "#key-facts", "Identity").await, "cus_123");
+    let credits = fact(&b, "#key-facts", "Credits").await;
+    assert!(
+        credits.starts_with("99 left; refills to 100 each day at 00:00 UTC; next refill in "),
+        "{credits}"
+    );
+    assert_eq!(
+        fact(&b, "#key-facts", "Metadata").await,
+        "plan: pro\nnote: <script>alert(1)</script><b>bold</b>"
+    );
+    assert_eq!(
+        b.eval("return document.querySelectorAll('script').length + document.querySelectorAll('#key-facts b').length")
+            .await,
+        1,
+        "the value is text: no element was made of it"
+    );
+    assert_eq!(
+        fact(&b, "#key-facts", "Rate limit").await,
+        "burst: 10/s\nhourly: 1000/h, burst 50"
+    );
+
+    // Top up: add, refused in place when it is no number, then set.
+    b.click("#key-actions button[data-action=credits]").await;
+    b.find("#topup[open]").await;
+    assert!(b.text("#topup-now").await.contains("99 left"));
+    assert_eq!(
+        b.eval("return document.activeElement.id").await,
+        "topup-amount"
+    );
+    b.type_into("#topup-amount", "0").await;
+    b.click("#topup-ok").await;
+    assert!(b.text("#topup-error").await.contains("from 1"));
+    assert!(changes(&b)
+        .await
+        .iter()
+        .all(|(_, path, _)| !path.ends_with("/credits")));
+    b.type_into("#topup-amount", "25").await;
+    b.click("#topup-ok").await;
+    b.wait_until(
+        "the balance is shown",
+        "return document.querySelector('#key-facts dd[data-fact=Credits]')?.textContent.startsWith('124 left')",
+    )
+    .await;
+    assert!(b.text("#flash").await.contains("Added 25 credits"));
+    b.click("#key-actions button[data-action=credits]").await;
+    b.click("#topup-set").await;
+    assert_eq!(b.text("#topup-ok").await, "Set credits");
+    b.type_into("#topup-amount", "40").await;
+    b.click("#topup-ok").await;
+    b.wait_until(
+        "the balance is shown",
+        "return document.querySelector('#key-facts dd[data-fact=Credits]')?.textContent.startsWith('40 left')",
+    )
+    .await;
+    let key = admin(&gw, "GET", &format!("/v1/api-keys/{id}"), None)
+        .await
+        .json();
+    assert_eq!(key["credits"]["remaining"], 40);
+    let topups: Vec<_> = changes(&b)
+        .await
+        .into_iter()
+        .filter(|(_, path, _)| path.ends_with("/credits"))
+        .map(|(_, _, body)| body)
+        .collect();
+    assert_eq!(
+        topups,
+        [
+            serde_json::json!({"add": 25}),
+            serde_json::json!({"set": 40})
+        ]
+    );
+
+    // An edit sends only what changed: here, the metadata without its note.
+    b.click("#key-actions button[data-action=edit]").await;
+    b.find("#key-form[open]").await;
+    assert_eq!(b.property("#f-identity", "value").await, "cus_123");
+    assert_eq!(b.property("#f-credits", "value").await, "40");
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#limits .limit').length")
+            .await,
+        2
+    );
+    click_shown(&b, "#meta .meta-row:nth-child(2) button").await;
+    assert_eq!(
+        b.eval("return document.activeElement.matches('#meta .meta-row:nth-child(1) .m-name')")
+            .await,
+        true,
+        "the focus stays in the list"
+    );
+    b.click("#key-form-submit").await;
+    b.wait_until(
+        "the change is shown",
+        "return document.querySelector('#key-facts dd[data-fact=Metadata]')?.textContent === 'plan: pro'",
+    )
+    .await;
+    let patches: Vec<_> = changes(&b)
+        .await
+        .into_iter()
+        .filter(|(method, _, _)| method == "PATCH")
+        .map(|(_, _, body)| body)
+        .collect();
+    assert_eq!(patches, [serde_json::json!({"meta": {"plan": "pro"}})]);
+    let key = admin(&gw, "GET", &format!("/v1/api-keys/{id}"), None)
+        .await
+        .json();
+    assert_eq!(key["meta"], serde_json::json!({"plan": "pro"}));
+    assert_eq!(key["credits"]["remaining"], 40, "the credits were not set");
+
+    // The identity link leads to the identity: what all its keys spent, its limits.
+    b.click("#key-facts dd[data-fact=Identity] a").await;
+    b.find("#view-identity").await;
+    b.wait_until(
+        "the identity is shown",
+        "return document.querySelector('#identity-facts dd[data-fact=Credits]') !== null",
+    )
+    .await;
+    assert!(b.url().await.contains("view=identity&id=cus_123"));
+    assert_eq!(b.text("#identity-title").await, "cus_123");
+    assert_eq!(
+        fact(&b, "#identity-facts", "Rate limits").await,
+        "hourly: 1000/h"
+    );
+    assert!(fact(&b, "#identity-facts", "Quota")
+        .await
+        .starts_with("10000/day (1 of 10,000 used, resets in"));
+    assert!(fact(&b, "#identity-facts", "Credits")
+        .await
+        .starts_with("499 left; refills to 500 on day 15 of each month; next refill in"));
+    assert_eq!(
+        fact(&b, "#identity-facts", "Metadata").await,
+        "plan: enterprise"
+    );
+    assert_eq!(fact(&b, "#identity-facts", "Requests today").await, "1");
+    b.wait_until(
+        "the chart is drawn",
+        "return document.querySelector('#identity-chart svg')?.dataset.accepted === '1'",
+    )
+    .await;
+
+    // Edited from its page: a merge patch of the quota alone, so the credits keep counting.
+    b.click("#identity-edit").await;
+    b.find("#identity-form[open]").await;
+    assert_eq!(b.property("#i-id", "disabled").await, true);
+    b.type_into("#i-quota", "20000/day").await;
+    b.click("#identity-form-submit").await;
+    b.wait_until(
+        "the change is shown",
+        "return document.querySelector('#identity-facts dd[data-fact=Quota]')?.textContent.startsWith('20000/day')",
+    )
+    .await;
+    let patches: Vec<_> = changes(&b)
+        .await
+        .into_iter()
+        .filter(|(method, path, _)| method == "PATCH" && path.contains("/v1/identities/"))
+        .map(|(_, _, body)| body)
+        .collect();
+    assert_eq!(patches, [serde_json::json!({"quota": "20000/day"})]);
+    assert!(fact(&b, "#identity-facts", "Credits")
+        .await
+        .starts_with("499 left"));
+    // A bad quota is the server's to refuse, beside the quota.
+    b.click("#identity-edit").await;
+    b.type_into("#i-quota", "5/fortnight").await;
+    b.click("#identity-form-submit").await;
+    b.find("#ie-quota:not([hidden])").await;
+    assert_eq!(b.eval("return document.activeElement.id").await, "i-quota");
+    b.click("#identity-form-cancel").await;
+
+    // Deleted after a confirmation; its key keeps the name, and the link says what that means.
+    b.click("#identity-delete").await;
+    assert!(b
+        .text("#confirm-text")
+        .await
+        .contains("Its keys keep working and keep the name"));
+    b.click("#confirm-ok").await;
+    b.find("#identities-empty").await;
+    assert!(b
+        .text("#flash")
+        .await
+        .contains("Deleted the identity cus_123"));
+    assert_eq!(
+        admin(&gw, "GET", "/v1/identities/cus_123", None)
+            .await
+            .code(),
+        "identity_not_found"
+    );
+    b.goto(&format!(
+        "http://{}/console?ns=acme&view=key&id={id}",
+        gw.admin
+    ))
+    .await;
+    b.click("#key-facts dd[data-fact=Identity] a").await;
+    b.find("#identity-missing:not([hidden])").await;
+    assert!(b
+        .text("#identity-missing-text")
+        .await
+        .contains("share nothing but the name"));
+    // And can be made again from there, its id filled in.
+    b.click("#identity-missing-create").await;
+    assert_eq!(b.property("#i-id", "value").await, "cus_123");
+    b.click("#identity-form-submit").await;
+    b.find("#identity-body:not([hidden])").await;
+    assert_eq!(
+        admin(&gw, "GET", "/v1/identities/cus_123", None)
+            .await
+            .status,
+        200
+    );
+
+    let unlabelled = b
+        .eval(
+            "return [...document.querySelectorAll('input, select, textarea, button')]
+               .filter(e => !(e.labels?.length || e.getAttribute('aria-label') || e.textContent.trim()))
+               .map(e => e.id || e.outerHTML)",
+        )
+        .await;
+    assert_eq!(
+        unlabelled,
+        serde_json::json!([]),
+        "controls without a label"
+    );
+    let errors: Vec<_> = b
+        .errors()
+        .await
+        .into_iter()
+        .filter(|e| !e.contains("Failed to load resource"))
+        .collect();
+    assert!(errors.is_empty(), "browser errors: {errors:?}");
+    drop(b);
+    gw.stop().await;
+}
+
+/// Pictures of identities, credits, metadata and named limits at 1440 and 400 px, in
+/// `target/console/docs/` beside the README's: the keys list naming identities, a key's
+/// page, its edit form, the top-up dialog, the identities list, an identity's page and its
+/// form. At 400 px nothing scrolls sideways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn screenshots_of_identities_and_credits() {
+    let (_up, gw) = setup().await;
+    for (id, body) in [
+        (
+            "cus_8842",
+            serde_json::json!({
+                "rate_limits": [{"name": "per-second", "limit": "20/s"}, {"name": "hourly", "limit": "20000/h", "burst": 500}],
+                "quota": "1000000/month",
+                "credits": {"remaining": 250000, "refill": {"amount": 250000, "interval": "monthly", "day_of_month": 1}},
+                "meta": {"plan": "enterprise", "company": "Globex Corporation", "account_manager": "j.doe@example.com"},
+            }),
+        ),
+        (
+            "cus_1017",
+            serde_json::json!({"rate_limits": [{"name": "per-minute", "limit": "600/m"}], "meta": {"plan": "starter"}}),
+        ),
+    ] {
+        let r = admin(&gw, "PUT", &format!("/v1/identities/{id}"), Some(body)).await;
+        assert_eq!(r.status, 201, "{:?}", r.json());
+    }
+    let made = admin(
+        &gw,
+        "POST",
+        "/v1/api-keys",
+        Some(serde_json::json!({
+            "namespace": "acme", "environment": "production", "name": "globex-orders",
+            "identity": "cus_8842", "scopes": ["read:/v1/**", "write:/v1/orders/*"],
+            "rate_limits": [{"name": "burst", "limit": "10/s"}, {"name": "hourly", "limit": "1000/h", "burst": 50}],
+            "credits": {"remaining": 5000, "refill": {"amount": 5000, "interval": "daily"}},
+            "meta": {"plan": "pro", "region": "eu-west-1", "owner": "orders team <orders@example.com>"},
+            "note": "order sync for Globex",
+        })),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{:?}", made.json());
+    let key_id = made.json()["id"].as_str().unwrap().to_string();
+    let secret = made.json()["key"].as_str().unwrap().to_string();
+    support::ledger::secret(&secret);
+    gw.create_key(keygate::keys::NewKey {
+        name: "starter-app".into(),
+        identity: Some("cus_1017".into()),
+        rate_limit: Some("5/s".into()),
+        ..new_key("acme", "production")
+    })
+    .await;
+    for path in ["/v1/orders", "/v1/orders/7", "/v1/invoices"] {
+        send(Req::get(gw.proxy, path).bearer(&secret)).await;
+    }
+    gw.gateway().housekeeping();
+
+    let out = artifacts().join("docs");
+    for (width, height) in [(1440u32, 900u32), (400, 860)] {
+        let shot = |name: &str| out.join(format!("console-{name}-{width}.png"));
+        let fits = async |b: &Browser, what: &str| {
+            assert_eq!(
+                b.eval("return document.documentElement.scrollWidth <= window.innerWidth")
+                    .await,
+                true,
+                "{what} fits {width} px"
+            );
+        };
+        let b = Browser::start(width, height).await;
+        b.goto(&format!("http://{}/console?ns=acme", gw.admin))
+            .await;
+        sign_in(&b, ADMIN_TOKEN).await;
+        wait_rows(&b, 2).await;
+        b.screenshot(&shot("keys-identities")).await;
+        fits(&b, "the keys").await;
+
+        b.goto(&format!(
+            "http://{}/console?ns=acme&view=key&id={key_id}",
+            gw.admin
+        ))
+        .await;
+        b.wait_until(
+            "the chart is drawn",
+            "return document.querySelector('#chart svg') !== null",
+        )
+        .await;
+        if width == 400 {
+            b.eval("document.querySelector('#key-facts dd[data-fact=Identity]').scrollIntoView(); return true")
+                .await;
+        }
+        b.screenshot(&shot("key-credits")).await;
+        fits(&b, "the key's page").await;
+
+        b.click("#key-actions button[data-action=credits]").await;
+        b.find("#topup[open]").await;
+        b.type_into("#topup-amount", "1000").await;
+        b.screenshot(&shot("topup")).await;
+        b.click("#topup-cancel").await;
+
+        b.click("#key-actions button[data-action=edit]").await;
+        b.find("#key-form[open]").await;
+        b.eval(
+            "document.querySelector('#limits').closest('fieldset').scrollIntoView(); return true",
+        )
+        .await;
+        b.screenshot(&shot("key-form-limits")).await;
+        b.eval("document.querySelector('#meta').closest('fieldset').scrollIntoView({block: 'center'}); return true")
+            .await;
+        b.screenshot(&shot("key-form-meta")).await;
+        b.click("#key-form-cancel").await;
+
+        b.click("#nav-identities").await;
+        b.wait_until(
+            "the identities are listed",
+            "return document.querySelectorAll('#identities-body tr').length === 2",
+        )
+        .await;
+        b.screenshot(&shot("identities")).await;
+        fits(&b, "the identities").await;
+
+        b.click("#identities-body tr[data-identity='cus_8842'] td[data-label='Identity'] a")
+            .await;
+        b.wait_until(
+            "the chart is drawn",
+            "return document.querySelector('#identity-chart svg') !== null",
+        )
+        .await;
+        b.screenshot(&shot("identity")).await;
+        fits(&b, "the identity's page").await;
+
+        b.click("#identity-edit").await;
+        b.find("#identity-form[open]").await;
+        b.screenshot(&shot("identity-form")).await;
+        b.click("#identity-form-cancel").await;
+        drop(b);
+    }
+    gw.stop().await;
+}
+
+/// Identities by keyboard alone: make one with a named limit (Add limit puts the focus in
+/// the new row), then delete it from its row's menu after the confirmation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_work_from_the_keyboard_alone() {
+    let (_up, gw) = setup().await;
+    let b = Browser::start(1440, 900).await;
+    b.goto(&format!("http://{}/console?view=identities", gw.admin))
+        .await;
+    b.find("#token").await;
+    b.press(&format!("{ADMIN_TOKEN}{ENTER}")).await;
+    b.find("#identities-empty").await;
+
+    tab_to(&b, "#identity-empty-new").await;
+    b.press(ENTER).await;
+    b.find("#identity-form[open]").await;
+    assert_eq!(b.eval("return document.activeElement.id").await, "i-id");
+    b.press("cus_kb").await;
+    tab_to(&b, "#i-add-limit").await;
+    b.press(ENTER).await;
+    assert_eq!(
+        b.eval("return document.activeElement.getAttribute('aria-label')")
+            .await,
+        "Limit 1 name"
+    );
+    b.press(&format!("hourly{TAB}100/h")).await;
+    tab_to(&b, "#identity-form-submit").await;
+    b.press(ENTER).await;
+    b.wait_until(
+        "the identity is listed",
+        "return document.querySelector('#identities-body tr[data-identity=\"cus_kb\"]') !== null",
+    )
+    .await;
+    assert_eq!(
+        admin(&gw, "GET", "/v1/identities/cus_kb", None)
+            .await
+            .json()["rate_limits"],
+        serde_json::json!([{"name": "hourly", "limit": "100/h"}])
+    );
+
+    tab_to(&b, "#identities-body details.menu summary").await;
+    b.press(ENTER).await;
+    tab_to(&b, "#identities-body details.menu[open] button.danger-text").await;
+    b.press(ENTER).await;
+    b.find("#confirm[open]").await;
+    assert_eq!(
+        b.eval("return document.activeElement.id").await,
+        "confirm-cancel",
+        "the safe choice has the focus"
+    );
+    tab_to(&b, "#confirm-ok").await;
+    b.press(ENTER).await;
+    b.find("#identities-empty").await;
+    assert_eq!(
+        admin(&gw, "GET", "/v1/identities/cus_kb", None)
+            .await
+            .code(),
+        "identity_not_found"
+    );
+    drop(b);
+    gw.stop().await;
+}

@@ -10,8 +10,12 @@ const ACTIONS = [
   "key.created", "key.revoked", "key.disabled", "key.enabled", "key.regenerated", "key.rotated",
   "key.updated", "key.imported", "key.credits_set", "key.leaked", "auth.failed", "auth.locked_out", "config.reloaded",
   "config.reload_failed", "alert.fired", "alert.resolved", "alert.created", "alert.updated",
-  "alert.deleted",
+  "alert.deleted", "identity.created", "identity.updated", "identity.deleted",
 ];
+// The most credits a key or an identity may hold (README, "Keys").
+const MAX_CREDITS = 1e12;
+// The largest `meta`, in bytes of compact JSON.
+const MAX_META_BYTES = 4096;
 
 /** A refusal from the admin API, carrying its problem+json. */
 class ApiError extends Error {
@@ -97,9 +101,48 @@ function humanize(text) {
   if (!t) return "The gateway refused the change.";
   return `${t[0].toUpperCase()}${t.slice(1)}${/[.!?]$/.test(t) ? "" : "."}`;
 }
+const count = (n) => Number(n).toLocaleString("en");
 const scopeChips = (scopes) => scopes?.length
   ? scopes.map((s) => el("span", { class: "chip", text: s }))
   : [el("span", { class: "muted", text: "full access" })];
+
+/** A link to an identity's view. */
+function identityLink(id) {
+  return el("a", { href: `?${new URLSearchParams({ view: "identity", id })}`, class: "identity",
+    onclick: (e) => { e.preventDefault(); go({ view: "identity", id }); } }, el("code", { text: id }));
+}
+
+/** When a refill comes, in words. */
+function refillText(r) {
+  return r.interval === "monthly"
+    ? `refills to ${count(r.amount)} on day ${r.day_of_month || 1} of each month`
+    : `refills to ${count(r.amount)} each day at 00:00 UTC`;
+}
+
+/** Credits as a fact: what is left, the refill and the next one; "none" without credits. */
+function creditsFact(c) {
+  if (!c) return "none";
+  return el("span", { class: "credits-fact" }, `${count(c.remaining)} left; `,
+    c.refill ? refillText(c.refill) : "no refill",
+    ...(c.next_refill ? ["; next refill ", time(c.next_refill)] : []));
+}
+
+/** A metadata value as text: a string as it is, anything else as its JSON. */
+const metaText = (v) => (typeof v === "string" ? v : JSON.stringify(v));
+
+/** `meta`'s members as "name: value" lines. Text nodes only: a value is never markup. */
+function metaList(meta) {
+  const entries = Object.entries(meta || {});
+  if (!entries.length) return "none";
+  return el("ul", { class: "meta" }, ...entries.map(([name, v]) => el("li", {},
+    el("span", { class: "meta-name", text: name }), ": ", el("span", { class: "meta-value", text: metaText(v) }))));
+}
+
+/** `meta` in one short line, for a table cell. */
+function metaLine(meta) {
+  const text = Object.entries(meta || {}).map(([n, v]) => `${n}: ${metaText(v)}`).join(", ");
+  return text.length > 60 ? `${text.slice(0, 60)}…` : text;
+}
 
 function flash(message, bad = false) {
   const f = $("flash");
@@ -214,9 +257,10 @@ async function render() {
   if (!sessionStorage.getItem(TOKEN)) return signOut();
   const view = params().get("view") || "keys";
   renderNamespaces();
-  for (const v of ["keys", "key", "usage", "alerts", "audit"]) $(`view-${v}`).hidden = v !== view;
-  const here = ["audit", "usage", "alerts"].includes(view) ? `nav-${view}` : "nav-keys";
-  for (const nav of ["nav-keys", "nav-usage", "nav-alerts", "nav-audit"]) {
+  for (const v of ["keys", "key", "identities", "identity", "usage", "alerts", "audit"]) $(`view-${v}`).hidden = v !== view;
+  const here = ["audit", "usage", "alerts", "identities"].includes(view) ? `nav-${view}`
+    : view === "identity" ? "nav-identities" : "nav-keys";
+  for (const nav of ["nav-keys", "nav-identities", "nav-usage", "nav-alerts", "nav-audit"]) {
     if (nav === here) $(nav).setAttribute("aria-current", "page"); else $(nav).removeAttribute("aria-current");
   }
   try {
@@ -224,6 +268,8 @@ async function render() {
     else if (view === "audit") await renderAudit();
     else if (view === "usage") await renderUsage();
     else if (view === "alerts") await renderAlerts();
+    else if (view === "identities") await renderIdentities();
+    else if (view === "identity") await renderIdentity(params().get("id"));
     else await renderKeys();
   } catch (e) {
     if (e.status !== 401) flash(e.message, true);
@@ -302,23 +348,34 @@ function rowMenu(k) {
   if (k.status === "revoked") return "";
   const menu = el("details", { class: "menu" });
   const item = (text, action, cls) => el("button", { type: "button", role: "menuitem", class: cls, text,
-    onclick: () => { menu.open = false; confirmAction(action, k); } });
+    onclick: () => { menu.open = false; if (action === "credits") openTopUp(k); else confirmAction(action, k); } });
   menu.append(
     el("summary", { "aria-label": `Actions for ${k.name || k.id}`, text: "⋮" }),
     el("div", { class: "items", role: "menu" },
       k.status === "active" ? item("Disable…", "disable") : null,
       k.status === "inactive" ? item("Enable…", "enable") : null,
+      k.credits ? item("Top up credits…", "credits") : null,
       item("Revoke…", "revoke", "danger-text")));
   return menu;
 }
 
-/** A key's rate limits in a line: the short form, then each named limit by its name. */
-function limitsText(k) {
+/** A key's rate limits: the short form, then each named limit by its name. */
+function limitParts(k) {
   const burst = (b) => (b ? `, burst ${b}` : "");
   return [
     ...(k.rate_limit ? [`${k.rate_limit}${burst(k.burst)}`] : []),
     ...(k.rate_limits || []).map((l) => `${l.name}: ${l.limit}${burst(l.burst)}`),
-  ].join("; ");
+  ];
+}
+
+/** A key's rate limits in a line. */
+const limitsText = (k) => limitParts(k).join("; ");
+
+/** A key's rate limits, one line a limit (so that a table column stays narrow); `none`
+ * without any. */
+function limitLines(k, none = "—") {
+  const parts = limitParts(k);
+  return parts.length > 1 ? parts.map((p) => el("span", { class: "line", text: p })) : parts[0] || none;
 }
 
 function keyRow(k) {
@@ -327,11 +384,12 @@ function keyRow(k) {
   const note = k.note || "";
   return el("tr", { "data-key-id": k.id },
     cell("Key ID", [el("code", { text: k.id }), el("code", { class: "sub", text: `${k.prefix}…` })]),
-    cell("Name", el("a", { href: `?${new URLSearchParams({ ...Object.fromEntries(params()), view: "key", id: k.id })}`,
-      text: k.name || "(unnamed)", onclick: (e) => { e.preventDefault(); open(); } })),
+    cell("Name", [el("a", { href: `?${new URLSearchParams({ ...Object.fromEntries(params()), view: "key", id: k.id })}`,
+      text: k.name || "(unnamed)", onclick: (e) => { e.preventDefault(); open(); } }),
+    k.identity ? el("span", { class: "sub identity-line", title: `identity ${k.identity}` }, "identity ", identityLink(k.identity)) : null]),
     cell("Environment", k.environment),
     cell("Scopes", scopeChips(k.scopes), "scopes"),
-    cell("Rate limit", limitsText(k) || "—"),
+    cell("Rate limit", limitLines(k)),
     cell("Expires", k.expires_at ? time(k.expires_at) : "never"),
     cell("Created", time(k.created_at)),
     cell("Last used", time(k.last_used_at)),
@@ -345,6 +403,9 @@ function keyRow(k) {
 
 let shownKey = null;
 
+/** `[term, content]` pairs as a description list's children; each `dd` names its term. */
+const factList = (facts) => facts.flatMap(([dt, dd]) => [el("dt", { text: dt }), el("dd", { "data-fact": dt }, dd)]);
+
 async function renderKey(id) {
   const [k, usage, audit] = await Promise.all([
     api("GET", `/v1/api-keys/${encodeURIComponent(id)}`),
@@ -356,7 +417,7 @@ async function renderKey(id) {
   $("key-status").replaceWith(Object.assign(badge(k.status), { id: "key-status" }));
   const live = k.status !== "revoked";
   const show = { edit: live, disable: k.status === "active", enable: k.status === "inactive",
-    rotate: live && !k.rotated_to, regenerate: live, revoke: live };
+    credits: live && Boolean(k.credits), rotate: live && !k.rotated_to, regenerate: live, revoke: live };
   for (const b of $("key-actions").querySelectorAll("button")) b.hidden = !show[b.dataset.action];
 
   const link = (other) => el("a", { href: `?view=key&id=${encodeURIComponent(other)}`,
@@ -370,17 +431,18 @@ async function renderKey(id) {
     ["Key ID", el("code", { text: k.id })], ["Prefix", el("code", { text: `${k.prefix}…` })],
     ["Namespace", k.namespace], ["Environment", k.environment], ["Scopes", scopeChips(k.scopes)],
     ["Allowed IPs", k.allowed_cidrs?.length ? k.allowed_cidrs.join(", ") : "every address"],
-    ["Rate limit", limitsText(k) || "none"],
-    ["Quota", k.quota || "none"], ...ending,
+    ["Identity", k.identity ? identityLink(k.identity) : "none"],
+    ["Rate limit", limitLines(k, "none")],
+    ["Quota", k.quota || "none"], ["Credits", creditsFact(k.credits)], ...ending,
     ...(k.rotated_to ? [["Replaced by", link(k.rotated_to)]] : []),
     ...(k.rotated_from ? [["Replaces", link(k.rotated_from)]] : []),
     ...(k.leaked_at ? [["Leaked", el("span", {}, ...leakedMark(k), ` ${time(k.leaked_at)}`)]] : []),
     ["Created", el("span", {}, time(k.created_at), k.created_by ? ` by ${k.created_by}` : "")],
     ["Last used", el("span", {}, time(usage.last_used_at), usage.last_used_ip ? ` from ${usage.last_used_ip}` : "")],
     ["Requests today", String(usage.requests_today)], ["Error rate", errorRate(usage.error_rate, usage.requests_today)],
-    ["Note", k.note || "—"],
+    ["Note", k.note || "—"], ["Metadata", metaList(k.meta)],
   ];
-  $("key-facts").replaceChildren(...facts.flatMap(([dt, dd]) => [el("dt", { text: dt }), el("dd", {}, dd)]));
+  $("key-facts").replaceChildren(...factList(facts));
   $("chart").replaceChildren(...chart(usage.series || []));
   const codes = Object.entries(usage.by_code_today || {}).filter(([code]) => !/^\d/.test(code) || code >= "400");
   $("refusals").replaceChildren(...(codes.length
@@ -697,6 +759,173 @@ function numberScopes() {
   });
 }
 
+/** A row's Remove button: a word, or a ✕ where the form is narrow (its label names the row). */
+const removeButton = (onclick) => el("button", { type: "button", class: "remove", onclick },
+  el("span", { class: "remove-text", text: "Remove" }));
+
+/** A named rate limit's row: name, limit, burst and Remove. */
+function limitRow(l = {}) {
+  const input = (cls, value, placeholder, extra = {}) => el("input", { class: cls, value: value ?? "", placeholder,
+    autocomplete: "off", spellcheck: "false", "data-field": "rate_limits", ...extra });
+  const row = el("div", { class: "limit" },
+    input("l-name", l.name, "e.g. hourly", { maxlength: 32 }),
+    input("l-limit", l.limit, "e.g. 1000/h"),
+    input("l-burst", l.burst, "auto", { inputmode: "numeric" }),
+    removeButton(() => removeRow(row)));
+  return row;
+}
+
+/** A metadata member's row: name, value and Remove. A value that is not a string is shown
+ * as its JSON and kept as it was unless it is changed. */
+function metaRow(name = "", value = "") {
+  const text = metaText(value);
+  const row = el("div", { class: "meta-row" },
+    el("input", { class: "m-name", value: name, placeholder: "name, e.g. plan", autocomplete: "off", spellcheck: "false", "data-field": "meta" }),
+    el("input", { class: "m-value", value: text, placeholder: "value, e.g. pro", autocomplete: "off", "data-field": "meta" }),
+    removeButton(() => removeRow(row)));
+  row.original = { text, value };
+  return row;
+}
+
+/** Removes a list row, moving the focus to a neighbour (or the list's Add button). */
+function removeRow(row) {
+  const list = row.parentElement;
+  const next = row.nextElementSibling || row.previousElementSibling;
+  row.remove();
+  numberRows(list);
+  (next?.querySelector("input") || list.parentElement.querySelector("button.add"))?.focus();
+}
+
+const ROW_LABELS = {
+  limit: ["Limit", ["name", "rate", "burst"], "limit"],
+  "meta-row": ["Metadata", ["name", "value"], "metadata member"],
+};
+
+/** Labels each row of a list by its place, after rows are added or removed; shows the
+ * column heads only when there are rows. */
+function numberRows(list) {
+  [...list.children].forEach((row, i) => {
+    const [what, parts, removing] = ROW_LABELS[row.className];
+    row.querySelectorAll("input").forEach((input, j) => input.setAttribute("aria-label", `${what} ${i + 1} ${parts[j]}`));
+    row.querySelector("button").setAttribute("aria-label", `Remove ${removing} ${i + 1}`);
+  });
+  const head = list.previousElementSibling;
+  if (head?.classList.contains("rows-head")) head.hidden = list.children.length === 0;
+}
+
+/** Adds an empty row to `list` and puts the focus in it. */
+function addRow(list, make) {
+  const row = make();
+  list.append(row);
+  numberRows(list);
+  row.querySelector("input").focus();
+}
+
+/** Fills a credits fieldset (`f` in the key form, `i` in the identity form). */
+function fillCredits(p, c) {
+  $(`${p}-credits`).value = c ? String(c.remaining) : "";
+  $(`${p}-refill`).value = c?.refill ? String(c.refill.amount) : "";
+  $(`${p}-interval`).value = c?.refill?.interval || "daily";
+  $(`${p}-day`).value = c?.refill?.day_of_month ?? "";
+  creditsShape(p);
+}
+
+/** The day of the month goes with a monthly refill only. */
+function creditsShape(p) {
+  $(`${p}-day-field`).hidden = $(`${p}-interval`).value !== "monthly";
+}
+
+const whole = (text, min, max = MAX_CREDITS) => /^\d+$/.test(text) && Number(text) >= min && Number(text) <= max;
+
+/** The credits a fieldset describes (null when blank), pushing what is wrong to `problems`
+ * as `[field, message, input]`. */
+function readCredits(p, problems) {
+  const value = (id) => $(`${p}-${id}`).value.trim();
+  const [remaining, refill, day] = [value("credits"), value("refill"), value("day")];
+  if (!remaining && !refill) return null;
+  if (!remaining) {
+    problems.push(["credits", "Give the credits to start with; the refill then sets them back to its amount each period.", $(`${p}-credits`)]);
+    return null;
+  }
+  if (!whole(remaining, 0)) problems.push(["credits", `Credits are a whole number from 0 to ${count(MAX_CREDITS)}.`, $(`${p}-credits`)]);
+  const credits = { remaining: Number(remaining) };
+  if (refill) {
+    if (!whole(refill, 1)) problems.push(["credits", `A refill is a whole number of credits from 1 to ${count(MAX_CREDITS)}.`, $(`${p}-refill`)]);
+    credits.refill = { amount: Number(refill), interval: $(`${p}-interval`).value };
+    if (credits.refill.interval === "monthly" && day) {
+      if (!whole(day, 1, 31)) problems.push(["credits", "The day of the month is 1 to 31; a shorter month refills on its last day.", $(`${p}-day`)]);
+      credits.refill.day_of_month = Number(day);
+    }
+  } else if (day && $(`${p}-interval`).value === "monthly") {
+    problems.push(["credits", "A day of the month needs a refill amount as well.", $(`${p}-refill`)]);
+  }
+  return credits;
+}
+
+/** The named limits of a list of rows, as the API takes them. */
+function readLimits(list, problems) {
+  const limits = [];
+  const seen = new Set();
+  for (const row of list.children) {
+    const [name, limit, burst] = [...row.querySelectorAll("input")].map((i) => i.value.trim());
+    const [nameInput, limitInput, burstInput] = row.querySelectorAll("input");
+    if (!name && !limit && !burst) continue;
+    if (!/^[a-z0-9_-]{1,32}$/.test(name)) {
+      problems.push(["rate_limits", name
+        ? `“${name}” is not a limit name: 1 to 32 of a-z, 0-9, “_” and “-”.`
+        : "Give each limit a name, such as hourly.", nameInput]);
+    } else if (name === "key" || name === "quota") {
+      problems.push(["rate_limits", `“${name}” names the rate limit or the quota in the RateLimit headers: choose another name.`, nameInput]);
+    } else if (seen.has(name)) {
+      problems.push(["rate_limits", `“${name}” is named twice.`, nameInput]);
+    }
+    seen.add(name);
+    if (!/^\d+\s*\/\s*[a-z]+$/i.test(limit)) problems.push(["rate_limits", `Write the limit of “${name || "the limit"}” as a count per unit, such as 1000/h.`, limitInput]);
+    if (burst && !whole(burst, 1, 1e6)) problems.push(["rate_limits", "A burst is a whole number from 1 to 1,000,000.", burstInput]);
+    limits.push({ name, limit: limit.replace(/\s+/g, ""), ...(burst ? { burst: Number(burst) } : {}) });
+  }
+  return limits;
+}
+
+/** The metadata of a list of rows, as the API takes it (null when there is none). */
+function readMeta(list, problems) {
+  const meta = {};
+  for (const row of list.children) {
+    const [nameInput, valueInput] = row.querySelectorAll("input");
+    const name = nameInput.value.trim();
+    const text = valueInput.value;
+    if (!name && !text.trim()) continue;
+    if (!name) { problems.push(["meta", "Give each member a name, such as plan.", nameInput]); continue; }
+    if (Object.hasOwn(meta, name)) problems.push(["meta", `“${name}” is named twice.`, nameInput]);
+    meta[name] = row.original && text === row.original.text ? row.original.value : text;
+  }
+  if (!Object.keys(meta).length) return null;
+  const size = new TextEncoder().encode(JSON.stringify(meta)).length;
+  if (size > MAX_META_BYTES) {
+    // The longest value is the likeliest one to shorten.
+    const longest = [...list.querySelectorAll(".m-value")].reduce((a, b) => (b.value.length > a.value.length ? b : a));
+    problems.push(["meta", `Metadata is at most ${count(MAX_META_BYTES)} bytes as JSON; this is ${count(size)}. Shorten or remove a value.`, longest]);
+  }
+  return meta;
+}
+
+// Named limits in one spelling, for telling whether they changed.
+const sameLimits = (a, b) => JSON.stringify((a || []).map((l) => [l.name, l.limit, l.burst ?? null]))
+  === JSON.stringify((b || []).map((l) => [l.name, l.limit, l.burst ?? null]));
+const sameCredits = (a, b) => JSON.stringify(a && [a.remaining, a.refill?.amount, a.refill?.interval, a.refill?.day_of_month ?? null])
+  === JSON.stringify(b && [b.remaining, b.refill?.amount, b.refill?.interval, b.refill?.day_of_month ?? null]);
+const same = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+
+/** The identities to offer in the key form's identity field. */
+async function offerIdentities() {
+  try {
+    const data = await api("GET", "/v1/identities");
+    $("identity-ids").replaceChildren(...(data.identities || []).map((i) => el("option", { value: i.id })));
+  } catch {
+    // Only a suggestion: the field takes any identity.
+  }
+}
+
 function openKeyForm(key) {
   editing = key || null;
   const form = $("key-form-form");
@@ -708,6 +937,17 @@ function openKeyForm(key) {
   $("env-field").hidden = !!key;
   $("scopes").replaceChildren(...(key?.scopes || []).map(scopeRow));
   numberScopes();
+  $("limits").replaceChildren(...(key?.rate_limits || []).map(limitRow));
+  numberRows($("limits"));
+  $("meta").replaceChildren(...Object.entries(key?.meta || {}).map(([n, v]) => metaRow(n, v)));
+  numberRows($("meta"));
+  $("f-identity").value = key?.identity || "";
+  fillCredits("f", key?.credits);
+  $("f-credits").labels[0].textContent = key?.credits ? "Credits left" : "Credits to start with";
+  $("h-credits").textContent = key?.credits
+    ? "What is left now. Changing these sets the credits anew from now (to add to them, use Top up credits); blank removes them."
+    : "Each request spends one. A refill sets them back to its amount at 00:00 UTC each day, or on a day of each month. Leave blank for a key not limited by use.";
+  offerIdentities();
   if (key) {
     $("f-name").value = key.name || "";
     $("f-cidrs").value = (key.allowed_cidrs || []).join("\n");
@@ -730,12 +970,17 @@ function clearErrors() {
   for (const i of $("key-form").querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
 }
 
-/** Shows `message` beside `field`'s input and moves focus there; without one, at the top. */
-function fieldError(field, message) {
+// Where the focus goes for a list field's problem when no row is named.
+const LIST_INPUTS = { scopes: "#scopes input", rate_limits: "#limits input", meta: "#meta input" };
+
+/** Shows `message` beside `field`'s input (or `at`, the input at fault) and moves focus
+ * there; without one, at the top. */
+function fieldError(field, message, at) {
   const box = $(`e-${field}`) || $("e-form");
   box.textContent = message;
   box.hidden = false;
-  const input = box.id === "e-form" ? null : $("key-form").querySelector(`[name="${field}"]`);
+  const input = box.id === "e-form" ? null
+    : at || $("key-form").querySelector(`[name="${field}"]`) || (LIST_INPUTS[field] && $("key-form").querySelector(LIST_INPUTS[field]));
   if (input) input.setAttribute("aria-invalid", "true");
   const target = input || box;
   target.focus?.();
@@ -827,12 +1072,39 @@ function readForm() {
   const expires = expiresText ? new Date(`${expiresText}${expiresText.length === 16 ? ":00" : ""}Z`) : null;
   if (expires && (Number.isNaN(expires.getTime()))) problems.push(["expires_at", "That is not a date and time."]);
   else if (expires && expires.getTime() <= Date.now() && expiresText !== editing?.expires_at?.slice(0, 16)) problems.push(["expires_at", "The expiry must be in the future."]);
-  for (const [field, message] of problems.reverse()) fieldError(field, message);
+  const identity = $("f-identity").value.trim();
+  if (new TextEncoder().encode(identity).length > 255) problems.push(["identity", "An identity is at most 255 bytes."]);
+  const rateLimits = readLimits($("limits"), problems);
+  const credits = readCredits("f", problems);
+  const meta = readMeta($("meta"), problems);
+  // In the form's order; shown from the last, so that each field shows its first problem
+  // and the first in the form has the focus.
+  const order = ["name", "environment", "identity", "scopes", "allowed_cidrs", "rate_limit", "burst", "rate_limits", "credits", "expires_at", "note", "meta"];
+  problems.sort((a, b) => order.indexOf(a[0]) - order.indexOf(b[0]));
+  for (const [field, message, at] of problems.reverse()) fieldError(field, message, at);
   if (problems.length) return null;
   return {
     name, environment, scopes, allowed_cidrs: cidrs, rate_limit: rate || null, burst,
-    expires_at: expires ? expires.toISOString().replace(/\.\d+Z$/, "Z") : null, note: $("f-note").value.trim(),
+    expires_at: expires ? expires.toISOString().replace(/\.\d+Z$/, "Z") : null, expires_text: expiresText,
+    note: $("f-note").value.trim(), identity: identity || null, rate_limits: rateLimits, credits, meta,
   };
+}
+
+/** What an edit changes: only the settings that differ from the key's, `null` clearing. */
+function keyPatch(k, v) {
+  const patch = {};
+  if (v.name !== (k.name || "")) patch.name = v.name;
+  if (!same(v.scopes, k.scopes || [])) patch.scopes = v.scopes;
+  if (!same(v.allowed_cidrs, k.allowed_cidrs || [])) patch.allowed_cidrs = v.allowed_cidrs;
+  if (v.rate_limit !== (k.rate_limit || null)) patch.rate_limit = v.rate_limit;
+  if (v.burst !== (k.burst ?? null)) patch.burst = v.burst;
+  if (!sameLimits(v.rate_limits, k.rate_limits)) patch.rate_limits = v.rate_limits.length ? v.rate_limits : null;
+  if (v.identity !== (k.identity || null)) patch.identity = v.identity;
+  if (!sameCredits(v.credits, k.credits)) patch.credits = v.credits;
+  if (v.expires_text !== (k.expires_at ? k.expires_at.slice(0, 16) : "")) patch.expires_at = v.expires_at;
+  if (v.note !== (k.note || "")) patch.note = v.note;
+  if (!same(v.meta, k.meta)) patch.meta = v.meta;
+  return patch;
 }
 
 async function submitKeyForm(event) {
@@ -843,8 +1115,12 @@ async function submitKeyForm(event) {
   submit.disabled = true;
   try {
     if (editing) {
-      const patch = { name: v.name, scopes: v.scopes, allowed_cidrs: v.allowed_cidrs, rate_limit: v.rate_limit,
-        burst: v.burst, expires_at: v.expires_at, note: v.note };
+      const patch = keyPatch(editing, v);
+      if (!Object.keys(patch).length) {
+        $("key-form").close();
+        flash(`Nothing to save: no setting of ${editing.name || editing.id} was changed.`);
+        return;
+      }
       const updated = await api("PATCH", `/v1/api-keys/${encodeURIComponent(editing.id)}`, patch);
       $("key-form").close();
       flash(`Saved ${updated.name || updated.id}.${warnings(updated)}`);
@@ -854,6 +1130,10 @@ async function submitKeyForm(event) {
         allowed_cidrs: v.allowed_cidrs, note: v.note };
       if (v.rate_limit) body.rate_limit = v.rate_limit;
       if (v.burst) body.burst = v.burst;
+      if (v.rate_limits.length) body.rate_limits = v.rate_limits;
+      if (v.identity) body.identity = v.identity;
+      if (v.credits) body.credits = v.credits;
+      if (v.meta) body.meta = v.meta;
       if (v.expires_at) body.expires_at = v.expires_at;
       const created = await api("POST", "/v1/api-keys", body);
       $("key-form").close();
@@ -864,10 +1144,19 @@ async function submitKeyForm(event) {
   } catch (e) {
     if (e.status === 401) return;
     const field = e.problem.field;
-    fieldError(field && $(`e-${field}`) ? field : "form", refusalText(e));
+    fieldError(field && $(`e-${field}`) ? field : "form", refusalText(e), rowAtFault(field, e.message));
   } finally {
     submit.disabled = false;
   }
+}
+
+/** The input of a list row that a server message names (`"5/fortnight"` in a named limit),
+ * if one does. */
+function rowAtFault(field, message) {
+  const list = { rate_limits: $("limits"), meta: $("meta") }[field];
+  const named = [...String(message).matchAll(/`([^`]+)`/g)].map((m) => m[1]);
+  if (!list || !named.length) return null;
+  return [...list.querySelectorAll("input")].find((i) => named.includes(i.value.trim())) || null;
 }
 
 // The server's warnings, as sentences.
@@ -983,6 +1272,278 @@ async function perform(action, key) {
   await render();
 }
 
+// ---- credits ------------------------------------------------------------------------------
+
+let toppingUp = null;
+
+/** The "Top up credits" dialog for a key that has credits: add to what is left, or set. */
+function openTopUp(k) {
+  toppingUp = k;
+  $("topup-form").reset();
+  $("topup-title").textContent = `Top up the credits of ${k.name || k.id}`;
+  const c = k.credits;
+  $("topup-now").textContent = `${who(k)} has ${count(c.remaining)} left; ${c.refill ? refillText(c.refill) : "no refill"}.`;
+  $("topup-error").hidden = true;
+  $("topup-amount").removeAttribute("aria-invalid");
+  topUpShape();
+  $("topup").showModal();
+  $("topup-amount").focus();
+}
+
+function topUpShape() {
+  const add = $("topup-add").checked;
+  $("topup-amount-label").textContent = add ? "Credits to add" : "Credits from now";
+  $("topup-ok").textContent = add ? "Add credits" : "Set credits";
+}
+
+function topUpError(message) {
+  $("topup-error").textContent = message;
+  $("topup-error").hidden = false;
+  $("topup-amount").setAttribute("aria-invalid", "true");
+  $("topup-amount").focus();
+}
+
+async function submitTopUp(event) {
+  event.preventDefault();
+  const k = toppingUp;
+  const add = $("topup-add").checked;
+  const text = $("topup-amount").value.trim();
+  if (!whole(text, add ? 1 : 0)) {
+    return topUpError(add
+      ? `Add a whole number of credits, from 1 to ${count(MAX_CREDITS)}.`
+      : `Set a whole number of credits, from 0 to ${count(MAX_CREDITS)}.`);
+  }
+  const n = Number(text);
+  $("topup-ok").disabled = true;
+  try {
+    const v = await api("POST", `/v1/api-keys/${encodeURIComponent(k.id)}/credits`, add ? { add: n } : { set: n });
+    $("topup").close();
+    flash(`${add ? `Added ${count(n)} credits to` : "Set the credits of"} ${v.name || v.id}: ${count(v.credits?.remaining ?? n)} left.${warnings(v)}`);
+    await render();
+  } catch (e) {
+    if (e.status !== 401) topUpError(humanize(e.message));
+  } finally {
+    $("topup-ok").disabled = false;
+  }
+}
+
+// ---- identities -----------------------------------------------------------------------------
+
+/** An identity's named limits in a line. */
+const identityLimits = (i, none = "—") => limitLines({ rate_limits: i.rate_limits }, none);
+
+async function renderIdentities() {
+  const data = await api("GET", "/v1/identities");
+  const list = data.identities || [];
+  $("identities-body").replaceChildren(...list.map(identityRow));
+  $("identities-wrap").hidden = !list.length;
+  $("identities-empty").hidden = list.length > 0;
+}
+
+function identityRow(i) {
+  const menu = el("details", { class: "menu" });
+  const item = (text, onclick, cls) => el("button", { type: "button", role: "menuitem", class: cls, text,
+    onclick: () => { menu.open = false; onclick(); } });
+  menu.append(el("summary", { "aria-label": `Actions for ${i.id}`, text: "⋮" }),
+    el("div", { class: "items", role: "menu" },
+      item("Edit…", () => openIdentityForm(i)),
+      item("Delete…", () => confirmDeleteIdentity(i), "danger-text")));
+  const cell = (label, content, cls) => el("td", { "data-label": label, class: cls }, content);
+  const meta = metaLine(i.meta);
+  return el("tr", { "data-identity": i.id },
+    cell("Identity", identityLink(i.id)),
+    cell("Rate limits", identityLimits(i)),
+    cell("Quota", i.quota || "—"),
+    cell("Credits left", i.credits ? count(i.credits.remaining) : "—", "num"),
+    el("td", { "data-label": "Metadata", class: "meta-cell", title: meta || null, text: meta || "—" }),
+    cell("Updated", time(i.updated_at || i.created_at)),
+    cell("Actions", menu));
+}
+
+let shownIdentity = null;
+
+async function renderIdentity(id) {
+  shownIdentity = null;
+  if (!id) return go({ view: "identities" }, false, true);
+  $("identity-title").textContent = id;
+  let i;
+  try {
+    i = await api("GET", `/v1/identities/${encodeURIComponent(id)}`);
+  } catch (e) {
+    if (e.status !== 404) throw e;
+    // A key may name an identity that has no record: say what that means, and offer one.
+    $("identity-missing-text").textContent = `No identity “${id}” is kept. Keys that name it share nothing but the name, which is still sent upstream.`;
+    $("identity-missing").hidden = false;
+    $("identity-body").hidden = true;
+    return;
+  }
+  $("identity-missing").hidden = true;
+  $("identity-body").hidden = false;
+  shownIdentity = i;
+  const usage = await api("GET", `/v1/identities/${encodeURIComponent(i.id)}/usage`).catch((e) => {
+    if (e.status === 401) throw e;
+    return {};
+  });
+  const q = usage.quota;
+  const quota = i.quota
+    ? el("span", {}, i.quota, q ? ` (${count(q.used)} of ${count(q.limit)} used, resets ` : "", q ? time(q.resets_at) : "", q ? ")" : "")
+    : "none";
+  const requests = usage.requests_today ?? 0;
+  $("identity-facts").replaceChildren(...factList([
+    ["Identity", el("code", { text: i.id })],
+    ["Rate limits", identityLimits(i, "none")],
+    ["Quota", quota],
+    ["Credits", creditsFact(i.credits)],
+    ["Metadata", metaList(i.meta)],
+    ["Created", time(i.created_at)],
+    ["Updated", i.updated_at ? time(i.updated_at) : "never"],
+    ["Last used", el("span", {}, time(usage.last_used_at), usage.last_used_ip ? ` from ${usage.last_used_ip}` : "")],
+    ["Requests today", String(requests)], ["Error rate", errorRate(usage.error_rate, requests)],
+  ]));
+  $("identity-chart").replaceChildren(...chart(usage.series || []));
+  const codes = Object.entries(usage.by_code_today || {}).filter(([code]) => !/^\d/.test(code) || code >= "400");
+  $("identity-refusals").replaceChildren(...(codes.length
+    ? codes.map(([code, n]) => el("li", {}, el("code", { text: code }), ` ${n}`))
+    : [el("li", { class: "muted", text: "none" })]));
+}
+
+let editingIdentity = null;
+
+/** The identity form: a new identity (with `id` filled in, if given), or `identity` to edit. */
+function openIdentityForm(identity, id) {
+  editingIdentity = identity || null;
+  $("identity-form-form").reset();
+  clearIdentityErrors();
+  $("identity-form-title").textContent = identity ? `Edit ${identity.id}` : "New identity";
+  $("identity-form-submit").textContent = identity ? "Save changes" : "Create identity";
+  $("identity-edit-warning").hidden = !identity;
+  $("i-id").value = identity?.id || id || "";
+  $("i-id").disabled = Boolean(identity);
+  $("i-limits").replaceChildren(...(identity?.rate_limits || []).map(limitRow));
+  numberRows($("i-limits"));
+  $("i-quota").value = identity?.quota || "";
+  fillCredits("i", identity?.credits);
+  $("i-credits").labels[0].textContent = identity?.credits ? "Credits left" : "Credits to start with";
+  $("i-credits-hint").textContent = identity?.credits
+    ? "What is left now. Changing these sets the credits anew from now; blank removes them."
+    : "Spent by all its keys together. A refill sets them back to its amount at 00:00 UTC each day, or on a day of each month. Leave blank for none.";
+  $("i-meta").replaceChildren(...Object.entries(identity?.meta || {}).map(([n, v]) => metaRow(n, v)));
+  numberRows($("i-meta"));
+  $("identity-form").showModal();
+  (identity || id ? $("i-quota") : $("i-id")).focus();
+}
+
+function clearIdentityErrors() {
+  for (const e of $("identity-form").querySelectorAll(".error, .callout")) { e.textContent = ""; e.hidden = true; }
+  for (const i of $("identity-form").querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
+}
+
+const IDENTITY_INPUTS = { id: "#i-id", rate_limits: "#i-limits input", quota: "#i-quota", credits: "#i-credits", meta: "#i-meta input" };
+
+/** Shows `message` beside the identity form's `field` (or at the top), focusing `at` or the field. */
+function identityError(field, message, at) {
+  const box = $(`ie-${field}`) || $("ie-form");
+  box.textContent = message;
+  box.hidden = false;
+  const input = box.id === "ie-form" ? null : at || (IDENTITY_INPUTS[field] && $("identity-form").querySelector(IDENTITY_INPUTS[field]));
+  if (input) input.setAttribute("aria-invalid", "true");
+  (input || box).focus();
+  (input || box).scrollIntoView?.({ block: "nearest" });
+}
+
+/** The identity the form describes as `{id, body}`, or null after showing what is wrong. */
+function readIdentityForm() {
+  clearIdentityErrors();
+  const problems = [];
+  const id = editingIdentity?.id || $("i-id").value.trim();
+  if (!id) problems.push(["id", "Give the identity your id for the customer, such as cus_123."]);
+  else if (new TextEncoder().encode(id).length > 255) problems.push(["id", "An identity is at most 255 bytes."]);
+  const rateLimits = readLimits($("i-limits"), problems);
+  const quota = $("i-quota").value.trim();
+  if (quota && !/^\d+\s*\/\s*[a-z]+$/i.test(quota)) problems.push(["quota", "Write a quota as a count per day or month, such as 10000/day."]);
+  const credits = readCredits("i", problems);
+  const meta = readMeta($("i-meta"), problems);
+  const order = ["id", "rate_limits", "quota", "credits", "meta"];
+  problems.sort((a, b) => order.indexOf(a[0]) - order.indexOf(b[0]));
+  for (const [field, message, at] of problems.reverse()) identityError(field, message, at);
+  if (problems.length) return null;
+  const body = {};
+  if (rateLimits.length) body.rate_limits = rateLimits;
+  if (quota) body.quota = quota.replace(/\s+/g, "");
+  if (credits) body.credits = credits;
+  if (meta) body.meta = meta;
+  return { id, body };
+}
+
+async function submitIdentityForm(event) {
+  event.preventDefault();
+  const v = readIdentityForm();
+  if (!v) return;
+  const path = `/v1/identities/${encodeURIComponent(v.id)}`;
+  $("identity-form-submit").disabled = true;
+  try {
+    if (editingIdentity) {
+      // A merge patch of what changed only: credits left as they were keep what was spent
+      // (a PUT would set them anew from what is left now).
+      const was = editingIdentity;
+      const patch = {};
+      if (!sameLimits(v.body.rate_limits, was.rate_limits)) patch.rate_limits = v.body.rate_limits || null;
+      if ((v.body.quota || null) !== (was.quota || null)) patch.quota = v.body.quota || null;
+      if (!sameCredits(v.body.credits, was.credits)) patch.credits = v.body.credits || null;
+      if (!same(v.body.meta, was.meta)) patch.meta = v.body.meta || null;
+      if (Object.keys(patch).length) {
+        await api("PATCH", path, patch);
+        flash(`Saved ${v.id}. Every key that names it has the change now.`);
+      } else {
+        flash(`Nothing to save: no setting of ${v.id} was changed.`);
+      }
+    } else {
+      // PUT would replace an identity that exists: a new one must be new.
+      const there = await api("GET", path).then(() => true, (e) => {
+        if (e.status === 404) return false;
+        throw e;
+      });
+      if (there) {
+        identityError("id", `An identity “${v.id}” exists already: edit it instead.`);
+        return;
+      }
+      await api("PUT", path, v.body);
+      flash(`Created the identity ${v.id}. Keys that name it share its limits from their next request.`);
+    }
+    $("identity-form").close();
+    await render();
+  } catch (e) {
+    if (e.status === 401) return;
+    const field = e.problem.field;
+    identityError(field && $(`ie-${field}`) ? field : "form", humanize(e.message));
+  } finally {
+    $("identity-form-submit").disabled = false;
+  }
+}
+
+function confirmDeleteIdentity(identity) {
+  $("confirm-title").textContent = `Delete the identity ${identity.id}?`;
+  $("confirm-text").textContent = `Its keys keep working and keep the name, but from their next request they no longer share its rate limits, quota, credits and metadata.`;
+  $("confirm-ok").textContent = "Delete identity";
+  $("confirm-ok").className = "danger";
+  $("grace-field").hidden = true;
+  $("confirm-error").hidden = true;
+  $("confirm").onsubmit = async (event) => {
+    event.preventDefault();
+    try {
+      await api("DELETE", `/v1/identities/${encodeURIComponent(identity.id)}`);
+      $("confirm").close();
+      flash(`Deleted the identity ${identity.id}.`);
+      if (params().get("view") === "identity") go({ view: "identities", id: null }, true, true);
+      else await render();
+    } catch (e) {
+      if (e.status !== 401) { $("confirm-error").textContent = humanize(e.message); $("confirm-error").hidden = false; }
+    }
+  };
+  $("confirm").showModal();
+  $("confirm-cancel").focus();
+}
+
 // ---- wiring ---------------------------------------------------------------------------------
 
 function debounce(fn, ms) {
@@ -998,6 +1559,28 @@ function wire() {
   $("nav-audit").addEventListener("click", (e) => { e.preventDefault(); go({ view: "audit", id: null }); });
   $("nav-usage").addEventListener("click", (e) => { e.preventDefault(); go({ view: "usage", id: null }); });
   $("nav-alerts").addEventListener("click", (e) => { e.preventDefault(); go({ view: "alerts", id: null }); });
+  $("nav-identities").addEventListener("click", (e) => { e.preventDefault(); go({ view: "identities", id: null }); });
+  $("identity-back").addEventListener("click", (e) => { e.preventDefault(); go({ view: "identities", id: null }); });
+  for (const b of ["identity-new", "identity-empty-new"]) $(b).addEventListener("click", () => openIdentityForm());
+  $("identity-missing-create").addEventListener("click", () => openIdentityForm(null, params().get("id")));
+  $("identity-edit").addEventListener("click", () => shownIdentity && openIdentityForm(shownIdentity));
+  $("identity-delete").addEventListener("click", () => shownIdentity && confirmDeleteIdentity(shownIdentity));
+  $("identity-form-form").addEventListener("submit", submitIdentityForm);
+  $("identity-form-cancel").addEventListener("click", () => $("identity-form").close());
+  $("i-add-limit").addEventListener("click", () => addRow($("i-limits"), limitRow));
+  $("i-add-meta").addEventListener("click", () => addRow($("i-meta"), metaRow));
+  $("i-interval").addEventListener("change", () => creditsShape("i"));
+  // A field's error goes once the field is changed.
+  $("identity-form-form").addEventListener("input", (e) => {
+    const field = e.target.dataset.field || e.target.name;
+    const box = field && $(`ie-${field}`);
+    if (box) { box.hidden = true; box.textContent = ""; }
+    e.target.removeAttribute("aria-invalid");
+  });
+  $("topup-form").addEventListener("submit", submitTopUp);
+  $("topup-cancel").addEventListener("click", () => $("topup").close());
+  for (const r of ["topup-add", "topup-set"]) $(r).addEventListener("change", topUpShape);
+  $("topup-amount").addEventListener("input", () => { $("topup-error").hidden = true; $("topup-amount").removeAttribute("aria-invalid"); });
   $("alert-new").addEventListener("click", () => openAlertForm());
   $("alert-form-cancel").addEventListener("click", () => $("alert-form").close());
   $("alert-form-form").addEventListener("submit", submitAlertForm);
@@ -1025,10 +1608,13 @@ function wire() {
     if (releaseSecret) { e.preventDefault(); e.returnValue = ""; }
   });
   $("add-scope").addEventListener("click", () => { const r = scopeRow(); $("scopes").append(r); numberScopes(); r.querySelector("input").focus(); });
+  $("add-limit").addEventListener("click", () => addRow($("limits"), limitRow));
+  $("add-meta").addEventListener("click", () => addRow($("meta"), metaRow));
+  $("f-interval").addEventListener("change", () => creditsShape("f"));
   $("f-cidrs").addEventListener("input", () => { cidrWarning(); checkCidrs(); });
   // A field's error goes once the field is changed.
   $("key-form-form").addEventListener("input", (e) => {
-    const field = e.target.name || (e.target.closest("#scopes") ? "scopes" : "");
+    const field = e.target.dataset.field || e.target.name || (e.target.closest("#scopes") ? "scopes" : "");
     // The CIDR box is checked as it is typed (checkCidrs).
     if (field === "allowed_cidrs") return;
     const box = field && $(`e-${field}`);
@@ -1055,7 +1641,9 @@ function wire() {
   for (const b of $("key-actions").querySelectorAll("button")) {
     b.addEventListener("click", () => {
       if (!shownKey) return;
-      if (b.dataset.action === "edit") openKeyForm(shownKey); else confirmAction(b.dataset.action, shownKey);
+      if (b.dataset.action === "edit") openKeyForm(shownKey);
+      else if (b.dataset.action === "credits") openTopUp(shownKey);
+      else confirmAction(b.dataset.action, shownKey);
     });
   }
   $("audit-action").append(...ACTIONS.map((a) => el("option", { value: a, text: a })));
