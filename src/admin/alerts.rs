@@ -5,7 +5,7 @@
 use http::StatusCode;
 use serde_json::Value;
 
-use super::keys::{created, decode, Answer};
+use super::keys::{created, decode_path, Answer};
 use super::{json, read_value, Call};
 use crate::alerts::{AlertRules, Rule, RuleConfig};
 use crate::audit::AuditEvent;
@@ -56,7 +56,7 @@ pub(crate) async fn get(call: &Call<'_>) -> Answer {
     let snapshot = call.gw.snapshot.load_full();
     let rule = snapshot
         .alerts
-        .get(&decode(&call.id))
+        .get(&decode_path(&call.id).unwrap_or_default())
         .ok_or(Rejection::AlertNotFound)?;
     Ok(json(StatusCode::OK, &view(rule)))
 }
@@ -146,7 +146,7 @@ pub(crate) async fn create(call: &Call<'_>, rule: RuleConfig) -> Answer {
 /// `PATCH /v1/alerts/{id}`: a JSON merge patch (RFC 7396) of the rule: members replace,
 /// `null` removes. The name is the rule's id and cannot change.
 pub(crate) async fn update(call: &Call<'_>, patch: Value) -> Answer {
-    let name = decode(&call.id);
+    let name = decode_path(&call.id).unwrap_or_default();
     let snapshot = call.gw.snapshot.load_full();
     let current = snapshot.alerts.get(&name).ok_or(Rejection::AlertNotFound)?;
     if !current.stored {
@@ -201,7 +201,7 @@ pub(crate) async fn update(call: &Call<'_>, patch: Value) -> Answer {
 
 /// `DELETE /v1/alerts/{id}`: the rule as it was.
 pub(crate) async fn delete(call: &Call<'_>) -> Answer {
-    let name = decode(&call.id);
+    let name = decode_path(&call.id).unwrap_or_default();
     let snapshot = call.gw.snapshot.load_full();
     let current = snapshot.alerts.get(&name).ok_or(Rejection::AlertNotFound)?;
     if !current.stored {

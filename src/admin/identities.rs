@@ -6,7 +6,7 @@
 use http::StatusCode;
 use serde_json::Value;
 
-use super::keys::{credits_left_in_redis, decode, with_credits_left, Answer};
+use super::keys::{credits_left_in_redis, decode_path, with_credits_left, Answer};
 use super::{json, read_value, write_side, Call};
 use crate::audit::AuditEvent;
 use crate::keys::identity::{self, IdentityBody, IdentityRecord};
@@ -67,12 +67,14 @@ fn invalid(p: crate::keys::check::Problem) -> Rejection {
 
 /// The id from the path, checked.
 fn path_id(call: &Call<'_>) -> Result<String, Rejection> {
-    let id = decode(&call.id);
+    let refused = |detail: String| Rejection::InvalidRequest {
+        field: Some("id".into()),
+        detail,
+    };
+    let id = decode_path(&call.id)
+        .ok_or_else(|| refused("the id in the path is not percent-encoded UTF-8".into()))?;
     match identity::id_problem(&id) {
-        Some(e) => Err(Rejection::InvalidRequest {
-            field: Some("id".into()),
-            detail: e,
-        }),
+        Some(e) => Err(refused(e)),
         None => Ok(id),
     }
 }

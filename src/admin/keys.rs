@@ -314,13 +314,32 @@ fn query_params(query: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A query-string member decoded: `+` is a space, and a `%` that starts no escape, or bytes
+/// that are not UTF-8, are kept as they come (replaced).
 pub(crate) fn decode(s: &str) -> String {
+    let (bytes, _) = percent_decode(s, true);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A path segment decoded: `+` is itself, and a bad escape or bytes that are not UTF-8 make
+/// it `None`, for the caller to refuse.
+pub(crate) fn decode_path(s: &str) -> Option<String> {
+    match percent_decode(s, false) {
+        (bytes, true) => String::from_utf8(bytes).ok(),
+        (_, false) => None,
+    }
+}
+
+/// `s` with its `%XX` escapes decoded (and `+` as a space when `plus_is_space`), and whether
+/// every `%` started an escape.
+fn percent_decode(s: &str, plus_is_space: bool) -> (Vec<u8>, bool) {
     let mut out = Vec::with_capacity(s.len());
+    let mut valid = true;
     let mut rest = s.as_bytes();
     while let Some((&b, tail)) = rest.split_first() {
         rest = tail;
         match b {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' => {
                 let escaped = tail
                     .split_first_chunk::<2>()
@@ -330,13 +349,16 @@ pub(crate) fn decode(s: &str) -> String {
                         out.push(byte);
                         rest = after;
                     }
-                    None => out.push(b'%'),
+                    None => {
+                        valid = false;
+                        out.push(b'%');
+                    }
                 }
             }
             b => out.push(b),
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    (out, valid)
 }
 
 /// The byte two hex digits stand for.
@@ -396,12 +418,21 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
     let after = match params.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
         Some(cursor) => {
-            let (at, id) = cursor.split_once('~').ok_or_else(|| {
+            let not_ours = || {
                 bad_param(
                     "cursor",
                     "the cursor is not from this listing; start again without it",
                 )
-            })?;
+            };
+            // `<created_at>~<id>`: an id is lowercase hex.
+            let (at, id) = cursor
+                .split_once('~')
+                .filter(|(at, id)| {
+                    !at.is_empty()
+                        && !id.is_empty()
+                        && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                })
+                .ok_or_else(not_ours)?;
             Some((at.to_string(), id.to_string()))
         }
     };
@@ -938,5 +969,15 @@ mod tests {
         assert_eq!(p["e"], "é");
         assert_eq!(p["pct"], "%");
         assert_eq!(p["two"], "%A");
+    }
+
+    #[test]
+    fn path_ids_decode_strictly() {
+        assert_eq!(decode_path("a+b").as_deref(), Some("a+b"));
+        assert_eq!(decode_path("a%2Bb%20c").as_deref(), Some("a+b c"));
+        assert_eq!(decode_path("caf%C3%A9").as_deref(), Some("café"));
+        for bad in ["%FF", "%zz", "a%", "%4", "%C3"] {
+            assert_eq!(decode_path(bad), None, "{bad}");
+        }
     }
 }
