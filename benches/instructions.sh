@@ -4,12 +4,15 @@
 #
 #   benches/instructions.sh [path/to/keygate]      (default: target/release/keygate)
 #   HOUSEKEEPING=1 benches/instructions.sh         (include the 5-second usage flush)
+#   SHAPE=customer benches/instructions.sh         (keys with credits, an identity and two
+#                                                   named limits: examples/perf_setup.rs)
 #
 # Needs valgrind, nginx (the upstream) and wrk; loopback only. Every process started here is
 # stopped by its own PID, and every wait is bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${1:-target/release/keygate}
+TARGET=${CARGO_TARGET_DIR:-target}
+BIN=${1:-$TARGET/release/keygate}
 SECS=${SECS:-6}
 WORK=$(mktemp -d /tmp/keygate-instr.XXXXXX)
 PIDS=()
@@ -24,7 +27,10 @@ for tool in valgrind callgrind_control nginx wrk curl; do
 done
 [[ -x "$BIN" ]] || { echo "no $BIN: cargo build --release first" >&2; exit 2; }
 cargo build --release --quiet --example perf_setup
-target/release/examples/perf_setup "$WORK/gw" 10000 >/dev/null
+"$TARGET"/release/examples/perf_setup "$WORK/gw" 10000 ${SHAPE:+--$SHAPE} >/dev/null
+# The warm-up must reach every key once in the customer shape, so that each key's first
+# credits lease is not charged to the measured phase (valgrind runs ~20x slower).
+WARM=${WARM:-$([[ ${SHAPE:-} == customer ]] && echo 20 || echo 2)}
 # Housekeeping (usage flush, alerts) is periodic, not per request. Under valgrind requests
 # run ~20x slower, so every flush would be charged to ~20x fewer requests: it is pushed out
 # of the measured window unless HOUSEKEEPING=1 asks for it (then every 5 s, the default).
@@ -45,7 +51,7 @@ for _ in $(seq 600); do   # valgrind starts slowly: up to 60 s
   sleep 0.1
 done
 # Warm up (pool connections, first-use allocations), then count only the measured phase.
-wrk -t1 -c16 -d2s -s benches/wrk_keys.lua http://127.0.0.1:18083/v1/ping -- "$WORK/gw/keys.txt" >/dev/null
+wrk -t1 -c16 -d"${WARM}s" -s benches/wrk_keys.lua http://127.0.0.1:18083/v1/ping -- "$WORK/gw/keys.txt" >/dev/null
 callgrind_control -i on "$VG" >/dev/null
 callgrind_control -z "$VG" >/dev/null
 result=$(wrk -t1 -c16 -d"${SECS}s" -s benches/wrk_keys.lua http://127.0.0.1:18083/v1/ping -- "$WORK/gw/keys.txt" | grep '^RESULT')
