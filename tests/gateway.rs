@@ -325,7 +325,8 @@ async fn a_keys_limiter_is_made_on_its_first_request_and_forgotten_with_its_poli
     assert_eq!(status, 200, "{body}");
     assert_eq!(limiters(), 1);
     assert_eq!(get(&keys[0].1).await.status, 429, "the bucket survived");
-    // A new policy forgets the old bucket: the key starts full.
+    // A new policy replaces the old bucket (the key's other limits, had it any, would keep
+    // their counts): the key starts full at the new rate.
     gw.with_op(|op| {
         keygate::keys::update(
             op,
@@ -339,8 +340,25 @@ async fn a_keys_limiter_is_made_on_its_first_request_and_forgotten_with_its_poli
     .unwrap();
     let (status, body) = gw.reload().await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(limiters(), 0);
+    assert_eq!(limiters(), 1);
     assert_eq!(get(&keys[0].1).await.status, 200);
+    assert_eq!(get(&keys[0].1).await.status, 200);
+    assert_eq!(get(&keys[0].1).await.status, 429);
+    // No limit at all forgets the bucket.
+    gw.with_op(|op| {
+        keygate::keys::update(
+            op,
+            &keys[0].0.id,
+            keygate::keys::KeyPatch {
+                rate_limit: Some(None),
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    let (status, body) = gw.reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(limiters(), 0);
     gw.stop().await;
 }
 
