@@ -618,7 +618,8 @@ fn limits_policy(key: &KeyEntry, identity: Option<&Identity>) -> Option<HeaderVa
         (Some(h), None) | (None, Some(h)) => Some(h.clone()),
         (Some(own), Some(shared)) => {
             let both = [own.as_bytes(), shared.as_bytes()].join(&b", "[..]);
-            Some(HeaderValue::from_bytes(&both).unwrap_or_else(|_| own.clone()))
+            let joined = HeaderValue::from_maybe_shared(bytes::Bytes::from(both));
+            Some(joined.unwrap_or_else(|_| own.clone()))
         }
     }
 }

@@ -2,7 +2,6 @@
 //! sends. The limiter that spends a budget is the request stage's
 //! ([`crate::pipeline::rate_limit`]).
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
@@ -121,19 +120,24 @@ impl RateHeaders {
     /// Adds `RateLimit-Policy`, `RateLimit` and, on refusal, `Retry-After`.
     pub fn write(&self, headers: &mut HeaderMap, refused: bool) {
         headers.insert(RATELIMIT_POLICY, self.policy.clone());
-        let mut value = String::with_capacity(48);
         let [rate, quota] = &self.budgets;
-        for b in rate.iter().chain(&self.more).chain(quota) {
+        let budgets = || rate.iter().chain(&self.more).chain(quota);
+        // `"<name>";r=<remaining>;t=<reset>`, joined by `, `: written by hand, as this runs
+        // on every limited request and core::fmt costs several times as much.
+        let size: usize = budgets()
+            .map(|b| b.name.as_str().len().saturating_add(2 * 20 + 10))
+            .sum();
+        let mut value = Vec::with_capacity(size);
+        for b in budgets() {
             if !value.is_empty() {
-                value.push_str(", ");
+                value.extend_from_slice(b", ");
             }
-            let _ = write!(
-                value,
-                "\"{}\";r={};t={}",
-                b.name.as_str(),
-                b.remaining,
-                b.reset
-            );
+            value.push(b'"');
+            value.extend_from_slice(b.name.as_str().as_bytes());
+            value.extend_from_slice(b"\";r=");
+            push_decimal(&mut value, b.remaining);
+            value.extend_from_slice(b";t=");
+            push_decimal(&mut value, b.reset);
         }
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(RATELIMIT, v);
@@ -178,6 +182,70 @@ pub fn policy_header(
         .filter(|_| !parts.is_empty())
 }
 
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at = at.saturating_sub(1);
+        if let Some(d) = digits.get_mut(at) {
+            // n % 10 is below 10: the cast keeps it whole.
+            *d = b'0'.saturating_add((n % 10) as u8);
+        }
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(digits.get(at..).unwrap_or_default());
+}
+
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_written_by_hand_as_display_writes_them() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::from(u32::MAX), u64::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
+    }
+
+    #[test]
+    fn the_ratelimit_header_names_every_budget_in_order() {
+        let budget = |name: Name, remaining, reset| Budget {
+            name,
+            limit: 10,
+            remaining,
+            reset,
+        };
+        let headers = RateHeaders {
+            policy: HeaderValue::from_static("\"key\";q=10;w=1"),
+            budgets: [
+                Some(budget(Name::Key, 9, 1)),
+                Some(budget(Name::Quota, 0, 86_400)),
+            ],
+            more: vec![budget(
+                Name::Named("identity.hourly".into()),
+                18_446_744_073_709_551_615,
+                3600,
+            )],
+            retry_after: Some(7),
+        };
+        let mut map = HeaderMap::new();
+        headers.write(&mut map, false);
+        assert_eq!(
+            map[RATELIMIT],
+            "\"key\";r=9;t=1, \"identity.hourly\";r=18446744073709551615;t=3600, \"quota\";r=0;t=86400"
+        );
+        assert!(map.get(RETRY_AFTER).is_none());
+        headers.write(&mut map, true);
+        assert_eq!(map[RETRY_AFTER], "7");
+    }
 }

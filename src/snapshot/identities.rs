@@ -5,6 +5,7 @@
 //! are hex), so it survives reloads as a key's does.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::{Arc, OnceLock};
 
@@ -16,6 +17,7 @@ use crate::policy::quota::Quota;
 use crate::policy::rate::{policy_header, Name, RatePolicy, SharedPolicy, SharedRate};
 use crate::state::limiters::{KeyLimiter, Limiters, Policies};
 use crate::state::usage::{Cells, KeyUsage};
+use crate::state::IdHasher;
 
 /// One identity, compiled.
 #[derive(Debug)]
@@ -76,7 +78,8 @@ impl Identity {
 /// Every identity of a snapshot, by id.
 #[derive(Debug, Default)]
 pub struct Identities {
-    by_id: HashMap<Box<str>, Arc<Identity>>,
+    /// Hashed by FNV-1a: ids are the operator's, never a client's.
+    by_id: HashMap<Box<str>, Arc<Identity>, BuildHasherDefault<IdHasher>>,
 }
 
 impl Identities {
@@ -106,7 +109,7 @@ impl Identities {
         nodes: NonZeroU32,
         meta_of: &dyn Fn(&serde_json::Map<String, serde_json::Value>) -> super::key_index::KeyMeta,
     ) -> (Identities, Vec<(String, String)>) {
-        let mut by_id = HashMap::with_capacity(stored.len());
+        let mut by_id = HashMap::with_capacity_and_hasher(stored.len(), Default::default());
         let mut problems = Vec::new();
         for (i, doc) in stored.iter().enumerate() {
             let record: IdentityRecord = match serde_json::from_value(doc.clone()) {

@@ -16,6 +16,8 @@
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+use crate::state::IdHasher;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use http::HeaderValue;
@@ -422,30 +424,6 @@ impl Hash for ById {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // As `[u8]` hashes, so that a lookup by bytes finds it.
         self.0.id.as_bytes().hash(state);
-    }
-}
-
-/// FNV-1a, for ids: short, made by keygate or its operators (never by a client), so a fast
-/// hash that an attacker could collide costs nothing here.
-#[derive(Debug)]
-pub struct IdHasher(u64);
-
-impl Default for IdHasher {
-    fn default() -> Self {
-        IdHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        // Folded and multiplied, so the map's control bits (the top 7) see every byte.
-        (self.0 ^ (self.0 >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 }
 

@@ -58,10 +58,14 @@ pub enum Refused {
     Unavailable,
 }
 
+type Cells = HashMap<String, Arc<Cell>, std::hash::BuildHasherDefault<super::IdHasher>>;
+
 /// Every key's spent credits.
 #[derive(Debug)]
 pub struct CreditBook {
-    cells: Mutex<HashMap<String, Arc<Cell>>>,
+    /// By key id (or `@<identity>`), hashed by FNV-1a: ids are keygate's or the
+    /// operator's, never a client's.
+    cells: Mutex<Cells>,
     /// The journal (`None`: kept in memory only, for checks and benches), held while a line
     /// is written or the journal is compacted.
     journal: Option<Mutex<Journal>>,
@@ -102,7 +106,7 @@ impl CreditBook {
     /// A book that keeps nothing on disk.
     pub fn in_memory() -> Self {
         CreditBook {
-            cells: Mutex::new(HashMap::new()),
+            cells: Mutex::new(Cells::default()),
             journal: None,
         }
     }
@@ -111,7 +115,7 @@ impl CreditBook {
     /// journal is an empty book; lines that cannot be read are skipped with a warning (the
     /// last line of a crash may be half written).
     pub fn open(path: PathBuf) -> Self {
-        let mut cells = HashMap::new();
+        let mut cells = Cells::default();
         let mut lines = 0u64;
         match File::open(&path) {
             Ok(file) => {
