@@ -567,15 +567,18 @@ fn spend_credits(
     cost: u64,
     now: i64,
 ) -> Result<Option<u64>, Rejection> {
-    let spend = |id: &str, credits: &Credits| match book.spend(id, credits, cost, now) {
+    let spend = |id: &str, credits: &Credits, slot| match book.spend(id, credits, cost, now, slot) {
         Ok(left) => Ok(left),
         Err(CreditsRefused::Exhausted { .. }) => Err(credits_exhausted(Some(credits), now)),
         Err(CreditsRefused::Unavailable) => Err(Rejection::Internal),
     };
-    let own = key.credits().map(|c| spend(&key.id, c)).transpose()?;
+    let own = key
+        .credits()
+        .map(|c| spend(&key.id, c, key.credit_cell()))
+        .transpose()?;
     let shared = match identity.and_then(|i| Some((i, i.credits.as_ref()?))) {
         None => None,
-        Some((i, c)) => match spend(&i.counted_as, c) {
+        Some((i, c)) => match spend(&i.counted_as, c, Some(&i.credit_cell)) {
             Ok(left) => Some(left),
             Err(rejection) => {
                 if own.is_some() {
@@ -612,15 +615,12 @@ fn credits_exhausted(credits: Option<&Credits>, now: i64) -> Rejection {
 
 /// `RateLimit-Policy` for the limits of the key and of its identity, if either has any.
 fn limits_policy(key: &KeyEntry, identity: Option<&Identity>) -> Option<HeaderValue> {
-    let identity_header = identity.and_then(|i| i.policy_header.as_ref());
-    match (key.limits_header(), identity_header) {
+    let identity = identity.filter(|i| i.policy_header.is_some());
+    match (key.limits_header(), identity) {
         (None, None) => None,
-        (Some(h), None) | (None, Some(h)) => Some(h.clone()),
-        (Some(own), Some(shared)) => {
-            let both = [own.as_bytes(), shared.as_bytes()].join(&b", "[..]);
-            let joined = HeaderValue::from_maybe_shared(bytes::Bytes::from(both));
-            Some(joined.unwrap_or_else(|_| own.clone()))
-        }
+        (Some(own), None) => Some(own.clone()),
+        (None, Some(i)) => i.policy_header.clone(),
+        (Some(own), Some(i)) => i.policy_with(own).or_else(|| Some(own.clone())),
     }
 }
 

@@ -1073,6 +1073,7 @@ fn compile_entry(
                         crate::headers::meta_value(&serde_json::Value::String(id.to_string())),
                     )
                 }),
+                credit_cell: Default::default(),
             })),
         },
     })

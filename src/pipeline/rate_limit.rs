@@ -17,7 +17,9 @@ pub fn admit(
     clock: &Clock,
 ) -> Result<(Option<Budget>, Vec<Budget>), (u64, Budget)> {
     let mut first = None;
-    let mut more = Vec::new();
+    // One allocation, and none for a single limit.
+    let limits: usize = sets.iter().map(|s| s.limits.len()).sum();
+    let mut more = Vec::with_capacity(limits.saturating_sub(1));
     let spent = admit_all(sets, |limit, state| {
         let remaining = state.remaining_burst_capacity();
         let missing = limit.policy.burst.saturating_sub(remaining);

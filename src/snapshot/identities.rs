@@ -9,6 +9,7 @@ use std::hash::BuildHasherDefault;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::{Arc, OnceLock};
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 
 use crate::keys::identity::{check_identity, IdentityRecord};
@@ -18,6 +19,10 @@ use crate::policy::rate::{policy_header, Name, RatePolicy, SharedPolicy, SharedR
 use crate::state::limiters::{KeyLimiter, Limiters, Policies};
 use crate::state::usage::{Cells, KeyUsage};
 use crate::state::IdHasher;
+
+/// Distinct key parts of `RateLimit-Policy` an identity keeps joined with its own; keys
+/// with other limits join theirs on each request.
+const JOINED_KEPT: usize = 8;
 
 /// One identity, compiled.
 #[derive(Debug)]
@@ -37,10 +42,15 @@ pub struct Identity {
     /// `identity.quota`, the quota's name in the RateLimit headers.
     pub quota_name: Name,
     pub credits: Option<Credits>,
+    /// Its credits' cell in the book, kept from the first spending.
+    pub credit_cell: crate::state::credits::CellSlot,
     /// The metadata, with the members routes forward as header values.
     pub meta: Option<super::key_index::KeyMeta>,
     /// `RateLimit-Policy`'s part for the identity's limits and quota.
     pub policy_header: Option<HeaderValue>,
+    /// `RateLimit-Policy` of its keys' limits and its own, joined: kept for the few distinct
+    /// key parts its keys have, so a request joins nothing.
+    joined: ArcSwap<Vec<(HeaderValue, HeaderValue)>>,
     limiters: Limiters,
     limiter: OnceLock<Arc<KeyLimiter>>,
     cells: Cells,
@@ -56,6 +66,27 @@ impl Identity {
             self.limiter
                 .get_or_init(|| self.limiters.limiter_for(&self.counted_as, policies)),
         )
+    }
+
+    /// `RateLimit-Policy` for a key whose own limits' part is `own` and this identity's.
+    pub fn policy_with(&self, own: &HeaderValue) -> Option<HeaderValue> {
+        let shared = self.policy_header.as_ref()?;
+        let known = self.joined.load();
+        if let Some((_, both)) = known.iter().find(|(part, _)| part == own) {
+            return Some(both.clone());
+        }
+        let both = [own.as_bytes(), shared.as_bytes()].join(&b", "[..]);
+        let both = HeaderValue::from_maybe_shared(bytes::Bytes::from(both)).ok()?;
+        if known.len() < JOINED_KEPT {
+            self.joined.rcu(|kept| {
+                let mut kept = Vec::clone(kept);
+                if !kept.iter().any(|(part, _)| part == own) {
+                    kept.push((own.clone(), both.clone()));
+                }
+                kept
+            });
+        }
+        Some(both)
     }
 
     /// Whether it limits its keys at all: by a rate, a quota or credits.
@@ -162,8 +193,10 @@ impl Identities {
                 }),
                 quota_name: Name::Named(Arc::from("identity.quota")),
                 credits: checked.credits,
+                credit_cell: Default::default(),
                 meta: record.meta.as_ref().map(meta_of),
                 policy_header,
+                joined: ArcSwap::default(),
                 limiters: limiters.clone(),
                 limiter: OnceLock::new(),
                 cells: cells.clone(),

@@ -276,6 +276,8 @@ pub struct Extra {
     pub credits: Option<crate::policy::credits::Credits>,
     /// The identity the key belongs to, by id, and as `X-Keygate-Identity` sends it.
     pub identity: Option<(Box<str>, HeaderValue)>,
+    /// The credits' cell in the book, kept from the first spending.
+    pub credit_cell: crate::state::credits::CellSlot,
 }
 
 /// [`KeyEntry::expires`] of a key that never expires.
@@ -319,6 +321,11 @@ impl KeyEntry {
     /// The key's credits, if it is a limited-use key.
     pub fn credits(&self) -> Option<&crate::policy::credits::Credits> {
         self.extra.as_ref()?.credits.as_ref()
+    }
+
+    /// Where the key's credits cell is kept between requests, if it has credits.
+    pub fn credit_cell(&self) -> Option<&crate::state::credits::CellSlot> {
+        self.extra.as_ref().map(|e| &e.credit_cell)
     }
 
     /// When the key expires (Unix seconds), if it does.

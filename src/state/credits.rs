@@ -40,6 +40,12 @@ struct Cell {
     reserved: AtomicU64,
 }
 
+/// Where a key (or an identity) keeps its credits cell between requests, so that spending
+/// finds it without the book's lock and lookup. The book still owns every cell: a slot only
+/// holds one of them, and is checked against the setting and period on each use.
+#[derive(Debug, Default)]
+pub struct CellSlot(arc_swap::ArcSwapOption<Cell>);
+
 /// A journal line: the reservation of one key's cell.
 #[derive(Debug, Serialize, Deserialize)]
 struct Line {
@@ -173,10 +179,30 @@ impl CreditBook {
         }
     }
 
-    /// Spends `cost` of key `id`'s credits at `now`; returns what is left.
-    pub fn spend(&self, id: &str, credits: &Credits, cost: u64, now: i64) -> Result<u64, Refused> {
+    /// Spends `cost` of key `id`'s credits at `now`; returns what is left. `slot`, when
+    /// given, keeps the cell for the next time.
+    pub fn spend(
+        &self,
+        id: &str,
+        credits: &Credits,
+        cost: u64,
+        now: i64,
+        slot: Option<&CellSlot>,
+    ) -> Result<u64, Refused> {
         let balance = credits.balance(now);
-        let cell = self.cell(id, credits, &balance);
+        let kept = slot
+            .and_then(|s| s.0.load_full())
+            .filter(|c| c.version == credits.version && c.period == balance.period);
+        let cell = match kept {
+            Some(c) => c,
+            None => {
+                let c = self.cell(id, credits, &balance);
+                if let Some(s) = slot {
+                    s.0.store(Some(Arc::clone(&c)));
+                }
+                c
+            }
+        };
         let exhausted = Refused::Exhausted {
             next_refill: balance.next_refill,
         };
@@ -360,7 +386,7 @@ mod tests {
             for _ in 0..8 {
                 s.spawn(|| {
                     for _ in 0..50 {
-                        if book.spend("k", &c, 1, 10).is_ok() {
+                        if book.spend("k", &c, 1, 10, None).is_ok() {
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -369,20 +395,20 @@ mod tests {
         });
         assert_eq!(admitted.load(Ordering::Relaxed), 100);
         assert_eq!(
-            book.spend("k", &c, 1, 10),
+            book.spend("k", &c, 1, 10, None),
             Err(Refused::Exhausted {
                 next_refill: Some(86_400)
             })
         );
         // The next day the refill's 5 are there; a new setting starts afresh.
-        assert_eq!(book.spend("k", &c, 2, 86_400), Ok(3));
+        assert_eq!(book.spend("k", &c, 2, 86_400, None), Ok(3));
         let reset = Credits {
             set_at: 86_401,
             version: 2,
             remaining: 7,
             ..c
         };
-        assert_eq!(book.spend("k", &reset, 1, 86_402), Ok(6));
+        assert_eq!(book.spend("k", &reset, 1, 86_402, None), Ok(6));
         book.refund("k", 1);
         assert_eq!(book.left("k", &reset, 86_402), 7);
     }
@@ -399,7 +425,7 @@ mod tests {
         };
         let book = CreditBook::open(path.clone());
         for _ in 0..25 {
-            book.spend("k", &c, 1, 1).unwrap();
+            book.spend("k", &c, 1, 1, None).unwrap();
         }
         // 25 spent; the journal reserved in leases of 10 (1 % of 1,000).
         let text = std::fs::read_to_string(&path).unwrap();
