@@ -49,6 +49,10 @@ impl StateStore for Tat {
     }
 }
 
+/// The most limits one request spends together: a key's rate limit and 10 named limits,
+/// and its identity's 10 (the ranges `keys::check` holds every record to), with room over.
+const SPENT_TOGETHER: usize = 24;
+
 /// One of a key's limits: its name in the `RateLimit` headers, its policy and its GCRA.
 #[derive(Debug)]
 pub struct Limit {
@@ -153,26 +157,38 @@ pub(crate) fn admit_all<'l>(
             };
         }
     }
-    let _serial: Vec<_> = sets
-        .iter()
-        .map(|set| set.serial.lock().unwrap_or_else(|e| e.into_inner()))
-        .collect();
+    // A key's set and its identity's: two locks, and no allocation.
+    fn lock<'s>(set: &&'s KeyLimiter) -> std::sync::MutexGuard<'s, ()> {
+        set.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let (_key, _identity) = (sets.first().map(lock), sets.get(1).map(lock));
+    let _others: Vec<_> = sets.iter().skip(2).map(lock).collect();
     let limits = || sets.iter().flat_map(|set| set.limits.iter());
-    let mut states = Vec::new();
-    for limit in limits() {
-        let before = limit.tat.0.load(Ordering::Acquire);
+    // Each limit's arrival time before this request, to put back on a refusal. A key and
+    // its identity have at most SPENT_TOGETHER limits (ranges: 1 + 10 named, and 10).
+    let mut before = [0u64; SPENT_TOGETHER];
+    let mut states: [Option<StateSnapshot>; SPENT_TOGETHER] = [const { None }; SPENT_TOGETHER];
+    for (i, limit) in limits().enumerate() {
+        let was = limit.tat.0.load(Ordering::Acquire);
         match limit.gcra.check() {
-            Ok(state) => states.push((before, state)),
+            Ok(state) => {
+                if let (Some(b), Some(s)) = (before.get_mut(i), states.get_mut(i)) {
+                    *b = was;
+                    *s = Some(state);
+                }
+            }
             Err(not_until) => {
-                for (l, (before, _)) in limits().zip(&states) {
-                    l.tat.0.store(*before, Ordering::Release);
+                for (l, was) in limits().zip(before).take(i) {
+                    l.tat.0.store(was, Ordering::Release);
                 }
                 return Err((limit, not_until));
             }
         }
     }
-    for (limit, (_, state)) in limits().zip(states) {
-        spent(limit, state);
+    for (limit, state) in limits().zip(states) {
+        if let Some(state) = state {
+            spent(limit, state);
+        }
     }
     Ok(())
 }
