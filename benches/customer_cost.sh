@@ -7,6 +7,7 @@
 #
 #   benches/customer_cost.sh                  # 7 interleaved rounds of 6 s, wrk -c64
 #   ROUNDS=5 SECS=5 CONNS=256 benches/customer_cost.sh
+#   KEYS=100 benches/customer_cost.sh         # a key set that fits the caches
 #
 # Both gateways run one worker on CPU 1; wrk and the upstream (nginx, one worker) share CPU
 # 0. Rounds alternate the two so that machine noise hits them alike. Each gateway first
@@ -22,6 +23,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-7}
 SECS=${SECS:-6}
 CONNS=${CONNS:-64}
+KEYS=${KEYS:-10000}
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET/release/keygate}
 PLAIN=18083 CUSTOMER=18084
@@ -47,8 +49,8 @@ trap stop_all EXIT
 ( sleep $(( 120 + ROUNDS * 2 * (SECS + 5) )); echo "customer_cost.sh: time limit reached" >&2; kill -TERM $$ ) &
 PIDS+=($!)
 
-"$TARGET"/release/examples/perf_setup "$WORK/plain" 10000 >/dev/null
-"$TARGET"/release/examples/perf_setup "$WORK/customer" 10000 --customer >/dev/null
+"$TARGET"/release/examples/perf_setup "$WORK/plain" "$KEYS" >/dev/null
+"$TARGET"/release/examples/perf_setup "$WORK/customer" "$KEYS" --customer >/dev/null
 sed -i "s/127.0.0.1:$PLAIN/127.0.0.1:$CUSTOMER/; s/127.0.0.1:18093/127.0.0.1:18094/" "$WORK/customer/keygate.yaml"
 
 # shellcheck source=benches/upstream.sh
@@ -97,7 +99,7 @@ for round in $(seq "$ROUNDS"); do
 done
 
 echo
-echo "# $(date -Is) keygate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $ROUNDS rounds x ${SECS}s, wrk -c$CONNS; medians"
+echo "# $(date -Is) keygate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $KEYS keys, $ROUNDS rounds x ${SECS}s, wrk -c$CONNS; medians"
 awk 'NR > 1 {
   n[$1]++; rps[$1, n[$1]] = $3; p99[$1, n[$1]] = $4; usr[$1, n[$1]] = $5; bad[$1] += $6
   round[$1, $2] = $5

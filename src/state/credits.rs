@@ -314,17 +314,15 @@ impl CreditBook {
             return Ok(());
         };
         let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-        let cells: Vec<(String, Arc<Cell>)> = self
-            .cells
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(id, c)| (id.clone(), Arc::clone(c)))
-            .collect();
+        let cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
         let count = u64::try_from(cells.len()).unwrap_or(u64::MAX);
         if journal.lines <= count.saturating_mul(2).max(1_000) {
             return Ok(());
         }
+        let cells: Vec<(String, Arc<Cell>)> = cells
+            .iter()
+            .map(|(id, c)| (id.clone(), Arc::clone(c)))
+            .collect();
         Self::rewrite(&mut journal, &cells)
     }
 
