@@ -940,6 +940,29 @@ async fn two_nodes_share_an_identitys_limits_and_credits() {
         "100 less the three admitted and this one: {}",
         next.header("ratelimit")
     );
+    // The identity's usage sums its keys' requests over both nodes: 11 that reached it.
+    for gw in [&a, &b] {
+        let summed = eventually(Duration::from_secs(5), async || {
+            let (_, v) = admin_call(
+                gw,
+                "GET",
+                "/v1/identities/cus_1/usage",
+                serde_json::json!({}),
+            )
+            .await;
+            v["requests_today"] == 11
+        })
+        .await;
+        let (_, v) = admin_call(
+            gw,
+            "GET",
+            "/v1/identities/cus_1/usage",
+            serde_json::json!({}),
+        )
+        .await;
+        assert!(summed, "{v}");
+        assert_eq!(v["by_code_today"]["credits_exhausted"], 4, "{v}");
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -6,7 +6,10 @@
 use http::StatusCode;
 use serde_json::Value;
 
-use super::keys::{credits_left_in_redis, decode_path, with_credits_left, Answer};
+use super::keys::{
+    credits_left_in_redis, decode_path, local_usage, merged, shared_usage, with_credits_left,
+    Answer,
+};
 use super::{json, read_value, write_side, Call};
 use crate::audit::AuditEvent;
 use crate::keys::identity::{self, IdentityBody, IdentityRecord};
@@ -197,15 +200,18 @@ pub(crate) async fn usage(call: &Call<'_>) -> Answer {
     let record = stored(call, &id);
     let now = call.gw.clock.unix_secs();
     let counted = format!("@{id}");
-    let report = call
-        .gw
-        .usage
-        .get(&counted)
-        .map(|u| u.report(now))
-        .unwrap_or_default();
     if record.is_none() && call.gw.usage.get(&counted).is_none() {
         return Err(Rejection::IdentityNotFound);
     }
+    // With a Redis store, the counts of every node, as a key's usage reads them.
+    let local = local_usage(call, &counted, now);
+    let report = match shared_usage(call, vec![counted.clone()])
+        .await
+        .remove(&counted)
+    {
+        Some(shared) => merged(shared, local),
+        None => local,
+    };
     let mut v = report.to_json(now);
     set_member(&mut v, "identity", id.as_str());
     if let Some(i) = snapshot.identities.get(&id) {

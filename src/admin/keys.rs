@@ -186,7 +186,10 @@ async fn record(call: &Call<'_>) -> Result<KeyRecord, Rejection> {
 
 /// With a Redis store: today's usage of `ids` summed over every node. Empty otherwise, or
 /// when Redis cannot be reached (then each view shows this node's own counts).
-async fn shared_usage(call: &Call<'_>, ids: Vec<String>) -> HashMap<String, UsageReport> {
+pub(super) async fn shared_usage(
+    call: &Call<'_>,
+    ids: Vec<String>,
+) -> HashMap<String, UsageReport> {
     let snapshot = call.gw.snapshot.load_full();
     if snapshot.store.redis().is_none() {
         return HashMap::new();
@@ -207,7 +210,7 @@ async fn shared_usage(call: &Call<'_>, ids: Vec<String>) -> HashMap<String, Usag
 }
 
 /// A key's usage as this node counted it.
-fn local_usage(call: &Call<'_>, id: &str, now: i64) -> UsageReport {
+pub(super) fn local_usage(call: &Call<'_>, id: &str, now: i64) -> UsageReport {
     call.gw
         .usage
         .get(id)
@@ -217,7 +220,7 @@ fn local_usage(call: &Call<'_>, id: &str, now: i64) -> UsageReport {
 
 /// `shared` (usage over every node) with this node's per-minute series, and the later of
 /// the two last uses (this node's may not be pushed yet).
-fn merged(mut shared: UsageReport, local: UsageReport) -> UsageReport {
+pub(super) fn merged(mut shared: UsageReport, local: UsageReport) -> UsageReport {
     shared.series = local.series;
     let local_at = local.last_use.as_ref().map(|u| u.at);
     if local_at > shared.last_use.as_ref().map(|u| u.at) {
