@@ -4,6 +4,8 @@
 #
 #   benches/instructions.sh [path/to/keygate]      (default: target/release/keygate)
 #   HOUSEKEEPING=1 benches/instructions.sh         (include the 5-second usage flush)
+#   PEERS=1 benches/instructions.sh                (nginx and HAProxy doing the same job, under
+#                                                   the same traffic, and the ratios)
 #   SHAPE=customer benches/instructions.sh         (keys with credits, an identity and two
 #                                                   named limits: examples/perf_setup.rs)
 #
@@ -41,24 +43,107 @@ source benches/upstream.sh
 write_upstream_conf "$WORK"
 nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' &
 PIDS+=($!)
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.out" \
-  "$BIN" serve --config "$WORK/gw/keygate.yaml" 2>"$WORK/valgrind.log" &
-VG=$!
-PIDS+=($VG)
-key=$(head -1 "$WORK/gw/keys.txt")
-for _ in $(seq 600); do   # valgrind starts slowly: up to 60 s
-  curl -s -o /dev/null -m 1 -H "Authorization: Bearer $key" http://127.0.0.1:18083/v1/ping && break
-  sleep 0.1
+# measure NAME PORT COMMAND...: runs COMMAND under callgrind, waits until it accepts a key on
+# PORT, warms it up, then counts the instructions of the measured phase only; prints one line.
+measure() {
+  local name=$1 port=$2 vg result requests non2xx instructions
+  shift 2
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg-$name.out" \
+    "$@" 2>"$WORK/valgrind-$name.log" &
+  vg=$!
+  PIDS+=($vg)
+  local key
+  key=$(head -1 "$WORK/gw/keys.txt")
+  for _ in $(seq 600); do   # valgrind starts slowly: up to 60 s
+    curl -s -o /dev/null -m 1 -H "Authorization: Bearer $key" "http://127.0.0.1:$port/v1/ping" && break
+    sleep 0.1
+  done
+  # Warm up (pool connections, first-use allocations), then count only the measured phase.
+  wrk -t1 -c16 -d"${WARM}s" -s benches/wrk_keys.lua "http://127.0.0.1:$port/v1/ping" -- "$WORK/gw/keys.txt" >/dev/null
+  callgrind_control -i on "$vg" >/dev/null
+  callgrind_control -z "$vg" >/dev/null
+  result=$(wrk -t1 -c16 -d"${SECS}s" -s benches/wrk_keys.lua "http://127.0.0.1:$port/v1/ping" -- "$WORK/gw/keys.txt" | grep '^RESULT')
+  callgrind_control -d "$vg" >/dev/null
+  sleep 1
+  kill "$vg" 2>/dev/null || true
+  wait "$vg" 2>/dev/null || true
+  requests=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' <<<"$result")
+  non2xx=$(sed -n 's/.*non2xx=\([0-9]*\).*/\1/p' <<<"$result")
+  # The dump of the measured phase is the file's first part (`.1`).
+  instructions=$(awk '/^summary:/ { print $2 }' "$WORK/cg-$name.out.1")
+  PER_REQUEST[$name]=$(awk -v i="$instructions" -v r="$requests" 'BEGIN { printf "%.0f", (r > 0 ? i / r : 0) }')
+  printf '%-8s requests=%s non2xx=%s instructions=%s per_request=%s\n' "$name" "$requests" "$non2xx" \
+    "$instructions" "${PER_REQUEST[$name]}"
+}
+declare -A PER_REQUEST
+measure keygate 18083 "$BIN" serve --config "$WORK/gw/keygate.yaml"
+
+[[ -n "${PEERS:-}" ]] || exit 0
+# The peers doing the same job under the same traffic: a known key (nginx maps the raw
+# header, HAProxy hashes it with SHA-256 as keygate does), 127.0.0.1 allowed, a per-key rate
+# limit far above the load, keep-alive to the same upstream. One process each.
+temp_paths() { for d in client_body proxy fastcgi uwsgi scgi; do printf '%s_temp_path %s/%s-%s;\n' "$d" "$WORK" "$1" "$d"; done; }
+cat > "$WORK/nginx-gw.conf" <<NGX
+master_process off;
+daemon off;
+worker_processes 1;
+pid $WORK/nginx-gw.pid;
+error_log $WORK/nginx-gw.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 120s;
+  $(temp_paths gw)
+  map_hash_max_size 65536;
+  map_hash_bucket_size 256;
+  map \$http_authorization \$known_key { default 0; include $WORK/gw/nginx-keys.conf; }
+  geo \$allowed_ip { default 0; 127.0.0.1/32 1; }
+  limit_req_zone \$http_authorization zone=per_key:32m rate=100000r/s;
+  limit_req_status 429;
+  upstream api { server 127.0.0.1:18080; keepalive 128; keepalive_requests 100000000; }
+  server {
+    listen 127.0.0.1:18081 backlog=4096;
+    location / {
+      if (\$known_key = 0) { return 401; }
+      if (\$allowed_ip = 0) { return 403; }
+      limit_req zone=per_key burst=1000 nodelay;
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGX
+cat > "$WORK/haproxy.cfg" <<HAP
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend gateway
+  bind 127.0.0.1:18082
+  http-request deny deny_status 401 unless { req.hdr(authorization) -m beg "Bearer " }
+  http-request set-var(txn.key) req.hdr(authorization),bytes(7),sha2(256),hex,lower,map($WORK/gw/haproxy-keys.map)
+  http-request deny deny_status 401 unless { var(txn.key) -m found }
+  http-request deny deny_status 403 unless { src 127.0.0.1/32 }
+  http-request track-sc0 var(txn.key) table per_key
+  http-request deny deny_status 429 if { sc_http_req_rate(0) gt 100000 }
+  default_backend api
+backend per_key
+  stick-table type string len 16 size 50k expire 60s store http_req_rate(1s)
+backend api
+  server upstream 127.0.0.1:18080 maxconn 1000
+HAP
+measure nginx 18081 nginx -p "$WORK/" -c "$WORK/nginx-gw.conf"
+command -v haproxy >/dev/null && measure haproxy 18082 haproxy -db -f "$WORK/haproxy.cfg"
+for peer in nginx haproxy; do
+  [[ -n ${PER_REQUEST[$peer]:-} ]] || continue
+  printf 'keygate / %s: %s\n' "$peer" \
+    "$(awk -v a="${PER_REQUEST[keygate]}" -v b="${PER_REQUEST[$peer]}" 'BEGIN { printf "%.2f", a / b }')"
 done
-# Warm up (pool connections, first-use allocations), then count only the measured phase.
-wrk -t1 -c16 -d"${WARM}s" -s benches/wrk_keys.lua http://127.0.0.1:18083/v1/ping -- "$WORK/gw/keys.txt" >/dev/null
-callgrind_control -i on "$VG" >/dev/null
-callgrind_control -z "$VG" >/dev/null
-result=$(wrk -t1 -c16 -d"${SECS}s" -s benches/wrk_keys.lua http://127.0.0.1:18083/v1/ping -- "$WORK/gw/keys.txt" | grep '^RESULT')
-callgrind_control -d "$VG" >/dev/null
-sleep 1
-requests=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' <<<"$result")
-non2xx=$(sed -n 's/.*non2xx=\([0-9]*\).*/\1/p' <<<"$result")
-instructions=$(awk '/^summary:/ { print $2 }' "$WORK/cg.out.1")
-printf 'requests=%s non2xx=%s instructions=%s per_request=%s\n' "$requests" "$non2xx" "$instructions" \
-  "$(awk -v i="$instructions" -v r="$requests" 'BEGIN { printf "%.0f", (r > 0 ? i / r : 0) }')"

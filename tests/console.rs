@@ -146,6 +146,30 @@ async fn take_secret(b: &Browser) -> String {
 }
 
 /// Whether `text` is anywhere in the page: its markup or any field's value.
+/// Every control on the page has a label, and the browser logged nothing but refused
+/// requests (a script error or a policy violation fails).
+async fn labelled_and_clean(b: &Browser) {
+    let unlabelled = b
+        .eval(
+            "return [...document.querySelectorAll('input, select, textarea, button')]
+               .filter(e => !(e.labels?.length || e.getAttribute('aria-label') || e.textContent.trim()))
+               .map(e => e.id || e.outerHTML)",
+        )
+        .await;
+    assert_eq!(
+        unlabelled,
+        serde_json::json!([]),
+        "controls without a label"
+    );
+    let errors: Vec<_> = b
+        .errors()
+        .await
+        .into_iter()
+        .filter(|e| !e.contains("Failed to load resource"))
+        .collect();
+    assert!(errors.is_empty(), "browser errors: {errors:?}");
+}
+
 async fn on_page(b: &Browser, text: &str) -> bool {
     let script = format!(
         "const s = {}; return document.documentElement.outerHTML.includes(s) || \
@@ -469,27 +493,8 @@ async fn operators_run_the_key_lifecycle_from_the_console() {
     assert!(b.url().await.contains("action=key.revoked"));
 
     // Every control has a label, and nothing broke the page's policy.
-    let unlabelled = b
-        .eval(
-            "return [...document.querySelectorAll('input, select, textarea, button')]
-               .filter(e => !(e.labels?.length || e.getAttribute('aria-label') || e.textContent.trim()))
-               .map(e => e.id || e.outerHTML)",
-        )
-        .await;
-    assert_eq!(
-        unlabelled,
-        serde_json::json!([]),
-        "controls without a label"
-    );
-    // The refused sign-in (401) and the refused create (400) are expected network errors;
-    // anything else (a script error, a policy violation) is not.
-    let errors: Vec<_> = b
-        .errors()
-        .await
-        .into_iter()
-        .filter(|e| !e.contains("Failed to load resource"))
-        .collect();
-    assert!(errors.is_empty(), "browser errors: {errors:?}");
+    // The refused sign-in (401) and the refused create (400) are expected network errors.
+    labelled_and_clean(&b).await;
 
     // Sign out forgets the token.
     b.click("#signout").await;
@@ -1582,25 +1587,7 @@ async fn identities_credits_and_metadata_are_managed_from_the_console() {
         200
     );
 
-    let unlabelled = b
-        .eval(
-            "return [...document.querySelectorAll('input, select, textarea, button')]
-               .filter(e => !(e.labels?.length || e.getAttribute('aria-label') || e.textContent.trim()))
-               .map(e => e.id || e.outerHTML)",
-        )
-        .await;
-    assert_eq!(
-        unlabelled,
-        serde_json::json!([]),
-        "controls without a label"
-    );
-    let errors: Vec<_> = b
-        .errors()
-        .await
-        .into_iter()
-        .filter(|e| !e.contains("Failed to load resource"))
-        .collect();
-    assert!(errors.is_empty(), "browser errors: {errors:?}");
+    labelled_and_clean(&b).await;
     drop(b);
     gw.stop().await;
 }

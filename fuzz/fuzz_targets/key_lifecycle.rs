@@ -18,6 +18,7 @@ use keygate::config::{parse_yaml, Config};
 use keygate::keys::store::{parse, render};
 use keygate::keys::StoreFile;
 use keygate::metrics::Metrics;
+use keygate::state::credits::CreditBook;
 use keygate::state::lockouts::Lockouts;
 use keygate::state::limiters::Limiters;
 use keygate::state::usage::UsageBook;
@@ -141,7 +142,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let key = &read.keys[0];
     let ask = keygate::pipeline::Ask::of(&req, false);
-    match keygate::pipeline::admit(&snapshot, &w.clock, ask, keygate::pipeline::Client::Known(client), &Lockouts::default()) {
+    let (lockouts, credits) = (Lockouts::default(), CreditBook::in_memory());
+    let state = keygate::pipeline::State { lockouts: &lockouts, credits: &credits };
+    match keygate::pipeline::admit(&snapshot, &w.clock, ask, keygate::pipeline::Client::Known(client), state) {
         Ok(admitted) => {
             assert_eq!(admitted.key.id, key.id);
             let route = admitted.route.expect("a request with a path has a route");

@@ -7,8 +7,8 @@ use http::StatusCode;
 use serde_json::Value;
 
 use super::keys::{
-    credits_left_in_redis, decode_path, local_usage, merged, shared_usage, with_credits_left,
-    Answer,
+    credits_left_in_redis, decode_path, local_usage, merged, quota_state, shared_usage,
+    with_credits_left, Answer,
 };
 use super::{json, read_value, write_side, Call};
 use crate::audit::AuditEvent;
@@ -215,18 +215,9 @@ pub(crate) async fn usage(call: &Call<'_>) -> Answer {
     let mut v = report.to_json(now);
     set_member(&mut v, "identity", id.as_str());
     if let Some(i) = snapshot.identities.get(&id) {
-        if let Some(quota) = i.quota {
-            let (period, end) = quota.window(now);
-            set_member(
-                &mut v,
-                "quota",
-                serde_json::json!({
-                    "quota": quota.to_string(),
-                    "limit": quota.limit,
-                    "used": i.usage().quota_used(period),
-                    "resets_at": crate::clock::rfc3339(end),
-                }),
-            );
+        if let Some(quota) = &i.quota {
+            let state = quota_state(quota, |p| i.usage().quota_used(p), now);
+            set_member(&mut v, "quota", state);
         }
     }
     Ok(json(StatusCode::OK, &v))

@@ -828,21 +828,29 @@ fn usage_json(
     set_member(&mut v, "namespace", namespace);
     if let Some(key) = snapshot.key_by_id(id) {
         if let Some(quota) = key.quota() {
-            let (period, end) = quota.window(now);
-            let used = key.quota_used(period);
             set_member(
                 &mut v,
                 "quota",
-                serde_json::json!({
-                    "quota": quota.to_string(),
-                    "limit": quota.limit,
-                    "used": used,
-                    "resets_at": crate::clock::rfc3339(end),
-                }),
+                quota_state(&quota, |p| key.quota_used(p), now),
             );
         }
     }
     v
+}
+
+/// A quota's state now, as the usage routes show it; `used_in` counts a period.
+pub(super) fn quota_state(
+    quota: &crate::policy::quota::Quota,
+    used_in: impl Fn(i64) -> u64,
+    now: i64,
+) -> serde_json::Value {
+    let (period, end) = quota.window(now);
+    serde_json::json!({
+        "quota": quota.to_string(),
+        "limit": quota.limit,
+        "used": used_in(period),
+        "resets_at": crate::clock::rfc3339(end),
+    })
 }
 
 /// `GET /v1/api-keys/{id}/usage`.
