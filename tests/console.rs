@@ -1511,6 +1511,19 @@ async fn identities_credits_and_metadata_are_managed_from_the_console() {
         "plan: enterprise"
     );
     assert_eq!(fact(&b, "#identity-facts", "Requests today").await, "1");
+    // Its keys are listed, each a link to the key.
+    b.wait_until(
+        "the identity's keys are listed",
+        &format!(
+            "return document.querySelector(\"#identity-keys li[data-key-id='{id}'] a\") !== null"
+        ),
+    )
+    .await;
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#identity-keys li[data-key-id]').length")
+            .await,
+        serde_json::json!(1)
+    );
     b.wait_until(
         "the chart is drawn",
         "return document.querySelector('#identity-chart svg')?.dataset.accepted === '1'",

@@ -85,6 +85,14 @@ fn keys_of_one_identity_share_its_limits() {
         assert_eq!(made.status, 201, "{:?}", made.json());
         assert_eq!(made.header("location"), "/v1/identities/cus_1");
         let (a, b) = (key_of(admin_addr, Some("cus_1")).await, key_of(admin_addr, Some("cus_1")).await);
+        // The listing finds an identity's keys, and only them.
+        key_of(admin_addr, Some("cus_2")).await;
+        let listed = call(admin_addr, "GET", "/v1/api-keys?identity=cus_1&status=all", None).await;
+        assert_eq!(listed.json()["keys"].as_array().map(Vec::len), Some(2), "{:?}", listed.json());
+        let listed = call(admin_addr, "GET", "/v1/api-keys?identity=nobody", None).await;
+        assert_eq!(listed.json()["keys"], json!([]));
+        let refused = call(admin_addr, "GET", "/v1/api-keys?identity=a%07b", None).await;
+        assert_eq!((refused.status.as_u16(), refused.json()["field"].clone()), (400, json!("identity")));
         let mut admitted = 0;
         for i in 0..8 {
             let r = send(Req::get(proxy, "/v1/x").bearer(if i % 2 == 0 { &a } else { &b })).await;

@@ -416,6 +416,13 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
         .map(|s| s.to_lowercase())
         .filter(|s| !s.is_empty());
     let namespace = params.get("namespace").filter(|s| !s.is_empty());
+    let identity = match params.get("identity").filter(|s| !s.is_empty()) {
+        Some(id) => match crate::keys::identity::id_problem(id) {
+            Some(e) => return Err(bad_param("identity", &e)),
+            None => Some(id.clone()),
+        },
+        None => None,
+    };
     // The cursor is the sort position of the last key shown (`<created_at>~<id>`), so a page
     // boundary survives keys changing status or going away in between.
     let after = match params.get("cursor").filter(|c| !c.is_empty()) {
@@ -443,6 +450,7 @@ pub(crate) async fn list(call: &Call<'_>, query: &str) -> Answer {
         status: status.to_string(),
         namespace: namespace.cloned(),
         search,
+        identity,
         limit,
         after,
         now: call.gw.clock.unix_secs(),

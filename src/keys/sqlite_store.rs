@@ -294,6 +294,12 @@ impl SqliteStore {
         if q.namespace.is_some() {
             sql.push_str(" AND namespace = ?3");
         }
+        // Read from each record: a scan of the keys the other conditions leave.
+        sql.push_str(if q.identity.is_some() {
+            " AND json_extract(record, '$.identity') = ?9"
+        } else {
+            " AND ?9 IS NULL"
+        });
         // A search of three characters or more is looked up in the names' trigram index and
         // the id index, and only the keys found are sorted. A shorter one matches many keys:
         // the creation-time index, which holds the names, is read until a page is found.
@@ -338,7 +344,8 @@ impl SqliteStore {
                         after_at,
                         after_id,
                         limit,
-                        phrase
+                        phrase,
+                        q.identity
                     ],
                     |r| r.get::<_, String>(0),
                 )?
@@ -795,6 +802,9 @@ mod tests {
             if i == 4 {
                 r.expires_at = Some("2026-01-01T00:00:00Z".into());
             }
+            if i % 3 == 0 {
+                r.identity = Some("cus_1".into());
+            }
             all.push(r);
         }
         let load = all.clone();
@@ -811,29 +821,33 @@ mod tests {
                 Some("0"),
                 Some("i\"b"),
             ] {
-                let mut q = ListQuery {
-                    status: status.into(),
-                    search: search.map(String::from),
-                    limit: 2,
-                    now,
-                    ..ListQuery::default()
-                };
-                let mut want: Vec<&KeyRecord> = all.iter().filter(|r| q.matches(r)).collect();
-                want.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
-                let mut got = Vec::new();
-                loop {
-                    let (page, more) = store.list(&q).unwrap();
-                    assert!(page.len() <= 2);
-                    got.extend(page.iter().map(|r| r.id.clone()));
-                    match (more, page.last()) {
-                        (true, Some(last)) => {
-                            q.after = Some((last.created_at.clone(), last.id.clone()))
+                let identity = (search.is_none()).then(|| "cus_1".to_string());
+                for identity in [None, identity] {
+                    let mut q = ListQuery {
+                        status: status.into(),
+                        search: search.map(String::from),
+                        identity,
+                        limit: 2,
+                        now,
+                        ..ListQuery::default()
+                    };
+                    let mut want: Vec<&KeyRecord> = all.iter().filter(|r| q.matches(r)).collect();
+                    want.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+                    let mut got = Vec::new();
+                    loop {
+                        let (page, more) = store.list(&q).unwrap();
+                        assert!(page.len() <= 2);
+                        got.extend(page.iter().map(|r| r.id.clone()));
+                        match (more, page.last()) {
+                            (true, Some(last)) => {
+                                q.after = Some((last.created_at.clone(), last.id.clone()))
+                            }
+                            _ => break,
                         }
-                        _ => break,
                     }
+                    let want: Vec<String> = want.iter().map(|r| r.id.clone()).collect();
+                    assert_eq!(got, want, "{status} {search:?} {:?}", q.identity);
                 }
-                let want: Vec<String> = want.iter().map(|r| r.id.clone()).collect();
-                assert_eq!(got, want, "{status} {search:?}");
             }
         }
         // The namespaces' counts agree with the records' own rule, revoked and expired keys

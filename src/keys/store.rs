@@ -91,6 +91,8 @@ pub struct ListQuery {
     pub namespace: Option<String>,
     /// Lowercase: a part of the name, or the start of the id.
     pub search: Option<String>,
+    /// Only the keys that name this identity.
+    pub identity: Option<String>,
     pub limit: usize,
     /// The sort position of the last key already shown: `(created_at, id)`.
     pub after: Option<(String, String)>,
@@ -102,6 +104,10 @@ impl ListQuery {
     pub fn matches(&self, r: &KeyRecord) -> bool {
         (self.status == "all" || r.effective_status(self.now) == self.status)
             && self.namespace.as_ref().is_none_or(|ns| &r.namespace == ns)
+            && self
+                .identity
+                .as_ref()
+                .is_none_or(|i| r.identity.as_ref() == Some(i))
             && self.search.as_ref().is_none_or(|s| {
                 r.name.to_lowercase().contains(s.as_str()) || r.id.starts_with(s.as_str())
             })

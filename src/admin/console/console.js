@@ -1400,6 +1400,20 @@ async function renderIdentity(id) {
     ["Last used", el("span", {}, time(usage.last_used_at), usage.last_used_ip ? ` from ${usage.last_used_ip}` : "")],
     ["Requests today", String(requests)], ["Error rate", errorRate(usage.error_rate, requests)],
   ]));
+  // Its keys, in every namespace and state, newest first (the first 100).
+  const keys = await api("GET", `/v1/api-keys?${new URLSearchParams({ identity: i.id, status: "all", limit: 100 })}`)
+    .then((r) => r.keys).catch((e) => {
+      if (e.status === 401) throw e;
+      return null;
+    });
+  $("identity-keys").replaceChildren(...(keys === null
+    ? [el("li", { class: "muted", text: "The keys could not be listed." })]
+    : keys.length
+      ? keys.map((k) => el("li", { "data-key-id": k.id },
+        el("a", { href: `?view=key&id=${encodeURIComponent(k.id)}`,
+          onclick: (e) => { e.preventDefault(); go({ view: "key", id: k.id }); } }, k.name || "(unnamed)"),
+        " ", el("code", { text: k.id }), ` · ${k.namespace} · ${k.status}`))
+      : [el("li", { class: "muted", text: "No key names this identity yet." })]));
   $("identity-chart").replaceChildren(...chart(usage.series || []));
   const codes = Object.entries(usage.by_code_today || {}).filter(([code]) => !/^\d/.test(code) || code >= "400");
   $("identity-refusals").replaceChildren(...(codes.length
