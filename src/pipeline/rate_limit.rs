@@ -27,7 +27,7 @@ pub fn admit(
             name: limit.name.clone(),
             limit: u64::from(limit.policy.burst),
             remaining: u64::from(remaining),
-            reset: ceil_secs(limit.policy.interval().saturating_mul(missing)),
+            reset: ceil_secs(limit.interval.saturating_mul(missing)),
         };
         if first.is_none() {
             first = Some(budget);
@@ -39,7 +39,7 @@ pub fn admit(
         Ok(()) => Ok((first, more)),
         Err((limit, not_until)) => {
             let wait = not_until.wait_time_from(clock.now());
-            let full = limit.policy.interval().saturating_mul(limit.policy.burst);
+            let full = limit.interval.saturating_mul(limit.policy.burst);
             Err((
                 ceil_secs(wait).max(1),
                 Budget {

@@ -58,6 +58,8 @@ const SPENT_TOGETHER: usize = 24;
 pub struct Limit {
     pub(crate) name: Name,
     pub(crate) policy: RatePolicy,
+    /// The policy's interval, worked out once: a request's budget reads it.
+    pub(crate) interval: std::time::Duration,
     pub(crate) gcra: Gcra,
     tat: Tat,
 }
@@ -73,6 +75,7 @@ impl Limit {
         Limit {
             name,
             policy,
+            interval: policy.interval(),
             gcra: Gcra::new(quota, tat.clone(), clock.clone()),
             tat,
         }
