@@ -45,14 +45,31 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| "info".into())
+    };
+    // `KEYGATE_LOG_FORMAT=json`: one JSON object a line, for a log pipeline (Loki, ELK,
+    // Cloud Logging); `text` (the default) for people.
+    match std::env::var("KEYGATE_LOG_FORMAT").as_deref() {
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter())
+            .init(),
+        Ok("text") | Ok("") | Err(std::env::VarError::NotPresent) => tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_env_filter(filter())
+            .init(),
+        Ok(other) => {
+            eprintln!("keygate: error: KEYGATE_LOG_FORMAT is `{other}`: json or text");
+            return ExitCode::from(1);
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            eprintln!("keygate: error: KEYGATE_LOG_FORMAT is not text: json or text");
+            return ExitCode::from(1);
+        }
+    }
     // The release build unwinds: a panic costs the one task it happens in (a connection, a
     // reload), and is logged here, with where it happened, like every other error.
     std::panic::set_hook(Box::new(|info| {

@@ -150,3 +150,47 @@ fn the_demo_serves_its_key_and_refuses_without_one() {
     demo.signal("INT");
     assert_eq!(demo.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// `KEYGATE_LOG_FORMAT=json`: every line the gateway logs is one JSON object with its level,
+/// message and fields (a refusal among them, naming its code and never the key); any other
+/// value is refused in one line, before anything starts.
+#[test]
+fn process_logs_are_json_lines_when_asked() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start());
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), up.addr, "");
+    let env = [("KEYGATE_LOG_FORMAT", "json"), ("KEYGATE_LOG", "debug")];
+    let gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &env);
+    let line = gw.wait_for_line("keygate listening", Duration::from_secs(20));
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["message"], "keygate listening", "{v}");
+    let proxy: std::net::SocketAddr = v["fields"]["proxy"].as_str().unwrap().parse().unwrap();
+    let secret = "kg_live_0000000000000000000000000000000";
+    rt.block_on(send(Req::get(proxy, "/v1/x").bearer(secret)));
+    let refused = gw.wait_for_line("\"refused\"", Duration::from_secs(5));
+    let r: serde_json::Value = serde_json::from_str(&refused).unwrap();
+    assert_eq!(r["level"], "DEBUG");
+    assert!(r["fields"]["code"].as_str().is_some(), "{r}");
+    let lines = gw.output.lock().unwrap().clone();
+    for l in lines.iter().filter(|l| !l.is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok(),
+            "not JSON: {l}"
+        );
+        assert!(!l.contains(secret), "a secret in the log: {l}");
+    }
+    drop(gw);
+    let out = std::process::Command::new(keygate_bin())
+        .args(["--config", "keygate.yaml", "check"])
+        .current_dir(dir.path())
+        .env("KEYGATE_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "keygate: error: KEYGATE_LOG_FORMAT is `xml`: json or text"
+    );
+}

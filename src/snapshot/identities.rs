@@ -123,14 +123,6 @@ impl Identities {
         self.get(counted.strip_prefix('@')?)
     }
 
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
     /// The stored identities compiled, with `nodes` sharing their limits (1 when limits are
     /// local); each problem is named `identities[i].field`.
     pub fn compile(
