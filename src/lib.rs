@@ -83,6 +83,7 @@ pub mod gateway;
 pub mod headers;
 pub mod keys;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod policy;
 pub mod rejection;

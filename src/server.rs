@@ -311,16 +311,34 @@ impl Running {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // The service manager hears that the listeners serve (the snapshot was built before
+        // they opened), around each SIGHUP reload, and when the drain begins.
+        let notifier = Arc::new(crate::notify::Notifier::from_env());
+        let serving = |gw: &Gateway| format!("serving {} keys", gw.snapshot.load().key_count());
+        notifier.ready(&serving(&self.gateway));
+        let watchdog = notifier.watchdog().map(|every| {
+            let notifier = Arc::clone(&notifier);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    notifier.send("WATCHDOG=1");
+                }
+            })
+        });
         let ended = loop {
             tokio::select! {
                 _ = hup.recv() => {
+                    notifier.reloading();
                     let _ = crate::reload::reload(&self.gateway, crate::reload::Trigger::Sighup).await;
+                    notifier.ready(&serving(&self.gateway));
                 }
                 _ = term.recv() => break None,
                 _ = int.recv() => break None,
                 ended = first_task_to_end(&mut self.proxy_task, self.rest.get_mut(..self.watched).unwrap_or_default()) => break Some(ended),
             }
         };
+        notifier.stopping();
         if let Some(ended) = ended {
             return self.stopped_by(ended).await;
         }
@@ -330,6 +348,9 @@ impl Running {
             "shutting down: draining in-flight requests"
         );
         self.shutdown(drain).await;
+        if let Some(task) = watchdog {
+            task.abort();
+        }
         Ok(())
     }
 }

@@ -25,6 +25,8 @@ fn the_systemd_unit_verifies() {
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "DynamicUser=yes",
+        "Type=notify",
+        "WatchdogSec=",
     ] {
         assert!(unit.contains(option), "{option}");
     }

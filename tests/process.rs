@@ -194,3 +194,51 @@ fn process_logs_are_json_lines_when_asked() {
         "keygate: error: KEYGATE_LOG_FORMAT is `xml`: json or text"
     );
 }
+
+/// systemd's notification protocol through a real notify socket (a Unix datagram socket
+/// bound here, named by `NOTIFY_SOCKET`): `READY=1` once serving, `WATCHDOG=1` at half of
+/// `WATCHDOG_USEC`, `RELOADING=1` then `READY=1` around a SIGHUP reload, `STOPPING=1` when
+/// SIGTERM starts the drain.
+#[test]
+fn the_service_manager_hears_ready_reloading_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start());
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), up.addr, "");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let notify = path.to_str().unwrap();
+    let env = [("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "400000")];
+    let mut gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &env);
+    // Every datagram until one is `want` (bounded in time), the watchdog's among them.
+    let mut heard = Vec::new();
+    let mut until = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 512];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+                heard.push(said.clone());
+                if said.starts_with(want) {
+                    return said;
+                }
+            }
+        }
+        panic!("no {want:?} within 10 s; heard {heard:?}");
+    };
+    assert_eq!(until("READY=1"), "READY=1\nSTATUS=serving 0 keys");
+    // Listening when it says so.
+    let (_, admin) = gw.addresses();
+    assert_eq!(rt.block_on(send(Req::get(admin, "/readyz"))).status, 200);
+    until("WATCHDOG=1");
+    gw.signal("HUP");
+    assert_eq!(until("RELOADING=1"), "RELOADING=1\nSTATUS=reloading");
+    until("READY=1");
+    gw.signal("TERM");
+    until("STOPPING=1");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
