@@ -93,10 +93,10 @@ pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
     let snapshot = gateway.snapshot.load_full();
     let settings = snapshot.listeners;
     raise_fd_limit(&snapshot);
-    let proxy = bind(settings.proxy, "proxy").await?;
-    let admin = bind(settings.admin, "admin").await?;
+    let proxy = bind(settings.proxy, "proxy")?;
+    let admin = bind(settings.admin, "admin")?;
     let auth = match settings.auth {
-        Some(addr) => Some(bind(addr, "auth").await?),
+        Some(addr) => Some(bind(addr, "auth")?),
         None => None,
     };
     let proxy_addr = proxy.local_addr()?;
@@ -237,10 +237,24 @@ fn raise_fd_limit(snapshot: &Snapshot) {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+/// Connections a listener's kernel queue holds before the gateway accepts them.
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`), so that a new keygate can
+/// start beside a running one on the same addresses, and the kernel spreads new connections
+/// over both until the old one drains and exits: an upgrade refuses no connection.
+fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
+    let listen = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
 }
 
 impl Running {

@@ -242,3 +242,37 @@ fn the_service_manager_hears_ready_reloading_watchdog_and_stopping() {
     until("STOPPING=1");
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// Listeners bind with `SO_REUSEPORT`: a new keygate starts beside a running one on the same
+/// proxy address (where the second bind used to fail), both answer, and once the old one
+/// drains and exits the new one goes on answering on that address.
+#[test]
+fn a_new_gateway_starts_beside_the_old_on_the_same_address() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start());
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), up.addr, "");
+    let key = create_key(dir.path());
+    let mut old = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &[]);
+    let (proxy, _) = old.addresses();
+    // The same config, with the old one's proxy address in place of port 0.
+    let config = std::fs::read_to_string(dir.path().join("keygate.yaml")).unwrap();
+    let fixed = config.replacen("proxy: 127.0.0.1:0", &format!("proxy: {proxy}"), 1);
+    write(&dir.path().join("next.yaml"), &fixed);
+    let new = Process::spawn(&["serve", "--config", "next.yaml"], dir.path(), &[]);
+    let (again, _) = new.addresses();
+    assert_eq!(again, proxy, "the new one listens on the same address");
+    let get = || {
+        rt.block_on(send(Req::get(proxy, "/v1/x").bearer(&key)))
+            .status
+    };
+    for _ in 0..20 {
+        assert_eq!(get(), 200);
+    }
+    old.signal("TERM");
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
+    for _ in 0..20 {
+        assert_eq!(get(), 200);
+    }
+    drop(new);
+}
