@@ -383,10 +383,12 @@ fn serve(config_path: &Path) -> Result<(), String> {
         let src = crate::config::read_source(config_path).unwrap_or_default();
         return Err(config_errors(&problems.locate(config_path, &src)));
     }
+    // Before the runtime's threads: reading them takes the variables out of the environment.
+    let inherited = crate::server::Inherited::from_env();
     runtime(config.workers)?.block_on(async {
         let gateway = crate::gateway::Gateway::new(config_path, Clock::real())
             .map_err(|e| config_errors(&e))?;
-        let running = crate::server::start(gateway, true)
+        let running = crate::server::start_with(gateway, true, inherited)
             .await
             .map_err(|e| e.to_string())?;
         running.run_until_signal().await.map_err(|e| e.to_string())

@@ -90,13 +90,39 @@ pub struct Running {
 /// Binds both listeners (the config's addresses; port 0 picks a free one) and starts serving.
 /// With `watch`, changes to the config, key store or certificates are picked up by themselves.
 pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
+    start_with(gateway, watch, None).await
+}
+
+/// [`start`], with the listeners the service manager handed over (`LISTEN_FDS`) in place of
+/// binding those it names.
+pub async fn start_with(
+    gateway: Arc<Gateway>,
+    watch: bool,
+    mut inherited: Option<Inherited>,
+) -> io::Result<Running> {
     let snapshot = gateway.snapshot.load_full();
     let settings = snapshot.listeners;
     raise_fd_limit(&snapshot);
-    let proxy = bind(settings.proxy, "proxy")?;
-    let admin = bind(settings.admin, "admin")?;
+    let mut listener = |what: &str, position: usize, addr: SocketAddr| match inherited
+        .as_mut()
+        .map(|i| i.take(what, position))
+        .transpose()?
+        .flatten()
+    {
+        Some(handed) => {
+            tracing::info!(
+                listener = what,
+                "listening on the socket the service manager handed over"
+            );
+            handed.set_nonblocking(true)?;
+            TcpListener::from_std(handed)
+        }
+        None => bind(addr, what),
+    };
+    let proxy = listener("proxy", 0, settings.proxy)?;
+    let admin = listener("admin", 1, settings.admin)?;
     let auth = match settings.auth {
-        Some(addr) => Some(bind(addr, "auth")?),
+        Some(addr) => Some(listener("auth", 2, addr)?),
         None => None,
     };
     let proxy_addr = proxy.local_addr()?;
@@ -234,6 +260,51 @@ fn raise_fd_limit(snapshot: &Snapshot) {
             max_connections = connections,
             "the open-file limit cannot hold limits.max_connections with an upstream connection each; raise LimitNOFILE (systemd) or ulimit -n, or lower limits.max_connections"
         );
+    }
+}
+
+/// Listening sockets the service manager handed over (systemd socket activation:
+/// `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`), so that the socket outlives every restart
+/// and no connection is refused while keygate is down: it waits in the socket's queue.
+pub struct Inherited {
+    fds: listenfd::ListenFd,
+    names: Vec<String>,
+}
+
+impl Inherited {
+    /// The sockets the environment hands over, if any. Read before the runtime starts its
+    /// threads: it takes the variables out of the environment.
+    pub fn from_env() -> Option<Inherited> {
+        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+        let fds = listenfd::ListenFd::from_env();
+        (fds.len() > 0).then(|| Inherited {
+            fds,
+            names: names.split(':').map(str::to_string).collect(),
+        })
+    }
+
+    /// The socket for listener `what`: the one named so (`FileDescriptorName=` in the
+    /// socket unit), else the one at `position` (proxy, admin, auth) unless that one is
+    /// named for another listener.
+    fn take(&mut self, what: &str, position: usize) -> io::Result<Option<std::net::TcpListener>> {
+        let ours = ["proxy", "admin", "auth"];
+        let index = match self.names.iter().position(|n| n == what) {
+            Some(i) => i,
+            None if self
+                .names
+                .get(position)
+                .is_some_and(|n| ours.contains(&n.as_str())) =>
+            {
+                return Ok(None)
+            }
+            None => position,
+        };
+        self.fds.take_tcp_listener(index).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the {what} socket handed over by the service manager: {e}"),
+            )
+        })
     }
 }
 

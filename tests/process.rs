@@ -276,3 +276,61 @@ fn a_new_gateway_starts_beside_the_old_on_the_same_address() {
     }
     drop(new);
 }
+
+/// Systemd socket activation, through systemd's own `systemd-socket-activate`: it holds the
+/// listening socket and starts keygate with it (`LISTEN_FDS`, named `proxy`), and keygate
+/// serves on that socket instead of binding its configured address; the first request,
+/// made before keygate ran, waits in the socket's queue and is answered.
+#[test]
+fn a_socket_handed_over_by_the_service_manager_serves_as_the_proxy() {
+    use std::process::{Command, Stdio};
+    if Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-socket-activate is not installed: socket activation is not tested here");
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start());
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), up.addr, "");
+    let key = create_key(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    /// Stops the activator (and keygate, which it became) by its PID, even if the test fails.
+    struct Stopped(Option<std::process::Child>);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.0.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let activator = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=proxy"])
+        .args([keygate_bin(), "serve", "--config", "keygate.yaml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = Stopped(Some(activator));
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The activator listens at once; keygate starts on the first connection.
+    let answered = rt.block_on(eventually(Duration::from_secs(15), async || {
+        tokio::net::TcpStream::connect(proxy).await.is_ok()
+            && send(Req::get(proxy, "/v1/x").bearer(&key)).await.status == 200
+    }));
+    let mut activator = guard.0.take().unwrap();
+    let pid = activator.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let exited = activator.wait().unwrap();
+    assert!(answered, "keygate did not answer on the handed-over socket");
+    assert!(exited.success(), "SIGTERM drains and exits 0: {exited:?}");
+}
