@@ -40,6 +40,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Validate the config and the key store; exit 1 listing every error.
     Check,
+    /// Write a working config in front of one upstream, an empty key store and one admin
+    /// token (printed once, stored hashed); never overwrites.
+    Init(InitArgs),
     /// Manage the key store the config names.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -90,6 +93,16 @@ pub struct IdentityArgs {
     pub meta: Vec<String>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The API to put keygate in front of.
+    #[arg(long, default_value = crate::init::DEFAULT_UPSTREAM)]
+    pub upstream: String,
+    /// Where to write keygate.yaml and keys.db (made if missing).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -335,6 +348,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve => serve(&cli.config),
         Command::Demo(args) => crate::demo::run(&args.proxy, &args.admin),
         Command::Check => check(&cli.config),
+        Command::Init(args) => crate::init::run(&args.dir, &args.upstream),
         Command::Keys(cmd) => run_keys(&cli.config, cmd),
         Command::Identities(cmd) => run_identities(&cli.config, cmd),
     };

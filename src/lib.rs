@@ -81,6 +81,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod headers;
+pub mod init;
 pub mod keys;
 pub mod metrics;
 pub mod notify;

@@ -364,3 +364,82 @@ fn export_then_load_round_trips_every_key_state() {
     assert_eq!(code, 1);
     assert!(err.contains("junk.yaml:"), "{err}");
 }
+
+/// `keygate init`: a commented config in front of the given upstream, an empty SQLite store
+/// and one admin token printed once (only its hash written); `check` passes, `serve` answers
+/// the token on the admin API and a new key through the proxy; a second `init` writes
+/// nothing and says why in one line.
+#[test]
+fn init_writes_a_working_gateway_and_never_overwrites() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start());
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("gw");
+    let upstream = format!("http://{}", up.addr);
+    let (code, out, err) = run(
+        &[
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--upstream",
+            &upstream,
+        ],
+        parent.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let token = out
+        .split_whitespace()
+        .find(|w| w.starts_with("kga_"))
+        .expect("the token is printed")
+        .to_string();
+    support::ledger::secret(&token);
+    assert!(out.contains("keys create --namespace default"), "{out}");
+    let config = std::fs::read_to_string(dir.join("keygate.yaml")).unwrap();
+    assert!(!config.contains(&token), "only the token's hash is written");
+    assert!(config.contains(&keygate::keys::hex(&keygate::keys::format::hash(&token))));
+    assert!(dir.join("keys.db").exists());
+    let config_path = dir.join("keygate.yaml");
+    let config_arg = config_path.to_str().unwrap();
+    let (code, out, _) = run(&["--config", config_arg, "check"], parent.path());
+    assert_eq!(code, 0);
+    assert!(out.contains("ok (1 route, 0 keys"), "{out}");
+
+    // The fixed ports of a real install, moved to free ones for the test.
+    write(
+        &config_path,
+        &config
+            .replace("127.0.0.1:8080", "127.0.0.1:0")
+            .replace("127.0.0.1:9090", "127.0.0.1:0"),
+    );
+    let key = create_key_json(&dir, &[]);
+    let secret = key["key"].as_str().unwrap().to_string();
+    let gw = support::process::Process::spawn(&["--config", "keygate.yaml", "serve"], &dir, &[]);
+    let (proxy, admin) = gw.addresses();
+    rt.block_on(async {
+        let listed = send(Req::get(admin, "/v1/api-keys").bearer(&token)).await;
+        assert_eq!(listed.status, 200, "the printed token is an admin token");
+        assert_eq!(listed.json()["keys"].as_array().map(Vec::len), Some(1));
+        assert_eq!(
+            send(Req::get(proxy, "/v1/x").bearer(&secret)).await.status,
+            200
+        );
+    });
+    drop(gw);
+
+    let before = std::fs::read(&config_path).unwrap();
+    let (code, out, err) = run(&["init", "--dir", dir.to_str().unwrap()], parent.path());
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("never overwrites"), "{err}");
+    assert_eq!(std::fs::read(&config_path).unwrap(), before);
+    let (code, _, err) = run(
+        &["init", "--dir", "elsewhere", "--upstream", "ftp://x"],
+        parent.path(),
+    );
+    assert_eq!(code, 1);
+    assert!(err.starts_with("keygate: error: --upstream: "), "{err}");
+    assert!(
+        !parent.path().join("elsewhere").exists(),
+        "a refused init writes nothing"
+    );
+}
