@@ -215,7 +215,7 @@ pub fn cli(args: &[&str], stdout: &[u8], stderr: &[u8]) {
     let mut out = String::from_utf8_lossy(stdout).into_owned();
     let hands_out = args
         .iter()
-        .any(|a| ["create", "regenerate", "rotate"].contains(a));
+        .any(|a| ["create", "regenerate", "rotate", "init"].contains(a));
     if hands_out {
         if let Some(key) = keys_in(&out).first().map(|k| k.to_string()) {
             secret(&key);
