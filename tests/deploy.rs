@@ -47,9 +47,13 @@ fn the_systemd_unit_verifies() {
         unit.replace("/usr/local/bin/keygate", support::keygate_bin()),
     )
     .unwrap();
+    // The optional socket unit beside it, verified with it.
+    let socket = dir.path().join("keygate.socket");
+    std::fs::write(&socket, read("keygate.socket")).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
+        .arg(&socket)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
