@@ -153,7 +153,21 @@ impl Gateway {
     /// Puts in force a snapshot that differs from the one in force only in a side
     /// collection (alert rules, identities).
     pub(crate) fn put_side(&self, snapshot: Snapshot) {
-        self.retain_counts(&snapshot);
+        // Only identities can have changed: their limiters are rechecked, by name, and no
+        // key's is visited (a deleted identity's usage cell waits for the next whole build).
+        let before = self.snapshot.load_full();
+        let counted: std::collections::BTreeSet<String> = before
+            .identities
+            .counted()
+            .chain(snapshot.identities.counted())
+            .map(str::to_string)
+            .collect();
+        self.limiters.recheck(counted.iter(), |id| {
+            snapshot
+                .identities
+                .counted_as(id)
+                .and_then(|i| i.rate_limits())
+        });
         self.put_in_force(snapshot);
     }
 

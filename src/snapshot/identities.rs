@@ -118,6 +118,11 @@ impl Identities {
         self.by_id.get(id).map(|i| &**i)
     }
 
+    /// Where each identity is counted (`@<id>`).
+    pub fn counted(&self) -> impl Iterator<Item = &str> {
+        self.by_id.values().map(|i| &*i.counted_as)
+    }
+
     /// The identity that counts as `counted` (`@<id>`), for the limiter and usage registries.
     pub fn counted_as(&self, counted: &str) -> Option<&Identity> {
         self.get(counted.strip_prefix('@')?)
