@@ -285,6 +285,9 @@ pub struct Filter {
     pub limit: usize,
     pub key_id: Option<String>,
     pub action: Option<String>,
+    /// Unix seconds, both included.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
 }
 
 /// How much of the end of the log `read` looks at.
@@ -315,6 +318,15 @@ pub fn read(path: &Path, filter: &Filter) -> io::Result<Vec<AuditEvent>> {
                 .is_none_or(|k| e.key_id.as_ref() == Some(k))
         })
         .filter(|e| filter.action.as_ref().is_none_or(|a| &e.action == a))
+        .filter(|e| {
+            if filter.since.is_none() && filter.until.is_none() {
+                return true;
+            }
+            let Ok(t) = crate::clock::parse_rfc3339(&e.time) else {
+                return false;
+            };
+            filter.since.is_none_or(|s| t >= s) && filter.until.is_none_or(|u| t <= u)
+        })
         .take(filter.limit)
         .collect();
     events.shrink_to_fit();

@@ -23,6 +23,7 @@ use http::header::HeaderValue;
 use http::{HeaderMap, Method, Request, Response};
 use hyper::body::Incoming;
 
+use crate::access_log;
 use crate::body::ResponseBody;
 use crate::gateway::Gateway;
 use crate::headers::{
@@ -30,9 +31,12 @@ use crate::headers::{
     X_KEYGATE_PROBLEM, X_REQUEST_ID,
 };
 use crate::metrics::AskedBy;
-use crate::pipeline::{self, client_ip, credential, forward, Admission, Ask, Client, ClientConn};
+use crate::pipeline::{
+    self, client_ip, credential, forward, Admission, Ask, Client, ClientConn, Logged,
+};
 use crate::policy::net::CidrSet;
 use crate::rejection::Rejection;
+use crate::state::history::{self, Entry};
 
 /// The headers that name the original method, and the original URI, in the order read.
 pub const METHOD_HEADERS: [&str; 2] = ["x-forwarded-method", "x-original-method"];
@@ -44,6 +48,7 @@ pub async fn handle(
     req: Request<Incoming>,
     conn: &ClientConn,
 ) -> Response<ResponseBody> {
+    let started = std::time::Instant::now();
     let snapshot = gw.snapshot.load_full();
     let trusted = &snapshot.trusted_proxies;
     let request_id = trusted
@@ -55,15 +60,51 @@ pub async fn handle(
         Ok(original) => original,
         Err(rejection) => {
             gw.metrics.decisions.count(AskedBy::Auth, Some(&rejection));
-            return refusal(rejection, request_id);
+            let line = gw.access_log.as_ref().and_then(|log| {
+                let client = client_address(conn.peer_ip, req.headers(), trusted);
+                let head = Logged::of(
+                    &req,
+                    gw.clock.wall(),
+                    &request_id,
+                    client,
+                    started.elapsed(),
+                );
+                log.begin(&head.with(&snapshot, None, None), false)
+            });
+            let code = rejection.code();
+            return access_log::finish(refusal(rejection, request_id), line, Some(code), None);
         }
     };
-    let client = Client::Known(client_address(conn.peer_ip, req.headers(), trusted));
+    let client_ip = client_address(conn.peer_ip, req.headers(), trusted);
+    let client = Client::Known(client_ip);
     let ask = Ask {
         method: &original.method,
         path: Some(original.path),
         host: original.host,
         token: credential::extract(req.headers(), snapshot.x_api_key),
+    };
+    // The line names the original request, as the ingress described it.
+    let log = |route, key, accepted| {
+        gw.access_log.as_ref().and_then(|log| {
+            let head = Logged::of(
+                &req,
+                gw.clock.wall(),
+                &request_id,
+                client_ip,
+                started.elapsed(),
+            );
+            let mut head = head.with(&snapshot, route, key);
+            head.method = &original.method;
+            head.path = original.path;
+            head.query = None;
+            log.begin(&head, accepted)
+        })
+    };
+    // The key's history, with the original request too.
+    let remember = |key: &crate::snapshot::KeyEntry, status, code| {
+        let at = history::millis(gw.clock.wall());
+        let entry = Entry::new(at, client_ip, &original.method, original.path, &request_id);
+        gw.history.record(key.usage(), entry.answered(status, code));
     };
     match pipeline::decide(gw, &snapshot, ask, client).await {
         Ok(Admission {
@@ -74,21 +115,35 @@ pub async fn handle(
             ..
         }) => {
             gw.metrics.decisions.count(AskedBy::Auth, None);
+            let line = log(route, Some(key), true);
+            remember(key, 200, None);
             let mut response = Response::new(ResponseBody::empty());
             let headers = response.headers_mut();
             headers.insert(X_KEYGATE_KEY_ID, key.id_header().clone());
             headers.insert(X_KEYGATE_NAMESPACE, key.namespace.header().clone());
             headers.insert(X_KEYGATE_ENVIRONMENT, key.environment.header().clone());
             crate::pipeline::forward::insert_identity_and_meta(headers, route, key, identity);
-            headers.insert(X_REQUEST_ID, request_id);
+            headers.insert(X_REQUEST_ID, request_id.clone());
             if let Some(rate) = rate {
                 rate.write(headers, false);
             }
-            response
+            access_log::finish(response, line, None, None)
         }
-        Err(rejection) => {
-            gw.metrics.decisions.count(AskedBy::Auth, Some(&rejection));
-            refusal(rejection, request_id)
+        Err(refused) => {
+            gw.metrics
+                .decisions
+                .count(AskedBy::Auth, Some(&refused.rejection));
+            let line = log(refused.route, refused.key, false);
+            let code = refused.rejection.code();
+            if let Some(key) = refused.key {
+                remember(key, refused.rejection.status().as_u16(), Some(code));
+            }
+            access_log::finish(
+                refusal(refused.rejection, request_id.clone()),
+                line,
+                Some(code),
+                None,
+            )
         }
     }
 }

@@ -14,6 +14,8 @@ use hyper::body::Incoming;
 pub enum ResponseBody {
     Upstream(crate::pipeline::forward::UpstreamBody),
     Full(Option<Bytes>),
+    /// An answer the access log counts, and logs when it ends.
+    Logged(Box<crate::access_log::LoggedBody>),
 }
 
 impl ResponseBody {
@@ -37,6 +39,15 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Logged(logged) => {
+                let polled = Pin::new(&mut logged.inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        logged.count(data.len());
+                    }
+                }
+                polled
+            }
         }
     }
 
@@ -44,6 +55,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body) => body.is_end_stream(),
             ResponseBody::Full(bytes) => bytes.is_none(),
+            ResponseBody::Logged(logged) => logged.inner.is_end_stream(),
         }
     }
 
@@ -53,6 +65,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            ResponseBody::Logged(logged) => logged.inner.size_hint(),
         }
     }
 }

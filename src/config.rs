@@ -97,6 +97,27 @@ pub struct Config {
     /// Leaked keys reported by secret scanners.
     #[serde(default)]
     pub secret_scanning: crate::scanning::SecretScanningConfig,
+    /// One line per request: `{path: FILE | "-", format: json | combined, sample, query}`.
+    /// Off by default. Read at start.
+    #[serde(default)]
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// W3C Trace Context.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+    /// Each key's recent requests, for `GET /v1/api-keys/{id}/requests`.
+    #[serde(default)]
+    pub request_history: crate::state::history::HistoryConfig,
+}
+
+/// `tracing:` in the config. A request's `traceparent` is always passed to the upstream
+/// untouched, and its trace id is in the access log.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// Give a request that comes without a valid `traceparent` one, whose trace id is its
+    /// request id. Default `false`.
+    #[serde(default)]
+    pub generate_traceparent: bool,
 }
 
 /// Brute-force protection.
@@ -385,6 +406,9 @@ impl Default for Config {
             tls: crate::tls::TlsConfig::default(),
             auth: AuthConfig::default(),
             secret_scanning: crate::scanning::SecretScanningConfig::default(),
+            access_log: None,
+            tracing: TracingConfig::default(),
+            request_history: crate::state::history::HistoryConfig::default(),
         }
     }
 }
@@ -782,7 +806,7 @@ impl Config {
     }
 }
 
-fn relative_to(config_path: &Path, file: &str) -> PathBuf {
+pub(crate) fn relative_to(config_path: &Path, file: &str) -> PathBuf {
     config_path.parent().unwrap_or(Path::new(".")).join(file)
 }
 

@@ -29,9 +29,13 @@ pub struct Gateway {
     pub clock: Clock,
     pub limiters: Limiters,
     pub usage: UsageBook,
+    /// Each key's recent requests.
+    pub history: crate::state::history::History,
     /// What limited-use keys have spent, with its journal.
     pub credits: CreditBook,
     pub audit: Audit,
+    /// One line per request, when `access_log` is configured.
+    pub access_log: Option<crate::access_log::AccessLog>,
     pub lockouts: Lockouts,
     pub metrics: Metrics,
     pub alert_state: AlertState,
@@ -74,7 +78,26 @@ impl Gateway {
                     format!("cannot open the audit log: {e}"),
                 )]
             })?;
+        let access_log = match &config.access_log {
+            Some(log) => Some(
+                crate::access_log::AccessLog::open(log, config_path).map_err(|e| {
+                    let mut p = crate::config::Problems::default();
+                    p.push(
+                        "access_log.path",
+                        format!("cannot open the access log: {e}"),
+                    );
+                    let src = std::fs::read_to_string(config_path).unwrap_or_default();
+                    p.locate(config_path, &src)
+                })?,
+            ),
+            None => None,
+        };
         let usage = UsageBook::open(config.usage_path(config_path));
+        let history = crate::state::history::History::open(
+            &config.request_history,
+            Some(&config.usage_path(config_path)),
+            &usage,
+        );
         let credits = CreditBook::open(crate::state::credits::journal_path(
             &config.usage_path(config_path),
         ));
@@ -101,8 +124,10 @@ impl Gateway {
             clock,
             limiters,
             usage,
+            history,
             credits,
             audit,
+            access_log,
             lockouts: Lockouts::default(),
             metrics,
             alert_state: AlertState::default(),
@@ -273,12 +298,22 @@ impl Gateway {
         if let Err(e) = self.usage.flush() {
             tracing::warn!(error = %e, "usage flush failed; will retry");
         }
+        if let Err(e) = self.history.flush(&self.usage) {
+            tracing::warn!(error = %e, "the request history could not be written; will retry");
+        }
         self.audit.sweep(now);
         self.free_retired();
         for client in &snapshot.clients {
             client.reap();
         }
         events
+    }
+
+    /// Writes the access log's last lines and stops its writer. Blocking.
+    pub fn close_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.close();
+        }
     }
 
     /// What `GET /metrics` shows.
@@ -310,6 +345,7 @@ impl Gateway {
             key_changes: self.key_changes.load(Ordering::Relaxed),
             locked_out_ips: self.lockouts.locked_count(now),
             audit_lost: self.audit.lost.load(Ordering::Relaxed),
+            access_log_dropped: self.access_log.as_ref().map(|l| l.dropped()),
             per_key,
             shared_limits: snapshot.shared_limits.as_ref().map(|l| {
                 (

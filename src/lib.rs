@@ -42,7 +42,7 @@
 //!   operations.
 //! - [`shared_usage`]: usage summed over nodes through Redis.
 //! - [`admin`]: the admin listener and its key-management API.
-//! - [`audit`]: the append-only audit log.
+//! - [`audit`]: the append-only audit log; [`access_log`]: one line per request.
 //! - [`metrics`]: Prometheus counters and histograms; [`alerts`]: rules, webhook.
 //! - [`tls`]: listener certificates (SNI, hot swap) and upstream TLS.
 //! - [`body`], [`clock`], [`demo`]: streaming bodies, injected time, the demo.
@@ -70,6 +70,7 @@
     )
 )]
 
+pub mod access_log;
 pub mod admin;
 pub mod alerts;
 pub mod audit;

@@ -195,6 +195,8 @@ pub struct Gauges {
     pub key_changes: u64,
     pub locked_out_ips: usize,
     pub audit_lost: u64,
+    /// Access-log lines dropped, when the access log is on.
+    pub access_log_dropped: Option<u64>,
     /// `(key id, namespace, accepted today, refused today)`, only when `metrics.per_key` is on.
     pub per_key: Vec<(String, String, u64, u64)>,
     /// With shared limits: `(Redis up, decided by Redis, decided by the fail mode)`.
@@ -387,6 +389,14 @@ impl Metrics {
             "Audit lines dropped because the writer fell behind.",
             g.audit_lost,
         );
+        if let Some(dropped) = g.access_log_dropped {
+            counter(
+                &mut out,
+                "keygate_access_log_dropped_total",
+                "Access-log lines dropped: the writer fell behind, or a write failed.",
+                dropped,
+            );
+        }
         if !g.per_key.is_empty() {
             header(
                 &mut out,

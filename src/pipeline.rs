@@ -22,11 +22,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::HOST;
+use http::header::{HeaderName, HOST};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use crate::access_log;
 use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
 use crate::clock::Clock;
@@ -37,15 +38,19 @@ use crate::rejection::Rejection;
 use crate::snapshot::identities::Identity;
 use crate::snapshot::{KeyEntry, Snapshot};
 use crate::state::credits::{CreditBook, Refused as CreditsRefused};
+use crate::state::history::{self, Entry};
 use crate::state::limiters::KeyLimiter;
 use crate::state::lockouts::{self, Lockouts};
 use crate::state::usage::KeyUsage;
 use route::Route;
 
+/// W3C Trace Context's header, passed upstream untouched.
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// Handles one proxied request from start to finish.
 pub async fn handle(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: &ClientConn,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
@@ -64,11 +69,8 @@ pub async fn handle(
         .unwrap_or_else(|| gw.request_ids.next());
     let span = tracing::debug_span!("request", id = ?request_id, method = %req.method());
 
-    let client = Client::Known(client_ip::resolve(
-        peer_ip,
-        req.headers(),
-        &snapshot.trusted_proxies,
-    ));
+    let client_ip = client_ip::resolve(peer_ip, req.headers(), &snapshot.trusted_proxies);
+    let client = Client::Known(client_ip);
     let ask = Ask::of(&req, snapshot.x_api_key);
     // Without shared limits the decision is synchronous: it runs inside the request's span
     // without wrapping a future in it, which would cost every request.
@@ -97,11 +99,40 @@ pub async fn handle(
             tracing::warn!("a proxied request was admitted without a route");
             return Rejection::Internal.into_response(Some(request_id));
         }
-        Err(rejection) => {
-            gw.metrics.gateway_time.observe(started.elapsed());
-            return rejection.into_response(Some(request_id));
+        Err(refused) => {
+            let took = started.elapsed();
+            gw.metrics.gateway_time.observe(took);
+            let line = gw.access_log.as_ref().and_then(|log| {
+                let head = Logged::of(&req, gw.clock.wall(), &request_id, client_ip, took);
+                log.begin(&head.with(&snapshot, refused.route, refused.key), false)
+            });
+            let code = refused.rejection.code();
+            if let Some(key) = refused.key {
+                let entry = Entry::new(
+                    history::millis(gw.clock.wall()),
+                    client_ip,
+                    req.method(),
+                    req.uri().path(),
+                    &request_id,
+                );
+                let status = refused.rejection.status().as_u16();
+                gw.history
+                    .record(key.usage(), entry.answered(status, Some(code)));
+            }
+            return access_log::finish(
+                refused.rejection.into_response(Some(request_id)),
+                line,
+                Some(code),
+                None,
+            );
         }
     };
+    if snapshot.config.tracing.generate_traceparent && access_log::trace_id(req.headers()).is_none()
+    {
+        if let Some(made) = access_log::new_traceparent(&request_id) {
+            req.headers_mut().insert(TRACEPARENT.clone(), made);
+        }
+    }
     let decision = forward::Forward {
         route,
         key,
@@ -116,9 +147,20 @@ pub async fn handle(
         tunnel_idle: snapshot.listeners.tunnel_idle,
     };
     let sent = Instant::now();
-    gw.metrics
-        .gateway_time
-        .observe(sent.saturating_duration_since(started));
+    let took = sent.saturating_duration_since(started);
+    gw.metrics.gateway_time.observe(took);
+    let now = gw.clock.wall();
+    let line = gw.access_log.as_ref().and_then(|log| {
+        let head = Logged::of(&req, now, &decision.request_id, client_ip, took);
+        log.begin(&head.with(&snapshot, Some(route), Some(key)), true)
+    });
+    let entry = Entry::new(
+        history::millis(now),
+        client_ip,
+        req.method(),
+        req.uri().path(),
+        &decision.request_id,
+    );
     gw.metrics
         .upstream_in_flight
         .fetch_add(1, Ordering::Relaxed);
@@ -137,7 +179,8 @@ pub async fn handle(
     gw.metrics
         .upstream_in_flight
         .fetch_sub(1, Ordering::Relaxed);
-    gw.metrics.upstream_time.observe(sent.elapsed());
+    let upstream_took = sent.elapsed();
+    gw.metrics.upstream_time.observe(upstream_took);
     match result {
         Ok(response) => {
             let status = response.status().as_u16();
@@ -146,7 +189,8 @@ pub async fn handle(
                 i.usage().outcome(status, None);
             }
             route.counters.upstream(status);
-            response
+            gw.history.record(key.usage(), entry.answered(status, None));
+            access_log::finish(response, line, None, Some(upstream_took))
         }
         Err(rejection) => {
             tracing::debug!(code = rejection.code(), key_id = %key.id, "upstream failed");
@@ -155,8 +199,67 @@ pub async fn handle(
                 i.usage().outcome(0, Some(&rejection));
             }
             route.counters.failed(&rejection);
-            rejection.into_response(Some(request_id))
+            let code = rejection.code();
+            let status = rejection.status().as_u16();
+            gw.history
+                .record(key.usage(), entry.answered(status, Some(code)));
+            access_log::finish(
+                rejection.into_response(Some(request_id)),
+                line,
+                Some(code),
+                Some(upstream_took),
+            )
         }
+    }
+}
+
+/// What the access log says of a request, before the route and key are known.
+pub(crate) struct Logged<'r> {
+    head: access_log::Head<'r>,
+}
+
+impl<'r> Logged<'r> {
+    pub(crate) fn of<B>(
+        req: &'r Request<B>,
+        time: std::time::SystemTime,
+        request_id: &'r HeaderValue,
+        client: IpAddr,
+        took: std::time::Duration,
+    ) -> Logged<'r> {
+        Logged {
+            head: access_log::Head {
+                time,
+                request_id,
+                trace_id: access_log::trace_id(req.headers()),
+                client,
+                method: req.method(),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                version: req.version(),
+                headers: req.headers(),
+                route: None,
+                key_id: None,
+                namespace: None,
+                identity: None,
+                gateway: took,
+            },
+        }
+    }
+
+    /// The line's head, with the route and key the decision found.
+    pub(crate) fn with(
+        mut self,
+        snapshot: &'r Snapshot,
+        route: Option<&'r Route>,
+        key: Option<&'r KeyEntry>,
+    ) -> access_log::Head<'r> {
+        self.head.route = route.map(|r| r.name.as_str());
+        if let Some(key) = key {
+            self.head.key_id = Some(key.id.as_str());
+            self.head.namespace = Some(key.namespace.as_str());
+            self.head.identity = identity_of(snapshot, key).map(|i| &*i.id);
+        }
+        self.head
     }
 }
 
@@ -232,7 +335,7 @@ pub async fn decide<'s>(
     snapshot: &'s Snapshot,
     ask: Ask<'_>,
     client: Client,
-) -> Result<Admission<'s>, Rejection> {
+) -> Result<Admission<'s>, Refused<'s>> {
     let Some(shared) = &snapshot.shared_limits else {
         return decide_locally(gw, snapshot, ask, client);
     };
@@ -240,7 +343,7 @@ pub async fn decide<'s>(
         Ok(a) => a,
         Err(refused) => {
             account_refusal(gw, snapshot, &refused, client);
-            return Err(refused.rejection);
+            return Err(refused);
         }
     };
     let cost = admission.route.map_or(1, |r| r.cost);
@@ -265,7 +368,7 @@ pub async fn decide<'s>(
                 key: Some(admission.key),
             };
             account_refusal(gw, snapshot, &refused, client);
-            return Err(refused.rejection);
+            return Err(refused);
         }
     }
     admission.accepted();
@@ -278,7 +381,7 @@ fn decide_locally<'s>(
     snapshot: &'s Snapshot,
     ask: Ask<'_>,
     client: Client,
-) -> Result<Admission<'s>, Rejection> {
+) -> Result<Admission<'s>, Refused<'s>> {
     match admit(snapshot, &gw.clock, ask, client, State::of(gw)) {
         Ok(admission) => {
             admission.accepted();
@@ -286,7 +389,7 @@ fn decide_locally<'s>(
         }
         Err(refused) => {
             account_refusal(gw, snapshot, &refused, client);
-            Err(refused.rejection)
+            Err(refused)
         }
     }
 }

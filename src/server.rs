@@ -360,6 +360,9 @@ impl Running {
         for task in self.rest {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+        // Every request has been answered: the access log's last lines are written.
+        let g = Arc::clone(&self.gateway);
+        let _ = tokio::task::spawn_blocking(move || g.close_access_log()).await;
     }
 
     /// A gateway with a dead listener must not run on as if it served: it flushes usage and
@@ -381,6 +384,7 @@ impl Running {
         let _ = tokio::task::spawn_blocking(move || {
             g.housekeeping();
             g.audit.flush();
+            g.close_access_log();
         })
         .await;
         Err(io::Error::other(format!(
@@ -390,12 +394,13 @@ impl Running {
     }
 
     /// Serves until SIGTERM or SIGINT (then drains for `limits.drain_timeout`) and reloads
-    /// on SIGHUP.
+    /// on SIGHUP; reopens the access log on SIGUSR1.
     pub async fn run_until_signal(mut self) -> io::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         // The service manager hears that the listeners serve (the snapshot was built before
         // they opened), around each SIGHUP reload, and when the drain begins.
         let notifier = Arc::new(crate::notify::Notifier::from_env());
@@ -417,6 +422,12 @@ impl Running {
                     notifier.reloading();
                     let _ = crate::reload::reload(&self.gateway, crate::reload::Trigger::Sighup).await;
                     notifier.ready(&serving(&self.gateway));
+                }
+                // As nginx: logrotate renames the access log, then asks for a new one.
+                _ = usr1.recv() => {
+                    if let Some(log) = &self.gateway.access_log {
+                        log.reopen();
+                    }
                 }
                 _ = term.recv() => break None,
                 _ = int.recv() => break None,

@@ -546,6 +546,32 @@ fn compile_config(
         ranges::GRACE,
         p,
     );
+    within(
+        config.request_history.per_key,
+        ranges::HISTORY_PER_KEY,
+        "request_history.per_key",
+        p,
+    );
+    within(
+        config.request_history.max_total,
+        ranges::HISTORY_MAX_TOTAL,
+        "request_history.max_total",
+        p,
+    );
+    if let Some(log) = &config.access_log {
+        if log.path.trim().is_empty() {
+            p.push("access_log.path", "give a file, or `-` for standard output");
+        }
+        if !(log.sample > 0.0 && log.sample <= 1.0) {
+            p.push(
+                "access_log.sample",
+                format!(
+                    "{} is not a share of requests: give more than 0 and at most 1",
+                    log.sample
+                ),
+            );
+        }
+    }
 
     let trusted_proxies = CidrSet::parse(&config.trusted_proxies).unwrap_or_else(|errs| {
         for (i, e) in errs {

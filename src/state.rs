@@ -5,6 +5,7 @@
 //! sweeps them.
 
 pub mod credits;
+pub mod history;
 pub mod limiters;
 pub mod lockouts;
 pub mod shared_limits;

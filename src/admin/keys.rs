@@ -800,6 +800,8 @@ pub(crate) async fn audit(call: &Call<'_>, query: &str) -> Answer {
         limit: limit_param(&params, 100, 1000)?,
         key_id: params.get("key_id").filter(|s| !s.is_empty()).cloned(),
         action: params.get("action").filter(|s| !s.is_empty()).cloned(),
+        since: time_param(&params, "since")?,
+        until: time_param(&params, "until")?,
     };
     let gw = call.gw.clone();
     // Flush first, so the answer includes every event recorded so far.
@@ -814,6 +816,66 @@ pub(crate) async fn audit(call: &Call<'_>, query: &str) -> Answer {
         Rejection::Internal
     })?;
     Ok(json(StatusCode::OK, &serde_json::json!({"events": events})))
+}
+
+/// An RFC 3339 time in the query, as Unix seconds.
+fn time_param(params: &BTreeMap<String, String>, name: &str) -> Result<Option<i64>, Rejection> {
+    match params.get(name).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => crate::clock::parse_rfc3339(v).map(Some).map_err(|_| {
+            bad_param(
+                name,
+                format!("{name} must be an RFC 3339 time, such as 2026-12-07T09:00:00Z"),
+            )
+        }),
+    }
+}
+
+/// `GET /v1/api-keys/{id}/requests?since=&until=&status=`: the key's recent requests, newest
+/// first. `status` is a status (`401`) or a class (`4xx`).
+pub(crate) async fn key_requests(call: &Call<'_>, query: &str) -> Answer {
+    let params = query_params(query);
+    let since = time_param(&params, "since")?.map_or(i64::MIN, |s| s.saturating_mul(1000));
+    // Until the end of the second named.
+    let until = time_param(&params, "until")?
+        .map_or(i64::MAX, |u| u.saturating_mul(1000).saturating_add(999));
+    let status = match params.get("status").filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => Some(status_filter(v).ok_or_else(|| {
+            bad_param(
+                "status",
+                "status must be a status from 100 to 599, or a class such as 4xx",
+            )
+        })?),
+    };
+    let record = record(call).await?;
+    let entries = match call.gw.usage.get(&record.id) {
+        Some(usage) => crate::state::history::History::of(
+            &usage,
+            since,
+            until,
+            |s| status.is_none_or(|(lo, hi)| (lo..=hi).contains(&s)),
+            usize::MAX,
+        ),
+        None => Vec::new(),
+    };
+    let requests: Vec<serde_json::Value> = entries.iter().map(|e| e.to_json()).collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "requests": requests }),
+    ))
+}
+
+/// `401` → 401..=401; `4xx` → 400..=499.
+fn status_filter(text: &str) -> Option<(u16, u16)> {
+    if let Ok(n) = text.parse::<u16>() {
+        return (100..=599).contains(&n).then_some((n, n));
+    }
+    let class = text
+        .strip_suffix("xx")
+        .or_else(|| text.strip_suffix("XX"))?;
+    let c = class.parse::<u16>().ok().filter(|c| (1..=5).contains(c))?;
+    Some((c * 100, c * 100 + 99))
 }
 
 /// A key's usage report as JSON, with its quota's state when it has one. `shared`: its usage

@@ -62,6 +62,7 @@ pub enum Endpoint {
     PatchIdentity,
     DeleteIdentity,
     IdentityUsage,
+    KeyRequests,
     ListAlerts,
     CreateAlert,
     GetAlert,
@@ -86,6 +87,7 @@ impl Endpoint {
                     | Metrics
                     | Usage
                     | KeyUsage
+                    | KeyRequests
                     | ListAlerts
                     | GetAlert
                     | ListIdentities
@@ -123,6 +125,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/metrics", Endpoint::Metrics),
     ("GET", "/v1/usage", Endpoint::Usage),
     ("GET", "/v1/api-keys/{id}/usage", Endpoint::KeyUsage),
+    ("GET", "/v1/api-keys/{id}/requests", Endpoint::KeyRequests),
     ("POST", "/v1/keys/verify", Endpoint::Verify),
     ("GET", "/v1/alerts", Endpoint::ListAlerts),
     ("POST", "/v1/alerts", Endpoint::CreateAlert),
@@ -320,6 +323,7 @@ async fn route(
         Endpoint::Audit => keys::audit(&call, &query).await,
         Endpoint::Usage => keys::org_usage(&call, &query).await,
         Endpoint::KeyUsage => keys::key_usage(&call).await,
+        Endpoint::KeyRequests => keys::key_requests(&call, &query).await,
         Endpoint::Verify => verify::verify(&call, read_json(req, within).await?).await,
         Endpoint::TopUpCredits => keys::top_up(&call, read_json(req, within).await?).await,
         Endpoint::ReportLeaked => keys::leaked(&call, read_json(req, within).await?).await,

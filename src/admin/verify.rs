@@ -151,7 +151,8 @@ pub(super) async fn verify(
                 ratelimit: rate.as_ref().and_then(RateView::of),
             }
         }
-        Err(rejection) => {
+        Err(refused) => {
+            let rejection = refused.rejection;
             gw.metrics
                 .decisions
                 .count(AskedBy::Verify, Some(&rejection));

@@ -46,6 +46,8 @@ pub const AUTH_FAILURES_PER_MINUTE: RangeInclusive<u32> = 0..=1_000_000;
 pub const MAX_FAILURES: RangeInclusive<u32> = 1..=1_000_000;
 pub const NODES: RangeInclusive<u32> = 1..=1000;
 pub const WEBHOOK_RETRIES: RangeInclusive<u32> = 0..=10;
+pub const HISTORY_PER_KEY: RangeInclusive<u32> = 0..=100_000;
+pub const HISTORY_MAX_TOTAL: RangeInclusive<u64> = 0..=100_000_000;
 
 /// `value` if it is in `range`, else a problem at `path`.
 pub fn within<T: PartialOrd + Display + Copy>(

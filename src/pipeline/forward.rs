@@ -95,7 +95,9 @@ impl RequestIds {
         let _ = getrandom::fill(&mut seed);
         RequestIds {
             prefix: u64::from_le_bytes(seed),
-            counter: AtomicU64::new(0),
+            // From 1, so that an id's second half, a generated traceparent's parent id, is
+            // never all zeros.
+            counter: AtomicU64::new(1),
         }
     }
 

@@ -49,6 +49,8 @@ pub struct KeyUsage {
     quota_used: AtomicU64,
     /// Made on first use, so keys that are never used cost little.
     counts: OnceLock<Box<Counts>>,
+    /// The key's recent requests ([`super::history`]); empty until it is used.
+    pub(crate) requests: Mutex<super::history::Ring>,
 }
 
 #[derive(Debug)]
@@ -114,6 +116,7 @@ impl KeyUsage {
             quota_period: AtomicI64::new(0),
             quota_used: AtomicU64::new(0),
             counts: OnceLock::new(),
+            requests: Mutex::default(),
         }
     }
 
