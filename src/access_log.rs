@@ -200,7 +200,9 @@ impl AccessLog {
         json_bytes(out, Some(head.request_id.as_bytes()));
         out.push_str(",\"trace_id\":");
         json_bytes(out, head.trace_id.map(str::as_bytes));
-        let _ = write!(out, ",\"client\":\"{}\",\"method\":", head.client);
+        out.push_str(",\"client\":\"");
+        push_ip(out, head.client);
+        out.push_str("\",\"method\":");
         json_bytes(out, Some(head.method.as_str().as_bytes()));
         out.push_str(",\"path\":\"");
         escape_json(out, head.path.as_bytes());
@@ -228,7 +230,8 @@ impl AccessLog {
     }
 
     fn combined_head(&self, head: &Head<'_>, out: &mut String) {
-        let _ = write!(out, "{} - ", head.client);
+        push_ip(out, head.client);
+        out.push_str(" - ");
         match head.key_id {
             Some(id) => escape_combined(out, id.as_bytes()),
             None => out.push('-'),
@@ -245,7 +248,15 @@ impl AccessLog {
                 redacted_query(q, |part| escape_combined(out, part.as_bytes()));
             }
         }
-        let _ = write!(out, " {:?}\" ", head.version);
+        out.push(' ');
+        out.push_str(match head.version {
+            Version::HTTP_09 => "HTTP/0.9",
+            Version::HTTP_10 => "HTTP/1.0",
+            Version::HTTP_2 => "HTTP/2.0",
+            Version::HTTP_3 => "HTTP/3.0",
+            _ => "HTTP/1.1",
+        });
+        out.push_str("\" ");
     }
 }
 
@@ -537,8 +548,51 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-fn push_u64(out: &mut String, n: u64) {
-    let _ = write!(out, "{n}");
+/// Decimal digits, without the formatting machinery (this runs several times a line).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        if let Some(d) = digits.get_mut(start) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || start == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(digits.get(start..).unwrap_or_default()).unwrap_or_default());
+}
+
+/// `n` as at least `width` digits, zero-padded.
+fn push_padded(out: &mut String, n: u64, width: usize) {
+    let mut digits = 1;
+    let mut rest = n / 10;
+    while rest > 0 {
+        digits += 1;
+        rest /= 10;
+    }
+    for _ in digits..width {
+        out.push('0');
+    }
+    push_u64(out, n);
+}
+
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// A JSON string, or `null`.
@@ -556,6 +610,11 @@ fn json_bytes(out: &mut String, text: Option<&[u8]>) {
 /// JSON string content. Bytes outside printable ASCII (a header may carry any) are escaped
 /// as `\u00XX`, so a line is always valid UTF-8 and valid JSON.
 fn escape_json(out: &mut String, text: &[u8]) {
+    let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
+    if text.iter().all(plain) {
+        out.push_str(std::str::from_utf8(text).unwrap_or_default());
+        return;
+    }
     for &b in text {
         match b {
             b'"' => out.push_str("\\\""),
@@ -570,6 +629,11 @@ fn escape_json(out: &mut String, text: &[u8]) {
 
 /// Text inside a combined line's quotes, escaped as nginx does (`\xHH`).
 fn escape_combined(out: &mut String, text: &[u8]) {
+    let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
+    if text.iter().all(plain) {
+        out.push_str(std::str::from_utf8(text).unwrap_or_default());
+        return;
+    }
     for &b in text {
         match b {
             b'"' | b'\\' => {
@@ -612,22 +676,58 @@ fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
     )
 }
 
+/// The text of one second, as each format writes it, kept per thread: lines in the same
+/// second (nearly all of them) copy it instead of computing a calendar date.
+#[derive(Default)]
+struct SecondText {
+    second: Option<i64>,
+    rfc3339: String,
+    common: String,
+}
+
+thread_local! {
+    static SECOND: std::cell::RefCell<SecondText> = std::cell::RefCell::default();
+}
+
+fn with_second<R>(t: SystemTime, f: impl FnOnce(&SecondText, u32) -> R) -> R {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let second = i64::try_from(d.as_secs()).unwrap_or(0);
+    SECOND.with(|cell| {
+        let mut text = cell.borrow_mut();
+        if text.second != Some(second) {
+            const MONTHS: [&str; 12] = [
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+            ];
+            let (y, mo, d, h, mi, s, _) = civil(t);
+            let name = MONTHS
+                .get(usize::try_from(mo).unwrap_or(1).saturating_sub(1))
+                .unwrap_or(&"Jan");
+            text.rfc3339.clear();
+            let _ = write!(text.rfc3339, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
+            text.common.clear();
+            let _ = write!(
+                text.common,
+                "{d:02}/{name}/{y:04}:{h:02}:{mi:02}:{s:02} +0000"
+            );
+            text.second = Some(second);
+        }
+        f(&text, d.subsec_millis())
+    })
+}
+
 /// `2026-12-07T03:20:00.123Z`.
 pub(crate) fn write_rfc3339_millis(out: &mut String, t: SystemTime) {
-    let (y, mo, d, h, mi, s, ms) = civil(t);
-    let _ = write!(out, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z");
+    with_second(t, |text, ms| {
+        out.push_str(&text.rfc3339);
+        out.push('.');
+        push_padded(out, u64::from(ms), 3);
+        out.push('Z');
+    });
 }
 
 /// `07/Dec/2026:03:20:00 +0000`.
 fn write_common_log_time(out: &mut String, t: SystemTime) {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let (y, mo, d, h, mi, s, _) = civil(t);
-    let name = MONTHS
-        .get(usize::try_from(mo).unwrap_or(1).saturating_sub(1))
-        .unwrap_or(&"Jan");
-    let _ = write!(out, "{d:02}/{name}/{y:04}:{h:02}:{mi:02}:{s:02} +0000");
+    with_second(t, |text, _| out.push_str(&text.common));
 }
 
 #[cfg(test)]
@@ -741,6 +841,23 @@ mod tests {
             out.push_str(p)
         });
         assert_eq!(out, "page=2&api_key=REDACTED&Token=REDACTED&q=x%20y&flag");
+    }
+
+    #[test]
+    fn numbers_and_addresses_are_written_by_hand_as_fmt_would() {
+        for n in [0, 7, 10, 999, 1_000_000, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string());
+            out.clear();
+            push_padded(&mut out, n, 3);
+            assert_eq!(out, format!("{n:03}"));
+        }
+        for ip in ["10.0.0.255", "0.0.0.0", "2001:db8::1"] {
+            let mut out = String::new();
+            push_ip(&mut out, ip.parse().unwrap());
+            assert_eq!(out, ip);
+        }
     }
 
     #[test]

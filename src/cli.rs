@@ -50,6 +50,14 @@ pub enum Command {
     /// naming them shares.
     #[command(subcommand)]
     Identities(IdentitiesCommand),
+    /// Print a shell completion script to standard output, from the same definitions as
+    /// the commands: `keygate completions bash > /etc/bash_completion.d/keygate`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output: `keygate man > keygate.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -351,6 +359,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Init(args) => crate::init::run(&args.dir, &args.upstream),
         Command::Keys(cmd) => run_keys(&cli.config, cmd),
         Command::Identities(cmd) => run_identities(&cli.config, cmd),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "keygate", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            page.render(&mut std::io::stdout())
+                .map_err(|e| format!("cannot write the manual page: {e}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

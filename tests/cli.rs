@@ -443,3 +443,37 @@ fn init_writes_a_working_gateway_and_never_overwrites() {
         "a refused init writes nothing"
     );
 }
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_same_definitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, bash, err) = run(&["completions", "bash"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    for word in ["keygate", "identities", "rotate", "--rate-limit"] {
+        assert!(bash.contains(word), "the bash script knows {word}");
+    }
+    let script = dir.path().join("keygate.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(syntax.success(), "bash reads the script");
+    for shell in ["zsh", "fish"] {
+        let (code, out, err) = run(&["completions", shell], dir.path());
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("identities"), "{shell}");
+    }
+    let (code, _, err) = run(&["completions", "tcsh"], dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("tcsh"), "{err}");
+    let (code, man, err) = run(&["man"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH keygate"),
+        "roff: {}",
+        &man[..80.min(man.len())]
+    );
+    assert!(man.contains("completions") && man.contains("identities"));
+}
