@@ -407,10 +407,11 @@ let shownKey = null;
 const factList = (facts) => facts.flatMap(([dt, dd]) => [el("dt", { text: dt }), el("dd", { "data-fact": dt }, dd)]);
 
 async function renderKey(id) {
-  const [k, usage, audit] = await Promise.all([
+  const [k, usage, audit, recent] = await Promise.all([
     api("GET", `/v1/api-keys/${encodeURIComponent(id)}`),
     api("GET", `/v1/api-keys/${encodeURIComponent(id)}/usage`),
     api("GET", `/v1/audit?${new URLSearchParams({ key_id: id, limit: 50 })}`),
+    api("GET", `/v1/api-keys/${encodeURIComponent(id)}/requests`),
   ]);
   shownKey = k;
   $("key-title").textContent = k.name || k.id;
@@ -449,7 +450,47 @@ async function renderKey(id) {
     ? codes.map(([code, n]) => el("li", {}, el("code", { text: code }), ` ${n}`))
     : [el("li", { class: "muted", text: "none" })]));
   $("key-audit").replaceChildren(...auditRows(audit.events, false));
+  $("key-requests").replaceChildren(...requestRows(recent.requests.slice(0, 100)));
+  renderExposure(k, recent.requests);
   await renderRotation(k);
+}
+
+function requestRows(requests) {
+  if (!requests.length) return [el("tr", {}, el("td", { colspan: 6, class: "muted", text: "No requests kept." }))];
+  return requests.map((r) => el("tr", {},
+    el("td", {}, exact(r.time)), el("td", { text: r.ip }), el("td", { text: r.method }),
+    el("td", {}, el("code", { text: r.path })), el("td", { text: String(r.status) }),
+    el("td", {}, r.code ? el("code", { text: r.code }) : "")));
+}
+
+/**
+ * After a leak report or a revocation: who used the key, from where, between its first
+ * possible exposure (its creation: a leak is found after it began) and its revocation, and
+ * how many of those came after the report.
+ */
+function renderExposure(k, requests) {
+  const box = $("exposure");
+  box.hidden = !(k.leaked_at || k.status === "revoked");
+  if (box.hidden) return;
+  const end = k.revoked_at ? new Date(k.revoked_at).getTime() + 999 : Infinity;
+  const inside = requests.filter((r) => new Date(r.time).getTime() <= end);
+  const attempts = requests.length - inside.length;
+  const reported = k.leaked_at ? new Date(k.leaked_at).getTime() : null;
+  const sinceReport = reported === null ? 0 : inside.filter((r) => new Date(r.time).getTime() >= reported).length;
+  const byIp = new Map();
+  for (const r of inside) byIp.set(r.ip, (byIp.get(r.ip) || 0) + 1);
+  const plural = (n, word, many = `${word}s`) => `${n} ${n === 1 ? word : many}`;
+  box.replaceChildren(
+    el("h3", { text: "Requests between first exposure and revocation" }),
+    el("p", {}, `From ${exact(k.created_at)} (created) until `,
+      k.revoked_at ? `${exact(k.revoked_at)} (revoked)` : "now (not revoked)",
+      `: ${plural(inside.length, "request")} from ${plural(byIp.size, "address", "addresses")}`,
+      k.leaked_at ? `, ${sinceReport} of them after the leak report (${exact(k.leaked_at)})` : "",
+      attempts ? `; ${plural(attempts, "refused attempt")} since the revocation.` : "."),
+    el("ul", { class: "codes", id: "exposure-addresses" },
+      ...[...byIp].sort((a, b) => b[1] - a[1]).map(([ip, n]) =>
+        el("li", { "data-ip": ip }, el("code", { text: ip }), ` ${n}`))),
+  );
 }
 
 async function renderRotation(k) {
@@ -729,6 +770,13 @@ async function renderAudit() {
   const query = new URLSearchParams({ limit: 200 });
   if (action) query.set("action", action);
   if (key) query.set("key_id", key);
+  // The range is picked in local time and asked for in UTC.
+  for (const bound of ["since", "until"]) {
+    const value = p.get(bound) || "";
+    if (document.activeElement !== $(`audit-${bound}`)) $(`audit-${bound}`).value = value;
+    const t = value ? new Date(value) : null;
+    if (t && !Number.isNaN(t.getTime())) query.set(bound, t.toISOString().replace(/\.\d+Z$/, "Z"));
+  }
   const data = await api("GET", `/v1/audit?${query}`);
   $("audit-body").replaceChildren(...auditRows(data.events, true));
   $("audit-empty").hidden = data.events.length > 0;
@@ -1663,6 +1711,9 @@ function wire() {
   $("audit-action").append(...ACTIONS.map((a) => el("option", { value: a, text: a })));
   $("audit-action").addEventListener("change", (e) => go({ action: e.target.value }, false));
   $("audit-key").addEventListener("input", debounce((e) => go({ key: e.target.value.trim() }, false), 250));
+  for (const bound of ["since", "until"]) {
+    $(`audit-${bound}`).addEventListener("change", (e) => go({ [bound]: e.target.value }, false));
+  }
   window.addEventListener("popstate", () => { flash(""); render(); });
 }
 
