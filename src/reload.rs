@@ -608,7 +608,10 @@ pub fn watch_files(
 ) -> notify::Result<JoinHandle<()>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
+        // A read is no change: the gateway reads the key store itself (a listing of a file
+        // store does), and those opens would otherwise keep the debounce below from ever
+        // settling while the reads go on.
+        if let Some(event) = event.ok().filter(|e| !e.kind.is_access()) {
             for path in event.paths {
                 let _ = tx.send(path);
             }
