@@ -440,7 +440,8 @@ pub(crate) fn read_value<T: DeserializeOwned>(
         let detail = e.to_string();
         // The top-level member at fault first: a member missing inside `credits` names
         // `credits`. Then the one serde names, for a member missing at the top.
-        let field = field_at_fault::<T>(&value).or_else(|| {
+        let missing = detail.starts_with("missing field");
+        let field = field_at_fault::<T>(&value, missing).or_else(|| {
             detail
                 .split('`')
                 .nth(1)
@@ -458,8 +459,11 @@ pub(crate) fn read_value<T: DeserializeOwned>(
 
 /// The member of `body` that makes it fail to read as `T`: the one whose removal leaves a
 /// body that reads, or that then only lacks that member. serde's type errors (`expected
-/// u32`) do not name the member; this finds it, on the error path only.
-fn field_at_fault<T: DeserializeOwned>(body: &serde_json::Value) -> Option<String> {
+/// u32`) do not name the member; this finds it, on the error path only. When the body
+/// failed for a member `missing` at the top, a present member is at fault only if the body
+/// reads without it (the missing one was inside it): removing a required member present
+/// would report that one missing first, though it is fine.
+fn field_at_fault<T: DeserializeOwned>(body: &serde_json::Value, missing: bool) -> Option<String> {
     let object = body.as_object()?;
     object.keys().find_map(|name| {
         let mut without = object.clone();
@@ -467,8 +471,9 @@ fn field_at_fault<T: DeserializeOwned>(body: &serde_json::Value) -> Option<Strin
         match serde_json::from_value::<T>(serde_json::Value::Object(without)) {
             Ok(_) => Some(name.clone()),
             Err(e)
-                if e.to_string()
-                    .starts_with(&format!("missing field `{name}`")) =>
+                if !missing
+                    && e.to_string()
+                        .starts_with(&format!("missing field `{name}`")) =>
             {
                 Some(name.clone())
             }
