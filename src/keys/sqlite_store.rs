@@ -781,6 +781,39 @@ mod tests {
     }
 
     #[test]
+    fn a_version_3_database_gains_admin_tokens_and_their_writes_move_the_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        // A database as the build before admin tokens left it, with a key in it.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!(
+                "{SCHEMA} {ALERT_RULES} {IDENTITIES} PRAGMA user_version = 3;"
+            ))
+            .unwrap();
+        let store = SqliteStore::new(&path);
+        store.transact(|r| r.put(hashed("aaaa1111", 1))).unwrap();
+        let doc = serde_json::json!({"name": "ci", "hash": "sha256:00", "role": "read"});
+        let (added, before, after) = store
+            .change_side(Side::AdminTokens, |docs| {
+                docs.push(doc.clone());
+                Ok(docs.len())
+            })
+            .unwrap();
+        assert_eq!((added, after), (1, before + 1));
+        // Another process following the feed reads the store whole again.
+        assert_eq!(store.changes_since(before).unwrap(), Feed::Everything);
+        let mut file = crate::keys::StoreFile::default();
+        store.load_each(&mut file).unwrap();
+        assert_eq!((file.keys.len(), file.admin_tokens), (1, vec![doc]));
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
     fn a_file_that_is_not_a_database_is_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.db");
