@@ -283,7 +283,7 @@ async fn route(
     let AdminToken {
         name: actor,
         role,
-        hash: token,
+        hash: token_hash,
         ..
     } = token;
     if !endpoint.allowed_for(role) {
@@ -302,7 +302,7 @@ async fn route(
     let call = Call {
         gw,
         actor,
-        token,
+        token_hash,
         peer,
         id: id.unwrap_or_default(),
     };
@@ -364,7 +364,7 @@ pub(crate) struct Call<'a> {
     pub gw: &'a Arc<Gateway>,
     pub actor: String,
     /// The SHA-256 of the admin token that made the call.
-    pub token: [u8; 32],
+    pub token_hash: [u8; 32],
     pub peer: IpAddr,
     /// The `{id}` of the path, or empty.
     pub id: String,

@@ -128,7 +128,7 @@ pub(crate) async fn revoke(call: &Call<'_>) -> Answer {
     match admin_token::revoke(
         &mut trial,
         &name,
-        Some(&call.token),
+        Some(&call.token_hash),
         &snapshot.admin_tokens,
         now,
     ) {
@@ -136,7 +136,7 @@ pub(crate) async fn revoke(call: &Call<'_>) -> Answer {
         Revoked::NotFound => return Err(not_stored(&snapshot)),
         Revoked::LastAdmin => return Err(Rejection::LastAdminToken),
     }
-    let (others, caller, target) = (snapshot.admin_tokens.clone(), call.token, name.clone());
+    let (others, caller, target) = (snapshot.admin_tokens.clone(), call.token_hash, name.clone());
     let outcome = write_side(call, Side::AdminTokens, move |docs| {
         Ok(admin_token::revoke(
             docs,
