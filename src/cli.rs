@@ -1,5 +1,6 @@
-//! The command line: `serve`, `demo`, `check` and `keys …`. Every user error ends in one line
-//! on stderr that names what is wrong, and exit status 1.
+//! The command line: `serve`, `demo`, `check`, `init`, `keys …`, `identities …` and
+//! `tokens …`. Every user error ends in one line on stderr that names what is wrong, and
+//! exit status 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,6 +59,34 @@ pub enum Command {
     },
     /// Print the manual page (roff) to standard output: `keygate man > keygate.1`.
     Man,
+    /// Manage the admin tokens kept in the store, beside those in the config.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Make an admin token and print it, once; only its SHA-256 is stored.
+    Create {
+        /// 1 to 64 of a-z, 0-9, `_`, `.` and `-`: the actor in the audit log.
+        #[arg(long)]
+        name: String,
+        /// `admin` (everything), `read` (the GET routes) or `verify` (`POST /v1/keys/verify`).
+        #[arg(long)]
+        role: String,
+        /// RFC 3339, or a duration from now such as `30d`; the token is refused from then.
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every admin token (the config's and the store's), with its last use.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an admin token kept in the store: refused from its next call.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -369,6 +398,7 @@ pub fn run(cli: Cli) -> ExitCode {
             page.render(&mut std::io::stdout())
                 .map_err(|e| format!("cannot write the manual page: {e}"))
         }
+        Command::Tokens(cmd) => run_tokens(&cli.config, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -643,6 +673,173 @@ fn run_identities(config_path: &Path, cmd: IdentitiesCommand) -> Result<(), Stri
     }
 }
 
+/// `keygate tokens`: the store's admin tokens, written directly to the store (as `keygate
+/// keys` and `keygate identities` do), which a running gateway follows.
+fn run_tokens(config_path: &Path, cmd: TokensCommand) -> Result<(), String> {
+    use crate::keys::admin_token::{self, AdminToken, NewToken, Revoked};
+    let config = Config::load(config_path).map_err(|e| config_errors(&e))?;
+    let store = Store::for_config(&config, config_path).map_err(|e| e.to_string())?;
+    let actor = cli_actor();
+    let now = Clock::real().unix_secs();
+    // `keygate check` reports a bad config token; here, the good ones are enough.
+    let config_tokens =
+        admin_token::compile_config(&config, None, &mut crate::config::Problems::default());
+    let audit = |action: &str, reason: String| {
+        let event = AuditEvent::new(now, &actor, action).reason(reason);
+        if let Err(e) = crate::audit::append(&config.audit_path(config_path), &event) {
+            eprintln!("keygate: warning: the change is saved, but the audit log could not be written: {e}");
+        }
+    };
+    let stored = || -> Result<Vec<serde_json::Value>, String> {
+        Ok(store.load().map_err(|e| config_errors(&e))?.0.admin_tokens)
+    };
+    let in_config = |name: &str| {
+        format!(
+            "admin token `{name}` is written in the config file ({}): remove it there",
+            config_path.display()
+        )
+    };
+    match cmd {
+        TokensCommand::Create {
+            name,
+            role,
+            expires,
+            json,
+        } => {
+            let new = NewToken {
+                name,
+                role,
+                expires,
+            };
+            let (record, token) = admin_token::mint(&new, &actor, now).map_err(flag_error)?;
+            let added = store
+                .change_side(Side::AdminTokens, |docs| {
+                    admin_token::add(docs, &record, &config_tokens)
+                })
+                .map_err(|e| e.to_string())?;
+            if !added {
+                return Err(format!(
+                    "--name: an admin token named `{}` exists already",
+                    record.name
+                ));
+            }
+            audit("admin_token.created", admin_token::describe(&record));
+            if json {
+                let made = admin_token::check(&record).map_err(|p| p.message)?;
+                let mut v = admin_token::view(&made, Some(&record), None, now);
+                crate::keys::set_member(&mut v, "token", token);
+                print_json(&v);
+            } else {
+                println!("Created admin token {}.", admin_token::describe(&record));
+                println!("This is the only time the token is shown; only its SHA-256 is stored:\n");
+                println!("    {token}\n");
+                println!("A running gateway accepts it within a second: `Authorization: Bearer <token>`.");
+            }
+            Ok(())
+        }
+        TokensCommand::List { json } => {
+            let docs = stored()?;
+            let used = crate::state::token_use::read(&crate::state::token_use::book_path(
+                &config.usage_path(config_path),
+            ));
+            let mut problems = crate::config::Problems::default();
+            let all: Vec<AdminToken> = config_tokens
+                .iter()
+                .cloned()
+                .chain(admin_token::compile_stored(&docs, &mut problems))
+                .collect();
+            let views: Vec<serde_json::Value> = all
+                .iter()
+                .map(|t| {
+                    let record = admin_token::find(&docs, &t.name)
+                        .filter(|_| t.source == admin_token::Source::Store);
+                    let last = used.get(&format!("sha256:{}", keys::hex(&t.hash))).copied();
+                    admin_token::view(t, record.as_ref(), last, now)
+                })
+                .collect();
+            if json {
+                print_json(&serde_json::json!({ "tokens": views }));
+            } else {
+                print_tokens(&views);
+            }
+            Ok(())
+        }
+        TokensCommand::Revoke { name } => {
+            if admin_token::find(&stored()?, &name).is_none() {
+                return Err(if config_tokens.iter().any(|t| t.name == name) {
+                    in_config(&name)
+                } else {
+                    format!("no admin token in the store is named `{name}`")
+                });
+            }
+            let outcome = store
+                .change_side(Side::AdminTokens, |docs| {
+                    Ok(admin_token::revoke(docs, &name, None, &[], now))
+                })
+                .map_err(|e| e.to_string())?;
+            match outcome {
+                Revoked::Done(record) => {
+                    audit("admin_token.revoked", admin_token::describe(&record));
+                    println!(
+                        "Revoked admin token {}: a running gateway refuses it within a second.",
+                        record.name
+                    );
+                    Ok(())
+                }
+                Revoked::NotFound | Revoked::LastAdmin => {
+                    Err(format!("no admin token in the store is named `{name}`"))
+                }
+            }
+        }
+    }
+}
+
+/// The tokens' views as a table.
+fn print_tokens(views: &[serde_json::Value]) {
+    if views.is_empty() {
+        println!(
+            "No admin tokens. Make one with `keygate tokens create --name NAME --role admin`."
+        );
+        return;
+    }
+    let text = |v: &serde_json::Value, member: &str, none: &str| match &v[member] {
+        serde_json::Value::String(s) => s.clone(),
+        _ => none.to_string(),
+    };
+    let header = ["NAME", "ROLE", "SOURCE", "STATUS", "LAST USED", "EXPIRES"];
+    let rows: Vec<[String; 6]> = views
+        .iter()
+        .map(|v| {
+            [
+                text(v, "name", "-"),
+                text(v, "role", "-"),
+                text(v, "source", "-"),
+                text(v, "status", "-"),
+                text(v, "last_used_at", "never"),
+                text(v, "expires_at", "never"),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header);
+    for row in &rows {
+        line(row.each_ref().map(String::as_str));
+    }
+}
+
 fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| config_errors(&e))?;
     let store = Store::for_config(&config, config_path).map_err(|e| e.to_string())?;
@@ -779,8 +976,39 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
             if tokens.is_empty() {
                 return Err(format!("{}: no keys in it", file.display()));
             }
-            let found = keys::leaked(op, &tokens, action, &source).map_err(flag_error)?;
+            let mut found = keys::leaked(op, &tokens, action, &source).map_err(flag_error)?;
             let mut alerts = Vec::new();
+            // Admin tokens, by hash: a stored one is revoked (unless only reporting), the
+            // config's only reported (see `scanning::report`).
+            let hashes: Vec<[u8; 32]> = tokens.iter().map(|t| keys::format::hash(t)).collect();
+            let mut ignored = crate::config::Problems::default();
+            let (file, _) = store.load().map_err(|e| config_errors(&e))?;
+            let admin_tokens: Vec<_> =
+                keys::admin_token::compile_config(&config, None, &mut ignored)
+                    .into_iter()
+                    .chain(keys::admin_token::compile_stored(
+                        &file.admin_tokens,
+                        &mut ignored,
+                    ))
+                    .collect();
+            let actions = keys::admin_token::leak_actions(&hashes, &admin_tokens, action);
+            let revoked = keys::admin_token::to_revoke(&hashes, &actions);
+            if !revoked.is_empty() {
+                store
+                    .change_side(Side::AdminTokens, |docs| {
+                        Ok(keys::admin_token::leaked(docs, &revoked, true))
+                    })
+                    .map_err(|e| e.to_string())?;
+            }
+            for (f, leaked) in found.iter_mut().zip(actions) {
+                if let Some(leaked) = leaked {
+                    let (event, alert) =
+                        crate::scanning::notice_token(now, &actor, &leaked, &source);
+                    audit(event);
+                    alerts.push(alert);
+                    f.admin_token = Some(leaked);
+                }
+            }
             for record in found.iter().filter_map(|f| f.key.as_ref()) {
                 let (event, alert) = crate::scanning::notice(now, &actor, record, &source, action);
                 audit(event);
@@ -791,14 +1019,26 @@ fn run_keys(config_path: &Path, cmd: KeysCommand) -> Result<(), String> {
                 print_json(&crate::scanning::answer(&found, action));
             } else {
                 for f in &found {
-                    match &f.key {
-                        Some(k) => println!(
+                    match (&f.key, &f.admin_token) {
+                        (Some(k), _) => println!(
                             "true_positive   key {} ({}): {}",
                             k.id,
                             k.namespace,
                             action.as_str()
                         ),
-                        None => println!("false_positive  sha256:{}", f.token_hash),
+                        (None, Some(t)) if t.source == keys::admin_token::Source::Store => {
+                            println!(
+                                "true_positive   admin token {}: {}",
+                                t.name,
+                                t.action.as_str()
+                            )
+                        }
+                        (None, Some(t)) => println!(
+                            "true_positive   admin token {} ({}): report only; remove it from the config",
+                            t.name,
+                            t.source.as_str()
+                        ),
+                        (None, None) => println!("false_positive  sha256:{}", f.token_hash),
                     }
                 }
             }
@@ -1182,6 +1422,7 @@ fn flag_error(e: KeyError) -> String {
                 "burst" => "--burst",
                 "quota" => "--quota",
                 "name" => "--name",
+                "role" => "--role",
                 "note" => "--note",
                 "meta" => "--meta",
                 "credits" => "--credits",

@@ -18,6 +18,7 @@ use crate::snapshot::{BuildContext, Snapshot};
 use crate::state::credits::CreditBook;
 use crate::state::limiters::Limiters;
 use crate::state::lockouts::Lockouts;
+use crate::state::token_use::TokenUse;
 use crate::state::usage::UsageBook;
 use crate::tls::CertResolver;
 
@@ -33,6 +34,8 @@ pub struct Gateway {
     pub history: crate::state::history::History,
     /// What limited-use keys have spent, with its journal.
     pub credits: CreditBook,
+    /// When each admin token was last used, with its file.
+    pub token_use: TokenUse,
     pub audit: Audit,
     /// One line per request, when `access_log` is configured.
     pub access_log: Option<crate::access_log::AccessLog>,
@@ -101,6 +104,9 @@ impl Gateway {
         let credits = CreditBook::open(crate::state::credits::journal_path(
             &config.usage_path(config_path),
         ));
+        let token_use = TokenUse::open(crate::state::token_use::book_path(
+            &config.usage_path(config_path),
+        ));
         let limiters = Limiters::new(clock.clone());
         let metrics = Metrics::default();
         let snapshot = Snapshot::load(&BuildContext {
@@ -126,6 +132,7 @@ impl Gateway {
             usage,
             history,
             credits,
+            token_use,
             audit,
             access_log,
             lockouts: Lockouts::default(),
@@ -176,23 +183,26 @@ impl Gateway {
     }
 
     /// Puts in force a snapshot that differs from the one in force only in a side
-    /// collection (alert rules, identities).
+    /// collection (alert rules, identities, admin tokens).
     pub(crate) fn put_side(&self, snapshot: Snapshot) {
-        // Only identities can have changed: their limiters are rechecked, by name, and no
-        // key's is visited (a deleted identity's usage cell waits for the next whole build).
+        // Only identities hold limiters: when they changed, theirs are rechecked, by name,
+        // and no key's is visited (a deleted identity's usage cell waits for the next whole
+        // build). Alert rules and admin tokens have none.
         let before = self.snapshot.load_full();
-        let counted: std::collections::BTreeSet<String> = before
-            .identities
-            .counted()
-            .chain(snapshot.identities.counted())
-            .map(str::to_string)
-            .collect();
-        self.limiters.recheck(counted.iter(), |id| {
-            snapshot
+        if !Arc::ptr_eq(&before.identities, &snapshot.identities) {
+            let counted: std::collections::BTreeSet<String> = before
                 .identities
-                .counted_as(id)
-                .and_then(|i| i.rate_limits())
-        });
+                .counted()
+                .chain(snapshot.identities.counted())
+                .map(str::to_string)
+                .collect();
+            self.limiters.recheck(counted.iter(), |id| {
+                snapshot
+                    .identities
+                    .counted_as(id)
+                    .and_then(|i| i.rate_limits())
+            });
+        }
         self.put_in_force(snapshot);
     }
 
@@ -300,6 +310,12 @@ impl Gateway {
         }
         if let Err(e) = self.history.flush(&self.usage) {
             tracing::warn!(error = %e, "the request history could not be written; will retry");
+        }
+        let token_flush = self
+            .token_use
+            .flush(|hash| snapshot.admin_tokens.iter().any(|t| &t.hash == hash));
+        if let Err(e) = token_flush {
+            tracing::warn!(error = %e, "the admin tokens' last uses could not be written; will retry");
         }
         self.audit.sweep(now);
         self.free_retired();

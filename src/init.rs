@@ -25,7 +25,8 @@ pub fn run(dir: &Path, upstream: &str) -> Result<(), String> {
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
-    let token = format::generate("kga").map_err(|e| format!("no randomness for a token: {e}"))?;
+    let token =
+        format::generate_admin_token().map_err(|e| format!("no randomness for a token: {e}"))?;
     let hash = hex(&format::hash(&token));
     let config = config_text(upstream, &hash);
     // `create_new`: a file that appeared since the check above is not overwritten either.

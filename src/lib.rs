@@ -32,16 +32,17 @@
 //! - [`state`]: what lives between snapshots and across restarts, below the snapshot and
 //!   the stages: [`state::limiters`] (each key's limiter), [`state::usage`] (counters, the
 //!   quota count, the usage book and its file), [`state::lockouts`] (failed guesses by
-//!   address) and [`state::shared_limits`] (the shared limiter's Redis client).
+//!   address), [`state::shared_limits`] (the shared limiter's Redis client) and
+//!   [`state::token_use`] (each admin token's last use).
 //! - [`headers`]: the header names keygate sets.
 //! - [`rejection`]: every refusal and its one mapping to a response.
 //! - [`snapshot`]: the immutable view (keys by hash, compiled routes) and how it is built.
 //! - [`config`]: documented config types, YAML loading, located errors.
 //! - [`reload`]: file watch and reload, and following a Redis store's changes.
 //! - [`keys`]: key format, key records, the key store (a file, SQLite or Redis), lifecycle
-//!   operations.
+//!   operations, and the admin tokens kept beside the keys ([`keys::admin_token`]).
 //! - [`shared_usage`]: usage summed over nodes through Redis.
-//! - [`admin`]: the admin listener and its key-management API.
+//! - [`admin`]: the admin listener, its key-management API and its admin tokens.
 //! - [`audit`]: the append-only audit log; [`access_log`]: one line per request.
 //! - [`metrics`]: Prometheus counters and histograms; [`alerts`]: rules, webhook.
 //! - [`tls`]: listener certificates (SNI, hot swap) and upstream TLS.

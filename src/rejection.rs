@@ -73,6 +73,14 @@ pub enum Rejection {
     AlertInConfig,
     /// An alert rule with this name exists already.
     AlertExists,
+    /// No admin token kept in the store has this name.
+    AdminTokenNotFound,
+    /// An admin token (in the config, the environment or the store) has this name already.
+    AdminTokenExists,
+    /// The admin token is in the config file or `KEYGATE_ADMIN_TOKEN`: remove it there.
+    AdminTokenInConfig,
+    /// The call would revoke its own token, the last working one with role `admin`.
+    LastAdminToken,
     /// The shared rate limiter (Redis) cannot be reached and `rate_limit.fail_mode` is
     /// `closed`.
     LimiterUnavailable,
@@ -87,7 +95,7 @@ pub enum Rejection {
 
 /// Every code a refusal can carry, in a fixed order: a code's index here is its slot in the
 /// usage and metrics counters ([`Rejection::index`]).
-pub const CODES: [&str; 38] = [
+pub const CODES: [&str; 42] = [
     "missing_key",
     "malformed_key",
     "unknown_key",
@@ -126,6 +134,10 @@ pub const CODES: [&str; 38] = [
     "credits_exhausted",
     "invalid_signature",
     "identity_not_found",
+    "admin_token_not_found",
+    "admin_token_exists",
+    "admin_token_in_config",
+    "last_admin_token",
 ];
 
 /// The slot of `code` in [`CODES`].
@@ -203,6 +215,10 @@ impl Rejection {
             CreditsExhausted { .. } => 35,
             InvalidSignature => 36,
             IdentityNotFound => 37,
+            AdminTokenNotFound => 38,
+            AdminTokenExists => 39,
+            AdminTokenInConfig => 40,
+            LastAdminToken => 41,
         }
     }
 
@@ -249,6 +265,10 @@ impl Rejection {
             AlertNotFound => (S::NOT_FOUND, "alert_not_found", problem!(404, "Not Found", "alert_not_found", "No alert rule has this name.")),
             AlertInConfig => (S::CONFLICT, "alert_in_config", problem!(409, "Conflict", "alert_in_config", "This alert rule is written in the config file: change or remove it there.")),
             AlertExists => (S::CONFLICT, "alert_exists", problem!(409, "Conflict", "alert_exists", "An alert rule with this name exists already: choose another name, or change that rule.")),
+            AdminTokenNotFound => (S::NOT_FOUND, "admin_token_not_found", problem!(404, "Not Found", "admin_token_not_found", "No admin token kept in the store has this name.")),
+            AdminTokenExists => (S::CONFLICT, "admin_token_exists", problem!(409, "Conflict", "admin_token_exists", "An admin token with this name exists already, in the config, the environment or the store: choose another name.")),
+            AdminTokenInConfig => (S::CONFLICT, "admin_token_in_config", problem!(409, "Conflict", "admin_token_in_config", "This admin token is written in the config file (admin_tokens) or is KEYGATE_ADMIN_TOKEN: remove it there, then reload.")),
+            LastAdminToken => (S::CONFLICT, "last_admin_token", problem!(409, "Conflict", "last_admin_token", "This is the token that made the call and the last working admin token: make another admin token first, or nobody could manage the gateway through this API.")),
             LimiterUnavailable => (S::SERVICE_UNAVAILABLE, "limiter_unavailable", problem!(503, "Service Unavailable", "limiter_unavailable", "The shared rate limiter cannot be reached, and this gateway is set to refuse rather than guess; retry after the time in Retry-After.")),
             StoreUnavailable(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", ""),
             RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout", problem!(408, "Request Timeout", "request_timeout", "The request body did not arrive in time.")),
@@ -410,6 +430,10 @@ mod tests {
             AlertExists,
             InvalidSignature,
             IdentityNotFound,
+            AdminTokenNotFound,
+            AdminTokenExists,
+            AdminTokenInConfig,
+            LastAdminToken,
             RequestTimeout,
             TooManyFailedAttempts { retry_after: 1 },
             CreditsExhausted { retry_after: None },

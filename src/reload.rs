@@ -273,9 +273,37 @@ pub async fn apply_key_changes(
     reload(gw, Trigger::KeyChange(actor)).await
 }
 
-/// Puts the store's alert rules in force after the admin API wrote them (`stored`, through
-/// `written`): as a change to the snapshot in force when the write started from the store it
-/// was read from, otherwise by reading everything again.
+/// Writes a side collection of the store (alert rules, identities, admin tokens) through
+/// `change`, on a blocking thread, then puts the new collection in force before it returns,
+/// as `actor`. Returns what `change` returned.
+pub async fn change_side<T: Send + 'static>(
+    gw: &Arc<Gateway>,
+    actor: &str,
+    side: crate::keys::Side,
+    change: impl FnOnce(&mut Vec<serde_json::Value>) -> Result<T, KeyError> + Send + 'static,
+) -> Result<T, Rejection> {
+    let snapshot = gw.snapshot.load_full();
+    let (out, stored, written) = tokio::task::spawn_blocking(move || {
+        let store = snapshot.store.witnessed();
+        let mut after = Vec::new();
+        let out = store.change_side(side, |docs| {
+            let out = change(docs)?;
+            after = docs.clone();
+            Ok(out)
+        })?;
+        Ok::<_, KeyError>((out, after, store.written()))
+    })
+    .await
+    .map_err(|_| Rejection::Internal)??;
+    apply_side(gw, actor, side, stored, written)
+        .await
+        .map_err(Rejection::ReloadFailed)?;
+    Ok(out)
+}
+
+/// Puts a side collection of the store in force after the admin API wrote it (`stored`,
+/// through `written`): as a change to the snapshot in force when the write started from the
+/// store it was read from, otherwise by reading everything again.
 pub async fn apply_side(
     gw: &Arc<Gateway>,
     actor: &str,
@@ -580,7 +608,10 @@ pub fn watch_files(
 ) -> notify::Result<JoinHandle<()>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
+        // A read is no change: the gateway reads the key store itself (a listing of a file
+        // store does), and those opens would otherwise keep the debounce below from ever
+        // settling while the reads go on.
+        if let Some(event) = event.ok().filter(|e| !e.kind.is_access()) {
             for path in event.paths {
                 let _ = tx.send(path);
             }

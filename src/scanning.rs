@@ -8,6 +8,11 @@
 //! disable or report) in one write of the store; the change is live before the answer, and
 //! each key found goes to the audit log (`key.leaked`, with the URL, never the token) and
 //! to the alert webhook.
+//!
+//! An admin token reported leaked is looked up the same way, by its hash: one kept in the
+//! store is revoked (on `revoke` and on `disable`, as a token has no disabled state; kept on
+//! `report`), one in the config or `KEYGATE_ADMIN_TOKEN` can only be reported. Each is
+//! audited as `admin_token.leaked` and sent to the webhook.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use crate::audit::AuditEvent;
 use crate::body::ResponseBody;
 use crate::config::Problems;
 use crate::gateway::Gateway;
-use crate::keys::{self, LeakAction, LeakFound};
+use crate::keys::{self, admin_token, LeakAction, LeakFound};
 use crate::rejection::Rejection;
 
 /// The largest report body.
@@ -349,7 +354,7 @@ async fn github_report(
         labels.push(Label {
             token_hash,
             token_type: f.kind.clone(),
-            label: if r.is_some_and(|r| r.key.is_some()) {
+            label: if r.is_some_and(|r| r.key.is_some() || r.admin_token.is_some()) {
                 "true_positive"
             } else {
                 "false_positive"
@@ -359,9 +364,10 @@ async fn github_report(
     Ok(labels)
 }
 
-/// Takes `action` on each of `tokens` that is one of keygate's keys, found at `url`, by
-/// `actor`: in one write of the store, live before it returns, audited and sent to the
-/// alert webhook. Returns each token's hash and key, and any warning for the caller.
+/// Takes `action` on each of `tokens` that is one of keygate's keys or admin tokens, found
+/// at `url`, by `actor`: in one write of the store for the keys (and one for the admin
+/// tokens, if any is revoked), live before it returns, audited and sent to the alert
+/// webhook. Returns each token's hash, key and admin token, and any warning for the caller.
 pub async fn report(
     gw: &Arc<Gateway>,
     tokens: Vec<String>,
@@ -371,15 +377,42 @@ pub async fn report(
 ) -> Result<(Vec<LeakFound>, Vec<String>), Rejection> {
     let now = gw.clock.unix_secs();
     let url_owned = url.to_string();
-    let (found, warnings) = crate::reload::change_keys(gw, actor, move |op| {
+    let hashes: Vec<[u8; 32]> = tokens.iter().map(|t| keys::format::hash(t)).collect();
+    let (mut found, mut warnings) = crate::reload::change_keys(gw, actor, move |op| {
         keys::leaked(op, &tokens, action, &url_owned)
     })
     .await?;
+    // Admin tokens: matched against every token in force, and only a stored one revoked.
+    let actions = admin_token::leak_actions(&hashes, &gw.snapshot.load().admin_tokens, action);
+    let revoked = admin_token::to_revoke(&hashes, &actions);
+    if !revoked.is_empty() {
+        crate::reload::change_side(gw, actor, keys::Side::AdminTokens, move |docs| {
+            Ok(admin_token::leaked(docs, &revoked, true))
+        })
+        .await?;
+    }
+    let mut alerts = Vec::new();
+    for (f, leaked) in found.iter_mut().zip(actions) {
+        let Some(leaked) = leaked else { continue };
+        let (event, alert) = notice_token(now, actor, &leaked, url);
+        gw.audit.record(&event);
+        alerts.push(alert);
+        if leaked.source != admin_token::Source::Store {
+            warnings.push(format!(
+                "admin token `{}` is in the config file or KEYGATE_ADMIN_TOKEN, so it was not revoked: remove it there",
+                leaked.name
+            ));
+        }
+        f.admin_token = Some(leaked);
+    }
     let records: Vec<_> = found.iter().filter_map(|f| f.key.clone()).collect();
-    let webhook = gw.snapshot.load().alerts.webhook.clone();
     for record in &records {
         let (event, alert) = notice(now, actor, record, url, action);
         gw.audit.record(&event);
+        alerts.push(alert);
+    }
+    let webhook = gw.snapshot.load().alerts.webhook.clone();
+    for alert in alerts {
         if let Some(webhook) = webhook.clone() {
             let g = gw.clone();
             tokio::spawn(async move {
@@ -418,6 +451,32 @@ pub fn notice(
     (event, alert)
 }
 
+/// What is told of an admin token found leaked: its audit line (`admin_token.leaked`, with
+/// where it was found and the action) and the alert webhook's body. Neither holds the token.
+pub fn notice_token(
+    now: i64,
+    actor: &str,
+    leaked: &admin_token::LeakedToken,
+    url: &str,
+) -> (AuditEvent, serde_json::Value) {
+    let action = leaked.action.as_str();
+    tracing::warn!(admin_token = %leaked.name, source = leaked.source.as_str(), action, url, "admin token reported leaked");
+    let event = AuditEvent::new(now, actor, "admin_token.leaked").reason(format!(
+        "{} ({}): found at {url}; action: {action}",
+        leaked.name,
+        leaked.source.as_str()
+    ));
+    let alert = serde_json::json!({
+        "event": "admin_token.leaked",
+        "admin_token": leaked.name,
+        "source": leaked.source.as_str(),
+        "url": url,
+        "action": action,
+        "time": crate::clock::rfc3339(now),
+    });
+    (event, alert)
+}
+
 /// A body for the admin route: `{"keys": [...], "action"?, "source"?}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -434,11 +493,13 @@ pub fn answer(found: &[LeakFound], action: LeakAction) -> serde_json::Value {
     let keys: Vec<_> = found
         .iter()
         .map(|f| {
+            let token = f.admin_token.as_ref();
             serde_json::json!({
                 "token_hash": f.token_hash,
-                "label": if f.key.is_some() { "true_positive" } else { "false_positive" },
+                "label": if f.key.is_some() || token.is_some() { "true_positive" } else { "false_positive" },
                 "key_id": f.key.as_ref().map(|k| k.id.clone()),
-                "action": f.key.as_ref().map(|_| action.as_str()),
+                "admin_token": token.map(|t| t.name.clone()),
+                "action": f.key.as_ref().map(|_| action.as_str()).or(token.map(|t| t.action.as_str())),
             })
         })
         .collect();

@@ -11,11 +11,9 @@ use std::time::Duration;
 use crate::alerts::AlertRules;
 use crate::config::ranges::{self, size_in, within};
 use crate::config::units::parse_duration_in;
-use crate::config::{
-    parse_yaml, read_source, AdminTokenConfig, Config, ConfigError, LimitBackend, Problems,
-};
+use crate::config::{parse_yaml, read_source, Config, ConfigError, LimitBackend, Problems};
 use crate::keys::check::{check_record, CheckedRecord};
-use crate::keys::{format, parse_sha256, validate_namespace, KeyRecord, RecordSink, Side, Store};
+use crate::keys::{format, validate_namespace, KeyRecord, RecordSink, Side, Store};
 use crate::metrics::Metrics;
 use crate::pipeline::forward::{PoolSettings, UpstreamClient};
 use crate::pipeline::route::{Route, RouteDefaults, RouteTable};
@@ -36,43 +34,7 @@ pub mod identities;
 mod key_index;
 pub use key_index::{Clash, KeyEntry, KeyHash, KeyId, KeyIndex, Limits};
 
-/// An admin token: who it is, the SHA-256 of the token, and what it may do.
-#[derive(Debug, Clone)]
-pub struct AdminToken {
-    pub name: String,
-    pub hash: [u8; 32],
-    pub role: Role,
-}
-
-/// What an admin token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Everything: the default.
-    Admin,
-    /// The GET routes, usage and audit: nothing that changes a key or counts a request.
-    Read,
-    /// `POST /v1/keys/verify`, and nothing else.
-    Verify,
-}
-
-impl Role {
-    pub fn parse(text: &str) -> Option<Role> {
-        match text {
-            "admin" => Some(Role::Admin),
-            "read" => Some(Role::Read),
-            "verify" => Some(Role::Verify),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Read => "read",
-            Role::Verify => "verify",
-        }
-    }
-}
+pub use crate::keys::admin_token::{AdminToken, Role};
 
 /// Listener settings, read at start (a reload does not rebind listeners).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +88,10 @@ pub struct Snapshot {
     /// unless it starts like a keygate key (`prefix_bases`).
     pub accepts_unformatted: bool,
     pub prefix_bases: Vec<String>,
+    /// Every admin token: the config's, `KEYGATE_ADMIN_TOKEN`'s, then the store's.
     pub admin_tokens: Vec<AdminToken>,
+    /// The admin tokens kept in the store, as stored.
+    pub stored_admin_tokens: Vec<serde_json::Value>,
     /// `auth.envoy_path_prefix`: under it, the auth listener reads the original path.
     pub envoy_path_prefix: Option<String>,
 
@@ -323,9 +288,9 @@ impl Snapshot {
         Ok(next)
     }
 
-    /// The next snapshot after a side collection of the store (alert rules, identities)
-    /// became `stored` through `written`: everything else is shared with `self`. A document
-    /// that does not compile changes nothing.
+    /// The next snapshot after a side collection of the store (alert rules, identities,
+    /// admin tokens) became `stored` through `written`: everything else is shared with
+    /// `self`. A document that does not compile changes nothing.
     pub fn with_side(
         &self,
         ctx: &BuildContext<'_>,
@@ -357,6 +322,16 @@ impl Snapshot {
                 next.identities = Arc::new(compile_identities(&stored, &self.config, ctx, &mut p));
                 next.stored_identities = stored;
             }
+            Side::AdminTokens => {
+                next.admin_tokens = self
+                    .admin_tokens
+                    .iter()
+                    .filter(|t| t.source != crate::keys::admin_token::Source::Store)
+                    .cloned()
+                    .chain(crate::keys::admin_token::compile_stored(&stored, &mut p))
+                    .collect();
+                next.stored_admin_tokens = stored;
+            }
         }
         if !p.is_empty() {
             return Err(p.locate(self.store.path(), ""));
@@ -375,6 +350,7 @@ impl Snapshot {
             problems: mut key_problems,
             alerts: stored_alerts,
             identities: stored_identities,
+            admin_tokens: stored_admin_tokens,
         } = built;
         let mut config_problems = Problems::default();
         let mut compiled = compile_config(&config, ctx, &mut config_problems);
@@ -384,6 +360,12 @@ impl Snapshot {
             c.alerts.add_stored(&stored_alerts, &mut key_problems);
         }
         let identities = compile_identities(&stored_identities, &config, ctx, &mut key_problems);
+        // The store's admin tokens join the config's, located in the store.
+        let stored_tokens =
+            crate::keys::admin_token::compile_stored(&stored_admin_tokens, &mut key_problems);
+        if let Some(c) = &mut compiled {
+            c.admin_tokens.extend(stored_tokens);
+        }
         let compiled = match compiled {
             Some(c) if key_problems.is_empty() => c,
             _ => return Err((config_problems, key_problems)),
@@ -408,6 +390,7 @@ impl Snapshot {
             stored_identities,
             prefix_bases: crate::keys::lifecycle::prefix_bases(&config),
             admin_tokens: compiled.admin_tokens,
+            stored_admin_tokens,
             envoy_path_prefix: compiled.envoy_path_prefix,
 
             listeners: compiled.listeners,
@@ -580,49 +563,7 @@ fn compile_config(
         CidrSet::default()
     });
 
-    let mut admin_tokens = Vec::new();
-    for (i, token) in config.admin_tokens.iter().enumerate() {
-        let (name, hash, path, role) = match token {
-            AdminTokenConfig::Hash(h) => (
-                format!("token{i}"),
-                h,
-                format!("admin_tokens[{i}]"),
-                Role::Admin,
-            ),
-            AdminTokenConfig::Named(named) => {
-                let role = match named.role.as_deref() {
-                    None => Role::Admin,
-                    Some(text) => Role::parse(text).unwrap_or_else(|| {
-                        p.push(
-                            format!("admin_tokens[{i}].role"),
-                            format!("`{text}` is not a role: use admin, read or verify"),
-                        );
-                        Role::Admin
-                    }),
-                };
-                (
-                    named.name.clone(),
-                    &named.hash,
-                    format!("admin_tokens[{i}].hash"),
-                    role,
-                )
-            }
-        };
-        match parse_sha256(hash) {
-            Ok(hash) => admin_tokens.push(AdminToken { name, hash, role }),
-            Err(e) => p.push(
-                path,
-                format!("{e}; store the SHA-256 of the token, never the token"),
-            ),
-        }
-    }
-    if let Some(hash) = ctx.env_admin_token {
-        admin_tokens.push(AdminToken {
-            name: "env".into(),
-            hash,
-            role: Role::Admin,
-        });
-    }
+    let admin_tokens = crate::keys::admin_token::compile_config(config, ctx.env_admin_token, p);
 
     for (name, ns) in &config.namespaces {
         let path = format!("namespaces.{name}");
@@ -881,6 +822,8 @@ struct KeyBuild<'a> {
     alerts: Vec<serde_json::Value>,
     /// The identities kept in the store.
     identities: Vec<serde_json::Value>,
+    /// The admin tokens kept in the store.
+    admin_tokens: Vec<serde_json::Value>,
 }
 
 impl<'a> KeyBuild<'a> {
@@ -893,6 +836,7 @@ impl<'a> KeyBuild<'a> {
             at: 0,
             alerts: Vec::new(),
             identities: Vec::new(),
+            admin_tokens: Vec::new(),
         }
     }
 
@@ -926,6 +870,7 @@ impl<'a> KeyBuild<'a> {
             problems: self.problems,
             alerts: self.alerts,
             identities: self.identities,
+            admin_tokens: self.admin_tokens,
         }
     }
 }
@@ -943,6 +888,7 @@ impl RecordSink for KeyBuild<'_> {
         match side {
             Side::Alerts => self.alerts = docs,
             Side::Identities => self.identities = docs,
+            Side::AdminTokens => self.admin_tokens = docs,
         }
     }
 }
@@ -954,6 +900,7 @@ struct BuiltKeys {
     problems: Problems,
     alerts: Vec<serde_json::Value>,
     identities: Vec<serde_json::Value>,
+    admin_tokens: Vec<serde_json::Value>,
 }
 
 /// How many nodes share the limits: 1 when limits are local.

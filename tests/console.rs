@@ -1090,7 +1090,12 @@ async fn a_leaked_key_is_marked_with_where_it_was_found() {
     // Who used the key, and from where: the exposure window and the recent requests.
     for (ip, n) in [("127.0.0.1", 3), ("127.0.0.2", 2)] {
         for _ in 0..n {
-            let r = send(Req::get(gw.proxy, "/v1/orders?token=x").bearer(&found_key).from(ip)).await;
+            let r = send(
+                Req::get(gw.proxy, "/v1/orders?token=x")
+                    .bearer(&found_key)
+                    .from(ip),
+            )
+            .await;
             assert_eq!(r.status, 200);
         }
     }
@@ -1107,9 +1112,15 @@ async fn a_leaked_key_is_marked_with_where_it_was_found() {
         by_ip,
         serde_json::json!([["127.0.0.1", "127.0.0.1 3"], ["127.0.0.2", "127.0.0.2 2"]])
     );
-    assert!(b.text("#exposure").await.contains("5 requests from 2 addresses"));
+    assert!(b
+        .text("#exposure")
+        .await
+        .contains("5 requests from 2 addresses"));
     assert_eq!(b.all("#key-requests tr").await.len(), 5);
-    assert!(!b.text("#key-requests").await.contains("token"), "no query string");
+    assert!(
+        !b.text("#key-requests").await.contains("token"),
+        "no query string"
+    );
     assert!(b.errors().await.is_empty(), "{:?}", b.errors().await);
     drop(b);
     gw.stop().await;

@@ -187,7 +187,9 @@ async fn every_admin_route_but_the_probes_needs_a_token() {
     let public = ["/healthz", "/readyz", "/v1/openapi.json"];
     let mut checked = 0;
     for (method, template, _) in keygate::admin::ROUTES {
-        let path = template.replace("{id}", "0123abcd");
+        let path = template
+            .replace("{id}", "0123abcd")
+            .replace("{name}", "0123abcd");
         if public.contains(&path.as_str()) {
             let r = send(Req::get(gw.admin, &path)).await;
             assert_eq!(r.status, 200, "{path} is open");

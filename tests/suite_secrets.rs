@@ -344,13 +344,27 @@ fn the_scan_finds_every_kind_of_leak() {
     )
     .unwrap();
     std::fs::write(dir.path().join("t-1.log"), format!("refused key={key}\n")).unwrap();
-    let har = |body: &str| {
-        serde_json::json!({"request": {"method": "POST", "url": "http://127.0.0.1:1/v1/api-keys"},
+    let har_at = |path: &str, body: &str| {
+        serde_json::json!({"request": {"method": "POST", "url": format!("http://127.0.0.1:1{path}")},
             "response": {"status": 201, "headers": [], "content": {"text": body}}})
     };
+    let har = |body: &str| har_at("/v1/api-keys", body);
+    // An admin token's hand-out holds it as `token`: masked there, and a secret from then on.
+    let admin_token = format::generate_admin_token().unwrap();
+    let token_out = serde_json::json!({"name": "ci", "token": admin_token}).to_string();
     std::fs::write(
         dir.path().join("conformance.har"),
-        serde_json::json!({"log": {"entries": [har(&hand_out), har(&twice)]}}).to_string(),
+        serde_json::json!({"log": {"entries": [
+            har(&hand_out),
+            har(&twice),
+            har_at("/v1/admin-tokens", &token_out),
+        ]}})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("t-2.out"),
+        format!("{RECORD}token echoed\nlast used by {admin_token}\n"),
     )
     .unwrap();
 
@@ -370,6 +384,7 @@ fn the_scan_finds_every_kind_of_leak() {
             "t-1.out: piece",
             "t-1.out: token",
             "t-1.out: unrecorded",
+            "t-2.out: token echoed",
         ],
         "{:#?}",
         scan.findings

@@ -1,12 +1,14 @@
 //! The admin listener: probes, reload, and the key-management API. Every route but the probes
 //! and the OpenAPI document needs an admin token (`Authorization: Bearer <token>`), compared
-//! in constant time against the SHA-256 of each configured token. The token's name is the
+//! in constant time against the SHA-256 of each token (the config's, `KEYGATE_ADMIN_TOKEN`'s
+//! and the store's); an expired one is refused like a wrong one. The token's name is the
 //! actor in the audit log.
 
 mod alerts;
 mod console;
 mod identities;
 mod keys;
+mod tokens;
 mod verify;
 
 use std::net::{IpAddr, SocketAddr};
@@ -68,6 +70,9 @@ pub enum Endpoint {
     GetAlert,
     UpdateAlert,
     DeleteAlert,
+    ListAdminTokens,
+    CreateAdminToken,
+    RevokeAdminToken,
 }
 
 impl Endpoint {
@@ -138,14 +143,21 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("PATCH", "/v1/identities/{id}", Endpoint::PatchIdentity),
     ("DELETE", "/v1/identities/{id}", Endpoint::DeleteIdentity),
     ("GET", "/v1/identities/{id}/usage", Endpoint::IdentityUsage),
+    ("GET", "/v1/admin-tokens", Endpoint::ListAdminTokens),
+    ("POST", "/v1/admin-tokens", Endpoint::CreateAdminToken),
+    (
+        "DELETE",
+        "/v1/admin-tokens/{name}",
+        Endpoint::RevokeAdminToken,
+    ),
 ];
 
 /// The OpenAPI 3.1 document for this API, kept in the repository.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// Writes a side collection of the store (alert rules, identities) through `change`, on a
-/// blocking thread, then puts the new collection in force before the answer. Returns what
-/// `change` returned.
+/// Writes a side collection of the store (alert rules, identities, admin tokens) through
+/// `change`, then puts the new collection in force before the answer (see
+/// [`crate::reload::change_side`]). Returns what `change` returned.
 pub(crate) async fn write_side<T: Send + 'static>(
     call: &Call<'_>,
     side: crate::keys::Side,
@@ -153,23 +165,7 @@ pub(crate) async fn write_side<T: Send + 'static>(
         + Send
         + 'static,
 ) -> Result<T, Rejection> {
-    let snapshot = call.gw.snapshot.load_full();
-    let (out, stored, written) = tokio::task::spawn_blocking(move || {
-        let store = snapshot.store.witnessed();
-        let mut after = Vec::new();
-        let out = store.change_side(side, |docs| {
-            let out = change(docs)?;
-            after = docs.clone();
-            Ok(out)
-        })?;
-        Ok::<_, crate::keys::KeyError>((out, after, store.written()))
-    })
-    .await
-    .map_err(|_| Rejection::Internal)??;
-    crate::reload::apply_side(call.gw, &call.actor, side, stored, written)
-        .await
-        .map_err(Rejection::ReloadFailed)?;
-    Ok(out)
+    crate::reload::change_side(call.gw, &call.actor, side, change).await
 }
 
 /// Largest admin request body.
@@ -199,7 +195,7 @@ pub struct Unmatched {
     pub allowed: Vec<&'static str>,
 }
 
-/// Finds the endpoint for a method and path, with the `{id}` it captured.
+/// Finds the endpoint for a method and path, with the `{id}` (or `{name}`) it captured.
 pub fn match_route(method: &Method, path: &str) -> Result<(Endpoint, Option<String>), Unmatched> {
     let mut allowed = Vec::new();
     for &(m, template, endpoint) in ROUTES {
@@ -213,15 +209,17 @@ pub fn match_route(method: &Method, path: &str) -> Result<(Endpoint, Option<Stri
     Err(Unmatched { allowed })
 }
 
-/// `Some(captured id)` if `path` fits `template` (`Some(None)` when it has no `{id}`).
+/// `Some(captured id)` if `path` fits `template` (`Some(None)` when it has no placeholder
+/// such as `{id}`).
 fn match_template(template: &str, path: &str) -> Option<Option<String>> {
     let mut t = template.split('/');
     let mut p = path.split('/');
     let mut id = None;
+    let placeholder = |segment: &str| segment.starts_with('{') && segment.ends_with('}');
     loop {
         match (t.next(), p.next()) {
             (None, None) => return Some(id),
-            (Some("{id}"), Some(seg)) if !seg.is_empty() => id = Some(seg.to_string()),
+            (Some(a), Some(seg)) if placeholder(a) && !seg.is_empty() => id = Some(seg.to_string()),
             (Some(a), Some(b)) if a == b => {}
             _ => return None,
         }
@@ -276,14 +274,21 @@ async fn route(
         }
         _ => {}
     }
-    let (actor, role) = match authenticate(&gw.snapshot.load().admin_tokens, &req) {
+    let now = gw.clock.unix_secs();
+    let token = match authenticate(&gw.snapshot.load().admin_tokens, &req, now) {
         Ok(found) => found,
         Err(rejection) => {
-            gw.audit
-                .auth_failed(gw.clock.unix_secs(), peer, "invalid_admin_token", None);
+            gw.audit.auth_failed(now, peer, "invalid_admin_token", None);
             return Err(rejection);
         }
     };
+    gw.token_use.used(&token.hash, now);
+    let AdminToken {
+        name: actor,
+        role,
+        hash: token_hash,
+        ..
+    } = token;
     if !endpoint.allowed_for(role) {
         gw.audit.record(
             &AuditEvent::new(gw.clock.unix_secs(), &actor, "admin.denied")
@@ -300,6 +305,7 @@ async fn route(
     let call = Call {
         gw,
         actor,
+        token_hash,
         peer,
         id: id.unwrap_or_default(),
     };
@@ -338,6 +344,9 @@ async fn route(
         Endpoint::PatchIdentity => identities::patch(&call, read_json(req, within).await?).await,
         Endpoint::DeleteIdentity => identities::delete(&call).await,
         Endpoint::IdentityUsage => identities::usage(&call).await,
+        Endpoint::ListAdminTokens => tokens::list(&call).await,
+        Endpoint::CreateAdminToken => tokens::create(&call, read_json(req, within).await?).await,
+        Endpoint::RevokeAdminToken => tokens::revoke(&call).await,
         Endpoint::Metrics => {
             let gw = call.gw.clone();
             let text = tokio::task::spawn_blocking(move || gw.render_metrics())
@@ -358,6 +367,8 @@ async fn route(
 pub(crate) struct Call<'a> {
     pub gw: &'a Arc<Gateway>,
     pub actor: String,
+    /// The SHA-256 of the admin token that made the call.
+    pub token_hash: [u8; 32],
     pub peer: IpAddr,
     /// The `{id}` of the path, or empty.
     pub id: String,
@@ -433,7 +444,8 @@ pub(crate) fn read_value<T: DeserializeOwned>(
         let detail = e.to_string();
         // The top-level member at fault first: a member missing inside `credits` names
         // `credits`. Then the one serde names, for a member missing at the top.
-        let field = field_at_fault::<T>(&value).or_else(|| {
+        let missing = detail.starts_with("missing field");
+        let field = field_at_fault::<T>(&value, missing).or_else(|| {
             detail
                 .split('`')
                 .nth(1)
@@ -451,8 +463,11 @@ pub(crate) fn read_value<T: DeserializeOwned>(
 
 /// The member of `body` that makes it fail to read as `T`: the one whose removal leaves a
 /// body that reads, or that then only lacks that member. serde's type errors (`expected
-/// u32`) do not name the member; this finds it, on the error path only.
-fn field_at_fault<T: DeserializeOwned>(body: &serde_json::Value) -> Option<String> {
+/// u32`) do not name the member; this finds it, on the error path only. When the body
+/// failed for a member `missing` at the top, a present member is at fault only if the body
+/// reads without it (the missing one was inside it): removing a required member present
+/// would report that one missing first, though it is fine.
+fn field_at_fault<T: DeserializeOwned>(body: &serde_json::Value, missing: bool) -> Option<String> {
     let object = body.as_object()?;
     object.keys().find_map(|name| {
         let mut without = object.clone();
@@ -460,8 +475,9 @@ fn field_at_fault<T: DeserializeOwned>(body: &serde_json::Value) -> Option<Strin
         match serde_json::from_value::<T>(serde_json::Value::Object(without)) {
             Ok(_) => Some(name.clone()),
             Err(e)
-                if e.to_string()
-                    .starts_with(&format!("missing field `{name}`")) =>
+                if !missing
+                    && e.to_string()
+                        .starts_with(&format!("missing field `{name}`")) =>
             {
                 Some(name.clone())
             }
@@ -536,9 +552,14 @@ fn whole_numbers(value: &mut serde_json::Value) {
     }
 }
 
-/// The name and role of the admin token presented, or a refusal. Every configured token is
-/// compared, in constant time, so timing says nothing about which token came close.
-fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<(String, Role), Rejection> {
+/// The admin token presented, or a refusal: none presented, none matches, or the one that
+/// matches has expired at `now`. Every token is compared, in constant time, so timing says
+/// nothing about which token came close.
+fn authenticate<B>(
+    tokens: &[AdminToken],
+    req: &Request<B>,
+    now: i64,
+) -> Result<AdminToken, Rejection> {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
@@ -556,9 +577,10 @@ fn authenticate<B>(tokens: &[AdminToken], req: &Request<B>) -> Result<(String, R
             found = Some(token);
         }
     }
-    found
-        .map(|t| (t.name.clone(), t.role))
-        .ok_or(Rejection::AdminUnauthorized)
+    match found {
+        Some(token) if !token.expired(now) => Ok(token.clone()),
+        _ => Err(Rejection::AdminUnauthorized),
+    }
 }
 
 /// Equality whose time does not depend on where the inputs differ (`subtle`).
@@ -584,16 +606,21 @@ mod tests {
 
     #[test]
     fn admin_tokens_are_matched_by_hash() {
+        use crate::keys::admin_token::Source;
         let tokens = vec![
             AdminToken {
                 name: "ops".into(),
                 hash: format::hash("s3cret"),
                 role: Role::Admin,
+                source: Source::Config,
+                expires: None,
             },
             AdminToken {
                 name: "ci".into(),
                 hash: format::hash("other"),
                 role: Role::Verify,
+                source: Source::Store,
+                expires: Some(1_000),
             },
         ];
         let req = |auth: &str| {
@@ -602,17 +629,20 @@ mod tests {
                 .body(())
                 .unwrap()
         };
+        let who =
+            |auth: &str, now: i64| authenticate(&tokens, &req(auth), now).map(|t| (t.name, t.role));
         assert_eq!(
-            authenticate(&tokens, &req("Bearer s3cret")).unwrap(),
+            who("Bearer s3cret", 0).unwrap(),
             ("ops".to_string(), Role::Admin)
         );
         assert_eq!(
-            authenticate(&tokens, &req("bearer other")).unwrap(),
+            who("bearer other", 999).unwrap(),
             ("ci".to_string(), Role::Verify)
         );
-        assert!(authenticate(&tokens, &req("Bearer s3cre")).is_err());
-        assert!(authenticate(&tokens, &req("Basic s3cret")).is_err());
-        assert!(authenticate(&[], &req("Bearer s3cret")).is_err());
+        assert!(who("bearer other", 1_000).is_err(), "expired");
+        assert!(who("Bearer s3cre", 0).is_err());
+        assert!(who("Basic s3cret", 0).is_err());
+        assert!(authenticate(&[], &req("Bearer s3cret"), 0).is_err());
     }
 
     #[test]
@@ -660,5 +690,16 @@ mod tests {
             .unwrap_err()
             .allowed
             .is_empty());
+        let (e, name) = match_route(&Method::DELETE, "/v1/admin-tokens/ci").unwrap();
+        assert_eq!(
+            (e, name.as_deref()),
+            (Endpoint::RevokeAdminToken, Some("ci"))
+        );
+        assert_eq!(
+            match_route(&Method::GET, "/v1/admin-tokens/ci")
+                .unwrap_err()
+                .allowed,
+            ["DELETE"]
+        );
     }
 }

@@ -7,6 +7,10 @@
 //!   mistyped or invented key is refused before any hashing or lookup.
 //!
 //! Only the SHA-256 of the whole key is ever stored.
+//!
+//! Admin tokens that keygate makes (`keygate init`, `keygate tokens create`,
+//! `POST /v1/admin-tokens`) have the same format with the prefix [`ADMIN_TOKEN_PREFIX`], so
+//! that there is one token format for scanners and for the checksum's typo check.
 
 use sha2::{Digest, Sha256};
 
@@ -18,6 +22,9 @@ pub const CHECKSUM_LEN: usize = 6;
 pub const MAX_PREFIX_LEN: usize = 32;
 /// Longest token the gateway will look at; anything longer is malformed.
 pub const MAX_TOKEN_LEN: usize = MAX_PREFIX_LEN + 1 + RANDOM_LEN + CHECKSUM_LEN;
+
+/// The prefix of every admin token keygate makes: `kga_…`.
+pub const ADMIN_TOKEN_PREFIX: &str = "kga";
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -98,6 +105,11 @@ pub fn generate(prefix: &str) -> Result<String, getrandom::Error> {
     let sum = checksum(key.as_bytes());
     key.extend(sum.iter().copied().map(char::from));
     Ok(key)
+}
+
+/// Makes a new admin token (`kga_…`) from the OS CSPRNG.
+pub fn generate_admin_token() -> Result<String, getrandom::Error> {
+    generate(ADMIN_TOKEN_PREFIX)
 }
 
 /// SHA-256 of the whole key: the only form in which a key is stored or looked up.

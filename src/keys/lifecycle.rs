@@ -490,7 +490,8 @@ fn check_note(note: &str) -> Result<(), KeyError> {
 }
 
 /// An expiry given as RFC 3339 or as a duration from `now`; `never` or empty means none.
-fn check_expiry(text: Option<&str>, now: i64) -> Result<Option<i64>, KeyError> {
+/// It must be in the future, and no later than 9999-12-31T23:59:59Z (field `expires_at`).
+pub fn check_expiry(text: Option<&str>, now: i64) -> Result<Option<i64>, KeyError> {
     let at = match text.map(str::trim) {
         None | Some("") | Some("never") => return Ok(None),
         Some(t) => parse_expiry(t, now).map_err(|e| invalid("expires_at", e))?,
@@ -619,6 +620,7 @@ pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
     let sides = [
         (super::Side::Alerts, "name", incoming.alerts),
         (super::Side::Identities, "id", incoming.identities),
+        (super::Side::AdminTokens, "name", incoming.admin_tokens),
     ];
     let loaded = transact(op.store, |records| {
         let mut done = Loaded {
@@ -644,8 +646,8 @@ pub fn load(op: Op<'_>, incoming: StoreFile) -> Result<Loaded, KeyError> {
         }
         Ok(done)
     })?;
-    // The file's alert rules and identities replace the store's of the same name (or id),
-    // and join them otherwise: in a write of their own each, after the keys.
+    // The file's alert rules, identities and admin tokens replace the store's of the same
+    // name (or id), and join them otherwise: in a write of their own each, after the keys.
     for (side, name, docs) in sides {
         if docs.is_empty() {
             continue;
@@ -787,12 +789,15 @@ impl LeakAction {
     }
 }
 
-/// One reported token: its SHA-256 (hex), and the key it is, if keygate issued it.
+/// One reported token: its SHA-256 (hex), and the key or admin token it is, if keygate
+/// knows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeakFound {
     pub token_hash: String,
     /// The key as written after the action; `None` for a token that is not one of ours.
     pub key: Option<KeyRecord>,
+    /// The admin token it is, and what was done with it.
+    pub admin_token: Option<super::admin_token::LeakedToken>,
 }
 
 /// Marks each of `tokens` that is one of the store's keys as leaked at `url`, and takes
@@ -838,7 +843,11 @@ pub fn leaked(
                     Some(next)
                 }
             };
-            found.push(LeakFound { token_hash, key });
+            found.push(LeakFound {
+                token_hash,
+                key,
+                admin_token: None,
+            });
         }
         Ok(found)
     })

@@ -1,6 +1,7 @@
 //! Keys: the format (generate, checksum, parse), the records kept in the store, and the
 //! lifecycle operations ([`lifecycle`]) that the CLI and the admin API share.
 
+pub mod admin_token;
 pub mod check;
 pub mod format;
 pub mod identity;

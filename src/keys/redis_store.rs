@@ -76,7 +76,7 @@ end
 return v
 ";
 
-/// Replaces a side collection (alert rules, identities). KEYS: the collection, the version,
+/// Replaces a side collection (alert rules, identities, admin tokens). KEYS: the collection, the version,
 /// the lock, the indexed version. ARGV: the lock token, the channel, the collection as a
 /// JSON array. The indexes cover keys only, so they stay current when they were.
 const SET_SIDE: &str = r"
@@ -148,6 +148,7 @@ pub struct RedisStore {
     indexed: String,
     alerts: String,
     identities: String,
+    admin_tokens: String,
 }
 
 impl RedisStore {
@@ -169,6 +170,7 @@ impl RedisStore {
             indexed: format!("{prefix}:indexed"),
             alerts: format!("{prefix}:alerts"),
             identities: format!("{prefix}:identities"),
+            admin_tokens: format!("{prefix}:admin_tokens"),
         })
     }
 
@@ -238,16 +240,17 @@ impl RedisStore {
             .map_err(|e| format!("{}: the record of key `{id}` is not valid: {e}", self.keys))
     }
 
-    /// Every record, the side collections (alert rules, identities) and the version they
-    /// are at, read atomically.
+    /// Every record, the side collections (in the order of [`Side::ALL`]: alert rules,
+    /// identities, admin tokens) and the version they are at, read atomically.
     #[allow(clippy::type_complexity)]
     pub fn load_with_sides(
         &self,
-    ) -> Result<(Vec<KeyRecord>, [Vec<serde_json::Value>; 2], u64), String> {
+    ) -> Result<(Vec<KeyRecord>, [Vec<serde_json::Value>; 3], u64), String> {
         let mut con = self.connect()?;
-        let (version, entries, alerts, identities): (
+        let (version, entries, alerts, identities, admin_tokens): (
             Option<u64>,
             HashMap<String, String>,
+            Option<String>,
             Option<String>,
             Option<String>,
         ) = redis::pipe()
@@ -256,6 +259,7 @@ impl RedisStore {
             .hgetall(&self.keys)
             .get(&self.alerts)
             .get(&self.identities)
+            .get(&self.admin_tokens)
             .query(&mut con)
             .map_err(|e| self.unreachable(&e))?;
         let mut records = Vec::with_capacity(entries.len());
@@ -268,6 +272,7 @@ impl RedisStore {
             [
                 self.parse_side(Side::Alerts, alerts.as_deref())?,
                 self.parse_side(Side::Identities, identities.as_deref())?,
+                self.parse_side(Side::AdminTokens, admin_tokens.as_deref())?,
             ],
             version.unwrap_or(0),
         ))
@@ -278,6 +283,7 @@ impl RedisStore {
         match side {
             Side::Alerts => &self.alerts,
             Side::Identities => &self.identities,
+            Side::AdminTokens => &self.admin_tokens,
         }
     }
 
@@ -288,7 +294,7 @@ impl RedisStore {
         })
     }
 
-    /// One read-modify-write of the alert rules under the writers' lock. Bumps and publishes
+    /// One read-modify-write of a side collection under the writers' lock. Bumps and publishes
     /// the version, so every node reads the store again; returns the result and the
     /// versions before and after.
     pub fn change_side<T>(

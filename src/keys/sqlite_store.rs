@@ -35,9 +35,18 @@ pub const MAX_LISTED: usize = 1_000;
 const FEED_KEPT: i64 = 100_000;
 
 /// The schema this build reads and writes (`PRAGMA user_version`). Version 2 adds the
-/// alert rules made through the admin API, version 3 the identities; an older database is
-/// brought up to it when opened, with no step from the operator.
-const SCHEMA_VERSION: i64 = 3;
+/// alert rules made through the admin API, version 3 the identities, version 4 the admin
+/// tokens; an older database is brought up to it when opened, with no step from the
+/// operator.
+const SCHEMA_VERSION: i64 = 4;
+
+/// What version 4 adds to version 3.
+const ADMIN_TOKENS: &str = "
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    position INTEGER PRIMARY KEY NOT NULL,
+    doc TEXT NOT NULL
+);
+";
 
 /// What version 3 adds to version 2.
 const IDENTITIES: &str = "
@@ -157,17 +166,22 @@ impl SqliteStore {
             SCHEMA_VERSION => {}
             0 => {
                 con.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {SCHEMA} {ALERT_RULES} {IDENTITIES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN IMMEDIATE; {SCHEMA} {ALERT_RULES} {IDENTITIES} {ADMIN_TOKENS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             1 => {
                 con.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {ALERT_RULES} {IDENTITIES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN IMMEDIATE; {ALERT_RULES} {IDENTITIES} {ADMIN_TOKENS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             2 => {
                 con.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {IDENTITIES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN IMMEDIATE; {IDENTITIES} {ADMIN_TOKENS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))?;
+            }
+            3 => {
+                con.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {ADMIN_TOKENS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             other => {
@@ -195,7 +209,7 @@ impl SqliteStore {
             let last: Option<i64> =
                 tx.query_row("SELECT max(rowid) FROM keys", [], |r| r.get(0))?;
             sink.expect(last.and_then(|n| usize::try_from(n).ok()).unwrap_or(0));
-            for side in [Side::Alerts, Side::Identities] {
+            for side in Side::ALL {
                 match read_side(&tx, side) {
                     Ok(docs) => sink.side(side, docs),
                     Err(e) => errors.push(ConfigError::at(&self.path, side_table(side).0, e)),
@@ -440,8 +454,9 @@ impl SqliteStore {
 impl SqliteStore {
     /// One transaction over a side collection: `change` edits the whole list, which then
     /// replaces the stored one. Returns its result and the change feed's numbers before and
-    /// after: alert rules do not move the feed; identities write one "everything" row, so
-    /// that other processes following this database read it whole again.
+    /// after: alert rules do not move the feed; identities and admin tokens write one
+    /// "everything" row, so that other processes following this database (a gateway, after
+    /// the CLI's change) read it whole again.
     pub fn change_side<T>(
         &self,
         side: Side,
@@ -471,7 +486,7 @@ impl SqliteStore {
                     insert.execute(params![position, doc.to_string()])?;
                 }
             }
-            if side == Side::Identities {
+            if matches!(side, Side::Identities | Side::AdminTokens) {
                 tx.execute("INSERT INTO changes (key_id) VALUES (NULL)", [])?;
             }
             let after = last_seq(&tx)?;
@@ -487,6 +502,7 @@ fn side_table(side: Side) -> (&'static str, &'static str) {
     match side {
         Side::Alerts => ("alert_rules", "rule"),
         Side::Identities => ("identities", "doc"),
+        Side::AdminTokens => ("admin_tokens", "doc"),
     }
 }
 
@@ -762,6 +778,39 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("hash"), "{err}");
         assert_eq!(load(&store).unwrap().0.len(), 0);
+    }
+
+    #[test]
+    fn a_version_3_database_gains_admin_tokens_and_their_writes_move_the_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        // A database as the build before admin tokens left it, with a key in it.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!(
+                "{SCHEMA} {ALERT_RULES} {IDENTITIES} PRAGMA user_version = 3;"
+            ))
+            .unwrap();
+        let store = SqliteStore::new(&path);
+        store.transact(|r| r.put(hashed("aaaa1111", 1))).unwrap();
+        let doc = serde_json::json!({"name": "ci", "hash": "sha256:00", "role": "read"});
+        let (added, before, after) = store
+            .change_side(Side::AdminTokens, |docs| {
+                docs.push(doc.clone());
+                Ok(docs.len())
+            })
+            .unwrap();
+        assert_eq!((added, after), (1, before + 1));
+        // Another process following the feed reads the store whole again.
+        assert_eq!(store.changes_since(before).unwrap(), Feed::Everything);
+        let mut file = crate::keys::StoreFile::default();
+        store.load_each(&mut file).unwrap();
+        assert_eq!((file.keys.len(), file.admin_tokens), (1, vec![doc]));
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

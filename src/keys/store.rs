@@ -38,22 +38,33 @@ pub struct StoreFile {
     /// share, each as its JSON object. The identities module reads them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<serde_json::Value>,
+    /// Admin tokens made by `keygate tokens create` and `POST /v1/admin-tokens`, beside those
+    /// in the config: each its hash, role and times, never the token. The admin_token module
+    /// reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_tokens: Vec<serde_json::Value>,
 }
 
 /// A collection of JSON documents the store keeps beside the keys, read with them and
-/// written whole: the alert rules made through the API, and the identities.
+/// written whole: the alert rules made through the API, the identities, and the admin
+/// tokens made through the CLI or the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Alerts,
     Identities,
+    AdminTokens,
 }
 
 impl Side {
+    /// Every side collection, in the order the file store writes them.
+    pub const ALL: [Side; 3] = [Side::Alerts, Side::Identities, Side::AdminTokens];
+
     /// The collection's name: its section of the file store, its Redis key's last part.
     pub fn name(self) -> &'static str {
         match self {
             Side::Alerts => "alerts",
             Side::Identities => "identities",
+            Side::AdminTokens => "admin_tokens",
         }
     }
 }
@@ -64,6 +75,16 @@ impl StoreFile {
         match side {
             Side::Alerts => &mut self.alerts,
             Side::Identities => &mut self.identities,
+            Side::AdminTokens => &mut self.admin_tokens,
+        }
+    }
+
+    /// The documents of `side`.
+    pub fn side(&self, side: Side) -> &[serde_json::Value] {
+        match side {
+            Side::Alerts => &self.alerts,
+            Side::Identities => &self.identities,
+            Side::AdminTokens => &self.admin_tokens,
         }
     }
 }
@@ -75,6 +96,7 @@ impl Default for StoreFile {
             keys: Vec::new(),
             alerts: Vec::new(),
             identities: Vec::new(),
+            admin_tokens: Vec::new(),
         }
     }
 }
@@ -331,17 +353,19 @@ impl Store {
     ) -> Result<(String, Option<u64>), Vec<ConfigError>> {
         let (keys, src, version) = match &self.backend {
             Backend::File => {
-                let (file, src) = self.load()?;
-                sink.side(Side::Alerts, file.alerts);
-                sink.side(Side::Identities, file.identities);
+                let (mut file, src) = self.load()?;
+                for side in Side::ALL {
+                    sink.side(side, std::mem::take(file.side_mut(side)));
+                }
                 (file.keys, src, None)
             }
             Backend::Redis(redis) => {
-                let (keys, [alerts, identities], version) = redis
+                let (keys, sides, version) = redis
                     .load_with_sides()
                     .map_err(|e| vec![ConfigError::whole_file(&self.path, e)])?;
-                sink.side(Side::Alerts, alerts);
-                sink.side(Side::Identities, identities);
+                for (side, docs) in Side::ALL.into_iter().zip(sides) {
+                    sink.side(side, docs);
+                }
                 (keys, String::new(), Some(version))
             }
             Backend::Sqlite(db) => return Ok((String::new(), Some(db.load_each(sink)?))),
@@ -614,6 +638,9 @@ fn parse_lines(src: &str) -> Option<StoreFile> {
             _ if line == "identities:" && section != In::Side(Side::Identities) => {
                 section = In::Side(Side::Identities)
             }
+            _ if line == "admin_tokens:" && section != In::Side(Side::AdminTokens) => {
+                section = In::Side(Side::AdminTokens)
+            }
             (In::Head, None) => {
                 file.version = line.strip_prefix("version: ")?.trim().parse().ok()?
             }
@@ -641,10 +668,8 @@ pub fn render(file: &StoreFile) -> io::Result<String> {
         out.push_str(&serde_json::to_string(record).map_err(io::Error::other)?);
         out.push('\n');
     }
-    for (side, docs) in [
-        (Side::Alerts, &file.alerts),
-        (Side::Identities, &file.identities),
-    ] {
+    for side in Side::ALL {
+        let docs = file.side(side);
         if docs.is_empty() {
             continue;
         }
@@ -673,6 +698,7 @@ mod tests {
             keys: vec![record.clone(), crate::keys::tests::record("ef567890")],
             alerts: Vec::new(),
             identities: Vec::new(),
+            admin_tokens: Vec::new(),
         };
         let text = render(&file).unwrap();
         assert_eq!(parse_lines(&text).unwrap(), file);
@@ -683,8 +709,16 @@ mod tests {
             serde_json::json!({"name": "hot", "requests_per_minute": 10}),
             serde_json::json!({"name": "quota", "quota_percent": 90.5, "email": ["a@b.c"]}),
         ];
+        file.admin_tokens =
+            vec![serde_json::json!({"name": "ci", "hash": "sha256:00", "role": "read"})];
         let text = render(&file).unwrap();
         assert!(text.contains("\nalerts:\n- {\"name\":\"hot\""), "{text}");
+        assert!(
+            text.ends_with(
+                "\nadmin_tokens:\n- {\"name\":\"ci\",\"hash\":\"sha256:00\",\"role\":\"read\"}\n"
+            ),
+            "{text}"
+        );
         assert_eq!(parse_lines(&text).unwrap(), file);
         let via_yaml: StoreFile = parse_yaml(Path::new("k.yaml"), &text).unwrap();
         assert_eq!(via_yaml, file);

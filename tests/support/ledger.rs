@@ -87,7 +87,8 @@ fn test_name() -> String {
         .to_string()
 }
 
-/// Records a secret the suite was handed (a key, or an admin token).
+/// Records a secret the suite was handed (a key, or an admin token: a `kga_` one made by
+/// `keygate tokens create`, `POST /v1/admin-tokens` or `keygate init` is checked like a key).
 pub fn secret(secret: &str) {
     if dir().is_some() && !secret.is_empty() {
         append(Kind::Secrets, format!("{secret}\n").as_bytes());
@@ -107,20 +108,25 @@ pub fn output(label: &str, content: &[u8]) {
 }
 
 /// Whether an answer hands out a new secret: a 2xx to a create, regenerate or rotate call
-/// on the admin API.
+/// on the admin API, or to the creation of an admin token.
 pub fn is_hand_out(method: &str, path: &str, status: u16) -> bool {
     let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
     (200..300).contains(&status)
         && method.eq_ignore_ascii_case("POST")
-        && (path == "/v1/api-keys" || path.ends_with("/regenerate") || path.ends_with("/rotate"))
+        && (path == "/v1/api-keys"
+            || path == "/v1/admin-tokens"
+            || path.ends_with("/regenerate")
+            || path.ends_with("/rotate"))
 }
 
-/// A hand-out answer's secret (its top-level `key`), and the body with only that field
-/// masked: the secret anywhere else in the same answer is still found.
+/// A hand-out answer's secret (its top-level `key`, or `token` for an admin token), and the
+/// body with only that field masked: the secret anywhere else in the same answer is still
+/// found.
 pub fn split_hand_out(body: &[u8]) -> Option<(String, Vec<u8>)> {
     let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let secret = v.get("key")?.as_str()?.to_string();
-    v["key"] = "<the secret this answer hands out>".into();
+    let field = ["key", "token"].into_iter().find(|f| v.get(f).is_some())?;
+    let secret = v.get(field)?.as_str()?.to_string();
+    v[field] = "<the secret this answer hands out>".into();
     Some((secret, serde_json::to_vec(&v).ok()?))
 }
 
@@ -206,8 +212,9 @@ pub fn keys_in(text: &str) -> Vec<&str> {
     found
 }
 
-/// Records what a CLI run printed. A create, regenerate or rotate hands out its new secret
-/// once on stdout: that one is recorded as a secret and masked; any second copy is not.
+/// Records what a CLI run printed. A create (of a key or an admin token), regenerate,
+/// rotate or init hands out its new secret once on stdout: that one is recorded as a secret
+/// and masked; any second copy is not.
 pub fn cli(args: &[&str], stdout: &[u8], stderr: &[u8]) {
     if dir().is_none() {
         return;
