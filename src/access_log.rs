@@ -127,8 +127,11 @@ impl AccessLog {
                 .spawn(move || write_loop(&shared, &target, out))?
         };
         let _ = shared.thread.set(writer.thread().clone());
-        // The config's range check keeps `sample` in (0, 1]; the product then fits.
-        let per_million = (config.sample.clamp(0.0, 1.0) * 1e6).round() as u64;
+        // Clamped to [0, 1] (the config's range check keeps it in (0, 1]), so the rounded
+        // product is a whole number from 0 to 1,000,000: the cast neither truncates nor
+        // loses a sign.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let per_million = config.sample.clamp(0.0, 1.0).mul_add(1e6, 0.0).round() as u64;
         Ok(AccessLog {
             format: config.format,
             per_million,
@@ -275,7 +278,9 @@ impl Shared {
 
     fn append(&self, line: &[u8]) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if self.closing.load(Ordering::Relaxed) || pending.len() + line.len() > MAX_PENDING {
+        if self.closing.load(Ordering::Relaxed)
+            || pending.len().saturating_add(line.len()) > MAX_PENDING
+        {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -553,9 +558,9 @@ fn push_u64(out: &mut String, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {
-        start -= 1;
+        start = start.saturating_sub(1);
         if let Some(d) = digits.get_mut(start) {
-            *d = b'0' + (n % 10) as u8;
+            *d = b'0'.saturating_add((n % 10) as u8);
         }
         n /= 10;
         if n == 0 || start == 0 {
@@ -567,10 +572,10 @@ fn push_u64(out: &mut String, mut n: u64) {
 
 /// `n` as at least `width` digits, zero-padded.
 fn push_padded(out: &mut String, n: u64, width: usize) {
-    let mut digits = 1;
+    let mut digits: usize = 1;
     let mut rest = n / 10;
     while rest > 0 {
-        digits += 1;
+        digits = digits.saturating_add(1);
         rest /= 10;
     }
     for _ in digits..width {
@@ -647,35 +652,6 @@ fn escape_combined(out: &mut String, text: &[u8]) {
     }
 }
 
-/// The civil date and time of `t` (UTC): year, month, day, hour, minute, second, millisecond.
-fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = i64::try_from(d.as_secs())
-        .unwrap_or(0)
-        .min(crate::clock::LATEST);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days to a civil date (Howard Hinnant's algorithm), for days since 1970-01-01.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let small = |n: i64| u32::try_from(n).unwrap_or(0);
-    (
-        year,
-        small(month),
-        small(day),
-        small(rem / 3600),
-        small(rem % 3600 / 60),
-        small(rem % 60),
-        d.subsec_millis(),
-    )
-}
-
 /// The text of one second, as each format writes it, kept per thread: lines in the same
 /// second (nearly all of them) copy it instead of computing a calendar date.
 #[derive(Default)]
@@ -698,16 +674,23 @@ fn with_second<R>(t: SystemTime, f: impl FnOnce(&SecondText, u32) -> R) -> R {
             const MONTHS: [&str; 12] = [
                 "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
             ];
-            let (y, mo, d, h, mi, s, _) = civil(t);
-            let name = MONTHS
-                .get(usize::try_from(mo).unwrap_or(1).saturating_sub(1))
-                .unwrap_or(&"Jan");
+            // `2026-12-07T03:20:00Z`, cut into the pieces both formats need.
+            let whole = UNIX_EPOCH
+                .checked_add(Duration::from_secs(d.as_secs()))
+                .unwrap_or(UNIX_EPOCH);
+            let iso = humantime::format_rfc3339_seconds(whole).to_string();
+            let part = |from: usize, to: usize| iso.get(from..to).unwrap_or("00");
+            let month = part(5, 7).parse::<usize>().unwrap_or(1);
+            let name = MONTHS.get(month.saturating_sub(1)).unwrap_or(&"Jan");
             text.rfc3339.clear();
-            let _ = write!(text.rfc3339, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
+            text.rfc3339.push_str(part(0, 19));
             text.common.clear();
             let _ = write!(
                 text.common,
-                "{d:02}/{name}/{y:04}:{h:02}:{mi:02}:{s:02} +0000"
+                "{}/{name}/{}:{} +0000",
+                part(8, 10),
+                part(0, 4),
+                part(11, 19)
             );
             text.second = Some(second);
         }

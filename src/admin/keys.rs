@@ -875,7 +875,10 @@ fn status_filter(text: &str) -> Option<(u16, u16)> {
         .strip_suffix("xx")
         .or_else(|| text.strip_suffix("XX"))?;
     let c = class.parse::<u16>().ok().filter(|c| (1..=5).contains(c))?;
-    Some((c * 100, c * 100 + 99))
+    Some((
+        c.saturating_mul(100),
+        c.saturating_mul(100).saturating_add(99),
+    ))
 }
 
 /// A key's usage report as JSON, with its quota's state when it has one. `shared`: its usage

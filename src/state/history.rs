@@ -130,14 +130,17 @@ fn cut(text: &str, max: usize) -> &str {
     }
     let mut end = max;
     while !text.is_char_boundary(end) {
-        end -= 1;
+        end = end.saturating_sub(1);
     }
     text.get(..end).unwrap_or_default()
 }
 
 fn rfc3339_millis(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH
-        + std::time::Duration::from_millis(u64::try_from(ms.max(0)).unwrap_or(0));
+        .checked_add(std::time::Duration::from_millis(
+            u64::try_from(ms.max(0)).unwrap_or(0),
+        ))
+        .unwrap_or(std::time::UNIX_EPOCH);
     let mut text = String::with_capacity(24);
     crate::access_log::write_rfc3339_millis(&mut text, t);
     text
@@ -203,7 +206,7 @@ impl History {
         }
         let mut ring = usage.requests.lock().unwrap_or_else(|e| e.into_inner());
         self.push(&mut ring, entry);
-        ring.unflushed = (ring.unflushed + 1).min(ring.entries.len());
+        ring.unflushed = ring.unflushed.saturating_add(1).min(ring.entries.len());
     }
 
     fn push(&self, ring: &mut Ring, entry: Entry) {
@@ -249,7 +252,7 @@ impl History {
             return Ok(());
         };
         let mut lines = self.journal_lines.lock().unwrap_or_else(|e| e.into_inner());
-        let whole = *lines > 2 * total as u64 + self.slack;
+        let whole = *lines > (total as u64).saturating_mul(2).saturating_add(self.slack);
         let mut text = Vec::new();
         let mut written = 0u64;
         for (id, usage) in &cells {
@@ -273,7 +276,7 @@ impl History {
                 };
                 serde_json::to_writer(&mut text, &line).map_err(io::Error::other)?;
                 text.push(b'\n');
-                written += 1;
+                written = written.saturating_add(1);
             }
             ring.unflushed = 0;
         }
@@ -284,7 +287,7 @@ impl History {
             let mut file = OpenOptions::new().create(true).append(true).open(path)?;
             file.write_all(&text)?;
             file.sync_data()?;
-            *lines += written;
+            *lines = lines.saturating_add(written);
         }
         Ok(())
     }
@@ -304,14 +307,14 @@ impl History {
         let mut last: Option<(String, Arc<KeyUsage>)> = None;
         for (n, line) in io::BufReader::new(file).lines().enumerate() {
             let Ok(line) = line else {
-                bad += 1;
+                bad = bad.saturating_add(1);
                 break;
             };
-            count += 1;
+            count = count.saturating_add(1);
             let Ok(l) = serde_json::from_str::<Line<'_>>(&line) else {
                 // A line cut short by a crash, or damaged: skipped, and said.
-                bad += 1;
-                tracing::debug!(path = %path.display(), line = n + 1, "skipped a request-history line that is not valid");
+                bad = bad.saturating_add(1);
+                tracing::debug!(path = %path.display(), line = n.saturating_add(1), "skipped a request-history line that is not valid");
                 continue;
             };
             let usage = match &last {
@@ -327,7 +330,7 @@ impl History {
                 Method::from_bytes(l.m.as_bytes()),
                 HeaderValue::from_str(l.r),
             ) else {
-                bad += 1;
+                bad = bad.saturating_add(1);
                 continue;
             };
             let entry = Entry::new(l.t, l.ip, &method, l.p, &id).answered(l.s, code);
