@@ -124,7 +124,9 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
     let up_addr = upstream.addr;
     let good_config = config_yaml(
         &route("/", up_addr, "production", ""),
-        "usage:\n  flush_interval: 200ms\nupstream:\n  connect_timeout: 500ms\n",
+        // Each key's request history is a bounded cache that fills as keys are used: small
+        // rings fill in the first half, so that the second half's memory shows leaks only.
+        "usage:\n  flush_interval: 200ms\nupstream:\n  connect_timeout: 500ms\nrequest_history:\n  per_key: 50\n",
     );
     let config_path = dir.path().join("keygate.yaml");
     write(&config_path, &good_config);
@@ -147,8 +149,10 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
     );
     let (proxy, admin) = gw.addresses();
 
-    // Shared state: whether the upstream is down (or just changed), and the churned keys.
-    let upstream_unsettled = Arc::new(AtomicBool::new(false));
+    // Shared state: the upstream's epoch (odd while it is down or just changed, and moved on
+    // at every change, so that a request whose answer came during a change is known as such
+    // even when its task only runs again after the change is over), and the churned keys.
+    let upstream_epoch = Arc::new(AtomicU64::new(0));
     let churn: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
@@ -170,7 +174,7 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
             outcomes.clone(),
             lost.clone(),
             sent.clone(),
-            upstream_unsettled.clone(),
+            upstream_epoch.clone(),
         );
         load.push(tokio::spawn(async move {
             let mut n = worker;
@@ -186,9 +190,9 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
                 let key = churned
                     .clone()
                     .unwrap_or_else(|| stable[n % stable.len()].clone());
-                let was_unsettled = unsettled.load(Ordering::SeqCst);
+                let before = unsettled.load(Ordering::SeqCst);
                 let answer = call_or_why(proxy, "GET", "/v1/x", &key, "").await;
-                let unsettled = was_unsettled || unsettled.load(Ordering::SeqCst);
+                let unsettled = before % 2 == 1 || unsettled.load(Ordering::SeqCst) != before;
                 sent.fetch_add(1, Ordering::Relaxed);
                 let label = match &answer {
                     Ok((200, _, _)) => "200".to_string(),
@@ -277,7 +281,7 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
         // answered 502 for it, and bring it back. It counts as settled once the gateway
         // reaches it again.
         if round % 10 == 5 {
-            upstream_unsettled.store(true, Ordering::SeqCst);
+            upstream_epoch.fetch_add(1, Ordering::SeqCst);
             upstream.stop();
             let down = eventually(Duration::from_secs(10), async || {
                 matches!(
@@ -297,7 +301,7 @@ async fn the_gateway_holds_under_reloads_churn_upstream_restarts_and_broken_conf
             })
             .await;
             assert!(back, "the gateway reaches the restarted upstream");
-            upstream_unsettled.store(false, Ordering::SeqCst);
+            upstream_epoch.fetch_add(1, Ordering::SeqCst);
         }
         // Every 10 rounds: break the config; the reload is refused and the old one serves.
         if round % 10 == 8 {
