@@ -408,7 +408,7 @@ fn write_loop(shared: &Shared, target: &Target, mut out: Box<dyn io::Write + Sen
 /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all
 /// zero, version not `ff`), or `None`.
 pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get("traceparent")?.to_str().ok()?;
+    let v = headers.get(crate::headers::TRACEPARENT)?.to_str().ok()?;
     valid_traceparent(v).then(|| v.get(3..35)).flatten()
 }
 

@@ -102,6 +102,9 @@ pub async fn handle(
     };
     // The key's history, with the original request too.
     let remember = |key: &crate::snapshot::KeyEntry, status, code| {
+        if !gw.history.is_on() {
+            return;
+        }
         let at = history::millis(gw.clock.wall());
         let entry = Entry::new(at, client_ip, &original.method, original.path, &request_id);
         gw.history.record(key.usage(), entry.answered(status, code));

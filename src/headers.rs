@@ -15,6 +15,8 @@ pub const X_KEYGATE_IDENTITY: HeaderName = HeaderName::from_static("x-keygate-id
 /// ingress that keeps only an auth answer's headers (nginx `auth_request`).
 pub const X_KEYGATE_CODE: HeaderName = HeaderName::from_static("x-keygate-code");
 pub const X_KEYGATE_PROBLEM: HeaderName = HeaderName::from_static("x-keygate-problem");
+/// W3C Trace Context: passed upstream untouched, or set when keygate makes one.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// A key's `meta` member as a header value: a string as its text, anything else as its
 /// JSON, with every byte outside visible ASCII, and `%` itself, percent-encoded (UTF-8).

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderName, HOST};
+use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
@@ -43,9 +43,6 @@ use crate::state::limiters::KeyLimiter;
 use crate::state::lockouts::{self, Lockouts};
 use crate::state::usage::KeyUsage;
 use route::Route;
-
-/// W3C Trace Context's header, passed upstream untouched.
-static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Handles one proxied request from start to finish.
 pub async fn handle(
@@ -107,7 +104,7 @@ pub async fn handle(
                 log.begin(&head.with(&snapshot, refused.route, refused.key), false)
             });
             let code = refused.rejection.code();
-            if let Some(key) = refused.key {
+            if let Some(key) = refused.key.filter(|_| gw.history.is_on()) {
                 let entry = Entry::new(
                     history::millis(gw.clock.wall()),
                     client_ip,
@@ -130,7 +127,7 @@ pub async fn handle(
     if snapshot.config.tracing.generate_traceparent && access_log::trace_id(req.headers()).is_none()
     {
         if let Some(made) = access_log::new_traceparent(&request_id) {
-            req.headers_mut().insert(TRACEPARENT.clone(), made);
+            req.headers_mut().insert(crate::headers::TRACEPARENT, made);
         }
     }
     let decision = forward::Forward {
@@ -154,13 +151,15 @@ pub async fn handle(
         let head = Logged::of(&req, now, &decision.request_id, client_ip, took);
         log.begin(&head.with(&snapshot, Some(route), Some(key)), true)
     });
-    let entry = Entry::new(
-        history::millis(now),
-        client_ip,
-        req.method(),
-        req.uri().path(),
-        &decision.request_id,
-    );
+    let entry = gw.history.is_on().then(|| {
+        Entry::new(
+            history::millis(now),
+            client_ip,
+            req.method(),
+            req.uri().path(),
+            &decision.request_id,
+        )
+    });
     gw.metrics
         .upstream_in_flight
         .fetch_add(1, Ordering::Relaxed);
@@ -189,7 +188,9 @@ pub async fn handle(
                 i.usage().outcome(status, None);
             }
             route.counters.upstream(status);
-            gw.history.record(key.usage(), entry.answered(status, None));
+            if let Some(entry) = entry {
+                gw.history.record(key.usage(), entry.answered(status, None));
+            }
             access_log::finish(response, line, None, Some(upstream_took))
         }
         Err(rejection) => {
@@ -201,8 +202,10 @@ pub async fn handle(
             route.counters.failed(&rejection);
             let code = rejection.code();
             let status = rejection.status().as_u16();
-            gw.history
-                .record(key.usage(), entry.answered(status, Some(code)));
+            if let Some(entry) = entry {
+                gw.history
+                    .record(key.usage(), entry.answered(status, Some(code)));
+            }
             access_log::finish(
                 rejection.into_response(Some(request_id)),
                 line,

@@ -72,7 +72,43 @@ pub struct Entry {
     pub status: u16,
     /// The refusal or gateway error code; `None` for the upstream's answer.
     pub code: Option<&'static str>,
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
+}
+
+/// A request id, kept inline when it is keygate's own (32 hex digits), so that recording a
+/// request allocates only its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestId {
+    Inline {
+        len: u8,
+        bytes: [u8; 32],
+    },
+    /// A longer id, passed on from a trusted proxy (up to 128 bytes).
+    Long(Box<str>),
+}
+
+impl RequestId {
+    fn of(value: &HeaderValue) -> RequestId {
+        let text = value.to_str().unwrap_or_default();
+        let mut bytes = [0u8; 32];
+        match (bytes.get_mut(..text.len()), u8::try_from(text.len())) {
+            (Some(slot), Ok(len)) => {
+                slot.copy_from_slice(text.as_bytes());
+                RequestId::Inline { len, bytes }
+            }
+            _ => RequestId::Long(text.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            RequestId::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or_default(),
+            RequestId::Long(text) => text,
+        }
+    }
 }
 
 impl Entry {
@@ -91,7 +127,7 @@ impl Entry {
             path: cut(path, MAX_PATH).into(),
             status: 0,
             code: None,
-            request_id: request_id.clone(),
+            request_id: RequestId::of(request_id),
         }
     }
 
@@ -111,7 +147,7 @@ impl Entry {
             "path": &*self.path,
             "status": self.status,
             "code": self.code,
-            "request_id": self.request_id.to_str().unwrap_or_default(),
+            "request_id": self.request_id.as_str(),
         })
     }
 }
@@ -199,6 +235,12 @@ impl History {
         history
     }
 
+    /// Whether requests are kept at all (`request_history.per_key` above 0): the request
+    /// path makes no entry otherwise.
+    pub fn is_on(&self) -> bool {
+        self.per_key > 0
+    }
+
     /// Records a request made with the key whose cell is `usage`.
     pub fn record(&self, usage: &KeyUsage, entry: Entry) {
         if self.per_key == 0 {
@@ -272,7 +314,7 @@ impl History {
                     p: &e.path,
                     s: e.status,
                     c: e.code,
-                    r: e.request_id.to_str().unwrap_or_default(),
+                    r: e.request_id.as_str(),
                 };
                 serde_json::to_writer(&mut text, &line).map_err(io::Error::other)?;
                 text.push(b'\n');
