@@ -200,29 +200,29 @@ impl AccessLog {
         out.push_str("{\"time\":\"");
         write_rfc3339_millis(out, head.time);
         out.push_str("\",\"request_id\":");
-        json_bytes(out, Some(head.request_id.as_bytes()));
+        json_str(out, head.request_id.to_str().ok());
         out.push_str(",\"trace_id\":");
-        json_bytes(out, head.trace_id.map(str::as_bytes));
+        json_str(out, head.trace_id);
         out.push_str(",\"client\":\"");
         push_ip(out, head.client);
         out.push_str("\",\"method\":");
-        json_bytes(out, Some(head.method.as_str().as_bytes()));
+        json_str(out, Some(head.method.as_str()));
         out.push_str(",\"path\":\"");
-        escape_json(out, head.path.as_bytes());
+        escape_json(out, head.path);
         if self.query {
             if let Some(q) = head.query {
                 out.push('?');
-                redacted_query(q, |part| escape_json(out, part.as_bytes()));
+                redacted_query(q, |part| escape_json(out, part));
             }
         }
         out.push_str("\",\"route\":");
-        json_bytes(out, head.route.map(str::as_bytes));
+        json_str(out, head.route);
         out.push_str(",\"key_id\":");
-        json_bytes(out, head.key_id.map(str::as_bytes));
+        json_str(out, head.key_id);
         out.push_str(",\"namespace\":");
-        json_bytes(out, head.namespace.map(str::as_bytes));
+        json_str(out, head.namespace);
         out.push_str(",\"identity\":");
-        json_bytes(out, head.identity.map(str::as_bytes));
+        json_str(out, head.identity);
         out.push_str(",\"bytes_in\":");
         match body_length(head.headers) {
             Some(n) => push_u64(out, n),
@@ -236,19 +236,19 @@ impl AccessLog {
         push_ip(out, head.client);
         out.push_str(" - ");
         match head.key_id {
-            Some(id) => escape_combined(out, id.as_bytes()),
+            Some(id) => escape_combined(out, id),
             None => out.push('-'),
         }
         out.push_str(" [");
         write_common_log_time(out, head.time);
         out.push_str("] \"");
-        escape_combined(out, head.method.as_str().as_bytes());
+        escape_combined(out, head.method.as_str());
         out.push(' ');
-        escape_combined(out, head.path.as_bytes());
+        escape_combined(out, head.path);
         if self.query {
             if let Some(q) = head.query {
                 out.push('?');
-                redacted_query(q, |part| escape_combined(out, part.as_bytes()));
+                redacted_query(q, |part| escape_combined(out, part));
             }
         }
         out.push(' ');
@@ -339,7 +339,7 @@ impl Pending {
                 out.push_str(",\"status\":");
                 push_u64(out, u64::from(answer.status));
                 out.push_str(",\"code\":");
-                json_bytes(out, answer.code.map(str::as_bytes));
+                json_str(out, answer.code);
                 out.push_str(",\"upstream_us\":");
                 match answer.upstream {
                     Some(d) => push_u64(out, micros(d)),
@@ -355,7 +355,7 @@ impl Pending {
                 push_u64(out, answer.bytes_out);
                 out.push_str(" \"-\" \"");
                 match &self.user_agent {
-                    Some(ua) => escape_combined(out, ua.as_bytes()),
+                    Some(ua) => escape_combined_bytes(out, ua),
                     None => out.push('-'),
                 }
                 out.push_str("\"\n");
@@ -601,7 +601,7 @@ fn push_ip(out: &mut String, ip: IpAddr) {
 }
 
 /// A JSON string, or `null`.
-fn json_bytes(out: &mut String, text: Option<&[u8]>) {
+fn json_str(out: &mut String, text: Option<&str>) {
     match text {
         Some(t) => {
             out.push('"');
@@ -612,41 +612,62 @@ fn json_bytes(out: &mut String, text: Option<&[u8]>) {
     }
 }
 
-/// JSON string content. Bytes outside printable ASCII (a header may carry any) are escaped
-/// as `\u00XX`, so a line is always valid UTF-8 and valid JSON.
-fn escape_json(out: &mut String, text: &[u8]) {
-    let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
-    if text.iter().all(plain) {
-        out.push_str(std::str::from_utf8(text).unwrap_or_default());
-        return;
-    }
-    for &b in text {
-        match b {
+/// JSON string content: quotes, backslashes and control characters escaped, the rest copied
+/// in runs as it is (valid UTF-8 already), so a line is always valid JSON.
+fn escape_json(out: &mut String, text: &str) {
+    let mut rest = text;
+    while let Some(at) = rest
+        .bytes()
+        .position(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\')
+    {
+        // The byte found is ASCII, so both slices start and end on characters.
+        out.push_str(rest.get(..at).unwrap_or_default());
+        match rest.as_bytes().get(at).copied().unwrap_or(b' ') {
             b'"' => out.push_str("\\\""),
             b'\\' => out.push_str("\\\\"),
-            0x20..=0x7e => out.push(char::from(b)),
-            _ => {
+            b => {
                 let _ = write!(out, "\\u{b:04x}");
             }
         }
+        rest = rest.get(at.saturating_add(1)..).unwrap_or_default();
     }
+    out.push_str(rest);
 }
 
-/// Text inside a combined line's quotes, escaped as nginx does (`\xHH`).
-fn escape_combined(out: &mut String, text: &[u8]) {
-    let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
-    if text.iter().all(plain) {
-        out.push_str(std::str::from_utf8(text).unwrap_or_default());
-        return;
+/// Text inside a combined line's quotes, escaped as nginx does: `"`, `\`, and every byte
+/// outside visible ASCII as `\xHH`.
+fn escape_combined(out: &mut String, text: &str) {
+    let escape = |out: &mut String, b: u8| {
+        let _ = write!(out, "\\x{b:02X}");
+    };
+    let mut rest = text;
+    while let Some(at) = rest
+        .bytes()
+        .position(|b| !(0x20..=0x7e).contains(&b) || b == b'"' || b == b'\\')
+    {
+        out.push_str(rest.get(..at).unwrap_or_default());
+        // A character outside ASCII is escaped byte by byte, as nginx writes it.
+        let tail = rest.get(at..).unwrap_or_default();
+        let width = tail.chars().next().map_or(1, char::len_utf8);
+        for &b in tail.as_bytes().iter().take(width) {
+            escape(out, b);
+        }
+        rest = tail.get(width..).unwrap_or_default();
     }
-    for &b in text {
-        match b {
-            b'"' | b'\\' => {
-                let _ = write!(out, "\\x{b:02X}");
-            }
-            0x20..=0x7e => out.push(char::from(b)),
-            _ => {
-                let _ = write!(out, "\\x{b:02X}");
+    out.push_str(rest);
+}
+
+/// A header's value inside a combined line's quotes: it may hold any byte.
+fn escape_combined_bytes(out: &mut String, value: &HeaderValue) {
+    match value.to_str() {
+        Ok(text) => escape_combined(out, text),
+        Err(_) => {
+            for &b in value.as_bytes() {
+                if (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\' {
+                    out.push(char::from(b));
+                } else {
+                    let _ = write!(out, "\\x{b:02X}");
+                }
             }
         }
     }
@@ -846,10 +867,19 @@ mod tests {
     #[test]
     fn escaping_keeps_lines_whole() {
         let mut j = String::new();
-        escape_json(&mut j, b"a\"b\\c\n\xff");
-        assert_eq!(j, "a\\\"b\\\\c\\u000a\\u00ff");
+        escape_json(&mut j, "a\"b\\c\n\u{7f}é/x");
+        assert_eq!(j, "a\\\"b\\\\c\\u000a\\u007fé/x");
+        let line = format!("{{\"p\":\"{j}\"}}");
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            parsed["p"], "a\"b\\c\n\u{7f}é/x",
+            "JSON gives back what was escaped"
+        );
         let mut c = String::new();
-        escape_combined(&mut c, b"a\"b\n");
-        assert_eq!(c, "a\\x22b\\x0A");
+        escape_combined(&mut c, "a\"b\né");
+        assert_eq!(c, "a\\x22b\\x0A\\xC3\\xA9");
+        let mut ua = String::new();
+        escape_combined_bytes(&mut ua, &HeaderValue::from_bytes(b"x\xffy").unwrap());
+        assert_eq!(ua, "x\\xFFy");
     }
 }
