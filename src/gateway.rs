@@ -264,6 +264,8 @@ impl Gateway {
     }
 
     fn put_in_force(&self, snapshot: Snapshot) {
+        self.token_use
+            .retain(|hash| snapshot.admin_tokens.iter().any(|t| &t.hash == hash));
         let old = self.snapshot.swap(Arc::new(snapshot));
         // Requests still running on the old snapshot hold it, and the last of them would free
         // it on a request thread. It is kept here instead, and freed by the next install or
@@ -311,10 +313,7 @@ impl Gateway {
         if let Err(e) = self.history.flush(&self.usage) {
             tracing::warn!(error = %e, "the request history could not be written; will retry");
         }
-        let token_flush = self
-            .token_use
-            .flush(|hash| snapshot.admin_tokens.iter().any(|t| &t.hash == hash));
-        if let Err(e) = token_flush {
+        if let Err(e) = self.token_use.flush() {
             tracing::warn!(error = %e, "the admin tokens' last uses could not be written; will retry");
         }
         self.audit.sweep(now);

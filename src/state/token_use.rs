@@ -74,16 +74,22 @@ impl TokenUse {
         inner.last_used.get(hash).copied()
     }
 
-    /// Keeps only the tokens `keep` says still exist (a revoked token's entry goes), and
-    /// writes the book if it changed. Blocking: for housekeeping.
-    pub fn flush(&self, keep: impl Fn(&[u8; 32]) -> bool) -> io::Result<()> {
+    /// Keeps only the tokens `keep` says exist (a revoked token's entry goes). Called as a
+    /// snapshot is put in force, with that snapshot's tokens, so that a token made since a
+    /// snapshot read earlier cannot lose its use.
+    pub fn retain(&self, keep: impl Fn(&[u8; 32]) -> bool) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let before = inner.last_used.len();
+        inner.last_used.retain(|hash, _| keep(hash));
+        if inner.last_used.len() != before {
+            inner.dirty = true;
+        }
+    }
+
+    /// Writes the book if it changed. Blocking: for housekeeping.
+    pub fn flush(&self) -> io::Result<()> {
         let bytes = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let before = inner.last_used.len();
-            inner.last_used.retain(|hash, _| keep(hash));
-            if inner.last_used.len() != before {
-                inner.dirty = true;
-            }
             if self.path.is_none() || !inner.dirty {
                 return Ok(());
             }
@@ -139,13 +145,14 @@ mod tests {
         book.used(&a, 90);
         book.used(&b, 50);
         assert_eq!(book.last_used(&a), Some(100), "never goes back");
-        book.flush(|_| true).unwrap();
+        book.flush().unwrap();
         let again = TokenUse::open(path.clone());
         assert_eq!(
             (again.last_used(&a), again.last_used(&b)),
             (Some(100), Some(50))
         );
-        again.flush(|h| h == &a).unwrap();
+        again.retain(|h| h == &a);
+        again.flush().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains(&crate::keys::hex(&a)) && !text.contains(&crate::keys::hex(&b)));
         assert_eq!(TokenUse::open(path).last_used(&b), None);
