@@ -624,6 +624,8 @@ async fn serve_conn<I, S>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
+    // The drain began before the connection's first request did.
+    let mut drain_after_first = false;
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
@@ -639,7 +641,20 @@ async fn serve_conn<I, S>(
                         .unwrap_or(Ok(()));
                 }
             }
-            _ = stop.changed(), if !closing => {
+            _ = stop.changed(), if !closing && !drain_after_first => {
+                if activity.state().0 == 0 {
+                    // Accepted just before the drain, its request still on the way: closing
+                    // now would drop a request the client has already sent. It is served
+                    // that one request first (HTTP/1 then closes after the answer), within
+                    // the time any first request has (`limits.header_read_timeout`, after
+                    // which the idle timer closes it).
+                    drain_after_first = true;
+                } else {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            () = first_request_begun(activity), if drain_after_first && !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -647,6 +662,14 @@ async fn serve_conn<I, S>(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves once the connection's first request has begun. Only a connection accepted just
+/// before a drain waits on it, so it is polled rather than signalled.
+async fn first_request_begun(activity: &crate::pipeline::Activity) {
+    while activity.state().0 == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

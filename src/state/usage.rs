@@ -8,7 +8,7 @@
 //! usage file every few seconds and at shutdown, so a crash loses at most one interval.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io;
+use std::io::{self, Read as _, Seek as _, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -58,6 +58,11 @@ struct Counts {
     totals: [AtomicU64; SLOTS],
     /// Touched by housekeeping and readers only, never by the request path.
     history: Mutex<History>,
+    /// The totals as the usage file last had them, when this process read or wrote it:
+    /// what another process added since is the file's totals less these.
+    synced: Mutex<Vec<u64>>,
+    /// The quota period and count as the usage file last had them, likewise.
+    synced_quota: Mutex<(i64, u64)>,
 }
 
 impl Default for Counts {
@@ -65,6 +70,8 @@ impl Default for Counts {
         Counts {
             totals: std::array::from_fn(|_| AtomicU64::new(0)),
             history: Mutex::new(History::default()),
+            synced: Mutex::new(vec![0; SLOTS]),
+            synced_quota: Mutex::new((0, 0)),
         }
     }
 }
@@ -308,6 +315,63 @@ impl KeyUsage {
         self.totals().unwrap_or_else(|| vec![0; SLOTS])
     }
 
+    /// Takes in what another process counted for this key since this one last read or
+    /// wrote the usage file (`on_disk`, the key's entry there now): the file's totals less
+    /// those last seen are added to this cell's, and a later last use or a bigger count in
+    /// the same quota period is taken. Two processes that both do this before they write
+    /// (an upgrade runs them side by side) each keep the other's requests.
+    fn sync(&self, on_disk: Option<&SavedUsage>) {
+        let Some(file) = on_disk else {
+            return;
+        };
+        if let Some(theirs) = file.totals.as_ref() {
+            let counts = self.counts();
+            let mut synced = counts.synced.lock().unwrap_or_else(|e| e.into_inner());
+            for ((total, seen), on_file) in counts.totals.iter().zip(synced.iter_mut()).zip(theirs)
+            {
+                let added = on_file.saturating_sub(*seen);
+                if added > 0 {
+                    total.fetch_add(added, Ordering::Relaxed);
+                }
+            }
+        }
+        if let Some(at) = file
+            .last_used_at
+            .filter(|at| *at > self.last_used.load(Ordering::Relaxed))
+        {
+            self.last_used.store(at, Ordering::Relaxed);
+            if let Ok(mut slot) = self.last_ip.lock() {
+                *slot = file.last_used_ip.as_deref().and_then(|s| s.parse().ok());
+            }
+        }
+        let period = self.quota_period.load(Ordering::Acquire);
+        if file.quota_period == period {
+            let counts = self.counts();
+            let synced = *counts
+                .synced_quota
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let seen = if synced.0 == period { synced.1 } else { 0 };
+            let added = file.quota_used.saturating_sub(seen);
+            if added > 0 {
+                self.quota_used.fetch_add(added, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Notes the totals as the file now has them (just written).
+    fn synced(&self, saved: &SavedUsage) {
+        if let Some(counts) = self.counts.get() {
+            if let Some(totals) = &saved.totals {
+                *counts.synced.lock().unwrap_or_else(|e| e.into_inner()) = totals.clone();
+            }
+            *counts
+                .synced_quota
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = (saved.quota_period, saved.quota_used);
+        }
+    }
+
     fn save(&self) -> Option<SavedUsage> {
         let last = self.last_use();
         let totals = self.totals();
@@ -345,11 +409,15 @@ impl KeyUsage {
                     base.resize(SLOTS, 0);
                 }
             }
+            let mut synced = totals.clone();
+            synced.resize(SLOTS, 0);
             let counts = Counts {
                 totals: std::array::from_fn(|i| {
                     AtomicU64::new(totals.get(i).copied().unwrap_or(0))
                 }),
                 history: Mutex::new(history),
+                synced: Mutex::new(synced),
+                synced_quota: Mutex::new((saved.quota_period, saved.quota_used)),
             };
             let _ = usage.counts.set(Box::new(counts));
         }
@@ -571,8 +639,8 @@ pub struct UsageBook {
     by_id: Arc<Registry>,
     /// Refusals that never identified a key.
     pub anonymous: Arc<KeyUsage>,
-    /// A fingerprint of what was last flushed, to skip writing an unchanged book.
-    flushed: Mutex<u64>,
+    /// What was last flushed.
+    flushed: Mutex<Flushed>,
 }
 
 impl UsageBook {
@@ -582,7 +650,7 @@ impl UsageBook {
             path: None,
             by_id: Arc::default(),
             anonymous: Arc::default(),
-            flushed: Mutex::new(0),
+            flushed: Mutex::default(),
         }
     }
 
@@ -605,7 +673,7 @@ impl UsageBook {
             path: Some(path),
             by_id: Arc::new(Mutex::new(by_id)),
             anonymous: Arc::new(anonymous),
-            flushed: Mutex::new(0),
+            flushed: Mutex::default(),
         }
     }
 
@@ -658,28 +726,100 @@ impl UsageBook {
     }
 
     /// Writes the book out (temp file, fsync, rename) if it changed since the last flush.
+    ///
+    /// Another process may share the file: during an upgrade the old and the new gateway run
+    /// side by side. Under an exclusive lock on a file beside it, the book first takes in what
+    /// the other wrote since this one last did ([`KeyUsage::sync`]), and keeps the other's
+    /// keys this one never saw; so the counts of both add up, whichever writes last. When
+    /// the file is still as this process left it, it is not read again.
     pub fn flush(&self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let mut keys: BTreeMap<String, SavedUsage> = self
-            .all()
-            .into_iter()
-            .filter_map(|(id, u)| u.save().map(|s| (id, s)))
-            .collect();
-        if let Some(s) = self.anonymous.save() {
-            keys.insert(ANONYMOUS.into(), s);
-        }
-        let bytes =
-            serde_json::to_vec(&UsageFile { version: 2, keys }).map_err(io::Error::other)?;
-        let fingerprint = fnv(&bytes);
+        let mut lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(lock_path(path))?;
+        lock.lock()?;
         let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
-        if *flushed == fingerprint {
-            return Ok(());
+        // The lock file names the last writer; when that was this book, the file is as it
+        // was left.
+        let mut last_writer = String::new();
+        let _ = lock.read_to_string(&mut last_writer);
+        let mut on_disk = if last_writer == flushed.mark() {
+            BTreeMap::new()
+        } else {
+            read_saved(path)
+        };
+        let mut keys: BTreeMap<String, SavedUsage> = BTreeMap::new();
+        let mut cells: Vec<(String, Arc<KeyUsage>)> = self.all();
+        cells.push((ANONYMOUS.to_string(), Arc::clone(&self.anonymous)));
+        for (id, usage) in &cells {
+            usage.sync(on_disk.remove(id).as_ref());
+            if let Some(saved) = usage.save() {
+                keys.insert(id.clone(), saved);
+            }
         }
-        crate::keys::store::write_atomically(path, &bytes)?;
-        *flushed = fingerprint;
-        Ok(())
+        // Keys only another process used: kept as it wrote them.
+        keys.append(&mut on_disk);
+        let file = UsageFile { version: 2, keys };
+        let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
+        let fingerprint = fnv(&bytes);
+        if flushed.fingerprint != fingerprint || last_writer != flushed.mark() {
+            crate::keys::store::write_atomically(path, &bytes)?;
+            flushed.fingerprint = fingerprint;
+            flushed.writes = flushed.writes.wrapping_add(1);
+            let mark = flushed.mark();
+            lock.set_len(0)?;
+            lock.seek(io::SeekFrom::Start(0))?;
+            lock.write_all(mark.as_bytes())?;
+        }
+        // The file now holds what was saved of every cell.
+        for (id, usage) in &cells {
+            if let Some(saved) = file.keys.get(id) {
+                usage.synced(saved);
+            }
+        }
+        drop(flushed);
+        lock.unlock()
+    }
+}
+
+/// The lock file two processes sharing a usage file take turns on.
+fn lock_path(usage: &Path) -> PathBuf {
+    usage.with_extension("lock")
+}
+
+/// What was last flushed: a fingerprint to skip writing an unchanged book, and this book's
+/// mark (its own random id and its count of writes), which it leaves in the lock file after
+/// each write, to tell whether another process wrote the usage file since.
+#[derive(Debug)]
+struct Flushed {
+    fingerprint: u64,
+    writer: u64,
+    writes: u64,
+}
+
+impl Default for Flushed {
+    fn default() -> Self {
+        let mut id = [0u8; 8];
+        // Without OS randomness, the time: two processes started apart still differ.
+        if getrandom::fill(&mut id).is_err() {
+            id = crate::state::history::millis(std::time::SystemTime::now()).to_le_bytes();
+        }
+        Flushed {
+            fingerprint: 0,
+            writer: u64::from_le_bytes(id),
+            writes: 0,
+        }
+    }
+}
+
+impl Flushed {
+    fn mark(&self) -> String {
+        format!("{:016x} {}", self.writer, self.writes)
     }
 }
 
@@ -720,6 +860,49 @@ mod tests {
     use super::*;
 
     const T0: i64 = 1_763_884_800; // 2025-11-23T08:00:00Z
+
+    #[test]
+    fn two_processes_on_one_usage_file_keep_each_others_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let count = |book: &UsageBook, n: usize| {
+            let cell = book.cells().get_or_make("k1");
+            for _ in 0..n {
+                cell.accepted();
+                cell.quota_used(7);
+                cell.quota_spend();
+            }
+        };
+        // The old process counts and flushes; the new one starts from its file.
+        let old = UsageBook::open(path.clone());
+        count(&old, 3);
+        old.flush().unwrap();
+        let new = UsageBook::open(path.clone());
+        // Side by side: both count, and both flush, in either order, more than once.
+        count(&new, 5);
+        count(&old, 2);
+        new.flush().unwrap();
+        old.flush().unwrap();
+        count(&old, 1);
+        old.flush().unwrap();
+        count(&new, 4);
+        new.flush().unwrap();
+        let on_disk = read_saved(&path);
+        let saved = &on_disk["k1"];
+        assert_eq!(
+            saved.totals.as_ref().unwrap()[ACCEPTED],
+            15,
+            "3 + 5 + 2 + 1 + 4"
+        );
+        assert_eq!((saved.quota_period, saved.quota_used), (7, 15));
+        // Each process's own view has the other's counts too.
+        assert_eq!(new.get("k1").unwrap().slots()[ACCEPTED], 15);
+        // A key only the other process used is kept.
+        old.cells().get_or_make("k2").accepted();
+        old.flush().unwrap();
+        new.flush().unwrap();
+        assert!(read_saved(&path).contains_key("k2"));
+    }
 
     #[test]
     fn counts_today_and_by_minute() {

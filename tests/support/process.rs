@@ -46,9 +46,40 @@ impl Process {
         Self::start(cmd, args, dir, env)
     }
 
-    fn start(mut cmd: Command, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Process {
+    /// Starts `keygate ARGS…` as systemd's socket activation does: `listener` handed over as
+    /// fd 3, named `proxy` (`LISTEN_FDS=1`, `LISTEN_FDNAMES=proxy`, `LISTEN_PID` its own PID),
+    /// while the caller keeps its own copy, so that the socket outlives the process as it
+    /// outlives a service's restarts. A shell moves the socket from its stdin to fd 3, then
+    /// becomes keygate, so the PID is keygate's own.
+    pub fn spawn_with_socket(
+        listener: &std::net::TcpListener,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Process {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg("exec 3<&0 0</dev/null; export LISTEN_FDS=1 LISTEN_FDNAMES=proxy LISTEN_PID=$$; exec \"$0\" \"$@\"")
+            .arg(super::keygate_bin())
+            .args(args);
+        let socket =
+            std::os::fd::OwnedFd::from(listener.try_clone().expect("a copy of the socket"));
+        Self::start_with_stdin(cmd, args, dir, env, Stdio::from(socket))
+    }
+
+    fn start(cmd: Command, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Process {
+        Self::start_with_stdin(cmd, args, dir, env, Stdio::null())
+    }
+
+    fn start_with_stdin(
+        mut cmd: Command,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+        stdin: Stdio,
+    ) -> Process {
         cmd.current_dir(dir)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         cmd.env_remove("KEYGATE_CONFIG")
