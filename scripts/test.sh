@@ -10,9 +10,11 @@ log() { printf '\n==> %s\n' "$*"; }
 need_apt=()
 # The console's end-to-end tests drive Debian's chromium through chromedriver.
 # The scale-out tests start a private redis-server. The forward-auth tests put a real nginx
-# and a real Caddy in front of keygate; the deployment test verifies the systemd unit.
+# and a real Caddy in front of keygate; the deployment test verifies the systemd unit; the
+# upgrade test runs in a network namespace of its own (unshare, and ip for its loopback).
 for pair in "curl:curl" "pkg-config:pkg-config" "chromium:chromium" "chromedriver:chromium-driver" \
-  "redis-server:redis-server" "nginx:nginx" "caddy:caddy" "systemd-analyze:systemd"; do
+  "redis-server:redis-server" "nginx:nginx" "caddy:caddy" "systemd-analyze:systemd" \
+  "ip:iproute2" "unshare:util-linux"; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
