@@ -170,7 +170,7 @@ impl AccessLog {
         if accepted && !self.sampled_in() {
             return None;
         }
-        let mut text = String::with_capacity(384);
+        let mut text = Vec::with_capacity(384);
         match self.format {
             Format::Json => self.json_head(head, &mut text),
             Format::Combined => self.combined_head(head, &mut text),
@@ -196,70 +196,70 @@ impl AccessLog {
             > n.wrapping_mul(self.per_million) / 1_000_000
     }
 
-    fn json_head(&self, head: &Head<'_>, out: &mut String) {
-        out.push_str("{\"time\":\"");
+    fn json_head(&self, head: &Head<'_>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"time\":\"");
         write_rfc3339_millis(out, head.time);
-        out.push_str("\",\"request_id\":");
+        out.extend_from_slice(b"\",\"request_id\":");
         json_str(out, head.request_id.to_str().ok());
-        out.push_str(",\"trace_id\":");
+        out.extend_from_slice(b",\"trace_id\":");
         json_str(out, head.trace_id);
-        out.push_str(",\"client\":\"");
+        out.extend_from_slice(b",\"client\":\"");
         push_ip(out, head.client);
-        out.push_str("\",\"method\":");
+        out.extend_from_slice(b"\",\"method\":");
         json_str(out, Some(head.method.as_str()));
-        out.push_str(",\"path\":\"");
+        out.extend_from_slice(b",\"path\":\"");
         escape_json(out, head.path);
         if self.query {
             if let Some(q) = head.query {
-                out.push('?');
+                out.push(b'?');
                 redacted_query(q, |part| escape_json(out, part));
             }
         }
-        out.push_str("\",\"route\":");
+        out.extend_from_slice(b"\",\"route\":");
         json_str(out, head.route);
-        out.push_str(",\"key_id\":");
+        out.extend_from_slice(b",\"key_id\":");
         json_str(out, head.key_id);
-        out.push_str(",\"namespace\":");
+        out.extend_from_slice(b",\"namespace\":");
         json_str(out, head.namespace);
-        out.push_str(",\"identity\":");
+        out.extend_from_slice(b",\"identity\":");
         json_str(out, head.identity);
-        out.push_str(",\"bytes_in\":");
+        out.extend_from_slice(b",\"bytes_in\":");
         match body_length(head.headers) {
             Some(n) => push_u64(out, n),
-            None => out.push_str("null"),
+            None => out.extend_from_slice(b"null"),
         }
-        out.push_str(",\"gateway_us\":");
+        out.extend_from_slice(b",\"gateway_us\":");
         push_u64(out, micros(head.gateway));
     }
 
-    fn combined_head(&self, head: &Head<'_>, out: &mut String) {
+    fn combined_head(&self, head: &Head<'_>, out: &mut Vec<u8>) {
         push_ip(out, head.client);
-        out.push_str(" - ");
+        out.extend_from_slice(b" - ");
         match head.key_id {
             Some(id) => escape_combined(out, id),
-            None => out.push('-'),
+            None => out.push(b'-'),
         }
-        out.push_str(" [");
+        out.extend_from_slice(b" [");
         write_common_log_time(out, head.time);
-        out.push_str("] \"");
+        out.extend_from_slice(b"] \"");
         escape_combined(out, head.method.as_str());
-        out.push(' ');
+        out.push(b' ');
         escape_combined(out, head.path);
         if self.query {
             if let Some(q) = head.query {
-                out.push('?');
+                out.push(b'?');
                 redacted_query(q, |part| escape_combined(out, part));
             }
         }
-        out.push(' ');
-        out.push_str(match head.version {
-            Version::HTTP_09 => "HTTP/0.9",
-            Version::HTTP_10 => "HTTP/1.0",
-            Version::HTTP_2 => "HTTP/2.0",
-            Version::HTTP_3 => "HTTP/3.0",
-            _ => "HTTP/1.1",
+        out.push(b' ');
+        out.extend_from_slice(match head.version {
+            Version::HTTP_09 => b"HTTP/0.9",
+            Version::HTTP_10 => b"HTTP/1.0",
+            Version::HTTP_2 => b"HTTP/2.0",
+            Version::HTTP_3 => b"HTTP/3.0",
+            _ => b"HTTP/1.1",
         });
-        out.push_str("\" ");
+        out.extend_from_slice(b"\" ");
     }
 }
 
@@ -314,7 +314,8 @@ pub struct Head<'a> {
 /// body ends (or is abandoned) for a streamed upstream answer.
 #[derive(Debug)]
 pub struct Pending {
-    text: String,
+    /// The line so far: always UTF-8, since only text and ASCII go in.
+    text: Vec<u8>,
     format: Format,
     user_agent: Option<HeaderValue>,
     shared: Arc<Shared>,
@@ -336,32 +337,32 @@ impl Pending {
         let out = &mut self.text;
         match self.format {
             Format::Json => {
-                out.push_str(",\"status\":");
+                out.extend_from_slice(b",\"status\":");
                 push_u64(out, u64::from(answer.status));
-                out.push_str(",\"code\":");
+                out.extend_from_slice(b",\"code\":");
                 json_str(out, answer.code);
-                out.push_str(",\"upstream_us\":");
+                out.extend_from_slice(b",\"upstream_us\":");
                 match answer.upstream {
                     Some(d) => push_u64(out, micros(d)),
-                    None => out.push_str("null"),
+                    None => out.extend_from_slice(b"null"),
                 }
-                out.push_str(",\"bytes_out\":");
+                out.extend_from_slice(b",\"bytes_out\":");
                 push_u64(out, answer.bytes_out);
-                out.push_str("}\n");
+                out.extend_from_slice(b"}\n");
             }
             Format::Combined => {
                 push_u64(out, u64::from(answer.status));
-                out.push(' ');
+                out.push(b' ');
                 push_u64(out, answer.bytes_out);
-                out.push_str(" \"-\" \"");
+                out.extend_from_slice(b" \"-\" \"");
                 match &self.user_agent {
                     Some(ua) => escape_combined_bytes(out, ua),
-                    None => out.push('-'),
+                    None => out.push(b'-'),
                 }
-                out.push_str("\"\n");
+                out.extend_from_slice(b"\"\n");
             }
         }
-        self.shared.append(self.text.as_bytes());
+        self.shared.append(&self.text);
     }
 }
 
@@ -554,7 +555,7 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// Decimal digits, without the formatting machinery (this runs several times a line).
-fn push_u64(out: &mut String, mut n: u64) {
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {
@@ -567,11 +568,11 @@ fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(digits.get(start..).unwrap_or_default()).unwrap_or_default());
+    out.extend_from_slice(digits.get(start..).unwrap_or_default());
 }
 
 /// `n` as at least `width` digits, zero-padded.
-fn push_padded(out: &mut String, n: u64, width: usize) {
+fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
     let mut digits: usize = 1;
     let mut rest = n / 10;
     while rest > 0 {
@@ -579,17 +580,17 @@ fn push_padded(out: &mut String, n: u64, width: usize) {
         rest /= 10;
     }
     for _ in digits..width {
-        out.push('0');
+        out.push(b'0');
     }
     push_u64(out, n);
 }
 
-fn push_ip(out: &mut String, ip: IpAddr) {
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
                 push_u64(out, u64::from(octet));
             }
@@ -601,43 +602,43 @@ fn push_ip(out: &mut String, ip: IpAddr) {
 }
 
 /// A JSON string, or `null`.
-fn json_str(out: &mut String, text: Option<&str>) {
+fn json_str(out: &mut Vec<u8>, text: Option<&str>) {
     match text {
         Some(t) => {
-            out.push('"');
+            out.push(b'"');
             escape_json(out, t);
-            out.push('"');
+            out.push(b'"');
         }
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
 /// JSON string content: quotes, backslashes and control characters escaped, the rest copied
 /// in runs as it is (valid UTF-8 already), so a line is always valid JSON.
-fn escape_json(out: &mut String, text: &str) {
+fn escape_json(out: &mut Vec<u8>, text: &str) {
     let mut rest = text;
     while let Some(at) = rest
         .bytes()
         .position(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\')
     {
         // The byte found is ASCII, so both slices start and end on characters.
-        out.push_str(rest.get(..at).unwrap_or_default());
+        out.extend_from_slice(rest.get(..at).unwrap_or_default().as_bytes());
         match rest.as_bytes().get(at).copied().unwrap_or(b' ') {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
             b => {
                 let _ = write!(out, "\\u{b:04x}");
             }
         }
         rest = rest.get(at.saturating_add(1)..).unwrap_or_default();
     }
-    out.push_str(rest);
+    out.extend_from_slice(rest.as_bytes());
 }
 
 /// Text inside a combined line's quotes, escaped as nginx does: `"`, `\`, and every byte
 /// outside visible ASCII as `\xHH`.
-fn escape_combined(out: &mut String, text: &str) {
-    let escape = |out: &mut String, b: u8| {
+fn escape_combined(out: &mut Vec<u8>, text: &str) {
+    let escape = |out: &mut Vec<u8>, b: u8| {
         let _ = write!(out, "\\x{b:02X}");
     };
     let mut rest = text;
@@ -645,7 +646,7 @@ fn escape_combined(out: &mut String, text: &str) {
         .bytes()
         .position(|b| !(0x20..=0x7e).contains(&b) || b == b'"' || b == b'\\')
     {
-        out.push_str(rest.get(..at).unwrap_or_default());
+        out.extend_from_slice(rest.get(..at).unwrap_or_default().as_bytes());
         // A character outside ASCII is escaped byte by byte, as nginx writes it.
         let tail = rest.get(at..).unwrap_or_default();
         let width = tail.chars().next().map_or(1, char::len_utf8);
@@ -654,17 +655,17 @@ fn escape_combined(out: &mut String, text: &str) {
         }
         rest = tail.get(width..).unwrap_or_default();
     }
-    out.push_str(rest);
+    out.extend_from_slice(rest.as_bytes());
 }
 
 /// A header's value inside a combined line's quotes: it may hold any byte.
-fn escape_combined_bytes(out: &mut String, value: &HeaderValue) {
+fn escape_combined_bytes(out: &mut Vec<u8>, value: &HeaderValue) {
     match value.to_str() {
         Ok(text) => escape_combined(out, text),
         Err(_) => {
             for &b in value.as_bytes() {
                 if (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\' {
-                    out.push(char::from(b));
+                    out.push(b);
                 } else {
                     let _ = write!(out, "\\x{b:02X}");
                 }
@@ -720,43 +721,47 @@ fn with_second<R>(t: SystemTime, f: impl FnOnce(&SecondText, u32) -> R) -> R {
 }
 
 /// `2026-12-07T03:20:00.123Z`.
-pub(crate) fn write_rfc3339_millis(out: &mut String, t: SystemTime) {
+pub(crate) fn write_rfc3339_millis(out: &mut Vec<u8>, t: SystemTime) {
     with_second(t, |text, ms| {
-        out.push_str(&text.rfc3339);
-        out.push('.');
+        out.extend_from_slice(text.rfc3339.as_bytes());
+        out.push(b'.');
         push_padded(out, u64::from(ms), 3);
-        out.push('Z');
+        out.push(b'Z');
     });
 }
 
 /// `07/Dec/2026:03:20:00 +0000`.
-fn write_common_log_time(out: &mut String, t: SystemTime) {
-    with_second(t, |text, _| out.push_str(&text.common));
+fn write_common_log_time(out: &mut Vec<u8>, t: SystemTime) {
+    with_second(t, |text, _| out.extend_from_slice(text.common.as_bytes()));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn text(bytes: &[u8]) -> &str {
+        std::str::from_utf8(bytes).unwrap()
+    }
+
     #[test]
     fn civil_dates_match_known_times() {
         let at = |secs: u64| UNIX_EPOCH + Duration::from_millis(secs);
-        let mut s = String::new();
+        let mut s = Vec::new();
         write_rfc3339_millis(&mut s, at(0));
-        assert_eq!(s, "1970-01-01T00:00:00.000Z");
+        assert_eq!(text(&s), "1970-01-01T00:00:00.000Z");
         s.clear();
         // 2024-02-29T12:34:56.789Z, a leap day.
         write_rfc3339_millis(&mut s, at(1_709_210_096_789));
-        assert_eq!(s, "2024-02-29T12:34:56.789Z");
+        assert_eq!(text(&s), "2024-02-29T12:34:56.789Z");
         s.clear();
         write_common_log_time(&mut s, at(1_796_527_200_000));
-        assert_eq!(s, "06/Dec/2026:03:20:00 +0000");
+        assert_eq!(text(&s), "06/Dec/2026:03:20:00 +0000");
         // Every day for 600 years agrees with humantime's formatting.
         for day in (0..219_000u64).step_by(7) {
             let t = UNIX_EPOCH + Duration::from_secs(day * 86_400 + 3_723);
-            let mut ours = String::new();
+            let mut ours = Vec::new();
             write_rfc3339_millis(&mut ours, t);
-            assert_eq!(ours, humantime::format_rfc3339_millis(t).to_string());
+            assert_eq!(text(&ours), humantime::format_rfc3339_millis(t).to_string());
         }
     }
 
@@ -850,36 +855,36 @@ mod tests {
     #[test]
     fn numbers_and_addresses_are_written_by_hand_as_fmt_would() {
         for n in [0, 7, 10, 999, 1_000_000, u64::MAX] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_u64(&mut out, n);
-            assert_eq!(out, n.to_string());
+            assert_eq!(text(&out), n.to_string());
             out.clear();
             push_padded(&mut out, n, 3);
-            assert_eq!(out, format!("{n:03}"));
+            assert_eq!(text(&out), format!("{n:03}"));
         }
         for ip in ["10.0.0.255", "0.0.0.0", "2001:db8::1"] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_ip(&mut out, ip.parse().unwrap());
-            assert_eq!(out, ip);
+            assert_eq!(text(&out), ip);
         }
     }
 
     #[test]
     fn escaping_keeps_lines_whole() {
-        let mut j = String::new();
+        let mut j = Vec::new();
         escape_json(&mut j, "a\"b\\c\n\u{7f}é/x");
-        assert_eq!(j, "a\\\"b\\\\c\\u000a\\u007fé/x");
-        let line = format!("{{\"p\":\"{j}\"}}");
+        assert_eq!(text(&j), "a\\\"b\\\\c\\u000a\\u007fé/x");
+        let line = format!("{{\"p\":\"{}\"}}", text(&j));
         let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(
             parsed["p"], "a\"b\\c\n\u{7f}é/x",
             "JSON gives back what was escaped"
         );
-        let mut c = String::new();
+        let mut c = Vec::new();
         escape_combined(&mut c, "a\"b\né");
-        assert_eq!(c, "a\\x22b\\x0A\\xC3\\xA9");
-        let mut ua = String::new();
+        assert_eq!(text(&c), "a\\x22b\\x0A\\xC3\\xA9");
+        let mut ua = Vec::new();
         escape_combined_bytes(&mut ua, &HeaderValue::from_bytes(b"x\xffy").unwrap());
-        assert_eq!(ua, "x\\xFFy");
+        assert_eq!(text(&ua), "x\\xFFy");
     }
 }

@@ -177,9 +177,9 @@ fn rfc3339_millis(ms: i64) -> String {
             u64::try_from(ms.max(0)).unwrap_or(0),
         ))
         .unwrap_or(std::time::UNIX_EPOCH);
-    let mut text = String::with_capacity(24);
+    let mut text = Vec::with_capacity(24);
     crate::access_log::write_rfc3339_millis(&mut text, t);
-    text
+    String::from_utf8(text).unwrap_or_default()
 }
 
 /// A key's ring: the newest entries at the back.
