@@ -200,7 +200,11 @@ impl AccessLog {
         out.extend_from_slice(b"{\"time\":\"");
         write_rfc3339_millis(out, head.time);
         out.extend_from_slice(b"\",\"request_id\":");
-        json_str(out, head.request_id.to_str().ok());
+        // A request id is keygate's own (hex) or a trusted proxy's of `A-Za-z0-9-_.:` only
+        // (`forward::trusted_request_id`): never anything JSON escapes.
+        out.push(b'"');
+        out.extend_from_slice(head.request_id.as_bytes());
+        out.push(b'"');
         out.extend_from_slice(b",\"trace_id\":");
         json_str(out, head.trace_id);
         out.extend_from_slice(b",\"client\":\"");
@@ -592,7 +596,14 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
                 if i > 0 {
                     out.push(b'.');
                 }
-                push_u64(out, u64::from(octet));
+                let digit = |d: u8| b'0'.saturating_add(d % 10);
+                if octet >= 100 {
+                    out.push(digit(octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(digit(octet / 10));
+                }
+                out.push(digit(octet));
             }
         }
         IpAddr::V6(v6) => {
@@ -862,7 +873,7 @@ mod tests {
             push_padded(&mut out, n, 3);
             assert_eq!(text(&out), format!("{n:03}"));
         }
-        for ip in ["10.0.0.255", "0.0.0.0", "2001:db8::1"] {
+        for ip in ["10.0.0.255", "0.0.0.0", "192.168.100.9", "2001:db8::1"] {
             let mut out = Vec::new();
             push_ip(&mut out, ip.parse().unwrap());
             assert_eq!(text(&out), ip);
