@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE,
-};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -38,34 +36,41 @@ pub use crate::headers::{
     X_KEYGATE_KEY_ID, X_KEYGATE_NAMESPACE, X_REQUEST_ID,
 };
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). `name` is
+/// lowercase, as every `HeaderName` is; a match on the text, not a scan of a list.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
 
 /// Headers that name the client or the address it used, which only a trusted proxy may set.
 /// `X-Forwarded-For` and `X-Forwarded-Proto` are not here: the gateway writes those itself.
-const CLIENT_ADDRESS: [&str; 12] = [
-    "forwarded",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-original-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-];
+fn client_address(name: &str) -> bool {
+    matches!(
+        name,
+        "forwarded"
+            | "x-real-ip"
+            | "x-client-ip"
+            | "true-client-ip"
+            | "x-cluster-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-original-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "x-forwarded-server"
+    )
+}
 
 /// Settings of one upstream connection pool. Routes with the same settings share a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,11 +224,14 @@ pub async fn forward(
                 .map_err(|_| Rejection::InvalidPath)?
         }
     };
-    let client_host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    // The client's host is kept only for a route that preserves it.
+    let client_host = route.preserve_host.then(|| {
+        parts.headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
     });
     // Origin form; the pool makes it absolute for HTTP/2.
     parts.uri = Uri::from(path_and_query);
@@ -241,9 +249,6 @@ pub async fn forward(
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(UPGRADE, protocol.clone());
     }
-    if !route.keep_authorization {
-        h.remove(AUTHORIZATION);
-    }
     h.insert(X_KEYGATE_KEY_ID, f.key.id_header().clone());
     h.insert(X_KEYGATE_NAMESPACE, f.key.namespace.header().clone());
     h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment.header().clone());
@@ -256,14 +261,10 @@ pub async fn forward(
         );
     }
     h.insert(X_REQUEST_ID, f.request_id.clone());
-    match (route.preserve_host, client_host) {
-        (true, Some(host)) => {
-            h.insert(HOST, host);
-        }
-        _ => {
-            h.insert(HOST, route.upstream.host_header.clone());
-        }
-    }
+    let host = client_host
+        .flatten()
+        .unwrap_or_else(|| route.upstream.host_header.clone());
+    h.insert(HOST, host);
 
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body));
     let exchange = client.send(
@@ -289,7 +290,9 @@ pub async fn forward(
         _ => None,
     };
     let (mut parts, body) = response.into_parts();
-    let protocol = parts.headers.get(UPGRADE).cloned();
+    let protocol = tunnel
+        .as_ref()
+        .and_then(|_| parts.headers.get(UPGRADE).cloned());
     strip_headers(&mut parts.headers, None);
     if let Some(rate) = &f.rate {
         rate.write(&mut parts.headers, false);
@@ -318,13 +321,15 @@ pub async fn forward(
 /// The protocol an upgrade request asks for: `Upgrade: X` with `upgrade` among the
 /// `Connection` tokens.
 fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    // Most requests ask for none: one lookup of a standard name settles it.
+    let protocol = headers.get(UPGRADE)?;
     let asks = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+    asks.then(|| protocol.clone())
 }
 
 /// Upgraded connections in flight.
@@ -468,9 +473,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
 /// What goes from a request on its way upstream, besides the hop-by-hop headers.
 #[derive(Debug, Clone, Copy)]
 struct Inbound {
-    /// The client-address headers ([`CLIENT_ADDRESS`]): the peer is not a trusted proxy.
+    /// The client-address headers ([`client_address`]): the peer is not a trusted proxy.
     client_address: bool,
-    /// `X-API-Key`: the route does not keep credentials.
+    /// `Authorization` and `X-API-Key`: the route does not keep credentials.
     api_key: bool,
 }
 
@@ -482,43 +487,49 @@ impl Inbound {
             // gateway sets or guards: an upstream may read it as that form.
             let dashed = name.replace('_', "-");
             return dashed.starts_with("x-keygate-")
-                || CLIENT_ADDRESS.contains(&dashed.as_str())
+                || client_address(&dashed)
                 || matches!(
                     dashed.as_str(),
                     "x-forwarded-for" | "x-forwarded-proto" | "x-request-id" | X_API_KEY
                 );
         }
         name.starts_with("x-keygate-")
-            || (self.client_address && CLIENT_ADDRESS.contains(&name))
-            || (self.api_key && name == X_API_KEY)
+            || (self.client_address && client_address(name))
+            || (self.api_key && matches!(name, "authorization" | X_API_KEY))
     }
 }
 
 /// Removes the hop-by-hop headers, including every header `Connection` names, and, on the
 /// way upstream (`inbound`), the client's headers that must not reach it. One pass over the
-/// names: a request carries a handful of headers, so this beats probing for each name.
+/// names, each judged by a match on its text: a message carries a handful of headers, so
+/// this beats probing for each name. Nothing is allocated unless a header besides
+/// `Connection` (and those it names) goes.
 fn strip_headers(headers: &mut HeaderMap, inbound: Option<Inbound>) {
-    let named: Vec<HeaderName> = if headers.contains_key(CONNECTION) {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            let name = k.as_str();
-            HOP_BY_HOP.contains(&name)
-                || named.contains(k)
-                || inbound.is_some_and(|i| i.removes(name))
-        })
-        .cloned()
-        .collect();
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    if let http::header::Entry::Occupied(connection) = headers.entry(CONNECTION) {
+        let (_, values) = connection.remove_entry_mult();
+        for value in values {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                // `close` names no header, and `keep-alive` goes below by its own right.
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    doomed.push(name);
+                }
+            }
+        }
+    }
+    for name in headers.keys() {
+        let text = name.as_str();
+        if hop_by_hop(text) || inbound.is_some_and(|i| i.removes(text)) {
+            doomed.push(name.clone());
+        }
+    }
     for name in doomed {
         headers.remove(name);
     }

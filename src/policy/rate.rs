@@ -120,26 +120,15 @@ impl RateHeaders {
     /// Adds `RateLimit-Policy`, `RateLimit` and, on refusal, `Retry-After`.
     pub fn write(&self, headers: &mut HeaderMap, refused: bool) {
         headers.insert(RATELIMIT_POLICY, self.policy.clone());
-        let [rate, quota] = &self.budgets;
-        let budgets = || rate.iter().chain(&self.more).chain(quota);
-        // `"<name>";r=<remaining>;t=<reset>`, joined by `, `: written by hand, as this runs
-        // on every limited request and core::fmt costs several times as much.
-        let size: usize = budgets()
-            .map(|b| b.name.as_str().len().saturating_add(2 * 20 + 10))
-            .sum();
-        let mut value = Vec::with_capacity(size);
-        for b in budgets() {
-            if !value.is_empty() {
-                value.extend_from_slice(b", ");
-            }
-            value.push(b'"');
-            value.extend_from_slice(b.name.as_str().as_bytes());
-            value.extend_from_slice(b"\";r=");
-            push_decimal(&mut value, b.remaining);
-            value.extend_from_slice(b";t=");
-            push_decimal(&mut value, b.reset);
+        // Built in a buffer kept per thread, then copied once into the value: one allocation.
+        thread_local! {
+            static VALUE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        let value = VALUE.with(|kept| match kept.try_borrow_mut() {
+            Ok(mut kept) => self.rate_limit_value(&mut kept),
+            Err(_) => self.rate_limit_value(&mut Vec::new()),
+        });
+        if let Some(v) = value {
             headers.insert(RATELIMIT, v);
         }
         if refused {
@@ -147,6 +136,26 @@ impl RateHeaders {
                 headers.insert(RETRY_AFTER, HeaderValue::from(secs));
             }
         }
+    }
+
+    /// `RateLimit`: `"<name>";r=<remaining>;t=<reset>` for each budget, joined by `, `,
+    /// written by hand into `value`, as this runs on every limited request and core::fmt
+    /// costs several times as much. Names, digits and punctuation: always a valid value.
+    fn rate_limit_value(&self, value: &mut Vec<u8>) -> Option<HeaderValue> {
+        value.clear();
+        let [rate, quota] = &self.budgets;
+        for b in rate.iter().chain(&self.more).chain(quota) {
+            if !value.is_empty() {
+                value.extend_from_slice(b", ");
+            }
+            value.push(b'"');
+            value.extend_from_slice(b.name.as_str().as_bytes());
+            value.extend_from_slice(b"\";r=");
+            push_decimal(value, b.remaining);
+            value.extend_from_slice(b";t=");
+            push_decimal(value, b.reset);
+        }
+        HeaderValue::from_bytes(value).ok()
     }
 
     /// The named budget's state.
