@@ -493,6 +493,7 @@ async fn accept_loop(
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_size.max(8192))
         .max_headers(settings.max_headers)
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()

@@ -203,7 +203,7 @@ impl UpstreamClient {
         authority: &Authority,
     ) -> Result<Http1, SendError> {
         let io = self.connect(scheme, authority).await?;
-        let (sender, connection) = http1::Builder::new().handshake(io).await?;
+        let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");
