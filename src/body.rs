@@ -75,13 +75,20 @@ impl Body for ResponseBody {
 pub struct RequestBody {
     inner: Incoming,
     remaining: u64,
+    /// Counts the body in its connection's activity until it ends.
+    in_flight: Option<crate::pipeline::BodyInFlight>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64) -> Self {
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        in_flight: Option<crate::pipeline::BodyInFlight>,
+    ) -> Self {
         RequestBody {
             inner,
             remaining: limit,
+            in_flight,
         }
     }
 }
@@ -119,7 +126,11 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            other => other.map(|_| None),
+            Poll::Ready(None) => {
+                this.in_flight = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 

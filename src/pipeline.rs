@@ -18,7 +18,7 @@ pub mod shared_limit;
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,7 +48,7 @@ use route::Route;
 pub async fn handle(
     gw: &Arc<Gateway>,
     mut req: Request<Incoming>,
-    conn: &ClientConn,
+    conn: &Arc<ClientConn>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let snapshot = gw.snapshot.load_full();
@@ -134,9 +134,8 @@ pub async fn handle(
         route,
         key,
         identity,
-        peer_header: &conn.peer_header,
+        conn,
         peer_trusted,
-        tls: conn.tls,
         normalized_path: normalized_path.as_deref(),
         request_id: request_id.clone(),
         rate,
@@ -469,22 +468,37 @@ impl ClientConn {
     }
 }
 
-/// Requests begun on one connection, and those whose handler has not returned. The
-/// connection's idle timer reads them; the request path only counts.
+/// Requests begun on one connection, those still in flight, and the reads its stream made.
+/// The connection's timer reads them; the request path and the stream only count.
 #[derive(Debug, Default)]
 pub struct Activity {
     begun: AtomicU64,
+    /// Handlers that have not returned, and request bodies still on their way upstream.
     in_flight: AtomicU64,
+    /// Reads that brought bytes, counted by the connection's stream ([`Activity::read`]).
+    reads: AtomicU64,
+    /// `reads` when the last handler returned or body ended: reads past it, with nothing in
+    /// flight, are the next request's head on its way.
+    reads_at_rest: AtomicU64,
+    /// The connection speaks HTTP/2, whose reads are frames rather than heads.
+    h2: AtomicBool,
 }
 
 /// Counts one request in flight while it lives.
 #[derive(Debug)]
 pub struct Busy<'a>(&'a Activity);
 
+/// Counts a request body in flight until it ends or is dropped.
+#[derive(Debug)]
+pub struct BodyInFlight(Arc<ClientConn>);
+
 impl Activity {
-    pub fn begin(&self) -> Busy<'_> {
+    pub fn begin(&self, version: http::Version) -> Busy<'_> {
         self.begun.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if version == http::Version::HTTP_2 {
+            self.h2.store(true, Ordering::Relaxed);
+        }
         Busy(self)
     }
 
@@ -495,11 +509,45 @@ impl Activity {
             self.in_flight.load(Ordering::Relaxed) > 0,
         )
     }
+
+    /// A read brought bytes. Only the connection's own task reads its stream, so a load and
+    /// a store count it (no read-modify-write on every read).
+    pub fn read(&self) {
+        let n = self.reads.load(Ordering::Relaxed);
+        self.reads.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether an HTTP/1 request's head is on its way: bytes came after the last exchange
+    /// came to rest, and nothing is in flight.
+    pub fn head_pending(&self) -> bool {
+        !self.h2.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.reads.load(Ordering::Relaxed) != self.reads_at_rest.load(Ordering::Relaxed)
+    }
+
+    fn end(&self) {
+        self.reads_at_rest
+            .store(self.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.end();
+    }
+}
+
+impl BodyInFlight {
+    pub fn new(conn: &Arc<ClientConn>) -> Self {
+        conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        BodyInFlight(conn.clone())
+    }
+}
+
+impl Drop for BodyInFlight {
+    fn drop(&mut self) {
+        self.0.activity.end();
     }
 }
 

@@ -490,7 +490,9 @@ async fn accept_loop(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // The slowloris defence is the connection's own timer (`idle` below), which looks
+        // at each connection a few times a timeout rather than arming a timer per request.
+        .header_read_timeout(None)
         .max_buf_size(settings.max_header_size.max(8192))
         .max_headers(settings.max_headers)
         .writev(false)
@@ -543,7 +545,7 @@ async fn accept_loop(
         let service = service_fn(move |req| {
             let (gw, client) = (gw.clone(), client.clone());
             async move {
-                let _busy = client.activity.begin();
+                let _busy = client.activity.begin(req.version());
                 Ok::<_, Infallible>(match kind {
                     Listener::Proxy => crate::pipeline::handle(&gw, req, &client).await,
                     Listener::Admin => crate::admin::handle(&gw, req, client.peer).await,
@@ -556,15 +558,14 @@ async fn accept_loop(
         tokio::spawn(
             async move {
                 let _slot = slot;
-                let activity = &conn_client.activity;
+                let conn = &conn_client;
                 match tls {
-                    None => serve_conn(&builder, stream, service, activity, timers, stop).await,
+                    None => serve_conn(&builder, stream, service, conn, timers, stop).await,
                     Some(acceptor) => {
                         let handshake = acceptor.accept(stream);
                         match tokio::time::timeout(timers.first_request, handshake).await {
                             Ok(Ok(tls_stream)) => {
-                                serve_conn(&builder, tls_stream, service, activity, timers, stop)
-                                    .await
+                                serve_conn(&builder, tls_stream, service, conn, timers, stop).await
                             }
                             Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                             Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -595,10 +596,23 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, Copy)]
 struct ConnTimers {
     /// From the connection's start (or its TLS handshake's) to its first request: a socket
-    /// that sends nothing, or an HTTP/2 preface and SETTINGS alone, is closed then.
+    /// that sends nothing, or an HTTP/2 preface and SETTINGS alone, is closed then. Over
+    /// HTTP/1 it also bounds each later head, from its first bytes.
     first_request: Duration,
     /// With no request begun or in flight for this long, the connection is closed.
     idle: Duration,
+}
+
+impl ConnTimers {
+    /// How often a connection's timer looks at it: twice a header timeout, and at least once
+    /// an idle timeout.
+    fn tick(self) -> Duration {
+        self.first_request
+            .checked_div(2)
+            .unwrap_or(self.first_request)
+            .min(self.idle)
+            .max(Duration::from_millis(1))
+    }
 }
 
 /// Serves one connection until it ends, closing it gracefully when it goes idle or the
@@ -608,7 +622,7 @@ async fn serve_conn<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     service: S,
-    activity: &crate::pipeline::Activity,
+    client: &Arc<crate::pipeline::ClientConn>,
     timers: ConnTimers,
     mut stop: watch::Receiver<Option<Duration>>,
 ) where
@@ -622,6 +636,11 @@ async fn serve_conn<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let activity = &client.activity;
+    let io = Watched {
+        inner: io,
+        client: client.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
@@ -630,17 +649,14 @@ async fn serve_conn<I, S>(
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
-            () = idle(activity, timers), if !closing => {
+            why = idle(activity, timers), if !closing => {
+                if why == Closing::Late {
+                    tracing::debug!("no whole request in time; connection dropped");
+                    break Ok(());
+                }
                 tracing::debug!("connection idle; closing it");
                 conn.as_mut().graceful_shutdown();
                 closing = true;
-                if activity.state().0 == 0 {
-                    // Nothing was ever asked, so nothing can be in flight: a peer that does
-                    // not answer the closing handshake gets no longer than it had to ask.
-                    break tokio::time::timeout(timers.first_request, conn.as_mut())
-                        .await
-                        .unwrap_or(Ok(()));
-                }
             }
             _ = stop.changed(), if !closing && !drain_after_first => {
                 if activity.state().0 == 0 {
@@ -674,22 +690,108 @@ async fn first_request_begun(activity: &crate::pipeline::Activity) {
     }
 }
 
-/// Resolves once the connection is idle: no request in the first `first_request`; later,
-/// a whole `idle` period in which no request began and none was in flight at either end.
-/// It wakes once a period, so a closed connection was idle for one to two periods.
-async fn idle(activity: &crate::pipeline::Activity, timers: ConnTimers) {
+/// Why a connection's timer ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// No request begun or in flight for `idle`: closed gracefully.
+    Idle,
+    /// No whole request in the first `first_request`, or an HTTP/1 request's head still
+    /// incomplete `first_request` after its first bytes: dropped, as a header timeout.
+    Late,
+}
+
+/// Resolves once the connection should close. First, when it has made no request in
+/// `first_request` of its start. Later it looks every [`ConnTimers::tick`]: a head whose bytes
+/// began arriving more than `first_request` ago and is still incomplete (so it is cut
+/// between one and one and a half of those after its first byte), or no request begun and
+/// none in flight for `idle` (closed between `idle` and one tick more after its last
+/// request). One timer per connection, not one per request.
+async fn idle(activity: &crate::pipeline::Activity, timers: ConnTimers) -> Closing {
     tokio::time::sleep(timers.first_request).await;
-    let (mut seen, mut busy) = activity.state();
+    let (mut seen, busy) = activity.state();
     if seen == 0 && !busy {
-        return;
+        return Closing::Late;
     }
+    let tick = timers.tick();
+    let (mut quiet, mut slow) = (Duration::ZERO, Duration::ZERO);
     loop {
-        tokio::time::sleep(timers.idle).await;
-        let (begun, busy_now) = activity.state();
-        if begun == seen && !busy && !busy_now {
-            return;
+        tokio::time::sleep(tick).await;
+        let (begun, busy) = activity.state();
+        if begun != seen || busy {
+            seen = begun;
+            (quiet, slow) = (Duration::ZERO, Duration::ZERO);
+            continue;
         }
-        (seen, busy) = (begun, busy_now);
+        quiet = quiet.saturating_add(tick);
+        slow = if activity.head_pending() {
+            slow.saturating_add(tick)
+        } else {
+            Duration::ZERO
+        };
+        if slow > timers.first_request {
+            return Closing::Late;
+        }
+        if quiet >= timers.idle {
+            return Closing::Idle;
+        }
+    }
+}
+
+/// A client's stream, counting the reads that bring bytes into its connection's activity.
+struct Watched<I> {
+    inner: I,
+    client: Arc<crate::pipeline::ClientConn>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<I> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.client.activity.read();
+        }
+        poll
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

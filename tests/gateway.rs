@@ -789,6 +789,53 @@ async fn slow_header_senders_are_cut_off() {
 }
 
 #[tokio::test]
+async fn a_later_head_is_timed_from_its_first_byte_and_a_quiet_connection_is_kept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_up, gw) = setup(
+        "",
+        "limits:\n  header_read_timeout: 300ms\n  idle_timeout: 30s",
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    // Two exchanges with a quiet spell of over twice the header timeout between them:
+    // nothing was on its way, so idle_timeout governs the connection, not the header timeout.
+    for round in 1..=2 {
+        conn.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        while got.windows(12).filter(|w| w == b"HTTP/1.1 401").count() < round {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("answered within the bound")
+                .unwrap();
+            assert!(n > 0, "the connection was closed before request {round}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        if round == 1 {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+    }
+    // Then a head that never completes: cut off, not before the timeout after its first byte.
+    let started = std::time::Instant::now();
+    conn.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("cut off within the bound");
+    let took = started.elapsed();
+    assert_eq!(n.unwrap_or(0), 0, "the slow head got an answer");
+    eprintln!("a slow later head was cut off after {took:?} (timeout 300 ms)");
+    assert!(
+        took >= Duration::from_millis(300),
+        "cut off after {took:?}, before the 300 ms header read timeout"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn upstream_connections_are_reused_and_replaced_when_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::body::{caused_by_body_limit, RequestBody, ResponseBody};
 use crate::pipeline::credential::X_API_KEY;
 use crate::pipeline::route::Route;
+use crate::pipeline::{BodyInFlight, ClientConn};
 use crate::policy::rate::RateHeaders;
 use crate::rejection::Rejection;
 use crate::snapshot::identities::Identity;
@@ -145,12 +146,11 @@ pub struct Forward<'a> {
     pub route: &'a Route,
     pub key: &'a KeyEntry,
     pub identity: Option<&'a Identity>,
-    /// The peer's own address (the hop that connected to us), as a header value.
-    pub peer_header: &'a HeaderValue,
+    /// The client's connection: its peer's address (the hop that connected to us) as a
+    /// header value, whether it is TLS, and its activity, which a request body counts in.
+    pub conn: &'a Arc<ClientConn>,
     /// Whether the peer is a trusted proxy, whose forwarding headers are extended.
     pub peer_trusted: bool,
-    /// Whether the client's connection is TLS (`X-Forwarded-Proto: https`).
-    pub tls: bool,
     /// The normalised path, when it differs from the request's.
     pub normalized_path: Option<&'a str>,
     pub request_id: HeaderValue,
@@ -253,11 +253,11 @@ pub async fn forward(
     h.insert(X_KEYGATE_NAMESPACE, f.key.namespace.header().clone());
     h.insert(X_KEYGATE_ENVIRONMENT, f.key.environment.header().clone());
     insert_identity_and_meta(h, Some(route), f.key, f.identity);
-    set_forwarded_for(h, f.peer_header, f.peer_trusted);
+    set_forwarded_for(h, &f.conn.peer_header, f.peer_trusted);
     if !(f.peer_trusted && h.contains_key(X_FORWARDED_PROTO)) {
         h.insert(
             X_FORWARDED_PROTO,
-            HeaderValue::from_static(if f.tls { "https" } else { "http" }),
+            HeaderValue::from_static(if f.conn.tls { "https" } else { "http" }),
         );
     }
     h.insert(X_REQUEST_ID, f.request_id.clone());
@@ -266,7 +266,11 @@ pub async fn forward(
         .unwrap_or_else(|| route.upstream.host_header.clone());
     h.insert(HOST, host);
 
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body));
+    // A body still to come keeps the exchange in flight for the connection's timer, so its
+    // bytes are never taken for the next request's head.
+    let in_flight = (!http_body::Body::is_end_stream(&body)).then(|| BodyInFlight::new(f.conn));
+    let body = RequestBody::new(body, route.max_request_body, in_flight);
+    let upstream_req = Request::from_parts(parts, body);
     let exchange = client.send(
         &route.upstream.scheme,
         &route.upstream.authority,
