@@ -11,6 +11,8 @@
 #   ACCESS_LOG=json benches/instructions.sh        (with the access log on, json or combined,
 #                                                   its writer thread counted too)
 #   HISTORY=0 benches/instructions.sh              (each key's request history off)
+#   WORKERS=2 benches/instructions.sh              (two worker threads: tokio's multi-thread
+#                                                   runtime, its cross-thread work counted)
 #
 # Needs valgrind, nginx (the upstream) and wrk; loopback only. Every process started here is
 # stopped by its own PID, and every wait is bounded.
@@ -40,6 +42,7 @@ WARM=${WARM:-$([[ ${SHAPE:-} == customer ]] && echo 20 || echo 2)}
 # run ~20x slower, so every flush would be charged to ~20x fewer requests: it is pushed out
 # of the measured window unless HOUSEKEEPING=1 asks for it (then every 5 s, the default).
 [[ -n "${HOUSEKEEPING:-}" ]] || printf 'usage:\n  flush_interval: 1h\n' >> "$WORK/gw/keygate.yaml"
+[[ -z "${WORKERS:-}" ]] || sed -i "s/^workers: .*/workers: $WORKERS/" "$WORK/gw/keygate.yaml"
 [[ -z "${HISTORY:-}" ]] || printf 'request_history:\n  per_key: %s\n' "$HISTORY" >> "$WORK/gw/keygate.yaml"
 [[ -z "${ACCESS_LOG:-}" ]] || printf 'access_log:\n  path: access.log\n  format: %s\n' "$ACCESS_LOG" >> "$WORK/gw/keygate.yaml"
 

@@ -5,6 +5,10 @@
 #   ROUNDS=3 SECS=5 benches/load.sh    # quicker
 #   KEYGATE_BIN=a/keygate KEYGATE_B=b/keygate benches/load.sh
 #                                      # two keygate builds side by side (b as keygate-b)
+#   WORKERS=2 GATEWAY_CPU=0,1 LOAD_CPU=0,1 benches/load.sh
+#                                      # every gateway with two workers (keygate's `workers`,
+#                                      # nginx's worker_processes, HAProxy's nbthread), all
+#                                      # processes sharing both cores; CPU counts every worker
 #
 # Every gateway checks a Bearer key against the same 10,000 keys (401), allows only
 # 127.0.0.1 (403), applies a per-key rate limit set far above the load (429), and proxies to
@@ -23,6 +27,7 @@ SECS=${SECS:-8}
 CONNS=${CONNS:-64}
 GATEWAY_CPU=${GATEWAY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
+WORKERS=${WORKERS:-1}
 UP=18080 NGINX=18081 HAPROXY=18082 KEYGATE=18083 KEYGATE_B_PORT=18084
 KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
 KEYGATE_B=${KEYGATE_B:-}
@@ -50,6 +55,7 @@ trap stop_all EXIT
 PIDS+=($!)
 
 target/release/examples/perf_setup "$WORK/kg" 10000 >/dev/null
+sed -i "s/^workers: .*/workers: $WORKERS/" "$WORK/kg/keygate.yaml"
 KEYS="$WORK/kg/keys.txt"
 # Unknown keys: well-formed keygate keys from a set never loaded, so every gateway looks
 # them up and finds nothing.
@@ -71,7 +77,7 @@ http {
 }
 NGX
 cat > "$WORK/nginx.conf" <<NGX
-worker_processes 1;
+worker_processes $WORKERS;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx.err warn;
 events { worker_connections 4096; }
@@ -102,7 +108,7 @@ http {
 NGX
 cat > "$WORK/haproxy.cfg" <<HAP
 global
-  nbthread 1
+  nbthread $WORKERS
   maxconn 4096
 defaults
   mode http
@@ -149,10 +155,15 @@ for t in direct "${GATEWAYS[@]}"; do
   got+=" $(curl -s -o /dev/null -w '%{http_code}' --interface 127.0.0.2 -H "Authorization: Bearer $key" "http://127.0.0.1:${PORT[$t]}/v1/ping")"
   [[ $got == "200 401 403" ]] || { echo "$t does not do the job: got '$got', want '200 401 403'" >&2; exit 3; }
 done
-# The nginx worker is the process whose CPU counts for nginx.
-PID_OF[nginx]=$(pgrep -P "${PID_OF[nginx]}" | head -1)
+# The nginx workers are the processes whose CPU counts for nginx.
+PID_OF[nginx]=$(pgrep -P "${PID_OF[nginx]}" | tr '\n' ' ')
 
-cpu_ticks() { [[ -n ${1:-} ]] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
+# User plus system ticks of the given processes (every thread counted), summed.
+cpu_ticks() {
+  local t=0 p
+  for p in $1; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done
+  echo "$t"
+}
 HZ=$(getconf CLK_TCK)
 echo "case target round rps p50_us p99_us cpu_us_per_req" > "$WORK/results"
 run() {  # case target round keyfile
