@@ -8,11 +8,18 @@
 //! `SIGUSR1` makes the writer reopen its file (after logrotate renamed it), with no line lost:
 //! lines taken before the reopen go to the old file, the rest to the new one.
 //!
+//! One shared buffer keeps the lines in the order they end, whichever thread ends them. Per
+//! thread buffers were tried: they cost as many instructions a line (an uncontended lock is
+//! two atomic operations) and put the lines of two threads out of order.
+//!
+//! A line costs no allocation: it is begun in a buffer from a small per-thread stock, which
+//! it goes back to once the line is appended, and its streamed body is counted in place.
+//!
 //! No line holds a secret: keys travel in `Authorization` or `X-API-Key`, which are never
 //! logged, and the query string is left out unless asked for, and then with the values of
 //! credential-like parameters replaced.
 
-use std::fmt::Write as _;
+use std::cell::{Cell, RefCell};
 use std::fs::OpenOptions;
 use std::io::{self, Write as _};
 use std::net::IpAddr;
@@ -26,11 +33,14 @@ use http::{HeaderMap, HeaderValue, Method, Response, Version};
 use serde::{Deserialize, Serialize};
 
 use crate::body::ResponseBody;
+use crate::pipeline::forward::UpstreamBody;
 
 /// How often the writer takes what the request path appended.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Bytes waiting for the writer past which lines are dropped: about 10,000 lines.
 pub const MAX_PENDING: usize = 4 << 20;
+/// A line buffer's first capacity: a line with a long path or user agent grows its own.
+const LINE_CAPACITY: usize = 384;
 
 /// `access_log:` in the config.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -80,6 +90,7 @@ pub struct AccessLog {
 
 #[derive(Debug)]
 struct Shared {
+    format: Format,
     pending: Mutex<Vec<u8>>,
     dropped: AtomicU64,
     reopen: AtomicBool,
@@ -113,13 +124,7 @@ impl AccessLog {
             p => Target::File(crate::config::relative_to(config_path, p)),
         };
         let out = target.open()?;
-        let shared = Arc::new(Shared {
-            pending: Mutex::new(Vec::with_capacity(64 << 10)),
-            dropped: AtomicU64::new(0),
-            reopen: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
-            thread: OnceLock::new(),
-        });
+        let shared = Arc::new(Shared::new(config.format));
         let writer = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -170,20 +175,27 @@ impl AccessLog {
         if accepted && !self.sampled_in() {
             return None;
         }
-        let mut text = Vec::with_capacity(384);
-        match self.format {
-            Format::Json => self.json_head(head, &mut text),
-            Format::Combined => self.combined_head(head, &mut text),
-        }
-        Some(Pending {
-            text,
-            format: self.format,
-            user_agent: match self.format {
-                Format::Combined => head.headers.get(http::header::USER_AGENT).cloned(),
-                Format::Json => None,
-            },
-            shared: Arc::clone(&self.shared),
-        })
+        let mut line = spare_line();
+        let text = &mut line.text;
+        line.split = match self.format {
+            Format::Json => {
+                self.json_head(head, text);
+                text.len()
+            }
+            Format::Combined => {
+                self.combined_head(head, text);
+                let split = text.len();
+                text.extend_from_slice(b" \"-\" \"");
+                match head.headers.get(http::header::USER_AGENT) {
+                    Some(ua) => escape_combined_bytes(text, ua),
+                    None => text.push(b'-'),
+                }
+                text.extend_from_slice(b"\"\n");
+                split
+            }
+        };
+        line.shared = Some(Arc::clone(&self.shared));
+        Some(Pending(line))
     }
 
     fn sampled_in(&self) -> bool {
@@ -199,19 +211,19 @@ impl AccessLog {
     fn json_head(&self, head: &Head<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"time\":\"");
         write_rfc3339_millis(out, head.time);
-        out.extend_from_slice(b"\",\"request_id\":");
+        out.extend_from_slice(b"\",\"request_id\":\"");
         // A request id is keygate's own (hex) or a trusted proxy's of `A-Za-z0-9-_.:` only
-        // (`forward::trusted_request_id`): never anything JSON escapes.
-        out.push(b'"');
+        // (`forward::trusted_request_id`), a method is an HTTP token (`http` checks it), a
+        // key id is hex and a namespace of `a-z0-9_-` (checked before a key enters a
+        // snapshot), a trace id hex (`trace_id`): none is anything JSON escapes.
         out.extend_from_slice(head.request_id.as_bytes());
-        out.push(b'"');
-        out.extend_from_slice(b",\"trace_id\":");
-        json_str(out, head.trace_id);
+        out.extend_from_slice(b"\",\"trace_id\":");
+        plain_str(out, trace_id(head.headers));
         out.extend_from_slice(b",\"client\":\"");
         push_ip(out, head.client);
-        out.extend_from_slice(b"\",\"method\":");
-        json_str(out, Some(head.method.as_str()));
-        out.extend_from_slice(b",\"path\":\"");
+        out.extend_from_slice(b"\",\"method\":\"");
+        out.extend_from_slice(head.method.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"path\":\"");
         escape_json(out, head.path);
         if self.query {
             if let Some(q) = head.query {
@@ -222,13 +234,13 @@ impl AccessLog {
         out.extend_from_slice(b"\",\"route\":");
         json_str(out, head.route);
         out.extend_from_slice(b",\"key_id\":");
-        json_str(out, head.key_id);
+        plain_bytes(out, head.key_id);
         out.extend_from_slice(b",\"namespace\":");
-        json_str(out, head.namespace);
+        plain_str(out, head.namespace);
         out.extend_from_slice(b",\"identity\":");
         json_str(out, head.identity);
         out.extend_from_slice(b",\"bytes_in\":");
-        match body_length(head.headers) {
+        match head.bytes_in {
             Some(n) => push_u64(out, n),
             None => out.extend_from_slice(b"null"),
         }
@@ -240,13 +252,15 @@ impl AccessLog {
         push_ip(out, head.client);
         out.extend_from_slice(b" - ");
         match head.key_id {
-            Some(id) => escape_combined(out, id),
+            // Hex digits: nothing to escape.
+            Some(id) => out.extend_from_slice(id),
             None => out.push(b'-'),
         }
         out.extend_from_slice(b" [");
         write_common_log_time(out, head.time);
         out.extend_from_slice(b"] \"");
-        escape_combined(out, head.method.as_str());
+        // An HTTP token: visible ASCII without quotes or backslashes.
+        out.extend_from_slice(head.method.as_str().as_bytes());
         out.push(b' ');
         escape_combined(out, head.path);
         if self.query {
@@ -280,17 +294,73 @@ impl Shared {
         }
     }
 
-    fn append(&self, line: &[u8]) {
+    fn new(format: Format) -> Shared {
+        Shared {
+            format,
+            pending: Mutex::new(Vec::with_capacity(64 << 10)),
+            dropped: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            thread: OnceLock::new(),
+        }
+    }
+
+    /// Appends a line of about `len` bytes, which `write` writes straight into the buffer;
+    /// drops it when the buffer is full or the log closed.
+    fn append(&self, len: usize, write: impl FnOnce(&mut Vec<u8>)) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if self.closing.load(Ordering::Relaxed)
-            || pending.len().saturating_add(line.len()) > MAX_PENDING
-        {
+        if self.closing.load(Ordering::Relaxed) || pending.len().saturating_add(len) > MAX_PENDING {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        pending.extend_from_slice(line);
+        write(&mut pending);
     }
+}
+
+thread_local! {
+    /// Lines ready for reuse, at most [`SPARE_LINES`]. Boxed: a line is handed on as its box,
+    /// which is what is kept.
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<Line>>> = const { RefCell::new(Vec::new()) };
+}
+const SPARE_LINES: usize = 64;
+
+/// An empty line: a spare one of this thread, or a new one.
+fn spare_line() -> Box<Line> {
+    SPARE
+        .try_with(|spare| spare.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            Box::new(Line {
+                text: Vec::with_capacity(LINE_CAPACITY),
+                split: 0,
+                answer: Answer {
+                    status: 0,
+                    code: None,
+                    upstream: None,
+                    bytes_out: 0,
+                },
+                shared: None,
+            })
+        })
+}
+
+/// Keeps a written line for the next one; one a long line grew is let go.
+fn give_back(mut line: Box<Line>) {
+    if line.text.capacity() > LINE_CAPACITY.saturating_mul(4) {
+        return;
+    }
+    line.text.clear();
+    line.shared = None;
+    let _ = SPARE.try_with(|spare| {
+        if let Ok(mut spare) = spare.try_borrow_mut() {
+            if spare.len() < SPARE_LINES {
+                spare.push(line);
+            }
+        }
+    });
 }
 
 /// What a line says about a request before it is answered.
@@ -298,16 +368,20 @@ impl Shared {
 pub struct Head<'a> {
     pub time: SystemTime,
     pub request_id: &'a HeaderValue,
-    /// From a valid `traceparent` (see [`trace_id`]).
-    pub trace_id: Option<&'a str>,
     pub client: IpAddr,
     pub method: &'a Method,
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub version: Version,
+    /// The trace id (of a valid `traceparent`, see [`trace_id`]) and the user agent are read
+    /// from these.
     pub headers: &'a HeaderMap,
+    /// The request body's length when it is known (`Content-Length`, or no body); `None`
+    /// when chunked.
+    pub bytes_in: Option<u64>,
     pub route: Option<&'a str>,
-    pub key_id: Option<&'a str>,
+    /// The key id's bytes: hex digits (taken as they are, without a UTF-8 check).
+    pub key_id: Option<&'a [u8]>,
     pub namespace: Option<&'a str>,
     pub identity: Option<&'a str>,
     /// The time the gateway spent deciding.
@@ -315,14 +389,20 @@ pub struct Head<'a> {
 }
 
 /// A started line, finished with the answer: at once for the gateway's own answers, when the
-/// body ends (or is abandoned) for a streamed upstream answer.
+/// body ends (or is abandoned) for a streamed upstream answer. One pointer: it travels in the
+/// response body, which the request path moves several times.
 #[derive(Debug)]
-pub struct Pending {
-    /// The line so far: always UTF-8, since only text and ASCII go in.
+pub struct Pending(Box<Line>);
+
+#[derive(Debug)]
+struct Line {
+    /// The line but the answer's fields, which go in at `split`: always UTF-8, since only
+    /// text and ASCII go in.
     text: Vec<u8>,
-    format: Format,
-    user_agent: Option<HeaderValue>,
-    shared: Arc<Shared>,
+    split: usize,
+    answer: Answer,
+    /// `None` once written (and in a spare line).
+    shared: Option<Arc<Shared>>,
 }
 
 /// How a request was answered.
@@ -338,35 +418,47 @@ pub struct Answer {
 
 impl Pending {
     pub fn finish(mut self, answer: Answer) {
-        let out = &mut self.text;
-        match self.format {
-            Format::Json => {
-                out.extend_from_slice(b",\"status\":");
-                push_u64(out, u64::from(answer.status));
-                out.extend_from_slice(b",\"code\":");
-                json_str(out, answer.code);
-                out.extend_from_slice(b",\"upstream_us\":");
-                match answer.upstream {
-                    Some(d) => push_u64(out, micros(d)),
-                    None => out.extend_from_slice(b"null"),
+        self.0.answer = answer;
+        self.end();
+    }
+
+    /// Writes the line with the answer it holds.
+    fn end(self) {
+        let mut line = self.0;
+        let Some(shared) = line.shared.take() else {
+            return;
+        };
+        let answer = line.answer;
+        let text = &line.text;
+        let (head, tail) = text.split_at(line.split.min(text.len()));
+        // The answer's fields are at most about 100 bytes.
+        let len = text.len().saturating_add(128);
+        shared.append(len, |out| {
+            out.extend_from_slice(head);
+            match shared.format {
+                Format::Json => {
+                    out.extend_from_slice(b",\"status\":");
+                    push_u64(out, u64::from(answer.status));
+                    out.extend_from_slice(b",\"code\":");
+                    plain_str(out, answer.code);
+                    out.extend_from_slice(b",\"upstream_us\":");
+                    match answer.upstream {
+                        Some(d) => push_u64(out, micros(d)),
+                        None => out.extend_from_slice(b"null"),
+                    }
+                    out.extend_from_slice(b",\"bytes_out\":");
+                    push_u64(out, answer.bytes_out);
+                    out.extend_from_slice(b"}\n");
                 }
-                out.extend_from_slice(b",\"bytes_out\":");
-                push_u64(out, answer.bytes_out);
-                out.extend_from_slice(b"}\n");
-            }
-            Format::Combined => {
-                push_u64(out, u64::from(answer.status));
-                out.push(b' ');
-                push_u64(out, answer.bytes_out);
-                out.extend_from_slice(b" \"-\" \"");
-                match &self.user_agent {
-                    Some(ua) => escape_combined_bytes(out, ua),
-                    None => out.push(b'-'),
+                Format::Combined => {
+                    push_u64(out, u64::from(answer.status));
+                    out.push(b' ');
+                    push_u64(out, answer.bytes_out);
                 }
-                out.extend_from_slice(b"\"\n");
             }
-        }
-        self.shared.append(&self.text);
+            out.extend_from_slice(tail);
+        });
+        give_back(line);
     }
 }
 
@@ -413,7 +505,17 @@ fn write_loop(shared: &Shared, target: &Target, mut out: Box<dyn io::Write + Sen
 /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all
 /// zero, version not `ff`), or `None`.
 pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(crate::headers::TRACEPARENT)?.to_str().ok()?;
+    // A request has few headers: comparing their names (a standard one differs at once) costs
+    // less than hashing this one to look it up.
+    let value = if headers.len() <= 8 {
+        headers
+            .iter()
+            .find(|(name, _)| **name == crate::headers::TRACEPARENT)
+            .map(|(_, v)| v)
+    } else {
+        headers.get(crate::headers::TRACEPARENT)
+    };
+    let v = value?.to_str().ok()?;
     valid_traceparent(v).then(|| v.get(3..35)).flatten()
 }
 
@@ -455,7 +557,7 @@ pub fn new_traceparent(request_id: &HeaderValue) -> Option<HeaderValue> {
 /// Finishes `line` with `response`: at once for a body of the gateway's own, when the body
 /// ends or is dropped for a streamed one.
 pub fn finish(
-    response: Response<ResponseBody>,
+    mut response: Response<ResponseBody>,
     line: Option<Pending>,
     code: Option<&'static str>,
     upstream: Option<Duration>,
@@ -469,58 +571,56 @@ pub fn finish(
         upstream,
         bytes_out: 0,
     };
-    match response.body() {
-        ResponseBody::Full(bytes) => {
-            let bytes_out = bytes.as_ref().map_or(0, |b| b.len() as u64);
+    let body = response.body_mut();
+    match std::mem::replace(body, ResponseBody::empty()) {
+        ResponseBody::Upstream(inner) => {
+            let mut line = line;
+            line.0.answer = answer;
+            *body = ResponseBody::Logged(LoggedBody {
+                inner,
+                line: Some(line),
+            });
+        }
+        other => {
+            // A body of the gateway's own is whole already; a logged one (never made so) was
+            // counted by a line of its own.
+            let bytes_out = match &other {
+                ResponseBody::Full(bytes) => bytes.as_ref().map_or(0, |b| b.len() as u64),
+                _ => 0,
+            };
             line.finish(Answer {
                 bytes_out,
                 ..answer
             });
-            response
-        }
-        _ => {
-            response.map(|body| ResponseBody::Logged(Box::new(LoggedBody::new(body, line, answer))))
+            *body = other;
         }
     }
+    response
 }
 
-/// A streamed answer whose line is written when it ends, with the bytes it carried.
+/// A streamed answer whose line is written when it ends, with the bytes it carried. The line
+/// (from a per-thread stock, not allocated) is held by one pointer, so the response body
+/// stays as small as the upstream's own.
 #[derive(Debug)]
 pub struct LoggedBody {
-    pub(crate) inner: ResponseBody,
+    pub(crate) inner: UpstreamBody,
     line: Option<Pending>,
-    answer: Answer,
 }
 
 impl LoggedBody {
-    fn new(inner: ResponseBody, line: Pending, answer: Answer) -> Self {
-        LoggedBody {
-            inner,
-            line: Some(line),
-            answer,
-        }
-    }
-
     pub(crate) fn count(&mut self, bytes: usize) {
-        self.answer.bytes_out = self.answer.bytes_out.saturating_add(bytes as u64);
+        if let Some(line) = &mut self.line {
+            let answer = &mut line.0.answer;
+            answer.bytes_out = answer.bytes_out.saturating_add(bytes as u64);
+        }
     }
 }
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         if let Some(line) = self.line.take() {
-            line.finish(self.answer);
+            line.end();
         }
-    }
-}
-
-/// The request body's declared length: `Content-Length`, 0 without a body, `None` when it
-/// is chunked.
-fn body_length(headers: &HeaderMap) -> Option<u64> {
-    match headers.get(http::header::CONTENT_LENGTH) {
-        Some(v) => v.to_str().ok()?.trim().parse().ok(),
-        None if headers.contains_key(http::header::TRANSFER_ENCODING) => None,
-        None => Some(0),
     }
 }
 
@@ -558,53 +658,113 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Decimal digits, without the formatting machinery (this runs several times a line).
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start = start.saturating_sub(1);
-        if let Some(d) = digits.get_mut(start) {
-            *d = b'0'.saturating_add((n % 10) as u8);
-        }
-        n /= 10;
-        if n == 0 || start == 0 {
-            break;
-        }
+/// `00` to `99`, for writing numbers two digits at a time.
+// Evaluated when the crate is built: an overflow or an index out of range fails the build.
+#[allow(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+const PAIRS: [[u8; 2]; 100] = {
+    let mut t = [[0u8; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
     }
-    out.extend_from_slice(digits.get(start..).unwrap_or_default());
-}
+    t
+};
 
-/// `n` as at least `width` digits, zero-padded.
-fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let mut digits: usize = 1;
-    let mut rest = n / 10;
-    while rest > 0 {
-        digits = digits.saturating_add(1);
-        rest /= 10;
+/// Each octet's digits, then a dot, and how many digits: `(*b"7.\0\0", 1)`.
+// Evaluated when the crate is built: an overflow or an index out of range fails the build.
+#[allow(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+const OCTETS: [([u8; 4], usize); 256] = {
+    let mut t = [([0u8; 4], 0usize); 256];
+    let mut i = 0;
+    while i < 256 {
+        let d = [
+            b'0' + (i / 100) as u8,
+            b'0' + (i / 10 % 10) as u8,
+            b'0' + (i % 10) as u8,
+        ];
+        t[i] = if i >= 100 {
+            ([d[0], d[1], d[2], b'.'], 3)
+        } else if i >= 10 {
+            ([d[1], d[2], b'.', 0], 2)
+        } else {
+            ([d[2], b'.', 0, 0], 1)
+        };
+        i += 1;
     }
-    for _ in digits..width {
-        out.push(b'0');
+    t
+};
+
+/// Decimal digits, two at a time, without the formatting machinery (this runs several times a
+/// line). The digits are copied as a whole array, then the unused end cut: a copy of a known
+/// size costs a few moves, one of a varying size a call.
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let pair = |n: u64| {
+        usize::try_from(n)
+            .ok()
+            .and_then(|i| PAIRS.get(i))
+            .copied()
+            .unwrap_or(*b"00")
+    };
+    // Most numbers in a line are short: compared before the general count.
+    let len = match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1_000..=9_999 => 4,
+        _ => n.checked_ilog10().map_or(1, |l| l.saturating_add(1)) as usize,
+    };
+    let mut digits = [0u8; 20];
+    let mut put = |at: usize, two: [u8; 2]| {
+        if let Some(d) = digits.get_mut(at..).and_then(|d| d.first_chunk_mut::<2>()) {
+            *d = two;
+        }
+    };
+    let mut end = len;
+    while n >= 100 {
+        end = end.saturating_sub(2);
+        put(end, pair(n % 100));
+        n /= 100;
     }
-    push_u64(out, n);
+    if n >= 10 {
+        put(0, pair(n));
+    } else {
+        let [_, one] = pair(n);
+        if let Some(d) = digits.first_mut() {
+            *d = one;
+        }
+    }
+    let kept = out.len().saturating_add(len);
+    out.extend_from_slice(&digits);
+    out.truncate(kept);
 }
 
 fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
+            // Each octet's digits and a dot from a table, on the stack, then copied once
+            // without the last dot.
+            let mut text = [0u8; 16];
+            let mut len = 0usize;
+            for octet in v4.octets() {
+                let (digits, n) = OCTETS.get(usize::from(octet)).copied().unwrap_or_default();
+                if let Some(d) = text.get_mut(len..).and_then(|d| d.first_chunk_mut::<4>()) {
+                    *d = digits;
                 }
-                let digit = |d: u8| b'0'.saturating_add(d % 10);
-                if octet >= 100 {
-                    out.push(digit(octet / 100));
-                }
-                if octet >= 10 {
-                    out.push(digit(octet / 10));
-                }
-                out.push(digit(octet));
+                len = len.saturating_add(n).saturating_add(1);
             }
+            // Copied whole (a known size), then cut after the last digit.
+            let kept = out.len().saturating_add(len.saturating_sub(1));
+            out.extend_from_slice(&text);
+            out.truncate(kept);
         }
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
@@ -613,6 +773,7 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
 }
 
 /// A JSON string, or `null`.
+#[inline(always)]
 fn json_str(out: &mut Vec<u8>, text: Option<&str>) {
     match text {
         Some(t) => {
@@ -624,14 +785,96 @@ fn json_str(out: &mut Vec<u8>, text: Option<&str>) {
     }
 }
 
+/// A JSON string of text known to need no escaping, or `null`.
+#[inline(always)]
+fn plain_str(out: &mut Vec<u8>, text: Option<&str>) {
+    plain_bytes(out, text.map(str::as_bytes));
+}
+
+/// [`plain_str`] of ASCII bytes.
+#[inline(always)]
+fn plain_bytes(out: &mut Vec<u8>, text: Option<&[u8]>) {
+    match text {
+        Some(t) => {
+            out.push(b'"');
+            out.extend_from_slice(t);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any of the eight bytes in `x` is below `n` (at most 0x80).
+const fn any_below(x: u64, n: u8) -> bool {
+    x.wrapping_sub(LOW_BITS.wrapping_mul(n as u64)) & !x & HIGH_BITS != 0
+}
+
+/// Whether any of the eight bytes in `x` is `b`.
+const fn any_equal(x: u64, b: u8) -> bool {
+    any_below(x ^ LOW_BITS.wrapping_mul(b as u64), 1)
+}
+
+/// Whether every byte of `bytes` passes `plain`, checked eight at a time by `chunk_plain`:
+/// nearly every field needs no escaping, and this says so in a few steps a field.
+fn all_plain(bytes: &[u8], chunk_plain: impl Fn(u64) -> bool, plain: impl Fn(u8) -> bool) -> bool {
+    let chunks = bytes.chunks_exact(8);
+    let tail = chunks.remainder();
+    chunks
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .all(chunk_plain)
+        && tail.iter().all(|&b| plain(b))
+}
+
+fn json_plain_byte(b: u8) -> bool {
+    b >= 0x20 && b != 0x7f && b != b'"' && b != b'\\'
+}
+
+fn json_plain(text: &str) -> bool {
+    all_plain(
+        text.as_bytes(),
+        |x| {
+            !(any_below(x, 0x20) || any_equal(x, b'"') || any_equal(x, b'\\') || any_equal(x, 0x7f))
+        },
+        json_plain_byte,
+    )
+}
+
+fn combined_plain_byte(b: u8) -> bool {
+    (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\'
+}
+
+fn combined_plain(bytes: &[u8]) -> bool {
+    all_plain(
+        bytes,
+        |x| {
+            x & HIGH_BITS == 0
+                && !(any_below(x, 0x20)
+                    || any_equal(x, b'"')
+                    || any_equal(x, b'\\')
+                    || any_equal(x, 0x7f))
+        },
+        combined_plain_byte,
+    )
+}
+
 /// JSON string content: quotes, backslashes and control characters escaped, the rest copied
 /// in runs as it is (valid UTF-8 already), so a line is always valid JSON.
+#[inline(always)]
 fn escape_json(out: &mut Vec<u8>, text: &str) {
+    if json_plain(text) {
+        out.extend_from_slice(text.as_bytes());
+    } else {
+        escape_json_slowly(out, text);
+    }
+}
+
+#[inline(never)]
+fn escape_json_slowly(out: &mut Vec<u8>, text: &str) {
     let mut rest = text;
-    while let Some(at) = rest
-        .bytes()
-        .position(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\')
-    {
+    while let Some(at) = rest.bytes().position(|b| !json_plain_byte(b)) {
         // The byte found is ASCII, so both slices start and end on characters.
         out.extend_from_slice(rest.get(..at).unwrap_or_default().as_bytes());
         match rest.as_bytes().get(at).copied().unwrap_or(b' ') {
@@ -649,14 +892,15 @@ fn escape_json(out: &mut Vec<u8>, text: &str) {
 /// Text inside a combined line's quotes, escaped as nginx does: `"`, `\`, and every byte
 /// outside visible ASCII as `\xHH`.
 fn escape_combined(out: &mut Vec<u8>, text: &str) {
+    if combined_plain(text.as_bytes()) {
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
     let escape = |out: &mut Vec<u8>, b: u8| {
         let _ = write!(out, "\\x{b:02X}");
     };
     let mut rest = text;
-    while let Some(at) = rest
-        .bytes()
-        .position(|b| !(0x20..=0x7e).contains(&b) || b == b'"' || b == b'\\')
-    {
+    while let Some(at) = rest.bytes().position(|b| !combined_plain_byte(b)) {
         out.extend_from_slice(rest.get(..at).unwrap_or_default().as_bytes());
         // A character outside ASCII is escaped byte by byte, as nginx writes it.
         let tail = rest.get(at..).unwrap_or_default();
@@ -675,7 +919,7 @@ fn escape_combined_bytes(out: &mut Vec<u8>, value: &HeaderValue) {
         Ok(text) => escape_combined(out, text),
         Err(_) => {
             for &b in value.as_bytes() {
-                if (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\' {
+                if combined_plain_byte(b) {
                     out.push(b);
                 } else {
                     let _ = write!(out, "\\x{b:02X}");
@@ -687,63 +931,80 @@ fn escape_combined_bytes(out: &mut Vec<u8>, value: &HeaderValue) {
 
 /// The text of one second, as each format writes it, kept per thread: lines in the same
 /// second (nearly all of them) copy it instead of computing a calendar date.
-#[derive(Default)]
+#[derive(Debug, Clone, Copy)]
 struct SecondText {
-    second: Option<i64>,
-    rfc3339: String,
-    common: String,
+    second: u64,
+    /// `2026-12-07T03:20:00`
+    rfc3339: [u8; 19],
+    /// `07/Dec/2026:03:20:00 +0000`
+    common: [u8; 26],
 }
 
 thread_local! {
-    static SECOND: std::cell::RefCell<SecondText> = std::cell::RefCell::default();
+    static SECOND: Cell<Option<SecondText>> = const { Cell::new(None) };
 }
 
-fn with_second<R>(t: SystemTime, f: impl FnOnce(&SecondText, u32) -> R) -> R {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let second = i64::try_from(d.as_secs()).unwrap_or(0);
-    SECOND.with(|cell| {
-        let mut text = cell.borrow_mut();
-        if text.second != Some(second) {
-            const MONTHS: [&str; 12] = [
-                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-            ];
-            // `2026-12-07T03:20:00Z`, cut into the pieces both formats need.
-            let whole = UNIX_EPOCH
-                .checked_add(Duration::from_secs(d.as_secs()))
-                .unwrap_or(UNIX_EPOCH);
-            let iso = humantime::format_rfc3339_seconds(whole).to_string();
-            let part = |from: usize, to: usize| iso.get(from..to).unwrap_or("00");
-            let month = part(5, 7).parse::<usize>().unwrap_or(1);
-            let name = MONTHS.get(month.saturating_sub(1)).unwrap_or(&"Jan");
-            text.rfc3339.clear();
-            text.rfc3339.push_str(part(0, 19));
-            text.common.clear();
-            let _ = write!(
-                text.common,
-                "{}/{name}/{}:{} +0000",
-                part(8, 10),
-                part(0, 4),
-                part(11, 19)
-            );
-            text.second = Some(second);
-        }
-        f(&text, d.subsec_millis())
-    })
+fn second_text(second: u64) -> SecondText {
+    if let Some(text) = SECOND
+        .try_with(Cell::get)
+        .ok()
+        .flatten()
+        .filter(|t| t.second == second)
+    {
+        return text;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    // `2026-12-07T03:20:00Z`, cut into the pieces both formats need.
+    let whole = UNIX_EPOCH
+        .checked_add(Duration::from_secs(second))
+        .unwrap_or(UNIX_EPOCH);
+    let iso = humantime::format_rfc3339_seconds(whole).to_string();
+    let part = |from: usize, to: usize| iso.get(from..to).unwrap_or("00");
+    let month = part(5, 7).parse::<usize>().unwrap_or(1);
+    let name = MONTHS.get(month.saturating_sub(1)).unwrap_or(&"Jan");
+    let common = format!(
+        "{}/{name}/{}:{} +0000",
+        part(8, 10),
+        part(0, 4),
+        part(11, 19)
+    );
+    // A wall clock past the year 9999 (the only way these are not of this length) writes
+    // the epoch.
+    let text = SecondText {
+        second,
+        rfc3339: iso
+            .as_bytes()
+            .get(..19)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or(*b"1970-01-01T00:00:00"),
+        common: common
+            .as_bytes()
+            .try_into()
+            .unwrap_or(*b"01/Jan/1970:00:00:00 +0000"),
+    };
+    let _ = SECOND.try_with(|cell| cell.set(Some(text)));
+    text
 }
 
 /// `2026-12-07T03:20:00.123Z`.
 pub(crate) fn write_rfc3339_millis(out: &mut Vec<u8>, t: SystemTime) {
-    with_second(t, |text, ms| {
-        out.extend_from_slice(text.rfc3339.as_bytes());
-        out.push(b'.');
-        push_padded(out, u64::from(ms), 3);
-        out.push(b'Z');
-    });
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let text = second_text(d.as_secs());
+    out.extend_from_slice(&text.rfc3339);
+    // Below 1,000: three digits.
+    let ms = d.subsec_millis();
+    // Each digit is below 10: the cast to a byte keeps it whole.
+    #[allow(clippy::cast_possible_truncation)]
+    let digit = |n: u32| b'0'.saturating_add((n % 10) as u8);
+    out.extend_from_slice(&[b'.', digit(ms / 100), digit(ms / 10), digit(ms), b'Z']);
 }
 
 /// `07/Dec/2026:03:20:00 +0000`.
 fn write_common_log_time(out: &mut Vec<u8>, t: SystemTime) {
-    with_second(t, |text, _| out.extend_from_slice(text.common.as_bytes()));
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    out.extend_from_slice(&second_text(d.as_secs()).common);
 }
 
 #[cfg(test)]
@@ -809,25 +1070,23 @@ mod tests {
         assert!(trace_id(&h).is_some());
     }
 
+    fn append(shared: &Shared, line: &[u8]) {
+        shared.append(line.len(), |out| out.extend_from_slice(line));
+    }
+
     #[test]
     fn a_full_buffer_drops_lines_and_counts_them() {
-        let shared = Shared {
-            pending: Mutex::new(Vec::new()),
-            dropped: AtomicU64::new(0),
-            reopen: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
-            thread: OnceLock::new(),
-        };
+        let shared = Shared::new(Format::Json);
         let line = [b'x'; 1000];
         // No writer takes the buffer: it fills, then every further line is dropped.
         for _ in 0..(MAX_PENDING / line.len() + 10) {
-            shared.append(&line);
+            append(&shared, &line);
         }
         let kept = shared.pending.lock().unwrap().len();
         assert_eq!(kept, MAX_PENDING / line.len() * line.len());
         assert_eq!(shared.dropped.load(Ordering::Relaxed), 10);
         shared.closing.store(true, Ordering::Relaxed);
-        shared.append(b"late\n");
+        append(&shared, b"late\n");
         assert_eq!(
             shared.dropped.load(Ordering::Relaxed),
             11,
@@ -846,12 +1105,74 @@ mod tests {
         };
         let log = AccessLog::open(&config, &dir.path().join("keygate.yaml")).unwrap();
         for i in 0..1000 {
-            log.shared.append(format!("{i}\n").as_bytes());
+            append(&log.shared, format!("{i}\n").as_bytes());
         }
         log.close();
         let text = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
         assert_eq!(text.lines().count(), 1000);
         assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn close_writes_the_lines_of_every_thread_and_each_line_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AccessLogConfig {
+            path: "a.log".into(),
+            format: Format::Json,
+            sample: 1.0,
+            query: false,
+        };
+        let log = Arc::new(AccessLog::open(&config, &dir.path().join("keygate.yaml")).unwrap());
+        // Each thread still alive (its per-thread state not torn down) when the log closes.
+        let threads = 9;
+        let written = Arc::new(std::sync::Barrier::new(threads + 1));
+        let closed = Arc::new(std::sync::Barrier::new(threads + 1));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (log, written, closed) = (log.clone(), written.clone(), closed.clone());
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        append(
+                            &log.shared,
+                            format!("{t} {i} {}\n", "x".repeat(i % 90)).as_bytes(),
+                        );
+                    }
+                    written.wait();
+                    closed.wait();
+                })
+            })
+            .collect();
+        written.wait();
+        log.close();
+        closed.wait();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let text = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let mut words = line.split(' ');
+            let (t, i) = (words.next().unwrap(), words.next().unwrap());
+            let i: usize = i.parse().unwrap();
+            assert_eq!(words.next().unwrap(), "x".repeat(i % 90), "a whole line");
+            assert!(seen.insert((t.to_string(), i)), "once");
+        }
+        assert_eq!(seen.len(), threads * 500);
+        assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn line_buffers_are_reused_and_long_ones_let_go() {
+        let mut line = spare_line();
+        line.text.extend_from_slice(b"a line");
+        let at: *const Line = &*line;
+        give_back(line);
+        let mut again = spare_line();
+        assert!(again.text.is_empty());
+        assert!(std::ptr::eq(&*again, at), "the same line");
+        again.text.resize(LINE_CAPACITY * 8, b'x');
+        give_back(again);
+        assert_eq!(spare_line().text.capacity(), LINE_CAPACITY, "a new one");
     }
 
     #[test]
@@ -865,19 +1186,51 @@ mod tests {
 
     #[test]
     fn numbers_and_addresses_are_written_by_hand_as_fmt_would() {
-        for n in [0, 7, 10, 999, 1_000_000, u64::MAX] {
+        for n in (0..100_000).chain([999_999, 1_000_000, 12_345_678_901, u64::MAX]) {
             let mut out = Vec::new();
             push_u64(&mut out, n);
             assert_eq!(text(&out), n.to_string());
-            out.clear();
-            push_padded(&mut out, n, 3);
-            assert_eq!(text(&out), format!("{n:03}"));
         }
-        for ip in ["10.0.0.255", "0.0.0.0", "192.168.100.9", "2001:db8::1"] {
+        for ip in [
+            "10.0.0.255",
+            "0.0.0.0",
+            "192.168.100.9",
+            "255.255.255.255",
+            "1.22.203.4",
+            "2001:db8::1",
+        ] {
             let mut out = Vec::new();
             push_ip(&mut out, ip.parse().unwrap());
             assert_eq!(text(&out), ip);
         }
+    }
+
+    #[test]
+    fn the_eight_byte_checks_agree_with_the_byte_checks() {
+        // Every byte in every place of a chunk, among plain and non-ASCII neighbours.
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                for fill in [b'a', 0xc3, 0x80, 0xff, 0x21] {
+                    let mut bytes = [fill; 8];
+                    bytes[at] = b;
+                    let json = bytes.iter().all(|&c| json_plain_byte(c));
+                    let combined = bytes.iter().all(|&c| combined_plain_byte(c));
+                    let x = u64::from_le_bytes(bytes);
+                    let json_chunk = !(any_below(x, 0x20)
+                        || any_equal(x, b'"')
+                        || any_equal(x, b'\\')
+                        || any_equal(x, 0x7f));
+                    assert_eq!(json_chunk, json, "{bytes:?}");
+                    assert_eq!(combined_plain(&bytes), combined, "{bytes:?}");
+                    let mut longer = bytes.to_vec();
+                    longer.extend_from_slice(b"abc");
+                    assert_eq!(combined_plain(&longer), combined, "{longer:?}");
+                }
+            }
+        }
+        assert!(json_plain("/v1/items/é/42"));
+        assert!(!json_plain("/v1/items/\"x"));
+        assert!(!json_plain("/v1/items/12345\\"));
     }
 
     #[test]

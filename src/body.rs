@@ -14,8 +14,8 @@ use hyper::body::Incoming;
 pub enum ResponseBody {
     Upstream(crate::pipeline::forward::UpstreamBody),
     Full(Option<Bytes>),
-    /// An answer the access log counts, and logs when it ends.
-    Logged(Box<crate::access_log::LoggedBody>),
+    /// The upstream's body, which the access log counts, and logs when it ends.
+    Logged(crate::access_log::LoggedBody),
 }
 
 impl ResponseBody {

@@ -221,8 +221,8 @@ pub(crate) struct Logged<'r> {
 }
 
 impl<'r> Logged<'r> {
-    pub(crate) fn of<B>(
-        req: &'r Request<B>,
+    pub(crate) fn of(
+        req: &'r Request<Incoming>,
         time: std::time::SystemTime,
         request_id: &'r HeaderValue,
         client: IpAddr,
@@ -232,13 +232,14 @@ impl<'r> Logged<'r> {
             head: access_log::Head {
                 time,
                 request_id,
-                trace_id: access_log::trace_id(req.headers()),
                 client,
                 method: req.method(),
                 path: req.uri().path(),
                 query: req.uri().query(),
                 version: req.version(),
                 headers: req.headers(),
+                // Exact for a `Content-Length` or no body, unknown for a chunked one.
+                bytes_in: http_body::Body::size_hint(req.body()).exact(),
                 route: None,
                 key_id: None,
                 namespace: None,
@@ -257,7 +258,7 @@ impl<'r> Logged<'r> {
     ) -> access_log::Head<'r> {
         self.head.route = route.map(|r| r.name.as_str());
         if let Some(key) = key {
-            self.head.key_id = Some(key.id.as_str());
+            self.head.key_id = Some(key.id.as_bytes());
             self.head.namespace = Some(key.namespace.as_str());
             self.head.identity = identity_of(snapshot, key).map(|i| &*i.id);
         }

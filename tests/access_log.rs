@@ -297,6 +297,70 @@ async fn the_combined_format_reads_as_nginx_writes_it_and_samples_accepted_reque
     assert!(refused.starts_with("127.0.0.1 - - ["), "{refused}");
 }
 
+/// With two workers, each appending to a buffer of its own, every line reaches the file when
+/// the gateway drains: the last ones still wait in those buffers when it stops. The request
+/// body's length is the line's `bytes_in`, and unknown (`null`) for a chunked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lines_of_every_worker_reach_the_file_at_the_drain() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = route("/", up.addr, "production", "");
+    let extra = "workers: 2\naccess_log:\n  path: access.log\n  format: json\n";
+    write(
+        &dir.path().join("keygate.yaml"),
+        &config_yaml(&routes, extra),
+    );
+    let good = create_key_json(dir.path(), &[]);
+    let key = good["key"].as_str().unwrap().to_string();
+    let mut gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &[]);
+    let (proxy, _) = gw.addresses();
+    // Sixteen clients at once, so that both workers answer.
+    let clients: Vec<_> = (0..16)
+        .map(|c| {
+            let key = key.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    let r = send(
+                        Req::post(proxy, &format!("/c{c}/{i}"))
+                            .bearer(&key)
+                            .body("x".repeat(i)),
+                    )
+                    .await;
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let chunked = send(
+        Req::post(proxy, "/chunked")
+            .bearer(&key)
+            .header("transfer-encoding", "chunked")
+            .body("hello"),
+    )
+    .await;
+    assert_eq!(chunked.status, 200);
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    let lines = json_lines(dir.path());
+    assert_eq!(lines.len(), 16 * 25 + 1, "one line per request");
+    let mut paths = std::collections::BTreeSet::new();
+    for line in &lines {
+        let path = line["path"].as_str().unwrap();
+        if path == "/chunked" {
+            assert_eq!(line["bytes_in"], Value::Null, "chunked: {line}");
+            continue;
+        }
+        assert!(paths.insert(path.to_string()), "once: {path}");
+        let i: u64 = path.rsplit('/').next().unwrap().parse().unwrap();
+        assert_eq!(line["bytes_in"], i, "{line}");
+        assert_eq!(line["status"], 200);
+    }
+    assert_eq!(paths.len(), 16 * 25);
+}
+
 #[test]
 fn a_bad_access_log_setting_is_a_located_config_error() {
     let dir = tempfile::tempdir().unwrap();
