@@ -621,8 +621,8 @@ pub struct Limits {
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout: String,
     /// A connection (HTTP/1 keep-alive or HTTP/2) with no request in flight for this long is
-    /// closed, 1s to 1h; it is closed between one and two times this after its last request
-    /// ended. Default `60s`.
+    /// closed, 1s to 1h; it is closed at most half a `header_read_timeout` later than that.
+    /// Default `60s`.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: String,
     /// Largest total size of request headers, 8KiB to 16MiB. Default `64KiB`.
