@@ -201,7 +201,7 @@ async fn idle_http2_connections_are_closed_and_cannot_fill_the_cap() {
     }
 
     // A client that made a request and then went quiet is closed too, after idle_timeout
-    // (between one and two of them); the bound here is generous for a loaded machine.
+    // (at most half a header timeout later); the bound here is generous for a loaded machine.
     let tcp = TcpStream::connect(s.proxy).await.unwrap();
     let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
     let closed = tokio::spawn(conn);
