@@ -1094,8 +1094,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn close_writes_every_line_appended_before_it() {
+    /// A JSON access log writing `a.log` in a new temporary directory.
+    fn json_log_in_temp_dir() -> (tempfile::TempDir, AccessLog) {
         let dir = tempfile::tempdir().unwrap();
         let config = AccessLogConfig {
             path: "a.log".into(),
@@ -1104,6 +1104,12 @@ mod tests {
             query: false,
         };
         let log = AccessLog::open(&config, &dir.path().join("keygate.yaml")).unwrap();
+        (dir, log)
+    }
+
+    #[test]
+    fn close_writes_every_line_appended_before_it() {
+        let (dir, log) = json_log_in_temp_dir();
         for i in 0..1000 {
             append(&log.shared, format!("{i}\n").as_bytes());
         }
@@ -1115,14 +1121,8 @@ mod tests {
 
     #[test]
     fn close_writes_the_lines_of_every_thread_and_each_line_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = AccessLogConfig {
-            path: "a.log".into(),
-            format: Format::Json,
-            sample: 1.0,
-            query: false,
-        };
-        let log = Arc::new(AccessLog::open(&config, &dir.path().join("keygate.yaml")).unwrap());
+        let (dir, log) = json_log_in_temp_dir();
+        let log = Arc::new(log);
         // Each thread still alive (its per-thread state not torn down) when the log closes.
         let threads = 9;
         let written = Arc::new(std::sync::Barrier::new(threads + 1));

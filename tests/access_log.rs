@@ -17,6 +17,16 @@ use support::*;
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// Every line of the access logs in `dir` (`access.log*`), parsed, oldest file first.
+/// A gateway's directory with `routes` and `extra` as its config.
+fn configured(routes: &str, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("keygate.yaml"),
+        &config_yaml(routes, extra),
+    );
+    dir
+}
+
 fn json_lines(dir: &Path) -> Vec<Value> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -55,7 +65,6 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 async fn every_request_gets_one_line_with_its_fields_and_sigusr1_reopens() {
     let up = Upstream::start().await;
     let closed = free_local_port();
-    let dir = tempfile::tempdir().unwrap();
     let routes = format!(
         "{}{}{}",
         route("/api", up.addr, "production", "name: api"),
@@ -63,10 +72,7 @@ async fn every_request_gets_one_line_with_its_fields_and_sigusr1_reopens() {
         route("/down", closed, "production", "name: down")
     );
     let extra = "access_log:\n  path: access.log\n  format: json\n  query: true\ntracing:\n  generate_traceparent: true\n";
-    write(
-        &dir.path().join("keygate.yaml"),
-        &config_yaml(&routes, extra),
-    );
+    let dir = configured(&routes, extra);
     let good = create_key_json(dir.path(), &[]);
     let key = good["key"].as_str().unwrap().to_string();
     let key_id = good["id"].as_str().unwrap().to_string();
@@ -247,13 +253,8 @@ async fn every_request_gets_one_line_with_its_fields_and_sigusr1_reopens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_combined_format_reads_as_nginx_writes_it_and_samples_accepted_requests() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let routes = route("/", up.addr, "production", "");
     let extra = "access_log:\n  path: access.log\n  format: combined\n  sample: 0.25\n";
-    write(
-        &dir.path().join("keygate.yaml"),
-        &config_yaml(&routes, extra),
-    );
+    let dir = configured(&route("/", up.addr, "production", ""), extra);
     let good = create_key_json(dir.path(), &[]);
     let key = good["key"].as_str().unwrap();
     let mut gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &[]);
@@ -297,19 +298,14 @@ async fn the_combined_format_reads_as_nginx_writes_it_and_samples_accepted_reque
     assert!(refused.starts_with("127.0.0.1 - - ["), "{refused}");
 }
 
-/// With two workers, each appending to a buffer of its own, every line reaches the file when
-/// the gateway drains: the last ones still wait in those buffers when it stops. The request
-/// body's length is the line's `bytes_in`, and unknown (`null`) for a chunked one.
+/// With two workers appending at once, every line reaches the file when the gateway drains,
+/// the last ones still waiting for the writer when it stops. The request body's length is the
+/// line's `bytes_in`, and unknown (`null`) for a chunked one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lines_of_every_worker_reach_the_file_at_the_drain() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let routes = route("/", up.addr, "production", "");
     let extra = "workers: 2\naccess_log:\n  path: access.log\n  format: json\n";
-    write(
-        &dir.path().join("keygate.yaml"),
-        &config_yaml(&routes, extra),
-    );
+    let dir = configured(&route("/", up.addr, "production", ""), extra);
     let good = create_key_json(dir.path(), &[]);
     let key = good["key"].as_str().unwrap().to_string();
     let mut gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &[]);
