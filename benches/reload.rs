@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use keygate::clock::Clock;
 use keygate::config::{Config, RouteConfig};
 use keygate::keys::{format, hex, KeyRecord, Status, Store, StoreFile};
 use keygate::metrics::Metrics;
@@ -56,7 +55,7 @@ fn reload(c: &mut Criterion) {
     drop(lock);
 
     let (limiters, usage, metrics) = (
-        Limiters::new(Clock::real()),
+        Limiters::new(),
         UsageBook::in_memory(),
         Metrics::default(),
     );
@@ -95,7 +94,7 @@ fn key_change(c: &mut Criterion) {
         ..Config::default()
     };
     let (limiters, usage, metrics) = (
-        Limiters::new(Clock::real()),
+        Limiters::new(),
         UsageBook::in_memory(),
         Metrics::default(),
     );

@@ -91,7 +91,7 @@ fn snapshot_with(
 
 fn verify(c: &mut Criterion) {
     let clock = Clock::real();
-    let limiters = Limiters::new(clock.clone());
+    let limiters = Limiters::new();
     let usage = UsageBook::in_memory();
     let lockouts = Lockouts::default();
     let credits = CreditBook::in_memory();

@@ -488,9 +488,8 @@ mod tests {
     fn world(rules: &str) -> (Snapshot, UsageBook) {
         let yaml = format!("tiers: {{pro: {{quota: 10/day}}}}\nnamespaces: {{acme: {{tier: pro}}}}\nalerts:\n  rules:\n{rules}");
         let config: Config = parse_yaml(Path::new("a.yaml"), &yaml).unwrap();
-        let clock = crate::clock::Clock::fake(std::time::UNIX_EPOCH);
         let (limiters, metrics, usage) = (
-            Limiters::new(clock),
+            Limiters::new(),
             Metrics::default(),
             UsageBook::in_memory(),
         );

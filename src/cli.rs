@@ -458,7 +458,7 @@ fn serve(config_path: &Path) -> Result<(), String> {
 }
 
 fn check(config_path: &Path) -> Result<(), String> {
-    let limiters = Limiters::new(Clock::real());
+    let limiters = Limiters::new();
     let usage = UsageBook::in_memory();
     let metrics = crate::metrics::Metrics::default();
     let ctx = BuildContext {

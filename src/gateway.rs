@@ -107,7 +107,7 @@ impl Gateway {
         let token_use = TokenUse::open(crate::state::token_use::book_path(
             &config.usage_path(config_path),
         ));
-        let limiters = Limiters::new(clock.clone());
+        let limiters = Limiters::new();
         let metrics = Metrics::default();
         let snapshot = Snapshot::load(&BuildContext {
             config_path,

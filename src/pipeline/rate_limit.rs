@@ -2,8 +2,6 @@
 //! ([`crate::state::limiters`]). It runs last, so refused requests never spend a key's
 //! budget.
 
-use governor::clock::Clock as _;
-
 use crate::clock::Clock;
 use crate::policy::rate::{ceil_secs, Budget};
 use crate::state::limiters::{admit_all, KeyLimiter};
@@ -16,18 +14,18 @@ pub fn admit(
     sets: &[&KeyLimiter],
     clock: &Clock,
 ) -> Result<(Option<Budget>, Vec<Budget>), (u64, Budget)> {
+    let now = clock.monotonic_nanos();
     let mut first = None;
     // One allocation, and none for a single limit.
     let limits: usize = sets.iter().map(|s| s.limits.len()).sum();
     let mut more = Vec::with_capacity(limits.saturating_sub(1));
-    let spent = admit_all(sets, |limit, state| {
-        let remaining = state.remaining_burst_capacity();
+    let spent = admit_all(sets, now, |limit, remaining| {
         let missing = limit.policy.burst.saturating_sub(remaining);
         let budget = Budget {
             name: limit.name.clone(),
             limit: u64::from(limit.policy.burst),
             remaining: u64::from(remaining),
-            reset: ceil_secs(limit.interval.saturating_mul(missing)),
+            reset: ceil_secs(limit.interval().saturating_mul(missing)),
         };
         if first.is_none() {
             first = Some(budget);
@@ -38,8 +36,8 @@ pub fn admit(
     match spent {
         Ok(()) => Ok((first, more)),
         Err((limit, not_until)) => {
-            let wait = not_until.wait_time_from(clock.now());
-            let full = limit.interval.saturating_mul(limit.policy.burst);
+            let wait = std::time::Duration::from_nanos(not_until.saturating_sub(now));
+            let full = limit.interval().saturating_mul(limit.policy.burst);
             Err((
                 ceil_secs(wait).max(1),
                 Budget {
@@ -63,6 +61,7 @@ mod tests {
     use http::HeaderMap;
 
     use crate::config::units::Rate;
+    use crate::state::limiters::Gcra;
     use crate::policy::rate::{
         policy_header, Name, RateHeaders, RatePolicy, RATELIMIT, RATELIMIT_POLICY,
     };
@@ -77,8 +76,8 @@ mod tests {
         }
     }
 
-    fn one(p: RatePolicy, clock: &Clock) -> KeyLimiter {
-        KeyLimiter::new((Some(p), &[]), clock)
+    fn one(p: RatePolicy) -> KeyLimiter {
+        KeyLimiter::new((Some(p), &[]))
     }
 
     fn remaining(spent: &(Option<Budget>, Vec<Budget>)) -> Vec<(String, u64)> {
@@ -93,7 +92,7 @@ mod tests {
     #[test]
     fn burst_then_refusal_then_refill_on_the_fake_clock() {
         let clock = Clock::fake(UNIX_EPOCH + Duration::from_secs(1_000));
-        let limiter = one(policy(2, 1, 2), &clock);
+        let limiter = one(policy(2, 1, 2));
         let first = admit(&[&limiter], &clock).unwrap();
         assert_eq!(remaining(&first), [("key".to_string(), 1)]);
         assert!(first.1.is_empty(), "one limit: nothing allocated for more");
@@ -116,7 +115,7 @@ mod tests {
             ("second".into(), policy(10, 3600, 10)),
             ("hour".into(), policy(3, 3600, 3)),
         ];
-        let limiter = KeyLimiter::new((None, &named), &clock);
+        let limiter = KeyLimiter::new((None, &named));
         let mut admitted = 0;
         for _ in 0..50 {
             match admit(&[&limiter], &clock) {
@@ -135,18 +134,15 @@ mod tests {
         }
         assert_eq!(admitted, 3);
         // The first limit was charged for the 3 admitted only: 7 left, 6 after this probe.
-        let left = limiter
-            .limits
-            .first()
-            .map(|l| l.gcra.check().unwrap().remaining_burst_capacity());
-        assert_eq!(left, Some(6));
+        let left = limiter.limits.first().map(|l| l.check(clock.monotonic_nanos()));
+        assert_eq!(left, Some(Gcra::Admitted { remaining: 6 }));
     }
 
     #[test]
     fn headers_follow_the_draft_syntax() {
         let clock = Clock::fake(SystemTime::UNIX_EPOCH);
         let named: Vec<(Arc<str>, RatePolicy)> = vec![("daily".into(), policy(1000, 3600, 1000))];
-        let limiter = KeyLimiter::new((Some(policy(100, 1, 200)), &named), &clock);
+        let limiter = KeyLimiter::new((Some(policy(100, 1, 200)), &named));
         let (rate, more) = admit(&[&limiter], &clock).unwrap();
         let quota = crate::policy::quota::Quota::parse("1000/day").unwrap();
         let headers = RateHeaders {
@@ -184,12 +180,12 @@ mod tests {
             (1, 3600, 1_000_000),
             (1, 3600, 1),
         ] {
-            let limiter = one(policy(count, per, burst), &clock);
+            let limiter = one(policy(count, per, burst));
             assert!(admit(&[&limiter], &clock).is_ok());
             assert!(policy_header(Some(policy(count, per, burst)), &[], None).is_some());
         }
         // Past the checked range the limiter still builds rather than abort.
-        let limiter = one(policy(u32::MAX, 1, u32::MAX), &clock);
+        let limiter = one(policy(u32::MAX, 1, u32::MAX));
         assert!(admit(&[&limiter], &clock).is_ok());
     }
 }

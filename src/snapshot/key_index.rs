@@ -765,7 +765,7 @@ pub(crate) mod tests {
             },
             burst: 10,
         });
-        let limiters = Limiters::new(crate::clock::Clock::real());
+        let limiters = Limiters::new();
         let make = || Limits {
             rate,
             named: Box::default(),

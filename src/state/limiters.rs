@@ -1,83 +1,94 @@
-//! Each key's rate limiter, a GCRA from governor, and the registry that keeps them between
-//! snapshots: keyed by key id and outside any snapshot, a reload hands each new snapshot the
-//! same limiter for an unchanged policy, so buckets survive reloads (and regeneration, which
-//! keeps the id). The request stage that spends them is [`crate::pipeline::rate_limit`].
+//! Each key's rate limiters and the registry that keeps them between snapshots: keyed by key
+//! id and outside any snapshot, a reload hands each new snapshot the same limiter for an
+//! unchanged policy, so buckets survive reloads (and regeneration, which keeps the id). The
+//! request stage that spends them is [`crate::pipeline::rate_limit`].
+//!
+//! A limit is a GCRA (the generic cell rate algorithm, as governor and keygate's Redis script
+//! count it): one number, the theoretical arrival time, moved by compare-and-swap. A key's
+//! limits lie in one allocation with their arrival times inline, so that spending a key's
+//! limits follows one pointer from the key, not one per limit and another per count.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use governor::middleware::{StateInformationMiddleware, StateSnapshot};
-use governor::nanos::Nanos;
-use governor::state::{NotKeyed, StateStore};
-use governor::{NotUntil, Quota, RateLimiter};
-
-use crate::clock::Clock;
 use crate::policy::rate::{Name, RatePolicy};
-
-pub(crate) type Gcra = RateLimiter<NotKeyed, Tat, Clock, StateInformationMiddleware>;
-type Instant = <Clock as governor::clock::Clock>::Instant;
-
-/// A GCRA's one number, its theoretical arrival time (nanoseconds since the limiter began;
-/// 0 before the first request), shared with the [`Limit`] that can put it back.
-#[derive(Debug, Clone, Default)]
-pub struct Tat(Arc<AtomicU64>);
-
-/// What governor's own in-memory state does, compare-and-swap on one word, with the word
-/// kept where [`KeyLimiter::admit_all`] can read it before and restore it after.
-impl StateStore for Tat {
-    type Key = NotKeyed;
-
-    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        let mut prev = self.0.load(Ordering::Acquire);
-        loop {
-            let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
-            match self.0.compare_exchange_weak(
-                prev,
-                next.as_u64(),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(result),
-                Err(now) => prev = now,
-            }
-        }
-    }
-}
 
 /// The most limits one request spends together: a key's rate limit and 10 named limits,
 /// and its identity's 10 (the ranges `keys::check` holds every record to), with room over.
 const SPENT_TOGETHER: usize = 24;
 
-/// One of a key's limits: its name in the `RateLimit` headers, its policy and its GCRA.
+/// One of a key's limits: its name in the `RateLimit` headers, its policy, and its GCRA.
 #[derive(Debug)]
 pub struct Limit {
+    /// The theoretical arrival time: nanoseconds on the clock's monotonic count, 0 before
+    /// the first request.
+    tat: AtomicU64,
+    /// Nanoseconds between requests at the sustained rate (at least 1).
+    emission: u64,
+    /// How far past now the arrival time may run: `emission` × (burst − 1).
+    tolerance: u64,
     pub(crate) name: Name,
     pub(crate) policy: RatePolicy,
-    /// The policy's interval, worked out once: a request's budget reads it.
-    pub(crate) interval: std::time::Duration,
-    pub(crate) gcra: Gcra,
-    tat: Tat,
+}
+
+/// A limit's answer to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gcra {
+    /// Admitted, with this many requests still allowed at once.
+    Admitted { remaining: u32 },
+    /// Refused: the next request is admitted at this time (the clock's nanoseconds).
+    NotUntil(u64),
 }
 
 impl Limit {
-    fn new(name: Name, policy: RatePolicy, clock: &Clock) -> Self {
-        let burst = NonZeroU32::new(policy.burst).unwrap_or(NonZeroU32::MIN);
-        // `interval` is never zero, so the fallback is never taken; it keeps this total.
-        let quota = Quota::with_period(policy.interval())
-            .unwrap_or_else(|| Quota::per_hour(NonZeroU32::MIN))
-            .allow_burst(burst);
-        let tat = Tat::default();
+    fn new(name: Name, policy: RatePolicy, tat: u64) -> Self {
+        let emission = u64::try_from(policy.interval().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
         Limit {
+            tat: AtomicU64::new(tat),
+            emission,
+            tolerance: emission.saturating_mul(u64::from(policy.burst.saturating_sub(1))),
             name,
             policy,
-            interval: policy.interval(),
-            gcra: Gcra::new(quota, tat.clone(), clock.clone()),
-            tat,
+        }
+    }
+
+    /// The policy's interval: a request's budget reads it.
+    pub(crate) fn interval(&self) -> Duration {
+        Duration::from_nanos(self.emission)
+    }
+
+    /// Spends one request at `now` (the clock's nanoseconds), or refuses it.
+    pub(crate) fn check(&self, now: u64) -> Gcra {
+        let mut prev = self.tat.load(Ordering::Acquire);
+        loop {
+            let tat = if prev == 0 { now } else { prev };
+            let earliest = tat.saturating_sub(self.tolerance);
+            if now < earliest {
+                return Gcra::NotUntil(earliest);
+            }
+            let next = tat.max(now).saturating_add(self.emission);
+            match self
+                .tat
+                .compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    // What a request at `now` may still run ahead, in whole requests.
+                    let ahead = now
+                        .saturating_add(self.emission)
+                        .saturating_add(self.tolerance)
+                        .saturating_sub(next)
+                        .min(self.tolerance);
+                    let remaining = ahead.checked_div(self.emission).unwrap_or(0);
+                    return Gcra::Admitted {
+                        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                    };
+                }
+                Err(now_there) => prev = now_there,
+            }
         }
     }
 }
@@ -85,7 +96,7 @@ impl Limit {
 /// One key's limiters: its rate limit (`key`) and its named limits, in order.
 #[derive(Debug)]
 pub struct KeyLimiter {
-    pub(crate) limits: Box<[Arc<Limit>]>,
+    pub(crate) limits: Box<[Limit]>,
     /// Held while a key with several limits spends them, so that when a later one refuses,
     /// the earlier ones are put back exactly as they were.
     serial: Mutex<()>,
@@ -97,28 +108,33 @@ pub type Policies<'a> = (Option<RatePolicy>, &'a [(Arc<str>, RatePolicy)]);
 impl KeyLimiter {
     /// Fresh limiters for `policies` (the registry makes them through [`Limiters`]).
     #[cfg(test)]
-    pub(crate) fn new(policies: Policies<'_>, clock: &Clock) -> Self {
-        Self::after(None, policies, clock)
+    pub(crate) fn new(policies: Policies<'_>) -> Self {
+        Self::after(None, policies)
     }
 
-    /// The limiters for `policies`, keeping each limit of `before` whose name and policy
-    /// stay (with its count), so that changing one named limit leaves the others' buckets
-    /// as they were.
-    fn after(before: Option<&KeyLimiter>, (rate, named): Policies<'_>, clock: &Clock) -> Self {
+    /// The limiters for `policies`, each limit of `before` whose name and policy stay
+    /// starting from its count there, so that changing one named limit leaves the others'
+    /// buckets as they were. The count is copied when the limiter is made: what the old
+    /// limiter admits after that, in the instant before the new snapshot takes over, is not
+    /// carried (at most the requests in flight across one reload).
+    fn after(before: Option<&KeyLimiter>, (rate, named): Policies<'_>) -> Self {
         let kept = |name: &str, policy: RatePolicy| {
-            before?
-                .limits
-                .iter()
-                .find(|l| l.name.as_str() == name && l.policy == policy)
-                .cloned()
+            before
+                .and_then(|b| {
+                    b.limits
+                        .iter()
+                        .find(|l| l.name.as_str() == name && l.policy == policy)
+                })
+                .map_or(0, |l| l.tat.load(Ordering::Acquire))
         };
         let limits = rate
-            .map(|p| kept("key", p).unwrap_or_else(|| Arc::new(Limit::new(Name::Key, p, clock))))
+            .map(|p| Limit::new(Name::Key, p, kept("key", p)))
             .into_iter()
-            .chain(named.iter().map(|(n, p)| {
-                kept(n, *p)
-                    .unwrap_or_else(|| Arc::new(Limit::new(Name::Named(Arc::clone(n)), *p, clock)))
-            }))
+            .chain(
+                named
+                    .iter()
+                    .map(|(n, p)| Limit::new(Name::Named(Arc::clone(n)), *p, kept(n, *p))),
+            )
             .collect();
         KeyLimiter {
             limits,
@@ -137,26 +153,27 @@ impl KeyLimiter {
     }
 }
 
-/// Spends one request from every limit of `sets` (a key's, then its identity's), or from
-/// none: `spent` hears each limit's state after, in order, once all have admitted; `Err`
-/// names the first limit that refused, and when it would admit one. A single limit needs
-/// no lock; several are spent under their sets' locks, always taken in the same order (a
-/// key's before its identity's), and a refusal puts the earlier ones back as they were.
-/// Only limits before the refusing one are ever put back, and a set's limits are touched
-/// without its lock only when it has one limit and is spent alone, which is then never
-/// put back by another request.
+/// Spends one request at `now` (the clock's nanoseconds) from every limit of `sets` (a
+/// key's, then its identity's), or from none: `spent` hears each limit's requests left
+/// after, in order, once all have admitted; `Err` names the first limit that refused, and
+/// when it would admit one. A single limit needs no lock; several are spent under their
+/// sets' locks, always taken in the same order (a key's before its identity's), and a
+/// refusal puts the earlier ones back as they were. Only limits before the refusing one
+/// are ever put back, and a set's limits are touched without its lock only when it has one
+/// limit and is spent alone, which is then never put back by another request.
 pub(crate) fn admit_all<'l>(
     sets: &[&'l KeyLimiter],
-    mut spent: impl FnMut(&'l Limit, StateSnapshot),
-) -> Result<(), (&'l Limit, NotUntil<Instant>)> {
+    now: u64,
+    mut spent: impl FnMut(&'l Limit, u32),
+) -> Result<(), (&'l Limit, u64)> {
     if let [set] = sets {
         if let [only] = &*set.limits {
-            return match only.gcra.check() {
-                Ok(state) => {
-                    spent(only, state);
+            return match only.check(now) {
+                Gcra::Admitted { remaining } => {
+                    spent(only, remaining);
                     Ok(())
                 }
-                Err(not_until) => Err((only, not_until)),
+                Gcra::NotUntil(at) => Err((only, at)),
             };
         }
     }
@@ -167,31 +184,28 @@ pub(crate) fn admit_all<'l>(
     let (_key, _identity) = (sets.first().map(lock), sets.get(1).map(lock));
     let _others: Vec<_> = sets.iter().skip(2).map(lock).collect();
     let limits = || sets.iter().flat_map(|set| set.limits.iter());
-    // Each limit's arrival time before this request, to put back on a refusal. A key and
-    // its identity have at most SPENT_TOGETHER limits (ranges: 1 + 10 named, and 10).
-    let mut before = [0u64; SPENT_TOGETHER];
-    let mut states: [Option<StateSnapshot>; SPENT_TOGETHER] = [const { None }; SPENT_TOGETHER];
+    // Each limit's arrival time before this request, to put back on a refusal, and what it
+    // has left after. A key and its identity have at most SPENT_TOGETHER limits (ranges: 1
+    // + 10 named, and 10).
+    let mut before = [(0u64, 0u32); SPENT_TOGETHER];
     for (i, limit) in limits().enumerate() {
-        let was = limit.tat.0.load(Ordering::Acquire);
-        match limit.gcra.check() {
-            Ok(state) => {
-                if let (Some(b), Some(s)) = (before.get_mut(i), states.get_mut(i)) {
-                    *b = was;
-                    *s = Some(state);
+        let was = limit.tat.load(Ordering::Acquire);
+        match limit.check(now) {
+            Gcra::Admitted { remaining } => {
+                if let Some(slot) = before.get_mut(i) {
+                    *slot = (was, remaining);
                 }
             }
-            Err(not_until) => {
-                for (l, was) in limits().zip(before).take(i) {
-                    l.tat.0.store(was, Ordering::Release);
+            Gcra::NotUntil(at) => {
+                for (l, (was, _)) in limits().zip(before).take(i) {
+                    l.tat.store(was, Ordering::Release);
                 }
-                return Err((limit, not_until));
+                return Err((limit, at));
             }
         }
     }
-    for (limit, state) in limits().zip(states) {
-        if let Some(state) = state {
-            spent(limit, state);
-        }
+    for (limit, (_, remaining)) in limits().zip(before) {
+        spent(limit, remaining);
     }
     Ok(())
 }
@@ -200,12 +214,11 @@ pub(crate) fn admit_all<'l>(
 /// Every key's limiter that has been used, by key id, outside any snapshot. A limiter is made
 /// on its key's first request, not at load; a snapshot's entry asks for it here, so a new
 /// snapshot gets the same limiter (and bucket) for an unchanged policy. Cloning shares it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Limiters(Arc<Registry>);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Registry {
-    clock: Clock,
     by_id: Mutex<HashMap<String, Arc<KeyLimiter>>>,
 }
 
@@ -217,11 +230,8 @@ impl PartialEq for Limiters {
 }
 
 impl Limiters {
-    pub fn new(clock: Clock) -> Self {
-        Limiters(Arc::new(Registry {
-            clock,
-            by_id: Mutex::new(HashMap::new()),
-        }))
+    pub fn new() -> Self {
+        Limiters::default()
     }
 
     /// The key's limiter for `policies`: the one in use if it counts the same limits, else
@@ -231,11 +241,7 @@ impl Limiters {
         match map.get(id) {
             Some(l) if l.counts(policies) => l.clone(),
             before => {
-                let made = Arc::new(KeyLimiter::after(
-                    before.map(|l| &**l),
-                    policies,
-                    &self.0.clock,
-                ));
+                let made = Arc::new(KeyLimiter::after(before.map(|l| &**l), policies));
                 map.insert(id.to_string(), made.clone());
                 made
             }
@@ -248,12 +254,11 @@ impl Limiters {
     /// ever used, not over every key.
     pub fn retain<'s>(&self, limits_of: impl Fn(&str) -> Option<Policies<'s>>) {
         let mut map = self.0.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        let clock = &self.0.clock;
         map.retain(|id, l| match limits_of(id) {
             None => false,
             Some(p) if l.counts(p) => true,
             Some(p) => {
-                *l = Arc::new(KeyLimiter::after(Some(l), p, clock));
+                *l = Arc::new(KeyLimiter::after(Some(l), p));
                 true
             }
         });
@@ -274,7 +279,7 @@ impl Limiters {
                 }
                 Some(p) if l.counts(p) => {}
                 Some(p) => {
-                    let next = Arc::new(KeyLimiter::after(Some(l), p, &self.0.clock));
+                    let next = Arc::new(KeyLimiter::after(Some(l), p));
                     map.insert(id.clone(), next);
                 }
             }
@@ -310,8 +315,7 @@ mod tests {
 
     #[test]
     fn limiters_survive_only_unchanged_policies() {
-        let clock = Clock::fake(SystemTime::UNIX_EPOCH);
-        let limiters = Limiters::new(clock);
+        let limiters = Limiters::new();
         let a = limiters.limiter_for("k1", (Some(policy(1, 60, 1)), &[]));
         let b = limiters.limiter_for("k2", (Some(policy(1, 60, 1)), &[]));
         assert!(Arc::ptr_eq(
@@ -340,20 +344,68 @@ mod tests {
     }
 
     /// Changing one of a key's limits keeps the others' counts: the named limit that stays
-    /// is the same limit, the rate that changed is a new one.
+    /// goes on from its count, the rate that changed starts full.
     #[test]
     fn a_changed_limit_leaves_the_others_counts() {
-        let clock = Clock::fake(SystemTime::UNIX_EPOCH);
-        let limiters = Limiters::new(clock);
+        let limiters = Limiters::new();
         let daily: Vec<(Arc<str>, RatePolicy)> = vec![("daily".into(), policy(100, 3600, 100))];
         let before = limiters.limiter_for("k1", (Some(policy(1, 60, 1)), &daily));
+        for _ in 0..3 {
+            before.limits[1].check(1);
+        }
         let changed = (Some(policy(5, 60, 5)), &daily[..]);
         limiters.recheck(["k1".to_string()].iter(), |_| Some(changed));
         let after = limiters.limiter_for("k1", changed);
-        let same = |i: usize| Arc::ptr_eq(&before.limits[i], &after.limits[i]);
-        assert_eq!((same(0), same(1)), (false, true));
+        let left = |i: usize| match after.limits[i].check(2) {
+            Gcra::Admitted { remaining } => remaining,
+            Gcra::NotUntil(_) => 0,
+        };
+        assert_eq!((left(0), left(1)), (4, 96), "3 spent before, 1 now");
         // A key left with no rate limit at all loses its limiters.
         limiters.retain(|_| None);
         assert!(limiters.is_empty());
+    }
+
+    /// keygate's GCRA admits and refuses exactly as governor's does, with the same
+    /// requests left, over policies from the fastest to the slowest and arrivals at random
+    /// gaps (a fixed-seed generator, so a failure repeats).
+    #[test]
+    fn the_gcra_counts_as_governors_does() {
+        use governor::clock::Clock as _;
+        use std::num::NonZeroU32;
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (count, per, burst) in [(1, 1, 1), (10, 1, 5), (3, 60, 3), (1000, 1, 1), (7, 3600, 20)] {
+            let p = policy(count, per, burst);
+            let clock = crate::clock::Clock::fake(SystemTime::UNIX_EPOCH);
+            let quota = governor::Quota::with_period(p.interval())
+                .unwrap()
+                .allow_burst(NonZeroU32::new(burst).unwrap());
+            let theirs = governor::RateLimiter::direct_with_clock(quota, clock.clone())
+                .with_middleware::<governor::middleware::StateInformationMiddleware>();
+            let ours = Limit::new(Name::Key, p, 0);
+            let mut admitted = 0;
+            for _ in 0..2_000 {
+                let gap = p.interval().as_nanos() as u64 * (next() % 3) / 2;
+                clock.advance(Duration::from_nanos(gap));
+                let now = clock.now().as_u64();
+                match (ours.check(now), theirs.check()) {
+                    (Gcra::Admitted { remaining }, Ok(state)) => {
+                        assert_eq!(remaining, state.remaining_burst_capacity());
+                        admitted += 1;
+                    }
+                    (Gcra::NotUntil(at), Err(not_until)) => {
+                        assert_eq!(at, not_until.earliest_possible().as_u64())
+                    }
+                    (a, b) => panic!("{count}/{per}s burst {burst}: ours {a:?}, governor {b:?}"),
+                }
+            }
+            assert!(admitted > 0 && admitted < 2_000, "both answers were seen");
+        }
     }
 }
