@@ -13,6 +13,15 @@
 #   HISTORY=0 benches/instructions.sh              (each key's request history off)
 #   WORKERS=2 benches/instructions.sh              (two worker threads: tokio's multi-thread
 #                                                   runtime, its cross-thread work counted)
+#   PORT_BASE=18180 benches/instructions.sh        (other loopback ports, so that two runs can
+#                                                   go at once: the upstream listens on
+#                                                   PORT_BASE, keygate on +3, its admin on +13)
+#   CACHE=1 benches/instructions.sh                (also simulate the caches and give the data
+#                                                   reads and writes that miss each level, per
+#                                                   request: what instructions cannot show. The
+#                                                   last level simulated is one core's L2, 2 MiB
+#                                                   16-way unless CACHE_LL=size,ways,line says
+#                                                   otherwise: past it a miss costs tens of ns)
 #
 # Needs valgrind, nginx (the upstream) and wrk; loopback only. Every process started here is
 # stopped by its own PID, and every wait is bounded.
@@ -35,6 +44,9 @@ done
 [[ -x "$BIN" ]] || { echo "no $BIN: cargo build --release first" >&2; exit 2; }
 cargo build --release --quiet --example perf_setup
 "$TARGET"/release/examples/perf_setup "$WORK/gw" 10000 ${SHAPE:+--$SHAPE} >/dev/null
+UP=${PORT_BASE:-18080}
+NGINX_GW=$((UP + 1)) HAPROXY_GW=$((UP + 2)) GW=$((UP + 3)) ADMIN=$((UP + 13))
+sed -i "s/127.0.0.1:18080/127.0.0.1:$UP/; s/127.0.0.1:18083/127.0.0.1:$GW/; s/127.0.0.1:18093/127.0.0.1:$ADMIN/" "$WORK/gw/keygate.yaml"
 # The warm-up must reach every key once in the customer shape, so that each key's first
 # credits lease is not charged to the measured phase (valgrind runs ~20x slower).
 WARM=${WARM:-$([[ ${SHAPE:-} == customer ]] && echo 20 || echo 2)}
@@ -48,7 +60,7 @@ WARM=${WARM:-$([[ ${SHAPE:-} == customer ]] && echo 20 || echo 2)}
 
 # shellcheck source=benches/upstream.sh
 source benches/upstream.sh
-write_upstream_conf "$WORK"
+write_upstream_conf "$WORK" "$UP"
 nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' &
 PIDS+=($!)
 # measure NAME PORT COMMAND...: runs COMMAND under callgrind, waits until it accepts a key on
@@ -56,7 +68,7 @@ PIDS+=($!)
 measure() {
   local name=$1 port=$2 vg result requests non2xx instructions
   shift 2
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg-$name.out" \
+  valgrind --tool=callgrind --instr-atstart=no ${CACHE:+--cache-sim=yes --LL=${CACHE_LL:-2097152,16,64}} --callgrind-out-file="$WORK/cg-$name.out" \
     "$@" 2>"$WORK/valgrind-$name.log" &
   vg=$!
   PIDS+=($vg)
@@ -82,9 +94,14 @@ measure() {
   PER_REQUEST[$name]=$(awk -v i="$instructions" -v r="$requests" 'BEGIN { printf "%.0f", (r > 0 ? i / r : 0) }')
   printf '%-8s requests=%s non2xx=%s instructions=%s per_request=%s\n' "$name" "$requests" "$non2xx" \
     "$instructions" "${PER_REQUEST[$name]}"
+  [[ -z "${CACHE:-}" ]] || awk -v r="$requests" -v name="$name" '
+    /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
+    /^summary:/ { if (r > 0) printf "%-8s per_request: D1 misses %.1f (reads %.1f, writes %.1f), LL misses %.1f (reads %.1f, writes %.1f)\n", name,
+      ($col["D1mr"] + $col["D1mw"]) / r, $col["D1mr"] / r, $col["D1mw"] / r,
+      ($col["DLmr"] + $col["DLmw"]) / r, $col["DLmr"] / r, $col["DLmw"] / r }' "$WORK/cg-$name.out.1"
 }
 declare -A PER_REQUEST
-measure keygate 18083 "$BIN" serve --config "$WORK/gw/keygate.yaml"
+measure keygate "$GW" "$BIN" serve --config "$WORK/gw/keygate.yaml"
 
 [[ -n "${PEERS:-}" ]] || exit 0
 # The peers doing the same job under the same traffic: a known key (nginx maps the raw
@@ -109,9 +126,9 @@ http {
   geo \$allowed_ip { default 0; 127.0.0.1/32 1; }
   limit_req_zone \$http_authorization zone=per_key:32m rate=100000r/s;
   limit_req_status 429;
-  upstream api { server 127.0.0.1:18080; keepalive 128; keepalive_requests 100000000; }
+  upstream api { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 100000000; }
   server {
-    listen 127.0.0.1:18081 backlog=4096;
+    listen 127.0.0.1:$NGINX_GW backlog=4096;
     location / {
       if (\$known_key = 0) { return 401; }
       if (\$allowed_ip = 0) { return 403; }
@@ -135,7 +152,7 @@ defaults
   option http-keep-alive
   http-reuse always
 frontend gateway
-  bind 127.0.0.1:18082
+  bind 127.0.0.1:$HAPROXY_GW
   http-request deny deny_status 401 unless { req.hdr(authorization) -m beg "Bearer " }
   http-request set-var(txn.key) req.hdr(authorization),bytes(7),sha2(256),hex,lower,map($WORK/gw/haproxy-keys.map)
   http-request deny deny_status 401 unless { var(txn.key) -m found }
@@ -146,10 +163,10 @@ frontend gateway
 backend per_key
   stick-table type string len 16 size 50k expire 60s store http_req_rate(1s)
 backend api
-  server upstream 127.0.0.1:18080 maxconn 1000
+  server upstream 127.0.0.1:$UP maxconn 1000
 HAP
-measure nginx 18081 nginx -p "$WORK/" -c "$WORK/nginx-gw.conf"
-command -v haproxy >/dev/null && measure haproxy 18082 haproxy -db -f "$WORK/haproxy.cfg"
+measure nginx "$NGINX_GW" nginx -p "$WORK/" -c "$WORK/nginx-gw.conf"
+command -v haproxy >/dev/null && measure haproxy "$HAPROXY_GW" haproxy -db -f "$WORK/haproxy.cfg"
 for peer in nginx haproxy; do
   [[ -n ${PER_REQUEST[$peer]:-} ]] || continue
   printf 'keygate / %s: %s\n' "$peer" \

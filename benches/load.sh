@@ -5,6 +5,9 @@
 #   ROUNDS=3 SECS=5 benches/load.sh    # quicker
 #   KEYGATE_BIN=a/keygate KEYGATE_B=b/keygate benches/load.sh
 #                                      # two keygate builds side by side (b as keygate-b)
+#   PORT_BASE=18280 benches/load.sh   # other loopback ports (upstream on PORT_BASE, nginx +1,
+#                                      # HAProxy +2, keygate +3 and +4, admin +13 and +14), so
+#                                      # that it can run beside benches/instructions.sh
 #   WORKERS=2 GATEWAY_CPU=0,1 LOAD_CPU=0,1 benches/load.sh
 #                                      # every gateway with two workers (keygate's `workers`,
 #                                      # nginx's worker_processes, HAProxy's nbthread), all
@@ -28,7 +31,9 @@ CONNS=${CONNS:-64}
 GATEWAY_CPU=${GATEWAY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 WORKERS=${WORKERS:-1}
-UP=18080 NGINX=18081 HAPROXY=18082 KEYGATE=18083 KEYGATE_B_PORT=18084
+UP=${PORT_BASE:-18080}
+NGINX=$((UP + 1)) HAPROXY=$((UP + 2)) KEYGATE=$((UP + 3)) KEYGATE_B_PORT=$((UP + 4))
+ADMIN=$((UP + 13)) ADMIN_B=$((UP + 14))
 KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
 KEYGATE_B=${KEYGATE_B:-}
 
@@ -55,7 +60,7 @@ trap stop_all EXIT
 PIDS+=($!)
 
 target/release/examples/perf_setup "$WORK/kg" 10000 >/dev/null
-sed -i "s/^workers: .*/workers: $WORKERS/" "$WORK/kg/keygate.yaml"
+sed -i "s/^workers: .*/workers: $WORKERS/; s/127.0.0.1:18080/127.0.0.1:$UP/; s/127.0.0.1:18083/127.0.0.1:$KEYGATE/; s/127.0.0.1:18093/127.0.0.1:$ADMIN/" "$WORK/kg/keygate.yaml"
 KEYS="$WORK/kg/keys.txt"
 # Unknown keys: well-formed keygate keys from a set never loaded, so every gateway looks
 # them up and finds nothing.
@@ -141,7 +146,7 @@ taskset -c "$GATEWAY_CPU" "$KEYGATE_BIN" serve --config "$WORK/kg/keygate.yaml" 
 if [[ -n $KEYGATE_B ]]; then
   # The same config and keys, on its own port and with its own log, audit and usage files.
   mkdir -p "$WORK/kg-b"
-  sed "s/127.0.0.1:$KEYGATE/127.0.0.1:$KEYGATE_B_PORT/; s/127.0.0.1:18093/127.0.0.1:18094/" "$WORK/kg/keygate.yaml" \
+  sed "s/127.0.0.1:$KEYGATE/127.0.0.1:$KEYGATE_B_PORT/; s/127.0.0.1:$ADMIN/127.0.0.1:$ADMIN_B/" "$WORK/kg/keygate.yaml" \
     | sed "s#^keys_file: .*#keys_file: $WORK/kg/keys.yaml#" > "$WORK/kg-b/keygate.yaml"
   taskset -c "$GATEWAY_CPU" "$KEYGATE_B" serve --config "$WORK/kg-b/keygate.yaml" 2>"$WORK/keygate-b.log" & PIDS+=($!); PID_OF[keygate-b]=$!
   GATEWAYS+=(keygate-b)

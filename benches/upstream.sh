@@ -1,8 +1,8 @@
 # Sourced by the bench scripts: the nginx upstream they proxy to, answering 200 with a small
-# JSON body on 127.0.0.1:18080, one worker, keep-alive without end.
-#   write_upstream_conf DIR   writes DIR/upstream.conf (and keeps nginx's files in DIR)
+# JSON body on 127.0.0.1:18080 (or PORT), one worker, keep-alive without end.
+#   write_upstream_conf DIR [PORT]   writes DIR/upstream.conf (and keeps nginx's files in DIR)
 write_upstream_conf() {
-  local dir=$1
+  local dir=$1 port=${2:-18080}
   cat > "$dir/upstream.conf" <<NGX
 worker_processes 1;
 pid $dir/upstream.pid;
@@ -13,7 +13,7 @@ http {
   keepalive_requests 100000000;
   client_body_temp_path $dir/b; proxy_temp_path $dir/p; fastcgi_temp_path $dir/f;
   uwsgi_temp_path $dir/u; scgi_temp_path $dir/s;
-  server { listen 127.0.0.1:18080; location / { return 200 '{"ok":true}'; } }
+  server { listen 127.0.0.1:$port; location / { return 200 '{"ok":true}'; } }
 }
 NGX
 }
