@@ -8,6 +8,8 @@
 #   benches/customer_cost.sh                  # 7 interleaved rounds of 6 s, wrk -c64
 #   ROUNDS=5 SECS=5 CONNS=256 benches/customer_cost.sh
 #   KEYS=100 benches/customer_cost.sh         # a key set that fits the caches
+#   PORT_BASE=18280 benches/customer_cost.sh  # other loopback ports (upstream on PORT_BASE,
+#                                             # the gateways on +3 and +4, admin +13 and +14)
 #
 # Both gateways run one worker on CPU 1; wrk and the upstream (nginx, one worker) share CPU
 # 0. Rounds alternate the two so that machine noise hits them alike. Each gateway first
@@ -26,7 +28,8 @@ CONNS=${CONNS:-64}
 KEYS=${KEYS:-10000}
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET/release/keygate}
-PLAIN=18083 CUSTOMER=18084
+UP=${PORT_BASE:-18080}
+PLAIN=$((UP + 3)) CUSTOMER=$((UP + 4))
 
 missing=()
 for tool in nginx:nginx wrk:wrk curl:curl taskset:util-linux; do
@@ -51,11 +54,14 @@ PIDS+=($!)
 
 "$TARGET"/release/examples/perf_setup "$WORK/plain" "$KEYS" >/dev/null
 "$TARGET"/release/examples/perf_setup "$WORK/customer" "$KEYS" --customer >/dev/null
-sed -i "s/127.0.0.1:$PLAIN/127.0.0.1:$CUSTOMER/; s/127.0.0.1:18093/127.0.0.1:18094/" "$WORK/customer/keygate.yaml"
+for t in plain customer; do
+  sed -i "s/127.0.0.1:18080/127.0.0.1:$UP/; s/127.0.0.1:18083/127.0.0.1:$PLAIN/; s/127.0.0.1:18093/127.0.0.1:$((UP + 13))/" "$WORK/$t/keygate.yaml"
+done
+sed -i "s/127.0.0.1:$PLAIN/127.0.0.1:$CUSTOMER/; s/127.0.0.1:$((UP + 13))/127.0.0.1:$((UP + 14))/" "$WORK/customer/keygate.yaml"
 
 # shellcheck source=benches/upstream.sh
 source benches/upstream.sh
-write_upstream_conf "$WORK"
+write_upstream_conf "$WORK" "$UP"
 taskset -c 0 nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' & PIDS+=($!)
 declare -A PID_OF PORT=([plain]=$PLAIN [customer]=$CUSTOMER)
 for t in plain customer; do

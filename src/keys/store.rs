@@ -558,6 +558,15 @@ impl Store {
 /// mix, and a crash loses nothing acknowledged: temp file in the same folder, fsync, rename,
 /// fsync the folder.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomically_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_atomically`] for text made as it is written: `write` writes the whole new file
+/// through a buffer, so that a large file is never held in memory whole.
+pub fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -570,12 +579,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&tmp)?;
-        f.write_all(bytes)?;
+        let mut buffered = io::BufWriter::with_capacity(1 << 16, f);
+        write(&mut buffered)?;
+        let f = buffered.into_inner().map_err(io::IntoInnerError::into_error)?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;

@@ -14,8 +14,7 @@
 //! journal is read back into the rings, so history survives a restart; a crash loses at most
 //! one flush interval, as usage does.
 
-use std::collections::VecDeque;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -60,55 +59,73 @@ fn default_max_total() -> u64 {
 /// The longest path an entry keeps, in bytes; longer ones are cut (on a character boundary).
 const MAX_PATH: usize = 512;
 
-/// One request made with a key.
+/// The path bytes an entry holds inline: most API paths; a longer one goes to its spill.
+const PATH_INLINE: usize = 54;
+
+/// The request id bytes an entry holds inline: keygate's own ids (32 hex digits) and any
+/// passed-on id as short; a longer one goes to its spill.
+const ID_INLINE: usize = 32;
+
+/// The methods an entry names by number (0 is another, kept in its spill).
+const METHODS: [Method; 9] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::HEAD,
+    Method::OPTIONS,
+    Method::CONNECT,
+    Method::TRACE,
+];
+
+/// One request made with a key, in two cache lines and with no allocation for the common
+/// request: a standard method, a path of up to 54 bytes, a request id of up to 32. A ring
+/// overwrites its oldest entry in place, so that recording a request writes these two
+/// lines and frees nothing (the cost of the rings is their cache misses: PERFORMANCE.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[repr(align(64))]
 pub struct Entry {
     /// Unix milliseconds.
-    pub at_ms: i64,
-    pub ip: IpAddr,
-    pub method: Method,
-    /// Without the query.
-    pub path: Box<str>,
-    pub status: u16,
-    /// The refusal or gateway error code; `None` for the upstream's answer.
-    pub code: Option<&'static str>,
-    pub request_id: RequestId,
+    at_ms: i64,
+    /// What does not fit inline: a long path or request id, another method.
+    spill: Option<Box<Spill>>,
+    ip: IpAddr,
+    status: u16,
+    /// 1 + the index of the refusal or gateway error code in [`CODES`]; 0 for none.
+    code: u8,
+    /// 1 + the index in [`METHODS`]; 0 for a method kept in the spill.
+    method: u8,
+    /// Bytes of `path` and `request_id` in use (when not spilled).
+    path_len: u8,
+    id_len: u8,
+    path: [u8; PATH_INLINE],
+    request_id: [u8; ID_INLINE],
 }
 
-/// A request id, kept inline when it is keygate's own (32 hex digits), so that recording a
-/// request allocates only its path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestId {
-    Inline {
-        len: u8,
-        bytes: [u8; 32],
-    },
-    /// A longer id, passed on from a trusted proxy (up to 128 bytes).
-    Long(Box<str>),
+const _: () = assert!(std::mem::size_of::<Entry>() == 128);
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Spill {
+    method: Option<Method>,
+    path: Option<Box<str>>,
+    request_id: Option<Box<str>>,
 }
 
-impl RequestId {
-    fn of(value: &HeaderValue) -> RequestId {
-        let text = value.to_str().unwrap_or_default();
-        let mut bytes = [0u8; 32];
-        match (bytes.get_mut(..text.len()), u8::try_from(text.len())) {
-            (Some(slot), Ok(len)) => {
-                slot.copy_from_slice(text.as_bytes());
-                RequestId::Inline { len, bytes }
-            }
-            _ => RequestId::Long(text.into()),
-        }
-    }
+/// `text` inline when it fits in `N` bytes (with its length), else `None`.
+fn inline<const N: usize>(text: &str) -> Option<([u8; N], u8)> {
+    let mut bytes = [0u8; N];
+    let len = u8::try_from(text.len()).ok()?;
+    bytes.get_mut(..text.len())?.copy_from_slice(text.as_bytes());
+    Some((bytes, len))
+}
 
-    pub fn as_str(&self) -> &str {
-        match self {
-            RequestId::Inline { len, bytes } => bytes
-                .get(..usize::from(*len))
-                .and_then(|b| std::str::from_utf8(b).ok())
-                .unwrap_or_default(),
-            RequestId::Long(text) => text,
-        }
-    }
+/// The text of `len` inline bytes (written from a `&str`, so valid UTF-8).
+fn inline_str(bytes: &[u8], len: u8) -> &str {
+    bytes
+        .get(..usize::from(len))
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .unwrap_or_default()
 }
 
 impl Entry {
@@ -120,22 +137,87 @@ impl Entry {
         path: &str,
         request_id: &HeaderValue,
     ) -> Entry {
+        let path = cut(path, MAX_PATH);
+        let request_id = request_id.to_str().unwrap_or_default();
+        let mut spill = Spill::default();
+        let method = match METHODS.iter().position(|m| m == method) {
+            Some(i) => u8::try_from(i.saturating_add(1)).unwrap_or(0),
+            None => {
+                spill.method = Some(method.clone());
+                0
+            }
+        };
+        let (path, path_len) = inline(path).unwrap_or_else(|| {
+            spill.path = Some(path.into());
+            ([0; PATH_INLINE], 0)
+        });
+        let (request_id, id_len) = inline(request_id).unwrap_or_else(|| {
+            spill.request_id = Some(request_id.into());
+            ([0; ID_INLINE], 0)
+        });
         Entry {
             at_ms,
+            spill: (spill != Spill::default()).then(|| Box::new(spill)),
             ip,
-            method: method.clone(),
-            path: cut(path, MAX_PATH).into(),
             status: 0,
-            code: None,
-            request_id: RequestId::of(request_id),
+            code: 0,
+            method,
+            path_len,
+            id_len,
+            path,
+            request_id,
         }
     }
 
     /// The entry with the answer.
     pub fn answered(mut self, status: u16, code: Option<&'static str>) -> Entry {
         self.status = status;
-        self.code = code;
+        self.code = code
+            .and_then(|c| CODES.iter().position(|k| *k == c))
+            .and_then(|i| u8::try_from(i.saturating_add(1)).ok())
+            .unwrap_or(0);
         self
+    }
+
+    /// Unix milliseconds.
+    pub fn at_ms(&self) -> i64 {
+        self.at_ms
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The refusal or gateway error code; `None` for the upstream's answer.
+    pub fn code(&self) -> Option<&'static str> {
+        CODES.get(usize::from(self.code).checked_sub(1)?).copied()
+    }
+
+    pub fn method(&self) -> &str {
+        match (usize::from(self.method).checked_sub(1), &self.spill) {
+            (Some(i), _) => METHODS.get(i).map_or("", Method::as_str),
+            (None, Some(spill)) => spill.method.as_ref().map_or("", Method::as_str),
+            (None, None) => "",
+        }
+    }
+
+    /// Without the query.
+    pub fn path(&self) -> &str {
+        match self.spill.as_ref().and_then(|s| s.path.as_deref()) {
+            Some(long) => long,
+            None => inline_str(&self.path, self.path_len),
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        match self.spill.as_ref().and_then(|s| s.request_id.as_deref()) {
+            Some(long) => long,
+            None => inline_str(&self.request_id, self.id_len),
+        }
     }
 
     /// The entry as the API shows it.
@@ -143,11 +225,11 @@ impl Entry {
         serde_json::json!({
             "time": rfc3339_millis(self.at_ms),
             "ip": self.ip.to_string(),
-            "method": self.method.as_str(),
-            "path": &*self.path,
+            "method": self.method(),
+            "path": self.path(),
             "status": self.status,
-            "code": self.code,
-            "request_id": self.request_id.as_str(),
+            "code": self.code(),
+            "request_id": self.request_id(),
         })
     }
 }
@@ -182,12 +264,47 @@ fn rfc3339_millis(ms: i64) -> String {
     String::from_utf8(text).unwrap_or_default()
 }
 
-/// A key's ring: the newest entries at the back.
+/// A key's ring. It grows one entry at a time while its bounds allow, then overwrites its
+/// oldest entry in place: oldest to newest, the entries are `slots[next..]` then
+/// `slots[..next]`.
 #[derive(Debug, Default)]
 pub struct Ring {
-    entries: VecDeque<Entry>,
-    /// Entries at the back not yet in the journal.
+    slots: Vec<Entry>,
+    /// The oldest entry once the ring has wrapped; 0 until then.
+    next: usize,
+    /// Entries at the newest end not yet in the journal.
     unflushed: usize,
+}
+
+impl Ring {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Adds `entry` as the newest: in a new slot when `grow`, else over the oldest.
+    fn push(&mut self, entry: Entry, grow: bool) {
+        if grow || self.slots.is_empty() {
+            if self.next == 0 {
+                self.slots.push(entry);
+            } else {
+                self.slots.insert(self.next, entry);
+                self.next = self.next.saturating_add(1);
+            }
+        } else if let Some(oldest) = self.slots.get_mut(self.next) {
+            *oldest = entry;
+            self.next = self
+                .next
+                .saturating_add(1)
+                .checked_rem(self.slots.len())
+                .unwrap_or(0);
+        }
+    }
+
+    /// Oldest first.
+    fn oldest_first(&self) -> impl DoubleEndedIterator<Item = &Entry> {
+        let (newer, older) = self.slots.split_at(self.next.min(self.slots.len()));
+        older.iter().chain(newer)
+    }
 }
 
 /// The journal's line for one entry.
@@ -248,18 +365,16 @@ impl History {
         }
         let mut ring = usage.requests.lock().unwrap_or_else(|e| e.into_inner());
         self.push(&mut ring, entry);
-        ring.unflushed = ring.unflushed.saturating_add(1).min(ring.entries.len());
+        ring.unflushed = ring.unflushed.saturating_add(1).min(ring.len());
     }
 
     fn push(&self, ring: &mut Ring, entry: Entry) {
-        let grow = ring.entries.len() < self.per_key
-            && (ring.entries.is_empty() || self.total.load(Ordering::Relaxed) < self.max_total);
+        let grow = ring.len() < self.per_key
+            && (ring.len() == 0 || self.total.load(Ordering::Relaxed) < self.max_total);
         if grow {
             self.total.fetch_add(1, Ordering::Relaxed);
-        } else {
-            ring.entries.pop_front();
         }
-        ring.entries.push_back(entry);
+        ring.push(entry, grow);
     }
 
     /// The key's requests from `since` to `until` (Unix milliseconds, both included) whose
@@ -272,8 +387,7 @@ impl History {
         limit: usize,
     ) -> Vec<Entry> {
         let ring = usage.requests.lock().unwrap_or_else(|e| e.into_inner());
-        ring.entries
-            .iter()
+        ring.oldest_first()
             .rev()
             .filter(|e| (since..=until).contains(&e.at_ms) && wanted(e.status))
             .take(limit)
@@ -285,50 +399,61 @@ impl History {
     /// when it has grown past twice what the rings hold. Blocking: housekeeping and shutdown.
     pub fn flush(&self, book: &UsageBook) -> io::Result<()> {
         let cells = book.in_use();
-        let total: usize = cells
-            .iter()
-            .map(|(_, u)| u.requests.lock().map_or(0, |r| r.entries.len()))
-            .sum();
+        let (total, new) = cells.iter().fold((0usize, 0usize), |(total, new), (_, u)| {
+            let ring = u.requests.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                total.saturating_add(ring.len()),
+                new.saturating_add(ring.unflushed),
+            )
+        });
         self.total.store(total as u64, Ordering::Relaxed);
         let Some(path) = &self.journal else {
             return Ok(());
         };
         let mut lines = self.journal_lines.lock().unwrap_or_else(|e| e.into_inner());
         let whole = *lines > (total as u64).saturating_mul(2).saturating_add(self.slack);
-        let mut text = Vec::new();
-        let mut written = 0u64;
-        for (id, usage) in &cells {
-            let mut ring = usage.requests.lock().unwrap_or_else(|e| e.into_inner());
-            let new = if whole {
-                ring.entries.len()
-            } else {
-                ring.unflushed
-            };
-            let skip = ring.entries.len().saturating_sub(new);
-            for e in ring.entries.iter().skip(skip) {
-                let line = Line {
-                    key: id,
-                    t: e.at_ms,
-                    ip: e.ip,
-                    m: e.method.as_str(),
-                    p: &e.path,
-                    s: e.status,
-                    c: e.code,
-                    r: e.request_id.as_str(),
-                };
-                serde_json::to_writer(&mut text, &line).map_err(io::Error::other)?;
-                text.push(b'\n');
-                written = written.saturating_add(1);
+        // Each ring's lines go straight into the file's buffer: a flush never holds the
+        // whole batch in memory, which at tens of thousands of requests a second would be
+        // megabytes grown and copied, and fresh pages faulted in, every interval.
+        let write = |out: &mut io::BufWriter<File>| -> io::Result<u64> {
+            let mut written = 0u64;
+            for (id, usage) in &cells {
+                let mut ring = usage.requests.lock().unwrap_or_else(|e| e.into_inner());
+                let new = if whole { ring.len() } else { ring.unflushed };
+                let skip = ring.len().saturating_sub(new);
+                for e in ring.oldest_first().skip(skip) {
+                    let line = Line {
+                        key: id,
+                        t: e.at_ms,
+                        ip: e.ip,
+                        m: e.method(),
+                        p: e.path(),
+                        s: e.status,
+                        c: e.code(),
+                        r: e.request_id(),
+                    };
+                    serde_json::to_writer(&mut *out, &line).map_err(io::Error::other)?;
+                    out.write_all(b"\n")?;
+                    written = written.saturating_add(1);
+                }
+                ring.unflushed = 0;
             }
-            ring.unflushed = 0;
-        }
+            Ok(written)
+        };
         if whole {
-            crate::keys::store::write_atomically(path, &text)?;
+            let mut written = 0;
+            crate::keys::store::write_atomically_with(path, |out| {
+                written = write(out)?;
+                Ok(())
+            })?;
             *lines = written;
-        } else if !text.is_empty() {
-            let mut file = OpenOptions::new().create(true).append(true).open(path)?;
-            file.write_all(&text)?;
-            file.sync_data()?;
+        } else if new > 0 {
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            let mut out = io::BufWriter::with_capacity(1 << 16, file);
+            let written = write(&mut out)?;
+            out.into_inner()
+                .map_err(io::IntoInnerError::into_error)?
+                .sync_data()?;
             *lines = lines.saturating_add(written);
         }
         Ok(())
@@ -419,7 +544,7 @@ mod tests {
         }
         let kept = History::of(&a, 0, i64::MAX, |_| true, usize::MAX);
         assert_eq!(kept.len(), 5, "per key");
-        assert_eq!(kept[0].at_ms, 99_999, "newest first");
+        assert_eq!(kept[0].at_ms(), 99_999, "newest first");
         for i in 0..10 {
             h.record(&b, entry(i, 401));
         }
@@ -435,7 +560,7 @@ mod tests {
             "a used key keeps its last request even at the bound"
         );
         let only_4xx = History::of(&b, 8, 9, |s| (400..500).contains(&s), 9);
-        assert_eq!(only_4xx.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [9, 8]);
+        assert_eq!(only_4xx.iter().map(Entry::at_ms).collect::<Vec<_>>(), [9, 8]);
         let long = Entry::new(
             0,
             "::1".parse().unwrap(),
@@ -443,7 +568,49 @@ mod tests {
             &"é".repeat(400),
             &HeaderValue::from_static("r"),
         );
-        assert_eq!(&*long.path, "é".repeat(256));
+        assert_eq!(long.path(), "é".repeat(256));
+    }
+
+    /// What does not fit in an entry's two lines is kept whole beside it: a long path, a
+    /// long request id, a method of the client's own.
+    #[test]
+    fn entries_keep_what_does_not_fit_inline() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let short = Entry::new(1, ip, &Method::PATCH, "/v1/a", &HeaderValue::from_static("r1"))
+            .answered(429, Some("rate_limited"));
+        assert_eq!(
+            (short.method(), short.path(), short.request_id(), short.code()),
+            ("PATCH", "/v1/a", "r1", Some("rate_limited"))
+        );
+        assert!(short.spill.is_none(), "nothing allocated");
+        let path = format!("/v1/{}", "p".repeat(200));
+        let id = "i".repeat(100);
+        let purge = Method::from_bytes(b"PURGE").unwrap();
+        let long = Entry::new(2, ip, &purge, &path, &HeaderValue::from_str(&id).unwrap())
+            .answered(200, None);
+        assert_eq!(
+            (long.method(), long.path(), long.request_id(), long.code()),
+            ("PURGE", path.as_str(), id.as_str(), None)
+        );
+        let exact = "x".repeat(PATH_INLINE);
+        let at_edge = Entry::new(3, ip, &Method::GET, &exact, &HeaderValue::from_static("r"));
+        assert_eq!((at_edge.path(), at_edge.spill.is_none()), (exact.as_str(), true));
+    }
+
+    /// A ring overwrites its oldest entry once full, keeps its order, and grows again in
+    /// place when the bound over all keys makes room.
+    #[test]
+    fn a_ring_overwrites_its_oldest_in_order_and_grows_again() {
+        let mut ring = Ring::default();
+        for i in 0..7 {
+            ring.push(entry(i, 200), i < 3);
+        }
+        let order = |ring: &Ring| ring.oldest_first().map(Entry::at_ms).collect::<Vec<_>>();
+        assert_eq!(order(&ring), [4, 5, 6]);
+        ring.push(entry(7, 200), true);
+        assert_eq!(order(&ring), [4, 5, 6, 7]);
+        ring.push(entry(8, 200), false);
+        assert_eq!(order(&ring), [5, 6, 7, 8]);
     }
 
     #[test]
@@ -485,11 +652,11 @@ mod tests {
         let a = book.cells().get_or_make("a");
         let back = History::of(&a, 0, i64::MAX, |_| true, 10);
         assert_eq!(
-            back.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
+            back.iter().map(Entry::at_ms).collect::<Vec<_>>(),
             [20_000, 19_999, 19_998]
         );
-        assert_eq!(back[0].code, Some("scope_denied"));
-        assert_eq!(back[0].ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(back[0].code(), Some("scope_denied"));
+        assert_eq!(back[0].ip(), "::1".parse::<IpAddr>().unwrap());
         let _ = h;
     }
 }
