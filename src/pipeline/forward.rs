@@ -298,7 +298,7 @@ pub async fn forward(
         .as_ref()
         .and_then(|_| parts.headers.get(UPGRADE).cloned());
     strip_headers(&mut parts.headers, None);
-    if let Some(rate) = &f.rate {
+    if let Some(rate) = f.rate {
         rate.write(&mut parts.headers, false);
     }
     parts.headers.insert(X_REQUEST_ID, f.request_id);

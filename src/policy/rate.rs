@@ -117,9 +117,9 @@ pub struct RateHeaders {
 }
 
 impl RateHeaders {
-    /// Adds `RateLimit-Policy`, `RateLimit` and, on refusal, `Retry-After`.
-    pub fn write(&self, headers: &mut HeaderMap, refused: bool) {
-        headers.insert(RATELIMIT_POLICY, self.policy.clone());
+    /// Adds `RateLimit-Policy`, `RateLimit` and, on refusal, `Retry-After`. Takes the
+    /// headers by value, so that the policy's value moves into the map without a count.
+    pub fn write(self, headers: &mut HeaderMap, refused: bool) {
         // Built in a buffer kept per thread, then copied once into the value: one allocation.
         thread_local! {
             static VALUE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -128,6 +128,7 @@ impl RateHeaders {
             Ok(mut kept) => self.rate_limit_value(&mut kept),
             Err(_) => self.rate_limit_value(&mut Vec::new()),
         });
+        headers.insert(RATELIMIT_POLICY, self.policy);
         if let Some(v) = value {
             headers.insert(RATELIMIT, v);
         }
@@ -248,7 +249,7 @@ mod tests {
             retry_after: Some(7),
         };
         let mut map = HeaderMap::new();
-        headers.write(&mut map, false);
+        headers.clone().write(&mut map, false);
         assert_eq!(
             map[RATELIMIT],
             "\"key\";r=9;t=1, \"identity.hourly\";r=18446744073709551615;t=3600, \"quota\";r=0;t=86400"

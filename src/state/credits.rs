@@ -190,17 +190,21 @@ impl CreditBook {
         slot: Option<&CellSlot>,
     ) -> Result<u64, Refused> {
         let balance = credits.balance(now);
-        let kept = slot
-            .and_then(|s| s.0.load_full())
+        // The slot's cell is read under arc-swap's guard, without a count of its own.
+        let guard = slot.map(|s| s.0.load());
+        let kept = guard
+            .as_ref()
+            .and_then(|g| g.as_deref())
             .filter(|c| c.version == credits.version && c.period == balance.period);
-        let cell = match kept {
+        let made;
+        let cell: &Cell = match kept {
             Some(c) => c,
             None => {
-                let c = self.cell(id, credits, &balance);
+                made = self.cell(id, credits, &balance);
                 if let Some(s) = slot {
-                    s.0.store(Some(Arc::clone(&c)));
+                    s.0.store(Some(Arc::clone(&made)));
                 }
-                c
+                &made
             }
         };
         let exhausted = Refused::Exhausted {
