@@ -33,7 +33,6 @@ use http::{HeaderMap, HeaderValue, Method, Response, Version};
 use serde::{Deserialize, Serialize};
 
 use crate::body::ResponseBody;
-use crate::pipeline::forward::UpstreamBody;
 
 /// How often the writer takes what the request path appended.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -208,22 +207,34 @@ impl AccessLog {
             > n.wrapping_mul(self.per_million) / 1_000_000
     }
 
+    /// The line up to the answer. Each constant piece carries the end of one field and the
+    /// start of the next, so that a line is a few copies of known sizes: the pieces, not the
+    /// bytes, are what a line costs.
     fn json_head(&self, head: &Head<'_>, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"time\":\"");
-        write_rfc3339_millis(out, head.time);
-        out.extend_from_slice(b"\",\"request_id\":\"");
+        // `{"time":"…","request_id":"`
+        json_time(out, head.time);
         // A request id is keygate's own (hex) or a trusted proxy's of `A-Za-z0-9-_.:` only
         // (`forward::trusted_request_id`), a method is an HTTP token (`http` checks it), a
         // key id is hex and a namespace of `a-z0-9_-` (checked before a key enters a
-        // snapshot), a trace id hex (`trace_id`): none is anything JSON escapes.
+        // snapshot), a trace id hex (`trace_id`), an address digits, dots and colons: none is
+        // anything JSON escapes.
         out.extend_from_slice(head.request_id.as_bytes());
-        out.extend_from_slice(b"\",\"trace_id\":");
-        plain_str(out, trace_id(head.headers));
-        out.extend_from_slice(b",\"client\":\"");
-        push_ip(out, head.client);
-        out.extend_from_slice(b"\",\"method\":\"");
-        out.extend_from_slice(head.method.as_str().as_bytes());
-        out.extend_from_slice(b"\",\"path\":\"");
+        match trace_id(head.headers) {
+            Some(id) => {
+                out.extend_from_slice(b"\",\"trace_id\":\"");
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(b"\",\"client\":\"");
+            }
+            None => out.extend_from_slice(b"\",\"trace_id\":null,\"client\":\""),
+        }
+        push_client(out, head);
+        if *head.method == Method::GET {
+            out.extend_from_slice(b"\",\"method\":\"GET\",\"path\":\"");
+        } else {
+            out.extend_from_slice(b"\",\"method\":\"");
+            out.extend_from_slice(head.method.as_str().as_bytes());
+            out.extend_from_slice(b"\",\"path\":\"");
+        }
         escape_json(out, head.path);
         if self.query {
             if let Some(q) = head.query {
@@ -231,25 +242,50 @@ impl AccessLog {
                 redacted_query(q, |part| escape_json(out, part));
             }
         }
-        out.extend_from_slice(b"\",\"route\":");
-        json_str(out, head.route);
-        out.extend_from_slice(b",\"key_id\":");
-        plain_bytes(out, head.key_id);
-        out.extend_from_slice(b",\"namespace\":");
-        plain_str(out, head.namespace);
-        out.extend_from_slice(b",\"identity\":");
-        json_str(out, head.identity);
-        out.extend_from_slice(b",\"bytes_in\":");
-        match head.bytes_in {
-            Some(n) => push_u64(out, n),
-            None => out.extend_from_slice(b"null"),
+        match head.route {
+            Some(route) => {
+                out.extend_from_slice(b"\",\"route\":\"");
+                escape_json(out, route);
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"\",\"route\":null"),
         }
-        out.extend_from_slice(b",\"gateway_us\":");
+        match head.key_id {
+            Some(id) => {
+                out.extend_from_slice(b",\"key_id\":\"");
+                out.extend_from_slice(id);
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b",\"key_id\":null"),
+        }
+        match head.namespace {
+            Some(namespace) => {
+                out.extend_from_slice(b",\"namespace\":\"");
+                out.extend_from_slice(namespace.as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b",\"namespace\":null"),
+        }
+        match head.identity {
+            Some(identity) => {
+                out.extend_from_slice(b",\"identity\":\"");
+                escape_json(out, identity);
+                out.extend_from_slice(b"\",\"bytes_in\":");
+            }
+            None => out.extend_from_slice(b",\"identity\":null,\"bytes_in\":"),
+        }
+        match head.bytes_in {
+            Some(n) => {
+                push_u64(out, n);
+                out.extend_from_slice(b",\"gateway_us\":");
+            }
+            None => out.extend_from_slice(b"null,\"gateway_us\":"),
+        }
         push_u64(out, micros(head.gateway));
     }
 
     fn combined_head(&self, head: &Head<'_>, out: &mut Vec<u8>) {
-        push_ip(out, head.client);
+        push_client(out, head);
         out.extend_from_slice(b" - ");
         match head.key_id {
             // Hex digits: nothing to escape.
@@ -369,6 +405,9 @@ pub struct Head<'a> {
     pub time: SystemTime,
     pub request_id: &'a HeaderValue,
     pub client: IpAddr,
+    /// `client` as text, when the connection has it already (the client is the peer): copied
+    /// rather than formatted again for every line.
+    pub client_text: Option<&'a [u8]>,
     pub method: &'a Method,
     pub path: &'a str,
     pub query: Option<&'a str>,
@@ -422,8 +461,14 @@ impl Pending {
         self.end();
     }
 
+    /// Counts bytes of the streamed body the line is waiting for.
+    pub(crate) fn count(&mut self, bytes: usize) {
+        let answer = &mut self.0.answer;
+        answer.bytes_out = answer.bytes_out.saturating_add(bytes as u64);
+    }
+
     /// Writes the line with the answer it holds.
-    fn end(self) {
+    pub(crate) fn end(self) {
         let mut line = self.0;
         let Some(shared) = line.shared.take() else {
             return;
@@ -439,14 +484,21 @@ impl Pending {
                 Format::Json => {
                     out.extend_from_slice(b",\"status\":");
                     push_u64(out, u64::from(answer.status));
-                    out.extend_from_slice(b",\"code\":");
-                    plain_str(out, answer.code);
-                    out.extend_from_slice(b",\"upstream_us\":");
-                    match answer.upstream {
-                        Some(d) => push_u64(out, micros(d)),
-                        None => out.extend_from_slice(b"null"),
+                    match answer.code {
+                        Some(code) => {
+                            out.extend_from_slice(b",\"code\":\"");
+                            out.extend_from_slice(code.as_bytes());
+                            out.extend_from_slice(b"\",\"upstream_us\":");
+                        }
+                        None => out.extend_from_slice(b",\"code\":null,\"upstream_us\":"),
                     }
-                    out.extend_from_slice(b",\"bytes_out\":");
+                    match answer.upstream {
+                        Some(d) => {
+                            push_u64(out, micros(d));
+                            out.extend_from_slice(b",\"bytes_out\":");
+                        }
+                        None => out.extend_from_slice(b"null,\"bytes_out\":"),
+                    }
                     push_u64(out, answer.bytes_out);
                     out.extend_from_slice(b"}\n");
                 }
@@ -456,7 +508,10 @@ impl Pending {
                     push_u64(out, answer.bytes_out);
                 }
             }
-            out.extend_from_slice(tail);
+            // A JSON line has nothing after the answer.
+            if !tail.is_empty() {
+                out.extend_from_slice(tail);
+            }
         });
         give_back(line);
     }
@@ -562,7 +617,7 @@ pub fn finish(
     code: Option<&'static str>,
     upstream: Option<Duration>,
 ) -> Response<ResponseBody> {
-    let Some(line) = line else {
+    let Some(mut line) = line else {
         return response;
     };
     let answer = Answer {
@@ -571,57 +626,26 @@ pub fn finish(
         upstream,
         bytes_out: 0,
     };
-    let body = response.body_mut();
-    match std::mem::replace(body, ResponseBody::empty()) {
-        ResponseBody::Upstream(inner) => {
-            let mut line = line;
+    // The line goes into the body where it is: nothing is moved.
+    match response.body_mut() {
+        ResponseBody::Upstream(body) if body.line.is_none() => {
             line.0.answer = answer;
-            *body = ResponseBody::Logged(LoggedBody {
-                inner,
-                line: Some(line),
-            });
+            body.line = Some(line);
         }
         other => {
-            // A body of the gateway's own is whole already; a logged one (never made so) was
-            // counted by a line of its own.
-            let bytes_out = match &other {
+            // A body of the gateway's own is whole already; a streamed one with a line (never
+            // made so) is counted by a line of its own.
+            let bytes_out = match other {
                 ResponseBody::Full(bytes) => bytes.as_ref().map_or(0, |b| b.len() as u64),
-                _ => 0,
+                ResponseBody::Upstream(_) => 0,
             };
             line.finish(Answer {
                 bytes_out,
                 ..answer
             });
-            *body = other;
         }
     }
     response
-}
-
-/// A streamed answer whose line is written when it ends, with the bytes it carried. The line
-/// (from a per-thread stock, not allocated) is held by one pointer, so the response body
-/// stays as small as the upstream's own.
-#[derive(Debug)]
-pub struct LoggedBody {
-    pub(crate) inner: UpstreamBody,
-    line: Option<Pending>,
-}
-
-impl LoggedBody {
-    pub(crate) fn count(&mut self, bytes: usize) {
-        if let Some(line) = &mut self.line {
-            let answer = &mut line.0.answer;
-            answer.bytes_out = answer.bytes_out.saturating_add(bytes as u64);
-        }
-    }
-}
-
-impl Drop for LoggedBody {
-    fn drop(&mut self) {
-        if let Some(line) = self.line.take() {
-            line.end();
-        }
-    }
 }
 
 /// Calls `emit` with the pieces of `query`, the values of credential-like parameters
@@ -703,25 +727,44 @@ const OCTETS: [([u8; 4], usize); 256] = {
     t
 };
 
-/// Decimal digits, two at a time, without the formatting machinery (this runs several times a
-/// line). The digits are copied as a whole array, then the unused end cut: a copy of a known
-/// size costs a few moves, one of a varying size a call.
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let pair = |n: u64| {
-        usize::try_from(n)
-            .ok()
-            .and_then(|i| PAIRS.get(i))
-            .copied()
-            .unwrap_or(*b"00")
-    };
-    // Most numbers in a line are short: compared before the general count.
-    let len = match n {
-        0..=9 => 1,
-        10..=99 => 2,
-        100..=999 => 3,
-        1_000..=9_999 => 4,
-        _ => n.checked_ilog10().map_or(1, |l| l.saturating_add(1)) as usize,
-    };
+/// `n`'s two digits, for `n` below 100.
+fn pair(n: u64) -> [u8; 2] {
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| PAIRS.get(i))
+        .copied()
+        .unwrap_or(*b"00")
+}
+
+/// Decimal digits, without the formatting machinery (this runs several times a line).
+/// Numbers below 10,000, nearly all of a line's (statuses, sizes, most durations), are one
+/// copy of a known size, inlined where they are written.
+#[inline(always)]
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    if n < 10 {
+        let [_, one] = pair(n);
+        out.push(one);
+    } else if n < 100 {
+        out.extend_from_slice(&pair(n));
+    } else if n < 10_000 {
+        let [a, b] = pair(n / 100);
+        let [c, d] = pair(n % 100);
+        if n < 1_000 {
+            out.extend_from_slice(&[b, c, d]);
+        } else {
+            out.extend_from_slice(&[a, b, c, d]);
+        }
+    } else {
+        push_long_u64(out, n);
+    }
+}
+
+/// [`push_u64`] of 10,000 and more: two digits at a time. The digits are copied as a whole
+/// array, then the unused end cut: a copy of a known size costs a few moves, one of a
+/// varying size a call.
+#[inline(never)]
+fn push_long_u64(out: &mut Vec<u8>, mut n: u64) {
+    let len = n.checked_ilog10().map_or(1, |l| l.saturating_add(1)) as usize;
     let mut digits = [0u8; 20];
     let mut put = |at: usize, two: [u8; 2]| {
         if let Some(d) = digits.get_mut(at..).and_then(|d| d.first_chunk_mut::<2>()) {
@@ -747,6 +790,15 @@ fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     out.truncate(kept);
 }
 
+/// The client's address: the connection's text when there is one, else formatted.
+#[inline(always)]
+fn push_client(out: &mut Vec<u8>, head: &Head<'_>) {
+    match head.client_text {
+        Some(text) => out.extend_from_slice(text),
+        None => push_ip(out, head.client),
+    }
+}
+
 fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
@@ -769,38 +821,6 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
         }
-    }
-}
-
-/// A JSON string, or `null`.
-#[inline(always)]
-fn json_str(out: &mut Vec<u8>, text: Option<&str>) {
-    match text {
-        Some(t) => {
-            out.push(b'"');
-            escape_json(out, t);
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
-/// A JSON string of text known to need no escaping, or `null`.
-#[inline(always)]
-fn plain_str(out: &mut Vec<u8>, text: Option<&str>) {
-    plain_bytes(out, text.map(str::as_bytes));
-}
-
-/// [`plain_str`] of ASCII bytes.
-#[inline(always)]
-fn plain_bytes(out: &mut Vec<u8>, text: Option<&[u8]>) {
-    match text {
-        Some(t) => {
-            out.push(b'"');
-            out.extend_from_slice(t);
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
     }
 }
 
@@ -988,6 +1008,40 @@ fn second_text(second: u64) -> SecondText {
     text
 }
 
+thread_local! {
+    /// A JSON line's opening up to its second, `{"time":"2026-12-07T03:20:00`, for the second
+    /// this thread's last JSON line began in (`u64::MAX`, no second a clock gives, at first).
+    static JSON_OPENING: Cell<(u64, [u8; 28])> = const { Cell::new((u64::MAX, [0; 28])) };
+}
+
+/// `{"time":"2026-12-07T03:20:00.123Z","request_id":"`: a JSON line's opening, in two copies
+/// of known sizes, the first kept for the second.
+fn json_time(out: &mut Vec<u8>, t: SystemTime) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let second = d.as_secs();
+    let opening = match JSON_OPENING.try_with(Cell::get) {
+        Ok((kept, opening)) if kept == second => opening,
+        _ => {
+            let mut opening = *b"{\"time\":\"1970-01-01T00:00:00";
+            if let Some(date) = opening.get_mut(9..).and_then(|d| d.first_chunk_mut::<19>()) {
+                *date = second_text(second).rfc3339;
+            }
+            let _ = JSON_OPENING.try_with(|cell| cell.set((second, opening)));
+            opening
+        }
+    };
+    out.extend_from_slice(&opening);
+    // Below 1,000: three digits.
+    let ms = u64::from(d.subsec_millis());
+    let [_, hundreds] = pair(ms / 100);
+    let [tens, ones] = pair(ms % 100);
+    let mut rest = *b".000Z\",\"request_id\":\"";
+    if let Some(digits) = rest.get_mut(1..).and_then(|d| d.first_chunk_mut::<3>()) {
+        *digits = [hundreds, tens, ones];
+    }
+    out.extend_from_slice(&rest);
+}
+
 /// `2026-12-07T03:20:00.123Z`.
 pub(crate) fn write_rfc3339_millis(out: &mut Vec<u8>, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -1034,6 +1088,28 @@ mod tests {
             let mut ours = Vec::new();
             write_rfc3339_millis(&mut ours, t);
             assert_eq!(text(&ours), humantime::format_rfc3339_millis(t).to_string());
+        }
+    }
+
+    #[test]
+    fn a_json_line_opens_with_its_time_whether_its_second_is_kept_or_not() {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        // Twice the same second (kept), a later one, an earlier one, the epoch.
+        for ms in [
+            1_709_210_096_789,
+            1_709_210_096_001,
+            1_709_210_097_050,
+            1_709_210_096_999,
+            0,
+            1_796_527_200_100,
+        ] {
+            let mut out = Vec::new();
+            json_time(&mut out, at(ms));
+            let expected = format!(
+                "{{\"time\":\"{}\",\"request_id\":\"",
+                humantime::format_rfc3339_millis(at(ms))
+            );
+            assert_eq!(text(&out), expected);
         }
     }
 

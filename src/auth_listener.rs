@@ -67,6 +67,7 @@ pub async fn handle(
                     gw.clock.wall(),
                     &request_id,
                     client,
+                    conn,
                     started.elapsed(),
                 );
                 log.begin(&head.with(&snapshot, None, None), false)
@@ -91,6 +92,7 @@ pub async fn handle(
                 gw.clock.wall(),
                 &request_id,
                 client_ip,
+                conn,
                 started.elapsed(),
             );
             let mut head = head.with(&snapshot, route, key);

@@ -1,4 +1,4 @@
-//! The two body types on the proxy path. Both stream: nothing here buffers a body.
+//! The body types on the proxy path. They stream: nothing here buffers a body.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -12,10 +12,8 @@ use hyper::body::Incoming;
 /// What the gateway answers with: the upstream's streamed body, or a small body of its own.
 #[derive(Debug)]
 pub enum ResponseBody {
-    Upstream(crate::pipeline::forward::UpstreamBody),
+    Upstream(ProxiedBody),
     Full(Option<Bytes>),
-    /// The upstream's body, which the access log counts, and logs when it ends.
-    Logged(crate::access_log::LoggedBody),
 }
 
 impl ResponseBody {
@@ -37,35 +35,57 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
-            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Logged(logged) => {
-                let polled = Pin::new(&mut logged.inner).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
+            ResponseBody::Upstream(body) => {
+                let polled = Pin::new(&mut body.inner).poll_frame(cx);
+                if let (Some(line), Poll::Ready(Some(Ok(frame)))) = (&mut body.line, &polled) {
                     if let Some(data) = frame.data_ref() {
-                        logged.count(data.len());
+                        line.count(data.len());
                     }
                 }
                 polled
             }
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream(body) => body.is_end_stream(),
+            ResponseBody::Upstream(body) => body.inner.is_end_stream(),
             ResponseBody::Full(bytes) => bytes.is_none(),
-            ResponseBody::Logged(logged) => logged.inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream(body) => body.size_hint(),
+            ResponseBody::Upstream(body) => body.inner.size_hint(),
             ResponseBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ResponseBody::Logged(logged) => logged.inner.size_hint(),
+        }
+    }
+}
+
+/// The upstream's body on its way to the client, with the request's access-log line when it
+/// has one: the body counts its bytes into the line, and writes the line when it ends or is
+/// dropped. The line is one pointer (from a per-thread stock, not allocated), so the body
+/// stays about as small as the upstream's own, and it is put in place, never moved.
+#[derive(Debug)]
+pub struct ProxiedBody {
+    inner: crate::pipeline::forward::UpstreamBody,
+    pub(crate) line: Option<crate::access_log::Pending>,
+}
+
+impl ProxiedBody {
+    /// The upstream's body, with no line yet.
+    pub fn new(inner: crate::pipeline::forward::UpstreamBody) -> Self {
+        ProxiedBody { inner, line: None }
+    }
+}
+
+impl Drop for ProxiedBody {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            line.end();
         }
     }
 }

@@ -100,7 +100,7 @@ pub async fn handle(
             let took = started.elapsed();
             gw.metrics.gateway_time.observe(took);
             let line = gw.access_log.as_ref().and_then(|log| {
-                let head = Logged::of(&req, gw.clock.wall(), &request_id, client_ip, took);
+                let head = Logged::of(&req, gw.clock.wall(), &request_id, client_ip, conn, took);
                 log.begin(&head.with(&snapshot, refused.route, refused.key), false)
             });
             let code = refused.rejection.code();
@@ -147,7 +147,7 @@ pub async fn handle(
     gw.metrics.gateway_time.observe(took);
     let now = gw.clock.wall();
     let line = gw.access_log.as_ref().and_then(|log| {
-        let head = Logged::of(&req, now, &decision.request_id, client_ip, took);
+        let head = Logged::of(&req, now, &decision.request_id, client_ip, conn, took);
         log.begin(&head.with(&snapshot, Some(route), Some(key)), true)
     });
     let entry = gw.history.is_on().then(|| {
@@ -226,6 +226,7 @@ impl<'r> Logged<'r> {
         time: std::time::SystemTime,
         request_id: &'r HeaderValue,
         client: IpAddr,
+        conn: &'r ClientConn,
         took: std::time::Duration,
     ) -> Logged<'r> {
         Logged {
@@ -233,6 +234,7 @@ impl<'r> Logged<'r> {
                 time,
                 request_id,
                 client,
+                client_text: (client == conn.peer_ip).then(|| conn.peer_header.as_bytes()),
                 method: req.method(),
                 path: req.uri().path(),
                 query: req.uri().query(),

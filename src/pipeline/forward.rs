@@ -319,7 +319,10 @@ pub async fn forward(
         });
         return Ok(Response::from_parts(parts, ResponseBody::empty()));
     }
-    Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::Upstream(crate::body::ProxiedBody::new(body)),
+    ))
 }
 
 /// The protocol an upgrade request asks for: `Upgrade: X` with `upgrade` among the
