@@ -217,7 +217,7 @@ impl CreditBook {
                 return Err(exhausted);
             }
             if after > cell.reserved.load(Ordering::Acquire) {
-                self.reserve(id, &cell, after, balance.budget)?;
+                self.reserve(id, cell, after, balance.budget)?;
             }
             if cell
                 .spent
