@@ -54,11 +54,7 @@ fn reload(c: &mut Criterion) {
         .unwrap();
     drop(lock);
 
-    let (limiters, usage, metrics) = (
-        Limiters::new(),
-        UsageBook::in_memory(),
-        Metrics::default(),
-    );
+    let (limiters, usage, metrics) = (Limiters::new(), UsageBook::in_memory(), Metrics::default());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -93,11 +89,7 @@ fn key_change(c: &mut Criterion) {
         routes: vec![RouteConfig::new("/", "http://127.0.0.1:9", "production")],
         ..Config::default()
     };
-    let (limiters, usage, metrics) = (
-        Limiters::new(),
-        UsageBook::in_memory(),
-        Metrics::default(),
-    );
+    let (limiters, usage, metrics) = (Limiters::new(), UsageBook::in_memory(), Metrics::default());
     let ctx = BuildContext {
         config_path: std::path::Path::new("bench.yaml"),
         generation: 1,

@@ -488,11 +488,8 @@ mod tests {
     fn world(rules: &str) -> (Snapshot, UsageBook) {
         let yaml = format!("tiers: {{pro: {{quota: 10/day}}}}\nnamespaces: {{acme: {{tier: pro}}}}\nalerts:\n  rules:\n{rules}");
         let config: Config = parse_yaml(Path::new("a.yaml"), &yaml).unwrap();
-        let (limiters, metrics, usage) = (
-            Limiters::new(),
-            Metrics::default(),
-            UsageBook::in_memory(),
-        );
+        let (limiters, metrics, usage) =
+            (Limiters::new(), Metrics::default(), UsageBook::in_memory());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

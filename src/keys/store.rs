@@ -586,7 +586,9 @@ pub fn write_atomically_with(
             .open(&tmp)?;
         let mut buffered = io::BufWriter::with_capacity(1 << 16, f);
         write(&mut buffered)?;
-        let f = buffered.into_inner().map_err(io::IntoInnerError::into_error)?;
+        let f = buffered
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;

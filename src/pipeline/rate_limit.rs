@@ -61,10 +61,10 @@ mod tests {
     use http::HeaderMap;
 
     use crate::config::units::Rate;
-    use crate::state::limiters::Gcra;
     use crate::policy::rate::{
         policy_header, Name, RateHeaders, RatePolicy, RATELIMIT, RATELIMIT_POLICY,
     };
+    use crate::state::limiters::Gcra;
 
     fn policy(count: u32, per: u64, burst: u32) -> RatePolicy {
         RatePolicy {
@@ -134,7 +134,10 @@ mod tests {
         }
         assert_eq!(admitted, 3);
         // The first limit was charged for the 3 admitted only: 7 left, 6 after this probe.
-        let left = limiter.limits.first().map(|l| l.check(clock.monotonic_nanos()));
+        let left = limiter
+            .limits
+            .first()
+            .map(|l| l.check(clock.monotonic_nanos()));
         assert_eq!(left, Some(Gcra::Admitted { remaining: 6 }));
     }
 

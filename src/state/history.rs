@@ -116,7 +116,9 @@ struct Spill {
 fn inline<const N: usize>(text: &str) -> Option<([u8; N], u8)> {
     let mut bytes = [0u8; N];
     let len = u8::try_from(text.len()).ok()?;
-    bytes.get_mut(..text.len())?.copy_from_slice(text.as_bytes());
+    bytes
+        .get_mut(..text.len())?
+        .copy_from_slice(text.as_bytes());
     Some((bytes, len))
 }
 
@@ -560,7 +562,10 @@ mod tests {
             "a used key keeps its last request even at the bound"
         );
         let only_4xx = History::of(&b, 8, 9, |s| (400..500).contains(&s), 9);
-        assert_eq!(only_4xx.iter().map(Entry::at_ms).collect::<Vec<_>>(), [9, 8]);
+        assert_eq!(
+            only_4xx.iter().map(Entry::at_ms).collect::<Vec<_>>(),
+            [9, 8]
+        );
         let long = Entry::new(
             0,
             "::1".parse().unwrap(),
@@ -576,10 +581,21 @@ mod tests {
     #[test]
     fn entries_keep_what_does_not_fit_inline() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let short = Entry::new(1, ip, &Method::PATCH, "/v1/a", &HeaderValue::from_static("r1"))
-            .answered(429, Some("rate_limited"));
+        let short = Entry::new(
+            1,
+            ip,
+            &Method::PATCH,
+            "/v1/a",
+            &HeaderValue::from_static("r1"),
+        )
+        .answered(429, Some("rate_limited"));
         assert_eq!(
-            (short.method(), short.path(), short.request_id(), short.code()),
+            (
+                short.method(),
+                short.path(),
+                short.request_id(),
+                short.code()
+            ),
             ("PATCH", "/v1/a", "r1", Some("rate_limited"))
         );
         assert!(short.spill.is_none(), "nothing allocated");
@@ -594,7 +610,10 @@ mod tests {
         );
         let exact = "x".repeat(PATH_INLINE);
         let at_edge = Entry::new(3, ip, &Method::GET, &exact, &HeaderValue::from_static("r"));
-        assert_eq!((at_edge.path(), at_edge.spill.is_none()), (exact.as_str(), true));
+        assert_eq!(
+            (at_edge.path(), at_edge.spill.is_none()),
+            (exact.as_str(), true)
+        );
     }
 
     /// A ring overwrites its oldest entry once full, keeps its order, and grows again in

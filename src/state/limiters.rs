@@ -380,7 +380,13 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for (count, per, burst) in [(1, 1, 1), (10, 1, 5), (3, 60, 3), (1000, 1, 1), (7, 3600, 20)] {
+        for (count, per, burst) in [
+            (1, 1, 1),
+            (10, 1, 5),
+            (3, 60, 3),
+            (1000, 1, 1),
+            (7, 3600, 20),
+        ] {
             let p = policy(count, per, burst);
             let clock = crate::clock::Clock::fake(SystemTime::UNIX_EPOCH);
             let quota = governor::Quota::with_period(p.interval())
