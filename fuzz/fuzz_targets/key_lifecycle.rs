@@ -66,7 +66,7 @@ fn world() -> &'static World {
             .build()
             .expect("a runtime");
         let clock = Clock::fake(std::time::UNIX_EPOCH + std::time::Duration::from_secs(NOW as u64));
-        let (limiters, metrics, usage) = (Limiters::new(clock.clone()), Metrics::default(), UsageBook::in_memory());
+        let (limiters, metrics, usage) = (Limiters::new(), Metrics::default(), UsageBook::in_memory());
         let base = {
             let _in = runtime.enter();
             let ctx = BuildContext {
