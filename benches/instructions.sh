@@ -13,6 +13,8 @@
 #   HISTORY=0 benches/instructions.sh              (each key's request history off)
 #   WORKERS=2 benches/instructions.sh              (two worker threads: tokio's multi-thread
 #                                                   runtime, its cross-thread work counted)
+#   REFUSED=1 benches/instructions.sh              (per refused request instead: well-formed keys
+#                                                   of a set never loaded, each answered 401)
 #   PORT_BASE=18180 benches/instructions.sh        (other loopback ports, so that two runs can
 #                                                   go at once: the upstream listens on
 #                                                   PORT_BASE, keygate on +3, its admin on +13)
@@ -44,6 +46,11 @@ done
 [[ -x "$BIN" ]] || { echo "no $BIN: cargo build --release first" >&2; exit 2; }
 cargo build --release --quiet --example perf_setup
 "$TARGET"/release/examples/perf_setup "$WORK/gw" 10000 ${SHAPE:+--$SHAPE} >/dev/null
+TRAFFIC="$WORK/gw/keys.txt"
+if [[ -n "${REFUSED:-}" ]]; then
+  "$TARGET"/release/examples/perf_setup "$WORK/unknown" 1000 >/dev/null
+  TRAFFIC="$WORK/unknown/keys.txt"
+fi
 UP=${PORT_BASE:-18080}
 NGINX_GW=$((UP + 1)) HAPROXY_GW=$((UP + 2)) GW=$((UP + 3)) ADMIN=$((UP + 13))
 sed -i "s/127.0.0.1:18080/127.0.0.1:$UP/; s/127.0.0.1:18083/127.0.0.1:$GW/; s/127.0.0.1:18093/127.0.0.1:$ADMIN/" "$WORK/gw/keygate.yaml"
@@ -79,10 +86,10 @@ measure() {
     sleep 0.1
   done
   # Warm up (pool connections, first-use allocations), then count only the measured phase.
-  wrk -t1 -c16 -d"${WARM}s" -s benches/wrk_keys.lua "http://127.0.0.1:$port/v1/ping" -- "$WORK/gw/keys.txt" >/dev/null
+  wrk -t1 -c16 -d"${WARM}s" -s benches/wrk_keys.lua "http://127.0.0.1:$port/v1/ping" -- "$TRAFFIC" >/dev/null
   callgrind_control -i on "$vg" >/dev/null
   callgrind_control -z "$vg" >/dev/null
-  result=$(wrk -t1 -c16 -d"${SECS}s" -s benches/wrk_keys.lua "http://127.0.0.1:$port/v1/ping" -- "$WORK/gw/keys.txt" | grep '^RESULT')
+  result=$(wrk -t1 -c16 -d"${SECS}s" -s benches/wrk_keys.lua "http://127.0.0.1:$port/v1/ping" -- "$TRAFFIC" | grep '^RESULT')
   callgrind_control -d "$vg" >/dev/null
   sleep 1
   kill "$vg" 2>/dev/null || true

@@ -163,24 +163,28 @@ done
 # The nginx workers are the processes whose CPU counts for nginx.
 PID_OF[nginx]=$(pgrep -P "${PID_OF[nginx]}" | tr '\n' ' ')
 
-# User plus system ticks of the given processes (every thread counted), summed.
+# User plus system ticks of the given processes (every thread counted), summed; with a second
+# argument `user`, user ticks alone.
 cpu_ticks() {
-  local t=0 p
-  for p in $1; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done
+  local t=0 p fields='$14 + $15'
+  [[ ${2:-} == user ]] && fields='$14'
+  for p in $1; do t=$((t + $(awk "{ print $fields }" "/proc/$p/stat"))); done
   echo "$t"
 }
 HZ=$(getconf CLK_TCK)
-echo "case target round rps p50_us p99_us cpu_us_per_req" > "$WORK/results"
+echo "case target round rps p50_us p99_us cpu_us_per_req user_us_per_req" > "$WORK/results"
 run() {  # case target round keyfile
-  local before after line
+  local before after before_user after_user line
   before=$(cpu_ticks "${PID_OF[$2]:-}")
+  before_user=$(cpu_ticks "${PID_OF[$2]:-}" user)
   line=$(timeout $((SECS + 20)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --timeout 5s \
          -s benches/wrk_keys.lua "http://127.0.0.1:${PORT[$2]}/v1/ping" -- "$4" | grep '^RESULT' || true)
   after=$(cpu_ticks "${PID_OF[$2]:-}")
+  after_user=$(cpu_ticks "${PID_OF[$2]:-}" user)
   [[ -n $line ]] || { echo "no result for $1 $2 round $3" >&2; return; }
-  awk -v c="$1" -v t="$2" -v r="$3" -v d=$((after - before)) -v hz="$HZ" '{
+  awk -v c="$1" -v t="$2" -v r="$3" -v d=$((after - before)) -v u=$((after_user - before_user)) -v hz="$HZ" '{
     for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-    printf "%s %s %s %.0f %d %d %.2f\n", c, t, r, v["rps"], v["p50_us"], v["p99_us"], (t == "direct" ? 0 : d / hz * 1e6 / v["requests"])
+    printf "%s %s %s %.0f %d %d %.2f %.2f\n", c, t, r, v["rps"], v["p50_us"], v["p99_us"], (t == "direct" ? 0 : d / hz * 1e6 / v["requests"]), (t == "direct" ? 0 : u / hz * 1e6 / v["requests"])
   }' <<<"$line" >> "$WORK/results"
   echo "  $1 $2 round $3: $(tail -1 "$WORK/results" | cut -d' ' -f4-)" >&2
 }
@@ -192,18 +196,18 @@ done
 echo
 echo "# $(date -Is) keygate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $ROUNDS rounds x ${SECS}s, wrk -c$CONNS; medians"
 awk 'NR > 1 {
-  k = $1 " " $2; n[k]++; rps[k, n[k]] = $4; p50[k, n[k]] = $5; p99[k, n[k]] = $6; cpu[k, n[k]] = $7
-  byround[$1, $2, $3] = $4; cpuround[$1, $2, $3] = $7
+  k = $1 " " $2; n[k]++; rps[k, n[k]] = $4; p50[k, n[k]] = $5; p99[k, n[k]] = $6; cpu[k, n[k]] = $7; usr[k, n[k]] = $8
+  byround[$1, $2, $3] = $4; cpuround[$1, $2, $3] = $7; userround[$1, $2, $3] = $8
 } function median(a, k, m,   i, j, t, x) {
   for (i = 1; i <= m; i++) x[i] = a[k, i]
   for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }
   return m % 2 ? x[(m + 1) / 2] : (x[m / 2] + x[m / 2 + 1]) / 2
 } END {
-  printf "%-9s %-8s %9s %8s %8s %12s\n", "case", "target", "req/s", "p50 us", "p99 us", "cpu us/req"
+  printf "%-9s %-8s %9s %8s %8s %12s %12s\n", "case", "target", "req/s", "p50 us", "p99 us", "cpu us/req", "user us/req"
   split("accepted:direct accepted:nginx accepted:haproxy accepted:keygate accepted:keygate-b unknown:nginx unknown:haproxy unknown:keygate unknown:keygate-b", order, " ")
   for (o = 1; o in order; o++) {
     split(order[o], ct, ":"); k = ct[1] " " ct[2]; if (!(k in n)) continue
-    printf "%-9s %-8s %9.0f %8.0f %8.0f %12.2f\n", ct[1], ct[2], median(rps, k, n[k]), median(p50, k, n[k]), median(p99, k, n[k]), median(cpu, k, n[k])
+    printf "%-9s %-8s %9.0f %8.0f %8.0f %12.2f %12.2f\n", ct[1], ct[2], median(rps, k, n[k]), median(p50, k, n[k]), median(p99, k, n[k]), median(cpu, k, n[k]), median(usr, k, n[k])
   }
   print "\nsame-round ratios of req/s (median):"
   for (c = 1; c <= 2; c++) {
@@ -225,6 +229,14 @@ awk 'NR > 1 {
     cs = c == 1 ? "accepted" : "unknown"
     m = 0; delete r
     for (round = 1; (cs, "keygate", round) in cpuround; round++) if ((cs, "keygate-b", round) in cpuround && cpuround[cs, "keygate", round] > 0) r[++m] = cpuround[cs, "keygate-b", round] / cpuround[cs, "keygate", round]
+    for (i = 1; i <= m; i++) rr["x", i] = r[i]
+    if (m) printf "  %-8s keygate-b vs keygate %.3f\n", cs, median(rr, "x", m)
+  }
+  print "\nsame-round ratios of user us/req (median):"
+  for (c = 1; c <= 2; c++) {
+    cs = c == 1 ? "accepted" : "unknown"
+    m = 0; delete r
+    for (round = 1; (cs, "keygate", round) in userround; round++) if ((cs, "keygate-b", round) in userround && userround[cs, "keygate", round] > 0) r[++m] = userround[cs, "keygate-b", round] / userround[cs, "keygate", round]
     for (i = 1; i <= m; i++) rr["x", i] = r[i]
     if (m) printf "  %-8s keygate-b vs keygate %.3f\n", cs, median(rr, "x", m)
   }
