@@ -34,7 +34,8 @@ pub struct HistoryConfig {
     /// The requests kept per key, newest first, 0 to 100,000. `0` keeps none. Default 1,000.
     #[serde(default = "default_per_key")]
     pub per_key: u32,
-    /// The requests kept over all keys, 0 to 100,000,000: about 150 bytes each in memory.
+    /// The requests kept over all keys, 0 to 100,000,000: 128 bytes each in memory (and a
+    /// path past 54 bytes or a request id past 32 kept beside it).
     /// Default 1,000,000.
     #[serde(default = "default_max_total")]
     pub max_total: u64,
