@@ -287,6 +287,19 @@ async fn rotation_overlaps_then_the_old_key_expires() {
     gw.clock.advance(Duration::from_secs(3600));
     assert_eq!(proxy(&gw, &old).await.code(), "expired_key");
     assert_eq!(proxy(&gw, &new).await.status, 200);
+    // A body of whitespace alone is not JSON: refused, and nothing rotated.
+    let blank = send(
+        Req::get(gw.admin, &format!("/v1/api-keys/{new_id}/rotate"))
+            .method("POST")
+            .bearer(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body("\t"),
+    )
+    .await;
+    assert_eq!(
+        (blank.status.as_u16(), blank.code()),
+        (400, "invalid_request".to_string())
+    );
     let r = admin(&gw, "POST", &format!("/v1/api-keys/{new_id}/rotate"), None).await;
     assert_eq!(
         r.status, 201,

@@ -396,11 +396,8 @@ async fn read_json_or_empty<T: DeserializeOwned>(
     within: Duration,
 ) -> Result<T, Rejection> {
     let bytes = read_body(req, within).await?;
-    parse_json(if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &bytes
-    })
+    // No body at all is the empty object; whitespace alone is not JSON, and is refused.
+    parse_json(if bytes.is_empty() { b"{}" } else { &bytes })
 }
 
 /// A slow body cannot hold an admin connection: past `within`, the answer is 408.
