@@ -160,15 +160,20 @@ impl Audit {
     pub fn auth_failed(&self, now: i64, ip: IpAddr, code: &'static str, key_id: Option<&str>) {
         let minute = now.div_euclid(60);
         let write = {
-            if self.windows.len() >= MAX_SAMPLED_PAIRS && !self.windows.contains_key(&(ip, code)) {
-                self.overflow.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            let mut w = self.windows.entry((ip, code)).or_insert(Window {
-                minute,
-                written: 0,
-                suppressed: 0,
-            });
+            // A pair already sampled is found with one lookup; only a new one counts the
+            // pairs (every shard of the map), to keep their number bounded.
+            let mut w = match self.windows.get_mut(&(ip, code)) {
+                Some(w) => w,
+                None if self.windows.len() >= MAX_SAMPLED_PAIRS => {
+                    self.overflow.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                None => self.windows.entry((ip, code)).or_insert(Window {
+                    minute,
+                    written: 0,
+                    suppressed: 0,
+                }),
+            };
             if w.minute != minute {
                 if w.suppressed > 0 {
                     self.record(&summary(w.minute, ip, code, w.suppressed));
