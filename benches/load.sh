@@ -198,6 +198,16 @@ echo "# $(date -Is) keygate $(git rev-parse --short HEAD 2>/dev/null || echo '?'
 awk 'NR > 1 {
   k = $1 " " $2; n[k]++; rps[k, n[k]] = $4; p50[k, n[k]] = $5; p99[k, n[k]] = $6; cpu[k, n[k]] = $7; usr[k, n[k]] = $8
   byround[$1, $2, $3] = $4; cpuround[$1, $2, $3] = $7; userround[$1, $2, $3] = $8
+} function b_vs_a(per, what,   c, cs, m, round, i, r, rr) {
+  # keygate-b against keygate, per request: the median of same-round ratios of `per`.
+  print "\nsame-round ratios of " what " us/req (median):"
+  for (c = 1; c <= 2; c++) {
+    cs = c == 1 ? "accepted" : "unknown"
+    m = 0; delete r; delete rr
+    for (round = 1; (cs, "keygate", round) in per; round++) if ((cs, "keygate-b", round) in per && per[cs, "keygate", round] > 0) r[++m] = per[cs, "keygate-b", round] / per[cs, "keygate", round]
+    for (i = 1; i <= m; i++) rr["x", i] = r[i]
+    if (m) printf "  %-8s keygate-b vs keygate %.3f\n", cs, median(rr, "x", m)
+  }
 } function median(a, k, m,   i, j, t, x) {
   for (i = 1; i <= m; i++) x[i] = a[k, i]
   for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }
@@ -224,20 +234,6 @@ awk 'NR > 1 {
     for (i = 1; i <= m; i++) rr["x", i] = r[i]
     if (m) printf "  %-8s keygate-b vs keygate %.2f\n", cs, median(rr, "x", m)
   }
-  print "\nsame-round ratios of cpu us/req (median):"
-  for (c = 1; c <= 2; c++) {
-    cs = c == 1 ? "accepted" : "unknown"
-    m = 0; delete r
-    for (round = 1; (cs, "keygate", round) in cpuround; round++) if ((cs, "keygate-b", round) in cpuround && cpuround[cs, "keygate", round] > 0) r[++m] = cpuround[cs, "keygate-b", round] / cpuround[cs, "keygate", round]
-    for (i = 1; i <= m; i++) rr["x", i] = r[i]
-    if (m) printf "  %-8s keygate-b vs keygate %.3f\n", cs, median(rr, "x", m)
-  }
-  print "\nsame-round ratios of user us/req (median):"
-  for (c = 1; c <= 2; c++) {
-    cs = c == 1 ? "accepted" : "unknown"
-    m = 0; delete r
-    for (round = 1; (cs, "keygate", round) in userround; round++) if ((cs, "keygate-b", round) in userround && userround[cs, "keygate", round] > 0) r[++m] = userround[cs, "keygate-b", round] / userround[cs, "keygate", round]
-    for (i = 1; i <= m; i++) rr["x", i] = r[i]
-    if (m) printf "  %-8s keygate-b vs keygate %.3f\n", cs, median(rr, "x", m)
-  }
+  b_vs_a(cpuround, "cpu")
+  b_vs_a(userround, "user")
 }' "$WORK/results"
