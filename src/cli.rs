@@ -450,10 +450,14 @@ fn serve(config_path: &Path) -> Result<(), String> {
     runtime(config.workers)?.block_on(async {
         let gateway = crate::gateway::Gateway::new(config_path, Clock::real())
             .map_err(|e| config_errors(&e))?;
+        let signals = crate::server::Signals::catch().map_err(|e| e.to_string())?;
         let running = crate::server::start_with(gateway, true, inherited)
             .await
             .map_err(|e| e.to_string())?;
-        running.run_until_signal().await.map_err(|e| e.to_string())
+        running
+            .run_until_signal(signals)
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 

@@ -122,6 +122,7 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
     let (record, secret) = keys::create(op, new).map_err(|e| e.to_string())?;
     let gateway =
         crate::gateway::Gateway::new(&config_path, clock).map_err(|e| format!("{e:?}"))?;
+    let signals = crate::server::Signals::catch().map_err(|e| e.to_string())?;
     let running = crate::server::start(gateway, true)
         .await
         .map_err(|e| e.to_string())?;
@@ -145,7 +146,10 @@ async fn demo(dir: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Re
         id = record.id,
         config = config_path.display(),
     );
-    running.run_until_signal().await.map_err(|e| e.to_string())
+    running
+        .run_until_signal(signals)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn temp_dir() -> std::io::Result<PathBuf> {

@@ -87,6 +87,30 @@ pub struct Running {
     watched: usize,
 }
 
+/// The signals a serving process answers, caught from the moment this is made. Made before
+/// the listeners open: a SIGTERM that lands just after the first request is answered is a
+/// drain, not the default action's abrupt death.
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Takes over SIGHUP, SIGTERM, SIGINT and SIGUSR1; they wait here until
+    /// [`Running::run_until_signal`] reads them.
+    pub fn catch() -> io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
 /// Binds both listeners (the config's addresses; port 0 picks a free one) and starts serving.
 /// With `watch`, changes to the config, key store or certificates are picked up by themselves.
 pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
@@ -395,12 +419,13 @@ impl Running {
 
     /// Serves until SIGTERM or SIGINT (then drains for `limits.drain_timeout`) and reloads
     /// on SIGHUP; reopens the access log on SIGUSR1.
-    pub async fn run_until_signal(mut self) -> io::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
+    pub async fn run_until_signal(mut self, signals: Signals) -> io::Result<()> {
+        let Signals {
+            mut hup,
+            mut term,
+            mut int,
+            mut usr1,
+        } = signals;
         // The service manager hears that the listeners serve (the snapshot was built before
         // they opened), around each SIGHUP reload, and when the drain begins.
         let notifier = Arc::new(crate::notify::Notifier::from_env());
