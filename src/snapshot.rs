@@ -984,7 +984,7 @@ fn compile_entry(
                 .chain(
                     named
                         .iter()
-                        .map(|(n, p)| SharedRate::new(Name::Named(Arc::clone(n)), *p)),
+                        .map(|(n, p)| SharedRate::new(Name::named(n), *p)),
                 )
                 .collect(),
             quota,
@@ -1014,11 +1014,12 @@ fn compile_entry(
         }
     };
     let written = policy;
-    let (scopes, allowed_cidrs, limits) = interner.intern(|i| {
+    let (scopes, allowed_cidrs, limits, identity) = interner.intern(|i| {
         (
             i.scopes(&r.scopes, || ScopeSet::new(scopes)),
             i.cidrs(&r.allowed_cidrs, || allowed_cidrs),
             i.limits((written, named.clone(), quota), limits),
+            r.identity.as_deref().map(|id| i.identity(id)),
         )
     });
     Ok(KeyEntry {
@@ -1035,17 +1036,12 @@ fn compile_entry(
         cells: ctx.usage.cells(),
         usage: OnceLock::new(),
         limiter: OnceLock::new(),
-        extra: match (&r.meta, checked.credits, &r.identity) {
+        extra: match (&r.meta, checked.credits, identity) {
             (None, None, None) => None,
             (meta, credits, identity) => Some(Box::new(key_index::Extra {
                 meta: meta.as_ref().map(|m| key_meta(m, config)),
                 credits,
-                identity: identity.as_deref().map(|id| {
-                    (
-                        id.into(),
-                        crate::headers::meta_value(&serde_json::Value::String(id.to_string())),
-                    )
-                }),
+                identity,
                 credit_cell: Default::default(),
             })),
         },

@@ -68,19 +68,62 @@ impl RatePolicy {
 
 /// A policy's name in the `RateLimit` headers: `key` for the rate limit, a named limit's
 /// own name, or `quota`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Every decision copies the names of the limits it spent into its headers. A named limit's
+/// name is interned the first time a snapshot compiles it, so that copy is a pointer's, with
+/// no reference count to move twice a request; past [`MAX_INTERNED`] distinct names (which
+/// only an operator makes) a name is shared by count instead.
+#[derive(Debug, Clone, Eq)]
 pub enum Name {
     Key,
-    Named(std::sync::Arc<str>),
+    Named(&'static str),
+    Shared(std::sync::Arc<str>),
     Quota,
 }
 
+/// Distinct named-limit names interned for the life of the process; at most 41 bytes each
+/// (`identity.` and a name of up to 32), so at most a few hundred KiB.
+pub const MAX_INTERNED: usize = 4096;
+
 impl Name {
+    /// The name of a named limit (or of an identity's: `identity.<name>`).
+    pub fn named(name: &str) -> Name {
+        use std::collections::HashSet;
+        use std::sync::{Mutex, OnceLock};
+        static INTERNED: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let mut interned = INTERNED
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(kept) = interned.get(name) {
+            return Name::Named(kept);
+        }
+        if interned.len() >= MAX_INTERNED {
+            return Name::Shared(name.into());
+        }
+        let kept: &'static str = Box::leak(name.into());
+        interned.insert(kept);
+        Name::Named(kept)
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             Name::Key => "key",
             Name::Named(n) => n,
+            Name::Shared(n) => n,
             Name::Quota => "quota",
+        }
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        match (self, other) {
+            (Name::Key, Name::Key) | (Name::Quota, Name::Quota) => true,
+            (Name::Named(_) | Name::Shared(_), Name::Named(_) | Name::Shared(_)) => {
+                self.as_str() == other.as_str()
+            }
+            _ => false,
         }
     }
 }
@@ -242,7 +285,7 @@ mod tests {
                 Some(budget(Name::Quota, 0, 86_400)),
             ],
             more: vec![budget(
-                Name::Named("identity.hourly".into()),
+                Name::named("identity.hourly"),
                 18_446_744_073_709_551_615,
                 3600,
             )],

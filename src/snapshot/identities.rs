@@ -180,7 +180,7 @@ impl Identities {
                 shared: SharedPolicy {
                     rates: whole
                         .iter()
-                        .map(|(n, p)| SharedRate::new(Name::Named(Arc::clone(n)), *p))
+                        .map(|(n, p)| SharedRate::new(Name::named(n), *p))
                         .collect(),
                     quota: checked.quota,
                 },
@@ -188,7 +188,7 @@ impl Identities {
                     limit: (q.limit / NonZeroU64::from(nodes)).max(1),
                     ..q
                 }),
-                quota_name: Name::Named(Arc::from("identity.quota")),
+                quota_name: Name::named("identity.quota"),
                 credits: checked.credits,
                 credit_cell: Default::default(),
                 meta: record.meta.as_ref().map(meta_of),

@@ -112,6 +112,7 @@ pub struct Interner {
     scopes: HashMap<Vec<String>, Arc<ScopeSet>>,
     cidrs: HashMap<Vec<String>, Arc<CidrSet>>,
     limits: HashMap<LimitsKey, Arc<Limits>>,
+    identities: std::collections::HashSet<IdentityById>,
 }
 
 impl Interner {
@@ -143,6 +144,19 @@ impl Interner {
         let c = Arc::new(make());
         self.cidrs.insert(text.to_vec(), Arc::clone(&c));
         c
+    }
+
+    /// The identity named `id`, made once.
+    pub fn identity(&mut self, id: &str) -> Arc<IdentityName> {
+        if let Some(kept) = self.identities.get(id) {
+            return Arc::clone(&kept.0);
+        }
+        let made = Arc::new(IdentityName {
+            id: id.into(),
+            header: crate::headers::meta_value(&serde_json::Value::String(id.to_string())),
+        });
+        self.identities.insert(IdentityById(Arc::clone(&made)));
+        made
     }
 
     /// The limits a key's rate, named limits and quota (as written, before any node share)
@@ -274,10 +288,43 @@ pub struct KeyEntry {
 pub struct Extra {
     pub meta: Option<KeyMeta>,
     pub credits: Option<crate::policy::credits::Credits>,
-    /// The identity the key belongs to, by id, and as `X-Keygate-Identity` sends it.
-    pub identity: Option<(Box<str>, HeaderValue)>,
+    /// The identity the key belongs to, shared by every key of the index that names it.
+    pub identity: Option<Arc<IdentityName>>,
     /// The credits' cell in the book, kept from the first spending.
     pub credit_cell: crate::state::credits::CellSlot,
+}
+
+/// An identity as its keys name it: its id, and as `X-Keygate-Identity` sends it. Interned,
+/// so that the keys of one identity share it, and a request reads bytes the identity's other
+/// keys keep in the cache.
+#[derive(Debug)]
+pub struct IdentityName {
+    pub id: Box<str>,
+    pub header: HeaderValue,
+}
+
+/// [`IdentityName`] in the interner, found by its id.
+#[derive(Debug)]
+struct IdentityById(Arc<IdentityName>);
+
+impl std::borrow::Borrow<str> for IdentityById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+
+impl PartialEq for IdentityById {
+    fn eq(&self, other: &IdentityById) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for IdentityById {}
+
+impl std::hash::Hash for IdentityById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id.hash(state);
+    }
 }
 
 /// [`KeyEntry::expires`] of a key that never expires.
@@ -310,12 +357,12 @@ impl KeyEntry {
 
     /// The id of the identity the key belongs to, if it names one.
     pub fn identity_id(&self) -> Option<&str> {
-        self.extra.as_ref()?.identity.as_ref().map(|(id, _)| &**id)
+        self.extra.as_ref()?.identity.as_ref().map(|i| &*i.id)
     }
 
     /// `X-Keygate-Identity` for the key, if it names an identity.
     pub fn identity_header(&self) -> Option<&HeaderValue> {
-        self.extra.as_ref()?.identity.as_ref().map(|(_, h)| h)
+        self.extra.as_ref()?.identity.as_ref().map(|i| &i.header)
     }
 
     /// The key's credits, if it is a limited-use key.

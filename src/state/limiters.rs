@@ -133,7 +133,7 @@ impl KeyLimiter {
             .chain(
                 named
                     .iter()
-                    .map(|(n, p)| Limit::new(Name::Named(Arc::clone(n)), *p, kept(n, *p))),
+                    .map(|(n, p)| Limit::new(Name::named(n), *p, kept(n, *p))),
             )
             .collect();
         KeyLimiter {

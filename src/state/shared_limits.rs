@@ -213,7 +213,9 @@ impl SharedLimiter {
             for rate in party.policy.rates.iter() {
                 // A key's rate limit keeps the name it always had; a named one adds its name.
                 call.key(match &rate.name {
-                    Name::Named(name) => format!("{prefix}:rl:{}:{name}", party.id),
+                    name @ (Name::Named(_) | Name::Shared(_)) => {
+                        format!("{prefix}:rl:{}:{}", party.id, name.as_str())
+                    }
                     _ => format!("{prefix}:rl:{}", party.id),
                 });
                 call.arg(rate.emission_us).arg(rate.burst);

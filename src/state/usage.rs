@@ -43,6 +43,8 @@ pub struct KeyUsage {
     id_header: HeaderValue,
     /// Unix seconds; 0 for never.
     last_used: AtomicI64,
+    /// `last_ip` as [`ip_mark`] gives it, read without the lock; 0 for none.
+    last_mark: AtomicU64,
     last_ip: Mutex<Option<IpAddr>>,
     /// The quota period the count below belongs to.
     quota_period: AtomicI64,
@@ -106,6 +108,20 @@ impl Minute {
     }
 }
 
+/// An IPv4 address (or an IPv6 one that maps one) as a non-zero word, so that [`KeyUsage::seen`]
+/// can tell it from the last one without a lock; 0 for any other IPv6 address, which is
+/// always written.
+fn ip_mark(ip: IpAddr) -> u64 {
+    let (kind, v4) = match ip {
+        IpAddr::V4(v4) => (1 << 32, v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (1 << 33, v4),
+            None => return 0,
+        },
+    };
+    kind | u64::from(u32::from(v4))
+}
+
 impl Default for KeyUsage {
     fn default() -> Self {
         KeyUsage::for_key("")
@@ -119,6 +135,7 @@ impl KeyUsage {
             // Ids are hex digits: always a header value.
             id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
             last_used: AtomicI64::new(0),
+            last_mark: AtomicU64::new(0),
             last_ip: Mutex::new(None),
             quota_period: AtomicI64::new(0),
             quota_used: AtomicU64::new(0),
@@ -134,8 +151,20 @@ impl KeyUsage {
 
     /// Notes that the key was presented from `ip` at `now`. A key is "used" whenever it is
     /// presented and identified, even if a later check refuses the request.
+    ///
+    /// A key seen again in the same second from the same IPv4 address (the usual case for a
+    /// busy key) is not written at all: the two loads cost less than the store, the lock's
+    /// two atomic operations and the wait for earlier stores that those make.
     pub fn seen(&self, now: i64, ip: IpAddr) {
+        let mark = ip_mark(ip);
+        if mark != 0
+            && self.last_used.load(Ordering::Relaxed) == now
+            && self.last_mark.load(Ordering::Relaxed) == mark
+        {
+            return;
+        }
         self.last_used.store(now, Ordering::Relaxed);
+        self.last_mark.store(mark, Ordering::Relaxed);
         if let Ok(mut slot) = self.last_ip.try_lock() {
             *slot = Some(ip);
         }
@@ -860,6 +889,40 @@ mod tests {
     use super::*;
 
     const T0: i64 = 1_763_884_800; // 2025-11-23T08:00:00Z
+
+    #[test]
+    fn the_last_use_keeps_the_latest_second_and_address() {
+        let cell = KeyUsage::for_key("k1");
+        let last = |cell: &KeyUsage| {
+            let u = cell.last_use().unwrap();
+            (u.at, u.ip.unwrap())
+        };
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(cell.last_use().is_none());
+        cell.seen(T0, a);
+        assert_eq!(last(&cell), (T0, "10.0.0.1".to_string()));
+        // The same second and address: nothing to write, nothing changes.
+        cell.seen(T0, a);
+        assert_eq!(last(&cell), (T0, "10.0.0.1".to_string()));
+        // Another address in the same second, then the same one a second later.
+        cell.seen(T0, b);
+        assert_eq!(last(&cell), (T0, "10.0.0.2".to_string()));
+        cell.seen(T0 + 1, b);
+        assert_eq!(last(&cell), (T0 + 1, "10.0.0.2".to_string()));
+        // An IPv4-mapped IPv6 address is not the IPv4 one; other IPv6 addresses always write.
+        cell.seen(T0 + 1, mapped);
+        assert_eq!(last(&cell), (T0 + 1, "::ffff:10.0.0.1".to_string()));
+        cell.seen(T0 + 1, a);
+        assert_eq!(last(&cell), (T0 + 1, "10.0.0.1".to_string()));
+        cell.seen(T0 + 1, v6);
+        cell.seen(T0 + 1, v6);
+        assert_eq!(last(&cell), (T0 + 1, "2001:db8::1".to_string()));
+        cell.seen(T0 + 1, a);
+        assert_eq!(last(&cell), (T0 + 1, "10.0.0.1".to_string()));
+    }
 
     #[test]
     fn two_processes_on_one_usage_file_keep_each_others_counts() {
