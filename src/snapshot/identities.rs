@@ -9,7 +9,6 @@ use std::hash::BuildHasherDefault;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
 use http::HeaderValue;
 
 use crate::keys::identity::{check_identity, IdentityRecord};
@@ -48,9 +47,10 @@ pub struct Identity {
     pub meta: Option<super::key_index::KeyMeta>,
     /// `RateLimit-Policy`'s part for the identity's limits and quota.
     pub policy_header: Option<HeaderValue>,
-    /// `RateLimit-Policy` of its keys' limits and its own, joined: kept for the few distinct
-    /// key parts its keys have, so a request joins nothing.
-    joined: ArcSwap<Vec<(HeaderValue, HeaderValue)>>,
+    /// `RateLimit-Policy` of its keys' limits and its own, joined: kept for the first few
+    /// distinct key parts its keys have, so a request joins nothing. Each is set once and read
+    /// with a plain load, where a swappable list cost two atomic writes a request.
+    joined: [OnceLock<(HeaderValue, HeaderValue)>; JOINED_KEPT],
     limiters: Limiters,
     limiter: OnceLock<Arc<KeyLimiter>>,
     cells: Cells,
@@ -71,20 +71,28 @@ impl Identity {
     /// `RateLimit-Policy` for a key whose own limits' part is `own` and this identity's.
     pub fn policy_with(&self, own: &HeaderValue) -> Option<HeaderValue> {
         let shared = self.policy_header.as_ref()?;
-        let known = self.joined.load();
-        if let Some((_, both)) = known.iter().find(|(part, _)| part == own) {
-            return Some(both.clone());
+        // Keys with the same limits share one part: the same bytes, found without comparing.
+        let same = |part: &HeaderValue| {
+            let (a, b) = (part.as_bytes(), own.as_bytes());
+            (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+        };
+        let mut free = None;
+        for slot in &self.joined {
+            match slot.get() {
+                Some((part, both)) if same(part) => return Some(both.clone()),
+                Some(_) => {}
+                None => {
+                    free = Some(slot);
+                    break;
+                }
+            }
         }
         let both = [own.as_bytes(), shared.as_bytes()].join(&b", "[..]);
         let both = HeaderValue::from_maybe_shared(bytes::Bytes::from(both)).ok()?;
-        if known.len() < JOINED_KEPT {
-            self.joined.rcu(|kept| {
-                let mut kept = Vec::clone(kept);
-                if !kept.iter().any(|(part, _)| part == own) {
-                    kept.push((own.clone(), both.clone()));
-                }
-                kept
-            });
+        // Two first requests at once may both set a slot: the second takes the next free one,
+        // or none, and either way answers the value it made.
+        if let Some(slot) = free {
+            let _ = slot.set((own.clone(), both.clone()));
         }
         Some(both)
     }
@@ -193,7 +201,7 @@ impl Identities {
                 credit_cell: Default::default(),
                 meta: record.meta.as_ref().map(meta_of),
                 policy_header,
-                joined: ArcSwap::default(),
+                joined: Default::default(),
                 limiters: limiters.clone(),
                 limiter: OnceLock::new(),
                 cells: cells.clone(),
@@ -230,5 +238,53 @@ fn share(p: RatePolicy, nodes: NonZeroU32) -> RatePolicy {
     match nodes.get() {
         1 => p,
         _ => super::node_share(p, nodes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::usage::UsageBook;
+
+    fn identity(doc: serde_json::Value) -> Arc<Identity> {
+        let book = UsageBook::in_memory();
+        let meta_of = |_: &serde_json::Map<String, serde_json::Value>| unreachable!();
+        let one = NonZeroU32::MIN;
+        let (compiled, problems) =
+            Identities::compile(&[doc], &Limiters::default(), &book.cells(), one, &meta_of);
+        assert!(problems.is_empty(), "{problems:?}");
+        compiled.by_id.into_values().next().unwrap()
+    }
+
+    #[test]
+    fn each_key_part_is_joined_with_the_identitys_own() {
+        let i = identity(serde_json::json!({
+            "id": "cus_1",
+            "rate_limits": [{"name": "minute", "limit": "60/m"}],
+            "created_at": "2026-01-01T00:00:00Z",
+        }));
+        let own = "\"identity.minute\";q=60;w=60";
+        assert_eq!(i.policy_header.as_ref().unwrap(), own);
+        // More distinct key parts than are kept: each is still joined right, kept or not,
+        // and a part made anew (other bytes, the same text) is found by its text.
+        for round in 0..2 {
+            for n in 1..=(JOINED_KEPT + 3) {
+                let part = HeaderValue::from_str(&format!("\"key\";q={n};w=1")).unwrap();
+                let both = i.policy_with(&part).unwrap();
+                assert_eq!(
+                    both,
+                    format!("\"key\";q={n};w=1, {own}").as_str(),
+                    "round {round}"
+                );
+            }
+        }
+        assert!(i.joined.iter().all(|slot| slot.get().is_some()));
+        assert_eq!(
+            i.joined
+                .first()
+                .and_then(|s| s.get())
+                .map(|(part, _)| part.clone()),
+            Some(HeaderValue::from_static("\"key\";q=1;w=1"))
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,8 +43,14 @@ struct Cell {
 /// Where a key (or an identity) keeps its credits cell between requests, so that spending
 /// finds it without the book's lock and lookup. The book still owns every cell: a slot only
 /// holds one of them, and is checked against the setting and period on each use.
+///
+/// The first cell a slot is given stays, read with a plain load. A cell of a later refill
+/// period replaces the one before it behind arc-swap, whose load costs two atomic writes.
 #[derive(Debug, Default)]
-pub struct CellSlot(arc_swap::ArcSwapOption<Cell>);
+pub struct CellSlot {
+    first: OnceLock<Arc<Cell>>,
+    later: arc_swap::ArcSwapOption<Cell>,
+}
 
 /// A journal line: the reservation of one key's cell.
 #[derive(Debug, Serialize, Deserialize)]
@@ -190,19 +196,20 @@ impl CreditBook {
         slot: Option<&CellSlot>,
     ) -> Result<u64, Refused> {
         let balance = credits.balance(now);
-        // The slot's cell is read under arc-swap's guard, without a count of its own.
-        let guard = slot.map(|s| s.0.load());
-        let kept = guard
-            .as_ref()
-            .and_then(|g| g.as_deref())
-            .filter(|c| c.version == credits.version && c.period == balance.period);
+        let fits = |c: &&Cell| c.version == credits.version && c.period == balance.period;
+        let first = slot.and_then(|s| s.first.get()).map(|c| &**c).filter(fits);
+        // A later cell is read under arc-swap's guard, without a count of its own.
+        let guard = slot.filter(|_| first.is_none()).map(|s| s.later.load());
+        let later = guard.as_ref().and_then(|g| g.as_deref()).filter(fits);
         let made;
-        let cell: &Cell = match kept {
+        let cell: &Cell = match first.or(later) {
             Some(c) => c,
             None => {
                 made = self.cell(id, credits, &balance);
                 if let Some(s) = slot {
-                    s.0.store(Some(Arc::clone(&made)));
+                    if s.first.set(Arc::clone(&made)).is_err() {
+                        s.later.store(Some(Arc::clone(&made)));
+                    }
                 }
                 &made
             }
@@ -413,6 +420,38 @@ mod tests {
         assert_eq!(book.spend("k", &reset, 1, 86_402, None), Ok(6));
         book.refund("k", 1);
         assert_eq!(book.left("k", &reset, 86_402), 7);
+    }
+
+    #[test]
+    fn a_slot_follows_its_cell_across_refills_and_settings() {
+        let book = CreditBook::in_memory();
+        let slot = CellSlot::default();
+        let c = credits(3);
+        let spend = |c: &Credits, now| book.spend("k", c, 1, now, Some(&slot));
+        // The first period's cell: kept in the slot from the first spending.
+        assert_eq!(
+            (spend(&c, 10), spend(&c, 11), spend(&c, 12)),
+            (Ok(2), Ok(1), Ok(0))
+        );
+        assert!(spend(&c, 13).is_err());
+        assert!(slot.first.get().is_some() && slot.later.load().is_none());
+        // Each refill's period has a cell of its own, behind the first.
+        for day in 1..4 {
+            let now = day * 86_400 + 5;
+            assert_eq!(spend(&c, now), Ok(4), "day {day}");
+            assert_eq!(book.left("k", &c, now), 4, "day {day}");
+            assert_eq!(slot.later.load().as_ref().map(|c| c.period), Some(day));
+        }
+        // A new setting counts afresh, in the book and in the slot.
+        let reset = Credits {
+            set_at: 5 * 86_400,
+            version: 2,
+            remaining: 10,
+            ..c
+        };
+        assert_eq!(spend(&reset, 5 * 86_400 + 1), Ok(9));
+        assert_eq!(spend(&reset, 5 * 86_400 + 2), Ok(8));
+        assert_eq!(book.left("k", &reset, 5 * 86_400 + 2), 8);
     }
 
     #[test]
