@@ -724,7 +724,9 @@ fn spend_credits(
     cost: u64,
     now: i64,
 ) -> Result<Option<u64>, Rejection> {
-    let spend = |id: &str, credits: &Credits, slot| match book.spend(id, credits, cost, now, slot) {
+    let spend = |id: &dyn std::ops::Deref<Target = str>, credits: &Credits, slot| match book
+        .spend(id, credits, cost, now, slot)
+    {
         Ok(left) => Ok(left),
         Err(CreditsRefused::Exhausted { .. }) => Err(credits_exhausted(Some(credits), now)),
         Err(CreditsRefused::Unavailable) => Err(Rejection::Internal),

@@ -20,10 +20,10 @@ pub fn admit(
     let limits: usize = sets.iter().map(|s| s.limits.len()).sum();
     let mut more = Vec::with_capacity(limits.saturating_sub(1));
     let spent = admit_all(sets, now, |limit, remaining| {
-        let missing = limit.policy.burst.saturating_sub(remaining);
+        let missing = limit.burst.saturating_sub(remaining);
         let budget = Budget {
             name: limit.name.clone(),
-            limit: u64::from(limit.policy.burst),
+            limit: u64::from(limit.burst),
             remaining: u64::from(remaining),
             reset: ceil_secs(limit.interval().saturating_mul(missing)),
         };
@@ -37,12 +37,12 @@ pub fn admit(
         Ok(()) => Ok((first, more)),
         Err((limit, not_until)) => {
             let wait = std::time::Duration::from_nanos(not_until.saturating_sub(now));
-            let full = limit.interval().saturating_mul(limit.policy.burst);
+            let full = limit.interval().saturating_mul(limit.burst);
             Err((
                 ceil_secs(wait).max(1),
                 Budget {
                     name: limit.name.clone(),
-                    limit: u64::from(limit.policy.burst),
+                    limit: u64::from(limit.burst),
                     remaining: 0,
                     reset: ceil_secs(full).max(ceil_secs(wait)),
                 },

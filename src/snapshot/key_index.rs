@@ -283,15 +283,18 @@ pub struct KeyEntry {
     pub extra: Option<Box<Extra>>,
 }
 
-/// What few keys carry.
+/// What few keys carry. What every request of such a key reads (the identity, the
+/// credits, the first of the credits' cells) comes first and fills one cache line; the
+/// metadata, which only routes that forward it read, comes after.
 #[derive(Debug, Default)]
+#[repr(C, align(64))]
 pub struct Extra {
-    pub meta: Option<KeyMeta>,
-    pub credits: Option<crate::policy::credits::Credits>,
     /// The identity the key belongs to, shared by every key of the index that names it.
     pub identity: Option<Arc<IdentityName>>,
+    pub credits: Option<crate::policy::credits::Credits>,
     /// The credits' cell in the book, kept from the first spending.
     pub credit_cell: crate::state::credits::CellSlot,
+    pub meta: Option<KeyMeta>,
 }
 
 /// An identity as its keys name it: its id, and as `X-Keygate-Identity` sends it. Interned,
@@ -701,6 +704,13 @@ impl KeyIndex {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_request_reads_of_a_keys_extras_is_one_cache_line() {
+        assert_eq!(std::mem::align_of::<Extra>(), 64);
+        let read = std::mem::offset_of!(Extra, credit_cell) + crate::state::credits::CellSlot::READ;
+        assert!(read <= 64, "{read} bytes");
+    }
 
     pub(crate) fn entry(n: u32, id: &str, imported: bool) -> KeyEntry {
         KeyEntry {
