@@ -384,6 +384,22 @@ mod tests {
         assert!(limiters.is_empty());
     }
 
+    /// A limit written another way that counts the same keeps its limiter and count; a
+    /// changed burst is a new limit.
+    #[test]
+    fn a_limit_that_counts_the_same_is_not_a_change() {
+        let limiters = Limiters::new();
+        let per_second = limiters.limiter_for("k1", (Some(policy(1, 1, 5)), &[]));
+        for _ in 0..5 {
+            per_second.limits[0].check(1);
+        }
+        let per_minute = limiters.limiter_for("k1", (Some(policy(60, 60, 5)), &[]));
+        assert!(Arc::ptr_eq(&per_second, &per_minute));
+        assert!(matches!(per_minute.limits[0].check(1), Gcra::NotUntil(_)));
+        let more_burst = limiters.limiter_for("k1", (Some(policy(60, 60, 6)), &[]));
+        assert!(!Arc::ptr_eq(&per_second, &more_burst));
+    }
+
     /// keygate's GCRA admits and refuses exactly as governor's does, with the same
     /// requests left, over policies from the fastest to the slowest and arrivals at random
     /// gaps (a fixed-seed generator, so a failure repeats).
