@@ -250,22 +250,8 @@ impl AccessLog {
             }
             None => out.extend_from_slice(b"\",\"route\":null"),
         }
-        match head.key_id {
-            Some(id) => {
-                out.extend_from_slice(b",\"key_id\":\"");
-                out.extend_from_slice(id);
-                out.push(b'"');
-            }
-            None => out.extend_from_slice(b",\"key_id\":null"),
-        }
-        match head.namespace {
-            Some(namespace) => {
-                out.extend_from_slice(b",\"namespace\":\"");
-                out.extend_from_slice(namespace.as_bytes());
-                out.push(b'"');
-            }
-            None => out.extend_from_slice(b",\"namespace\":null"),
-        }
+        plain_or_null(out, b",\"key_id\":", head.key_id);
+        plain_or_null(out, b",\"namespace\":", head.namespace.map(str::as_bytes));
         match head.identity {
             Some(identity) => {
                 out.extend_from_slice(b",\"identity\":\"");
@@ -514,6 +500,20 @@ impl Pending {
             }
         });
         give_back(line);
+    }
+}
+
+/// `field` (`,"name":`) then `value` quoted, or `null`: for values that never need escaping
+/// (key ids are hex digits, namespaces labels).
+fn plain_or_null(out: &mut Vec<u8>, field: &[u8], value: Option<&[u8]>) {
+    out.extend_from_slice(field);
+    match value {
+        Some(v) => {
+            out.push(b'"');
+            out.extend_from_slice(v);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
     }
 }
 
