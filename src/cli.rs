@@ -447,11 +447,17 @@ fn serve(config_path: &Path) -> Result<(), String> {
     }
     // Before the runtime's threads: reading them takes the variables out of the environment.
     let inherited = crate::server::Inherited::from_env();
-    runtime(config.workers)?.block_on(async {
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        n => n,
+    };
+    // The admin listener, housekeeping and reloads run here; with two workers or more the
+    // clients' connections are served on the workers' threads (`server::start_with`).
+    runtime(1)?.block_on(async {
         let gateway = crate::gateway::Gateway::new(config_path, Clock::real())
             .map_err(|e| config_errors(&e))?;
         let signals = crate::server::Signals::catch().map_err(|e| e.to_string())?;
-        let running = crate::server::start_with(gateway, true, inherited)
+        let running = crate::server::start_with(gateway, true, inherited, workers)
             .await
             .map_err(|e| e.to_string())?;
         running

@@ -2,8 +2,8 @@
 //! (`sd_notify`): one datagram a state, to the Unix socket `NOTIFY_SOCKET` names (a path, or
 //! `@name` in the abstract namespace). `READY=1` once the listeners serve, `RELOADING=1` then
 //! `READY=1` around a reload (SIGHUP), `STOPPING=1` when the drain begins, and `WATCHDOG=1`
-//! every half of `WATCHDOG_USEC` when the unit sets `WatchdogSec` (sent from the runtime
-//! that serves requests, so a stuck runtime stops it). Without `NOTIFY_SOCKET` every call is
+//! every half of `WATCHDOG_USEC` when the unit sets `WatchdogSec` (sent once the main runtime
+//! and every worker's have each run a task, so a stuck runtime stops it). Without `NOTIFY_SOCKET` every call is
 //! a no-op; a datagram that cannot be sent is logged once and never stops the gateway.
 
 use std::os::unix::net::UnixDatagram;

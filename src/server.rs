@@ -85,6 +85,10 @@ pub struct Running {
     /// `watched`), then the store followers and the file watch.
     rest: Vec<JoinHandle<()>>,
     watched: usize,
+    /// The worker threads' runtimes, when clients are served by workers of their own.
+    workers: Vec<tokio::runtime::Handle>,
+    /// Dropped with this: the worker threads' runtimes end (see [`spawn_workers`]).
+    _workers_end: watch::Sender<()>,
 }
 
 /// The signals a serving process answers, caught from the moment this is made. Made before
@@ -111,47 +115,54 @@ impl Signals {
     }
 }
 
-/// Binds both listeners (the config's addresses; port 0 picks a free one) and starts serving.
-/// With `watch`, changes to the config, key store or certificates are picked up by themselves.
+/// Binds both listeners (the config's addresses; port 0 picks a free one) and starts serving
+/// on the current runtime. With `watch`, changes to the config, key store or certificates
+/// are picked up by themselves.
 pub async fn start(gateway: Arc<Gateway>, watch: bool) -> io::Result<Running> {
-    start_with(gateway, watch, None).await
+    start_with(gateway, watch, None, 1).await
 }
 
 /// [`start`], with the listeners the service manager handed over (`LISTEN_FDS`) in place of
-/// binding those it names.
+/// binding those it names, and with `workers` serving threads: at 2 or more, the proxy's
+/// and the auth listener's connections are served by that many threads of their own (see
+/// [`spawn_workers`]); the admin listener, housekeeping and reloads stay on the current
+/// runtime.
 pub async fn start_with(
     gateway: Arc<Gateway>,
     watch: bool,
     mut inherited: Option<Inherited>,
+    workers: usize,
 ) -> io::Result<Running> {
     let snapshot = gateway.snapshot.load_full();
     let settings = snapshot.listeners;
-    raise_fd_limit(&snapshot);
-    let mut listener = |what: &str, position: usize, addr: SocketAddr| match inherited
-        .as_mut()
-        .map(|i| i.take(what, position))
-        .transpose()?
-        .flatten()
-    {
-        Some(handed) => {
-            tracing::info!(
-                listener = what,
-                "listening on the socket the service manager handed over"
-            );
-            handed.set_nonblocking(true)?;
-            TcpListener::from_std(handed)
+    raise_fd_limit(&snapshot, workers.max(1));
+    let mut listener = |what: &str, position: usize, addr: SocketAddr| -> io::Result<_> {
+        match inherited
+            .as_mut()
+            .map(|i| i.take(what, position))
+            .transpose()?
+            .flatten()
+        {
+            Some(handed) => {
+                tracing::info!(
+                    listener = what,
+                    "listening on the socket the service manager handed over"
+                );
+                handed.set_nonblocking(true)?;
+                Ok((TcpListener::from_std(handed)?, Bound::Handed))
+            }
+            None => Ok((bind(addr, what)?, Bound::Here)),
         }
-        None => bind(addr, what),
     };
-    let proxy = listener("proxy", 0, settings.proxy)?;
-    let admin = listener("admin", 1, settings.admin)?;
+    let (proxy, proxy_bound) = listener("proxy", 0, settings.proxy)?;
+    let (admin, _) = listener("admin", 1, settings.admin)?;
     let auth = match settings.auth {
         Some(addr) => Some(listener("auth", 2, addr)?),
         None => None,
     };
     let proxy_addr = proxy.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let auth_addr = auth.as_ref().map(TcpListener::local_addr).transpose()?;
+    let auth_addr = auth.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let acceptor = |resolver: &Option<Arc<CertResolver>>| -> io::Result<_> {
         resolver
             .clone()
@@ -165,14 +176,33 @@ pub async fn start_with(
     );
     let (stop_proxy, proxy_stop) = watch::channel(None);
     let (stop_rest, rest_stop) = watch::channel(None);
-    let proxy_task = tokio::spawn(accept_loop(
-        proxy,
-        gateway.clone(),
-        settings,
-        Listener::Proxy,
-        proxy_tls,
-        proxy_stop.clone(),
-    ));
+    let watched = if auth.is_some() { 3 } else { 2 };
+    let (workers_end, ends) = watch::channel(());
+    // The proxy's accept loop (or its workers'), then, when there is one, the auth
+    // listener's: it stops with the proxy, since both answer clients' requests and drain
+    // alike.
+    let mut hot = vec![(proxy, proxy_bound, Listener::Proxy, proxy_tls)];
+    hot.extend(auth.map(|(auth, bound)| (auth, bound, Listener::Auth, None)));
+    let (hot_tasks, runtimes) = if workers >= 2 {
+        spawn_workers(workers, hot, &gateway, settings, &proxy_stop, &ends)?
+    } else {
+        let tasks = hot.into_iter().map(|(listener, _, kind, tls)| {
+            tokio::spawn(accept_loop(
+                listener,
+                gateway.clone(),
+                settings,
+                kind,
+                tls,
+                connection_slots(&settings),
+                proxy_stop.clone(),
+            ))
+        });
+        (tasks.collect(), Vec::new())
+    };
+    let mut hot_tasks = hot_tasks.into_iter();
+    let Some(proxy_task) = hot_tasks.next() else {
+        return Err(io::Error::other("the proxy listener did not start"));
+    };
     let mut rest = vec![
         tokio::spawn(accept_loop(
             admin,
@@ -180,22 +210,12 @@ pub async fn start_with(
             settings,
             Listener::Admin,
             admin_tls,
+            connection_slots(&settings),
             rest_stop.clone(),
         )),
         tokio::spawn(housekeeping(gateway.clone(), rest_stop.clone())),
     ];
-    let watched = if auth.is_some() { 3 } else { 2 };
-    // The auth listener stops with the proxy: both answer clients' requests, and drain alike.
-    if let Some(auth) = auth {
-        rest.push(tokio::spawn(accept_loop(
-            auth,
-            gateway.clone(),
-            settings,
-            Listener::Auth,
-            None,
-            proxy_stop,
-        )));
-    }
+    rest.extend(hot_tasks);
     if snapshot.store.database().is_some() {
         rest.push(tokio::spawn(crate::reload::follow_feed(
             gateway.clone(),
@@ -240,7 +260,143 @@ pub async fn start_with(
         proxy_task,
         rest,
         watched,
+        workers: runtimes,
+        _workers_end: workers_end,
     })
+}
+
+thread_local! {
+    /// This thread's serving worker number: 1 and up on a worker thread, 0 elsewhere.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The serving worker this thread is (1 and up), or 0 off the worker threads: the upstream
+/// pool keeps each worker's connections apart by it.
+pub fn worker() -> usize {
+    WORKER.try_with(std::cell::Cell::get).unwrap_or(0)
+}
+
+/// Where a listening socket came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// Bound here, with `SO_REUSEPORT`.
+    Here,
+    /// Handed over by the service manager.
+    Handed,
+}
+
+/// A listener whose connections the workers serve, where it came from, its kind and its TLS.
+type Hot = (TcpListener, Bound, Listener, Option<TlsAcceptor>);
+
+/// Serves each `hot` listener on `workers` threads, as nginx's worker processes do: each
+/// thread runs its own single-thread runtime and accepts on a listening socket of its own,
+/// so that a connection, its requests and the upstream connections they lease stay on the
+/// thread that accepted it, and a request never wakes a task on another core.
+///
+/// A socket bound here gets a sibling per worker on the same address (`SO_REUSEPORT`, as
+/// nginx's `reuseport`): the kernel spreads new connections evenly over the workers, and a
+/// new connection wakes one worker, not all. A socket the service manager handed over is
+/// shared instead (a copy of its descriptor per worker), so that it alone holds the
+/// connections that wait while keygate restarts.
+///
+/// Returns, for each listener in order, a task that ends once every worker's accept loop for
+/// it has ended (drained, after `stop`), ends at once if one ends on its own, and panics
+/// with the panic of one that panicked. Each worker's runtime, with the upgraded connections
+/// and pooled upstream connections on it, lives until `end`'s sender is dropped (with the
+/// [`Running`] that holds it).
+fn spawn_workers(
+    workers: usize,
+    hot: Vec<Hot>,
+    gateway: &Arc<Gateway>,
+    settings: ListenerSettings,
+    stop: &watch::Receiver<Option<Duration>>,
+    end: &watch::Receiver<()>,
+) -> io::Result<(Vec<JoinHandle<()>>, Vec<tokio::runtime::Handle>)> {
+    type Ended = tokio::sync::mpsc::UnboundedSender<Result<(), tokio::task::JoinError>>;
+    let mut listeners = Vec::with_capacity(hot.len());
+    let mut coordinators = Vec::with_capacity(hot.len());
+    for (listener, bound, kind, tls) in hot {
+        let (ended, mut reports): (Ended, _) = tokio::sync::mpsc::unbounded_channel();
+        let slots = connection_slots(&settings);
+        listeners.push((listener.into_std()?, bound, kind, tls, slots, ended));
+        coordinators.push(tokio::spawn(async move {
+            for _ in 0..workers {
+                match reports.recv().await {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled, never started, or its thread gone: the listener is not
+                    // served whole, and its task ends so that the process does.
+                    _ => {
+                        tracing::error!(listener = ?kind, "a worker stopped serving");
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    let mut runtimes = Vec::with_capacity(workers);
+    for worker in 1..=workers {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtimes.push(runtime.handle().clone());
+        let mut loops = Vec::with_capacity(listeners.len());
+        for (listener, bound, kind, tls, slots, ended) in &listeners {
+            let own = match bound {
+                Bound::Here if worker > 1 => {
+                    bind(listener.local_addr()?, kind.name())?.into_std()?
+                }
+                _ => listener.try_clone()?,
+            };
+            loops.push((own, *kind, tls.clone(), slots.clone(), ended.clone()));
+        }
+        let (gateway, stop, mut end) = (gateway.clone(), stop.clone(), end.clone());
+        std::thread::Builder::new()
+            .name(format!("keygate-w{worker}"))
+            .spawn(move || {
+                let _ = WORKER.try_with(|w| w.set(worker));
+                runtime.block_on(async move {
+                    for (listener, kind, tls, slots, ended) in loops {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(listener) => listener,
+                            Err(e) => {
+                                tracing::error!(error = %e, listener = ?kind, worker, "cannot serve the listener");
+                                continue;
+                            }
+                        };
+                        let task = tokio::spawn(accept_loop(
+                            listener,
+                            gateway.clone(),
+                            settings,
+                            kind,
+                            tls,
+                            slots,
+                            stop.clone(),
+                        ));
+                        tokio::spawn(async move {
+                            let _ = ended.send(task.await);
+                        });
+                    }
+                    // Fails once the sender is dropped: then this worker's runtime ends.
+                    while end.changed().await.is_ok() {}
+                });
+            })?;
+    }
+    Ok((coordinators, runtimes))
+}
+
+/// Whether every worker's runtime runs a task within `limit`, one after the other: a worker
+/// stuck in a busy loop or a blocking call does not, and the watchdog then stops pinging.
+async fn workers_respond(workers: &[tokio::runtime::Handle], limit: Duration) -> bool {
+    for worker in workers {
+        if !matches!(
+            tokio::time::timeout(limit, worker.spawn(async {})).await,
+            Ok(Ok(()))
+        ) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Descriptors kept aside for the key store, logs, certificates and the like.
@@ -249,8 +405,8 @@ const FD_RESERVE: u64 = 256;
 /// Raises the soft limit on open files to the hard limit, as Go's runtime and nginx's
 /// `worker_rlimit_nofile` do: systemd's default soft limit (1024) would otherwise make
 /// `limits.max_connections` a fiction. Warns when the cap cannot fit: each proxied
-/// connection may hold one upstream connection too, and the pools keep idle ones.
-fn raise_fd_limit(snapshot: &Snapshot) {
+/// connection may hold one upstream connection too, and each worker's pools keep idle ones.
+fn raise_fd_limit(snapshot: &Snapshot, workers: usize) {
     let (soft, hard) = match rlimit::Resource::NOFILE.get() {
         Ok(limits) => limits,
         Err(e) => {
@@ -271,7 +427,8 @@ fn raise_fd_limit(snapshot: &Snapshot) {
     };
     let connections = snapshot.listeners.max_connections as u64;
     let pooled = (snapshot.config.upstream.pool_max_idle_per_host as u64)
-        .saturating_mul(snapshot.clients.len() as u64);
+        .saturating_mul(snapshot.clients.len() as u64)
+        .saturating_mul(workers as u64);
     let needed = connections
         .saturating_mul(2)
         .saturating_add(pooled)
@@ -431,13 +588,18 @@ impl Running {
         let notifier = Arc::new(crate::notify::Notifier::from_env());
         let serving = |gw: &Gateway| format!("serving {} keys", gw.snapshot.load().key_count());
         notifier.ready(&serving(&self.gateway));
+        // Sent from this runtime, once every worker's runtime has run a task too: a stuck
+        // one, here or on a worker, stops the pings.
         let watchdog = notifier.watchdog().map(|every| {
             let notifier = Arc::clone(&notifier);
+            let workers = self.workers.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    notifier.send("WATCHDOG=1");
+                    if workers_respond(&workers, every).await {
+                        notifier.send("WATCHDOG=1");
+                    }
                 }
             })
         });
@@ -503,12 +665,31 @@ enum Listener {
     Auth,
 }
 
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Listener::Proxy => "proxy",
+            Listener::Admin => "admin",
+            Listener::Auth => "auth",
+        }
+    }
+}
+
+/// A listener's connection slots: `limits.max_connections`, shared by the workers that
+/// accept on it. Past the cap, accept waits for a connection to end: never a crash, never a
+/// refusal.
+fn connection_slots(settings: &ListenerSettings) -> Arc<tokio::sync::Semaphore> {
+    let cap = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    Arc::new(tokio::sync::Semaphore::new(cap as usize))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     settings: ListenerSettings,
     kind: Listener,
     tls: Option<TlsAcceptor>,
+    slots: Arc<tokio::sync::Semaphore>,
     mut stop: watch::Receiver<Option<Duration>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -539,9 +720,7 @@ async fn accept_loop(
         first_request: settings.header_read_timeout,
         idle: settings.idle_timeout,
     };
-    // Past the cap, accept waits for a connection to end: never a crash, never a refusal.
     let cap = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap as usize));
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {

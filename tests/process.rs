@@ -99,6 +99,56 @@ fn sighup_reloads_and_sigterm_drains_then_exits_zero() {
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+/// `workers: 2`: two serving threads, each with its own runtime and its own copy of the
+/// listening socket. Many connections at once are all answered; SIGTERM with requests in
+/// flight drains them before the process exits 0, and every one is answered.
+#[test]
+fn two_workers_serve_and_drain_together() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start());
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), up.addr, "workers: 2");
+    let key = create_key(dir.path());
+    let mut gw = Process::spawn(&["serve", "--config", "keygate.yaml"], dir.path(), &[]);
+    let (proxy, _) = gw.addresses();
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    for worker in ["keygate-w1", "keygate-w2"] {
+        assert!(
+            threads.iter().any(|t| t == worker),
+            "no {worker} in {threads:?}"
+        );
+    }
+    let statuses = rt.block_on(async {
+        let clients: Vec<_> = (0..64)
+            .map(|i| tokio::spawn(send(Req::get(proxy, &format!("/v1/{i}")).bearer(&key))))
+            .collect();
+        let mut statuses = Vec::new();
+        for c in clients {
+            statuses.push(c.await.unwrap().status);
+        }
+        statuses
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let before = up.hits();
+    let in_flight: Vec<_> = (0..8)
+        .map(|_| rt.spawn(send(Req::get(proxy, "/delay/700").bearer(&key))))
+        .collect();
+    let arrived = rt.block_on(eventually(Duration::from_secs(5), async || {
+        up.hits() >= before + 8
+    }));
+    assert!(arrived, "the slow requests reached the upstream");
+    gw.signal("TERM");
+    for request in in_flight {
+        assert_eq!(rt.block_on(request).unwrap().status, 200);
+    }
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 #[test]
 fn serve_refuses_a_broken_config_with_located_errors() {
     let dir = tempfile::tempdir().unwrap();

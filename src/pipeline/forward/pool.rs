@@ -8,6 +8,10 @@
 //! Compared with a general-purpose client there is no pool checkout through a channel, no
 //! boxed request future and no task per request: a checkout is a short uncontended lock
 //! and a pop from a per-origin stack of idle senders, most recently used first.
+//!
+//! Each serving worker ([`crate::server::worker`]) keeps its own connections: a connection's
+//! task runs on the worker that opened it, so a request leases one whose task shares its
+//! thread, and no lock or cache line is shared between workers.
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -45,9 +49,18 @@ pub struct UpstreamClient(Arc<Pool>);
 struct Pool {
     connector: Connector,
     settings: PoolSettings,
-    /// Origins are only ever added, so an origin's index is stable for the pool's life.
-    origins: Mutex<Vec<Origin>>,
+    /// Each worker's origins, at its number's place (workers past [`SLOTS`] share).
+    slots: [Slot; SLOTS],
 }
+
+/// Workers with their own idle connections; more share them, by their number modulo this.
+const SLOTS: usize = 64;
+
+/// One worker's origins, on a cache line of its own. Origins are only ever added, so an
+/// origin's index is stable for the pool's life.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Slot(Mutex<Vec<Origin>>);
 
 #[derive(Debug)]
 struct Origin {
@@ -114,7 +127,7 @@ impl UpstreamClient {
         Ok(UpstreamClient(Arc::new(Pool {
             connector,
             settings,
-            origins: Mutex::new(Vec::new()),
+            slots: std::array::from_fn(|_| Slot::default()),
         })))
     }
 
@@ -133,18 +146,19 @@ impl UpstreamClient {
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let pool = &self.0;
-        let origin = pool.origin(scheme, authority);
+        let slot = crate::server::worker().checked_rem(SLOTS).unwrap_or(0);
+        let origin = pool.origin(slot, scheme, authority);
         if pool.settings.http2 {
             let mut uri = std::mem::take(req.uri_mut()).into_parts();
             uri.scheme = Some(scheme.clone());
             uri.authority = Some(authority.clone());
             *req.uri_mut() = Uri::from_parts(uri)?;
-            let mut sender = self.http2(origin, scheme, authority).await?;
+            let mut sender = self.http2(slot, origin, scheme, authority).await?;
             let response = sender.send_request(req).await?;
             return Ok(response.map(|body| UpstreamBody { body, lease: None }));
         }
         loop {
-            let (mut sender, pooled) = match pool.checkout(origin) {
+            let (mut sender, pooled) = match pool.checkout(slot, origin) {
                 Some(sender) => (sender, true),
                 None => (self.connect_http1(scheme, authority).await?, false),
             };
@@ -152,6 +166,7 @@ impl UpstreamClient {
                 Ok(response) => {
                     let lease = Some(Lease {
                         pool: self.0.clone(),
+                        slot,
                         origin,
                         sender,
                     });
@@ -170,19 +185,30 @@ impl UpstreamClient {
     pub fn reap(&self) {
         let pool = &self.0;
         let now = Instant::now();
-        for origin in pool.lock().iter_mut() {
-            origin.idle.retain(|i| {
-                !i.sender.is_closed() && now.duration_since(i.since) < pool.settings.idle_timeout
-            });
-            if origin.shared.as_ref().is_some_and(|s| s.is_closed()) {
-                origin.shared = None;
+        for slot in 0..SLOTS {
+            for origin in pool.lock(slot).iter_mut() {
+                origin.idle.retain(|i| {
+                    !i.sender.is_closed()
+                        && now.duration_since(i.since) < pool.settings.idle_timeout
+                });
+                if origin.shared.as_ref().is_some_and(|s| s.is_closed()) {
+                    origin.shared = None;
+                }
             }
         }
     }
 
     /// Idle connections held, for tests and metrics.
     pub fn idle(&self) -> usize {
-        self.0.lock().iter().map(|o| o.idle.len()).sum()
+        (0..SLOTS)
+            .map(|slot| {
+                self.0
+                    .lock(slot)
+                    .iter()
+                    .map(|o| o.idle.len())
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     async fn connect(&self, scheme: &Scheme, authority: &Authority) -> Result<Io, SendError> {
@@ -214,11 +240,12 @@ impl UpstreamClient {
 
     async fn http2(
         &self,
+        slot: usize,
         origin: usize,
         scheme: &Scheme,
         authority: &Authority,
     ) -> Result<Http2, SendError> {
-        let shared = self.0.lock().get(origin).and_then(|o| o.shared.clone());
+        let shared = self.0.lock(slot).get(origin).and_then(|o| o.shared.clone());
         if let Some(mut sender) = shared {
             if sender.ready().await.is_ok() {
                 return Ok(sender);
@@ -235,7 +262,7 @@ impl UpstreamClient {
             }
         });
         sender.ready().await?;
-        if let Some(o) = self.0.lock().get_mut(origin) {
+        if let Some(o) = self.0.lock(slot).get_mut(origin) {
             o.shared = Some(sender.clone());
         }
         Ok(sender)
@@ -245,13 +272,15 @@ impl UpstreamClient {
 type Io = <Connector as tower_service::Service<Uri>>::Response;
 
 impl Pool {
-    fn lock(&self) -> MutexGuard<'_, Vec<Origin>> {
+    /// Worker `slot`'s origins (`slot` is below [`SLOTS`]; any other reads the first).
+    fn lock(&self, slot: usize) -> MutexGuard<'_, Vec<Origin>> {
+        let Slot(origins) = self.slots.get(slot).unwrap_or(&self.slots[0]);
         // The lock guards plain pushes and pops; a panic elsewhere cannot leave it torn.
-        self.origins.lock().unwrap_or_else(|e| e.into_inner())
+        origins.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn origin(&self, scheme: &Scheme, authority: &Authority) -> usize {
-        let mut origins = self.lock();
+    fn origin(&self, slot: usize, scheme: &Scheme, authority: &Authority) -> usize {
+        let mut origins = self.lock(slot);
         if let Some(i) = origins
             .iter()
             .position(|o| o.authority == *authority && o.scheme == *scheme)
@@ -270,8 +299,8 @@ impl Pool {
 
     /// The most recently used idle connection that is ready for a request. Closed ones are
     /// dropped on the way; ones still finishing their last exchange are left for later.
-    fn checkout(&self, origin: usize) -> Option<Http1> {
-        let mut origins = self.lock();
+    fn checkout(&self, slot: usize, origin: usize) -> Option<Http1> {
+        let mut origins = self.lock(slot);
         let idle = &mut origins.get_mut(origin)?.idle;
         // From the newest down: removing one shifts only those already passed.
         for at in (0..idle.len()).rev() {
@@ -286,11 +315,11 @@ impl Pool {
         None
     }
 
-    fn give_back(&self, origin: usize, sender: Http1) {
+    fn give_back(&self, slot: usize, origin: usize, sender: Http1) {
         if sender.is_closed() {
             return;
         }
-        let mut origins = self.lock();
+        let mut origins = self.lock(slot);
         let Some(Origin { idle, .. }) = origins.get_mut(origin) else {
             return;
         };
@@ -307,6 +336,7 @@ impl Pool {
 #[derive(Debug)]
 struct Lease {
     pool: Arc<Pool>,
+    slot: usize,
     origin: usize,
     sender: Http1,
 }
@@ -331,7 +361,7 @@ impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             if self.body.is_end_stream() {
-                lease.pool.give_back(lease.origin, lease.sender);
+                lease.pool.give_back(lease.slot, lease.origin, lease.sender);
             }
         }
     }
@@ -350,7 +380,7 @@ impl Body for UpstreamBody {
         if let Poll::Ready(None) = frame {
             // Read to the end (a chunked body does not say so through `is_end_stream`).
             if let Some(lease) = this.lease.take() {
-                lease.pool.give_back(lease.origin, lease.sender);
+                lease.pool.give_back(lease.slot, lease.origin, lease.sender);
             }
         }
         frame
