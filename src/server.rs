@@ -336,10 +336,6 @@ fn spawn_workers(
     }
     let mut runtimes = Vec::with_capacity(workers);
     for worker in 1..=workers {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtimes.push(runtime.handle().clone());
         let mut loops = Vec::with_capacity(listeners.len());
         for (listener, bound, kind, tls, slots, ended) in &listeners {
             let own = match bound {
@@ -351,10 +347,24 @@ fn spawn_workers(
             loops.push((own, *kind, tls.clone(), slots.clone(), ended.clone()));
         }
         let (gateway, stop, mut end) = (gateway.clone(), stop.clone(), end.clone());
+        // The runtime is made and dropped on its own thread: a runtime dropped where
+        // blocking is not allowed (this async function) would panic.
+        let (made, handle) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(format!("keygate-w{worker}"))
             .spawn(move || {
                 let _ = WORKER.try_with(|w| w.set(worker));
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = made.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = made.send(Ok(runtime.handle().clone()));
                 runtime.block_on(async move {
                     for (listener, kind, tls, slots, ended) in loops {
                         let listener = match TcpListener::from_std(listener) {
@@ -381,6 +391,11 @@ fn spawn_workers(
                     while end.changed().await.is_ok() {}
                 });
             })?;
+        // A moment's wait at start, for a thread that is only making its runtime.
+        let runtime = handle
+            .recv()
+            .map_err(|_| io::Error::other("a worker thread ended as it started"))??;
+        runtimes.push(runtime);
     }
     Ok((coordinators, runtimes))
 }
@@ -1014,5 +1029,38 @@ mod tests {
         let mut rest = vec![tokio::spawn(async {})];
         assert_eq!(first_task_to_end(&mut proxy, &mut rest).await, (1, false));
         proxy.abort();
+    }
+
+    /// The watchdog's check: a worker whose runtime runs answers; one that never gets to run
+    /// its tasks (here a runtime nothing drives, as a worker stuck in a blocking call) does
+    /// not, within the limit.
+    #[tokio::test]
+    async fn the_watchdog_hears_from_every_running_worker_and_not_from_a_stuck_one() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (made, handle) = std::sync::mpsc::channel();
+        let running = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            made.send(rt.handle().clone()).unwrap();
+            rt.block_on(async {
+                while stopped.try_recv().is_err() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        });
+        let alive = handle.recv().unwrap();
+        assert!(workers_respond(&[alive.clone()], Duration::from_secs(10)).await);
+        let stuck = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let workers = [alive, stuck.handle().clone()];
+        assert!(!workers_respond(&workers, Duration::from_millis(200)).await);
+        stop.send(()).unwrap();
+        running.join().unwrap();
+        // Dropped off the async context, as a worker's runtime is.
+        std::thread::spawn(move || drop(stuck)).join().unwrap();
     }
 }
