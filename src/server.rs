@@ -1051,7 +1051,7 @@ mod tests {
             });
         });
         let alive = handle.recv().unwrap();
-        assert!(workers_respond(&[alive.clone()], Duration::from_secs(10)).await);
+        assert!(workers_respond(std::slice::from_ref(&alive), Duration::from_secs(10)).await);
         let stuck = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
