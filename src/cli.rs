@@ -419,17 +419,22 @@ fn config_errors(errors: &[ConfigError]) -> String {
     }
 }
 
-/// A tokio runtime with `workers` threads; one worker gets the lighter single-thread runtime.
-pub fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
-    let built = match workers {
-        1 => tokio::runtime::Builder::new_current_thread()
+/// How many threads a runtime runs its tasks on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// The lighter single-thread runtime.
+    One,
+    /// One per core, tasks moving between them.
+    PerCore,
+}
+
+/// A tokio runtime on `threads`.
+pub fn runtime(threads: Threads) -> Result<tokio::runtime::Runtime, String> {
+    let built = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),
     };
@@ -453,7 +458,7 @@ fn serve(config_path: &Path) -> Result<(), String> {
     };
     // The admin listener, housekeeping and reloads run here; with two workers or more the
     // clients' connections are served on the workers' threads (`server::start_with`).
-    runtime(1)?.block_on(async {
+    runtime(Threads::One)?.block_on(async {
         let gateway = crate::gateway::Gateway::new(config_path, Clock::real())
             .map_err(|e| config_errors(&e))?;
         let signals = crate::server::Signals::catch().map_err(|e| e.to_string())?;
@@ -481,7 +486,7 @@ fn check(config_path: &Path) -> Result<(), String> {
         env_admin_token: None,
     };
     // Building a snapshot makes an upstream pool, which needs a runtime's context.
-    let rt = runtime(1)?;
+    let rt = runtime(Threads::One)?;
     let _guard = rt.enter();
     match Snapshot::load(&ctx) {
         Ok(s) => {

@@ -81,7 +81,8 @@ pub fn run(proxy: &str, admin: &str) -> Result<(), String> {
         .parse()
         .map_err(|_| format!("--admin: `{admin}` is not an address"))?;
     let dir = temp_dir().map_err(|e| format!("cannot make a temporary folder: {e}"))?;
-    let result = crate::cli::runtime(0)?.block_on(demo(&dir, proxy, admin));
+    let result =
+        crate::cli::runtime(crate::cli::Threads::PerCore)?.block_on(demo(&dir, proxy, admin));
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
