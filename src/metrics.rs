@@ -1,37 +1,74 @@
 //! Prometheus metrics, served at `GET /metrics` on the admin listener. Counters are atomics
 //! kept outside the snapshot (per-route counters are looked up by route name when a snapshot
-//! is built, so they survive reloads); nothing is locked on the request path. Labels stay
+//! is built, so they survive reloads); nothing is locked on the request path, and each
+//! serving worker adds to its own part of every counter ([`PerWorker`]). Labels stay
 //! bounded: routes come from the config, codes from a fixed list, and key ids appear only if
 //! `metrics.per_key` turns them on.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::rejection::{code_index, Rejection, CODES};
 
-/// Requests of one route, by outcome.
-#[derive(Debug)]
-pub struct RouteCounters {
-    /// Forwarded, by the upstream's status class (1xx..5xx).
-    upstream: [AtomicU64; 5],
-    /// Refused before forwarding, by code.
-    refused: [AtomicU64; CODES.len()],
-    /// Admitted, then failed in the gateway (413, 502, 504), by code.
-    failed: [AtomicU64; CODES.len()],
-}
+/// How many parts a [`PerWorker`] counter set is kept in. Workers past this many share
+/// parts (by their number modulo this), as do the threads that are no serving worker.
+pub(crate) const PARTS: usize = 16;
 
-impl Default for RouteCounters {
+/// `N` counters kept in [`PARTS`] parts, each part on cache lines of its own: a serving
+/// worker ([`crate::server::worker`]) adds to its own part, so that the counters every
+/// request writes do not move between cores; a read sums the parts.
+#[derive(Debug)]
+pub(crate) struct PerWorker<const N: usize>(Box<[Part<N>; PARTS]>);
+
+#[derive(Debug)]
+#[repr(align(64))]
+struct Part<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for PerWorker<N> {
     fn default() -> Self {
-        RouteCounters {
-            upstream: std::array::from_fn(|_| AtomicU64::new(0)),
-            refused: std::array::from_fn(|_| AtomicU64::new(0)),
-            failed: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
+        PerWorker(Box::new(std::array::from_fn(|_| {
+            Part(std::array::from_fn(|_| AtomicU64::new(0)))
+        })))
     }
 }
+
+impl<const N: usize> PerWorker<N> {
+    /// Adds `n` to counter `i` in this thread's part; says which part, and the part's count
+    /// before. Every counter asked for exists (a status class, a refusal's index into CODES,
+    /// a bucket); were one missing, the count would be lost rather than panic.
+    pub(crate) fn add(&self, i: usize, n: u64) -> (usize, u64) {
+        let part = crate::server::worker().checked_rem(PARTS).unwrap_or(0);
+        let before = self
+            .0
+            .get(part)
+            .and_then(|Part(counters)| counters.get(i))
+            .map_or(0, |c| c.fetch_add(n, Ordering::Relaxed));
+        (part, before)
+    }
+
+    /// Counter `i`, summed over the parts.
+    pub(crate) fn get(&self, i: usize) -> u64 {
+        self.0
+            .iter()
+            .filter_map(|Part(counters)| counters.get(i))
+            .map(|c| c.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+/// The counters of a route: forwarded by status class, then refused and failed by code.
+const ROUTE_COUNTERS: usize = 5 + 2 * CODES.len();
+const REFUSED: usize = 5;
+const FAILED: usize = 5 + CODES.len();
+
+/// Requests of one route, by outcome: forwarded, by the upstream's status class (1xx..5xx);
+/// refused before forwarding, by code; admitted, then failed in the gateway (413, 502,
+/// 504), by code.
+#[derive(Debug, Default)]
+pub struct RouteCounters(PerWorker<ROUTE_COUNTERS>);
 
 impl RouteCounters {
     pub fn upstream(&self, status: u16) {
@@ -42,23 +79,21 @@ impl RouteCounters {
             400..=499 => 3,
             _ => 4,
         };
-        bump(self.upstream.get(class));
+        self.0.add(class, 1);
     }
 
     pub fn refused(&self, r: &Rejection) {
-        bump(self.refused.get(r.index()));
+        self.0.add(REFUSED.saturating_add(r.index()), 1);
     }
 
     pub fn failed(&self, r: &Rejection) {
-        bump(self.failed.get(r.index()));
+        self.0.add(FAILED.saturating_add(r.index()), 1);
     }
-}
 
-/// Counts one in `counter`. Every slot asked for exists (a status class, or a refusal's
-/// index into CODES); were one missing, the count would be lost rather than panic.
-fn bump(counter: Option<&AtomicU64>) {
-    if let Some(c) = counter {
-        c.fetch_add(1, Ordering::Relaxed);
+    /// Counter `i`: a status class below [`REFUSED`], then the refusals' codes, then
+    /// from [`FAILED`] the failures'.
+    fn count(&self, i: usize) -> u64 {
+        self.0.get(i)
     }
 }
 
@@ -71,24 +106,23 @@ pub enum AskedBy {
     Verify,
 }
 
-/// Decisions of the auth listener and the verify API: allowed (slot 0), or refused by code
-/// (slot 1 + the code's index).
-#[derive(Debug)]
-pub struct Decisions([[AtomicU64; CODES.len() + 1]; 2]);
+/// Decisions by where they were asked, each allowed (slot 0) or refused by code.
+const DECISION_SLOTS: usize = CODES.len() + 1;
 
-impl Default for Decisions {
-    fn default() -> Self {
-        Decisions(std::array::from_fn(|_| {
-            std::array::from_fn(|_| AtomicU64::new(0))
-        }))
-    }
-}
+/// Decisions of the auth listener and the verify API: allowed (slot 0), or refused by code
+/// (slot 1 + the code's index), the auth listener's first.
+#[derive(Debug, Default)]
+pub struct Decisions(PerWorker<{ 2 * DECISION_SLOTS }>);
 
 impl Decisions {
     /// Counts one decision: `None` is allowed, else the refusal.
     pub fn count(&self, by: AskedBy, refused: Option<&Rejection>) {
         let slot = refused.map_or(0, |r| r.index().saturating_add(1));
-        bump(self.0.get(by as usize).and_then(|s| s.get(slot)));
+        let first = match by {
+            AskedBy::Auth => 0,
+            AskedBy::Verify => DECISION_SLOTS,
+        };
+        self.0.add(first.saturating_add(slot), 1);
     }
 
     fn render(&self, out: &mut String) {
@@ -98,10 +132,10 @@ impl Decisions {
             "counter",
             "Decisions made without forwarding, by where they were asked (auth: the auth listener; verify: POST /v1/keys/verify) and code (allowed, or the refusal code).",
         );
-        for (source, slots) in ["auth", "verify"].iter().zip(&self.0) {
+        for (source, first) in [("auth", 0), ("verify", DECISION_SLOTS)] {
             let codes = std::iter::once("allowed").chain(CODES.iter().copied());
-            for (code, n) in codes.zip(slots.iter()) {
-                let n = n.load(Ordering::Relaxed);
+            for (slot, code) in codes.enumerate() {
+                let n = self.0.get(first.saturating_add(slot));
                 if n > 0 {
                     let _ = writeln!(
                         out,
@@ -119,38 +153,29 @@ const BUCKETS: [f64; 16] = [
     1.0, 2.5, 10.0,
 ];
 
-/// A fixed-bucket histogram of durations.
-#[derive(Debug)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
-}
+/// A histogram's counters: one a bucket, the last for +Inf, then the sum in nanoseconds.
+const SUM_NANOS: usize = BUCKETS.len() + 1;
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            counts: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-}
+/// A fixed-bucket histogram of durations.
+#[derive(Debug, Default)]
+pub struct Histogram(PerWorker<{ SUM_NANOS + 1 }>);
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         // At most BUCKETS.len(), the index of the last (+Inf) bucket.
         let i = BUCKETS.partition_point(|&b| b < secs);
-        bump(self.counts.get(i));
+        self.0.add(i, 1);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.0.add(SUM_NANOS, nanos);
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0u64;
         // One count per bound, and the last for +Inf.
         let bounds = BUCKETS.iter().map(Some).chain([None]);
-        for (count, bound) in self.counts.iter().zip(bounds) {
-            cumulative = cumulative.saturating_add(count.load(Ordering::Relaxed));
+        for (i, bound) in bounds.enumerate() {
+            cumulative = cumulative.saturating_add(self.0.get(i));
             let _ = match bound {
                 Some(bound) => {
                     writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}")
@@ -158,7 +183,7 @@ impl Histogram {
                 None => writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}"),
             };
         }
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let sum = self.0.get(SUM_NANOS) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
         let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
     }
@@ -175,7 +200,8 @@ pub struct Metrics {
     /// Time from sending upstream to the upstream's response headers.
     pub upstream_time: Histogram,
     pub upstream_connections: Arc<AtomicU64>,
-    pub upstream_in_flight: AtomicI64,
+    /// Requests sent upstream (counter 0) and answered or failed (counter 1).
+    upstream_sent: PerWorker<2>,
     pub lockouts: AtomicU64,
     pub alerts_fired: AtomicU64,
     pub webhook_failures: AtomicU64,
@@ -204,6 +230,16 @@ pub struct Gauges {
 }
 
 impl Metrics {
+    /// A request goes upstream: it is in flight until [`Metrics::upstream_done`].
+    pub fn upstream_sent(&self) {
+        self.upstream_sent.add(0, 1);
+    }
+
+    /// A request sent upstream has its answer, or failed.
+    pub fn upstream_done(&self) {
+        self.upstream_sent.add(1, 1);
+    }
+
     /// The counters of the route named `name`, shared by every snapshot that has it.
     pub fn route(&self, name: &str) -> Arc<RouteCounters> {
         let mut map = self.routes.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,15 +266,15 @@ impl Metrics {
         routes.push((String::new(), self.unrouted.clone()));
         for (name, c) in &routes {
             let route = escape(name);
-            for (class, n) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().zip(&c.upstream) {
-                let n = n.load(Ordering::Relaxed);
+            for (class, name) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let n = c.count(class);
                 if n > 0 {
-                    let _ = writeln!(out, "keygate_requests_total{{route=\"{route}\",outcome=\"forwarded\",code=\"{class}\"}} {n}");
+                    let _ = writeln!(out, "keygate_requests_total{{route=\"{route}\",outcome=\"forwarded\",code=\"{name}\"}} {n}");
                 }
             }
-            for (outcome, counts) in [("refused", &c.refused), ("failed", &c.failed)] {
-                for (code, n) in CODES.iter().zip(counts.iter()) {
-                    let n = n.load(Ordering::Relaxed);
+            for (outcome, first) in [("refused", REFUSED), ("failed", FAILED)] {
+                for (i, code) in CODES.iter().enumerate() {
+                    let n = c.count(first.saturating_add(i));
                     if n > 0 {
                         let _ = writeln!(out, "keygate_requests_total{{route=\"{route}\",outcome=\"{outcome}\",code=\"{code}\"}} {n}");
                     }
@@ -249,8 +285,7 @@ impl Metrics {
             code_index(code).map_or(0, |i| {
                 routes
                     .iter()
-                    .filter_map(|(_, c)| c.refused.get(i))
-                    .map(|n| n.load(Ordering::Relaxed))
+                    .map(|(_, c)| c.count(REFUSED.saturating_add(i)))
                     .fold(0, u64::saturating_add)
             })
         };
@@ -293,7 +328,9 @@ impl Metrics {
             &mut out,
             "keygate_upstream_requests_in_flight",
             "Requests waiting on an upstream now.",
-            u64::try_from(self.upstream_in_flight.load(Ordering::Relaxed)).unwrap_or(0),
+            self.upstream_sent
+                .get(0)
+                .saturating_sub(self.upstream_sent.get(1)),
         );
         gauge(
             &mut out,
@@ -438,6 +475,45 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each worker adds to its own part, and what is read is every part summed: counts made
+    /// on four threads at once (no worker, workers 1 and 2, and 17, which shares worker 1's
+    /// part) all show, in the route counters, a histogram and the in-flight gauge.
+    #[test]
+    fn counts_from_every_worker_add_up() {
+        let metrics = Arc::new(Metrics::default());
+        let route = metrics.route("api");
+        let threads: Vec<_> = [0, 1, 2, 17]
+            .into_iter()
+            .map(|worker| {
+                let (metrics, route) = (metrics.clone(), route.clone());
+                std::thread::spawn(move || {
+                    if worker > 0 {
+                        crate::server::become_worker(worker);
+                    }
+                    for _ in 0..250 {
+                        route.upstream(200);
+                        route.refused(&Rejection::UnknownKey);
+                        metrics.gateway_time.observe(Duration::from_micros(30));
+                        metrics.upstream_sent();
+                    }
+                    metrics.upstream_done();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let out = metrics.render(&Gauges::default());
+        for line in [
+            "keygate_requests_total{route=\"api\",outcome=\"forwarded\",code=\"2xx\"} 1000\n",
+            "keygate_requests_total{route=\"api\",outcome=\"refused\",code=\"unknown_key\"} 1000\n",
+            "keygate_request_duration_seconds_count{part=\"gateway\"} 1000\n",
+            "keygate_upstream_requests_in_flight 996\n",
+        ] {
+            assert!(out.contains(line), "no {line} in {out}");
+        }
+    }
 
     #[test]
     fn histograms_are_cumulative() {

@@ -159,9 +159,7 @@ pub async fn handle(
             &decision.request_id,
         )
     });
-    gw.metrics
-        .upstream_in_flight
-        .fetch_add(1, Ordering::Relaxed);
+    gw.metrics.upstream_sent();
     // The snapshot build gives every route the index of one of its own clients.
     let result = match snapshot.clients.get(route.client) {
         Some(client) => {
@@ -174,9 +172,7 @@ pub async fn handle(
             Err(Rejection::Internal)
         }
     };
-    gw.metrics
-        .upstream_in_flight
-        .fetch_sub(1, Ordering::Relaxed);
+    gw.metrics.upstream_done();
     let upstream_took = sent.elapsed();
     gw.metrics.upstream_time.observe(upstream_took);
     match result {

@@ -276,6 +276,11 @@ pub fn worker() -> usize {
     WORKER.try_with(std::cell::Cell::get).unwrap_or(0)
 }
 
+/// Makes this thread serving worker `number` (1 and up).
+pub(crate) fn become_worker(number: usize) {
+    let _ = WORKER.try_with(|w| w.set(number));
+}
+
 /// Where a listening socket came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Bound {
@@ -353,7 +358,7 @@ fn spawn_workers(
         std::thread::Builder::new()
             .name(format!("keygate-w{worker}"))
             .spawn(move || {
-                let _ = WORKER.try_with(|w| w.set(worker));
+                become_worker(worker);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

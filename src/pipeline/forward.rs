@@ -87,11 +87,13 @@ pub struct PoolSettings {
     pub http2: bool,
 }
 
-/// Request ids: a random per-process prefix and a counter, 32 hex digits in all.
+/// Request ids: a random per-process prefix and a counter, 32 hex digits in all. Each
+/// serving worker counts in its own part, whose number leads the counter's half, so that
+/// workers never share the counter's cache line and never make the same id.
 #[derive(Debug)]
 pub struct RequestIds {
     prefix: u64,
-    counter: AtomicU64,
+    counters: crate::metrics::PerWorker<1>,
 }
 
 impl RequestIds {
@@ -101,14 +103,16 @@ impl RequestIds {
         let _ = getrandom::fill(&mut seed);
         RequestIds {
             prefix: u64::from_le_bytes(seed),
-            // From 1, so that an id's second half, a generated traceparent's parent id, is
-            // never all zeros.
-            counter: AtomicU64::new(1),
+            counters: crate::metrics::PerWorker::default(),
         }
     }
 
     pub fn next(&self) -> HeaderValue {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let (part, count) = self.counters.add(0, 1);
+        // The part (below 16) in the top byte, the part's count below it, from 1, so that an
+        // id's second half, a generated traceparent's parent id, is never all zeros. A part
+        // would need 2^56 requests to reach the next part's ids.
+        let n = ((part as u64) << 56) | (count.wrapping_add(1) & ((1 << 56) - 1));
         let mut buf = [0u8; 32];
         write_hex(&mut buf[..16], self.prefix);
         write_hex(&mut buf[16..], n);
@@ -667,5 +671,33 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has spaces"));
         assert!(trusted_request_id(&h).is_none());
+    }
+
+    /// Workers count in parts of their own: ids made on three threads at once (no worker,
+    /// workers 1 and 17, which shares worker 1's part number modulo 16 but not its thread) are
+    /// all different, and each part's first id's second half is not all zeros.
+    #[test]
+    fn request_ids_made_by_different_workers_never_meet() {
+        let ids = std::sync::Arc::new(RequestIds::new());
+        let made: Vec<Vec<HeaderValue>> = [0, 1, 2, 17]
+            .into_iter()
+            .map(|worker| {
+                let ids = ids.clone();
+                std::thread::spawn(move || {
+                    if worker > 0 {
+                        crate::server::become_worker(worker);
+                    }
+                    (0..1000).map(|_| ids.next()).collect()
+                })
+            })
+            .map(|t| t.join().unwrap())
+            .collect();
+        let all: std::collections::HashSet<&HeaderValue> = made.iter().flatten().collect();
+        assert_eq!(all.len(), 4000);
+        for first in made.iter().filter_map(|ids| ids.first()) {
+            assert_ne!(&first.as_bytes()[16..], b"0000000000000000");
+            assert_eq!(first.len(), 32);
+        }
+        assert!(made[2][0].as_bytes()[16..].starts_with(b"02"));
     }
 }
