@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::rejection::{code_index, Rejection, CODES};
@@ -19,9 +19,10 @@ pub(crate) const PARTS: usize = 16;
 
 /// `N` counters kept in [`PARTS`] parts, each part on cache lines of its own: a serving
 /// worker ([`crate::server::worker`]) adds to its own part, so that the counters every
-/// request writes do not move between cores; a read sums the parts.
+/// request writes do not move between cores; a read sums the parts. A part is made on its
+/// first count, so a route that two workers serve holds two parts, not sixteen.
 #[derive(Debug)]
-pub(crate) struct PerWorker<const N: usize>(Box<[Part<N>; PARTS]>);
+pub(crate) struct PerWorker<const N: usize>([OnceLock<Box<Part<N>>>; PARTS]);
 
 #[derive(Debug)]
 #[repr(align(64))]
@@ -29,9 +30,7 @@ struct Part<const N: usize>([AtomicU64; N]);
 
 impl<const N: usize> Default for PerWorker<N> {
     fn default() -> Self {
-        PerWorker(Box::new(std::array::from_fn(|_| {
-            Part(std::array::from_fn(|_| AtomicU64::new(0)))
-        })))
+        PerWorker(std::array::from_fn(|_| OnceLock::new()))
     }
 }
 
@@ -44,7 +43,8 @@ impl<const N: usize> PerWorker<N> {
         let before = self
             .0
             .get(part)
-            .and_then(|Part(counters)| counters.get(i))
+            .map(|p| p.get_or_init(|| Box::new(Part(std::array::from_fn(|_| AtomicU64::new(0))))))
+            .and_then(|p| p.0.get(i))
             .map_or(0, |c| c.fetch_add(n, Ordering::Relaxed));
         (part, before)
     }
@@ -53,7 +53,8 @@ impl<const N: usize> PerWorker<N> {
     pub(crate) fn get(&self, i: usize) -> u64 {
         self.0
             .iter()
-            .filter_map(|Part(counters)| counters.get(i))
+            .filter_map(OnceLock::get)
+            .filter_map(|p| p.0.get(i))
             .map(|c| c.load(Ordering::Relaxed))
             .fold(0, u64::wrapping_add)
     }
@@ -475,6 +476,28 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A part is made by its first count: a counter set no worker has counted in holds none,
+    /// and one that two threads counted in holds two.
+    #[test]
+    fn parts_are_made_as_workers_first_count() {
+        let counters = Arc::new(PerWorker::<3>::default());
+        let made = |c: &PerWorker<3>| c.0.iter().filter(|p| p.get().is_some()).count();
+        assert_eq!(made(&counters), 0);
+        counters.add(2, 5);
+        assert_eq!(made(&counters), 1);
+        let other = counters.clone();
+        std::thread::spawn(move || {
+            crate::server::become_worker(3);
+            other.add(2, 1);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            (made(&counters), counters.get(2), counters.get(0)),
+            (2, 6, 0)
+        );
+    }
 
     /// Each worker adds to its own part, and what is read is every part summed: counts made
     /// on four threads at once (no worker, workers 1 and 2, and 17, which shares worker 1's
