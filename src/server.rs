@@ -317,7 +317,8 @@ fn spawn_workers(
     stop: &watch::Receiver<Option<Duration>>,
     end: &watch::Receiver<()>,
 ) -> io::Result<(Vec<JoinHandle<()>>, Vec<tokio::runtime::Handle>)> {
-    type Ended = tokio::sync::mpsc::UnboundedSender<Result<(), tokio::task::JoinError>>;
+    // How a worker's accept loop ended: `Err(None)` when it never started.
+    type Ended = tokio::sync::mpsc::UnboundedSender<Result<(), Option<tokio::task::JoinError>>>;
     let mut listeners = Vec::with_capacity(hot.len());
     let mut coordinators = Vec::with_capacity(hot.len());
     for (listener, bound, kind, tls) in hot {
@@ -328,7 +329,7 @@ fn spawn_workers(
             for _ in 0..workers {
                 match reports.recv().await {
                     Some(Ok(())) => {}
-                    Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Some(Err(Some(e))) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // Cancelled, never started, or its thread gone: the listener is not
                     // served whole, and its task ends so that the process does.
                     _ => {
@@ -376,6 +377,7 @@ fn spawn_workers(
                             Ok(listener) => listener,
                             Err(e) => {
                                 tracing::error!(error = %e, listener = ?kind, worker, "cannot serve the listener");
+                                let _ = ended.send(Err(None));
                                 continue;
                             }
                         };
@@ -389,7 +391,7 @@ fn spawn_workers(
                             stop.clone(),
                         ));
                         tokio::spawn(async move {
-                            let _ = ended.send(task.await);
+                            let _ = ended.send(task.await.map_err(Some));
                         });
                     }
                     // Fails once the sender is dropped: then this worker's runtime ends.
