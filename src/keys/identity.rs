@@ -138,7 +138,7 @@ impl IdentityRecord {
                 version: last.map_or(0, |l| l.version).saturating_add(1),
             },
         });
-        let record = IdentityRecord {
+        let mut record = IdentityRecord {
             id: id.to_string(),
             rate_limits: body.rate_limits,
             quota: body
@@ -152,6 +152,13 @@ impl IdentityRecord {
             updated_at: before.map(|_| now_text),
         };
         check_identity(&record)?;
+        // A put that changes nothing keeps the time of the last change, whenever it comes.
+        if let Some(before) = before {
+            let now = std::mem::replace(&mut record.updated_at, before.updated_at.clone());
+            if record != *before {
+                record.updated_at = now;
+            }
+        }
         Ok(record)
     }
 
@@ -238,6 +245,33 @@ mod tests {
             created_at: "2026-12-01T00:00:00Z".into(),
             updated_at: None,
         }
+    }
+
+    /// A put repeated a second later (or a day) is no change: the record, its update time
+    /// included, is what it was, so nothing audits it as one. A put that changes a field
+    /// takes the new time.
+    #[test]
+    fn a_repeated_put_keeps_the_last_change_time() {
+        let body = IdentityBody {
+            quota: Some("5/day".into()),
+            credits: Some(CreditsBody {
+                remaining: 50,
+                refill: None,
+            }),
+            ..IdentityBody::default()
+        };
+        let made = IdentityRecord::from_body("cus_1", body.clone(), None, 1_000).unwrap();
+        let replaced =
+            IdentityRecord::from_body("cus_1", body.clone(), Some(&made), 1_001).unwrap();
+        let again =
+            IdentityRecord::from_body("cus_1", body.clone(), Some(&replaced), 90_000).unwrap();
+        assert_eq!(again, replaced);
+        let changed = IdentityBody {
+            quota: Some("6/day".into()),
+            ..body
+        };
+        let later = IdentityRecord::from_body("cus_1", changed, Some(&again), 90_001).unwrap();
+        assert_ne!(later.updated_at, again.updated_at);
     }
 
     #[test]
