@@ -740,7 +740,7 @@ fn pair(n: u64) -> [u8; 2] {
 /// Numbers below 10,000, nearly all of a line's (statuses, sizes, most durations), are one
 /// copy of a known size, inlined where they are written.
 #[inline(always)]
-fn push_u64(out: &mut Vec<u8>, n: u64) {
+pub(crate) fn push_u64(out: &mut Vec<u8>, n: u64) {
     if n < 10 {
         let [_, one] = pair(n);
         out.push(one);
@@ -799,7 +799,7 @@ fn push_client(out: &mut Vec<u8>, head: &Head<'_>) {
     }
 }
 
-fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+pub(crate) fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             // Each octet's digits and a dot from a table, on the stack, then copied once
@@ -883,7 +883,7 @@ fn combined_plain(bytes: &[u8]) -> bool {
 /// JSON string content: quotes, backslashes and control characters escaped, the rest copied
 /// in runs as it is (valid UTF-8 already), so a line is always valid JSON.
 #[inline(always)]
-fn escape_json(out: &mut Vec<u8>, text: &str) {
+pub(crate) fn escape_json(out: &mut Vec<u8>, text: &str) {
     if json_plain(text) {
         out.extend_from_slice(text.as_bytes());
     } else {
