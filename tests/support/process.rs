@@ -201,6 +201,11 @@ impl Process {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The pipes close with the process; wait (bounded) for the
+                // readers to take its last lines, so callers see all of them.
+                while !self.readers.iter().all(|r| r.is_finished()) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return status.code();
             }
             assert!(
