@@ -935,7 +935,14 @@ async fn the_audit_log_records_who_did_what_and_never_a_secret() {
     assert_eq!(updates[0]["reason"], r#"note: "x" → "y""#);
     // No secret anywhere on disk.
     gw.gateway().housekeeping();
-    for file in ["audit.log", "keys.yaml", "usage.json", "keygate.yaml"] {
+    for file in [
+        "audit.log",
+        "keys.yaml",
+        "usage.json",
+        "usage.changes.jsonl",
+        "usage.requests.jsonl",
+        "keygate.yaml",
+    ] {
         let text = std::fs::read_to_string(gw.dir.path().join(file)).unwrap_or_default();
         for s in &secrets {
             assert!(!text.contains(s.as_str()), "a secret leaked into {file}");

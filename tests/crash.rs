@@ -297,6 +297,20 @@ fn check_usage(usage: &Path, key_id: &str, after: &str) {
         v["keys"].get(key_id).is_some(),
         "after {after}, the usage file lost the traffic key: {text}"
     );
+    // The journal of changes beside it: every whole line parses; only a last line the kill
+    // cut short (no newline yet) may not, and the gateway passes over it when it reads.
+    let journal = usage.with_extension("changes.jsonl");
+    let text = std::fs::read_to_string(&journal).unwrap_or_default();
+    let whole = text.rsplit_once('\n').map_or("", |(whole, _)| whole);
+    for line in whole.lines() {
+        let change: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!("after {after}, a whole usage journal line does not parse: {e}: {line}")
+        });
+        assert!(
+            change["id"].is_string() && change["u"].is_object(),
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

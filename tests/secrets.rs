@@ -176,6 +176,7 @@ async fn no_secret_is_ever_logged_stored_or_echoed() {
     let usage_file = dir.path().join("usage.json");
     let flushed = eventually(Duration::from_secs(10), async || {
         read(&usage_file).contains(&cli_id)
+            || read(&dir.path().join("usage.changes.jsonl")).contains(&cli_id)
     })
     .await;
     assert!(flushed, "the usage file holds the CLI key's traffic");
@@ -202,7 +203,14 @@ async fn no_secret_is_ever_logged_stored_or_echoed() {
         "the gateway's log (trace level)".into(),
         gw.output.lock().unwrap().join("\n"),
     ));
-    for file in ["audit.log", "usage.json", "keys.yaml", "keygate.yaml"] {
+    for file in [
+        "audit.log",
+        "usage.json",
+        "usage.changes.jsonl",
+        "usage.requests.jsonl",
+        "keys.yaml",
+        "keygate.yaml",
+    ] {
         seen.push((file.into(), read(&dir.path().join(file))));
     }
     assert!(seen

@@ -4,8 +4,11 @@
 //! [`UsageBook::tick`], which the gateway's housekeeping calls every few seconds: it records
 //! each counter's value at the start of the day and of the minute, and the deltas.
 //!
-//! The book lives outside the snapshot, keyed by key id, and is flushed atomically to the
-//! usage file every few seconds and at shutdown, so a crash loses at most one interval.
+//! The book lives outside the snapshot, keyed by key id, and is made durable every few
+//! seconds and at shutdown, so a crash loses at most one interval: the keys whose figures
+//! moved are appended to a journal beside the usage file and synced, and the file is
+//! rewritten atomically, retiring the journal, when the journal has grown to its size
+//! ([`UsageBook::flush`]). A flush costs what the keys in use cost, whatever the key count.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read as _, Seek as _, Write as _};
@@ -60,11 +63,29 @@ struct Counts {
     totals: [AtomicU64; SLOTS],
     /// Touched by housekeeping and readers only, never by the request path.
     history: Mutex<History>,
-    /// The totals as the usage file last had them, when this process read or wrote it:
-    /// what another process added since is the file's totals less these.
-    synced: Mutex<Vec<u64>>,
-    /// The quota period and count as the usage file last had them, likewise.
-    synced_quota: Mutex<(i64, u64)>,
+    /// The cell as the usage file last had it, when this process read or wrote it.
+    synced: Mutex<Synced>,
+}
+
+/// A cell's figures as the usage file last had them: what another process added since is
+/// the file's less these, and a cell whose figures still equal them has nothing to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Synced {
+    totals: Vec<u64>,
+    /// The quota period and its count.
+    quota: (i64, u64),
+    /// The last use's second; 0 for none.
+    last_at: i64,
+}
+
+impl Default for Synced {
+    fn default() -> Self {
+        Synced {
+            totals: vec![0; SLOTS],
+            quota: (0, 0),
+            last_at: 0,
+        }
+    }
 }
 
 impl Default for Counts {
@@ -72,8 +93,7 @@ impl Default for Counts {
         Counts {
             totals: std::array::from_fn(|_| AtomicU64::new(0)),
             history: Mutex::new(History::default()),
-            synced: Mutex::new(vec![0; SLOTS]),
-            synced_quota: Mutex::new((0, 0)),
+            synced: Mutex::default(),
         }
     }
 }
@@ -257,14 +277,19 @@ impl KeyUsage {
         let Some(counts) = self.counts.get() else {
             return;
         };
+        let mut h = counts.history.lock().unwrap_or_else(|e| e.into_inner());
+        let (day, minute) = (now.div_euclid(86_400), now.div_euclid(60));
+        let started = h.minute_base.len() == SLOTS && h.day_base.len() == SLOTS;
+        if started && h.minute == minute && h.day == day {
+            // Most ticks fall in the minute of the one before: nothing rolls.
+            return;
+        }
         let totals: Vec<u64> = counts
             .totals
             .iter()
             .map(|t| t.load(Ordering::Relaxed))
             .collect();
-        let mut h = counts.history.lock().unwrap_or_else(|e| e.into_inner());
-        let (day, minute) = (now.div_euclid(86_400), now.div_euclid(60));
-        if h.minute_base.len() != SLOTS || h.day_base.len() != SLOTS {
+        if !started {
             // The first tick of a new cell: everything so far belongs to this minute and day.
             *h = History {
                 day,
@@ -355,9 +380,8 @@ impl KeyUsage {
         };
         if let Some(theirs) = file.totals.as_ref() {
             let counts = self.counts();
-            let mut synced = counts.synced.lock().unwrap_or_else(|e| e.into_inner());
-            for ((total, seen), on_file) in counts.totals.iter().zip(synced.iter_mut()).zip(theirs)
-            {
+            let synced = counts.synced.lock().unwrap_or_else(|e| e.into_inner());
+            for ((total, seen), on_file) in counts.totals.iter().zip(&synced.totals).zip(theirs) {
                 let added = on_file.saturating_sub(*seen);
                 if added > 0 {
                     total.fetch_add(added, Ordering::Relaxed);
@@ -376,10 +400,11 @@ impl KeyUsage {
         let period = self.quota_period.load(Ordering::Acquire);
         if file.quota_period == period {
             let counts = self.counts();
-            let synced = *counts
-                .synced_quota
+            let synced = counts
+                .synced
                 .lock()
-                .unwrap_or_else(|e| e.into_inner());
+                .unwrap_or_else(|e| e.into_inner())
+                .quota;
             let seen = if synced.0 == period { synced.1 } else { 0 };
             let added = file.quota_used.saturating_sub(seen);
             if added > 0 {
@@ -388,17 +413,42 @@ impl KeyUsage {
         }
     }
 
-    /// Notes the totals as the file now has them (just written).
+    /// Notes the cell's figures as the file now has them (just written).
     fn synced(&self, saved: &SavedUsage) {
         if let Some(counts) = self.counts.get() {
+            let mut synced = counts.synced.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(totals) = &saved.totals {
-                *counts.synced.lock().unwrap_or_else(|e| e.into_inner()) = totals.clone();
+                synced.totals.clone_from(totals);
             }
-            *counts
-                .synced_quota
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = (saved.quota_period, saved.quota_used);
+            synced.quota = (saved.quota_period, saved.quota_used);
+            synced.last_at = saved.last_used_at.unwrap_or(0);
         }
+    }
+
+    /// Whether the cell has figures the usage file does not have yet: a count, the quota or
+    /// the last use moved since it was last read or written. The per-minute history is not
+    /// looked at: between requests it only rolls forward, and rolls the same way from the
+    /// file's copy when it is read back.
+    fn changed(&self) -> bool {
+        let last_at = self.last_used.load(Ordering::Relaxed);
+        let quota = (
+            self.quota_period.load(Ordering::Relaxed),
+            self.quota_used.load(Ordering::Relaxed),
+        );
+        let counts = match self.counts.get() {
+            Some(c) => c,
+            None if last_at == 0 && quota.1 == 0 => return false,
+            // Used, but never counted: its counts start here, so that writing it is noted.
+            None => self.counts(),
+        };
+        let synced = counts.synced.lock().unwrap_or_else(|e| e.into_inner());
+        synced.last_at != last_at
+            || synced.quota != quota
+            || counts
+                .totals
+                .iter()
+                .zip(&synced.totals)
+                .any(|(t, s)| t.load(Ordering::Relaxed) != *s)
     }
 
     fn save(&self) -> Option<SavedUsage> {
@@ -438,15 +488,18 @@ impl KeyUsage {
                     base.resize(SLOTS, 0);
                 }
             }
-            let mut synced = totals.clone();
-            synced.resize(SLOTS, 0);
+            let mut synced = Synced {
+                totals: totals.clone(),
+                quota: (saved.quota_period, saved.quota_used),
+                last_at: saved.last_used_at.unwrap_or(0),
+            };
+            synced.totals.resize(SLOTS, 0);
             let counts = Counts {
                 totals: std::array::from_fn(|i| {
                     AtomicU64::new(totals.get(i).copied().unwrap_or(0))
                 }),
                 history: Mutex::new(history),
                 synced: Mutex::new(synced),
-                synced_quota: Mutex::new((saved.quota_period, saved.quota_used)),
             };
             let _ = usage.counts.set(Box::new(counts));
         }
@@ -625,6 +678,10 @@ struct SavedUsage {
 /// 1's last use; both are read alike, so the `version` field is not read.
 #[derive(Debug, Default, Deserialize)]
 struct UsageFile {
+    /// Which lines of the changes journal belong to this file (0 in files written before
+    /// the journal, which no journal line names).
+    #[serde(default)]
+    generation: u64,
     keys: BTreeMap<String, SavedUsage>,
 }
 
@@ -633,6 +690,7 @@ struct UsageFile {
 #[derive(Serialize)]
 struct UsageFileOut<'a> {
     version: u32,
+    generation: u64,
     #[serde(serialize_with = "keys_as_map")]
     keys: &'a [(&'a str, Option<&'a KeyUsage>, SavedUsage)],
 }
@@ -643,6 +701,38 @@ fn keys_as_map<S: serde::Serializer>(
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_map(keys.iter().map(|(id, _, saved)| (id, saved)))
 }
+
+/// A line of the changes journal: one key's record as it is now, for the usage file of
+/// generation `g`. A later line for the same key replaces an earlier one.
+#[derive(Deserialize)]
+struct Change {
+    g: u64,
+    id: String,
+    u: SavedUsage,
+}
+
+/// [`Change`] as a flush writes it.
+#[derive(Serialize)]
+struct ChangeOut<'a> {
+    g: u64,
+    id: &'a str,
+    u: &'a SavedUsage,
+}
+
+/// The changes journal beside the usage file: `usage.json` → `usage.changes.jsonl`.
+pub fn changes_path(usage_path: &Path) -> PathBuf {
+    usage_path.with_extension("changes.jsonl")
+}
+
+/// Flushes in a row that must find the usage file as this book left it before changes go
+/// to the journal rather than into a rewrite of the file. A process that reads only the
+/// file (an older build, side by side during an upgrade) writes after each flush of ours,
+/// so it is never given a journal to miss.
+const QUIET_FLUSHES: u32 = 3;
+
+/// The journal may grow to the usage file's size, and at least to this, before the next
+/// flush rewrites the file instead: a rewrite then costs no more than the appends it ends.
+const JOURNAL_FLOOR: u64 = 64 * 1024;
 
 /// The cells of the keys that have been used, by key id.
 type Registry = Mutex<HashMap<String, Arc<KeyUsage>>>;
@@ -701,7 +791,7 @@ impl UsageBook {
     /// Opens the book at `path`, loading what an earlier run flushed. A missing file is an
     /// empty book; an unreadable one is logged and started afresh.
     pub fn open(path: PathBuf) -> Self {
-        let mut saved = read_saved(&path);
+        let (generation, mut saved) = read_saved(&path);
         let anonymous = saved
             .remove(ANONYMOUS)
             .map(|s| KeyUsage::restore("", s))
@@ -717,7 +807,10 @@ impl UsageBook {
             path: Some(path),
             by_id: Arc::new(Mutex::new(by_id)),
             anonymous: Arc::new(anonymous),
-            flushed: Mutex::default(),
+            flushed: Mutex::new(Flushed {
+                generation,
+                ..Flushed::default()
+            }),
         }
     }
 
@@ -769,13 +862,19 @@ impl UsageBook {
         self.anonymous.tick(now);
     }
 
-    /// Writes the book out (temp file, fsync, rename) if it changed since the last flush.
+    /// Makes what changed since the last flush durable.
+    ///
+    /// The records of the keys whose figures moved are appended to the changes journal and
+    /// synced: the cost follows the keys in use, not the keys ever used. When the journal
+    /// has grown to the usage file's size, the whole book is written instead (temp file,
+    /// fsync, rename) under a new generation, which retires every journal line before it.
     ///
     /// Another process may share the file: during an upgrade the old and the new gateway run
     /// side by side. Under an exclusive lock on a file beside it, the book first takes in what
     /// the other wrote since this one last did ([`KeyUsage::sync`]), and keeps the other's
     /// keys this one never saw; so the counts of both add up, whichever writes last. When
-    /// the file is still as this process left it, it is not read again.
+    /// the file is still as this process left it, it is not read again. Only a book that
+    /// wrote last, [`QUIET_FLUSHES`] times in a row, appends to the journal.
     pub fn flush(&self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
@@ -792,54 +891,153 @@ impl UsageBook {
         // was left.
         let mut last_writer = String::new();
         let _ = lock.read_to_string(&mut last_writer);
-        let mut on_disk = if last_writer == flushed.mark() {
-            BTreeMap::new()
+        let ours = last_writer == flushed.mark();
+        flushed.quiet = if ours {
+            flushed.quiet.saturating_add(1)
         } else {
-            read_saved(path)
+            0
         };
         let mut cells: Vec<(String, Arc<KeyUsage>)> = self.all();
         cells.push((ANONYMOUS.to_string(), Arc::clone(&self.anonymous)));
-        // Every key's record beside its cell, sorted by id as the file's map is: sorting
-        // once costs what a map's inserts did, and marking the cells synced below needs no
-        // lookup (at 100,000 keys those lookups' comparisons were an eighth of a flush).
-        let mut keys: Vec<(&str, Option<&KeyUsage>, SavedUsage)> = Vec::with_capacity(cells.len());
-        for (id, usage) in &cells {
-            usage.sync(on_disk.remove(id).as_ref());
-            if let Some(saved) = usage.save() {
-                keys.push((id, Some(usage), saved));
-            }
-        }
-        // Keys only another process used: kept as it wrote them.
-        keys.extend(
-            on_disk
-                .iter()
-                .map(|(id, saved)| (id.as_str(), None, saved.clone())),
-        );
-        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let bytes = serde_json::to_vec(&UsageFileOut {
-            version: 2,
-            keys: &keys,
-        })
-        .map_err(io::Error::other)?;
-        let fingerprint = fingerprint(&bytes);
-        if flushed.fingerprint != fingerprint || last_writer != flushed.mark() {
-            crate::keys::store::write_atomically(path, &bytes)?;
-            flushed.fingerprint = fingerprint;
-            flushed.writes = flushed.writes.wrapping_add(1);
-            let mark = flushed.mark();
-            lock.set_len(0)?;
-            lock.seek(io::SeekFrom::Start(0))?;
-            lock.write_all(mark.as_bytes())?;
-        }
-        // The file now holds what was saved of every cell.
-        for (_, usage, saved) in &keys {
-            if let Some(usage) = usage {
-                usage.synced(saved);
-            }
+        let appended = if ours && flushed.quiet > QUIET_FLUSHES {
+            Some(append_changes(path, &cells, &mut flushed)?)
+        } else {
+            None
+        };
+        if matches!(appended, Some(Appended::Lines)) {
+            flushed.note_write(&mut lock)?;
+        } else if matches!(appended, Some(Appended::Nothing))
+            || ours && appended.is_none() && !cells.iter().any(|(_, u)| u.changed())
+        {
+            // The file and its journal already hold every cell.
+        } else {
+            let on_disk = if ours {
+                BTreeMap::new()
+            } else {
+                let (generation, keys) = read_saved(path);
+                flushed.generation = flushed.generation.max(generation);
+                keys
+            };
+            rewrite(path, &cells, on_disk, &mut flushed)?;
+            flushed.note_write(&mut lock)?;
         }
         drop(flushed);
         lock.unlock()
     }
+}
+
+/// What [`append_changes`] did.
+enum Appended {
+    /// No key changed.
+    Nothing,
+    /// The changed keys' lines are in the journal, synced.
+    Lines,
+    /// Nothing: the lines would take the journal past its bound, so the file is to be
+    /// rewritten instead.
+    TooMany,
+}
+
+/// Appends a line for each cell that changed since the file last had it, and syncs them.
+fn append_changes(
+    path: &Path,
+    cells: &[(String, Arc<KeyUsage>)],
+    flushed: &mut Flushed,
+) -> io::Result<Appended> {
+    let mut text = Vec::new();
+    let mut written = Vec::new();
+    for (id, usage) in cells {
+        if !usage.changed() {
+            continue;
+        }
+        if let Some(saved) = usage.save() {
+            let line = ChangeOut {
+                g: flushed.generation,
+                id,
+                u: &saved,
+            };
+            serde_json::to_writer(&mut text, &line).map_err(io::Error::other)?;
+            text.push(b'\n');
+            written.push((usage, saved));
+        }
+    }
+    if written.is_empty() {
+        return Ok(Appended::Nothing);
+    }
+    let size = flushed.journal_bytes.saturating_add(text.len() as u64);
+    if size > flushed.file_bytes.max(JOURNAL_FLOOR) {
+        return Ok(Appended::TooMany);
+    }
+    // Until the lines are whole on disk, a line cut short may end the journal: the next
+    // flush rewrites the file rather than append after it.
+    flushed.journal_bytes = u64::MAX;
+    let mut journal = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(changes_path(path))?;
+    journal.write_all(&text)?;
+    journal.sync_data()?;
+    flushed.journal_bytes = size;
+    for (usage, saved) in &written {
+        usage.synced(saved);
+    }
+    Ok(Appended::Lines)
+}
+
+/// Writes the whole book (temp file, fsync, rename) under the next generation, with the
+/// keys only another process used (`on_disk` less this book's keys) as it wrote them, and
+/// empties the journal, whose lines the new generation retires.
+fn rewrite(
+    path: &Path,
+    cells: &[(String, Arc<KeyUsage>)],
+    mut on_disk: BTreeMap<String, SavedUsage>,
+    flushed: &mut Flushed,
+) -> io::Result<()> {
+    // Every key's record beside its cell, sorted by id as the file's map is: sorting
+    // once costs what a map's inserts did, and marking the cells synced below needs no
+    // lookup (at 100,000 keys those lookups' comparisons were an eighth of a flush).
+    let mut keys: Vec<(&str, Option<&KeyUsage>, SavedUsage)> = Vec::with_capacity(cells.len());
+    for (id, usage) in cells {
+        usage.sync(on_disk.remove(id).as_ref());
+        if let Some(saved) = usage.save() {
+            keys.push((id, Some(usage), saved));
+        }
+    }
+    // Keys only another process used: kept as it wrote them.
+    keys.extend(
+        on_disk
+            .iter()
+            .map(|(id, saved)| (id.as_str(), None, saved.clone())),
+    );
+    keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let generation = flushed.generation.wrapping_add(1).max(1);
+    let bytes = serde_json::to_vec(&UsageFileOut {
+        version: 2,
+        generation,
+        keys: &keys,
+    })
+    .map_err(io::Error::other)?;
+    crate::keys::store::write_atomically(path, &bytes)?;
+    flushed.generation = generation;
+    flushed.file_bytes = bytes.len() as u64;
+    // The journal's lines are of the generation before: read with this file, they are
+    // passed over, so emptying it needs no sync of its own.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(changes_path(path))
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    flushed.journal_bytes = 0;
+    // The file now holds what was saved of every cell.
+    for (_, usage, saved) in &keys {
+        if let Some(usage) = usage {
+            usage.synced(saved);
+        }
+    }
+    Ok(())
 }
 
 /// The lock file two processes sharing a usage file take turns on.
@@ -847,14 +1045,21 @@ fn lock_path(usage: &Path) -> PathBuf {
     usage.with_extension("lock")
 }
 
-/// What was last flushed: a fingerprint to skip writing an unchanged book, and this book's
-/// mark (its own random id and its count of writes), which it leaves in the lock file after
-/// each write, to tell whether another process wrote the usage file since.
+/// What this book last wrote, and its mark (its own random id and its count of writes),
+/// which it leaves in the lock file after each write, to tell whether another process
+/// wrote the usage file since.
 #[derive(Debug)]
 struct Flushed {
-    fingerprint: u64,
     writer: u64,
     writes: u64,
+    /// Flushes in a row that found the lock file with this book's mark.
+    quiet: u32,
+    /// The usage file's generation as this book last wrote or read it.
+    generation: u64,
+    /// The usage file's size as this book last wrote it.
+    file_bytes: u64,
+    /// What this book appended to the journal since; `u64::MAX` after a failed append.
+    journal_bytes: u64,
 }
 
 impl Default for Flushed {
@@ -865,9 +1070,12 @@ impl Default for Flushed {
             id = crate::state::history::millis(std::time::SystemTime::now()).to_le_bytes();
         }
         Flushed {
-            fingerprint: 0,
             writer: u64::from_le_bytes(id),
             writes: 0,
+            quiet: 0,
+            generation: 0,
+            file_bytes: 0,
+            journal_bytes: 0,
         }
     }
 }
@@ -876,45 +1084,59 @@ impl Flushed {
     fn mark(&self) -> String {
         format!("{:016x} {}", self.writer, self.writes)
     }
+
+    /// Counts a write and leaves the new mark in the lock file.
+    fn note_write(&mut self, lock: &mut std::fs::File) -> io::Result<()> {
+        self.writes = self.writes.wrapping_add(1);
+        let mark = self.mark();
+        lock.set_len(0)?;
+        lock.seek(io::SeekFrom::Start(0))?;
+        lock.write_all(mark.as_bytes())
+    }
 }
 
-/// A cheap fingerprint to tell an unchanged book from a changed one: FNV-1a's steps over
-/// eight bytes at a time, then the tail's bytes, then a final mix so that every input bit
-/// reaches every output bit. A byte at a time, the multiplications' chain took a tenth of a
-/// flush at 100,000 keys.
-fn fingerprint(bytes: &[u8]) -> u64 {
-    const PRIME: u64 = 0x100_0000_01b3;
-    let words = bytes.chunks_exact(8);
-    let tail = words.remainder();
-    let h = words
-        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
-        .fold(0xcbf2_9ce4_8422_2325, |h, w| (h ^ w).wrapping_mul(PRIME));
-    let h = tail
-        .iter()
-        .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME));
-    // The length, so that trailing zero bytes count; then splitmix64's finaliser.
-    let mut z = h ^ bytes.len() as u64;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn read_saved(path: &Path) -> BTreeMap<String, SavedUsage> {
-    match std::fs::read(path) {
+/// The usage file's generation and every key's record in it, with the journal's lines of
+/// that generation applied, later lines over earlier ones. A line that does not parse (cut
+/// short by a crash) is passed over and counted in a warning.
+fn read_saved(path: &Path) -> (u64, BTreeMap<String, SavedUsage>) {
+    let doc = match std::fs::read(path) {
         Ok(bytes) => match serde_json::from_slice::<UsageFile>(&bytes) {
-            Ok(doc) => doc.keys,
+            Ok(doc) => doc,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "usage file unreadable; starting afresh");
-                BTreeMap::new()
+                UsageFile::default()
             }
         },
-        Err(_) => BTreeMap::new(),
+        Err(_) => UsageFile::default(),
+    };
+    let UsageFile {
+        generation,
+        mut keys,
+    } = doc;
+    let journal = changes_path(path);
+    let Ok(text) = std::fs::read(&journal) else {
+        return (generation, keys);
+    };
+    let mut bad = 0u64;
+    for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<Change>(line) {
+            Ok(change) if change.g == generation => {
+                keys.insert(change.id, change.u);
+            }
+            Ok(_) => {}
+            Err(_) => bad = bad.saturating_add(1),
+        }
     }
+    if bad > 0 {
+        tracing::warn!(path = %journal.display(), lines = bad, "usage journal lines skipped: not valid JSON");
+    }
+    (generation, keys)
 }
 
 /// Every key's usage as flushed by a running gateway (for the CLI): id → report.
 pub fn read_file(path: &Path, now: i64) -> BTreeMap<String, UsageReport> {
     read_saved(path)
+        .1
         .into_iter()
         .filter(|(id, _)| id != ANONYMOUS)
         .map(|(id, s)| {
@@ -990,7 +1212,7 @@ mod tests {
         old.flush().unwrap();
         count(&new, 4);
         new.flush().unwrap();
-        let on_disk = read_saved(&path);
+        let (_, on_disk) = read_saved(&path);
         let saved = &on_disk["k1"];
         assert_eq!(
             saved.totals.as_ref().unwrap()[ACCEPTED],
@@ -1004,7 +1226,7 @@ mod tests {
         old.cells().get_or_make("k2").accepted();
         old.flush().unwrap();
         new.flush().unwrap();
-        assert!(read_saved(&path).contains_key("k2"));
+        assert!(read_saved(&path).1.contains_key("k2"));
     }
 
     #[test]
@@ -1033,17 +1255,24 @@ mod tests {
         #[derive(Serialize)]
         struct AsBefore {
             version: u32,
+            generation: u64,
             keys: BTreeMap<String, SavedUsage>,
         }
-        let keys = read_saved(&path);
+        let (generation, keys) = read_saved(&path);
         let ids: Vec<&str> = keys.keys().map(String::as_str).collect();
         assert_eq!(ids, ["a", "aa", "b", "c", "zz"]);
-        let before = serde_json::to_vec(&AsBefore { version: 2, keys }).unwrap();
+        assert_eq!(generation, 3, "a rewrite by each flush");
+        let before = serde_json::to_vec(&AsBefore {
+            version: 2,
+            generation,
+            keys,
+        })
+        .unwrap();
         assert_eq!(
             String::from_utf8(bytes).unwrap(),
             String::from_utf8(before).unwrap()
         );
-        let saved = read_saved(&path);
+        let (_, saved) = read_saved(&path);
         assert_eq!(
             saved["b"].totals.as_ref().unwrap()[ACCEPTED],
             3,
@@ -1052,24 +1281,173 @@ mod tests {
         assert_eq!(saved["zz"].totals.as_ref().unwrap()[ACCEPTED], 2);
     }
 
+    /// Flushes a book until it appends to the journal: the first flush rewrites the file
+    /// (no flush of this book wrote it yet), the next [`QUIET_FLUSHES`] find nothing new.
+    fn settle(book: &UsageBook) {
+        for _ in 0..=QUIET_FLUSHES {
+            book.flush().unwrap();
+        }
+    }
+
+    fn accepted(book: &UsageBook, id: &str, n: u64) {
+        let cell = book.cells().get_or_make(id);
+        for _ in 0..n {
+            cell.accepted();
+        }
+    }
+
+    fn accepted_on_disk(path: &Path, id: &str) -> u64 {
+        read_saved(path).1[id].totals.as_ref().unwrap()[ACCEPTED]
+    }
+
     #[test]
-    fn fingerprints_tell_books_apart() {
-        let text = br#"{"version":2,"keys":{"a":{"last_used_at":1}}}"#;
-        let mut seen = std::collections::HashSet::new();
-        for cut in 0..=text.len() {
-            assert!(
-                seen.insert(fingerprint(&text[..cut])),
-                "the first {cut} bytes"
+    fn a_flush_appends_only_the_keys_that_changed_and_they_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let book = UsageBook::open(path.clone());
+        for id in ["a", "b", "c"] {
+            accepted(&book, id, 1);
+        }
+        settle(&book);
+        let file = std::fs::read(&path).unwrap();
+        let mark = std::fs::read_to_string(lock_path(&path)).unwrap();
+        // Nothing changed: nothing is written, not even the mark.
+        book.flush().unwrap();
+        assert_eq!(std::fs::read_to_string(lock_path(&path)).unwrap(), mark);
+        // Two keys change, one of them new; the last use moves on a third.
+        accepted(&book, "a", 2);
+        accepted(&book, "d", 5);
+        book.cells()
+            .get_or_make("b")
+            .seen(T0, "10.0.0.1".parse().unwrap());
+        book.flush().unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            file,
+            "the file is not rewritten"
+        );
+        let journal = std::fs::read_to_string(changes_path(&path)).unwrap();
+        let mut ids: Vec<String> = journal
+            .lines()
+            .map(|l| serde_json::from_str::<Change>(l).unwrap().id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b", "d"]);
+        book.flush().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(changes_path(&path)).unwrap(),
+            journal
+        );
+        // Read back, and in a book opened afresh, the journal's records win.
+        assert_eq!(accepted_on_disk(&path, "a"), 3);
+        assert_eq!(accepted_on_disk(&path, "d"), 5);
+        assert_eq!(accepted_on_disk(&path, "c"), 1);
+        let again = UsageBook::open(path.clone());
+        assert_eq!(again.get("a").unwrap().slots()[ACCEPTED], 3);
+        assert_eq!(again.last_use("b").unwrap().at, T0);
+        // Counting on from what was read, a later line for the same key replaces the first.
+        drop(again);
+        accepted(&book, "a", 1);
+        book.flush().unwrap();
+        assert_eq!(accepted_on_disk(&path, "a"), 4);
+    }
+
+    #[test]
+    fn a_journal_past_the_file_s_size_is_folded_into_a_new_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let book = UsageBook::open(path.clone());
+        accepted(&book, "a", 1);
+        settle(&book);
+        let (first, _) = read_saved(&path);
+        // Each flush appends one line; the journal may grow to JOURNAL_FLOOR, then a flush
+        // rewrites the file instead, and the journal starts empty.
+        let mut rewrites = 0;
+        let mut longest = 0;
+        for n in 0..600u64 {
+            accepted(&book, "a", 1);
+            book.flush().unwrap();
+            let journal = std::fs::metadata(changes_path(&path)).map_or(0, |m| m.len());
+            longest = longest.max(journal);
+            if journal == 0 {
+                rewrites += 1;
+            }
+            assert_eq!(accepted_on_disk(&path, "a"), n + 2);
+        }
+        assert!(rewrites >= 2, "{rewrites} rewrites");
+        assert!(longest <= JOURNAL_FLOOR, "{longest} bytes");
+        let (generation, _) = read_saved(&path);
+        assert_eq!(generation, first + rewrites);
+        // A crash between the rewrite's rename and the journal's emptying leaves lines of
+        // the generation before: they are passed over.
+        let stale = serde_json::to_string(&ChangeOut {
+            g: generation - 1,
+            id: "a",
+            u: &book
+                .get("a")
+                .unwrap()
+                .save()
+                .map(|mut s| {
+                    s.totals = Some(vec![1; SLOTS]);
+                    s
+                })
+                .unwrap(),
+        })
+        .unwrap();
+        let mut journal = std::fs::read_to_string(changes_path(&path)).unwrap();
+        journal.push_str(&stale);
+        journal.push('\n');
+        // And a line cut short by a crash is passed over too.
+        journal.push_str(r#"{"g":1,"id":"a","u":{"last_us"#);
+        std::fs::write(changes_path(&path), &journal).unwrap();
+        assert_eq!(accepted_on_disk(&path, "a"), 601);
+        // A book opened on it rewrites the file at its first flush: the cut line is gone.
+        let again = UsageBook::open(path.clone());
+        assert_eq!(again.get("a").unwrap().slots()[ACCEPTED], 601);
+        again.flush().unwrap();
+        assert_eq!(std::fs::read(changes_path(&path)).unwrap(), b"");
+        assert_eq!(accepted_on_disk(&path, "a"), 601);
+    }
+
+    #[test]
+    fn a_journal_is_never_left_for_a_process_that_reads_only_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let new = UsageBook::open(path.clone());
+        accepted(&new, "k", 1);
+        settle(&new);
+        accepted(&new, "k", 1);
+        new.flush().unwrap();
+        assert!(std::fs::metadata(changes_path(&path)).unwrap().len() > 0);
+        // Another process starts: it reads the journal with the file, and rewrites both.
+        let other = UsageBook::open(path.clone());
+        assert_eq!(other.get("k").unwrap().slots()[ACCEPTED], 2);
+        accepted(&other, "k", 10);
+        other.flush().unwrap();
+        assert_eq!(std::fs::read(changes_path(&path)).unwrap(), b"");
+        // While both write, each flush finds the other's mark and rewrites the file.
+        for round in 0..QUIET_FLUSHES + 2 {
+            accepted(&new, "k", 1);
+            new.flush().unwrap();
+            accepted(&other, "k", 1);
+            other.flush().unwrap();
+            assert_eq!(
+                std::fs::read(changes_path(&path)).unwrap(),
+                b"",
+                "round {round}"
             );
         }
-        let mut changed = text.to_vec();
-        for at in 0..changed.len() {
-            changed[at] ^= 1;
-            assert!(seen.insert(fingerprint(&changed)), "byte {at} changed");
-            changed[at] ^= 1;
-        }
-        assert!(!seen.insert(fingerprint(text)));
-        assert_ne!(fingerprint(&[0; 8]), fingerprint(&[0; 16]));
+        let want = 2 + 10 + 2 * u64::from(QUIET_FLUSHES + 2);
+        assert_eq!(accepted_on_disk(&path, "k"), want);
+        // The other one stops; the one left goes back to the journal once the file has
+        // been its own for QUIET_FLUSHES flushes.
+        drop(other);
+        settle(&new);
+        accepted(&new, "k", 1);
+        new.flush().unwrap();
+        assert!(std::fs::metadata(changes_path(&path)).unwrap().len() > 0);
+        assert_eq!(accepted_on_disk(&path, "k"), want + 1);
+        assert_eq!(new.get("k").unwrap().slots()[ACCEPTED], want + 1);
     }
 
     #[test]
