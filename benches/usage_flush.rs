@@ -8,6 +8,9 @@
 //!   their records to the journal and syncs it; now and then the journal has grown to the
 //!   file's size and a flush rewrites the file instead, which the mean takes in.
 //!
+//! - `housekeeping_idle/N`: the rest of a housekeeping pass over N used keys none of which
+//!   was used since the last: the minute's tick and the request history's flush.
+//!
 //! `cargo bench --bench usage_flush`
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -15,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use keygate::state::history::{History, HistoryConfig};
 use keygate::state::usage::{KeyUsage, UsageBook};
 
 const NOW: i64 = 1_796_661_768;
@@ -71,6 +75,26 @@ fn usage_flush(c: &mut Criterion) {
                         next = (next + 7919) % keys;
                     }
                     book.flush().unwrap();
+                })
+            },
+        );
+    }
+    for keys in [100_000usize, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let (book, _used) = book(dir.path(), keys);
+        let history = History::open(
+            &HistoryConfig::default(),
+            Some(&dir.path().join("usage.json")),
+            &book,
+        );
+        history.flush(&book).unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("housekeeping_idle", keys),
+            &keys,
+            |b, _| {
+                b.iter(|| {
+                    book.tick(NOW);
+                    history.flush(&book).unwrap();
                 })
             },
         );

@@ -34,8 +34,8 @@ return 0
 /// Keeps the usage pushed: what each key's counters and last use were at the last push.
 #[derive(Default)]
 struct Pushed {
-    slots: HashMap<String, Vec<u64>>,
-    last_use: HashMap<String, i64>,
+    slots: HashMap<Arc<str>, Vec<u64>>,
+    last_use: HashMap<Arc<str>, i64>,
     failing: bool,
 }
 
@@ -97,7 +97,7 @@ async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
                     .arg(LATEST)
                     .arg(1)
                     .arg(format!("{prefix}:last_used"))
-                    .arg(&id)
+                    .arg(&*id)
                     .arg(u.at)
                     .arg(u.ip.as_deref().unwrap_or("-"))
                     .ignore();

@@ -979,7 +979,7 @@ pub(crate) async fn org_usage(call: &Call<'_>, query: &str) -> Answer {
     let mut per_key = Vec::new();
     // Only keys that were ever used have a cell: the report costs what the traffic made, not
     // what the key count is.
-    let cells = call.gw.usage.in_use();
+    let cells = call.gw.usage.all();
     for (key, cell) in cells.iter().filter_map(|(id, cell)| {
         let key = snapshot.key_by_id(id)?;
         only.is_none_or(|ns| key.namespace.as_str() == ns.as_str())

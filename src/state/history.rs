@@ -443,27 +443,36 @@ impl History {
     /// Appends what was recorded since the last flush to the journal, and rewrites it whole
     /// when it has grown past twice what the rings hold. Blocking: housekeeping and shutdown.
     pub fn flush(&self, book: &UsageBook) -> io::Result<()> {
-        let cells = book.in_use();
-        let (total, new) = cells.iter().fold((0usize, 0usize), |(total, new), (_, u)| {
+        let cells = book.all();
+        // One pass counts every ring and notes those with entries to append, so that the
+        // append visits only them.
+        let mut total = 0usize;
+        let mut pending = Vec::new();
+        for (id, u) in &cells {
             let ring = u.requests.lock().unwrap_or_else(|e| e.into_inner());
-            (
-                total.saturating_add(ring.len()),
-                new.saturating_add(ring.unflushed),
-            )
-        });
+            total = total.saturating_add(ring.len());
+            if ring.unflushed > 0 {
+                pending.push((id, u));
+            }
+        }
         self.total.store(total as u64, Ordering::Relaxed);
         let Some(path) = &self.journal else {
             return Ok(());
         };
         let mut lines = self.journal_lines.lock().unwrap_or_else(|e| e.into_inner());
         let whole = *lines > (total as u64).saturating_mul(2).saturating_add(self.slack);
+        let visit: Vec<_> = if whole {
+            cells.iter().map(|(id, u)| (id, u)).collect()
+        } else {
+            pending
+        };
         // Each ring's lines go straight into the file's buffer: a flush never holds the
         // whole batch in memory, which at tens of thousands of requests a second would be
         // megabytes grown and copied, and fresh pages faulted in, every interval.
         let write = |out: &mut io::BufWriter<File>| -> io::Result<u64> {
             let mut written = 0u64;
             let mut text = Vec::with_capacity(TEXT_CHUNK.saturating_add(1024));
-            for (id, usage) in &cells {
+            for (id, usage) in &visit {
                 let mut ring = usage.requests.lock().unwrap_or_else(|e| e.into_inner());
                 let new = if whole { ring.len() } else { ring.unflushed };
                 let skip = ring.len().saturating_sub(new);
@@ -487,7 +496,7 @@ impl History {
                 Ok(())
             })?;
             *lines = written;
-        } else if new > 0 {
+        } else if !visit.is_empty() {
             let file = OpenOptions::new().create(true).append(true).open(path)?;
             let mut out = io::BufWriter::with_capacity(1 << 16, file);
             let written = write(&mut out)?;

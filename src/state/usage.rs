@@ -54,6 +54,9 @@ pub struct KeyUsage {
     quota_used: AtomicU64,
     /// Made on first use, so keys that are never used cost little.
     counts: OnceLock<Box<Counts>>,
+    /// The minute (since the epoch) of the last [`KeyUsage::tick`], so that the next in the
+    /// same minute returns without reading the history from another cache line.
+    ticked: AtomicI64,
     /// The key's recent requests ([`super::history`]); empty until it is used.
     pub(crate) requests: Mutex<super::history::Ring>,
 }
@@ -160,6 +163,7 @@ impl KeyUsage {
             quota_period: AtomicI64::new(0),
             quota_used: AtomicU64::new(0),
             counts: OnceLock::new(),
+            ticked: AtomicI64::new(i64::MIN),
             requests: Mutex::default(),
         }
     }
@@ -274,14 +278,18 @@ impl KeyUsage {
     /// Counts between the last tick and a boundary are attributed to the later side, so
     /// "today" and the series are exact to within one housekeeping interval.
     fn tick(&self, now: i64) {
+        let (day, minute) = (now.div_euclid(86_400), now.div_euclid(60));
+        // Most ticks fall in the minute of the one before: nothing rolls.
+        if self.ticked.load(Ordering::Relaxed) == minute {
+            return;
+        }
         let Some(counts) = self.counts.get() else {
             return;
         };
         let mut h = counts.history.lock().unwrap_or_else(|e| e.into_inner());
-        let (day, minute) = (now.div_euclid(86_400), now.div_euclid(60));
+        self.ticked.store(minute, Ordering::Relaxed);
         let started = h.minute_base.len() == SLOTS && h.day_base.len() == SLOTS;
         if started && h.minute == minute && h.day == day {
-            // Most ticks fall in the minute of the one before: nothing rolls.
             return;
         }
         let totals: Vec<u64> = counts
@@ -734,8 +742,12 @@ const QUIET_FLUSHES: u32 = 3;
 /// flush rewrites the file instead: a rewrite then costs no more than the appends it ends.
 const JOURNAL_FLOOR: u64 = 64 * 1024;
 
-/// The cells of the keys that have been used, by key id.
-type Registry = Mutex<HashMap<String, Arc<KeyUsage>>>;
+/// The cells of the keys that have been used, by key id. The ids are shared, so that a
+/// housekeeping pass over a million cells copies pointers, not a million strings.
+type Registry = Mutex<HashMap<Arc<str>, Arc<KeyUsage>>>;
+
+/// A key id and its cell, as a pass over the book takes them.
+pub type Cell = (Arc<str>, Arc<KeyUsage>);
 
 /// The book's cells as each snapshot entry holds them: a key's cell is found or made on its
 /// first use rather than at load, so a key that is never used costs a pointer here and
@@ -751,7 +763,7 @@ impl Cells {
             return Arc::clone(u);
         }
         Arc::clone(
-            map.entry(id.to_string())
+            map.entry(Arc::from(id))
                 .or_insert_with(|| Arc::new(KeyUsage::for_key(id))),
         )
     }
@@ -800,7 +812,7 @@ impl UsageBook {
             .into_iter()
             .map(|(id, s)| {
                 let usage = Arc::new(KeyUsage::restore(&id, s));
-                (id, usage)
+                (Arc::from(id), usage)
             })
             .collect();
         UsageBook {
@@ -819,17 +831,6 @@ impl UsageBook {
         Cells(Arc::clone(&self.by_id))
     }
 
-    /// Every cell made so far, by key id: the keys that were ever used, whatever the key
-    /// count, for reports that need only them.
-    pub fn in_use(&self) -> Vec<(String, Arc<KeyUsage>)> {
-        self.by_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(id, u)| (id.clone(), Arc::clone(u)))
-            .collect()
-    }
-
     pub fn get(&self, id: &str) -> Option<Arc<KeyUsage>> {
         self.by_id
             .lock()
@@ -842,10 +843,19 @@ impl UsageBook {
         self.get(id).and_then(|u| u.last_use())
     }
 
-    /// Every key's cell, for reports and alerts.
-    pub fn all(&self) -> Vec<(String, Arc<KeyUsage>)> {
+    /// Every cell made so far, by key id: the keys that were ever used, whatever the key
+    /// count, for housekeeping and for reports that need only them. `room` more cells fit
+    /// without growing the list.
+    pub fn all_and_room(&self, room: usize) -> Vec<Cell> {
         let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter().map(|(id, u)| (id.clone(), u.clone())).collect()
+        let mut cells = Vec::with_capacity(map.len().saturating_add(room));
+        cells.extend(map.iter().map(|(id, u)| (Arc::clone(id), Arc::clone(u))));
+        cells
+    }
+
+    /// [`UsageBook::all_and_room`] without room.
+    pub fn all(&self) -> Vec<Cell> {
+        self.all_and_room(0)
     }
 
     /// Forgets keys no longer in the store.
@@ -897,8 +907,8 @@ impl UsageBook {
         } else {
             0
         };
-        let mut cells: Vec<(String, Arc<KeyUsage>)> = self.all();
-        cells.push((ANONYMOUS.to_string(), Arc::clone(&self.anonymous)));
+        let mut cells = self.all_and_room(1);
+        cells.push((Arc::from(ANONYMOUS), Arc::clone(&self.anonymous)));
         let appended = if ours && flushed.quiet > QUIET_FLUSHES {
             Some(append_changes(path, &cells, &mut flushed)?)
         } else {
@@ -938,17 +948,27 @@ enum Appended {
 }
 
 /// Appends a line for each cell that changed since the file last had it, and syncs them.
-fn append_changes(
-    path: &Path,
-    cells: &[(String, Arc<KeyUsage>)],
-    flushed: &mut Flushed,
-) -> io::Result<Appended> {
+fn append_changes(path: &Path, cells: &[Cell], flushed: &mut Flushed) -> io::Result<Appended> {
+    let changed: Vec<&Cell> = cells.iter().filter(|(_, u)| u.changed()).collect();
+    if changed.is_empty() {
+        return Ok(Appended::Nothing);
+    }
+    // Judged first by the file's mean record, so that when most keys changed their records
+    // are not serialised twice, for the journal and then for the file.
+    let room = flushed
+        .file_bytes
+        .max(JOURNAL_FLOOR)
+        .saturating_sub(flushed.journal_bytes);
+    let mean = flushed
+        .file_bytes
+        .checked_div(flushed.file_records)
+        .unwrap_or(0);
+    if (changed.len() as u64).saturating_mul(mean) > room {
+        return Ok(Appended::TooMany);
+    }
     let mut text = Vec::new();
     let mut written = Vec::new();
-    for (id, usage) in cells {
-        if !usage.changed() {
-            continue;
-        }
+    for (id, usage) in changed {
         if let Some(saved) = usage.save() {
             let line = ChangeOut {
                 g: flushed.generation,
@@ -963,10 +983,10 @@ fn append_changes(
     if written.is_empty() {
         return Ok(Appended::Nothing);
     }
-    let size = flushed.journal_bytes.saturating_add(text.len() as u64);
-    if size > flushed.file_bytes.max(JOURNAL_FLOOR) {
+    if text.len() as u64 > room {
         return Ok(Appended::TooMany);
     }
+    let size = flushed.journal_bytes.saturating_add(text.len() as u64);
     // Until the lines are whole on disk, a line cut short may end the journal: the next
     // flush rewrites the file rather than append after it.
     flushed.journal_bytes = u64::MAX;
@@ -988,7 +1008,7 @@ fn append_changes(
 /// empties the journal, whose lines the new generation retires.
 fn rewrite(
     path: &Path,
-    cells: &[(String, Arc<KeyUsage>)],
+    cells: &[Cell],
     mut on_disk: BTreeMap<String, SavedUsage>,
     flushed: &mut Flushed,
 ) -> io::Result<()> {
@@ -997,7 +1017,7 @@ fn rewrite(
     // lookup (at 100,000 keys those lookups' comparisons were an eighth of a flush).
     let mut keys: Vec<(&str, Option<&KeyUsage>, SavedUsage)> = Vec::with_capacity(cells.len());
     for (id, usage) in cells {
-        usage.sync(on_disk.remove(id).as_ref());
+        usage.sync(on_disk.remove(&**id).as_ref());
         if let Some(saved) = usage.save() {
             keys.push((id, Some(usage), saved));
         }
@@ -1019,6 +1039,7 @@ fn rewrite(
     crate::keys::store::write_atomically(path, &bytes)?;
     flushed.generation = generation;
     flushed.file_bytes = bytes.len() as u64;
+    flushed.file_records = keys.len() as u64;
     // The journal's lines are of the generation before: read with this file, they are
     // passed over, so emptying it needs no sync of its own.
     match std::fs::OpenOptions::new()
@@ -1056,8 +1077,9 @@ struct Flushed {
     quiet: u32,
     /// The usage file's generation as this book last wrote or read it.
     generation: u64,
-    /// The usage file's size as this book last wrote it.
+    /// The usage file's size and its count of records as this book last wrote it.
     file_bytes: u64,
+    file_records: u64,
     /// What this book appended to the journal since; `u64::MAX` after a failed append.
     journal_bytes: u64,
 }
@@ -1075,6 +1097,7 @@ impl Default for Flushed {
             quiet: 0,
             generation: 0,
             file_bytes: 0,
+            file_records: 0,
             journal_bytes: 0,
         }
     }
