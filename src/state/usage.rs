@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read as _, Seek as _, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use http::HeaderValue;
@@ -57,6 +57,9 @@ pub struct KeyUsage {
     /// The minute (since the epoch) of the last [`KeyUsage::tick`], so that the next in the
     /// same minute returns without reading the history from another cache line.
     ticked: AtomicI64,
+    /// Whether a count, the quota or the last use moved since a flush last saved the cell:
+    /// a flush reads this, on the cell's first line, instead of comparing every counter.
+    dirty: AtomicBool,
     /// The key's recent requests ([`super::history`]); empty until it is used.
     pub(crate) requests: Mutex<super::history::Ring>,
 }
@@ -71,14 +74,12 @@ struct Counts {
 }
 
 /// A cell's figures as the usage file last had them: what another process added since is
-/// the file's less these, and a cell whose figures still equal them has nothing to write.
+/// the file's less these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Synced {
     totals: Vec<u64>,
     /// The quota period and its count.
     quota: (i64, u64),
-    /// The last use's second; 0 for none.
-    last_at: i64,
 }
 
 impl Default for Synced {
@@ -86,7 +87,6 @@ impl Default for Synced {
         Synced {
             totals: vec![0; SLOTS],
             quota: (0, 0),
-            last_at: 0,
         }
     }
 }
@@ -164,6 +164,7 @@ impl KeyUsage {
             quota_used: AtomicU64::new(0),
             counts: OnceLock::new(),
             ticked: AtomicI64::new(i64::MIN),
+            dirty: AtomicBool::new(false),
             requests: Mutex::default(),
         }
     }
@@ -192,6 +193,27 @@ impl KeyUsage {
         if let Ok(mut slot) = self.last_ip.try_lock() {
             *slot = Some(ip);
         }
+        self.mark_dirty();
+    }
+
+    /// Notes that the cell moved since a flush last saved it. The count it follows is a
+    /// sequentially consistent read-modify-write, and this load too (on x86 both are the
+    /// instructions a relaxed one would be), so that a flush that cleared the mark before
+    /// this load saw it set reads that count in its save ([`KeyUsage::take_dirty`]).
+    fn mark_dirty(&self) {
+        if !self.dirty.load(Ordering::SeqCst) {
+            self.dirty.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::SeqCst)
+    }
+
+    /// Whether the cell moved since the last call, clearing the mark. Called before the
+    /// cell is saved: a count that lands after it marks the cell again.
+    fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::SeqCst)
     }
 
     fn counts(&self) -> &Counts {
@@ -200,8 +222,9 @@ impl KeyUsage {
 
     fn add(&self, slot: usize) {
         if let Some(total) = self.counts().totals.get(slot) {
-            total.fetch_add(1, Ordering::Relaxed);
+            total.fetch_add(1, Ordering::SeqCst);
         }
+        self.mark_dirty();
     }
 
     fn add_code(&self, rejection: &Rejection) {
@@ -249,9 +272,9 @@ impl KeyUsage {
 
     /// Counts one request against the quota; returns the count including it.
     pub fn quota_spend(&self) -> u64 {
-        self.quota_used
-            .fetch_add(1, Ordering::AcqRel)
-            .saturating_add(1)
+        let used = self.quota_used.fetch_add(1, Ordering::SeqCst);
+        self.mark_dirty();
+        used.saturating_add(1)
     }
 
     pub fn last_use(&self) -> Option<LastUse> {
@@ -271,7 +294,7 @@ impl KeyUsage {
     fn totals(&self) -> Option<Vec<u64>> {
         self.counts
             .get()
-            .map(|c| c.totals.iter().map(|t| t.load(Ordering::Relaxed)).collect())
+            .map(|c| c.totals.iter().map(|t| t.load(Ordering::SeqCst)).collect())
     }
 
     /// Rolls the day and minute baselines forward to `now`, recording the minute just ended.
@@ -429,40 +452,16 @@ impl KeyUsage {
                 synced.totals.clone_from(totals);
             }
             synced.quota = (saved.quota_period, saved.quota_used);
-            synced.last_at = saved.last_used_at.unwrap_or(0);
         }
     }
 
-    /// Whether the cell has figures the usage file does not have yet: a count, the quota or
-    /// the last use moved since it was last read or written. The per-minute history is not
-    /// looked at: between requests it only rolls forward, and rolls the same way from the
-    /// file's copy when it is read back.
-    fn changed(&self) -> bool {
-        let last_at = self.last_used.load(Ordering::Relaxed);
-        let quota = (
-            self.quota_period.load(Ordering::Relaxed),
-            self.quota_used.load(Ordering::Relaxed),
-        );
-        let counts = match self.counts.get() {
-            Some(c) => c,
-            None if last_at == 0 && quota.1 == 0 => return false,
-            // Used, but never counted: its counts start here, so that writing it is noted.
-            None => self.counts(),
-        };
-        let synced = counts.synced.lock().unwrap_or_else(|e| e.into_inner());
-        synced.last_at != last_at
-            || synced.quota != quota
-            || counts
-                .totals
-                .iter()
-                .zip(&synced.totals)
-                .any(|(t, s)| t.load(Ordering::Relaxed) != *s)
-    }
-
     fn save(&self) -> Option<SavedUsage> {
-        let last = self.last_use();
+        // The counts first: read in sequential consistency after [`KeyUsage::take_dirty`],
+        // they hold every count a request made before it found the cell marked.
         let totals = self.totals();
-        if last.is_none() && totals.is_none() && self.quota_used.load(Ordering::Relaxed) == 0 {
+        let last = self.last_use();
+        let quota_used = self.quota_used.load(Ordering::SeqCst);
+        if last.is_none() && totals.is_none() && quota_used == 0 {
             return None;
         }
         let history = self
@@ -475,7 +474,7 @@ impl KeyUsage {
             totals,
             history,
             quota_period: self.quota_period.load(Ordering::Relaxed),
-            quota_used: self.quota_used.load(Ordering::Relaxed),
+            quota_used,
         })
     }
 
@@ -499,7 +498,6 @@ impl KeyUsage {
             let mut synced = Synced {
                 totals: totals.clone(),
                 quota: (saved.quota_period, saved.quota_used),
-                last_at: saved.last_used_at.unwrap_or(0),
             };
             synced.totals.resize(SLOTS, 0);
             let counts = Counts {
@@ -909,27 +907,37 @@ impl UsageBook {
         };
         let mut cells = self.all_and_room(1);
         cells.push((Arc::from(ANONYMOUS), Arc::clone(&self.anonymous)));
-        let appended = if ours && flushed.quiet > QUIET_FLUSHES {
-            Some(append_changes(path, &cells, &mut flushed)?)
-        } else {
-            None
-        };
-        if matches!(appended, Some(Appended::Lines)) {
-            flushed.note_write(&mut lock)?;
-        } else if matches!(appended, Some(Appended::Nothing))
-            || ours && appended.is_none() && !cells.iter().any(|(_, u)| u.changed())
-        {
-            // The file and its journal already hold every cell.
-        } else {
-            let on_disk = if ours {
-                BTreeMap::new()
+        let written = (|| {
+            let appended = if ours && flushed.quiet > QUIET_FLUSHES {
+                Some(append_changes(path, &cells, &mut flushed)?)
             } else {
-                let (generation, keys) = read_saved(path);
-                flushed.generation = flushed.generation.max(generation);
-                keys
+                None
             };
-            rewrite(path, &cells, on_disk, &mut flushed)?;
-            flushed.note_write(&mut lock)?;
+            if matches!(appended, Some(Appended::Lines)) {
+                flushed.note_write(&mut lock)?;
+            } else if matches!(appended, Some(Appended::Nothing))
+                || ours && appended.is_none() && !cells.iter().any(|(_, u)| u.is_dirty())
+            {
+                // The file and its journal already hold every cell.
+            } else {
+                let on_disk = if ours {
+                    BTreeMap::new()
+                } else {
+                    let (generation, keys) = read_saved(path);
+                    flushed.generation = flushed.generation.max(generation);
+                    keys
+                };
+                rewrite(path, &cells, on_disk, &mut flushed)?;
+                flushed.note_write(&mut lock)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            // The marks cleared for a write that did not happen are set again.
+            for (_, usage) in &cells {
+                usage.mark_dirty();
+            }
+            return Err(e);
         }
         drop(flushed);
         lock.unlock()
@@ -949,7 +957,7 @@ enum Appended {
 
 /// Appends a line for each cell that changed since the file last had it, and syncs them.
 fn append_changes(path: &Path, cells: &[Cell], flushed: &mut Flushed) -> io::Result<Appended> {
-    let changed: Vec<&Cell> = cells.iter().filter(|(_, u)| u.changed()).collect();
+    let changed: Vec<&Cell> = cells.iter().filter(|(_, u)| u.take_dirty()).collect();
     if changed.is_empty() {
         return Ok(Appended::Nothing);
     }
@@ -1017,6 +1025,7 @@ fn rewrite(
     // lookup (at 100,000 keys those lookups' comparisons were an eighth of a flush).
     let mut keys: Vec<(&str, Option<&KeyUsage>, SavedUsage)> = Vec::with_capacity(cells.len());
     for (id, usage) in cells {
+        usage.take_dirty();
         usage.sync(on_disk.remove(&**id).as_ref());
         if let Some(saved) = usage.save() {
             keys.push((id, Some(usage), saved));
@@ -1430,6 +1439,24 @@ mod tests {
         again.flush().unwrap();
         assert_eq!(std::fs::read(changes_path(&path)).unwrap(), b"");
         assert_eq!(accepted_on_disk(&path, "a"), 601);
+    }
+
+    #[test]
+    fn a_failed_append_is_written_by_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let book = UsageBook::open(path.clone());
+        accepted(&book, "a", 1);
+        settle(&book);
+        accepted(&book, "a", 1);
+        // The journal cannot be opened: the flush fails, and says so.
+        std::fs::create_dir(changes_path(&path)).unwrap();
+        assert!(book.flush().is_err());
+        std::fs::remove_dir(changes_path(&path)).unwrap();
+        // Nothing moves after it, and still the next flush writes the count.
+        book.flush().unwrap();
+        assert_eq!(accepted_on_disk(&path, "a"), 2);
+        assert_eq!(UsageBook::open(path).get("a").unwrap().slots()[ACCEPTED], 2);
     }
 
     #[test]
