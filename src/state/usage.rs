@@ -740,6 +740,10 @@ const QUIET_FLUSHES: u32 = 3;
 /// flush rewrites the file instead: a rewrite then costs no more than the appends it ends.
 const JOURNAL_FLOOR: u64 = 64 * 1024;
 
+/// What a journal line adds to its record, about: `{"g":…,"id":"…","u":` and `}` and the
+/// newline, with a key id of 24 characters.
+const LINE_OVERHEAD: u64 = 48;
+
 /// The cells of the keys that have been used, by key id. The ids are shared, so that a
 /// housekeeping pass over a million cells copies pointers, not a million strings.
 type Registry = Mutex<HashMap<Arc<str>, Arc<KeyUsage>>>;
@@ -961,8 +965,8 @@ fn append_changes(path: &Path, cells: &[Cell], flushed: &mut Flushed) -> io::Res
     if changed.is_empty() {
         return Ok(Appended::Nothing);
     }
-    // Judged first by the file's mean record, so that when most keys changed their records
-    // are not serialised twice, for the journal and then for the file.
+    // Judged first by the file's mean record and a line's own bytes, so that when most keys
+    // changed their records are not serialised twice, for the journal and then for the file.
     let room = flushed
         .file_bytes
         .max(JOURNAL_FLOOR)
@@ -971,7 +975,7 @@ fn append_changes(path: &Path, cells: &[Cell], flushed: &mut Flushed) -> io::Res
         .file_bytes
         .checked_div(flushed.file_records)
         .unwrap_or(0);
-    if (changed.len() as u64).saturating_mul(mean) > room {
+    if (changed.len() as u64).saturating_mul(mean.saturating_add(LINE_OVERHEAD)) > room {
         return Ok(Appended::TooMany);
     }
     let mut text = Vec::new();
@@ -1439,6 +1443,27 @@ mod tests {
         again.flush().unwrap();
         assert_eq!(std::fs::read(changes_path(&path)).unwrap(), b"");
         assert_eq!(accepted_on_disk(&path, "a"), 601);
+    }
+
+    #[test]
+    fn when_every_key_moved_the_file_is_rewritten_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let book = UsageBook::open(path.clone());
+        let ids: Vec<String> = (0..600).map(|i| format!("{i:024x}")).collect();
+        for id in &ids {
+            accepted(&book, id, 1);
+        }
+        settle(&book);
+        assert!(std::fs::metadata(&path).unwrap().len() > JOURNAL_FLOOR);
+        let (generation, _) = read_saved(&path);
+        for id in &ids {
+            accepted(&book, id, 1);
+        }
+        book.flush().unwrap();
+        assert_eq!(read_saved(&path).0, generation + 1);
+        assert_eq!(std::fs::read(changes_path(&path)).unwrap_or_default(), b"");
+        assert_eq!(accepted_on_disk(&path, &ids[599]), 2);
     }
 
     #[test]
