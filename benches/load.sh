@@ -8,6 +8,10 @@
 #   PORT_BASE=18280 benches/load.sh   # other loopback ports (upstream on PORT_BASE, nginx +1,
 #                                      # HAProxy +2, keygate +3 and +4, admin +13 and +14), so
 #                                      # that it can run beside benches/instructions.sh
+#   KEYGATE_B=target/release/keygate B_ACCESS_LOG=json PAIR_ONLY=1 benches/load.sh
+#                                      # keygate-b logs every request (json or combined) to a
+#                                      # file (A_ACCESS_LOG: keygate does); PAIR_ONLY leaves
+#                                      # out direct, nginx and HAProxy
 #   WORKERS=2 GATEWAY_CPU=0,1 LOAD_CPU=0,1 benches/load.sh
 #                                      # every gateway with two workers (keygate's `workers`,
 #                                      # nginx's worker_processes, HAProxy's nbthread), all
@@ -36,6 +40,9 @@ NGINX=$((UP + 1)) HAPROXY=$((UP + 2)) KEYGATE=$((UP + 3)) KEYGATE_B_PORT=$((UP +
 ADMIN=$((UP + 13)) ADMIN_B=$((UP + 14))
 KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
 KEYGATE_B=${KEYGATE_B:-}
+A_ACCESS_LOG=${A_ACCESS_LOG:-}
+B_ACCESS_LOG=${B_ACCESS_LOG:-}
+PAIR_ONLY=${PAIR_ONLY:-}
 
 missing=()
 for tool in nginx:nginx haproxy:haproxy wrk:wrk curl:curl taskset:util-linux; do
@@ -139,15 +146,24 @@ HAP
 
 declare -A PID_OF PORT=([direct]=$UP [nginx]=$NGINX [haproxy]=$HAPROXY [keygate]=$KEYGATE [keygate-b]=$KEYGATE_B_PORT)
 GATEWAYS=(nginx haproxy keygate)
+FIRST=(direct)
+[[ -z $PAIR_ONLY ]] || { GATEWAYS=(keygate); FIRST=(); }
 taskset -c "$LOAD_CPU" nginx -p "$WORK/" -c "$WORK/upstream.conf" -g 'daemon off;' & PIDS+=($!)
 taskset -c "$GATEWAY_CPU" nginx -p "$WORK/" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!); PID_OF[nginx]=$!
 taskset -c "$GATEWAY_CPU" haproxy -db -f "$WORK/haproxy.cfg" & PIDS+=($!); PID_OF[haproxy]=$!
-taskset -c "$GATEWAY_CPU" "$KEYGATE_BIN" serve --config "$WORK/kg/keygate.yaml" 2>"$WORK/keygate.log" & PIDS+=($!); PID_OF[keygate]=$!
+A_CONF="$WORK/kg/keygate.yaml"
+if [[ -n $A_ACCESS_LOG ]]; then
+  A_CONF="$WORK/kg/keygate-a.yaml"
+  cp "$WORK/kg/keygate.yaml" "$A_CONF"
+  printf 'access_log:\n  path: access.log\n  format: %s\n' "$A_ACCESS_LOG" >> "$A_CONF"
+fi
+taskset -c "$GATEWAY_CPU" "$KEYGATE_BIN" serve --config "$A_CONF" 2>"$WORK/keygate.log" & PIDS+=($!); PID_OF[keygate]=$!
 if [[ -n $KEYGATE_B ]]; then
   # The same config and keys, on its own port and with its own log, audit and usage files.
   mkdir -p "$WORK/kg-b"
   sed "s/127.0.0.1:$KEYGATE/127.0.0.1:$KEYGATE_B_PORT/; s/127.0.0.1:$ADMIN/127.0.0.1:$ADMIN_B/" "$WORK/kg/keygate.yaml" \
     | sed "s#^keys_file: .*#keys_file: $WORK/kg/keys.yaml#" > "$WORK/kg-b/keygate.yaml"
+  [[ -z $B_ACCESS_LOG ]] || printf 'access_log:\n  path: access.log\n  format: %s\n' "$B_ACCESS_LOG" >> "$WORK/kg-b/keygate.yaml"
   taskset -c "$GATEWAY_CPU" "$KEYGATE_B" serve --config "$WORK/kg-b/keygate.yaml" 2>"$WORK/keygate-b.log" & PIDS+=($!); PID_OF[keygate-b]=$!
   GATEWAYS+=(keygate-b)
 fi
@@ -182,6 +198,7 @@ run() {  # case target round keyfile
   after=$(cpu_ticks "${PID_OF[$2]:-}")
   after_user=$(cpu_ticks "${PID_OF[$2]:-}" user)
   [[ -n $line ]] || { echo "no result for $1 $2 round $3" >&2; return; }
+  [[ $2 != keygate-b ]] || sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line" >> "$WORK/b_requests"
   awk -v c="$1" -v t="$2" -v r="$3" -v d=$((after - before)) -v u=$((after_user - before_user)) -v hz="$HZ" '{
     for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
     printf "%s %s %s %.0f %d %d %.2f %.2f\n", c, t, r, v["rps"], v["p50_us"], v["p99_us"], (t == "direct" ? 0 : d / hz * 1e6 / v["requests"]), (t == "direct" ? 0 : u / hz * 1e6 / v["requests"])
@@ -189,10 +206,14 @@ run() {  # case target round keyfile
   echo "  $1 $2 round $3: $(tail -1 "$WORK/results" | cut -d' ' -f4-)" >&2
 }
 for round in $(seq "$ROUNDS"); do
-  for t in direct "${GATEWAYS[@]}"; do run accepted "$t" "$round" "$KEYS"; done
+  for t in "${FIRST[@]}" "${GATEWAYS[@]}"; do run accepted "$t" "$round" "$KEYS"; done
   for t in "${GATEWAYS[@]}"; do run unknown "$t" "$round" "$BAD"; done
 done
 
+if [[ -n $B_ACCESS_LOG ]]; then
+  sleep 1  # the writer's next flush
+  echo "keygate-b access log: $(wc -l < "$WORK/kg-b/access.log") lines for $(awk '{ s += $1 } END { print s }' "$WORK/b_requests") requests"
+fi
 echo
 echo "# $(date -Is) keygate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $ROUNDS rounds x ${SECS}s, wrk -c$CONNS; medians"
 awk 'NR > 1 {
