@@ -25,7 +25,7 @@ pub fn admit(
             name: limit.name.clone(),
             limit: u64::from(limit.burst),
             remaining: u64::from(remaining),
-            reset: ceil_secs(limit.interval().saturating_mul(missing)),
+            reset: limit.secs_for(missing),
         };
         if first.is_none() {
             first = Some(budget);

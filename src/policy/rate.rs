@@ -195,9 +195,9 @@ impl RateHeaders {
             value.push(b'"');
             value.extend_from_slice(b.name.as_str().as_bytes());
             value.extend_from_slice(b"\";r=");
-            push_decimal(value, b.remaining);
+            crate::access_log::push_u64(value, b.remaining);
             value.extend_from_slice(b";t=");
-            push_decimal(value, b.reset);
+            crate::access_log::push_u64(value, b.reset);
         }
         HeaderValue::from_bytes(value).ok()
     }
@@ -235,24 +235,6 @@ pub fn policy_header(
         .filter(|_| !parts.is_empty())
 }
 
-/// Appends `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at = at.saturating_sub(1);
-        if let Some(d) = digits.get_mut(at) {
-            // n % 10 is below 10: the cast keeps it whole.
-            *d = b'0'.saturating_add((n % 10) as u8);
-        }
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(digits.get(at..).unwrap_or_default());
-}
-
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
@@ -260,15 +242,6 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decimals_are_written_by_hand_as_display_writes_them() {
-        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::from(u32::MAX), u64::MAX] {
-            let mut out = b"x".to_vec();
-            push_decimal(&mut out, n);
-            assert_eq!(out, format!("x{n}").into_bytes());
-        }
-    }
 
     #[test]
     fn the_ratelimit_header_names_every_budget_in_order() {

@@ -71,6 +71,15 @@ impl Limit {
         Duration::from_nanos(self.emission)
     }
 
+    /// Whole seconds, rounded up, until `requests` more are allowed: a budget's reset. In
+    /// nanoseconds while they fit in 64 bits (584 years), as every request's budget does.
+    pub(crate) fn secs_for(&self, requests: u32) -> u64 {
+        match self.emission.checked_mul(u64::from(requests)) {
+            Some(nanos) => nanos.div_ceil(1_000_000_000),
+            None => crate::policy::rate::ceil_secs(self.interval().saturating_mul(requests)),
+        }
+    }
+
     /// Spends one request at `now` (the clock's nanoseconds), or refuses it.
     pub(crate) fn check(&self, now: u64) -> Gcra {
         let mut prev = self.tat.load(Ordering::Acquire);
@@ -317,6 +326,30 @@ mod tests {
     #[test]
     fn a_limit_is_one_cache_line() {
         assert_eq!(std::mem::size_of::<Limit>(), 64);
+    }
+
+    /// A budget's reset in whole nanoseconds is the one the interval's `Duration` gives,
+    /// rounded up, including past 64 bits of nanoseconds.
+    #[test]
+    fn a_reset_in_nanoseconds_is_the_durations_rounded_up() {
+        for (count, per, burst) in [
+            (1, 1, 1),
+            (3, 1, 3),
+            (7, 60, 7),
+            (10_000, 86_400, 10_000),
+            (1, 31 * 86_400, u32::MAX),
+            (u32::MAX, 1, u32::MAX),
+        ] {
+            let limit = Limit::new(Name::Key, policy(count, per, burst), 0);
+            for missing in [0, 1, 2, burst / 2, burst.saturating_sub(1), burst, u32::MAX] {
+                let want = crate::policy::rate::ceil_secs(limit.interval().saturating_mul(missing));
+                assert_eq!(
+                    limit.secs_for(missing),
+                    want,
+                    "{count}/{per}s, {missing} missing"
+                );
+            }
+        }
     }
 
     use crate::config::units::Rate;
