@@ -8,9 +8,11 @@
 //! - `P:last_used`: a hash from key id to `<unix seconds> <client address>`, only ever moved
 //!   forward.
 //!
-//! A push that fails is retried whole at the next tick: counts are never lost while the
-//! node runs, and at most the last second's are if it dies. The per-minute series stays per
-//! node.
+//! A push visits only the cells marked since the last one ([`KeyUsage::take_unpushed`]), so
+//! a node with a million used keys and a few busy ones sends, and compares, the few. A push
+//! that fails marks its cells again and is retried at the next tick: counts are never lost
+//! while the node runs, and at most the last second's are if it dies. The per-minute series
+//! stays per node.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio::sync::watch;
 use crate::gateway::Gateway;
 use crate::keys::redis_store::RedisStore;
 use crate::keys::LastUse;
-use crate::state::usage::{UsageReport, SLOTS};
+use crate::state::usage::{Cell, KeyUsage, UsageReport, SLOTS};
 
 const LATEST: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -67,14 +69,32 @@ pub async fn run(gw: Arc<Gateway>, mut stop: watch::Receiver<Option<Duration>>) 
     }
 }
 
-async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
-    let day = gw.clock.unix_secs().div_euclid(86_400);
-    let prefix = redis.prefix();
+/// One push: the pipeline, whether it holds a command, and every cell whose mark it took.
+struct Batch {
+    pipe: redis::Pipeline,
+    commands: bool,
+    taken: Vec<Taken>,
+}
+
+/// A cell a push took the mark of, with what to remember of it once the push is through.
+struct Taken {
+    id: Arc<str>,
+    usage: Arc<KeyUsage>,
+    slots: Vec<u64>,
+    last_at: Option<i64>,
+}
+
+/// The commands that add what `cells` counted since `pushed`, for the cells marked since the
+/// last push alone ([`KeyUsage::take_unpushed`]): the others are passed over with one load.
+fn batch(cells: Vec<Cell>, pushed: &Pushed, prefix: &str, day: i64) -> Batch {
     let mut pipe = redis::pipe();
     pipe.atomic();
     let mut commands = false;
-    let mut after = Vec::new();
-    for (id, usage) in gw.usage.all() {
+    let mut taken = Vec::new();
+    for (id, usage) in cells {
+        if !usage.take_unpushed() {
+            continue;
+        }
         let now = usage.slots();
         let before = pushed.slots.get(&id);
         let key = format!("{prefix}:usage:{day}:{id}");
@@ -104,10 +124,27 @@ async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
                 commands = true;
             }
         }
-        if moved || last.is_some() {
-            after.push((id, now, last.map(|u| u.at)));
-        }
+        taken.push(Taken {
+            id,
+            usage,
+            slots: now,
+            last_at: last.map(|u| u.at),
+        });
     }
+    Batch {
+        pipe,
+        commands,
+        taken,
+    }
+}
+
+async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
+    let day = gw.clock.unix_secs().div_euclid(86_400);
+    let Batch {
+        pipe,
+        commands,
+        taken,
+    } = batch(gw.usage.all(), pushed, redis.prefix(), day);
     if !commands {
         return;
     }
@@ -120,14 +157,20 @@ async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
             if std::mem::take(&mut pushed.failing) {
                 tracing::info!(redis = redis.shown(), "usage reaches Redis again");
             }
-            for (id, slots, at) in after {
-                if let Some(at) = at {
+            for Taken {
+                id, slots, last_at, ..
+            } in taken
+            {
+                if let Some(at) = last_at {
                     pushed.last_use.insert(id.clone(), at);
                 }
                 pushed.slots.insert(id, slots);
             }
         }
         failed => {
+            for t in &taken {
+                t.usage.mark_unpushed();
+            }
             if !std::mem::replace(&mut pushed.failing, true) {
                 let why = match failed {
                     Ok(Err(e)) => e.to_string(),
@@ -194,4 +237,49 @@ pub fn read(
         out.insert(id.clone(), UsageReport::from_slots(&slots, last_use));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(id: &str) -> Cell {
+        (id.into(), Arc::new(KeyUsage::for_key(id)))
+    }
+
+    fn sent(b: &Batch) -> String {
+        String::from_utf8_lossy(&b.pipe.get_packed_pipeline()).into_owned()
+    }
+
+    /// A push takes only the cells that moved since the last one: an idle cell is passed
+    /// over, and a cell a failed push marked again is taken and sends what it still owes.
+    #[test]
+    fn a_push_sends_only_the_cells_marked_since_the_last() {
+        let cells = [cell("busy"), cell("idle"), cell("again")];
+        for (_, u) in &cells {
+            u.accepted();
+        }
+        let mut pushed = Pushed::default();
+        let first = batch(cells.to_vec(), &pushed, "p", 7);
+        assert_eq!(first.taken.len(), 3);
+        assert!(first.commands && sent(&first).contains("p:usage:7:idle"));
+        // "again" is left out of what the push remembers, as when its push failed.
+        for t in first.taken {
+            if &*t.id == "again" {
+                t.usage.mark_unpushed();
+            } else {
+                pushed.slots.insert(t.id, t.slots);
+            }
+        }
+        cells[0].1.accepted();
+        let second = batch(cells.to_vec(), &pushed, "p", 7);
+        let ids: Vec<&str> = second.taken.iter().map(|t| &*t.id).collect();
+        assert_eq!(ids, ["busy", "again"]);
+        let text = sent(&second);
+        assert!(text.contains("p:usage:7:busy") && text.contains("p:usage:7:again"));
+        assert!(!text.contains("idle"), "{text}");
+        // Nothing moved since: nothing is taken.
+        let third = batch(cells.to_vec(), &pushed, "p", 7);
+        assert!(third.taken.is_empty() && !third.commands);
+    }
 }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read as _, Seek as _, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use http::HeaderValue;
@@ -38,6 +38,11 @@ const SERIES_MINUTES: i64 = 24 * 60;
 /// The pseudo-key under which refusals that never identified a key are counted.
 pub const ANONYMOUS: &str = "*";
 
+/// [`KeyUsage`]'s mark for the usage file: the cell moved since a flush last saved it.
+const UNSAVED: u8 = 1;
+/// [`KeyUsage`]'s mark for the Redis push: the cell moved since the push last sent it.
+const UNPUSHED: u8 = 2;
+
 /// One key's usage.
 #[derive(Debug)]
 pub struct KeyUsage {
@@ -57,9 +62,10 @@ pub struct KeyUsage {
     /// The minute (since the epoch) of the last [`KeyUsage::tick`], so that the next in the
     /// same minute returns without reading the history from another cache line.
     ticked: AtomicI64,
-    /// Whether a count, the quota or the last use moved since a flush last saved the cell:
-    /// a flush reads this, on the cell's first line, instead of comparing every counter.
-    dirty: AtomicBool,
+    /// Whether a count, the quota or the last use moved since a flush last saved the cell
+    /// ([`UNSAVED`]), and since the Redis push last sent it ([`UNPUSHED`]): each reads its
+    /// bit, on the cell's first line, instead of comparing every counter.
+    dirty: AtomicU8,
     /// The key's recent requests ([`super::history`]); empty until it is used.
     pub(crate) requests: Mutex<super::history::Ring>,
 }
@@ -164,7 +170,7 @@ impl KeyUsage {
             quota_used: AtomicU64::new(0),
             counts: OnceLock::new(),
             ticked: AtomicI64::new(i64::MIN),
-            dirty: AtomicBool::new(false),
+            dirty: AtomicU8::new(0),
             requests: Mutex::default(),
         }
     }
@@ -201,19 +207,37 @@ impl KeyUsage {
     /// instructions a relaxed one would be), so that a flush that cleared the mark before
     /// this load saw it set reads that count in its save ([`KeyUsage::take_dirty`]).
     fn mark_dirty(&self) {
-        if !self.dirty.load(Ordering::SeqCst) {
-            self.dirty.store(true, Ordering::SeqCst);
+        self.mark(UNSAVED | UNPUSHED);
+    }
+
+    /// Sets the marks `bits`, with one load when they are set already.
+    fn mark(&self, bits: u8) {
+        if self.dirty.load(Ordering::SeqCst) & bits != bits {
+            self.dirty.fetch_or(bits, Ordering::SeqCst);
         }
     }
 
     fn is_dirty(&self) -> bool {
-        self.dirty.load(Ordering::SeqCst)
+        self.dirty.load(Ordering::SeqCst) & UNSAVED != 0
     }
 
     /// Whether the cell moved since the last call, clearing the mark. Called before the
     /// cell is saved: a count that lands after it marks the cell again.
     fn take_dirty(&self) -> bool {
-        self.dirty.swap(false, Ordering::SeqCst)
+        self.dirty.fetch_and(!UNSAVED, Ordering::SeqCst) & UNSAVED != 0
+    }
+
+    /// [`KeyUsage::take_dirty`] for the Redis push (`crate::shared_usage`): whether the
+    /// cell moved since the push last took the mark. Read the counts after it.
+    /// An unmarked cell, nearly every cell of a large book, costs one load.
+    pub(crate) fn take_unpushed(&self) -> bool {
+        self.dirty.load(Ordering::SeqCst) & UNPUSHED != 0
+            && self.dirty.fetch_and(!UNPUSHED, Ordering::SeqCst) & UNPUSHED != 0
+    }
+
+    /// Marks the cell for the next Redis push again, when this one failed.
+    pub(crate) fn mark_unpushed(&self) {
+        self.mark(UNPUSHED);
     }
 
     fn counts(&self) -> &Counts {
@@ -939,7 +963,7 @@ impl UsageBook {
         if let Err(e) = written {
             // The marks cleared for a write that did not happen are set again.
             for (_, usage) in &cells {
-                usage.mark_dirty();
+                usage.mark(UNSAVED);
             }
             return Err(e);
         }
@@ -1482,6 +1506,30 @@ mod tests {
         book.flush().unwrap();
         assert_eq!(accepted_on_disk(&path, "a"), 2);
         assert_eq!(UsageBook::open(path).get("a").unwrap().slots()[ACCEPTED], 2);
+    }
+
+    /// The usage file's mark and the Redis push's are taken apart: a flush that saved a
+    /// count leaves it marked for the push, and a push that failed marks it for itself only.
+    #[test]
+    fn the_flush_and_the_redis_push_each_take_their_own_mark() {
+        let cell = KeyUsage::for_key("k");
+        assert!(
+            !cell.take_dirty() && !cell.take_unpushed(),
+            "a new cell moved nowhere"
+        );
+        cell.accepted();
+        assert!(cell.take_dirty());
+        assert!(!cell.take_dirty());
+        assert!(cell.take_unpushed(), "the flush left the push's mark");
+        assert!(!cell.take_unpushed());
+        cell.mark_unpushed();
+        assert!(!cell.is_dirty(), "a failed push marks only itself");
+        assert!(cell.take_unpushed());
+        // A last use marks both, and a quota count too.
+        cell.seen(1_000, "127.0.0.1".parse().unwrap());
+        assert!(cell.take_unpushed() && cell.take_dirty());
+        cell.quota_spend();
+        assert!(cell.take_dirty() && cell.take_unpushed());
     }
 
     #[test]
