@@ -210,7 +210,7 @@ for round in $(seq "$ROUNDS"); do
   for t in "${GATEWAYS[@]}"; do run unknown "$t" "$round" "$BAD"; done
 done
 
-if [[ -n $B_ACCESS_LOG ]]; then
+if [[ -n $B_ACCESS_LOG && -n $KEYGATE_B ]]; then
   sleep 1  # the writer's next flush
   echo "keygate-b access log: $(wc -l < "$WORK/kg-b/access.log") lines for $(awk '{ s += $1 } END { print s }' "$WORK/b_requests") requests"
 fi
