@@ -10,6 +10,7 @@
 //! The writer hands its emptied blocks back for reuse, so a busy gateway appends into the
 //! same few blocks, still in the core's cache, where one buffer taken every 100 ms grew to
 //! megabytes of memory the cache did not hold (and was copied as it grew).
+//!
 //! `SIGUSR1` makes the writer reopen its file (after logrotate renamed it), with no line lost:
 //! lines taken before the reopen go to the old file, the rest to the new one.
 //!
@@ -41,7 +42,7 @@ use crate::body::ResponseBody;
 
 /// How often the writer takes what the request path appended.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
-/// Bytes waiting for the writer past which lines are dropped: about 12,000 lines.
+/// Bytes waiting for the writer past which lines are dropped: about 13,000 JSON lines.
 pub const MAX_PENDING: usize = 4 << 20;
 /// The lines the writer is woken for: about 200 lines, a few hundred wakes a second at
 /// 100,000 requests a second.
