@@ -14,7 +14,7 @@
 //! `SIGUSR1` makes the writer reopen its file (after logrotate renamed it), with no line lost:
 //! lines taken before the reopen go to the old file, the rest to the new one.
 //!
-//! One shared buffer keeps the lines in the order they end, whichever thread ends them. Per
+//! One shared queue keeps the lines in the order they end, whichever thread ends them. Per
 //! thread buffers were tried: they cost as many instructions a line (an uncontended lock is
 //! two atomic operations) and put the lines of two threads out of order.
 //!
