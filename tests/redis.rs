@@ -228,8 +228,12 @@ async fn hammer(
 async fn a_limit_and_a_quota_hold_across_two_nodes() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let a = node(&up, &redis, &shared("closed")).await;
-    let b = node(&up, &redis, &shared("closed")).await;
+    // Hammered by four clients at once: on a loaded machine a Redis answer may take longer
+    // than the usual 200 ms, which would fail closed (503); this test is about the limit and
+    // the quota, as the credits tests below are about exactness.
+    let limits = "rate_limit: {backend: redis, fail_mode: closed, nodes: 2, timeout: 5s}\n";
+    let a = node(&up, &redis, limits).await;
+    let b = node(&up, &redis, limits).await;
 
     // 50/s with a burst of 5, hammered through both nodes for 3 s: 5 + 50 × 3 = 155 allowed.
     let (_, secret) = create(&a, serde_json::json!({"rate_limit": "50/s", "burst": 5})).await;
