@@ -11,6 +11,11 @@
 //! - `housekeeping_idle/N`: the rest of a housekeeping pass over N used keys none of which
 //!   was used since the last: the minute's tick and the request history's flush.
 //!
+//! - `redis_push_pass/N`: what the Redis usage push (every second) takes from N used keys
+//!   of which a hundredth moved: `UsageBook::unpushed`. Beside it, `registry_copy/N`:
+//!   `UsageBook::all`, the copy of every cell the push began with before it read the marks,
+//!   and then read every cell's counters.
+//!
 //! `cargo bench --bench usage_flush`
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -98,6 +103,27 @@ fn usage_flush(c: &mut Criterion) {
                 })
             },
         );
+    }
+    {
+        let keys = 1_000_000usize;
+        let dir = tempfile::tempdir().unwrap();
+        let (book, used) = book(dir.path(), keys);
+        book.unpushed();
+        let mut next = 0usize;
+        group.bench_with_input(BenchmarkId::new("redis_push_pass", keys), &keys, |b, _| {
+            b.iter(|| {
+                for _ in 0..keys / 100 {
+                    if let Some(usage) = used.get(next) {
+                        usage.accepted();
+                    }
+                    next = (next + 7919) % keys;
+                }
+                book.unpushed().len()
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("registry_copy", keys), &keys, |b, _| {
+            b.iter(|| book.all().len())
+        });
     }
     group.finish();
 }

@@ -8,8 +8,8 @@
 //! - `P:last_used`: a hash from key id to `<unix seconds> <client address>`, only ever moved
 //!   forward.
 //!
-//! A push visits only the cells marked since the last one ([`KeyUsage::take_unpushed`]), so
-//! a node with a million used keys and a few busy ones sends, and compares, the few. A push
+//! A push takes only the cells marked since the last one ([`UsageBook::unpushed`]), so a
+//! node with a million used keys and a few busy ones sends, and compares, the few. A push
 //! that fails marks its cells again and is retried at the next tick: counts are never lost
 //! while the node runs, and at most the last second's are if it dies. The per-minute series
 //! stays per node.
@@ -23,6 +23,8 @@ use tokio::sync::watch;
 use crate::gateway::Gateway;
 use crate::keys::redis_store::RedisStore;
 use crate::keys::LastUse;
+#[cfg(doc)]
+use crate::state::usage::UsageBook;
 use crate::state::usage::{Cell, KeyUsage, UsageReport, SLOTS};
 
 const LATEST: &str = r"
@@ -84,17 +86,14 @@ struct Taken {
     last_at: Option<i64>,
 }
 
-/// The commands that add what `cells` counted since `pushed`, for the cells marked since the
-/// last push alone ([`KeyUsage::take_unpushed`]): the others are passed over with one load.
+/// The commands that add what `cells`, the cells whose marks the push took
+/// ([`UsageBook::unpushed`]), counted since `pushed`.
 fn batch(cells: Vec<Cell>, pushed: &Pushed, prefix: &str, day: i64) -> Batch {
     let mut pipe = redis::pipe();
     pipe.atomic();
     let mut commands = false;
     let mut taken = Vec::new();
     for (id, usage) in cells {
-        if !usage.take_unpushed() {
-            continue;
-        }
         let now = usage.slots();
         let before = pushed.slots.get(&id);
         let key = format!("{prefix}:usage:{day}:{id}");
@@ -144,7 +143,7 @@ async fn push(gw: &Gateway, redis: &RedisStore, pushed: &mut Pushed) {
         pipe,
         commands,
         taken,
-    } = batch(gw.usage.all(), pushed, redis.prefix(), day);
+    } = batch(gw.usage.unpushed(), pushed, redis.prefix(), day);
     if !commands {
         return;
     }
@@ -242,26 +241,34 @@ pub fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cell(id: &str) -> Cell {
-        (id.into(), Arc::new(KeyUsage::for_key(id)))
-    }
+    use crate::state::usage::UsageBook;
 
     fn sent(b: &Batch) -> String {
         String::from_utf8_lossy(&b.pipe.get_packed_pipeline()).into_owned()
+    }
+
+    fn ids(b: &Batch) -> Vec<&str> {
+        let mut ids: Vec<&str> = b.taken.iter().map(|t| &*t.id).collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// A push takes only the cells that moved since the last one: an idle cell is passed
     /// over, and a cell a failed push marked again is taken and sends what it still owes.
     #[test]
     fn a_push_sends_only_the_cells_marked_since_the_last() {
-        let cells = [cell("busy"), cell("idle"), cell("again")];
-        for (_, u) in &cells {
+        let dir = tempfile::tempdir().unwrap();
+        let book = UsageBook::open(dir.path().join("usage.json"));
+        let cells: Vec<_> = ["busy", "idle", "again"]
+            .iter()
+            .map(|id| book.cells().get_or_make(id))
+            .collect();
+        for u in &cells {
             u.accepted();
         }
         let mut pushed = Pushed::default();
-        let first = batch(cells.to_vec(), &pushed, "p", 7);
-        assert_eq!(first.taken.len(), 3);
+        let first = batch(book.unpushed(), &pushed, "p", 7);
+        assert_eq!(ids(&first), ["again", "busy", "idle"]);
         assert!(first.commands && sent(&first).contains("p:usage:7:idle"));
         // "again" is left out of what the push remembers, as when its push failed.
         for t in first.taken {
@@ -271,15 +278,14 @@ mod tests {
                 pushed.slots.insert(t.id, t.slots);
             }
         }
-        cells[0].1.accepted();
-        let second = batch(cells.to_vec(), &pushed, "p", 7);
-        let ids: Vec<&str> = second.taken.iter().map(|t| &*t.id).collect();
-        assert_eq!(ids, ["busy", "again"]);
+        cells[0].accepted();
+        let second = batch(book.unpushed(), &pushed, "p", 7);
+        assert_eq!(ids(&second), ["again", "busy"]);
         let text = sent(&second);
         assert!(text.contains("p:usage:7:busy") && text.contains("p:usage:7:again"));
         assert!(!text.contains("idle"), "{text}");
         // Nothing moved since: nothing is taken.
-        let third = batch(cells.to_vec(), &pushed, "p", 7);
+        let third = batch(book.unpushed(), &pushed, "p", 7);
         assert!(third.taken.is_empty() && !third.commands);
     }
 }

@@ -230,7 +230,7 @@ impl KeyUsage {
     /// [`KeyUsage::take_dirty`] for the Redis push (`crate::shared_usage`): whether the
     /// cell moved since the push last took the mark. Read the counts after it.
     /// An unmarked cell, nearly every cell of a large book, costs one load.
-    pub(crate) fn take_unpushed(&self) -> bool {
+    fn take_unpushed(&self) -> bool {
         self.dirty.load(Ordering::SeqCst) & UNPUSHED != 0
             && self.dirty.fetch_and(!UNPUSHED, Ordering::SeqCst) & UNPUSHED != 0
     }
@@ -882,6 +882,16 @@ impl UsageBook {
     /// [`UsageBook::all_and_room`] without room.
     pub fn all(&self) -> Vec<Cell> {
         self.all_and_room(0)
+    }
+
+    /// The cells that moved since the Redis push last took them, their marks taken: a pass
+    /// of one load per idle cell under the book's lock, copying only the cells it returns.
+    pub fn unpushed(&self) -> Vec<Cell> {
+        let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter(|(_, u)| u.take_unpushed())
+            .map(|(id, u)| (Arc::clone(id), Arc::clone(u)))
+            .collect()
     }
 
     /// Forgets keys no longer in the store.
