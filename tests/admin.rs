@@ -985,6 +985,19 @@ async fn the_openapi_document_matches_the_router_both_ways() {
 #[tokio::test]
 async fn conformance_findings_stay_fixed() {
     let (_up, gw) = setup().await;
+    // An alert rule with `"key": null` was made as a rule for every key: a schema-violating
+    // body accepted. Now a 400 naming the field, and no rule made.
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/alerts",
+        Some(json!({"name": "Zfle", "key": null, "requests_per_minute": 10})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.json()["field"], "key");
+    let r = admin(&gw, "GET", "/v1/alerts/Zfle", None).await;
+    assert_eq!(r.status, 404);
     // A long environment name made a key prefix past the format's limit: a 500 (and, in a
     // release build, a key that could never be used). Now a 400 naming the field.
     let long_env = "e".repeat(31);

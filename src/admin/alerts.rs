@@ -118,7 +118,19 @@ fn audit(call: &Call<'_>, action: &str, reason: String) {
 }
 
 /// `POST /v1/alerts`: 201 with the new rule.
-pub(crate) async fn create(call: &Call<'_>, rule: RuleConfig) -> Answer {
+pub(crate) async fn create(call: &Call<'_>, body: Value) -> Answer {
+    // A member's absence is its default; `null` is not a value any member takes.
+    if let Some(field) = body
+        .as_object()
+        .and_then(|o| o.iter().find(|(_, v)| v.is_null()))
+        .map(|(k, _)| k)
+    {
+        return Err(invalid(
+            field,
+            format!("`{field}` cannot be null: leave it out instead"),
+        ));
+    }
+    let rule: RuleConfig = read_value(body)?;
     let snapshot = call.gw.snapshot.load_full();
     if snapshot.alerts.get(&rule.name).is_some() {
         return Err(Rejection::AlertExists);
