@@ -1031,6 +1031,16 @@ async fn conformance_findings_stay_fixed() {
     .await;
     assert_eq!(r.status, 400);
     assert!(r.json()["detail"].as_str().unwrap().contains("JSON object"));
+    // A credits change with a null beside its number was read as that number alone.
+    let r = admin(
+        &gw,
+        "POST",
+        &format!("/v1/api-keys/{id}/credits"),
+        Some(json!({"add": 5, "set": null})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.json()["field"], "set");
     // A whole number written as 4048.0 is an integer, as JSON Schema says.
     let r = admin(
         &gw,

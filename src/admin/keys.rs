@@ -586,10 +586,18 @@ pub(crate) async fn update(call: &Call<'_>, body: PatchBody) -> Answer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreditsTopUp {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     add: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     set: Option<u64>,
+}
+
+/// An optional member that may be absent but not `null`: the schema gives it no null, and a
+/// null read as absent would let `{"add": 5, "set": null}` through as a plain top-up.
+fn not_null<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// `POST /v1/api-keys/{id}/credits`: tops a key's credits up (`add`) or sets them (`set`);
