@@ -187,25 +187,45 @@ impl AccessLog {
         }
         let mut line = spare_line();
         let text = &mut line.text;
-        line.split = match self.format {
-            Format::Json => {
-                self.json_head(head, text);
-                text.len()
-            }
-            Format::Combined => {
-                self.combined_head(head, text);
-                let split = text.len();
-                text.extend_from_slice(b" \"-\" \"");
-                match head.headers.get(http::header::USER_AGENT) {
-                    Some(ua) => escape_combined_bytes(text, ua),
-                    None => text.push(b'-'),
-                }
-                text.extend_from_slice(b"\"\n");
-                split
-            }
-        };
+        self.push_head(head, text);
+        line.split = text.len();
+        push_tail(self.format, head, text);
         line.shared = Some(Arc::clone(&self.shared));
         Some(Pending(line))
+    }
+
+    /// Writes the whole line of an answer the gateway made itself (a refusal), straight
+    /// into the queue: no line buffer, and no second copy of the line.
+    pub fn answered(&self, head: &Head<'_>, response: &Response<ResponseBody>, code: &'static str) {
+        let answer = Answer {
+            status: response.status().as_u16(),
+            code: Some(code),
+            upstream: None,
+            bytes_out: own_body_len(response.body()),
+        };
+        // What varies in a line's length; the rest is under 300 bytes.
+        let len = [
+            head.request_id.len(),
+            head.path.len(),
+            head.query.map_or(0, str::len),
+            head.route.map_or(0, str::len),
+            head.identity.map_or(0, str::len),
+        ]
+        .iter()
+        .fold(384usize, |sum, n| sum.saturating_add(*n));
+        self.shared.append(len, |out| {
+            self.push_head(head, out);
+            push_answer(self.format, &answer, out);
+            push_tail(self.format, head, out);
+        });
+    }
+
+    /// The line up to the answer.
+    fn push_head(&self, head: &Head<'_>, out: &mut Vec<u8>) {
+        match self.format {
+            Format::Json => self.json_head(head, out),
+            Format::Combined => self.combined_head(head, out),
+        }
     }
 
     fn sampled_in(&self) -> bool {
@@ -533,40 +553,66 @@ impl Pending {
         let len = text.len().saturating_add(128);
         shared.append(len, |out| {
             out.extend_from_slice(head);
-            match shared.format {
-                Format::Json => {
-                    out.extend_from_slice(b",\"status\":");
-                    push_u64(out, u64::from(answer.status));
-                    match answer.code {
-                        Some(code) => {
-                            out.extend_from_slice(b",\"code\":\"");
-                            out.extend_from_slice(code.as_bytes());
-                            out.extend_from_slice(b"\",\"upstream_us\":");
-                        }
-                        None => out.extend_from_slice(b",\"code\":null,\"upstream_us\":"),
-                    }
-                    match answer.upstream {
-                        Some(d) => {
-                            push_u64(out, micros(d));
-                            out.extend_from_slice(b",\"bytes_out\":");
-                        }
-                        None => out.extend_from_slice(b"null,\"bytes_out\":"),
-                    }
-                    push_u64(out, answer.bytes_out);
-                    out.extend_from_slice(b"}\n");
-                }
-                Format::Combined => {
-                    push_u64(out, u64::from(answer.status));
-                    out.push(b' ');
-                    push_u64(out, answer.bytes_out);
-                }
-            }
+            push_answer(shared.format, &answer, out);
             // A JSON line has nothing after the answer.
             if !tail.is_empty() {
                 out.extend_from_slice(tail);
             }
         });
         give_back(line);
+    }
+}
+
+/// What a line says of the answer, after its head: to the end of a JSON line, the status and
+/// bytes of a combined one.
+fn push_answer(format: Format, answer: &Answer, out: &mut Vec<u8>) {
+    match format {
+        Format::Json => {
+            out.extend_from_slice(b",\"status\":");
+            push_u64(out, u64::from(answer.status));
+            match answer.code {
+                Some(code) => {
+                    out.extend_from_slice(b",\"code\":\"");
+                    out.extend_from_slice(code.as_bytes());
+                    out.extend_from_slice(b"\",\"upstream_us\":");
+                }
+                None => out.extend_from_slice(b",\"code\":null,\"upstream_us\":"),
+            }
+            match answer.upstream {
+                Some(d) => {
+                    push_u64(out, micros(d));
+                    out.extend_from_slice(b",\"bytes_out\":");
+                }
+                None => out.extend_from_slice(b"null,\"bytes_out\":"),
+            }
+            push_u64(out, answer.bytes_out);
+            out.extend_from_slice(b"}\n");
+        }
+        Format::Combined => {
+            push_u64(out, u64::from(answer.status));
+            out.push(b' ');
+            push_u64(out, answer.bytes_out);
+        }
+    }
+}
+
+/// What a line says after the answer: a combined line's referrer and user agent.
+fn push_tail(format: Format, head: &Head<'_>, out: &mut Vec<u8>) {
+    if format == Format::Combined {
+        out.extend_from_slice(b" \"-\" \"");
+        match head.headers.get(http::header::USER_AGENT) {
+            Some(ua) => escape_combined_bytes(out, ua),
+            None => out.push(b'-'),
+        }
+        out.extend_from_slice(b"\"\n");
+    }
+}
+
+/// The length of a body the gateway made itself; 0 for a streamed one.
+fn own_body_len(body: &ResponseBody) -> u64 {
+    match body {
+        ResponseBody::Full(bytes) => bytes.as_ref().map_or(0, |b| b.len() as u64),
+        ResponseBody::Upstream(_) => 0,
     }
 }
 
@@ -714,12 +760,8 @@ pub fn finish(
         other => {
             // A body of the gateway's own is whole already; a streamed one with a line (never
             // made so) is counted by a line of its own.
-            let bytes_out = match other {
-                ResponseBody::Full(bytes) => bytes.as_ref().map_or(0, |b| b.len() as u64),
-                ResponseBody::Upstream(_) => 0,
-            };
             line.finish(Answer {
-                bytes_out,
+                bytes_out: own_body_len(other),
                 ..answer
             });
         }
@@ -1189,6 +1231,68 @@ mod tests {
                 humantime::format_rfc3339_millis(at(ms))
             );
             assert_eq!(text(&out), expected);
+        }
+    }
+
+    #[test]
+    fn a_refusal_written_whole_reads_as_one_begun_then_finished() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::USER_AGENT,
+            HeaderValue::from_static("curl/8 \"x\""),
+        );
+        let request_id = HeaderValue::from_static("0123456789abcdef");
+        let head = Head {
+            time: UNIX_EPOCH + Duration::from_millis(1_796_527_200_123),
+            request_id: &request_id,
+            client: "203.0.113.9".parse().unwrap(),
+            client_text: None,
+            method: &Method::POST,
+            path: "/v1/orders/\"7\"",
+            query: Some("key=secret&page=2"),
+            version: Version::HTTP_11,
+            headers: &headers,
+            bytes_in: Some(12),
+            route: Some("orders"),
+            key_id: Some(b"0a1b2c"),
+            namespace: Some("acme"),
+            identity: Some("cus_\u{e9}"),
+            gateway: Duration::from_micros(41),
+        };
+        let mut response = Response::new(ResponseBody::full(bytes::Bytes::from_static(b"{}")));
+        *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+        for format in [Format::Json, Format::Combined] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = AccessLogConfig {
+                path: "a.log".into(),
+                format,
+                sample: 1.0,
+                query: true,
+            };
+            let log = AccessLog::open(&config, &dir.path().join("keygate.yaml")).unwrap();
+            log.answered(&head, &response, "rate_limited");
+            let begun = log.begin(&head, false).unwrap();
+            let response = finish(
+                Response::new(ResponseBody::full(bytes::Bytes::from_static(b"{}"))),
+                Some(begun),
+                Some("rate_limited"),
+                None,
+            );
+            drop(response);
+            log.close();
+            let text = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "{text}");
+            // The second line's status is the response's own (200): all else is the same.
+            assert_eq!(lines[0].replacen("429", "200", 1), lines[1], "{format:?}");
+            assert!(lines[0].contains("429") && lines[0].contains("REDACTED"));
+            assert!(!lines[0].contains("secret"));
+            if format == Format::Json {
+                let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+                assert_eq!(v["code"], "rate_limited");
+                assert_eq!(v["bytes_out"], 2);
+                assert_eq!(v["identity"], "cus_\u{e9}");
+            }
         }
     }
 

@@ -99,10 +99,6 @@ pub async fn handle(
         Err(refused) => {
             let took = started.elapsed();
             gw.metrics.gateway_time.observe(took);
-            let line = gw.access_log.as_ref().and_then(|log| {
-                let head = Logged::of(&req, gw.clock.wall(), &request_id, client_ip, conn, took);
-                log.begin(&head.with(&snapshot, refused.route, refused.key), false)
-            });
             let code = refused.rejection.code();
             if let Some(key) = refused.key.filter(|_| gw.history.is_on()) {
                 let entry = Entry::new(
@@ -116,12 +112,21 @@ pub async fn handle(
                 gw.history
                     .record(key.usage(), entry.answered(status, Some(code)));
             }
-            return access_log::finish(
-                refused.rejection.into_response(Some(request_id)),
-                line,
-                Some(code),
-                None,
-            );
+            // The response first, so that its line is written whole at once; the request id
+            // goes in after, when the line no longer borrows it.
+            let mut response = refused.rejection.into_response(None);
+            if let Some(log) = &gw.access_log {
+                let head = Logged::of(&req, gw.clock.wall(), &request_id, client_ip, conn, took);
+                log.answered(
+                    &head.with(&snapshot, refused.route, refused.key),
+                    &response,
+                    code,
+                );
+            }
+            response
+                .headers_mut()
+                .insert(crate::headers::X_REQUEST_ID, request_id);
+            return response;
         }
     };
     if snapshot.config.tracing.generate_traceparent && access_log::trace_id(req.headers()).is_none()
