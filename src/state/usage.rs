@@ -11,11 +11,12 @@
 //! ([`UsageBook::flush`]). A flush costs what the keys in use cost, whatever the key count.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher as _};
 use std::io::{self, Read as _, Seek as _, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use http::HeaderValue;
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::rfc3339;
 use crate::keys::LastUse;
 use crate::rejection::{Rejection, CODES};
+use crate::state::IdHasher;
 
 /// Counter slots: the outcome classes, then one per refusal code.
 const ACCEPTED: usize = 0;
@@ -770,7 +772,68 @@ const LINE_OVERHEAD: u64 = 48;
 
 /// The cells of the keys that have been used, by key id. The ids are shared, so that a
 /// housekeeping pass over a million cells copies pointers, not a million strings.
-type Registry = Mutex<HashMap<Arc<str>, Arc<KeyUsage>>>;
+///
+/// In [`PARTS`] parts, each behind its own lock. Every usage flush, minute tick and Redis
+/// push walks the whole book, a part at a time, so a key's first request, which makes the
+/// key's cell, waits at most for one part's walk: at a million used keys, about a sixtieth
+/// of the fifth of a second a walk of the whole book takes.
+#[derive(Debug)]
+pub struct Registry {
+    parts: [Mutex<Part>; PARTS],
+}
+
+type Part = HashMap<Arc<str>, Arc<KeyUsage>, BuildHasherDefault<IdHasher>>;
+
+/// The registry's parts.
+const PARTS: usize = 64;
+
+impl Registry {
+    fn new(cells: impl IntoIterator<Item = Cell>) -> Registry {
+        let registry = Registry {
+            parts: std::array::from_fn(|_| Mutex::default()),
+        };
+        for (id, usage) in cells {
+            registry.part(&id).insert(id, usage);
+        }
+        registry
+    }
+
+    /// The part that holds `id`'s cell, locked. Chosen by bits of the id's hash that the
+    /// part's own table does not use for its buckets (the low ones) or its tags (the top
+    /// seven).
+    fn part(&self, id: &str) -> MutexGuard<'_, Part> {
+        let [first, ..] = &self.parts;
+        self.parts
+            .get(part_of(id))
+            .unwrap_or(first)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `f` with every cell, a part at a time, each part locked only while it is read.
+    fn walk(&self, mut f: impl FnMut(&Arc<str>, &Arc<KeyUsage>)) {
+        for part in &self.parts {
+            let part = part.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, usage) in part.iter() {
+                f(id, usage);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .fold(0, usize::saturating_add)
+    }
+}
+
+/// The index of the part that holds `id`'s cell.
+fn part_of(id: &str) -> usize {
+    let mut h = IdHasher::default();
+    h.write(id.as_bytes());
+    usize::try_from(h.finish() >> 32).unwrap_or(0) % PARTS
+}
 
 /// A key id and its cell, as a pass over the book takes them.
 pub type Cell = (Arc<str>, Arc<KeyUsage>);
@@ -784,23 +847,19 @@ pub struct Cells(Arc<Registry>);
 impl Cells {
     /// The key's cell, made (and entered in the book) if it has none.
     pub fn get_or_make(&self, id: &str) -> Arc<KeyUsage> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(u) = map.get(id) {
+        let mut part = self.0.part(id);
+        if let Some(u) = part.get(id) {
             return Arc::clone(u);
         }
         Arc::clone(
-            map.entry(Arc::from(id))
+            part.entry(Arc::from(id))
                 .or_insert_with(|| Arc::new(KeyUsage::for_key(id))),
         )
     }
 
     /// The key's cell if it was ever used: for reports, which must not make cells.
     pub fn used(&self, id: &str) -> Option<Arc<KeyUsage>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.0.part(id).get(id).cloned()
     }
 }
 
@@ -820,7 +879,7 @@ impl UsageBook {
     pub fn in_memory() -> Self {
         UsageBook {
             path: None,
-            by_id: Arc::default(),
+            by_id: Arc::new(Registry::new([])),
             anonymous: Arc::default(),
             flushed: Mutex::default(),
         }
@@ -834,16 +893,13 @@ impl UsageBook {
             .remove(ANONYMOUS)
             .map(|s| KeyUsage::restore("", s))
             .unwrap_or_default();
-        let by_id = saved
-            .into_iter()
-            .map(|(id, s)| {
-                let usage = Arc::new(KeyUsage::restore(&id, s));
-                (Arc::from(id), usage)
-            })
-            .collect();
+        let by_id = Registry::new(saved.into_iter().map(|(id, s)| {
+            let usage = Arc::new(KeyUsage::restore(&id, s));
+            (Arc::from(id), usage)
+        }));
         UsageBook {
             path: Some(path),
-            by_id: Arc::new(Mutex::new(by_id)),
+            by_id: Arc::new(by_id),
             anonymous: Arc::new(anonymous),
             flushed: Mutex::new(Flushed {
                 generation,
@@ -858,11 +914,7 @@ impl UsageBook {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<KeyUsage>> {
-        self.by_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.cells().used(id)
     }
 
     pub fn last_use(&self, id: &str) -> Option<LastUse> {
@@ -873,9 +925,10 @@ impl UsageBook {
     /// count, for housekeeping and for reports that need only them. `room` more cells fit
     /// without growing the list.
     pub fn all_and_room(&self, room: usize) -> Vec<Cell> {
-        let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cells = Vec::with_capacity(map.len().saturating_add(room));
-        cells.extend(map.iter().map(|(id, u)| (Arc::clone(id), Arc::clone(u))));
+        // Cells made while the pass runs may be left out: they are taken by the next.
+        let mut cells = Vec::with_capacity(self.by_id.len().saturating_add(room));
+        self.by_id
+            .walk(|id, u| cells.push((Arc::clone(id), Arc::clone(u))));
         cells
     }
 
@@ -885,19 +938,24 @@ impl UsageBook {
     }
 
     /// The cells that moved since the Redis push last took them, their marks taken: a pass
-    /// of one load per idle cell under the book's lock, copying only the cells it returns.
+    /// of one load per idle cell, a part of the book at a time, copying only the cells it
+    /// returns.
     pub fn unpushed(&self) -> Vec<Cell> {
-        let map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .filter(|(_, u)| u.take_unpushed())
-            .map(|(id, u)| (Arc::clone(id), Arc::clone(u)))
-            .collect()
+        let mut cells = Vec::new();
+        self.by_id.walk(|id, u| {
+            if u.take_unpushed() {
+                cells.push((Arc::clone(id), Arc::clone(u)));
+            }
+        });
+        cells
     }
 
     /// Forgets keys no longer in the store.
     pub fn retain(&self, live: impl Fn(&str) -> bool) {
-        let mut map = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|id, _| live(id));
+        for part in &self.by_id.parts {
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            part.retain(|id, _| live(id));
+        }
     }
 
     /// Rolls every key's day and minute forward (housekeeping, every few seconds).
@@ -1516,6 +1574,48 @@ mod tests {
         book.flush().unwrap();
         assert_eq!(accepted_on_disk(&path, "a"), 2);
         assert_eq!(UsageBook::open(path).get("a").unwrap().slots()[ACCEPTED], 2);
+    }
+
+    /// A pass over the book locks one part at a time: a key's first use in another part
+    /// goes ahead while the pass holds its part, and every cell is found and walked once.
+    #[test]
+    fn a_first_use_waits_only_for_the_part_a_pass_holds() {
+        let book = UsageBook::in_memory();
+        let cells = book.cells();
+        let ids: Vec<String> = (0..2_000).map(|i| format!("{i:012x}")).collect();
+        for id in &ids {
+            assert!(Arc::ptr_eq(&cells.get_or_make(id), &cells.get_or_make(id)));
+        }
+        let parts: std::collections::BTreeSet<usize> = ids.iter().map(|id| part_of(id)).collect();
+        assert_eq!(parts.len(), PARTS, "the ids spread over every part");
+        let mut walked = 0;
+        let mut first = true;
+        book.by_id.walk(|id, _| {
+            walked += 1;
+            if !std::mem::take(&mut first) {
+                return;
+            }
+            // A new key whose cell goes in another part than the one held now.
+            let held = part_of(id);
+            let other = (0..10_000)
+                .map(|i| format!("new{i}"))
+                .find(|n| part_of(n) != held)
+                .unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let cells = cells.clone();
+            std::thread::spawn(move || {
+                cells.get_or_make(&other);
+                let _ = tx.send(());
+            });
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the first use went ahead while the pass held another part");
+        });
+        // The new cell may or may not be walked, depending on where it went.
+        assert!(walked == 2_000 || walked == 2_001, "{walked}");
+        assert_eq!(book.all().len(), 2_001);
+        book.retain(|id| id.starts_with('0'));
+        assert_eq!(book.all().len(), 2_000);
+        assert!(book.get("new0").is_none() && book.get(&ids[7]).is_some());
     }
 
     /// The usage file's mark and the Redis push's are taken apart: a flush that saved a
