@@ -778,7 +778,7 @@ const LINE_OVERHEAD: u64 = 48;
 /// key's cell, waits at most for one part's walk: at a million used keys, about a sixtieth
 /// of the fifth of a second a walk of the whole book takes.
 #[derive(Debug)]
-pub struct Registry {
+struct Registry {
     parts: [Mutex<Part>; PARTS],
 }
 
