@@ -789,8 +789,15 @@ const PARTS: usize = 64;
 
 impl Registry {
     fn new(cells: impl IntoIterator<Item = Cell>) -> Registry {
+        let cells = cells.into_iter();
+        // Each part sized once for its share of the cells read at start (and an eighth
+        // over, for the spread), not grown by doubling through a million inserts.
+        let share = cells.size_hint().0 / PARTS;
+        let room = share.saturating_add(share / 8);
         let registry = Registry {
-            parts: std::array::from_fn(|_| Mutex::default()),
+            parts: std::array::from_fn(|_| {
+                Mutex::new(HashMap::with_capacity_and_hasher(room, Default::default()))
+            }),
         };
         for (id, usage) in cells {
             registry.part(&id).insert(id, usage);
